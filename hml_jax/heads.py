@@ -1,0 +1,93 @@
+"""Classifier heads: the hyperspherical (cosine) head of HML and the linear baseline head.
+
+Shapes: features (batch, feature_dim); label embeddings (num_labels, feature_dim);
+cosines and logits (batch, num_labels).
+"""
+from typing import Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Scalar = Union[float, Array]
+
+# Norms are floored at this value so that an all-zero feature (possible after a ReLU) or an
+# all-zero embedding gives a cosine of 0 instead of NaN.
+NORM_EPS = 1e-12
+
+
+
+def cosine_similarity(features: Array, embeddings: Array) -> Array:
+  """cos_ij = <w_j, x_i> / (|w_j| |x_i|) in float32; (batch, dim), (labels, dim) -> (batch, labels)."""
+  features = features.astype(jnp.float32)
+  embeddings = embeddings.astype(jnp.float32)
+  feature_norms = jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), NORM_EPS)
+  embedding_norms = jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), NORM_EPS)
+  cosines = (features / feature_norms) @ (embeddings / embedding_norms).T
+  # Rounding can push the dot product of two unit vectors just past +-1.
+  return jnp.clip(cosines, -1.0, 1.0)
+
+
+def cos_with_margin(cos: Array, margin: Scalar) -> Array:
+  """cos(arccos(c) + m), elementwise, finite with finite gradients for every c in [-1, 1].
+
+  Written as c*cos(m) - sin(theta)*sin(m) with sin(theta) = sqrt(1 - c^2), which equals
+  cos(arccos(c) + m) but needs no arccos. Where theta + m leaves [0, pi] the curve cos(theta + m)
+  would turn back (it is not monotonic in c there); like ArcFace we continue with the straight line
+  c - m*sin(m) on that side, which keeps the map strictly increasing in c:
+    - m > 0 and theta + m > pi  (c < cos(pi - m) = -cos(m)):  c - m*sin(m);
+    - m < 0 and theta + m < 0   (c > cos(-m) = cos(m)):         c + m*sin(m).
+  (m*sin(m) >= 0 for |m| < pi, so both lines sit beyond the curve's end value -1 or +1.)
+  Both branches are finite everywhere, so jnp.where does not leak NaN gradients.
+  """
+  cos = jnp.clip(jnp.asarray(cos, jnp.float32), -1.0, 1.0)
+  margin = jnp.asarray(margin, jnp.float32)
+  # sqrt has an infinite derivative at 0 (|c| = 1), so take it only where 1 - c^2 > 0 and feed the
+  # other branch a harmless 1 ("double where"): exact values, finite gradients everywhere.
+  sin_squared = 1.0 - cos * cos
+  positive = sin_squared > 0
+  sin_theta = jnp.where(positive, jnp.sqrt(jnp.where(positive, sin_squared, 1.0)), 0.0)
+  on_curve = cos * jnp.cos(margin) - sin_theta * jnp.sin(margin)
+  past_pi = (margin > 0) & (cos < -jnp.cos(margin))
+  below_zero = (margin < 0) & (cos > jnp.cos(margin))
+  straight = jnp.where(past_pi, cos - margin * jnp.sin(margin), cos + margin * jnp.sin(margin))
+  return jnp.where(past_pi | below_zero, straight, on_curve)
+
+
+def margin_logits(cos: Array, scale: Scalar, margin: Scalar) -> Array:
+  """Logits of the margin sigmoid, s * cos(arccos(c) + m) (paper Eq. 4; Eq. 3 when m = 0).
+
+  p^m = sigmoid(margin_logits(cos, s, m)). The same function is used at training and test time and
+  the margin applies to every label, positive or negative (paper Table 5, "Positives & Negatives").
+  """
+  return jnp.asarray(scale, jnp.float32) * cos_with_margin(cos, margin)
+
+
+class CosineHead(nn.Module):
+  """Label embeddings W (num_labels, feature_dim), no bias; returns cosines (batch, num_labels)."""
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, features: Array) -> Array:
+    embeddings = self.param(
+        'label_embeddings', nn.initializers.lecun_normal(), (features.shape[-1], self.num_labels))
+    # Stored (feature_dim, num_labels) like a Dense kernel; the paper's W is its transpose.
+    return cosine_similarity(features, embeddings.T)
+
+
+class LinearHead(nn.Module):
+  """The Euclidean baseline of paper Eq. 2: logits = W x + b, (batch, num_labels)."""
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, features: Array) -> Array:
+    return nn.Dense(self.num_labels, dtype=jnp.float32, name='classifier')(
+        features.astype(jnp.float32))
+
+
+def get_head(kind: str, num_labels: int) -> nn.Module:
+  heads = {'cosine': CosineHead, 'linear': LinearHead}
+  if kind not in heads:
+    raise ValueError(f'Unknown head {kind!r}; choose one of {sorted(heads)}.')
+  return heads[kind](num_labels=num_labels)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from hml_jax import labels as labels_lib
+
+
+def cole_et_al_single_positive(label_matrix, seed):
+  """Transcription of Cole et al.'s observe_uniform (num_pos=1, num_neg=0) on -1/+1 labels."""
+  signed = np.where(label_matrix == 1, 1.0, -1.0)
+  rng = np.random.RandomState(seed)
+  observed = np.zeros_like(signed)
+  for i in range(signed.shape[0]):
+    idx_pos = np.nonzero(signed[i, :] == 1.0)[0]
+    rng.shuffle(idx_pos)
+    observed[i, idx_pos[:1]] = 1.0
+    idx_neg = np.nonzero(signed[i, :] == -1.0)[0]
+    rng.shuffle(idx_neg)
+    observed[i, idx_neg[:0]] = -1.0
+  return (observed == 1).astype(label_matrix.dtype)
+
+
+def random_labels(seed=0, shape=(300, 12)):
+  labels = (np.random.RandomState(seed).uniform(size=shape) < 0.3).astype(np.int32)
+  labels[5] = 1  # an image with no negatives
+  labels[6] = 0  # an image with no positives
+  return labels
+
+
+def test_single_positive_matches_the_published_procedure():
+  labels = random_labels()
+  observed = labels_lib.observe(labels, 'single_positive', seed=1200)
+  np.testing.assert_array_equal(observed, cole_et_al_single_positive(labels, 1200))
+  has_positive = labels.sum(1) > 0
+  assert np.all(observed.sum(1) == has_positive)
+  assert np.all(observed <= labels)
+
+
+def test_partial_keeps_a_fraction_and_at_least_one():
+  labels = random_labels(1)
+  observed = labels_lib.observe(labels, 'partial', seed=0, fraction=0.5)
+  counts = labels.sum(1)
+  expected = np.where(counts > 0, np.maximum(1, np.round(0.5 * counts)), 0)
+  np.testing.assert_array_equal(observed.sum(1), expected)
+  assert np.all(observed <= labels)
+  np.testing.assert_array_equal(labels_lib.observe(labels, 'partial', 0, fraction=1.0), labels)
+
+
+def test_full_is_a_copy_and_errors_are_clear():
+  labels = random_labels(2)
+  observed = labels_lib.observe(labels, 'full', seed=0)
+  np.testing.assert_array_equal(observed, labels)
+  assert observed is not labels
+  with pytest.raises(ValueError, match="Unknown label scenario 'some'"):
+    labels_lib.observe(labels, 'some', 0)
+  with pytest.raises(ValueError, match='fraction'):
+    labels_lib.observe(labels, 'partial', 0)
+  bad = labels.copy()
+  bad[3, 4] = -1
+  with pytest.raises(ValueError, match='image 3, label 4'):
+    labels_lib.observe(bad, 'full', 0)
+
+
+def test_validation_split_is_cole_et_al():
+  train, validation = labels_lib.validation_split(101, seed=1200)
+  perm = np.random.RandomState(1200).permutation(101)
+  assert len(validation) == 20
+  np.testing.assert_array_equal(train, np.sort(perm[:81]))
+  np.testing.assert_array_equal(validation, np.sort(perm[-20:]))
