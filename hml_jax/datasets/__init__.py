@@ -1,0 +1,1 @@
+"""Datasets: TFDS builders and loaders. Importing a builder module registers it with TFDS."""

@@ -1,0 +1,277 @@
+"""Training and evaluation loop: train_and_evaluate(config, workdir)."""
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Dict
+
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hml_jax import checkpoints
+from hml_jax import heads
+from hml_jax import input_pipeline
+from hml_jax import labels as labels_lib
+from hml_jax import losses
+from hml_jax import metrics as metrics_lib
+from hml_jax import models
+from hml_jax import sharding
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Reject unknown names before any work is done, naming the key and the choices."""
+  losses.get_method(config.loss)
+  models.get_backbone(config.model)
+  if config.label_scenario not in labels_lib.SCENARIOS:
+    raise ValueError(f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
+                     f'choose one of {list(labels_lib.SCENARIOS)}.')
+  if config.optimizer != 'adam':
+    raise ValueError(f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
+                     '(the paper\'s) is implemented.')
+  num_devices = jax.device_count()
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] <= 0 or config[key] % num_devices:
+      raise ValueError(f'config.{key}={config[key]} must be a positive multiple of the '
+                       f'{num_devices} devices it is split over.')
+  if config.num_epochs <= 0:
+    raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """Adam over everything; s* and m* (adaptive HML) get their own Adam and learning rate."""
+  return optax.multi_transform(
+      {'model': optax.adam(config.learning_rate),
+       'scale_margin': optax.adam(config.adaptive_learning_rate)},
+      lambda params: {key: key for key in params})
+
+
+def create_train_state(config, model, method, rng, image_shape) -> TrainState:
+  variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
+  params = {'model': variables['params']}
+  if method.learns_scale_and_margin:
+    params['scale_margin'] = {'scale': jnp.float32(config.scale),
+                              'margin': jnp.float32(config.margin)}
+  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
+                           batch_stats=variables['batch_stats'])
+
+
+def scale_and_margin(params, config):
+  """(s, m): the learned s*, m* for adaptive HML, else the config's fixed pair."""
+  if 'scale_margin' in params:
+    return params['scale_margin']['scale'], params['scale_margin']['margin']
+  return jnp.float32(config.scale), jnp.float32(config.margin)
+
+
+def normalize_images(images, config):
+  mean = jnp.asarray(config.dataset.mean, jnp.float32)
+  std = jnp.asarray(config.dataset.std, jnp.float32)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def compute_loss(method, outputs, observed_labels, params, config):
+  """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with and,
+  for cosine heads, the gradient-balance term of Eq. 6 at the current s, m."""
+  if method.head == 'cosine':
+    scale, margin = scale_and_margin(params, config)
+    loss = method.loss(outputs, observed_labels, scale=scale, margin=margin)
+    scale, margin = jax.lax.stop_gradient((scale, margin))
+    parts = {'bce': losses.hml_fixed(outputs, observed_labels, scale, margin),
+             'gradient_balance': losses.adaptive_loss(outputs, observed_labels, scale, margin)}
+    return loss, jax.lax.stop_gradient(parts)
+  loss = method.loss(outputs, observed_labels)
+  return loss, {'bce': jax.lax.stop_gradient(losses.binary_cross_entropy(outputs,
+                                                                          observed_labels))}
+
+
+def scores_from_outputs(method, outputs, params, config):
+  """Pre-sigmoid scores used for ranking metrics (logits avoid float32 ties at p = 1)."""
+  if method.head == 'cosine':
+    scale, margin = scale_and_margin(params, config)
+    return heads.margin_logits(outputs, scale, margin)
+  return outputs
+
+
+def train_step(state: TrainState, batch, *, method, config):
+  images = normalize_images(batch['images'], config)
+
+  def loss_fn(params):
+    outputs, updates = state.apply_fn(
+        {'params': params['model'], 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'])
+    loss, parts = compute_loss(method, outputs, batch['labels'], params, config)
+    return loss, (updates, parts)
+
+  (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  scale, margin = scale_and_margin(state.params, config)
+  step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'scale': scale,
+                  'margin': margin, **parts}
+  return state, step_metrics
+
+
+def eval_step(state: TrainState, batch, *, method, config):
+  images = normalize_images(batch['images'], config)
+  outputs = state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
+                           images, train=False)
+  return scores_from_outputs(method, outputs, state.params, config)
+
+
+def evaluate(eval_fn, state, split, config, mesh) -> Dict[str, Any]:
+  scores, labels = [], []
+  for batch in input_pipeline.eval_batches(split, config.eval_batch_size):
+    mask = batch.pop('mask')
+    batch_scores = eval_fn(state, sharding.shard_batch(batch, mesh))
+    scores.append(np.asarray(jax.device_get(batch_scores))[mask])
+    labels.append(batch['labels'][mask])
+  scores, labels = np.concatenate(scores), np.concatenate(labels)
+  per_class = metrics_lib.average_precision_per_class(scores, labels)
+  return {'map': float(np.nanmean(per_class)), 'per_class_ap': per_class}
+
+
+def _as_percent(value):
+  return None if value is None or np.isnan(value) else round(100.0 * float(value), 4)
+
+
+def write_results(workdir, config, history, label_names, wall_seconds):
+  """results.json: the best epoch by validation mAP and its test mAP, plus the last epoch."""
+  best = max(history['epochs'], key=lambda e: e['val_map'])
+  last = history['epochs'][-1]
+  results = {
+      'best_epoch': best['epoch'],
+      'val_map': best['val_map'],
+      'test_map': best['test_map'],
+      'last_test_map': last['test_map'],
+      'last_val_map': last['val_map'],
+      'per_class_ap': dict(zip(label_names, best['test_per_class_ap'])),
+      'final_scale': last['scale'],
+      'final_margin': last['margin'],
+      'train_images_per_sec': history['train_images'] / max(history['train_seconds'], 1e-9),
+      'wall_seconds': wall_seconds,
+      'epochs': [{k: v for k, v in e.items() if k != 'test_per_class_ap'}
+                 for e in history['epochs']],
+      'config': config.to_dict(),
+  }
+  path = os.path.join(workdir, 'results.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(results, f, indent=2, default=list)
+  os.replace(path + '.tmp', path)
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains config.loss on config.dataset, evaluates every epoch, writes workdir/results.json.
+
+  Running the same command again resumes from the newest checkpoint in workdir.
+  """
+  start_time = time.time()
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  checkpoints.check_config(workdir, config)
+  method = losses.get_method(config.loss)
+  data = input_pipeline.load(config)
+
+  mesh = sharding.create_mesh()
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype)
+  state = create_train_state(config, model, method, jax.random.key(config.seed),
+                             data.train.images.shape[1:])
+  state = jax.device_put(state, sharding.replicated(mesh))
+
+  history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
+  manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
+  restored = manager.restore_latest(state, history)
+  if restored is None:
+    checkpoints.write_config(workdir, config)
+  if restored is not None:
+    state, history = restored
+    logging.info('Resumed from epoch %d in %s.', len(history['epochs']), workdir)
+  first_epoch = len(history['epochs']) + 1
+  if first_epoch > config.num_epochs:
+    logging.info('All %d epochs are done in %s; rewriting results.json only.', config.num_epochs,
+                 workdir)
+    return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
+
+  state_sharding = sharding.replicated(mesh)
+  data_sharding = sharding.batch_sharding(mesh)
+  train_fn = jax.jit(functools.partial(train_step, method=method, config=config),
+                     in_shardings=(state_sharding, data_sharding),
+                     out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
+                    in_shardings=(state_sharding, data_sharding), out_shardings=data_sharding)
+
+  steps_per_epoch = input_pipeline.num_train_steps_per_epoch(data.train, config.batch_size)
+  if steps_per_epoch == 0:
+    raise ValueError(f'The training split has {len(data.train)} images, fewer than '
+                     f'config.batch_size={config.batch_size}.')
+  total_steps = steps_per_epoch * config.num_epochs
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if restored is None:
+    writer.write_hparams({k: v for k, v in flatten(config.to_dict()).items()
+                          if isinstance(v, (int, float, str, bool))})
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+
+  for epoch in range(first_epoch, config.num_epochs + 1):
+    epoch_metrics = []
+    timed_steps, timer_start = 0, None
+    for batch in input_pipeline.train_batches(data.train, config.batch_size, config.seed, epoch,
+                                              max_shift=config.augment_max_shift):
+      state, step_metrics = train_fn(state, sharding.shard_batch(batch, mesh))
+      step = int(state.step)  # waits for the step: also what makes the timing honest
+      if timer_start is None:
+        timer_start = time.time()  # the first step of a process includes compilation
+      else:
+        timed_steps += 1
+      epoch_metrics.append(step_metrics)
+      report_progress(step, time.time())
+      if step % config.log_every_steps == 0:
+        writer.write_scalars(step, jax.device_get(step_metrics))
+    history['train_seconds'] += time.time() - timer_start
+    history['train_images'] += timed_steps * config.batch_size
+
+    train_summary = {k: float(np.mean([m[k] for m in jax.device_get(epoch_metrics)]))
+                     for k in epoch_metrics[0]}
+    validation = evaluate(eval_fn, state, data.validation, config, mesh)
+    test = evaluate(eval_fn, state, data.test, config, mesh)
+    scale, margin = scale_and_margin(jax.device_get(state.params), config)
+    record = {'epoch': epoch, 'step': int(state.step), 'train_loss': train_summary['loss'],
+              'train_bce': train_summary['bce'],
+              'val_map': _as_percent(validation['map']), 'test_map': _as_percent(test['map']),
+              'scale': float(scale), 'margin': float(margin),
+              'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]}
+    history['epochs'].append(record)
+    writer.write_scalars(int(state.step), {
+        'val_map': record['val_map'], 'test_map': record['test_map'],
+        'epoch': epoch, 'train_loss_epoch': train_summary['loss']})
+    logging.info('Epoch %d: train loss %.4f, val mAP %.2f, test mAP %.2f, s %.3f, m %.4f.',
+                 epoch, train_summary['loss'], record['val_map'], record['test_map'],
+                 record['scale'], record['margin'])
+    history['wall_seconds'] += time.time() - start_time
+    start_time = time.time()
+    # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
+    is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'][:-1])
+    manager.save(epoch, state, history, is_best=is_best)
+  writer.flush()
+  manager.wait()
+  return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
+
+
+def flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat

@@ -1,0 +1,129 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hml_jax import checkpoints, losses, models, train
+
+from helpers import read_results, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('loss', ['hml', 'hml_fixed', 'an'])
+def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
+  config = tiny_config('unused', loss=loss, learning_rate=1e-2)
+  method = losses.get_method(loss)
+  model = models.create_model('resnet_tiny', method.head, num_labels=10)
+  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  rng = np.random.RandomState(0)
+  batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
+           'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32)}
+  step = jax.jit(lambda s, b: train.train_step(s, b, method=method, config=config))
+  state, first = step(state, batch)
+  for _ in range(20):
+    state, last = step(state, batch)
+  # The BCE is what trains the network (for 'hml' the total also holds the adaptive term, which
+  # trains only s* and m* and may rise while the network fits).
+  assert float(last['bce']) < 0.7 * float(first['bce'])
+  if loss != 'hml':
+    assert float(last['loss']) == pytest.approx(float(last['bce']))
+  assert np.isfinite(float(last['grad_norm']))
+  if loss == 'hml':  # s* and m* are trained (by the adaptive term)
+    assert float(last['scale']) != 20.0 and float(last['margin']) != np.float32(0.3)
+  else:
+    assert float(last['scale']) == 20.0
+
+
+def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
+  uninterrupted = tmp_path / 'uninterrupted'
+  results = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(uninterrupted))
+  for key in ('best_epoch', 'val_map', 'test_map', 'last_test_map', 'per_class_ap',
+              'train_images_per_sec', 'wall_seconds', 'config'):
+    assert key in results
+  assert results['test_map'] == results['epochs'][results['best_epoch'] - 1]['test_map']
+  assert results['val_map'] == max(e['val_map'] for e in results['epochs'])
+  assert set(results['per_class_ap']) == set('0123456789')
+  assert 0 < results['test_map'] <= 100
+  assert os.path.isdir(uninterrupted / 'best' / str(results['best_epoch']))
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(uninterrupted))
+
+  # Stop after epoch 1 (as if killed after its checkpoint), then run the 3-epoch command again.
+  resumed = tmp_path / 'resumed'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(resumed))
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(resumed))
+  assert read_results(resumed) == read_results(uninterrupted)
+  assert final_params(resumed) == final_params(uninterrupted)
+
+
+def final_params(workdir):
+  config = tiny_config('unused')
+  method = losses.get_method(config.loss)
+  model = models.create_model(config.model, method.head, 10)
+  template = train.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+  state, _ = checkpoints.Checkpointer(str(workdir), keep=2).restore_latest(template, None)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
+                                {'params': state.params, 'stats': state.batch_stats,
+                                 'opt': state.opt_state, 'step': state.step})
+
+
+def run_cli(workdir, tfds_dir, *extra):
+  return [sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.dataset.data_dir={tfds_dir}', *extra]
+
+
+def test_sigkilled_cli_run_resumes_to_the_same_results(tfds_dir, tmp_path):
+  reference = tmp_path / 'reference'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(reference))
+  workdir = tmp_path / 'killed'
+  command = run_cli(workdir, tfds_dir, '--config.num_epochs=3')
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '1').exists():
+    assert process.poll() is None, 'the run ended before its first checkpoint'
+    assert time.time() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (workdir / 'results.json').exists()
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  assert read_results(workdir) == read_results(reference)
+
+
+def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
+  before = {path: os.path.getmtime(path) for path in workdir.rglob('*')}
+  with pytest.raises(ValueError, match=r"(?s)different config.*loss: 'hml' in the workdir, "
+                     r"'an' now"):
+    train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1, loss='an'), str(workdir))
+  assert {path: os.path.getmtime(path) for path in workdir.rglob('*')} == before
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('loss', 'hmll', "Unknown loss 'hmll'"),
+    ('label_scenario', 'single', "Unknown label scenario 'single'"),
+    ('model', 'resnet51', "Unknown model 'resnet51'"),
+    ('batch_size', 0, 'config.batch_size=0'),
+    ('image_size', 48, 'config.image_size is 48'),
+])
+def test_bad_config_values_are_named(tfds_dir, tmp_path, key, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(tfds_dir, **{key: value}), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+def test_unknown_config_key_is_rejected_by_the_cli(tfds_dir, tmp_path):
+  result = subprocess.run(run_cli(tmp_path / 'run', tfds_dir, '--config.lerning_rate=0.1'),
+                          cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode != 0
+  assert 'lerning_rate' in result.stderr
+  assert not (tmp_path / 'run').exists()
