@@ -74,6 +74,11 @@ def load(config) -> Data:
       raise ValueError(
           f'Images of {builder.info.full_name} split {split!r} are {images.shape[1:3]}, but '
           f'config.image_size is {config.image_size}: set config.image_size={images.shape[1]}.')
+  channels = train_images.shape[-1]
+  for key in ('mean', 'std'):
+    if len(config.dataset[key]) not in (1, channels):
+      raise ValueError(f'config.dataset.{key} has {len(config.dataset[key])} values but the images '
+                       f'of {builder.info.full_name} have {channels} channel(s).')
   labels_lib.check_binary(train_labels, f'{builder.info.full_name} train labels')
   labels_lib.check_binary(test_labels, f'{builder.info.full_name} test labels')
   observed = labels_lib.observe(train_labels, config.label_scenario, seed=config.label_seed,

@@ -114,10 +114,17 @@ def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
     ('model', 'resnet51', "Unknown model 'resnet51'"),
     ('batch_size', 0, 'config.batch_size=0'),
     ('image_size', 48, 'config.image_size is 48'),
+    ('dataset.mean', (0.485, 0.456, 0.406), 'config.dataset.mean has 3 values'),
 ])
 def test_bad_config_values_are_named(tfds_dir, tmp_path, key, value, message):
+  config = tiny_config(tfds_dir)
+  if '.' in key:
+    group, key = key.split('.')
+    config[group][key] = value
+  else:
+    config[key] = value
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(tiny_config(tfds_dir, **{key: value}), str(tmp_path / 'run'))
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'config.json').exists()
 
 
