@@ -21,11 +21,12 @@ RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_kee
                             'eval_batch_size', 'dataset.data_dir'})
 
 
-def _flatten(tree, prefix=''):
+def flatten(tree, prefix=''):
+  """{'a': {'b': 1}} -> {'a.b': 1}, tuples as lists (as they come back from JSON)."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
   return flat
@@ -46,8 +47,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                        'version of hml_jax. Use another --workdir.')
     return
   with open(path) as f:
-    saved = _flatten(json.load(f))
-  current = _flatten(json.loads(config.to_json()))
+    saved = flatten(json.load(f))
+  current = flatten(json.loads(config.to_json()))
   differences = [f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '
                  f'{current.get(key, "<absent>")!r} now'
                  for key in sorted(set(saved) | set(current))

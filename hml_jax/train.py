@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   restored = manager.restore_latest(state, history)
   if restored is None:
     checkpoints.write_config(workdir, config)
-  if restored is not None:
+  else:
     state, history = restored
     logging.info('Resumed from epoch %d in %s.', len(history['epochs']), workdir)
   first_epoch = len(history['epochs']) + 1
@@ -215,63 +215,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if steps_per_epoch == 0:
     raise ValueError(f'The training split has {len(data.train)} images, fewer than '
                      f'config.batch_size={config.batch_size}.')
-  total_steps = steps_per_epoch * config.num_epochs
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if restored is None:
-    writer.write_hparams({k: v for k, v in flatten(config.to_dict()).items()
+    writer.write_hparams({k: v for k, v in checkpoints.flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
-  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=steps_per_epoch * config.num_epochs, writer=writer)
 
   for epoch in range(first_epoch, config.num_epochs + 1):
-    epoch_metrics = []
-    timed_steps, timer_start = 0, None
-    for batch in input_pipeline.train_batches(data.train, config.batch_size, config.seed, epoch,
-                                              max_shift=config.augment_max_shift):
-      state, step_metrics = train_fn(state, sharding.shard_batch(batch, mesh))
-      step = int(state.step)  # waits for the step: also what makes the timing honest
-      if timer_start is None:
-        timer_start = time.time()  # the first step of a process includes compilation
-      else:
-        timed_steps += 1
-      epoch_metrics.append(step_metrics)
-      report_progress(step, time.time())
-      if step % config.log_every_steps == 0:
-        writer.write_scalars(step, jax.device_get(step_metrics))
-    history['train_seconds'] += time.time() - timer_start
-    history['train_images'] += timed_steps * config.batch_size
-
-    train_summary = {k: float(np.mean([m[k] for m in jax.device_get(epoch_metrics)]))
-                     for k in epoch_metrics[0]}
+    state, train_summary = train_one_epoch(train_fn, state, data.train, config, epoch, mesh,
+                                           writer, report_progress)
+    history['train_seconds'] += train_summary.pop('seconds')
+    history['train_images'] += train_summary.pop('images')
     validation = evaluate(eval_fn, state, data.validation, config, mesh)
     test = evaluate(eval_fn, state, data.test, config, mesh)
     scale, margin = scale_and_margin(jax.device_get(state.params), config)
-    record = {'epoch': epoch, 'step': int(state.step), 'train_loss': train_summary['loss'],
-              'train_bce': train_summary['bce'],
+    record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
+              'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
               'val_map': _as_percent(validation['map']), 'test_map': _as_percent(test['map']),
               'scale': float(scale), 'margin': float(margin),
               'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]}
-    history['epochs'].append(record)
-    writer.write_scalars(int(state.step), {
-        'val_map': record['val_map'], 'test_map': record['test_map'],
-        'epoch': epoch, 'train_loss_epoch': train_summary['loss']})
+    writer.write_scalars(record['step'], {
+        'val_map': record['val_map'], 'test_map': record['test_map'], 'epoch': epoch,
+        'train_loss_epoch': record['train_loss']})
     logging.info('Epoch %d: train loss %.4f, val mAP %.2f, test mAP %.2f, s %.3f, m %.4f.',
-                 epoch, train_summary['loss'], record['val_map'], record['test_map'],
+                 epoch, record['train_loss'], record['val_map'], record['test_map'],
                  record['scale'], record['margin'])
+    # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
+    is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'])
+    history['epochs'].append(record)
     history['wall_seconds'] += time.time() - start_time
     start_time = time.time()
-    # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
-    is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'][:-1])
     manager.save(epoch, state, history, is_best=is_best)
   writer.flush()
   manager.wait()
   return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
 
 
-def flatten(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
+def train_one_epoch(train_fn, state, split, config, epoch, mesh, writer, report_progress):
+  """Runs one epoch of train steps; returns (state, summary of the epoch's mean metrics, plus
+  'seconds' and 'images' trained after the first step, which may include compilation)."""
+  steps_per_epoch = input_pipeline.num_train_steps_per_epoch(split, config.batch_size)
+  step_metrics, timer_start, timed_images = [], None, 0
+  batches = input_pipeline.train_batches(split, config.batch_size, config.seed, epoch,
+                                         max_shift=config.augment_max_shift)
+  for index, batch in enumerate(batches):
+    step = (epoch - 1) * steps_per_epoch + index + 1
+    state, metrics = train_fn(state, sharding.shard_batch(batch, mesh))
+    step_metrics.append(metrics)
+    if timer_start is None:
+      jax.block_until_ready(metrics)
+      timer_start = time.time()
     else:
-      flat[f'{prefix}{key}'] = value
-  return flat
+      timed_images += config.batch_size
+    report_progress(step, time.time())
+    if step % config.log_every_steps == 0:
+      writer.write_scalars(step, jax.device_get(metrics))  # also bounds the queued steps
+  step_metrics = jax.device_get(step_metrics)  # waits for the last step
+  summary = {key: float(np.mean([m[key] for m in step_metrics])) for key in step_metrics[0]}
+  summary.update(seconds=time.time() - timer_start, images=timed_images)
+  return state, summary
+
+
+def load_trained_state(workdir: str, which: str = 'best'):
+  """(config, method, state) of a finished or running workdir; which = 'best' or 'latest'."""
+  with open(checkpoints.config_path(workdir)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  method = losses.get_method(config.loss)
+  builder = input_pipeline.load_tfds_builder(config.dataset)
+  num_labels = builder.info.features['labels'].shape[0]
+  image_shape = builder.info.features['image'].shape
+  model = models.create_model(config.model, method.head, num_labels)
+  template = create_train_state(config, model, method, jax.random.key(0), image_shape)
+  manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
+  restored = (manager.restore_best(template) if which == 'best'
+              else manager.restore_latest(template, None))
+  if restored is None:
+    raise FileNotFoundError(f'No {which} checkpoint in {workdir}.')
+  return config, method, restored[0]
