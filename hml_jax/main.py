@@ -28,13 +28,16 @@ class _QuietLibraries:
 
   def filter(self, record):
     noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
-    return record.levelno >= logging.WARNING or not noisy
+    return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # ABSLHandler passes records straight to its python_handler, so the filter goes there.
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
   # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
