@@ -115,9 +115,9 @@ def train_step(state: TrainState, batch, *, method, config):
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
-  scale, margin = scale_and_margin(state.params, config)
-  step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'scale': scale,
-                  'margin': margin, **parts}
+  step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
+  if method.head == 'cosine':
+    step_metrics['scale'], step_metrics['margin'] = scale_and_margin(state.params, config)
   return state, step_metrics
 
 
@@ -229,18 +229,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     history['train_images'] += train_summary.pop('images')
     validation = evaluate(eval_fn, state, data.validation, config, mesh)
     test = evaluate(eval_fn, state, data.test, config, mesh)
-    scale, margin = scale_and_margin(jax.device_get(state.params), config)
+    # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none.
+    scale, margin = ((float(x) for x in scale_and_margin(jax.device_get(state.params), config))
+                     if method.head == 'cosine' else (None, None))
     record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
               'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
               'val_map': _as_percent(validation['map']), 'test_map': _as_percent(test['map']),
-              'scale': float(scale), 'margin': float(margin),
+              'scale': scale, 'margin': margin,
               'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]}
     writer.write_scalars(record['step'], {
         'val_map': record['val_map'], 'test_map': record['test_map'], 'epoch': epoch,
         'train_loss_epoch': record['train_loss']})
-    logging.info('Epoch %d: train loss %.4f, val mAP %.2f, test mAP %.2f, s %.3f, m %.4f.',
-                 epoch, record['train_loss'], record['val_map'], record['test_map'],
-                 record['scale'], record['margin'])
+    logging.info('Epoch %d: train loss %.4f, val mAP %.2f, test mAP %.2f%s.', epoch,
+                 record['train_loss'], record['val_map'], record['test_map'],
+                 f', s {scale:.3f}, m {margin:.4f}' if scale is not None else '')
     # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
     is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'])
     history['epochs'].append(record)

@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 
+from hml_jax import losses
+
 
 def main(folder):
   groups = collections.defaultdict(list)
@@ -20,6 +22,10 @@ def main(folder):
     groups[(config['label_scenario'], config['loss'])].append(results)
 
   def stat(runs, key):
+    # A linear head has no s, m (older results.json files hold the unused config values).
+    if any(r[key] is None or losses.get_method(r['config']['loss']).head != 'cosine'
+           for r in runs):
+      return '—'
     values = np.array([r[key] for r in runs], float)
     return f'{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}'
 

@@ -38,8 +38,10 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
   assert np.isfinite(float(last['grad_norm']))
   if loss == 'hml':  # s* and m* are trained (by the adaptive term)
     assert float(last['scale']) != 20.0 and float(last['margin']) != np.float32(0.3)
+  elif loss == 'hml_fixed':
+    assert float(last['scale']) == 20.0 and float(last['margin']) == np.float32(0.3)
   else:
-    assert float(last['scale']) == 20.0
+    assert 'scale' not in last
 
 
 def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
@@ -54,6 +56,12 @@ def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
   assert 0 < results['test_map'] <= 100
   assert os.path.isdir(uninterrupted / 'best' / str(results['best_epoch']))
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(uninterrupted))
+  config, method, best = train.load_trained_state(str(uninterrupted), 'best')
+  steps_per_epoch = results['epochs'][0]['step']
+  assert int(best.step) == results['best_epoch'] * steps_per_epoch
+  assert method.head == 'cosine' and config.loss == 'hml'
+  np.testing.assert_allclose(best.params['scale_margin']['margin'],
+                             results['epochs'][results['best_epoch'] - 1]['margin'])
 
   # Stop after epoch 1 (as if killed after its checkpoint), then run the 3-epoch command again.
   resumed = tmp_path / 'resumed'
