@@ -23,7 +23,8 @@ def main(folder):
 
   def stat(runs, key):
     # A linear head has no s, m (older results.json files hold the unused config values).
-    if any(r[key] is None or losses.get_method(r['config']['loss']).head != 'cosine'
+    if any(r[key] is None or (key.startswith('final_') and
+                              losses.get_method(r['config']['loss']).head != 'cosine')
            for r in runs):
       return '—'
     values = np.array([r[key] for r in runs], float)
