@@ -128,6 +128,19 @@ def eval_step(state: TrainState, batch, *, method, config):
   return scores_from_outputs(method, outputs, state.params, config)
 
 
+def make_step_functions(method, config, mesh):
+  """(train_fn, eval_fn): the jitted steps, batch split over the mesh's data axis, state and
+  metrics replicated, the state donated to the train step (updated in place)."""
+  state_sharding = sharding.replicated(mesh)
+  data_sharding = sharding.batch_sharding(mesh)
+  train_fn = jax.jit(functools.partial(train_step, method=method, config=config),
+                     in_shardings=(state_sharding, data_sharding),
+                     out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
+                    in_shardings=(state_sharding, data_sharding), out_shardings=data_sharding)
+  return train_fn, eval_fn
+
+
 def evaluate(eval_fn, state, split, config, mesh) -> Dict[str, Any]:
   scores, labels = [], []
   for batch in input_pipeline.eval_batches(split, config.eval_batch_size):
@@ -203,13 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                  workdir)
     return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
 
-  state_sharding = sharding.replicated(mesh)
-  data_sharding = sharding.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, method=method, config=config),
-                     in_shardings=(state_sharding, data_sharding),
-                     out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
-                    in_shardings=(state_sharding, data_sharding), out_shardings=data_sharding)
+  train_fn, eval_fn = make_step_functions(method, config, mesh)
 
   steps_per_epoch = input_pipeline.num_train_steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
