@@ -1,6 +1,8 @@
-"""Prints a markdown table (mean +- std over seeds) of the results.json files under a folder.
+"""Prints a markdown table (mean ± std over seeds) of the results.json files under a folder.
 
   python scripts/summarize_runs.py runs/table
+
+Runs are grouped by label scenario, loss, learning rate and number of epochs.
 """
 import collections
 import glob
@@ -13,31 +15,35 @@ import numpy as np
 from hml_jax import losses
 
 
+def stat(runs, key):
+  # A linear head has no s, m (older results.json files hold the unused config values).
+  if any(r[key] is None or (key.startswith('final_') and
+                            losses.get_method(r['config']['loss']).head != 'cosine')
+         for r in runs):
+    return '—'
+  values = np.array([r[key] for r in runs], float)
+  return f'{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}'
+
+
 def main(folder):
   groups = collections.defaultdict(list)
   for path in sorted(glob.glob(os.path.join(folder, '*', 'results.json'))):
     with open(path) as f:
       results = json.load(f)
     config = results['config']
-    groups[(config['label_scenario'], config['loss'])].append(results)
-
-  def stat(runs, key):
-    # A linear head has no s, m (older results.json files hold the unused config values).
-    if any(r[key] is None or (key.startswith('final_') and
-                              losses.get_method(r['config']['loss']).head != 'cosine')
-           for r in runs):
-      return '—'
-    values = np.array([r[key] for r in runs], float)
-    return f'{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}'
-
-  print('| labels | method | seeds | test mAP (best val epoch) | test mAP (last epoch) | '
-        'best epoch | final s* | final m* | train img/s | wall s |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
-  for (scenario, loss), runs in sorted(groups.items()):
-    epochs = ','.join(str(r['best_epoch']) for r in runs)
-    print(f'| {scenario} | {loss} | {len(runs)} | {stat(runs, "test_map")} | '
-          f'{stat(runs, "last_test_map")} | {epochs} | {stat(runs, "final_scale")} | '
-          f'{stat(runs, "final_margin")} | {np.mean([r["train_images_per_sec"] for r in runs]):.0f} | '
+    key = (config['label_scenario'], config['loss'], config['learning_rate'],
+           config['num_epochs'])
+    groups[key].append(results)
+  print('| labels | method | lr | epochs | seeds | val mAP (best epoch) | '
+        'test mAP (best val epoch) | test mAP (last epoch) | best epochs | final s* | final m* | '
+        'train img/s | wall s |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for (scenario, loss, learning_rate, epochs), runs in sorted(groups.items()):
+    best_epochs = ','.join(str(r['best_epoch']) for r in runs)
+    print(f'| {scenario} | {loss} | {learning_rate:g} | {epochs} | {len(runs)} | '
+          f'{stat(runs, "val_map")} | {stat(runs, "test_map")} | {stat(runs, "last_test_map")} | '
+          f'{best_epochs} | {stat(runs, "final_scale")} | {stat(runs, "final_margin")} | '
+          f'{np.mean([r["train_images_per_sec"] for r in runs]):.0f} | '
           f'{np.mean([r["wall_seconds"] for r in runs]):.0f} |')
 
 

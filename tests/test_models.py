@@ -51,3 +51,12 @@ def test_classifier_outputs_cosines_or_logits():
     outputs, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
     assert outputs.shape == (2, 5) and outputs.dtype == jnp.float32 and check(outputs)
     assert 'batch_stats' in updates
+
+
+def test_half_precision_backbone_keeps_float32_parameters_and_cosines():
+  model = models.create_model('resnet_tiny', 'cosine', num_labels=3, dtype=jnp.bfloat16)
+  images = jnp.ones((2, 16, 16, 1))
+  variables = model.init(jax.random.key(0), images)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables['params']))
+  outputs = model.apply(variables, images)
+  assert outputs.dtype == jnp.float32 and outputs.shape == (2, 3)
