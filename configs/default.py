@@ -21,13 +21,29 @@ def get_config():
   config.image_size = 48
   config.half_precision = False
 
-  # 'hml' (adaptive s*, m*), 'hml_fixed' (config.scale, config.margin), 'an' (linear + BCE).
+  # 'hml' (adaptive s*, m*), 'hml_fixed' (config.scale, config.margin), 'normalized_sigmoid'
+  # (Eq. 3), and the baselines 'an' (linear head + BCE), 'bce', 'an_ls', 'bce_ls', 'wan', 'epr',
+  # 'em', 'asl' (hml_jax.losses.METHODS).
   config.loss = 'hml'
   config.scale = 20.0      # s: the paper's best fixed pair, Sec. 4.5 / Fig. 5 (VOC, single pos.)
   config.margin = 0.3      # m: idem; for 'hml' the initial values of s*, m*
   # s* and m* get their own Adam (optax.multi_transform) so that their step size does not depend
   # on the backbone's learning rate; see README "Implementation notes".
   config.adaptive_learning_rate = 1e-3
+
+  # Where the margin goes (paper Table 5): 'both' (the paper's choice), 'positives', 'negatives',
+  # 'none'. With one group only, test scores have no margin (labels are unknown at test time).
+  config.margin_on = 'both'
+
+  # Hyperparameters of the baselines (config.loss in hml_jax.losses.METHODS), named as in their
+  # published code.
+  config.ls_coef = 0.1           # an_ls / bce_ls: Cole et al. (CVPR 2021)
+  config.expected_num_pos = -1.0  # epr: k; Cole et al. use VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4.
+                                  # < 0: the mean number of positives per training image (logged)
+  config.alpha = 0.2             # em: Zhou et al. (ECCV 2022), their VOC value (not tuned here)
+  config.gamma_neg = 4.0         # asl: Ridnik et al. (ICCV 2021), their train.py
+  config.gamma_pos = 0.0         # asl: idem
+  config.clip = 0.05             # asl: idem
 
   # 'full', 'partial' (config.positive_fraction of each image's positives) or 'single_positive'.
   config.label_scenario = 'single_positive'

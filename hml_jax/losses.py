@@ -4,7 +4,7 @@ Shapes: logits / cosines (batch, num_labels); observed_labels (batch, num_labels
 observed positive and 0 for a negative or an unknown label ("assume negative", Cole et al. 2021).
 """
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,104 @@ def assume_negative(logits: Array, observed_labels: Array) -> Array:
   return binary_cross_entropy(logits, observed_labels)
 
 
-def adaptive_loss(cos: Array, labels: Array, scale: Array, margin: Array) -> Array:
+# The baselines below follow Cole et al.'s losses.py (and Ridnik et al.'s / Zhou et al.'s code)
+# term by term, with one deliberate difference: logs are taken of sigmoids in logit space
+# (log_sigmoid), exact everywhere, where their code takes -log(p + 1e-5) of a float probability
+# (which caps an entry's loss at 11.5 and flattens its gradient once p < 1e-5).
+
+
+def _negative_log_p(logits):
+  return -jax.nn.log_sigmoid(logits.astype(jnp.float32))
+
+
+def _negative_log_not_p(logits):
+  return -jax.nn.log_sigmoid(-logits.astype(jnp.float32))
+
+
+def assume_negative_label_smoothing(logits: Array, observed_labels: Array,
+                                    ls_coef: float = 0.1) -> Array:
+  """AN-LS / BCE-LS (Cole et al.): targets 1 - ls_coef for positives, ls_coef for the rest."""
+  labels = observed_labels.astype(jnp.float32)
+  positive = (1 - ls_coef) * _negative_log_p(logits) + ls_coef * _negative_log_not_p(logits)
+  negative = (1 - ls_coef) * _negative_log_not_p(logits) + ls_coef * _negative_log_p(logits)
+  return jnp.mean(labels * positive + (1 - labels) * negative)
+
+
+def weak_assume_negative(logits: Array, observed_labels: Array) -> Array:
+  """WAN (Cole et al.): AN with each negative's loss weighted 1 / (num_labels - 1)."""
+  labels = observed_labels.astype(jnp.float32)
+  num_labels = labels.shape[-1]
+  return jnp.mean(labels * _negative_log_p(logits) +
+                  (1 - labels) * _negative_log_not_p(logits) / (num_labels - 1))
+
+
+def expected_positive_regularizer(probabilities: Array, expected_num_pos: float) -> Array:
+  """(mean over the batch of sum_j p_j - k)^2 (Cole et al.'s norm='2')."""
+  return (jnp.mean(jnp.sum(probabilities, axis=-1)) - expected_num_pos) ** 2
+
+
+def expected_positive_regularization(logits: Array, observed_labels: Array,
+                                     expected_num_pos: float) -> Array:
+  """EPR (Cole et al.): -log p on observed positives only, plus the expected-positive
+  regularizer divided by num_labels^2 (not by the batch size)."""
+  labels = observed_labels.astype(jnp.float32)
+  num_labels = labels.shape[-1]
+  regularizer = expected_positive_regularizer(jax.nn.sigmoid(logits.astype(jnp.float32)),
+                                              expected_num_pos)
+  return jnp.mean(labels * _negative_log_p(logits)) + regularizer / num_labels ** 2
+
+
+def entropy_maximization(logits: Array, observed_labels: Array, alpha: float) -> Array:
+  """EM (Zhou et al., ECCV 2022): -log p on observed positives; on unobserved labels
+  -alpha * H(p), H the binary entropy, so minimizing the loss maximizes their entropy."""
+  labels = observed_labels.astype(jnp.float32)
+  probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))
+  entropy = (probabilities * _negative_log_p(logits) +
+             (1 - probabilities) * _negative_log_not_p(logits))
+  return jnp.mean(labels * _negative_log_p(logits) - (1 - labels) * alpha * entropy)
+
+
+def asymmetric_loss(logits: Array, observed_labels: Array, gamma_neg: float = 4.0,
+                    gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8) -> Array:
+  """ASL (Ridnik et al., ICCV 2021), as their AsymmetricLoss with disable_torch_grad_focal_loss.
+
+  Positives: (1 - p)^gamma_pos * log p; negatives: p_m^gamma_neg * log(1 - p_m) with the shifted
+  probability p_m = max(p - clip, 0); logs floored at log(eps); the focusing weights are
+  constants (stop_gradient). Reduced with Cole et al.'s mean (Ridnik et al. sum: a constant
+  factor of batch_size * num_labels).
+  """
+  labels = observed_labels.astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  probability = jax.nn.sigmoid(logits)
+  one_minus_shifted = jnp.minimum(jax.nn.sigmoid(-logits) + clip, 1.0) if clip > 0 else (
+      jax.nn.sigmoid(-logits))
+  log_floor = jnp.log(eps)
+  log_likelihood = (labels * jnp.maximum(jax.nn.log_sigmoid(logits), log_floor) +
+                    (1 - labels) * jnp.log(jnp.maximum(one_minus_shifted, eps)))
+  target_probability = probability * labels + one_minus_shifted * (1 - labels)
+  weight = jax.lax.stop_gradient(
+      (1 - target_probability) ** (gamma_pos * labels + gamma_neg * (1 - labels)))
+  return -jnp.mean(weight * log_likelihood)
+
+
+MARGIN_PLACEMENTS = ('both', 'positives', 'negatives', 'none')
+
+
+def entry_margins(labels: Array, margin: Array, margin_on: str = 'both') -> Array:
+  """The margin of each entry (batch, num_labels) for a placement of paper Table 5."""
+  if margin_on not in MARGIN_PLACEMENTS:
+    raise ValueError(f'Unknown margin placement {margin_on!r} (config.margin_on); choose one of '
+                     f'{list(MARGIN_PLACEMENTS)}.')
+  on_positives = margin_on in ('both', 'positives')
+  on_negatives = margin_on in ('both', 'negatives')
+  labels = labels.astype(jnp.float32)
+  margin = jnp.asarray(margin, jnp.float32)
+  return (labels * (margin if on_positives else 0.0) +
+          (1 - labels) * (margin if on_negatives else 0.0))
+
+
+def adaptive_loss(cos: Array, labels: Array, scale: Array, margin: Array,
+                  margin_on: str = 'both') -> Array:
   """The gradient-balancing term of Eq. 6-7, summed over the whole mini-batch (a scalar).
 
   L_adpt = | sum_{positives} (1 - p^a) - sum_{negatives} p^a |, with
@@ -39,26 +136,32 @@ def adaptive_loss(cos: Array, labels: Array, scale: Array, margin: Array) -> Arr
   scale s* and the margin m*, never the embeddings or the backbone.
   """
   labels = labels.astype(jnp.float32)
-  probabilities = jax.nn.sigmoid(heads.margin_logits(jax.lax.stop_gradient(cos), scale, margin))
+  margins = entry_margins(labels, margin, margin_on)
+  probabilities = jax.nn.sigmoid(heads.margin_logits(jax.lax.stop_gradient(cos), scale, margins))
   positive_pull = jnp.sum(labels * (1.0 - probabilities))
   negative_pull = jnp.sum((1.0 - labels) * probabilities)
   return jnp.abs(positive_pull - negative_pull)
 
 
-def hml_fixed(cos: Array, observed_labels: Array, scale: float, margin: float) -> Array:
-  """HML with a fixed scale and margin: BCE on the margin sigmoid p^m of Eq. 4."""
-  return binary_cross_entropy(heads.margin_logits(cos, scale, margin), observed_labels)
+def hml_fixed(cos: Array, observed_labels: Array, scale: float, margin: float,
+              margin_on: str = 'both') -> Array:
+  """HML with a fixed scale and margin: BCE on the margin sigmoid p^m of Eq. 4 (the margin on
+  the entries that margin_on names; Table 5's best and the default is 'both'). With margin 0 it
+  is the normalized sigmoid of Eq. 3."""
+  margins = entry_margins(observed_labels, margin, margin_on)
+  return binary_cross_entropy(heads.margin_logits(cos, scale, margins), observed_labels)
 
 
-def hml(cos: Array, observed_labels: Array, scale: Array, margin: Array) -> Array:
+def hml(cos: Array, observed_labels: Array, scale: Array, margin: Array,
+        margin_on: str = 'both') -> Array:
   """Adaptive HML, Eq. 5: L_BCE(p^m) + L_adpt(p^a).
 
   The BCE sees the current s*, m* through stop_gradient (so it trains only the embeddings and the
   backbone); the adaptive term sees the cosines through stop_gradient (so it trains only s*, m*).
   """
   bce = hml_fixed(cos, observed_labels, jax.lax.stop_gradient(scale),
-                  jax.lax.stop_gradient(margin))
-  return bce + adaptive_loss(cos, observed_labels, scale, margin)
+                  jax.lax.stop_gradient(margin), margin_on)
+  return bce + adaptive_loss(cos, observed_labels, scale, margin, margin_on)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,18 +170,39 @@ class Method:
 
   head: 'cosine' (outputs are cosines, scored by margin_logits) or 'linear' (outputs are logits).
   loss: loss(outputs, observed_labels, **hyperparameters) -> scalar.
+  hyperparameters: the loss's keyword arguments, each read from the config key of that name.
   learns_scale_and_margin: s* and m* are trainable parameters (adaptive HML) rather than the
     config's fixed config.scale and config.margin.
+  fixed_margin: a margin that the method always uses instead of config.margin.
   """
   head: str
   loss: Callable[..., Array]
+  hyperparameters: Tuple[str, ...] = ()
   learns_scale_and_margin: bool = False
+  fixed_margin: Optional[float] = None
 
 
 METHODS = {
+    # Cole et al. (CVPR 2021). 'bce' is 'an' on full labels: the same function.
+    'bce': Method(head='linear', loss=assume_negative),
     'an': Method(head='linear', loss=assume_negative),
-    'hml': Method(head='cosine', loss=hml, learns_scale_and_margin=True),
-    'hml_fixed': Method(head='cosine', loss=hml_fixed),
+    'bce_ls': Method(head='linear', loss=assume_negative_label_smoothing,
+                     hyperparameters=('ls_coef',)),
+    'an_ls': Method(head='linear', loss=assume_negative_label_smoothing,
+                    hyperparameters=('ls_coef',)),
+    'wan': Method(head='linear', loss=weak_assume_negative),
+    'epr': Method(head='linear', loss=expected_positive_regularization,
+                  hyperparameters=('expected_num_pos',)),
+    # Zhou et al. (ECCV 2022) and Ridnik et al. (ICCV 2021).
+    'em': Method(head='linear', loss=entropy_maximization, hyperparameters=('alpha',)),
+    'asl': Method(head='linear', loss=asymmetric_loss,
+                  hyperparameters=('gamma_neg', 'gamma_pos', 'clip')),
+    # HML (this paper) and its ablations.
+    'hml': Method(head='cosine', loss=hml, hyperparameters=('margin_on',),
+                  learns_scale_and_margin=True),
+    'hml_fixed': Method(head='cosine', loss=hml_fixed, hyperparameters=('margin_on',)),
+    # Eq. 3: the hyperspherical head without a margin (hml_fixed with m = 0).
+    'normalized_sigmoid': Method(head='cosine', loss=hml_fixed, fixed_margin=0.0),
 }
 
 

@@ -67,11 +67,26 @@ def create_train_state(config, model, method, rng, image_shape) -> TrainState:
                            batch_stats=variables['batch_stats'])
 
 
-def scale_and_margin(params, config):
-  """(s, m): the learned s*, m* for adaptive HML, else the config's fixed pair."""
+def scale_and_margin(params, config, method=None):
+  """(s, m) of the margin sigmoid: the learned s*, m* for adaptive HML, else the config's fixed
+  pair (or the method's own fixed margin, 0 for the normalized sigmoid)."""
   if 'scale_margin' in params:
     return params['scale_margin']['scale'], params['scale_margin']['margin']
-  return jnp.float32(config.scale), jnp.float32(config.margin)
+  margin = config.margin
+  if method is not None and method.fixed_margin is not None:
+    margin = method.fixed_margin
+  return jnp.float32(config.scale), jnp.float32(margin)
+
+
+def loss_hyperparameters(method, config, train_labels) -> Dict[str, Any]:
+  """The loss's keyword arguments from the config. expected_num_pos < 0 means: estimate it as the
+  mean number of (true) positives per training image, as Cole et al.'s per-dataset values are."""
+  values = {name: config[name] for name in method.hyperparameters}
+  if values.get('expected_num_pos', 0) < 0:
+    values['expected_num_pos'] = float(np.mean(np.sum(train_labels, axis=1)))
+  if values:
+    logging.info('Loss %s hyperparameters: %s', config.loss, values)
+  return values
 
 
 def normalize_images(images, config):
@@ -80,44 +95,53 @@ def normalize_images(images, config):
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def compute_loss(method, outputs, observed_labels, params, config):
+def compute_loss(method, outputs, observed_labels, params, config, hyperparameters):
   """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with and,
   for cosine heads, the gradient-balance term of Eq. 6 at the current s, m."""
-  if method.head == 'cosine':
-    scale, margin = scale_and_margin(params, config)
-    loss = method.loss(outputs, observed_labels, scale=scale, margin=margin)
-    scale, margin = jax.lax.stop_gradient((scale, margin))
-    parts = {'bce': losses.hml_fixed(outputs, observed_labels, scale, margin),
-             'gradient_balance': losses.adaptive_loss(outputs, observed_labels, scale, margin)}
-    return loss, jax.lax.stop_gradient(parts)
-  loss = method.loss(outputs, observed_labels)
-  return loss, {'bce': jax.lax.stop_gradient(losses.binary_cross_entropy(outputs,
-                                                                          observed_labels))}
+  if method.head == 'linear':
+    loss = method.loss(outputs, observed_labels, **hyperparameters)
+    bce = losses.binary_cross_entropy(outputs, observed_labels)
+    return loss, {'bce': jax.lax.stop_gradient(bce)}
+  scale, margin = scale_and_margin(params, config, method)
+  loss = method.loss(outputs, observed_labels, scale=scale, margin=margin, **hyperparameters)
+  scale, margin = jax.lax.stop_gradient((scale, margin))
+  margin_on = hyperparameters.get('margin_on', 'both')
+  parts = {'bce': losses.hml_fixed(outputs, observed_labels, scale, margin, margin_on),
+           'gradient_balance': losses.adaptive_loss(outputs, observed_labels, scale, margin,
+                                                    margin_on)}
+  return loss, jax.lax.stop_gradient(parts)
 
 
 def scores_from_outputs(method, outputs, params, config):
-  """Pre-sigmoid scores used for ranking metrics (logits avoid float32 ties at p = 1)."""
+  """Pre-sigmoid scores used for ranking metrics (logits avoid float32 ties at p = 1).
+
+  A margin on only one group of labels cannot be applied at test time, where labels are unknown;
+  then the test score has no margin (paper Sec. 4.5). The ranking is the same either way: the
+  margin map is increasing in the cosine.
+  """
   if method.head == 'cosine':
-    scale, margin = scale_and_margin(params, config)
+    scale, margin = scale_and_margin(params, config, method)
+    if config.get('margin_on', 'both') != 'both':
+      margin = 0.0
     return heads.margin_logits(outputs, scale, margin)
   return outputs
 
 
-def train_step(state: TrainState, batch, *, method, config):
+def train_step(state: TrainState, batch, *, method, config, hyperparameters):
   images = normalize_images(batch['images'], config)
 
   def loss_fn(params):
     outputs, updates = state.apply_fn(
         {'params': params['model'], 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'])
-    loss, parts = compute_loss(method, outputs, batch['labels'], params, config)
+    loss, parts = compute_loss(method, outputs, batch['labels'], params, config, hyperparameters)
     return loss, (updates, parts)
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
   if method.head == 'cosine':
-    step_metrics['scale'], step_metrics['margin'] = scale_and_margin(state.params, config)
+    step_metrics['scale'], step_metrics['margin'] = scale_and_margin(state.params, config, method)
   return state, step_metrics
 
 
@@ -128,12 +152,13 @@ def eval_step(state: TrainState, batch, *, method, config):
   return scores_from_outputs(method, outputs, state.params, config)
 
 
-def make_step_functions(method, config, mesh):
+def make_step_functions(method, config, mesh, hyperparameters=None):
   """(train_fn, eval_fn): the jitted steps, batch split over the mesh's data axis, state and
   metrics replicated, the state donated to the train step (updated in place)."""
   state_sharding = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, method=method, config=config),
+  train_fn = jax.jit(functools.partial(train_step, method=method, config=config,
+                                       hyperparameters=hyperparameters or {}),
                      in_shardings=(state_sharding, data_sharding),
                      out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
@@ -216,7 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                  workdir)
     return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
 
-  train_fn, eval_fn = make_step_functions(method, config, mesh)
+  hyperparameters = loss_hyperparameters(method, config, data.train.labels)
+  train_fn, eval_fn = make_step_functions(method, config, mesh, hyperparameters)
 
   steps_per_epoch = input_pipeline.num_train_steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
@@ -237,7 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     validation = evaluate(eval_fn, state, data.validation, config, mesh)
     test = evaluate(eval_fn, state, data.test, config, mesh)
     # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none.
-    scale, margin = ((float(x) for x in scale_and_margin(jax.device_get(state.params), config))
+    scale, margin = ((float(x) for x in scale_and_margin(jax.device_get(state.params), config,
+                                                         method))
                      if method.head == 'cosine' else (None, None))
     record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
               'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],

@@ -1,0 +1,152 @@
+"""Each baseline loss against a NumPy transcription of its published formula (values and
+gradients), on random inputs with a row without observed positives, an all-unknown column and
+probabilities saturated at 0 and 1."""
+import jax
+import numpy as np
+import pytest
+
+from hml_jax import losses
+
+
+def log_p(x):
+  return -np.logaddexp(0.0, -x)  # log sigmoid(x), exact in float64
+
+
+def log_not_p(x):
+  return -np.logaddexp(0.0, x)
+
+
+def sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+# Transcriptions of Cole et al.'s losses.py (neg_log exact), Zhou et al.'s and Ridnik et al.'s.
+def ref_an(x, y):
+  return np.mean(-y * log_p(x) - (1 - y) * log_not_p(x))
+
+
+def ref_an_ls(x, y, ls_coef):
+  positive = -(1 - ls_coef) * log_p(x) - ls_coef * log_not_p(x)
+  negative = -(1 - ls_coef) * log_not_p(x) - ls_coef * log_p(x)
+  return np.mean(np.where(y == 1, positive, negative))
+
+
+def ref_wan(x, y):
+  num_labels = y.shape[1]
+  return np.mean(np.where(y == 1, -log_p(x), -log_not_p(x) / (num_labels - 1)))
+
+
+def ref_epr(x, y, expected_num_pos):
+  num_labels = y.shape[1]
+  matrix = np.where(y == 1, -log_p(x), 0.0)
+  regularizer = (sigmoid(x).sum(axis=1).mean(axis=0) - expected_num_pos) ** 2
+  return matrix.sum() / matrix.size + regularizer / num_labels ** 2
+
+
+def ref_em(x, y, alpha):
+  p = sigmoid(x)
+  entropy = -(p * log_p(x) + (1 - p) * log_not_p(x))
+  return np.mean(np.where(y == 1, -log_p(x), -alpha * entropy))
+
+
+def asl_weight(x, y, gamma_neg, gamma_pos, clip):
+  xs_pos = sigmoid(x)
+  xs_neg = np.minimum(1 - xs_pos + clip, 1.0)
+  pt = xs_pos * y + xs_neg * (1 - y)
+  return (1 - pt) ** (gamma_pos * y + gamma_neg * (1 - y))
+
+
+def ref_asl(x, y, gamma_neg, gamma_pos, clip, eps=1e-8, weight=None):
+  """weight: the focusing weight held fixed (Ridnik et al. compute it without gradient)."""
+  if weight is None:
+    weight = asl_weight(x, y, gamma_neg, gamma_pos, clip)
+  xs_pos = sigmoid(x)
+  xs_neg = np.minimum(1 - xs_pos + clip, 1.0)
+  loss = y * np.log(np.maximum(xs_pos, eps)) + (1 - y) * np.log(np.maximum(xs_neg, eps))
+  return -np.mean(loss * weight)
+
+
+CASES = {
+    'an': (losses.assume_negative, ref_an, {}),
+    'an_ls': (losses.assume_negative_label_smoothing, ref_an_ls, {'ls_coef': 0.1}),
+    'wan': (losses.weak_assume_negative, ref_wan, {}),
+    'epr': (losses.expected_positive_regularization, ref_epr, {'expected_num_pos': 2.9}),
+    'em': (losses.entropy_maximization, ref_em, {'alpha': 0.2}),
+    'asl': (losses.asymmetric_loss, ref_asl, {'gamma_neg': 4.0, 'gamma_pos': 0.0, 'clip': 0.05}),
+    'asl_gamma_pos': (losses.asymmetric_loss, ref_asl,
+                      {'gamma_neg': 2.0, 'gamma_pos': 1.0, 'clip': 0.0}),
+}
+
+
+def inputs(seed, saturate=False):
+  rng = np.random.RandomState(seed)
+  logits = rng.normal(0, 2, size=(8, 7))
+  labels = (rng.uniform(size=logits.shape) < 0.3).astype(np.float64)
+  labels[0] = 0          # an image without an observed positive
+  labels[:, 3] = 0       # a label never observed
+  labels[1, 1] = 1
+  if saturate:           # probabilities that float32 rounds to exactly 0 and 1
+    logits[1, 1], logits[2, 2], logits[3, 4], logits[4, 5] = -60.0, 60.0, 45.0, -45.0
+  return logits, labels
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('saturate', [False, True])
+def test_value_matches_the_published_formula(name, saturate):
+  loss, reference, hyperparameters = CASES[name]
+  logits, labels = inputs(0, saturate)
+  got = float(loss(logits.astype(np.float32), labels.astype(np.int32), **hyperparameters))
+  np.testing.assert_allclose(got, reference(logits, labels, **hyperparameters), rtol=2e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_gradient_matches_finite_differences_of_the_formula(name):
+  loss, reference, hyperparameters = CASES[name]
+  logits, labels = inputs(1)
+  grad = np.asarray(jax.grad(lambda x: loss(x, labels, **hyperparameters))(
+      logits.astype(np.float32)))
+  if name.startswith('asl'):
+    # ASL's focusing weight is a constant (no gradient through it), as in Ridnik et al.'s code.
+    fixed = dict(hyperparameters, weight=asl_weight(logits, labels, **hyperparameters))
+  else:
+    fixed = hyperparameters
+  step = 1e-6
+  expected = np.zeros_like(logits)
+  for index in np.ndindex(logits.shape):
+    plus, minus = logits.copy(), logits.copy()
+    plus[index] += step
+    minus[index] -= step
+    expected[index] = (reference(plus, labels, **fixed) -
+                       reference(minus, labels, **fixed)) / (2 * step)
+  np.testing.assert_allclose(grad, expected, rtol=2e-3, atol=2e-6)
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_saturated_probabilities_give_finite_gradients(name):
+  loss, _, hyperparameters = CASES[name]
+  logits, labels = inputs(2, saturate=True)
+  grad = jax.grad(lambda x: loss(x, labels, **hyperparameters))(logits.astype(np.float32))
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_label_smoothing_and_weak_negatives_reduce_to_an():
+  logits, labels = inputs(3)
+  an = float(losses.assume_negative(logits, labels))
+  assert float(losses.assume_negative_label_smoothing(logits, labels, ls_coef=0.0)) == (
+      pytest.approx(an, rel=1e-6))
+  two_labels = labels[:, :2]
+  assert float(losses.weak_assume_negative(logits[:, :2], two_labels)) == pytest.approx(
+      float(losses.assume_negative(logits[:, :2], two_labels)), rel=1e-6)
+
+
+def test_every_linear_method_is_callable_on_logits_through_the_registry():
+  logits, labels = inputs(4)
+  for name, method in losses.METHODS.items():
+    if method.head != 'linear':
+      continue
+    kwargs = {'ls_coef': 0.1, 'expected_num_pos': 2.0, 'alpha': 0.1, 'gamma_neg': 4.0,
+              'gamma_pos': 0.0, 'clip': 0.05}
+    value = losses.get_loss(name)(logits, labels,
+                                  **{k: kwargs[k] for k in method.hyperparameters})
+    assert np.isfinite(float(value)), name
