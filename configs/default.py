@@ -44,6 +44,9 @@ def get_config():
   config.gamma_neg = 4.0         # asl: Ridnik et al. (ICCV 2021), their train.py
   config.gamma_pos = 0.0         # asl: idem
   config.clip = 0.05             # asl: idem
+  # ll_r / ll_ct / ll_cp: percent per epoch by which the clean rate falls (Kim et al., CVPR
+  # 2022); < 0 takes each variant's default, 0.5 / 0.2 / 0.1.
+  config.delta_rel = -1.0
 
   # 'full', 'partial' (config.positive_fraction of each image's positives) or 'single_positive'.
   config.label_scenario = 'single_positive'

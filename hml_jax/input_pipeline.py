@@ -119,7 +119,7 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.RandomState)
 
 def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
                   max_shift: int = 0) -> Iterator[dict]:
-  """Batches of one epoch: {'images' uint8, 'labels' observed 0/1}.
+  """Batches of one epoch: {'images' uint8, 'labels' observed 0/1, 'indices' their rows}.
 
   The permutation and the augmentation depend only on (seed, epoch), so a resumed run sees the
   batches an uninterrupted one would have seen.
@@ -129,7 +129,7 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
   for step in range(num_train_steps_per_epoch(split, batch_size)):
     indices = np.sort(permutation[step * batch_size:(step + 1) * batch_size])
     yield {'images': random_shift(split.images[indices], max_shift, rng),
-           'labels': split.observed[indices]}
+           'labels': split.observed[indices], 'indices': indices.astype(np.int32)}
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[dict]:

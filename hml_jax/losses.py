@@ -4,10 +4,11 @@ Shapes: logits / cosines (batch, num_labels); observed_labels (batch, num_labels
 observed positive and 0 for a negative or an unknown label ("assume negative", Cole et al. 2021).
 """
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hml_jax import heads
@@ -111,6 +112,83 @@ def asymmetric_loss(logits: Array, observed_labels: Array, gamma_neg: float = 4.
   return -jnp.mean(weight * log_likelihood)
 
 
+def large_loss_num_modified(epoch: int, num_entries: int, delta_rel: float,
+                            permanent: bool) -> int:
+  """How many unobserved entries of a batch Large Loss Matters (Kim et al., CVPR 2022) modifies.
+
+  delta_rel is in percent per epoch, as on their command line (0.2 means 0.002). Epoch 1 is plain
+  AN. LL-R and LL-Ct then modify ceil(B * C * (1 - clean_rate)) entries, the clean rate falling by
+  delta_rel after each epoch (accumulated by repeated subtraction, as in their code); LL-Cp, whose
+  corrections accumulate in the labels, corrects ceil(B * C * delta_rel) new entries per batch (the
+  permanent-correction code of their first release, before a string compared with `is` disabled
+  it).
+  """
+  if epoch <= 1:
+    return 0
+  rate = delta_rel / 100.0
+  if permanent:
+    return int(np.ceil(num_entries * rate))
+  clean_rate = 1.0
+  for _ in range(epoch - 1):
+    clean_rate -= rate
+  return int(np.ceil(num_entries * (1.0 - clean_rate)))
+
+
+def large_loss(logits: Array, observed_labels: Array, num_modified: Array,
+               correct: bool) -> Tuple[Array, Array]:
+  """LL-R (correct=False) / LL-Ct, LL-Cp (correct=True) of Kim et al. (CVPR 2022).
+
+  Among the unobserved (assumed negative) entries of the whole batch, those whose BCE is at least
+  the num_modified-th largest are rejected (loss 0) or corrected (target 1 for this step).
+  Returns (loss averaged over batch x labels, the modified entries); the latter is what LL-Cp
+  writes into the labels. (Their first release stored only the entries strictly above the
+  threshold, one fewer than it corrected, so a batch with one correction stored none; we store
+  the entries that were corrected, as the paper describes.)
+  """
+  labels = observed_labels.astype(jnp.float32)
+  loss = labels * _negative_log_p(logits) + (1 - labels) * _negative_log_not_p(logits)
+  corrected = _negative_log_p(logits)  # target 1 (their BCE(logits, 1 - y) on y = 0)
+  unobserved_loss = (1 - labels) * loss
+  descending = -jnp.sort(-unobserved_loss.ravel())
+  threshold = jnp.where(num_modified > 0,
+                        descending[jnp.clip(num_modified - 1, 0, descending.size - 1)], jnp.inf)
+  keep = unobserved_loss < threshold
+  final = jnp.where(keep, loss, corrected if correct else 0.0)
+  return jnp.mean(final), (~keep) & (labels == 0)
+
+
+def large_loss_rejection(logits, observed_labels, num_modified):
+  """LL-R: the largest unobserved losses are left out of the loss."""
+  return large_loss(logits, observed_labels, num_modified, correct=False)[0]
+
+
+def large_loss_temporary_correction(logits, observed_labels, num_modified):
+  """LL-Ct: the largest unobserved losses are taken with target 1 for this step only."""
+  return large_loss(logits, observed_labels, num_modified, correct=True)[0]
+
+
+def large_loss_permanent_correction(logits, observed_labels, num_modified):
+  """LL-Cp: as LL-Ct, and the corrected entries become observed positives for good: returns
+  (loss, corrected entries), which train.py writes into the label state."""
+  return large_loss(logits, observed_labels, num_modified, correct=True)
+
+
+# Kim et al.'s default Δrel (percent per epoch) for LL-R, LL-Ct, LL-Cp.
+LARGE_LOSS_DEFAULT_DELTA_REL = {'ll_r': 0.5, 'll_ct': 0.2, 'll_cp': 0.1}
+
+
+def large_loss_schedule(name: str):
+  """schedule(epoch, entries_per_batch, config) -> {'num_modified': ...} for config.loss = name;
+  config.delta_rel < 0 selects the method's default."""
+  permanent = name == 'll_cp'
+
+  def schedule(epoch, entries_per_batch, config):
+    delta_rel = config.delta_rel if config.delta_rel >= 0 else LARGE_LOSS_DEFAULT_DELTA_REL[name]
+    return {'num_modified': large_loss_num_modified(epoch, entries_per_batch, delta_rel,
+                                                    permanent)}
+  return schedule
+
+
 MARGIN_PLACEMENTS = ('both', 'positives', 'negatives', 'none')
 
 
@@ -174,12 +252,18 @@ class Method:
   learns_scale_and_margin: s* and m* are trainable parameters (adaptive HML) rather than the
     config's fixed config.scale and config.margin.
   fixed_margin: a margin that the method always uses instead of config.margin.
+  schedule: schedule(epoch, entries_per_batch, config) -> more keyword arguments of the loss that
+    change with the epoch (computed on the host, passed to the jitted step as arrays).
+  updates_labels: the loss returns (loss, entries to make observed positives); the observed
+    labels then live in the train state (checkpointed with it) instead of the input pipeline.
   """
   head: str
   loss: Callable[..., Array]
   hyperparameters: Tuple[str, ...] = ()
   learns_scale_and_margin: bool = False
   fixed_margin: Optional[float] = None
+  schedule: Optional[Callable[..., Dict[str, int]]] = None
+  updates_labels: bool = False
 
 
 METHODS = {
@@ -197,6 +281,12 @@ METHODS = {
     'em': Method(head='linear', loss=entropy_maximization, hyperparameters=('alpha',)),
     'asl': Method(head='linear', loss=asymmetric_loss,
                   hyperparameters=('gamma_neg', 'gamma_pos', 'clip')),
+    # Kim et al. (CVPR 2022): Large Loss Matters.
+    'll_r': Method(head='linear', loss=large_loss_rejection, schedule=large_loss_schedule('ll_r')),
+    'll_ct': Method(head='linear', loss=large_loss_temporary_correction,
+                    schedule=large_loss_schedule('ll_ct')),
+    'll_cp': Method(head='linear', loss=large_loss_permanent_correction,
+                    schedule=large_loss_schedule('ll_cp'), updates_labels=True),
     # HML (this paper) and its ablations.
     'hml': Method(head='cosine', loss=hml, hyperparameters=('margin_on',),
                   learns_scale_and_margin=True),

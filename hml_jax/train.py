@@ -28,6 +28,9 @@ from hml_jax import sharding
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # (num_train_images, num_labels) int8, only for methods that change the observed labels
+  # (LL-Cp): they live here so that they are updated on device and checkpointed with the model.
+  observed_labels: Any = None
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -57,14 +60,21 @@ def create_optimizer(config) -> optax.GradientTransformation:
       lambda params: {key: key for key in params})
 
 
-def create_train_state(config, model, method, rng, image_shape) -> TrainState:
+def create_train_state(config, model, method, rng, image_shape,
+                       observed_labels=None) -> TrainState:
+  """observed_labels: the training split's observed labels, needed by methods that update them."""
   variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
   params = {'model': variables['params']}
   if method.learns_scale_and_margin:
     params['scale_margin'] = {'scale': jnp.float32(config.scale),
                               'margin': jnp.float32(config.margin)}
+  label_state = None
+  if method.updates_labels:
+    if observed_labels is None:
+      raise ValueError(f'config.loss={config.loss!r} updates the observed labels: pass them.')
+    label_state = jnp.asarray(observed_labels, jnp.int8)
   return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
-                           batch_stats=variables['batch_stats'])
+                           batch_stats=variables['batch_stats'], observed_labels=label_state)
 
 
 def scale_and_margin(params, config, method=None):
@@ -97,11 +107,15 @@ def normalize_images(images, config):
 
 def compute_loss(method, outputs, observed_labels, params, config, hyperparameters):
   """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with and,
-  for cosine heads, the gradient-balance term of Eq. 6 at the current s, m."""
+  for cosine heads, the gradient-balance term of Eq. 6 at the current s, m. For methods that
+  update the labels, parts['modified_labels'] holds the entries to make observed positives."""
   if method.head == 'linear':
     loss = method.loss(outputs, observed_labels, **hyperparameters)
-    bce = losses.binary_cross_entropy(outputs, observed_labels)
-    return loss, {'bce': jax.lax.stop_gradient(bce)}
+    parts = {}
+    if method.updates_labels:
+      loss, parts['modified_labels'] = loss
+    parts['bce'] = losses.binary_cross_entropy(outputs, observed_labels)
+    return loss, jax.lax.stop_gradient(parts)
   scale, margin = scale_and_margin(params, config, method)
   loss = method.loss(outputs, observed_labels, scale=scale, margin=margin, **hyperparameters)
   scale, margin = jax.lax.stop_gradient((scale, margin))
@@ -127,18 +141,30 @@ def scores_from_outputs(method, outputs, params, config):
   return outputs
 
 
-def train_step(state: TrainState, batch, *, method, config, hyperparameters):
+def train_step(state: TrainState, batch, schedule, *, method, config, hyperparameters):
+  """One optimizer step. batch: images, labels and indices (rows of the training split);
+  schedule: the loss's per-epoch keyword arguments (method.schedule), as arrays."""
   images = normalize_images(batch['images'], config)
+  if method.updates_labels:
+    labels = state.observed_labels[batch['indices']]
+  else:
+    labels = batch['labels']
 
   def loss_fn(params):
     outputs, updates = state.apply_fn(
         {'params': params['model'], 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'])
-    loss, parts = compute_loss(method, outputs, batch['labels'], params, config, hyperparameters)
+    loss, parts = compute_loss(method, outputs, labels, params, config,
+                               {**hyperparameters, **schedule})
     return loss, (updates, parts)
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  if method.updates_labels:
+    modified = parts.pop('modified_labels')
+    state = state.replace(observed_labels=state.observed_labels.at[batch['indices']].max(
+        modified.astype(jnp.int8)))
+    parts['labels_modified'] = jnp.sum(modified)
   step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
   if method.head == 'cosine':
     step_metrics['scale'], step_metrics['margin'] = scale_and_margin(state.params, config, method)
@@ -159,7 +185,7 @@ def make_step_functions(method, config, mesh, hyperparameters=None):
   data_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(functools.partial(train_step, method=method, config=config,
                                        hyperparameters=hyperparameters or {}),
-                     in_shardings=(state_sharding, data_sharding),
+                     in_shardings=(state_sharding, data_sharding, state_sharding),
                      out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
                     in_shardings=(state_sharding, data_sharding), out_shardings=data_sharding)
@@ -224,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype)
   state = create_train_state(config, model, method, jax.random.key(config.seed),
-                             data.train.images.shape[1:])
+                             data.train.images.shape[1:], observed_labels=data.train.observed)
   state = jax.device_put(state, sharding.replicated(mesh))
 
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
@@ -256,8 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       num_train_steps=steps_per_epoch * config.num_epochs, writer=writer)
 
   for epoch in range(first_epoch, config.num_epochs + 1):
-    state, train_summary = train_one_epoch(train_fn, state, data.train, config, epoch, mesh,
-                                           writer, report_progress)
+    state, train_summary = train_one_epoch(train_fn, method, state, data.train, config, epoch,
+                                           mesh, writer, report_progress)
     history['train_seconds'] += train_summary.pop('seconds')
     history['train_images'] += train_summary.pop('images')
     validation = evaluate(eval_fn, state, data.validation, config, mesh)
@@ -288,16 +314,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
 
 
-def train_one_epoch(train_fn, state, split, config, epoch, mesh, writer, report_progress):
+def train_one_epoch(train_fn, method, state, split, config, epoch, mesh, writer, report_progress):
   """Runs one epoch of train steps; returns (state, summary of the epoch's mean metrics, plus
   'seconds' and 'images' trained after the first step, which may include compilation)."""
   steps_per_epoch = input_pipeline.num_train_steps_per_epoch(split, config.batch_size)
+  schedule = {}
+  if method.schedule is not None:
+    schedule = method.schedule(epoch, config.batch_size * split.labels.shape[1], config)
+    logging.info('Epoch %d loss schedule: %s', epoch, schedule)
+  schedule = {key: jnp.asarray(value) for key, value in schedule.items()}
   step_metrics, timer_start, timed_images = [], None, 0
   batches = input_pipeline.train_batches(split, config.batch_size, config.seed, epoch,
                                          max_shift=config.augment_max_shift)
   for index, batch in enumerate(batches):
     step = (epoch - 1) * steps_per_epoch + index + 1
-    state, metrics = train_fn(state, sharding.shard_batch(batch, mesh))
+    state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), schedule)
     step_metrics.append(metrics)
     if timer_start is None:
       jax.block_until_ready(metrics)
@@ -322,7 +353,10 @@ def load_trained_state(workdir: str, which: str = 'best'):
   num_labels = builder.info.features['labels'].shape[0]
   image_shape = builder.info.features['image'].shape
   model = models.create_model(config.model, method.head, num_labels)
-  template = create_train_state(config, model, method, jax.random.key(0), image_shape)
+  num_train = builder.info.splits['train'].num_examples
+  num_train -= int(np.round(config.validation_fraction * num_train))
+  template = create_train_state(config, model, method, jax.random.key(0), image_shape,
+                                observed_labels=np.zeros((num_train, num_labels), np.int8))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = (manager.restore_best(template) if which == 'best'
               else manager.restore_latest(template, None))

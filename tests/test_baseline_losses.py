@@ -147,6 +147,68 @@ def test_every_linear_method_is_callable_on_logits_through_the_registry():
       continue
     kwargs = {'ls_coef': 0.1, 'expected_num_pos': 2.0, 'alpha': 0.1, 'gamma_neg': 4.0,
               'gamma_pos': 0.0, 'clip': 0.05}
-    value = losses.get_loss(name)(logits, labels,
-                                  **{k: kwargs[k] for k in method.hyperparameters})
+    if method.schedule is not None:
+      kwargs['num_modified'] = 3
+    value = losses.get_loss(name)(logits, labels, **{k: kwargs[k] for k in kwargs
+                                                      if k in method.hyperparameters or
+                                                      (k == 'num_modified' and method.schedule)})
+    if method.updates_labels:
+      value, modified = value
+      assert modified.shape == labels.shape
     assert np.isfinite(float(value)), name
+
+
+def ref_large_loss(x, y, num_modified, correct):
+  """Transcription of Kim et al.'s loss_an + modification (BCE-with-logits, topk threshold)."""
+  loss = -(y * log_p(x) + (1 - y) * log_not_p(x))
+  corrected = -log_p(x)
+  unobserved_loss = (y == 0) * loss
+  if num_modified == 0:
+    return loss.mean(), np.zeros_like(loss, bool)
+  threshold = np.sort(unobserved_loss.ravel())[::-1][num_modified - 1]
+  final = np.where(unobserved_loss < threshold, loss, corrected if correct else 0.0)
+  return final.mean(), (unobserved_loss >= threshold) & (y == 0)
+
+
+@pytest.mark.parametrize('correct', [False, True])
+@pytest.mark.parametrize('num_modified', [0, 1, 5, 20])
+def test_large_loss_matches_kim_et_al(correct, num_modified):
+  logits, labels = inputs(5, saturate=True)
+  value, modified = losses.large_loss(logits.astype(np.float32), labels, num_modified, correct)
+  expected_value, expected_modified = ref_large_loss(logits, labels, num_modified, correct)
+  np.testing.assert_allclose(float(value), expected_value, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(modified), expected_modified)
+  assert not np.any(np.asarray(modified) & (labels == 1))  # observed positives are never touched
+  if num_modified:
+    assert np.asarray(modified).sum() == num_modified  # no ties in continuous losses
+    grad = jax.grad(lambda x: losses.large_loss(x, labels, num_modified, correct)[0])(
+        logits.astype(np.float32))
+    # The selection is piecewise constant: differentiate the formula with it held fixed.
+    unobserved_loss = (labels == 0) * -(labels * log_p(logits) + (1 - labels) * log_not_p(logits))
+    selected = unobserved_loss >= np.sort(unobserved_loss.ravel())[::-1][num_modified - 1]
+
+    def with_fixed_selection(z):
+      loss = -(labels * log_p(z) + (1 - labels) * log_not_p(z))
+      return np.where(selected, -log_p(z) if correct else 0.0, loss).mean()
+
+    step, expected = 1e-6, np.zeros_like(logits)
+    for index in np.ndindex(logits.shape):
+      plus, minus = logits.copy(), logits.copy()
+      plus[index] += step
+      minus[index] -= step
+      expected[index] = (with_fixed_selection(plus) - with_fixed_selection(minus)) / (2 * step)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-3, atol=1e-6)
+
+
+def test_large_loss_schedule():
+  config = type('Config', (), {'delta_rel': -1.0})()
+  schedule = losses.large_loss_schedule('ll_r')
+  assert schedule(1, 320, config) == {'num_modified': 0}  # epoch 1: plain AN
+  assert schedule(2, 320, config) == {'num_modified': 2}  # ceil(320 * 0.005)
+  assert schedule(4, 320, config) == {'num_modified': 5}  # ceil(320 * 0.015)
+  permanent = losses.large_loss_schedule('ll_cp')
+  assert permanent(2, 320, config) == permanent(9, 320, config) == {'num_modified': 1}
+  config.delta_rel = 2.0
+  # 1 - 0.02 - 0.02 leaves 0.04000000000000004 in float64: ceil(4.000000000000004) = 5, as in
+  # their code, which accumulates the clean rate the same way.
+  assert schedule(3, 100, config) == {'num_modified': 5}

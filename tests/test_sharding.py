@@ -23,10 +23,11 @@ state = jax.device_put(state, sharding.replicated(mesh))
 train_fn, eval_fn = train.make_step_functions(method, config, mesh)
 rng = np.random.RandomState(0)
 batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
-         'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32)}
+         'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
+         'indices': np.arange(16, dtype=np.int32)}
 losses_seen = []
 for _ in range(3):
-  state, metrics = train_fn(state, sharding.shard_batch(batch, mesh))
+  state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), {})
   losses_seen.append(float(metrics['bce']))
 scores = eval_fn(state, sharding.shard_batch({'images': batch['images']}, mesh))
 print(json.dumps({'devices': jax.device_count(), 'losses': losses_seen,

@@ -22,12 +22,16 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
   config = tiny_config('unused', loss=loss, learning_rate=1e-2)
   method = losses.get_method(loss)
   model = models.create_model('resnet_tiny', method.head, num_labels=10)
-  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
   rng = np.random.RandomState(0)
   batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
-           'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32)}
+           'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
+           'indices': np.arange(16, dtype=np.int32)}
+  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
+                                   observed_labels=batch['labels'])
   hyperparameters = train.loss_hyperparameters(method, config, batch['labels'])
-  step = jax.jit(lambda s, b: train.train_step(s, b, method=method, config=config,
+  # Epoch 3, so that schedules that start at epoch 2 (Large Loss) act.
+  schedule = method.schedule(3, batch['labels'].size, config) if method.schedule else {}
+  step = jax.jit(lambda s, b: train.train_step(s, b, schedule, method=method, config=config,
                                                hyperparameters=hyperparameters))
   state, first = step(state, batch)
   for _ in range(20):
@@ -46,6 +50,9 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
     assert float(last['margin']) == (0.0 if loss == 'normalized_sigmoid' else np.float32(0.3))
   if losses.get_method(loss).head == 'linear':
     assert 'scale' not in last
+  if losses.get_method(loss).updates_labels:  # LL-Cp turned some unobserved labels positive
+    assert int(np.asarray(state.observed_labels).sum()) > int(batch['labels'].sum())
+    assert np.all(np.asarray(state.observed_labels) >= batch['labels'])
 
 
 def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
@@ -72,18 +79,33 @@ def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(resumed))
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(resumed))
   assert read_results(resumed) == read_results(uninterrupted)
-  assert final_params(resumed) == final_params(uninterrupted)
+  assert final_state(resumed) == final_state(uninterrupted)
 
 
-def final_params(workdir):
-  config = tiny_config('unused')
-  method = losses.get_method(config.loss)
-  model = models.create_model(config.model, method.head, 10)
-  template = train.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
-  state, _ = checkpoints.Checkpointer(str(workdir), keep=2).restore_latest(template, None)
+def test_permanent_label_corrections_survive_resuming(tfds_dir, tmp_path):
+  """LL-Cp's corrected labels are state: a resumed run continues from the saved ones."""
+  uninterrupted, resumed = tmp_path / 'uninterrupted', tmp_path / 'resumed'
+  train.train_and_evaluate(tiny_config(tfds_dir, loss='ll_cp', delta_rel=2.0, num_epochs=3),
+                           str(uninterrupted))
+  train.train_and_evaluate(tiny_config(tfds_dir, loss='ll_cp', delta_rel=2.0, num_epochs=2),
+                           str(resumed))
+  train.train_and_evaluate(tiny_config(tfds_dir, loss='ll_cp', delta_rel=2.0, num_epochs=3),
+                           str(resumed))
+  assert read_results(resumed) == read_results(uninterrupted)
+  assert final_state(resumed) == final_state(uninterrupted)
+  _, _, state = train.load_trained_state(str(uninterrupted), 'latest')
+  observed = np.asarray(state.observed_labels)
+  # Single positive labels: one per image before; LL-Cp added some from epoch 2 on.
+  assert observed.sum() > observed.shape[0]
+
+
+def final_state(workdir):
+  """The newest checkpoint's train state, every array as bytes (for exact comparison)."""
+  _, _, state = train.load_trained_state(str(workdir), 'latest')
   return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
                                 {'params': state.params, 'stats': state.batch_stats,
-                                 'opt': state.opt_state, 'step': state.step})
+                                 'opt': state.opt_state, 'step': state.step,
+                                 'labels': state.observed_labels})
 
 
 def run_cli(workdir, tfds_dir, *extra):
