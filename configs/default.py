@@ -47,6 +47,7 @@ def get_config():
   # ll_r / ll_ct / ll_cp: percent per epoch by which the clean rate falls (Kim et al., CVPR
   # 2022); < 0 takes each variant's default, 0.5 / 0.2 / 0.1.
   config.delta_rel = -1.0
+  config.role_lr_mult = 10.0      # role: the label estimator's learning rate multiplier (Cole et al.)
 
   # 'full', 'partial' (config.positive_fraction of each image's positives) or 'single_positive'.
   config.label_scenario = 'single_positive'

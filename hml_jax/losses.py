@@ -189,6 +189,43 @@ def large_loss_schedule(name: str):
   return schedule
 
 
+def role(logits: Array, observed_labels: Array, estimator_logits: Array,
+         expected_num_pos: float) -> Array:
+  """ROLE (Cole et al., CVPR 2021): the classifier f and a per-image label estimator g train each
+  other. estimator_logits: the rows of g (logits of the estimated labels) for this batch.
+
+  With p = sigmoid(logits), e = sigmoid(estimator_logits), B = stop_gradient:
+    0.5 * ([y] (-log p - log e) + BCE(p; target B(e)) + BCE(e; target B(p)))
+  averaged over batch x labels, plus 0.5 * (EPR(p) + EPR(e)) / num_labels^2. So f learns from the
+  observed positives and g's estimates, g from the observed positives and f's predictions, and
+  both are pulled to expected_num_pos positives per image.
+  """
+  labels = observed_labels.astype(jnp.float32)
+  num_labels = labels.shape[-1]
+  logits = logits.astype(jnp.float32)
+  estimator_logits = estimator_logits.astype(jnp.float32)
+  predictions = jax.nn.sigmoid(logits)
+  estimates = jax.nn.sigmoid(estimator_logits)
+  positives = labels * (_negative_log_p(logits) + _negative_log_p(estimator_logits))
+  fixed_estimates = jax.lax.stop_gradient(estimates)
+  fixed_predictions = jax.lax.stop_gradient(predictions)
+  classifier_cross = (fixed_estimates * _negative_log_p(logits) +
+                      (1 - fixed_estimates) * _negative_log_not_p(logits))
+  estimator_cross = (fixed_predictions * _negative_log_p(estimator_logits) +
+                     (1 - fixed_predictions) * _negative_log_not_p(estimator_logits))
+  regularizer = 0.5 * (expected_positive_regularizer(predictions, expected_num_pos) +
+                       expected_positive_regularizer(estimates, expected_num_pos)) / num_labels ** 2
+  return jnp.mean(0.5 * positives + 0.5 * (classifier_cross + estimator_cross)) + regularizer
+
+
+def role_estimator_init(observed_labels, rng: Array) -> Array:
+  """Cole et al.'s initial estimator logits: logit(0.995) for observed positives, uniform in
+  [-logit(0.6), logit(0.6)] for unknown labels. (num_images, num_labels) float32."""
+  bound = float(np.log(0.6 / 0.4))
+  unknown = jax.random.uniform(rng, np.shape(observed_labels), jnp.float32, -bound, bound)
+  return jnp.where(jnp.asarray(observed_labels) == 1, jnp.float32(np.log(0.995 / 0.005)), unknown)
+
+
 MARGIN_PLACEMENTS = ('both', 'positives', 'negatives', 'none')
 
 
@@ -256,6 +293,8 @@ class Method:
     change with the epoch (computed on the host, passed to the jitted step as arrays).
   updates_labels: the loss returns (loss, entries to make observed positives); the observed
     labels then live in the train state (checkpointed with it) instead of the input pipeline.
+  label_estimator: the loss takes estimator_logits, the batch's rows of a (num_train_images,
+    num_labels) parameter trained with the rest at config.role_lr_mult times the learning rate.
   """
   head: str
   loss: Callable[..., Array]
@@ -264,6 +303,7 @@ class Method:
   fixed_margin: Optional[float] = None
   schedule: Optional[Callable[..., Dict[str, int]]] = None
   updates_labels: bool = False
+  label_estimator: bool = False  # ROLE: the loss takes estimator_logits, rows of a parameter
 
 
 METHODS = {
@@ -277,6 +317,8 @@ METHODS = {
     'wan': Method(head='linear', loss=weak_assume_negative),
     'epr': Method(head='linear', loss=expected_positive_regularization,
                   hyperparameters=('expected_num_pos',)),
+    'role': Method(head='linear', loss=role, hyperparameters=('expected_num_pos',),
+                   label_estimator=True),
     # Zhou et al. (ECCV 2022) and Ridnik et al. (ICCV 2021).
     'em': Method(head='linear', loss=entropy_maximization, hyperparameters=('alpha',)),
     'asl': Method(head='linear', loss=asymmetric_loss,

@@ -53,21 +53,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam over everything; s* and m* (adaptive HML) get their own Adam and learning rate."""
+  """Adam over everything; s* and m* (adaptive HML) get their own Adam and learning rate, and so
+  does ROLE's label estimator (Cole et al.: 10x the learning rate)."""
   return optax.multi_transform(
       {'model': optax.adam(config.learning_rate),
-       'scale_margin': optax.adam(config.adaptive_learning_rate)},
+       'scale_margin': optax.adam(config.adaptive_learning_rate),
+       'estimator': optax.adam(config.learning_rate * config.role_lr_mult)},
       lambda params: {key: key for key in params})
 
 
 def create_train_state(config, model, method, rng, image_shape,
                        observed_labels=None) -> TrainState:
-  """observed_labels: the training split's observed labels, needed by methods that update them."""
+  """observed_labels: the training split's observed labels, needed by methods that update or
+  estimate them."""
   variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
   params = {'model': variables['params']}
   if method.learns_scale_and_margin:
     params['scale_margin'] = {'scale': jnp.float32(config.scale),
                               'margin': jnp.float32(config.margin)}
+  if method.label_estimator:
+    if observed_labels is None:
+      raise ValueError(f'config.loss={config.loss!r} estimates labels: pass the observed labels.')
+    params['estimator'] = losses.role_estimator_init(observed_labels, jax.random.fold_in(rng, 1))
   label_state = None
   if method.updates_labels:
     if observed_labels is None:
@@ -154,8 +161,10 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
     outputs, updates = state.apply_fn(
         {'params': params['model'], 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'])
-    loss, parts = compute_loss(method, outputs, labels, params, config,
-                               {**hyperparameters, **schedule})
+    arguments = {**hyperparameters, **schedule}
+    if method.label_estimator:
+      arguments['estimator_logits'] = params['estimator'][batch['indices']]
+    loss, parts = compute_loss(method, outputs, labels, params, config, arguments)
     return loss, (updates, parts)
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -212,3 +212,49 @@ def test_large_loss_schedule():
   # 1 - 0.02 - 0.02 leaves 0.04000000000000004 in float64: ceil(4.000000000000004) = 5, as in
   # their code, which accumulates the clean rate the same way.
   assert schedule(3, 100, config) == {'num_modified': 5}
+
+
+def ref_role_parts(x, y, estimator, k):
+  """Cole et al.'s loss_role, with the detached factors passed in as constants."""
+  num_labels = y.shape[1]
+  p, e = sigmoid(x), sigmoid(estimator)
+  positives = np.where(y == 1, -log_p(x) - log_p(estimator), 0.0)
+
+  def total(x_value, e_value, p_fixed, e_fixed):
+    p_value, e_prob = sigmoid(x_value), sigmoid(e_value)
+    pos = np.where(y == 1, -log_p(x_value) - log_p(e_value), 0.0)
+    cross1 = e_fixed * -log_p(x_value) + (1 - e_fixed) * -log_not_p(x_value)
+    cross2 = p_fixed * -log_p(e_value) + (1 - p_fixed) * -log_not_p(e_value)
+    regularizer = 0.5 * (((p_value.sum(1).mean() - k) ** 2) + ((e_prob.sum(1).mean() - k) ** 2))
+    return (0.5 * pos + 0.5 * (cross1 + cross2)).mean() + regularizer / num_labels ** 2
+  del positives
+  return total, p, e
+
+
+def test_role_matches_cole_et_al_values_and_gradients():
+  logits, labels = inputs(6, saturate=True)
+  estimator = np.random.RandomState(7).normal(0, 1.5, size=logits.shape)
+  total, p, e = ref_role_parts(logits, labels, estimator, 2.9)
+  value = losses.role(logits.astype(np.float32), labels, estimator.astype(np.float32), 2.9)
+  np.testing.assert_allclose(float(value), total(logits, estimator, p, e), rtol=2e-5)
+  grad_logits, grad_estimator = jax.grad(losses.role, argnums=(0, 2))(
+      logits.astype(np.float32), labels, estimator.astype(np.float32), 2.9)
+  step = 1e-6
+  for argument, grad in ((0, grad_logits), (1, grad_estimator)):
+    expected = np.zeros_like(logits)
+    for index in np.ndindex(logits.shape):
+      values = []
+      for sign in (1, -1):
+        x, est = logits.copy(), estimator.copy()
+        (x if argument == 0 else est)[index] += sign * step
+        values.append(total(x, est, p, e))  # detached factors stay at the current point
+      expected[index] = (values[0] - values[1]) / (2 * step)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-3, atol=1e-6)
+
+
+def test_role_estimator_init_is_cole_et_al():
+  labels = (np.random.RandomState(8).uniform(size=(50, 6)) < 0.3).astype(np.int32)
+  init = np.asarray(losses.role_estimator_init(labels, jax.random.key(0)))
+  np.testing.assert_allclose(init[labels == 1], np.log(0.995 / 0.005), rtol=1e-6)
+  bound = np.log(0.6 / 0.4)
+  assert np.all(np.abs(init[labels == 0]) <= bound) and init[labels == 0].std() > bound / 3

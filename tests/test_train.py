@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import signal
@@ -82,21 +83,27 @@ def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
   assert final_state(resumed) == final_state(uninterrupted)
 
 
-def test_permanent_label_corrections_survive_resuming(tfds_dir, tmp_path):
-  """LL-Cp's corrected labels are state: a resumed run continues from the saved ones."""
+@pytest.mark.parametrize('loss', ['ll_cp', 'role'])
+def test_method_state_survives_resuming(tfds_dir, tmp_path, loss):
+  """LL-Cp's corrected labels and ROLE's label estimator are state: a resumed run continues from
+  the saved ones and ends where an uninterrupted run ends."""
   uninterrupted, resumed = tmp_path / 'uninterrupted', tmp_path / 'resumed'
-  train.train_and_evaluate(tiny_config(tfds_dir, loss='ll_cp', delta_rel=2.0, num_epochs=3),
-                           str(uninterrupted))
-  train.train_and_evaluate(tiny_config(tfds_dir, loss='ll_cp', delta_rel=2.0, num_epochs=2),
-                           str(resumed))
-  train.train_and_evaluate(tiny_config(tfds_dir, loss='ll_cp', delta_rel=2.0, num_epochs=3),
-                           str(resumed))
+  config = functools.partial(tiny_config, tfds_dir, loss=loss, delta_rel=2.0)
+  train.train_and_evaluate(config(num_epochs=3), str(uninterrupted))
+  train.train_and_evaluate(config(num_epochs=2), str(resumed))
+  train.train_and_evaluate(config(num_epochs=3), str(resumed))
   assert read_results(resumed) == read_results(uninterrupted)
   assert final_state(resumed) == final_state(uninterrupted)
   _, _, state = train.load_trained_state(str(uninterrupted), 'latest')
-  observed = np.asarray(state.observed_labels)
-  # Single positive labels: one per image before; LL-Cp added some from epoch 2 on.
-  assert observed.sum() > observed.shape[0]
+  if loss == 'll_cp':
+    observed = np.asarray(state.observed_labels)
+    # Single positive labels: one per image before; LL-Cp added some from epoch 2 on.
+    assert observed.sum() > observed.shape[0]
+  else:
+    estimator = np.asarray(state.params['estimator'])
+    assert estimator.shape == (192, 10)
+    # It was trained: no observed positive keeps its initial logit(0.995).
+    assert not np.any(np.isclose(estimator, np.log(0.995 / 0.005), rtol=1e-6))
 
 
 def final_state(workdir):
