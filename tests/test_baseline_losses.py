@@ -147,11 +147,12 @@ def test_every_linear_method_is_callable_on_logits_through_the_registry():
       continue
     kwargs = {'ls_coef': 0.1, 'expected_num_pos': 2.0, 'alpha': 0.1, 'gamma_neg': 4.0,
               'gamma_pos': 0.0, 'clip': 0.05}
+    arguments = {k: kwargs[k] for k in method.hyperparameters}
     if method.schedule is not None:
-      kwargs['num_modified'] = 3
-    value = losses.get_loss(name)(logits, labels, **{k: kwargs[k] for k in kwargs
-                                                      if k in method.hyperparameters or
-                                                      (k == 'num_modified' and method.schedule)})
+      arguments['num_modified'] = 3
+    if method.label_estimator:
+      arguments['estimator_logits'] = -logits
+    value = losses.get_loss(name)(logits, labels, **arguments)
     if method.updates_labels:
       value, modified = value
       assert modified.shape == labels.shape
