@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hml_jax import host
 from hml_jax import train
 
 FLAGS = flags.FLAGS
@@ -23,24 +24,10 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Drops orbax's and TFDS's INFO lines (dozens per checkpoint); warnings still pass."""
-
-  def filter(self, record):
-    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
-    return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # ABSLHandler passes records straight to its python_handler, so the filter goes there.
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()
-  # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
+  host.setup()
   logging.info('JAX %s: %d process(es), devices %s', jax.__version__, jax.process_count(),
                jax.devices())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

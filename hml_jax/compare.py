@@ -1,0 +1,121 @@
+"""Compare methods on the same data, protocol and seeds; optionally sweep hyperparameters.
+
+  python -m hml_jax.compare --config=configs/default.py --methods=an,an_ls,wan,epr,role,hml \
+      --seeds=3 --workdir=runs/compare [--learning_rates=1e-2,1e-3,1e-4 --batch_sizes=8,16]
+
+Each (method, learning rate, batch size, seed) trains in its own workdir below --workdir, so a
+run that already finished is reused and an interrupted one resumes. For each method the
+(learning rate, batch size) with the best mean validation mAP is selected, as in the paper's grid
+search, and its test mAP is reported: workdir/table.md (method x dataset, mean ± std over seeds,
+shaped like the paper's Table 2) and workdir/table.json (every run).
+"""
+import json
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import numpy as np
+
+from hml_jax import host
+from hml_jax import losses
+from hml_jax import train
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Root directory of all runs and of table.md / table.json.')
+flags.DEFINE_list('methods', ['an', 'hml'], 'config.loss names to compare.')
+flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. seeds-1 for every method.')
+flags.DEFINE_list('learning_rates', [], 'Learning rates to sweep (default: the config\'s).')
+flags.DEFINE_list('batch_sizes', [], 'Batch sizes to sweep (default: the config\'s).')
+config_flags.DEFINE_config_file('config', None, 'Base training configuration.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run_name(method, learning_rate, batch_size, seed):
+  return f'{method}/lr{learning_rate:g}_bs{batch_size}/seed{seed}'
+
+
+def train_or_reuse(config, workdir):
+  """results.json of a finished run in workdir, else trains (or resumes) it."""
+  path = os.path.join(workdir, 'results.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+    if len(results['epochs']) == config.num_epochs:
+      logging.info('Reusing %s.', workdir)
+      return results
+  return train.train_and_evaluate(config, workdir)
+
+
+def summarize(runs, config):
+  """Per method: the sweep point with the best mean validation mAP and its test mAP."""
+  table = {}
+  for method in dict.fromkeys(run['method'] for run in runs):
+    points = {}
+    for run in runs:
+      if run['method'] == method:
+        points.setdefault((run['learning_rate'], run['batch_size']), []).append(run)
+    (learning_rate, batch_size), chosen = max(
+        points.items(), key=lambda item: np.mean([r['val_map'] for r in item[1]]))
+    test = np.array([r['test_map'] for r in chosen])
+    table[method] = {
+        'learning_rate': learning_rate, 'batch_size': batch_size, 'seeds': len(chosen),
+        'val_map': float(np.mean([r['val_map'] for r in chosen])),
+        'test_map_mean': float(test.mean()),
+        'test_map_std': float(test.std(ddof=1)) if len(test) > 1 else 0.0,
+        'last_test_map_mean': float(np.mean([r['last_test_map'] for r in chosen])),
+    }
+  dataset = f'{config.dataset.name} ({config.label_scenario})'
+  lines = [f'| method | {dataset} | lr | batch | seeds | val mAP | last-epoch test mAP |',
+           '|---|---|---|---|---|---|---|']
+  for method, row in table.items():
+    lines.append(f"| {method} | {row['test_map_mean']:.2f} ± {row['test_map_std']:.2f} | "
+                 f"{row['learning_rate']:g} | {row['batch_size']} | {row['seeds']} | "
+                 f"{row['val_map']:.2f} | {row['last_test_map_mean']:.2f} |")
+  return table, '\n'.join(lines) + '\n'
+
+
+def compare(config, workdir, methods, seeds, learning_rates=(), batch_sizes=()):
+  """Trains every combination (reusing finished runs), writes table.md / table.json."""
+  for method in methods:
+    losses.get_method(method)  # unknown names fail before any training
+  learning_rates = [float(x) for x in learning_rates] or [config.learning_rate]
+  batch_sizes = [int(x) for x in batch_sizes] or [config.batch_size]
+  runs = []
+  for method in methods:
+    for learning_rate in learning_rates:
+      for batch_size in batch_sizes:
+        for seed in range(seeds):
+          run_config = config.copy_and_resolve_references()
+          run_config.unlock()
+          run_config.loss, run_config.seed = method, seed
+          run_config.learning_rate, run_config.batch_size = learning_rate, batch_size
+          name = run_name(method, learning_rate, batch_size, seed)
+          results = train_or_reuse(run_config, os.path.join(workdir, name))
+          runs.append({'method': method, 'learning_rate': learning_rate,
+                       'batch_size': batch_size, 'seed': seed, 'run': name,
+                       **{key: results[key] for key in ('val_map', 'test_map', 'last_test_map',
+                                                        'best_epoch')}})
+  table, markdown = summarize(runs, config)
+  with open(os.path.join(workdir, 'table.md'), 'w') as f:
+    f.write(markdown)
+  with open(os.path.join(workdir, 'table.json'), 'w') as f:
+    json.dump({'table': table, 'runs': runs, 'config': config.to_dict()}, f, indent=2,
+              default=list)
+  return table, markdown
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host.setup()
+  _, markdown = compare(FLAGS.config, FLAGS.workdir, FLAGS.methods, FLAGS.seeds,
+                        FLAGS.learning_rates, FLAGS.batch_sizes)
+  print(markdown)
+
+
+if __name__ == '__main__':
+  app.run(main)

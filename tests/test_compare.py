@@ -1,0 +1,49 @@
+import json
+import os
+import subprocess
+import sys
+
+from hml_jax import compare, losses
+
+from helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compare_trains_every_method_and_reuses_finished_runs(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_epochs=1)
+  methods = sorted(losses.METHODS)
+  table, markdown = compare.compare(config, str(tmp_path), methods, seeds=1)
+  assert list(table) == methods
+  for method in methods:
+    assert f'| {method} |' in markdown
+    assert 0 < table[method]['test_map_mean'] <= 100
+  with open(tmp_path / 'table.json') as f:
+    saved = json.load(f)
+  assert len(saved['runs']) == len(methods)
+  assert (tmp_path / 'table.md').read_text() == markdown
+  # A second call reuses every run (nothing is retrained: results.json files are untouched).
+  results = [tmp_path / run['run'] / 'results.json' for run in saved['runs']]
+  before = [os.path.getmtime(path) for path in results]
+  compare.compare(config, str(tmp_path), methods, seeds=1)
+  assert [os.path.getmtime(path) for path in results] == before
+
+
+def test_sweep_picks_the_best_validation_point(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_epochs=1)
+  table, _ = compare.compare(config, str(tmp_path), ['an'], seeds=1,
+                             learning_rates=['1e-2', '1e-4'])
+  with open(tmp_path / 'table.json') as f:
+    runs = json.load(f)['runs']
+  best = max(runs, key=lambda run: run['val_map'])
+  assert table['an']['learning_rate'] == best['learning_rate']
+  assert table['an']['test_map_mean'] == best['test_map']
+
+
+def test_compare_cli_rejects_an_unknown_method(tfds_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'hml_jax.compare', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--methods=an,hmll', '--seeds=1',
+       f'--config.dataset.data_dir={tfds_dir}'], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode != 0 and "Unknown loss 'hmll'" in result.stderr
+  assert not os.listdir(tmp_path)
