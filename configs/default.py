@@ -40,7 +40,10 @@ def get_config():
   config.ls_coef = 0.1           # an_ls / bce_ls: Cole et al. (CVPR 2021)
   config.expected_num_pos = -1.0  # epr: k; Cole et al. use VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4.
                                   # < 0: the mean number of positives per training image (logged)
-  config.alpha = 0.2             # em: Zhou et al. (ECCV 2022), their VOC value (not tuned here)
+  config.alpha = 0.2             # em, em_apl: Zhou et al. (ECCV 2022), their VOC value (not tuned)
+  config.beta = 0.02             # em_apl: idem, weight of the pseudo-labels
+  config.warmup_epoch = 5        # em_apl: idem, first epoch after which pseudo-labels are added
+  config.neg_proportion = 0.9    # em_apl: idem, share of each class's unknowns pseudo-labelled
   config.gamma_neg = 4.0         # asl: Ridnik et al. (ICCV 2021), their train.py
   config.gamma_pos = 0.0         # asl: idem
   config.clip = 0.05             # asl: idem

@@ -226,6 +226,43 @@ def role_estimator_init(observed_labels, rng: Array) -> Array:
   return jnp.where(jnp.asarray(observed_labels) == 1, jnp.float32(np.log(0.995 / 0.005)), unknown)
 
 
+def entropy_maximization_pseudo_labels(logits: Array, label_state: Array, alpha: float,
+                                       beta: float) -> Array:
+  """EM + APL (Zhou et al., ECCV 2022). label_state: 1 = observed positive, 0 = unknown,
+  -s (0 <= s < 1) = a pseudo-label with soft target s set by asymmetric_pseudo_labels.
+
+  Observed positives: -log p; unknown: -alpha * H(p) (EM); pseudo-labelled:
+  beta * BCE(p; target s). Averaged over batch x labels.
+  """
+  state = label_state.astype(jnp.float32)
+  probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))
+  negative_log_p, negative_log_not_p = _negative_log_p(logits), _negative_log_not_p(logits)
+  entropy = probabilities * negative_log_p + (1 - probabilities) * negative_log_not_p
+  soft_target = -state
+  pseudo = beta * (soft_target * negative_log_p + (1 - soft_target) * negative_log_not_p)
+  loss = jnp.where(state == 1, negative_log_p, jnp.where(state == 0, -alpha * entropy, pseudo))
+  return jnp.mean(loss)
+
+
+def asymmetric_pseudo_labels(label_state: np.ndarray, probabilities: np.ndarray,
+                             unknown_per_class: np.ndarray, num_epochs: int, warmup_epoch: int,
+                             neg_proportion: float = 0.9) -> np.ndarray:
+  """One APL pass of Zhou et al. (after each epoch >= warmup_epoch), NumPy.
+
+  For each class j, the n_j = int(neg_proportion * unknown_per_class[j] / (num_epochs -
+  warmup_epoch)) entries still unknown (0) with the lowest predicted probability get the soft
+  negative pseudo-label -p (stored negative; never revised). unknown_per_class: the count of
+  unknown entries per class at the start of training. Returns the new label state.
+  """
+  state = np.array(label_state, np.float32, copy=True)
+  for label in range(state.shape[1]):
+    count = int(neg_proportion * unknown_per_class[label] / (num_epochs - warmup_epoch))
+    candidates = np.nonzero(state[:, label] == 0)[0]
+    chosen = candidates[np.argsort(probabilities[candidates, label], kind='stable')[:count]]
+    state[chosen, label] = -probabilities[chosen, label]
+  return state
+
+
 MARGIN_PLACEMENTS = ('both', 'positives', 'negatives', 'none')
 
 
@@ -293,6 +330,8 @@ class Method:
     change with the epoch (computed on the host, passed to the jitted step as arrays).
   updates_labels: the loss returns (loss, entries to make observed positives); the observed
     labels then live in the train state (checkpointed with it) instead of the input pipeline.
+  pseudo_labels: the labels live in the train state too, and after each epoch from
+    config.warmup_epoch on, asymmetric_pseudo_labels adds pseudo-labels to them.
   label_estimator: the loss takes estimator_logits, the batch's rows of a (num_train_images,
     num_labels) parameter trained with the rest at config.role_lr_mult times the learning rate.
   """
@@ -304,6 +343,11 @@ class Method:
   schedule: Optional[Callable[..., Dict[str, int]]] = None
   updates_labels: bool = False
   label_estimator: bool = False  # ROLE: the loss takes estimator_logits, rows of a parameter
+  pseudo_labels: bool = False
+
+  @property
+  def labels_in_state(self) -> bool:
+    return self.updates_labels or self.pseudo_labels
 
 
 METHODS = {
@@ -321,6 +365,8 @@ METHODS = {
                    label_estimator=True),
     # Zhou et al. (ECCV 2022) and Ridnik et al. (ICCV 2021).
     'em': Method(head='linear', loss=entropy_maximization, hyperparameters=('alpha',)),
+    'em_apl': Method(head='linear', loss=entropy_maximization_pseudo_labels,
+                     hyperparameters=('alpha', 'beta'), pseudo_labels=True),
     'asl': Method(head='linear', loss=asymmetric_loss,
                   hyperparameters=('gamma_neg', 'gamma_pos', 'clip')),
     # Kim et al. (CVPR 2022): Large Loss Matters.

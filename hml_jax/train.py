@@ -28,8 +28,8 @@ from hml_jax import sharding
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
-  # (num_train_images, num_labels) int8, only for methods that change the observed labels
-  # (LL-Cp): they live here so that they are updated on device and checkpointed with the model.
+  # (num_train_images, num_labels) float32, only for methods that change the observed labels
+  # (LL-Cp, EM + APL): they live here so that they are checkpointed with the model.
   observed_labels: Any = None
 
 
@@ -76,10 +76,10 @@ def create_train_state(config, model, method, rng, image_shape,
       raise ValueError(f'config.loss={config.loss!r} estimates labels: pass the observed labels.')
     params['estimator'] = losses.role_estimator_init(observed_labels, jax.random.fold_in(rng, 1))
   label_state = None
-  if method.updates_labels:
+  if method.labels_in_state:
     if observed_labels is None:
       raise ValueError(f'config.loss={config.loss!r} updates the observed labels: pass them.')
-    label_state = jnp.asarray(observed_labels, jnp.int8)
+    label_state = jnp.asarray(observed_labels, jnp.float32)
   return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
                            batch_stats=variables['batch_stats'], observed_labels=label_state)
 
@@ -152,7 +152,7 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
   """One optimizer step. batch: images, labels and indices (rows of the training split);
   schedule: the loss's per-epoch keyword arguments (method.schedule), as arrays."""
   images = normalize_images(batch['images'], config)
-  if method.updates_labels:
+  if method.labels_in_state:
     labels = state.observed_labels[batch['indices']]
   else:
     labels = batch['labels']
@@ -172,7 +172,7 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
   if method.updates_labels:
     modified = parts.pop('modified_labels')
     state = state.replace(observed_labels=state.observed_labels.at[batch['indices']].max(
-        modified.astype(jnp.int8)))
+        modified.astype(jnp.float32)))
     parts['labels_modified'] = jnp.sum(modified)
   step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
   if method.head == 'cosine':
@@ -201,14 +201,32 @@ def make_step_functions(method, config, mesh, hyperparameters=None):
   return train_fn, eval_fn
 
 
-def evaluate(eval_fn, state, split, config, mesh) -> Dict[str, Any]:
-  scores, labels = [], []
+def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
+  """Scores (num_images, num_labels) of every image of a split, in order."""
+  scores = []
   for batch in input_pipeline.eval_batches(split, config.eval_batch_size):
     mask = batch.pop('mask')
     batch_scores = eval_fn(state, sharding.shard_batch(batch, mesh))
     scores.append(np.asarray(jax.device_get(batch_scores))[mask])
-    labels.append(batch['labels'][mask])
-  scores, labels = np.concatenate(scores), np.concatenate(labels)
+  return np.concatenate(scores)
+
+
+def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
+  """EM + APL after an epoch: new pseudo-labels from the predictions on the training images."""
+  if epoch < config.warmup_epoch or epoch >= config.num_epochs:
+    return state
+  probabilities = 1 / (1 + np.exp(-predict(eval_fn, state, data.train, config, mesh)))
+  unknown_per_class = np.sum(data.train.observed == 0, axis=0)
+  label_state = losses.asymmetric_pseudo_labels(
+      np.asarray(jax.device_get(state.observed_labels)), probabilities, unknown_per_class,
+      config.num_epochs, config.warmup_epoch, config.neg_proportion)
+  logging.info('Epoch %d: %d pseudo-labels.', epoch, int(np.sum(label_state < 0)))
+  return state.replace(observed_labels=jax.device_put(jnp.asarray(label_state),
+                                                      sharding.replicated(mesh)))
+
+
+def evaluate(eval_fn, state, split, config, mesh) -> Dict[str, Any]:
+  scores, labels = predict(eval_fn, state, split, config, mesh), split.labels
   per_class = metrics_lib.average_precision_per_class(scores, labels)
   return {'map': float(np.nanmean(per_class)), 'per_class_ap': per_class}
 
@@ -295,6 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                            mesh, writer, report_progress)
     history['train_seconds'] += train_summary.pop('seconds')
     history['train_images'] += train_summary.pop('images')
+    if method.pseudo_labels:
+      state = update_pseudo_labels(eval_fn, state, data, config, epoch, mesh)
     validation = evaluate(eval_fn, state, data.validation, config, mesh)
     test = evaluate(eval_fn, state, data.test, config, mesh)
     # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none.
@@ -365,7 +385,7 @@ def load_trained_state(workdir: str, which: str = 'best'):
   num_train = builder.info.splits['train'].num_examples
   num_train -= int(np.round(config.validation_fraction * num_train))
   template = create_train_state(config, model, method, jax.random.key(0), image_shape,
-                                observed_labels=np.zeros((num_train, num_labels), np.int8))
+                                observed_labels=np.zeros((num_train, num_labels), np.float32))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = (manager.restore_best(template) if which == 'best'
               else manager.restore_latest(template, None))

@@ -147,11 +147,13 @@ def test_every_linear_method_is_callable_on_logits_through_the_registry():
       continue
     kwargs = {'ls_coef': 0.1, 'expected_num_pos': 2.0, 'alpha': 0.1, 'gamma_neg': 4.0,
               'gamma_pos': 0.0, 'clip': 0.05}
-    arguments = {k: kwargs[k] for k in method.hyperparameters}
+    arguments = {k: kwargs[k] for k in method.hyperparameters if k in kwargs}
     if method.schedule is not None:
       arguments['num_modified'] = 3
     if method.label_estimator:
       arguments['estimator_logits'] = -logits
+    if method.pseudo_labels:
+      arguments['beta'] = 0.02
     value = losses.get_loss(name)(logits, labels, **arguments)
     if method.updates_labels:
       value, modified = value
@@ -259,3 +261,55 @@ def test_role_estimator_init_is_cole_et_al():
   np.testing.assert_allclose(init[labels == 1], np.log(0.995 / 0.005), rtol=1e-6)
   bound = np.log(0.6 / 0.4)
   assert np.all(np.abs(init[labels == 0]) <= bound) and init[labels == 0].std() > bound / 3
+
+
+def ref_em_apl(x, state, alpha, beta):
+  """Zhou et al.'s loss_EM_APL with exact logs: -log p, -alpha H(p), beta BCE(p; -state)."""
+  p = sigmoid(x)
+  entropy = -(p * log_p(x) + (1 - p) * log_not_p(x))
+  soft = -state
+  pseudo = beta * (soft * -log_p(x) + (1 - soft) * -log_not_p(x))
+  return np.mean(np.where(state == 1, -log_p(x), np.where(state == 0, -alpha * entropy, pseudo)))
+
+
+def test_em_apl_loss_matches_zhou_et_al():
+  logits, labels = inputs(9, saturate=True)
+  state = labels.copy()
+  state[2, 0], state[5, 6], state[6, 3] = -0.1, -0.03, -0.5  # pseudo-labels
+  value = losses.entropy_maximization_pseudo_labels(logits.astype(np.float32), state, 0.2, 0.02)
+  np.testing.assert_allclose(float(value), ref_em_apl(logits, state, 0.2, 0.02), rtol=2e-5)
+  grad = jax.grad(losses.entropy_maximization_pseudo_labels)(logits.astype(np.float32), state,
+                                                             0.2, 0.02)
+  step, expected = 1e-6, np.zeros_like(logits)
+  smooth = logits.copy()
+  for index in np.ndindex(logits.shape):
+    plus, minus = smooth.copy(), smooth.copy()
+    plus[index] += step
+    minus[index] -= step
+    expected[index] = (ref_em_apl(plus, state, 0.2, 0.02) -
+                       ref_em_apl(minus, state, 0.2, 0.02)) / (2 * step)
+  np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-3, atol=1e-6)
+  # Without pseudo-labels it is EM.
+  np.testing.assert_allclose(
+      float(losses.entropy_maximization_pseudo_labels(logits, labels, 0.2, 0.02)),
+      float(losses.entropy_maximization(logits, labels, alpha=0.2)), rtol=1e-6)
+
+
+def test_asymmetric_pseudo_labels_is_zhou_et_al():
+  rng = np.random.RandomState(10)
+  state = (rng.uniform(size=(40, 4)) < 0.2).astype(np.float32)
+  probabilities = rng.uniform(size=state.shape).astype(np.float32)
+  unknown = (state == 0).sum(0)
+  first = losses.asymmetric_pseudo_labels(state, probabilities, unknown, num_epochs=10,
+                                          warmup_epoch=5)
+  for label in range(4):
+    count = int(0.9 * unknown[label] / 5)
+    candidates = np.nonzero(state[:, label] == 0)[0]
+    lowest = candidates[np.argsort(probabilities[candidates, label])[:count]]
+    np.testing.assert_allclose(first[lowest, label], -probabilities[lowest, label])
+    assert np.sum(first[:, label] < 0) == count
+  np.testing.assert_array_equal(first[state == 1], 1)  # observed positives stay
+  # A second pass adds new ones and never revises the old.
+  second = losses.asymmetric_pseudo_labels(first, probabilities, unknown, 10, 5)
+  np.testing.assert_array_equal(second[first != 0], first[first != 0])
+  assert np.sum(second < 0) == 2 * np.sum(first < 0)

@@ -1,4 +1,3 @@
-import functools
 import json
 import os
 import signal
@@ -83,15 +82,29 @@ def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
   assert final_state(resumed) == final_state(uninterrupted)
 
 
-@pytest.mark.parametrize('loss', ['ll_cp', 'role'])
-def test_method_state_survives_resuming(tfds_dir, tmp_path, loss):
-  """LL-Cp's corrected labels and ROLE's label estimator are state: a resumed run continues from
-  the saved ones and ends where an uninterrupted run ends."""
+class Killed(Exception):
+  pass
+
+
+@pytest.mark.parametrize('loss', ['ll_cp', 'role', 'em_apl'])
+def test_method_state_survives_resuming(tfds_dir, tmp_path, monkeypatch, loss):
+  """LL-Cp's corrected labels, ROLE's label estimator and APL's pseudo-labels are state: a run
+  killed right after its epoch-2 checkpoint resumes to the same end as an uninterrupted run."""
   uninterrupted, resumed = tmp_path / 'uninterrupted', tmp_path / 'resumed'
-  config = functools.partial(tiny_config, tfds_dir, loss=loss, delta_rel=2.0)
-  train.train_and_evaluate(config(num_epochs=3), str(uninterrupted))
-  train.train_and_evaluate(config(num_epochs=2), str(resumed))
-  train.train_and_evaluate(config(num_epochs=3), str(resumed))
+  config = tiny_config(tfds_dir, loss=loss, delta_rel=2.0, warmup_epoch=1, num_epochs=3)
+  train.train_and_evaluate(config, str(uninterrupted))
+  save = checkpoints.Checkpointer.save
+
+  def save_then_die(self, epoch, *args, **kwargs):
+    save(self, epoch, *args, **kwargs)
+    if epoch == 2:
+      raise Killed()
+
+  monkeypatch.setattr(checkpoints.Checkpointer, 'save', save_then_die)
+  with pytest.raises(Killed):
+    train.train_and_evaluate(config, str(resumed))
+  monkeypatch.setattr(checkpoints.Checkpointer, 'save', save)
+  train.train_and_evaluate(config, str(resumed))
   assert read_results(resumed) == read_results(uninterrupted)
   assert final_state(resumed) == final_state(uninterrupted)
   _, _, state = train.load_trained_state(str(uninterrupted), 'latest')
@@ -99,6 +112,9 @@ def test_method_state_survives_resuming(tfds_dir, tmp_path, loss):
     observed = np.asarray(state.observed_labels)
     # Single positive labels: one per image before; LL-Cp added some from epoch 2 on.
     assert observed.sum() > observed.shape[0]
+  elif loss == 'em_apl':
+    # Pseudo-labels after epochs 1 and 2: int(0.9 * unknown / (3 - 1)) per class and pass.
+    assert np.sum(np.asarray(state.observed_labels) < 0) > 0
   else:
     estimator = np.asarray(state.params['estimator'])
     assert estimator.shape == (192, 10)
