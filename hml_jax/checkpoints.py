@@ -36,7 +36,8 @@ def config_path(workdir):
   return os.path.join(workdir, 'config.json')
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_config(workdir: str, config: ml_collections.ConfigDict,
+                 resumable_keys=RESUMABLE_KEYS) -> None:
   """Refuses a workdir whose run used an incompatible config (and changes nothing in it)."""
   path = config_path(workdir)
   has_checkpoint = os.path.isdir(os.path.join(workdir, 'checkpoints')) and any(
@@ -52,7 +53,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   differences = [f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '
                  f'{current.get(key, "<absent>")!r} now'
                  for key in sorted(set(saved) | set(current))
-                 if key not in RESUMABLE_KEYS and saved.get(key) != current.get(key)]
+                 if key not in resumable_keys and saved.get(key) != current.get(key)]
   if differences:
     raise ValueError(f'{workdir} holds a run made with a different config, so it cannot be '
                      'resumed; use another --workdir (nothing was changed). Differences:\n  ' +
@@ -60,8 +61,10 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  with open(config_path(workdir), 'w') as f:
+  path = config_path(workdir)
+  with open(path + '.tmp', 'w') as f:  # never a half-written config.json
     f.write(config.to_json(indent=2))
+  os.replace(path + '.tmp', path)
 
 
 class Checkpointer:
@@ -84,9 +87,13 @@ class Checkpointer:
                               history=ocp.args.JsonSave(history))
 
   def save(self, epoch: int, state, history, is_best: bool) -> None:
-    self.latest.save(epoch, args=self._args(state, history))
+    # Best first: a crash between the two saves then repeats this epoch on resume (and replaces
+    # its best checkpoint) instead of resuming past an epoch whose best checkpoint is missing.
     if is_best:
+      if epoch in self.best.all_steps():
+        self.best.delete(epoch)
       self.best.save(epoch, args=self._args(state, history))
+    self.latest.save(epoch, args=self._args(state, history))
 
   def _restore(self, manager, step, state):
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,

@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from hml_jax import checkpoints
 from hml_jax import host
 from hml_jax import losses
 from hml_jax import train
@@ -39,9 +40,11 @@ def run_name(method, learning_rate, batch_size, seed):
 
 
 def train_or_reuse(config, workdir):
-  """results.json of a finished run in workdir, else trains (or resumes) it."""
+  """results.json of a finished run in workdir, else trains (or resumes) it. A workdir made with
+  another config (say another label scenario under the same --workdir) is refused, not reused."""
   path = os.path.join(workdir, 'results.json')
   if os.path.exists(path):
+    checkpoints.check_config(workdir, config)
     with open(path) as f:
       results = json.load(f)
     if len(results['epochs']) == config.num_epochs:

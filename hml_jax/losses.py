@@ -150,9 +150,11 @@ def large_loss(logits: Array, observed_labels: Array, num_modified: Array,
   corrected = _negative_log_p(logits)  # target 1 (their BCE(logits, 1 - y) on y = 0)
   unobserved_loss = (1 - labels) * loss
   descending = -jnp.sort(-unobserved_loss.ravel())
+  # At most every unobserved entry can be modified (the clean rate has no floor).
+  num_modified = jnp.minimum(num_modified, jnp.sum(labels == 0))
   threshold = jnp.where(num_modified > 0,
                         descending[jnp.clip(num_modified - 1, 0, descending.size - 1)], jnp.inf)
-  keep = unobserved_loss < threshold
+  keep = (unobserved_loss < threshold) | (labels == 1)  # observed positives are never modified
   final = jnp.where(keep, loss, corrected if correct else 0.0)
   return jnp.mean(final), (~keep) & (labels == 0)
 
@@ -259,7 +261,8 @@ def asymmetric_pseudo_labels(label_state: np.ndarray, probabilities: np.ndarray,
     count = int(neg_proportion * unknown_per_class[label] / (num_epochs - warmup_epoch))
     candidates = np.nonzero(state[:, label] == 0)[0]
     chosen = candidates[np.argsort(probabilities[candidates, label], kind='stable')[:count]]
-    state[chosen, label] = -probabilities[chosen, label]
+    # Stored negative; floored so that a probability that rounded to 0 does not read as unknown.
+    state[chosen, label] = -np.maximum(probabilities[chosen, label], np.finfo(np.float32).tiny)
   return state
 
 

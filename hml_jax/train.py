@@ -43,6 +43,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer != 'adam':
     raise ValueError(f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
                      '(the paper\'s) is implemented.')
+  if jax.process_count() > 1:
+    raise ValueError('Multi-process training is not supported yet: every process would feed the '
+                     'whole batch. Run one process (all of its local devices are used).')
   num_devices = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] <= 0 or config[key] % num_devices:
@@ -112,7 +115,8 @@ def normalize_images(images, config):
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def compute_loss(method, outputs, observed_labels, params, config, hyperparameters):
+def compute_loss(method, outputs, observed_labels, params, config, hyperparameters,
+                 original_labels=None):
   """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with and,
   for cosine heads, the gradient-balance term of Eq. 6 at the current s, m. For methods that
   update the labels, parts['modified_labels'] holds the entries to make observed positives."""
@@ -121,7 +125,10 @@ def compute_loss(method, outputs, observed_labels, params, config, hyperparamete
     parts = {}
     if method.updates_labels:
       loss, parts['modified_labels'] = loss
-    parts['bce'] = losses.binary_cross_entropy(outputs, observed_labels)
+    # Against the labels as first observed (the label state may hold corrections or soft
+    # pseudo-labels), so that the logged BCE means the same for every method.
+    parts['bce'] = losses.binary_cross_entropy(
+        outputs, observed_labels if original_labels is None else original_labels)
     return loss, jax.lax.stop_gradient(parts)
   scale, margin = scale_and_margin(params, config, method)
   loss = method.loss(outputs, observed_labels, scale=scale, margin=margin, **hyperparameters)
@@ -164,7 +171,8 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
     arguments = {**hyperparameters, **schedule}
     if method.label_estimator:
       arguments['estimator_logits'] = params['estimator'][batch['indices']]
-    loss, parts = compute_loss(method, outputs, labels, params, config, arguments)
+    loss, parts = compute_loss(method, outputs, labels, params, config, arguments,
+                               original_labels=batch['labels'])
     return loss, (updates, parts)
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -215,7 +223,7 @@ def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
   """EM + APL after an epoch: new pseudo-labels from the predictions on the training images."""
   if epoch < config.warmup_epoch or epoch >= config.num_epochs:
     return state
-  probabilities = 1 / (1 + np.exp(-predict(eval_fn, state, data.train, config, mesh)))
+  probabilities = np.asarray(jax.nn.sigmoid(predict(eval_fn, state, data.train, config, mesh)))
   unknown_per_class = np.sum(data.train.observed == 0, axis=0)
   label_state = losses.asymmetric_pseudo_labels(
       np.asarray(jax.device_get(state.observed_labels)), probabilities, unknown_per_class,
@@ -269,8 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   start_time = time.time()
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  checkpoints.check_config(workdir, config)
   method = losses.get_method(config.loss)
+  # APL's pseudo-label counts depend on num_epochs, so it cannot change when resuming.
+  checkpoints.check_config(workdir, config, checkpoints.RESUMABLE_KEYS - (
+      {'num_epochs'} if method.pseudo_labels else set()))
   data = input_pipeline.load(config)
 
   mesh = sharding.create_mesh()

@@ -313,3 +313,22 @@ def test_asymmetric_pseudo_labels_is_zhou_et_al():
   second = losses.asymmetric_pseudo_labels(first, probabilities, unknown, 10, 5)
   np.testing.assert_array_equal(second[first != 0], first[first != 0])
   assert np.sum(second < 0) == 2 * np.sum(first < 0)
+
+
+def test_large_loss_never_modifies_observed_positives_even_past_every_unobserved_entry():
+  logits, labels = inputs(11)
+  unobserved = int((labels == 0).sum())
+  for correct in (False, True):
+    value, modified = losses.large_loss(logits.astype(np.float32), labels, unobserved + 7,
+                                        correct)
+    positives = -log_p(logits)
+    expected = np.where(labels == 1, positives, positives if correct else 0.0).mean()
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(modified), labels == 0)
+
+
+def test_pseudo_labels_of_zero_probability_are_not_mistaken_for_unknown():
+  state = np.zeros((5, 1), np.float32)
+  probabilities = np.zeros((5, 1), np.float32)
+  new = losses.asymmetric_pseudo_labels(state, probabilities, np.array([5]), 2, 1, 0.5)
+  assert np.sum(new < 0) == 2

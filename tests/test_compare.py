@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from hml_jax import compare, losses
 
 from helpers import tiny_config
@@ -47,3 +49,10 @@ def test_compare_cli_rejects_an_unknown_method(tfds_dir, tmp_path):
        f'--config.dataset.data_dir={tfds_dir}'], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode != 0 and "Unknown loss 'hmll'" in result.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_compare_refuses_to_reuse_a_run_made_with_another_config(tfds_dir, tmp_path):
+  compare.compare(tiny_config(tfds_dir, num_epochs=1), str(tmp_path), ['an'], seeds=1)
+  changed = tiny_config(tfds_dir, num_epochs=1, label_scenario='full')
+  with pytest.raises(ValueError, match="label_scenario: 'single_positive' in the workdir"):
+    compare.compare(changed, str(tmp_path), ['an'], seeds=1)

@@ -6,48 +6,68 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
-import json, jax, numpy as np
+import json, sys, jax, numpy as np
 from hml_jax import losses, models, sharding, train
 from configs import tiny
 config = tiny.get_config()
 config.learning_rate = 1e-2
+config.loss = sys.argv[1]
+config.delta_rel = 50.0  # LL-Cp: ceil(160 * 0.5) = 80 corrections per step
 method = losses.get_method(config.loss)
 model = models.create_model(config.model, method.head, num_labels=10)
 mesh = sharding.create_mesh()
-state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
-state = jax.device_put(state, sharding.replicated(mesh))
-train_fn, eval_fn = train.make_step_functions(method, config, mesh)
 rng = np.random.RandomState(0)
+observed = (rng.uniform(size=(40, 10)) < 0.3).astype(np.int32)
+state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
+                                 observed_labels=observed)
+state = jax.device_put(state, sharding.replicated(mesh))
+hyperparameters = train.loss_hyperparameters(method, config, observed)
+train_fn, eval_fn = train.make_step_functions(method, config, mesh, hyperparameters)
+indices = np.sort(rng.permutation(40)[:16]).astype(np.int32)
 batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
-         'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
-         'indices': np.arange(16, dtype=np.int32)}
+         'labels': observed[indices], 'indices': indices}
+schedule = method.schedule(2, 160, config) if method.schedule else {}
 losses_seen = []
 for _ in range(3):
-  state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), {})
-  losses_seen.append(float(metrics['bce']))
+  state, metrics = train_fn(state, sharding.shard_batch(batch, mesh),
+                            {k: np.asarray(v) for k, v in schedule.items()})
+  losses_seen.append(float(metrics['loss']))
 scores = eval_fn(state, sharding.shard_batch({'images': batch['images']}, mesh))
+label_state = state.observed_labels
 print(json.dumps({'devices': jax.device_count(), 'losses': losses_seen,
+                  'initial_positives': int(observed.sum()),
                   'scores': np.asarray(scores).tolist(),
+                  'labels': None if label_state is None else np.asarray(label_state).tolist(),
+                  'estimator': (np.asarray(state.params['estimator']).tolist()
+                                if 'estimator' in state.params else None),
                   'mean': float(np.asarray(state.batch_stats['backbone']['bn1']['mean']).sum())}))
 """
 
 
-def run(num_devices):
+def run(num_devices, loss):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
              PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, env=env, check=True,
+  result = subprocess.run([sys.executable, '-c', SCRIPT, loss], cwd=ROOT, env=env, check=True,
                           capture_output=True, text=True)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_one_and_two_devices_agree():
-  one, two = run(1), run(2)
+@pytest.mark.parametrize('loss', ['hml', 'll_cp', 'role'])
+def test_one_and_two_devices_agree(loss):
+  """Also for LL-Cp's label state (gathered and scattered by row) and ROLE's estimator."""
+  one, two = run(1, loss), run(2, loss)
   assert (one['devices'], two['devices']) == (1, 2)
   # Same global batch, so the same BatchNorm statistics and updates, up to reduction order.
   np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-4)
   np.testing.assert_allclose(two['mean'], one['mean'], rtol=1e-4)
   np.testing.assert_allclose(two['scores'], one['scores'], rtol=1e-3, atol=1e-3)
+  if loss == 'll_cp':
+    assert np.sum(one['labels']) > one['initial_positives']  # corrections were made
+    np.testing.assert_array_equal(two['labels'], one['labels'])
+  if loss == 'role':
+    np.testing.assert_allclose(two['estimator'], one['estimator'], rtol=1e-4, atol=1e-6)

@@ -191,3 +191,9 @@ def test_unknown_config_key_is_rejected_by_the_cli(tfds_dir, tmp_path):
   assert result.returncode != 0
   assert 'lerning_rate' in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_pseudo_label_runs_cannot_change_num_epochs_on_resume(tfds_dir, tmp_path):
+  train.train_and_evaluate(tiny_config(tfds_dir, loss='em_apl', num_epochs=1), str(tmp_path))
+  with pytest.raises(ValueError, match='num_epochs: 1 in the workdir, 2 now'):
+    train.train_and_evaluate(tiny_config(tfds_dir, loss='em_apl', num_epochs=2), str(tmp_path))
