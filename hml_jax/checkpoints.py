@@ -102,9 +102,8 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
     return flax.serialization.from_state_dict(state, restored['state']), restored['history']
 
-  def restore_latest(self, state, history):
+  def restore_latest(self, state):
     """(state, history) of the newest checkpoint, or None if there is none."""
-    del history
     step = self.latest.latest_step()
     if step is None:
       return None

@@ -23,48 +23,45 @@ def _pad(size: int):
   return ((size // 2, size // 2),) * 2
 
 
+def _add_shortcut(block, x, y):
+  """relu(y + shortcut(x)) inside a block's __call__; the shortcut is torchvision's downsample
+  (strided 1x1 convolution + BatchNorm) where the block changes the shape, else the identity."""
+  if x.shape != y.shape:
+    x = block.conv(y.shape[-1], (1, 1), (block.strides,) * 2, padding='VALID',
+                   name='downsample_conv')(x)
+    x = block.norm(name='downsample_bn')(x)
+  return nn.relu(y + x)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions (ResNet-18/34). Output channels = width."""
   width: int
   strides: int = 1
-  expansion = 1
   conv: Any = None
   norm: Any = None
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.width, (3, 3), (self.strides,) * 2, padding=_pad(3), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.width, (3, 3), padding=_pad(3), name='conv2')(y)
-    y = self.norm(name='bn2')(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.width, (1, 1), (self.strides,) * 2, padding='VALID',
-                           name='downsample_conv')(x)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(y + residual)
+    return _add_shortcut(self, x, self.norm(name='bn2')(y))
 
 
 class Bottleneck(nn.Module):
   """1x1, 3x3 (strided), 1x1 convolutions (ResNet-50/101). Output channels = 4 * width."""
   width: int
   strides: int = 1
-  expansion = 4
   conv: Any = None
   norm: Any = None
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = nn.relu(self.norm(name='bn1')(self.conv(self.width, (1, 1), name='conv1')(x)))
     y = self.conv(self.width, (3, 3), (self.strides,) * 2, padding=_pad(3), name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y))
-    y = self.norm(name='bn3')(self.conv(self.width * 4, (1, 1), name='conv3')(y))
-    if residual.shape != y.shape:
-      residual = self.conv(self.width * 4, (1, 1), (self.strides,) * 2, padding='VALID',
-                           name='downsample_conv')(x)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(y + residual)
+    return _add_shortcut(self, x, self.norm(name='bn3')(self.conv(self.width * 4, (1, 1),
+                                                                 name='conv3')(y)))
 
 
 class ResNet(nn.Module):

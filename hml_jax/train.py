@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
-  restored = manager.restore_latest(state, history)
+  restored = manager.restore_latest(state)
   if restored is None:
     checkpoints.write_config(workdir, config)
   else:
@@ -398,7 +398,7 @@ def load_trained_state(workdir: str, which: str = 'best'):
                                 observed_labels=np.zeros((num_train, num_labels), np.float32))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = (manager.restore_best(template) if which == 'best'
-              else manager.restore_latest(template, None))
+              else manager.restore_latest(template))
   if restored is None:
     raise FileNotFoundError(f'No {which} checkpoint in {workdir}.')
   return config, method, restored[0]

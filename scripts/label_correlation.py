@@ -15,8 +15,8 @@ from hml_jax.datasets import composite_digits
 
 def main(workdirs):
   for workdir in workdirs:
-    config, _, state = train.load_trained_state(workdir)
-    scale, margin = train.scale_and_margin(state.params, config)
+    config, method, state = train.load_trained_state(workdir)
+    scale, margin = train.scale_and_margin(state.params, config, method)
     embeddings = np.asarray(state.params['model']['head']['label_embeddings']).T
     correlation = np.asarray(analysis.label_correlation(embeddings, scale, margin))
     np.set_printoptions(precision=2, suppress=True, linewidth=120)
