@@ -67,6 +67,36 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   os.replace(path + '.tmp', path)
 
 
+def dataset_info_path(workdir):
+  return os.path.join(workdir, 'dataset.json')
+
+
+def write_dataset_info(workdir: str, label_names, example_shape, num_train: int) -> None:
+  """workdir/dataset.json: what a trained model needs without the data (label names for
+  predictions, the input shape and the training split's size for restoring the state)."""
+  path = dataset_info_path(workdir)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({'label_names': list(label_names), 'example_shape': list(example_shape),
+               'num_train': int(num_train)}, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def read_dataset_info(workdir: str):
+  """dataset.json of a run; runs made before it existed are read from their TFDS builder."""
+  path = dataset_info_path(workdir)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  with open(config_path(workdir)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  builder = input_pipeline.load_tfds_builder(config.dataset)
+  num_train = builder.info.splits['train'].num_examples
+  num_train -= int(round(config.validation_fraction * num_train))
+  return {'label_names': list(builder.info.metadata['label_names']),
+          'example_shape': list(builder.info.features['image'].shape), 'num_train': num_train}
+
+
 class Checkpointer:
   """Latest and best checkpoints of one run."""
 

@@ -1,29 +1,57 @@
-"""Data for training and evaluation: TFDS splits -> observed labels -> NumPy batches.
+"""Data for training and evaluation: a source -> label matrices -> Cole et al.'s protocol -> batches.
 
-The splits of the embedded dataset fit in memory, so they are read from TFDS once as NumPy arrays
-and batched on the host. That makes the data order a pure function of (seed, epoch): an epoch is
-a fresh permutation of the training images, so a resumed run sees exactly the batches an
-uninterrupted one would have seen.
+Three kinds of source (config.dataset.name):
+  - a TFDS builder: the embedded composite_digits, the paper's hml_voc2012 / hml_coco2014 /
+    hml_cub / hml_nus_wide (hml_jax/datasets/, from the original files in TFDS's manual_dir);
+  - 'folder': your own images plus CSV files (hml_jax/datasets/folder.py);
+  - 'features': precomputed features in an .npz (Cole et al.'s linear_fixed_features).
+
+Whatever the source, the protocol is the same (`apply_protocol`): observed labels are drawn for
+the whole official train split (labels.observe), then 20% of it becomes validation, scored with
+full labels like the test split.
+
+Two ways to read examples, one interface (`Split.train_batches`, `Split.eval_batches`):
+  - ArraySplit: small data held in memory (composite digits, features). The order of an epoch is
+    a fresh NumPy permutation of (seed, epoch).
+  - ImageSplit: encoded images streamed by tf.data, decoded, resized (config.image_size),
+    flipped and batched in parallel. Shuffling, file order and flips are seeded by (seed, epoch),
+    so a resumed run sees the batches an uninterrupted one would have seen.
+Images leave the pipeline as uint8 (4x less to move to the accelerator than float32) and are
+normalized with config.dataset.mean/std on the device; features leave it as float32, unchanged.
 """
 import dataclasses
 import logging
-from typing import Iterator, List
+import os
+import time
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from hml_jax import labels as labels_lib
 
+# tf.data's "let the runtime pick" value for parallelism and prefetch (tf.data.AUTOTUNE).
+AUTOTUNE = -1
 
-@dataclasses.dataclass
+
 class Split:
-  """images (N, H, W, C) uint8; labels (N, num_labels) 0/1 true labels; observed (N, num_labels)
-  the labels training may use (equal to labels outside the training split)."""
-  images: np.ndarray
+  """One split: labels (N, num_labels) 0/1 true labels; observed (N, num_labels) the labels
+  training may use (equal to labels outside the training split); example_shape, the shape of one
+  model input (H, W, C) image or (D,) feature vector."""
   labels: np.ndarray
   observed: np.ndarray
+  example_shape: Tuple[int, ...]
 
   def __len__(self):
-    return len(self.images)
+    return len(self.labels)
+
+  def train_batches(self, batch_size: int, seed: int, epoch: int, config) -> Iterator[dict]:
+    """len(self) // batch_size batches: {'images', 'labels' (observed), 'indices' (rows)}."""
+    raise NotImplementedError
+
+  def eval_batches(self, batch_size: int) -> Iterator[dict]:
+    """Every example once: {'images', 'indices' (rows), 'mask'}; the last batch is padded to
+    batch_size and 'mask' marks the real examples (evaluation never drops an example)."""
+    raise NotImplementedError
 
 
 @dataclasses.dataclass
@@ -34,77 +62,27 @@ class Data:
   label_names: List[str]
 
 
-def _load_tfds_split(builder, split: str):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-  # TFDS stores examples in hashed-key order; restore generation order.
-  order = np.argsort(arrays['index'], kind='stable')
-  return arrays['image'][order], arrays['labels'][order].astype(np.int32)
-
-
-def load_tfds_builder(dataset_config):
-  """The TFDS builder of config.dataset, prepared (generated offline if not on disk yet)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top,unused-import
-  name = dataset_config.name
-  if dataset_config.get('builder_config'):
-    name = f'{name}/{dataset_config.builder_config}'
-  try:
-    builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
-  except tfds.core.registered.DatasetNotFoundError as error:
-    raise ValueError(f'Unknown dataset {dataset_config.name!r} (config.dataset.name): '
-                     f'{error}') from None
-  builder.download_and_prepare()
-  return builder
-
-
-def load(config) -> Data:
-  """Train / validation / test splits with the protocol of Cole et al. (CVPR 2021).
-
-  1. observed labels for the whole official train split (labels.observe, config.label_seed);
-  2. validation = config.validation_fraction of the train split (config.validation_seed);
-  3. validation and test keep their true, full labels.
-  """
-  builder = load_tfds_builder(config.dataset)
-  train_images, train_labels = _load_tfds_split(builder, 'train')
-  test_images, test_labels = _load_tfds_split(builder, 'test')
-  for split, images in (('train', train_images), ('test', test_images)):
-    expected = (config.image_size, config.image_size)
-    if images.shape[1:3] != expected:
-      raise ValueError(
-          f'Images of {builder.info.full_name} split {split!r} are {images.shape[1:3]}, but '
-          f'config.image_size is {config.image_size}: set config.image_size={images.shape[1]}.')
-  channels = train_images.shape[-1]
-  for key in ('mean', 'std'):
-    if len(config.dataset[key]) not in (1, channels):
-      raise ValueError(f'config.dataset.{key} has {len(config.dataset[key])} values but the images '
-                       f'of {builder.info.full_name} have {channels} channel(s).')
-  labels_lib.check_binary(train_labels, f'{builder.info.full_name} train labels')
-  labels_lib.check_binary(test_labels, f'{builder.info.full_name} test labels')
-  observed = labels_lib.observe(train_labels, config.label_scenario, seed=config.label_seed,
-                                fraction=config.get('positive_fraction'))
-  train_indices, validation_indices = labels_lib.validation_split(
-      len(train_images), seed=config.validation_seed, fraction=config.validation_fraction)
-  label_names = list(builder.info.metadata.get('label_names')
-                     or [str(i) for i in range(train_labels.shape[1])])
-  data = Data(
-      train=Split(train_images[train_indices], train_labels[train_indices],
-                  observed[train_indices]),
-      validation=Split(train_images[validation_indices], train_labels[validation_indices],
-                       train_labels[validation_indices]),
-      test=Split(test_images, test_labels, test_labels),
-      label_names=label_names)
-  logging.info('Data %s: train %d (%.2f observed / %.2f true positives per image), validation %d, '
-               'test %d, %d labels.', builder.info.full_name, len(data.train),
-               data.train.observed.sum(1).mean(), data.train.labels.sum(1).mean(),
-               len(data.validation), len(data.test), len(label_names))
-  return data
-
-
 def num_train_steps_per_epoch(split: Split, batch_size: int) -> int:
   """Training drops the last incomplete batch (fixed shapes: one compilation)."""
   return len(split) // batch_size
 
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """One integer per (seed, epoch) for tf.data's shuffles (distinct for epochs < 1,000,003)."""
+  return seed * 1_000_003 + epoch
+
+
+def _pad_batch(batch: dict, batch_size: int) -> dict:
+  real = len(batch['indices'])
+  padded = {key: np.concatenate([value, np.zeros((batch_size - real,) + value.shape[1:],
+                                                  value.dtype)])
+            for key, value in batch.items()}
+  padded['mask'] = np.arange(batch_size) < real
+  return padded
+
+
+# ------------------------------------------------------------------------------------------------
+# In memory.
 
 def random_shift(images: np.ndarray, max_shift: int, rng: np.random.RandomState) -> np.ndarray:
   """Translates each image by up to max_shift pixels in each direction (edge pixels repeat)."""
@@ -117,30 +95,330 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.RandomState)
                    for image, (dy, dx) in zip(padded, offsets)])
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
-                  max_shift: int = 0) -> Iterator[dict]:
-  """Batches of one epoch: {'images' uint8, 'labels' observed 0/1, 'indices' their rows}.
+class ArraySplit(Split):
+  """Examples in memory: images (N, H, W, C) uint8 or features (N, D) float32."""
 
-  The permutation and the augmentation depend only on (seed, epoch), so a resumed run sees the
-  batches an uninterrupted one would have seen.
+  def __init__(self, examples: np.ndarray, labels: np.ndarray, observed: np.ndarray):
+    self.examples, self.labels, self.observed = examples, labels, observed
+    self.example_shape = tuple(examples.shape[1:])
+
+  def train_batches(self, batch_size, seed, epoch, config):
+    # The permutation and the augmentation depend only on (seed, epoch).
+    rng = np.random.RandomState([seed, epoch])
+    permutation = rng.permutation(len(self))
+    is_image = self.examples.ndim == 4
+    for step in range(num_train_steps_per_epoch(self, batch_size)):
+      indices = np.sort(permutation[step * batch_size:(step + 1) * batch_size])
+      examples = self.examples[indices]
+      if is_image:
+        examples = random_shift(examples, config.get('augment_max_shift', 0), rng)
+      yield {'images': examples, 'labels': self.observed[indices],
+             'indices': indices.astype(np.int32)}
+
+  def eval_batches(self, batch_size):
+    for start in range(0, len(self), batch_size):
+      stop = min(start + batch_size, len(self))
+      yield _pad_batch({'images': self.examples[start:stop],
+                        'indices': np.arange(start, stop, dtype=np.int32)}, batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streamed with tf.data.
+
+# records(shuffle_seed or None) -> tf.data.Dataset of {'image': encoded bytes, 'index': int64 row
+# of the official split}; shuffle_seed None means storage order.
+RecordReader = Callable[[Optional[int]], 'tf.data.Dataset']
+
+
+def decode_and_resize(encoded, image_size: int):
+  """Encoded JPEG/PNG/BMP/GIF bytes -> (image_size, image_size, 3) uint8.
+
+  Like torchvision's Resize on a PIL image, which Cole et al. use: bilinear with antialiasing,
+  rounded back to uint8 (normalization happens on the device)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+class ImageSplit(Split):
+  """Encoded images read by `records`; rows_of_index maps an official index to this split's row
+  (-1: the image belongs to another split, e.g. validation vs. train)."""
+
+  def __init__(self, records: RecordReader, rows_of_index: np.ndarray, labels: np.ndarray,
+               observed: np.ndarray, image_size: int, flip: bool, shuffle_buffer: int,
+               parallel_calls: int = AUTOTUNE, exact_shuffle: bool = False):
+    self.records, self.rows_of_index = records, rows_of_index.astype(np.int64)
+    self.labels, self.observed = labels, observed
+    self.image_size, self.flip = image_size, flip
+    self.shuffle_buffer, self.parallel_calls = shuffle_buffer, parallel_calls
+    # True when records(seed) is already a uniform permutation (a folder of files): no buffer.
+    self.exact_shuffle = exact_shuffle
+    self.example_shape = (image_size, image_size, 3)
+
+  def _rows(self, shuffle_seed):
+    """This split's records as {'image', 'row'}, for this process (one shard per process)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    rows_of_index = tf.constant(self.rows_of_index)
+    dataset = self.records(shuffle_seed).map(
+        lambda record: {'image': record['image'],
+                        'row': tf.gather(rows_of_index, record['index'])})
+    dataset = dataset.filter(lambda record: record['row'] >= 0)
+    return dataset.shard(jax.process_count(), jax.process_index())
+
+  def dataset(self, batch_size: int, seed: int, epoch: int):
+    """The tf.data pipeline of one training epoch (exposed for the throughput benchmark)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    shuffle_seed = epoch_seed(seed, epoch)
+    dataset = self._rows(shuffle_seed)
+    if not self.exact_shuffle:
+      # Files come in a seeded order; the buffer mixes examples across files. Its size bounds the
+      # memory of encoded images held (about 150 kB each for COCO).
+      dataset = dataset.shuffle(min(self.shuffle_buffer, len(self)), seed=shuffle_seed,
+                                reshuffle_each_iteration=False)
+    image_size, flip = self.image_size, self.flip
+
+    def preprocess(record):
+      image = decode_and_resize(record['image'], image_size)
+      if flip:  # seeded by (seed, epoch, row): the same flips after a resume
+        image = tf.image.stateless_random_flip_left_right(
+            image, seed=tf.stack([tf.constant(shuffle_seed, tf.int64), record['row']]))
+      return {'images': image, 'indices': tf.cast(record['row'], tf.int32)}
+
+    # Parallel, but deterministic: the batch order must not depend on thread timing.
+    dataset = dataset.map(preprocess, num_parallel_calls=self.parallel_calls, deterministic=True)
+    local_batch = batch_size // jax.process_count()
+    dataset = dataset.batch(local_batch, drop_remainder=True)
+    # Every process runs the same number of steps (shards may differ by one example).
+    dataset = dataset.take(num_train_steps_per_epoch(self, batch_size))
+    return dataset.prefetch(AUTOTUNE)
+
+  def train_batches(self, batch_size, seed, epoch, config):
+    del config  # augmentation is fixed at construction (flip)
+    for batch in self.dataset(batch_size, seed, epoch).as_numpy_iterator():
+      batch['labels'] = self.observed[batch['indices']]
+      yield batch
+
+  def eval_batches(self, batch_size):
+    image_size = self.image_size
+    dataset = self._rows(None).map(
+        lambda record: {'images': decode_and_resize(record['image'], image_size),
+                        'indices': record['row']},
+        num_parallel_calls=self.parallel_calls, deterministic=True)
+    for batch in dataset.batch(batch_size).prefetch(AUTOTUNE).as_numpy_iterator():
+      batch['indices'] = batch['indices'].astype(np.int32)
+      yield _pad_batch(batch, batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources.
+
+@dataclasses.dataclass
+class Source:
+  """What a dataset provides before the protocol: the official train and test label matrices
+  (rows in the official order) and either the examples in memory or a record reader per split."""
+  name: str
+  train_labels: np.ndarray
+  test_labels: np.ndarray
+  label_names: List[str]
+  train_examples: Optional[np.ndarray] = None   # in memory: (N, ...) by official row
+  test_examples: Optional[np.ndarray] = None
+  train_records: Optional[RecordReader] = None  # streamed
+  test_records: Optional[RecordReader] = None
+  exact_shuffle: bool = False
+  validation_labels: Optional[np.ndarray] = None  # features .npz with its own val_* split
+  validation_examples: Optional[np.ndarray] = None
+
+
+def load_tfds_builder(dataset_config):
+  """The TFDS builder of config.dataset, prepared: generated offline for the embedded dataset,
+  from the original files in config.dataset.manual_dir for the paper's datasets."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from hml_jax import datasets  # pylint: disable=g-import-not-at-top
+  datasets.register_all()
+  name = dataset_config.name
+  if dataset_config.get('builder_config'):
+    name = f'{name}/{dataset_config.builder_config}'
+  try:
+    builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise ValueError(f'Unknown dataset {dataset_config.name!r} (config.dataset.name): '
+                     f'{error}') from None
+  manual_dir = dataset_config.get('manual_dir') or None
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def _tfds_label_matrix(builder, split: str):
+  """(labels (N, L) uint8 by official index, indices check) of a TFDS split, without decoding an
+  image. Cached next to the prepared data: for COCO this pass reads every record once."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  cache = os.path.join(builder.data_dir, f'hml_labels_{split}.npy')
+  if os.path.exists(cache):
+    return np.load(cache)
+  start = time.time()
+  dataset = builder.as_dataset(split=split, shuffle_files=False,
+                               decoders={'image': tfds.decode.SkipDecoding()})
+  dataset = dataset.map(lambda x: {'labels': x['labels'], 'index': x['index']})
+  parts = list(tfds.as_numpy(dataset.batch(4096)))
+  index = np.concatenate([p['index'] for p in parts])
+  labels = np.concatenate([p['labels'] for p in parts])
+  if not np.array_equal(np.sort(index), np.arange(len(index))):
+    raise ValueError(f'{builder.info.full_name} split {split!r}: the "index" feature is not a '
+                     'permutation of 0..N-1; the prepared data is damaged. Delete '
+                     f'{builder.data_dir} and prepare it again.')
+  labels = labels[np.argsort(index)].astype(np.uint8)
+  try:
+    np.save(cache, labels)
+  except OSError:  # a read-only data_dir only costs the pass next time
+    pass
+  logging.info('Read the labels of %s %s in %.1f s.', builder.info.full_name, split,
+               time.time() - start)
+  return labels
+
+
+def _tfds_records(builder, split: str) -> RecordReader:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def records(shuffle_seed):
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+    dataset = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                                 read_config=read_config,
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+    return dataset.map(lambda x: {'image': x['image'], 'index': x['index']})
+  return records
+
+
+def tfds_source(dataset_config, in_memory: bool) -> Source:
+  builder = load_tfds_builder(dataset_config)
+  label_names = builder.info.metadata.get('label_names') if builder.info.metadata else None
+  if in_memory:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    arrays = {}
+    for split in ('train', 'test'):
+      data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+      # TFDS stores examples in hashed-key order; restore the official order.
+      order = np.argsort(data['index'], kind='stable')
+      arrays[split] = data['image'][order], data['labels'][order].astype(np.int32)
+    return Source(builder.info.full_name, arrays['train'][1], arrays['test'][1],
+                  list(label_names or range(arrays['train'][1].shape[1])),
+                  train_examples=arrays['train'][0], test_examples=arrays['test'][0])
+  train_labels = _tfds_label_matrix(builder, 'train')
+  test_labels = _tfds_label_matrix(builder, 'test')
+  return Source(builder.info.full_name, train_labels, test_labels,
+                list(label_names or range(train_labels.shape[1])),
+                train_records=_tfds_records(builder, 'train'),
+                test_records=_tfds_records(builder, 'test'))
+
+
+def load_source(config) -> Source:
+  name = config.dataset.name
+  if name == 'features':
+    from hml_jax.datasets import features  # pylint: disable=g-import-not-at-top
+    return features.load_source(config.dataset)
+  if name == 'folder':
+    from hml_jax.datasets import folder  # pylint: disable=g-import-not-at-top
+    return folder.load_source(config.dataset)
+  return tfds_source(config.dataset, in_memory=config.dataset.get('in_memory', True))
+
+
+# ------------------------------------------------------------------------------------------------
+# The protocol.
+
+def _check_source(source: Source, config):
+  labels_lib.check_binary(source.train_labels, f'{source.name} train labels')
+  labels_lib.check_binary(source.test_labels, f'{source.name} test labels')
+  if source.train_labels.shape[1] != source.test_labels.shape[1]:
+    raise ValueError(f'{source.name}: train has {source.train_labels.shape[1]} labels, test '
+                     f'{source.test_labels.shape[1]}.')
+  for split, labels in (('train', source.train_labels), ('test', source.test_labels)):
+    if not len(labels):
+      raise ValueError(f'{source.name}: the {split} split is empty.')
+  if source.train_examples is None or source.train_examples.ndim != 4:
+    return
+  for split, images in (('train', source.train_examples), ('test', source.test_examples)):
+    expected = (config.image_size, config.image_size)
+    if images.shape[1:3] != expected:
+      raise ValueError(
+          f'Images of {source.name} split {split!r} are {images.shape[1:3]}, but '
+          f'config.image_size is {config.image_size}: set config.image_size={images.shape[1]}.')
+  channels = source.train_examples.shape[-1]
+  for key in ('mean', 'std'):
+    if len(config.dataset[key]) not in (1, channels):
+      raise ValueError(f'config.dataset.{key} has {len(config.dataset[key])} values but the images '
+                       f'of {source.name} have {channels} channel(s).')
+
+
+def protocol_indices(train_labels: np.ndarray, config):
+  """Steps 2-3 of Cole et al.'s protocol on the official train split's label matrix:
+  (observed labels of the whole split, train rows, validation rows)."""
+  observed = labels_lib.observe(train_labels, config.label_scenario, seed=config.label_seed,
+                                fraction=config.get('positive_fraction'))
+  train_rows, validation_rows = labels_lib.validation_split(
+      len(train_labels), seed=config.validation_seed, fraction=config.validation_fraction)
+  return observed, train_rows, validation_rows
+
+
+def _rows_of_index(num_official: int, rows: np.ndarray) -> np.ndarray:
+  rows_of_index = np.full(num_official, -1, np.int64)
+  rows_of_index[rows] = np.arange(len(rows))
+  return rows_of_index
+
+
+def apply_protocol(source: Source, config) -> Data:
+  """Train / validation / test splits with the protocol of Cole et al. (CVPR 2021).
+
+  1. observed labels for the whole official train split (labels.observe, config.label_seed);
+  2. validation = config.validation_fraction of the train split (config.validation_seed), unless
+     the source brings its own validation split (features .npz with val_*);
+  3. validation and test keep their true, full labels.
   """
-  rng = np.random.RandomState([seed, epoch])
-  permutation = rng.permutation(len(split))
-  for step in range(num_train_steps_per_epoch(split, batch_size)):
-    indices = np.sort(permutation[step * batch_size:(step + 1) * batch_size])
-    yield {'images': random_shift(split.images[indices], max_shift, rng),
-           'labels': split.observed[indices], 'indices': indices.astype(np.int32)}
+  _check_source(source, config)
+  train_labels = source.train_labels
+  if source.validation_labels is not None:
+    observed = labels_lib.observe(train_labels, config.label_scenario, seed=config.label_seed,
+                                  fraction=config.get('positive_fraction'))
+    train_rows = np.arange(len(train_labels))
+    validation_rows = None
+  else:
+    observed, train_rows, validation_rows = protocol_indices(train_labels, config)
+
+  if source.train_examples is not None:
+    if validation_rows is None:
+      validation = ArraySplit(source.validation_examples, source.validation_labels,
+                              source.validation_labels)
+    else:
+      validation = ArraySplit(source.train_examples[validation_rows],
+                              train_labels[validation_rows], train_labels[validation_rows])
+    train = ArraySplit(source.train_examples[train_rows], train_labels[train_rows],
+                       observed[train_rows])
+    test = ArraySplit(source.test_examples, source.test_labels, source.test_labels)
+  else:
+    dataset = config.dataset
+    common = dict(image_size=config.image_size, shuffle_buffer=dataset.get('shuffle_buffer', 10000),
+                  parallel_calls=dataset.get('parallel_calls', AUTOTUNE),
+                  exact_shuffle=source.exact_shuffle)
+    num_official = len(train_labels)
+    train = ImageSplit(source.train_records, _rows_of_index(num_official, train_rows),
+                       train_labels[train_rows], observed[train_rows],
+                       flip=dataset.get('augment_flip', True), **common)
+    validation = ImageSplit(source.train_records, _rows_of_index(num_official, validation_rows),
+                            train_labels[validation_rows], train_labels[validation_rows],
+                            flip=False, **common)
+    test = ImageSplit(source.test_records, np.arange(len(source.test_labels)),
+                      source.test_labels, source.test_labels, flip=False, **common)
+  data = Data(train=train, validation=validation, test=test,
+              label_names=[str(name) for name in source.label_names])
+  logging.info('Data %s: train %d (%.2f observed / %.2f true positives per image), validation %d, '
+               'test %d, %d labels.', source.name, len(data.train),
+               data.train.observed.sum(1).mean(), data.train.labels.sum(1).mean(),
+               len(data.validation), len(data.test), len(data.label_names))
+  return data
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[dict]:
-  """Every example once, in order; the last batch is padded to batch_size and 'mask' marks the
-  real examples (evaluation never drops an example)."""
-  for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
-    real = len(images)
-    pad = batch_size - real
-    if pad:
-      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-      labels = np.concatenate([labels, np.zeros((pad,) + labels.shape[1:], labels.dtype)])
-    yield {'images': images, 'labels': labels, 'mask': np.arange(batch_size) < real}
+def load(config) -> Data:
+  """The dataset of config.dataset, split and labelled by Cole et al.'s protocol."""
+  return apply_protocol(load_source(config), config)

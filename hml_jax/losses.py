@@ -181,11 +181,15 @@ LARGE_LOSS_DEFAULT_DELTA_REL = {'ll_r': 0.5, 'll_ct': 0.2, 'll_cp': 0.1}
 
 def large_loss_schedule(name: str):
   """schedule(epoch, entries_per_batch, config) -> {'num_modified': ...} for config.loss = name;
-  config.delta_rel < 0 selects the method's default."""
+  config.delta_rel >= 0 applies to every variant; else config.delta_rel_by_method[name] when the
+  config has it (the per-dataset values of configs/voc.py etc.), else Kim et al.'s default."""
   permanent = name == 'll_cp'
 
   def schedule(epoch, entries_per_batch, config):
-    delta_rel = config.delta_rel if config.delta_rel >= 0 else LARGE_LOSS_DEFAULT_DELTA_REL[name]
+    delta_rel = config.delta_rel
+    if delta_rel < 0:
+      by_method = config.get('delta_rel_by_method') or LARGE_LOSS_DEFAULT_DELTA_REL
+      delta_rel = by_method[name]
     return {'num_modified': large_loss_num_modified(epoch, entries_per_batch, delta_rel,
                                                     permanent)}
   return schedule

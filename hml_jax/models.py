@@ -101,7 +101,18 @@ class ResNet(nn.Module):
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
+class Identity(nn.Module):
+  """No backbone (features mode): the inputs are already features, (N, D) float32."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, train: bool = False):
+    del train
+    return features.astype(jnp.float32)
+
+
 BACKBONES = {
+    'identity': Identity,
     'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock),
     'resnet34': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock),
     'resnet50': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck),

@@ -84,7 +84,7 @@ def create_train_state(config, model, method, rng, image_shape,
       raise ValueError(f'config.loss={config.loss!r} updates the observed labels: pass them.')
     label_state = jnp.asarray(observed_labels, jnp.float32)
   return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
-                           batch_stats=variables['batch_stats'], observed_labels=label_state)
+                           batch_stats=variables.get('batch_stats', {}), observed_labels=label_state)
 
 
 def scale_and_margin(params, config, method=None):
@@ -110,6 +110,10 @@ def loss_hyperparameters(method, config, train_labels) -> Dict[str, Any]:
 
 
 def normalize_images(images, config):
+  """uint8 images -> (x / 255 - mean) / std with config.dataset.mean/std; float inputs (features
+  mode) are used as they are."""
+  if images.dtype != jnp.uint8:
+    return images.astype(jnp.float32)
   mean = jnp.asarray(config.dataset.mean, jnp.float32)
   std = jnp.asarray(config.dataset.std, jnp.float32)
   return (images.astype(jnp.float32) / 255.0 - mean) / std
@@ -176,7 +180,7 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
     return loss, (updates, parts)
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
   if method.updates_labels:
     modified = parts.pop('modified_labels')
     state = state.replace(observed_labels=state.observed_labels.at[batch['indices']].max(
@@ -210,13 +214,17 @@ def make_step_functions(method, config, mesh, hyperparameters=None):
 
 
 def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
-  """Scores (num_images, num_labels) of every image of a split, in order."""
-  scores = []
-  for batch in input_pipeline.eval_batches(split, config.eval_batch_size):
-    mask = batch.pop('mask')
-    batch_scores = eval_fn(state, sharding.shard_batch(batch, mesh))
-    scores.append(np.asarray(jax.device_get(batch_scores))[mask])
-  return np.concatenate(scores)
+  """Scores (num_images, num_labels) of every image of a split, in the split's row order (a
+  streamed split may deliver its images in another order)."""
+  scores = np.full(split.labels.shape, np.nan, np.float32)
+  for batch in split.eval_batches(config.eval_batch_size):
+    mask = batch['mask']
+    batch_scores = eval_fn(state, sharding.shard_batch({'images': batch['images']}, mesh))
+    scores[batch['indices'][mask]] = np.asarray(jax.device_get(batch_scores))[mask]
+  if np.isnan(scores).any():
+    raise RuntimeError(f'Evaluation scored {int(np.sum(~np.isnan(scores[:, 0])))} of '
+                       f'{len(split)} images: the input pipeline lost some.')
+  return scores
 
 
 def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
@@ -287,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype)
   state = create_train_state(config, model, method, jax.random.key(config.seed),
-                             data.train.images.shape[1:], observed_labels=data.train.observed)
+                             data.train.example_shape, observed_labels=data.train.observed)
   state = jax.device_put(state, sharding.replicated(mesh))
 
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
@@ -295,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   restored = manager.restore_latest(state)
   if restored is None:
     checkpoints.write_config(workdir, config)
+    checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
+                                   len(data.train))
   else:
     state, history = restored
     logging.info('Resumed from epoch %d in %s.', len(history['epochs']), workdir)
@@ -363,8 +373,7 @@ def train_one_epoch(train_fn, method, state, split, config, epoch, mesh, writer,
     logging.info('Epoch %d loss schedule: %s', epoch, schedule)
   schedule = {key: jnp.asarray(value) for key, value in schedule.items()}
   step_metrics, timer_start, timed_images = [], None, 0
-  batches = input_pipeline.train_batches(split, config.batch_size, config.seed, epoch,
-                                         max_shift=config.augment_max_shift)
+  batches = split.train_batches(config.batch_size, config.seed, epoch, config)
   for index, batch in enumerate(batches):
     step = (epoch - 1) * steps_per_epoch + index + 1
     state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), schedule)
@@ -388,14 +397,12 @@ def load_trained_state(workdir: str, which: str = 'best'):
   with open(checkpoints.config_path(workdir)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   method = losses.get_method(config.loss)
-  builder = input_pipeline.load_tfds_builder(config.dataset)
-  num_labels = builder.info.features['labels'].shape[0]
-  image_shape = builder.info.features['image'].shape
+  info = checkpoints.read_dataset_info(workdir)
+  num_labels = len(info['label_names'])
   model = models.create_model(config.model, method.head, num_labels)
-  num_train = builder.info.splits['train'].num_examples
-  num_train -= int(np.round(config.validation_fraction * num_train))
-  template = create_train_state(config, model, method, jax.random.key(0), image_shape,
-                                observed_labels=np.zeros((num_train, num_labels), np.float32))
+  template = create_train_state(
+      config, model, method, jax.random.key(0), tuple(info['example_shape']),
+      observed_labels=np.zeros((info['num_train'], num_labels), np.float32))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = (manager.restore_best(template) if which == 'best'
               else manager.restore_latest(template))

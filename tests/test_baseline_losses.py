@@ -2,6 +2,7 @@
 gradients), on random inputs with a row without observed positives, an all-unknown column and
 probabilities saturated at 0 and 1."""
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -204,7 +205,7 @@ def test_large_loss_matches_kim_et_al(correct, num_modified):
 
 
 def test_large_loss_schedule():
-  config = type('Config', (), {'delta_rel': -1.0})()
+  config = ml_collections.ConfigDict({'delta_rel': -1.0})
   schedule = losses.large_loss_schedule('ll_r')
   assert schedule(1, 320, config) == {'num_modified': 0}  # epoch 1: plain AN
   assert schedule(2, 320, config) == {'num_modified': 2}  # ceil(320 * 0.005)
@@ -215,6 +216,11 @@ def test_large_loss_schedule():
   # 1 - 0.02 - 0.02 leaves 0.04000000000000004 in float64: ceil(4.000000000000004) = 5, as in
   # their code, which accumulates the clean rate the same way.
   assert schedule(3, 100, config) == {'num_modified': 5}
+  # Per-dataset values (configs/voc.py: Kim et al.'s reply) apply when delta_rel < 0.
+  config.delta_rel = -1.0
+  config.delta_rel_by_method = {'ll_r': 25.0, 'll_ct': 0.2, 'll_cp': 0.1}  # 25: exact in binary
+  assert schedule(2, 100, config) == {'num_modified': 25}
+  assert schedule(3, 100, config) == {'num_modified': 50}
 
 
 def ref_role_parts(x, y, estimator, k):

@@ -1,0 +1,36 @@
+"""Shared base of the paper's four datasets (configs/voc.py, coco.py, cub.py, nus.py).
+
+The protocol of Cole et al. (CVPR 2021), which HML follows (paper Sec. 4.1): observed labels for
+the whole official train split (seed 1200), 20% of it for validation (seed 1200), images resized
+to 448x448, random horizontal flips, ImageNet mean/std, ResNet-50, Adam, 10 epochs, the best
+epoch by validation mAP. Learning rate and batch size come from the grid {1e-2, 1e-3, 1e-4, 1e-5}
+x {8, 16} (hml_jax.compare --learning_rates --batch_sizes); the paper does not state its picks.
+"""
+from configs import default
+
+
+def get_config(dataset_name: str):
+  config = default.get_config()
+  config.dataset.name = dataset_name   # a TFDS builder in hml_jax/datasets/
+  config.dataset.builder_config = ''
+  # The extracted original files (each builder's MANUAL_DOWNLOAD_INSTRUCTIONS says which go
+  # where); '' = TFDS's default, <data_dir>/downloads/manual.
+  config.dataset.manual_dir = ''
+  config.dataset.in_memory = False     # stream JPEGs with tf.data (input_pipeline.ImageSplit)
+  config.dataset.augment_flip = True   # Cole et al.: RandomHorizontalFlip(0.5) for training
+  # Encoded images held by the shuffle buffer (files are also read in a seeded order): 10,000
+  # COCO JPEGs are about 1.6 GB of host memory.
+  config.dataset.shuffle_buffer = 10000
+  config.dataset.parallel_calls = -1   # decode + resize in parallel; -1 = tf.data.AUTOTUNE
+  config.dataset.mean = (0.485, 0.456, 0.406)  # ImageNet statistics (Cole et al.)
+  config.dataset.std = (0.229, 0.224, 0.225)
+
+  config.model = 'resnet50'            # the paper's backbone (Sec. 4.1)
+  config.image_size = 448              # Cole et al.
+  config.augment_max_shift = 0         # photos are flipped, not shifted
+  config.learning_rate = 1e-5          # from the grid; Zhou et al.'s and Kim et al.'s choice
+  config.batch_size = 8                # from the grid {8, 16}
+  config.eval_batch_size = 64
+  config.num_epochs = 10               # paper Sec. 4.1
+  config.log_every_steps = 100
+  return config

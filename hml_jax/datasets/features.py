@@ -1,0 +1,67 @@
+"""Features mode (Cole et al.'s linear_fixed_features): precomputed features in an .npz file.
+
+Keys: train_features (N, D), train_labels (N, L) 0/1, test_features (M, D), test_labels (M, L);
+optional val_features / val_labels (else 20% of train becomes validation, Cole et al.'s split);
+optional label_names (L,) strings. `python -m hml_jax.extract_features` writes such a file.
+Select it with configs/features.py and --config.dataset.path=FILE.npz.
+"""
+import os
+
+import numpy as np
+
+REQUIRED_KEYS = ('train_features', 'train_labels', 'test_features', 'test_labels')
+
+
+def _matrix(arrays, key, path, dtype):
+  value = np.asarray(arrays[key])
+  if value.ndim != 2:
+    raise ValueError(f'{path}: {key!r} must be a 2-D array (one row per example), got shape '
+                     f'{value.shape}.')
+  if dtype == np.float32 and not np.all(np.isfinite(value)):
+    row = int(np.argwhere(~np.isfinite(value))[0, 0])
+    raise ValueError(f'{path}: {key!r} has a non-finite value in row {row}.')
+  return value.astype(dtype)
+
+
+def load_source(dataset_config):
+  """The input_pipeline.Source of an .npz of features (held in memory)."""
+  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  path = dataset_config.get('path') or ''
+  if not path:
+    raise ValueError("config.dataset.path is empty: features mode needs an .npz file "
+                     "(--config.dataset.path=FILE.npz).")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'Features file {path} (config.dataset.path) does not exist.')
+  try:
+    arrays = dict(np.load(path, allow_pickle=False))
+  except (ValueError, OSError) as error:
+    raise ValueError(f'{path} is not a readable .npz file: {error}') from None
+  missing = [key for key in REQUIRED_KEYS if key not in arrays]
+  has_validation = 'val_features' in arrays or 'val_labels' in arrays
+  if has_validation and not ('val_features' in arrays and 'val_labels' in arrays):
+    missing.append('val_labels' if 'val_features' in arrays else 'val_features')
+  if missing:
+    raise ValueError(f'{path} lacks {missing}; it has {sorted(arrays)}. Expected '
+                     f'{list(REQUIRED_KEYS)} and optionally val_features, val_labels, label_names.')
+  splits = ('train', 'test') + (('val',) if has_validation else ())
+  features = {split: _matrix(arrays, f'{split}_features', path, np.float32) for split in splits}
+  labels = {split: _matrix(arrays, f'{split}_labels', path, np.int32) for split in splits}
+  dimensions = {f.shape[1] for f in features.values()}
+  num_labels = {l.shape[1] for l in labels.values()}
+  if len(dimensions) > 1 or len(num_labels) > 1:
+    raise ValueError(f'{path}: the splits disagree on the feature dimension {sorted(dimensions)} '
+                     f'or the number of labels {sorted(num_labels)}.')
+  for split in splits:
+    if len(features[split]) != len(labels[split]):
+      raise ValueError(f'{path}: {split}_features has {len(features[split])} rows but '
+                       f'{split}_labels has {len(labels[split])}.')
+  label_names = [str(n) for n in arrays['label_names']] if 'label_names' in arrays else [
+      str(i) for i in range(labels['train'].shape[1])]
+  if len(label_names) != labels['train'].shape[1]:
+    raise ValueError(f'{path}: {len(label_names)} label_names for {labels["train"].shape[1]} '
+                     'labels.')
+  return input_pipeline.Source(
+      name=path, train_labels=labels['train'], test_labels=labels['test'],
+      label_names=label_names, train_examples=features['train'],
+      test_examples=features['test'],
+      validation_labels=labels.get('val'), validation_examples=features.get('val'))

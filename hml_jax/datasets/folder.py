@@ -1,0 +1,176 @@
+"""Your own images: a folder plus CSV files, no dataset class to write.
+
+  DIR/train.csv   header `filename,labels`; one image per row, its labels separated by spaces
+                  or '|' (an empty labels field: no positive label); filenames relative to DIR
+  DIR/test.csv    the same for the test split; without it, config.dataset.test_fraction of
+                  train.csv's rows (seeded by config.dataset.test_seed) become the test split
+  DIR/...         the images (JPEG, PNG, GIF or BMP)
+
+Label names are the sorted set of names in both files; they are saved with the run
+(workdir/dataset.json) so that predictions come back with names. Every image is checked when the
+dataset loads (a fast reduced-size decode): a corrupt one is named, or skipped and counted with
+config.dataset.skip_corrupt=True.
+"""
+from concurrent import futures
+import csv
+import logging
+import os
+import re
+from typing import List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+SUPPORTED_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')  # what tf.io.decode_image reads
+LABEL_SEPARATOR = re.compile(r'[|\s]+')
+
+
+def read_csv(path: str) -> Tuple[List[str], List[List[str]]]:
+  """(filenames, label lists) of a `filename,labels` CSV, with errors naming file and line."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: a folder dataset needs train.csv (and '
+                            'optionally test.csv) with the header "filename,labels".')
+  with open(path, newline='', encoding='utf-8') as f:
+    rows = list(csv.reader(f))
+  if not rows or [cell.strip().lower() for cell in rows[0]] != ['filename', 'labels']:
+    found = rows[0] if rows else 'an empty file'
+    raise ValueError(f'{path} line 1 must be the header "filename,labels", found {found}.')
+  filenames, labels = [], []
+  for line_number, row in enumerate(rows[1:], start=2):
+    if not row or not ''.join(row).strip():
+      continue
+    if len(row) != 2:
+      raise ValueError(
+          f'{path} line {line_number} has {len(row)} columns ({row}); expected 2, '
+          '"filename,labels", with the labels separated by spaces or "|" (not commas: quote the '
+          'field or use another separator).')
+    filename, label_field = row[0].strip(), row[1].strip()
+    if not filename:
+      raise ValueError(f'{path} line {line_number} has an empty filename.')
+    filenames.append(filename)
+    labels.append([name for name in LABEL_SEPARATOR.split(label_field) if name])
+  if not filenames:
+    raise ValueError(f'{path} has no rows after its header: the split is empty.')
+  return filenames, labels
+
+
+def check_image(path: str) -> Optional[str]:
+  """None if the image at path decodes, else why not. JPEGs decode at reduced size (draft), so
+  this costs a fraction of a full decode."""
+  try:
+    with Image.open(path) as image:
+      if image.format not in SUPPORTED_FORMATS:
+        return f'format {image.format} is not one of {SUPPORTED_FORMATS}'
+      image.draft('RGB', (64, 64))
+      image.load()
+  except FileNotFoundError:
+    return 'file not found'
+  except Exception as error:  # pylint: disable=broad-except  (PIL raises many kinds)
+    return f'cannot be decoded ({type(error).__name__}: {error})'
+  return None
+
+
+def _check_images(root, filenames, csv_path, skip_corrupt, parallelism=16):
+  paths = [os.path.join(root, name) for name in filenames]
+  missing = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(p)]
+  if missing:
+    shown = ', '.join(p for _, p in missing[:5])
+    raise FileNotFoundError(f'{len(missing)} image(s) listed in {csv_path} do not exist: '
+                            f'{shown}{" ..." if len(missing) > 5 else ""}')
+  with futures.ThreadPoolExecutor(parallelism) as pool:
+    problems = list(pool.map(check_image, paths))
+  bad = [(i, paths[i], problem) for i, problem in enumerate(problems) if problem]
+  if bad and not skip_corrupt:
+    shown = '; '.join(f'{p}: {problem}' for _, p, problem in bad[:5])
+    raise ValueError(f'{len(bad)} corrupt image(s) in {csv_path}: {shown}. Fix or remove them, '
+                     'or set config.dataset.skip_corrupt=True to skip them.')
+  if bad:
+    logging.warning('Skipped %d corrupt image(s) of %s (config.dataset.skip_corrupt): %s',
+                    len(bad), csv_path, ', '.join(p for _, p, _ in bad[:10]))
+  keep = np.ones(len(paths), bool)
+  keep[[i for i, _, _ in bad]] = False
+  return keep, len(bad)
+
+
+def label_matrix(label_lists, label_names) -> np.ndarray:
+  column = {name: j for j, name in enumerate(label_names)}
+  matrix = np.zeros((len(label_lists), len(label_names)), np.int32)
+  for i, names in enumerate(label_lists):
+    matrix[i, [column[name] for name in names]] = 1
+  return matrix
+
+
+def read_folder(dataset_config):
+  """{'train'/'test': (paths, label lists)}, label names, and the number of skipped images."""
+  root = dataset_config.get('path') or ''
+  if not root:
+    raise ValueError('config.dataset.path is empty: a folder dataset needs the folder holding '
+                     'train.csv (--config.dataset.path=DIR).')
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'Dataset folder {root} (config.dataset.path) does not exist.')
+  skip_corrupt = dataset_config.get('skip_corrupt', False)
+  splits = {}
+  train_csv = os.path.join(root, 'train.csv')
+  test_csv = os.path.join(root, 'test.csv')
+  filenames, labels = read_csv(train_csv)
+  if os.path.exists(test_csv):
+    splits['train'] = (train_csv, filenames, labels)
+    splits['test'] = (test_csv,) + read_csv(test_csv)
+  else:
+    fraction = dataset_config.get('test_fraction', 0.2)
+    permutation = np.random.RandomState(dataset_config.get('test_seed', 0)).permutation(
+        len(filenames))
+    num_test = int(np.round(fraction * len(filenames)))
+    if not 0 < num_test < len(filenames):
+      raise ValueError(f'{train_csv} has {len(filenames)} rows; a test fraction of {fraction} '
+                       '(config.dataset.test_fraction) leaves an empty split. Add test.csv.')
+    test_rows, train_rows = np.sort(permutation[:num_test]), np.sort(permutation[num_test:])
+    splits['train'] = (train_csv, [filenames[i] for i in train_rows],
+                       [labels[i] for i in train_rows])
+    splits['test'] = (train_csv + ' (held-out test rows)', [filenames[i] for i in test_rows],
+                      [labels[i] for i in test_rows])
+  label_names = sorted({name for _, _, lists in splits.values() for names in lists
+                        for name in names})
+  if not label_names:
+    raise ValueError(f'{train_csv}: no image has a label.')
+  result, skipped = {}, 0
+  for split, (csv_path, names, lists) in splits.items():
+    keep, num_bad = _check_images(root, names, csv_path, skip_corrupt)
+    skipped += num_bad
+    paths = [os.path.join(root, n) for n, k in zip(names, keep) if k]
+    lists = [l for l, k in zip(lists, keep) if k]
+    if not paths:
+      raise ValueError(f'The {split} split of {csv_path} is empty after skipping corrupt images.')
+    result[split] = (paths, lists)
+  return result, label_names, skipped
+
+
+def load_source(dataset_config):
+  """The input_pipeline.Source of a folder dataset (images streamed by tf.data)."""
+  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  splits, label_names, skipped = read_folder(dataset_config)
+
+  def reader(paths):
+    paths = np.asarray(paths)
+
+    def records(shuffle_seed):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      order = np.arange(len(paths))
+      if shuffle_seed is not None:  # a list of files can be permuted exactly, like in memory
+        order = np.random.RandomState(shuffle_seed % 2**32).permutation(len(paths))
+      dataset = tf.data.Dataset.from_tensor_slices({'path': paths[order],
+                                                    'index': order.astype(np.int64)})
+      return dataset.map(lambda x: {'image': tf.io.read_file(x['path']), 'index': x['index']},
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records
+
+  if skipped:
+    logging.warning('Folder dataset %s: %d corrupt image(s) skipped in all.',
+                    dataset_config.path, skipped)
+  return input_pipeline.Source(
+      name=f'folder {dataset_config.path}',
+      train_labels=label_matrix(splits['train'][1], label_names),
+      test_labels=label_matrix(splits['test'][1], label_names),
+      label_names=label_names,
+      train_records=reader(splits['train'][0]), test_records=reader(splits['test'][0]),
+      exact_shuffle=True)

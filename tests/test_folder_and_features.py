@@ -1,0 +1,233 @@
+"""Your own images (folder + CSV) and features mode (.npz): labels, protocol, errors, training."""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import features as features_config
+from configs import folder as folder_config
+from hml_jax import input_pipeline
+from hml_jax import labels as labels_lib
+from hml_jax import train
+from tests.helpers import read_results
+
+NAMES = ('cat', 'dog', 'car', 'tree')
+
+
+def write_folder(root, num_train=24, num_test=8, seed=0, test_csv=True, separator=' '):
+  """Images of random sizes and formats plus train.csv / test.csv; returns the label lists."""
+  rng = np.random.RandomState(seed)
+  os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+  written = {}
+  for split, count in (('train', num_train), ('test', num_test)):
+    rows = []
+    for i in range(count):
+      size = (int(rng.randint(20, 60)), int(rng.randint(20, 60)))
+      mode, extension = [('RGB', 'jpg'), ('L', 'jpg'), ('RGB', 'png')][i % 3]
+      pixels = rng.randint(0, 256, size + ((3,) if mode == 'RGB' else ()), dtype=np.uint8)
+      filename = f'images/{split}_{i}.{extension}'
+      Image.fromarray(pixels, mode).save(os.path.join(root, filename))
+      labels = [name for name in NAMES if rng.rand() < 0.4] or [NAMES[i % len(NAMES)]]
+      rows.append((filename, labels))
+    written[split] = rows
+  splits = ('train', 'test') if test_csv else ('train',)
+  for split in splits:
+    rows = written[split] if test_csv else written['train'] + written['test']
+    with open(os.path.join(root, f'{split}.csv'), 'w') as f:
+      f.write('filename,labels\n')
+      for filename, labels in rows:
+        f.write(f'{filename},{separator.join(labels)}\n')
+  return written
+
+
+def tiny_image_config(path, **overrides):
+  config = folder_config.get_config()
+  config.dataset.path = str(path)
+  config.model, config.image_size = 'resnet_tiny', 32
+  config.batch_size, config.eval_batch_size, config.num_epochs = 4, 8, 1
+  config.log_every_steps = 2
+  config.dataset.shuffle_buffer = 16
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_folder_labels_and_protocol_match_numpy(tmp_path):
+  written = write_folder(tmp_path, separator='|')
+  config = tiny_image_config(tmp_path)
+  data = input_pipeline.load(config)
+  names = sorted({n for rows in written.values() for _, labels in rows for n in labels})
+  assert data.label_names == names
+  full = np.array([[n in labels for n in names] for _, labels in written['train']], np.int32)
+  observed = labels_lib.observe(full, 'single_positive', seed=1200)
+  # Cole et al.'s split, transcribed: RandomState(1200).permutation, round(0.2 n) to validation.
+  perm = np.random.RandomState(1200).permutation(len(full))
+  num_validation = int(np.round(0.2 * len(full)))
+  train_rows, validation_rows = np.sort(perm[:-num_validation]), np.sort(perm[-num_validation:])
+  np.testing.assert_array_equal(data.train.labels, full[train_rows])
+  np.testing.assert_array_equal(data.train.observed, observed[train_rows])
+  np.testing.assert_array_equal(data.validation.labels, full[validation_rows])
+  np.testing.assert_array_equal(data.validation.observed, full[validation_rows])
+  assert len(data.test) == 8
+
+  # The streamed epoch: every training image at most once, observed labels attached to the
+  # right row, deterministic for (seed, epoch), a new order for the next epoch.
+  batches = list(data.train.train_batches(4, seed=0, epoch=1, config=config))
+  assert len(batches) == len(data.train) // 4
+  rows = np.concatenate([b['indices'] for b in batches])
+  assert len(set(rows)) == len(rows)
+  for batch in batches:
+    assert batch['images'].shape == (4, 32, 32, 3) and batch['images'].dtype == np.uint8
+    np.testing.assert_array_equal(batch['labels'], data.train.observed[batch['indices']])
+  again = list(data.train.train_batches(4, seed=0, epoch=1, config=config))
+  for first, second in zip(batches, again):
+    np.testing.assert_array_equal(first['images'], second['images'])
+  other = np.concatenate([b['indices'] for b in data.train.train_batches(4, 0, 2, config)])
+  assert not np.array_equal(rows, other)
+
+  # Evaluation: every image once, padded, the image of row r is image r of the split.
+  evaluated = list(data.test.eval_batches(3))
+  assert sum(b['mask'].sum() for b in evaluated) == 8
+  first = evaluated[0]
+  path = os.path.join(tmp_path, written['test'][int(first['indices'][0])][0])
+  expected = np.asarray(input_pipeline.decode_and_resize(open(path, 'rb').read(), 32))
+  np.testing.assert_array_equal(first['images'][0], expected)
+
+
+def test_folder_without_test_csv_holds_out_a_seeded_test_split(tmp_path):
+  write_folder(tmp_path, test_csv=False)
+  data = input_pipeline.load(tiny_image_config(tmp_path))
+  assert len(data.test) == int(np.round(0.2 * 32))
+  assert len(data.train) + len(data.validation) == 32 - len(data.test)
+
+
+def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
+  write_folder(tmp_path / 'data')
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_image_config(tmp_path / 'data'), str(workdir))
+  results = read_results(workdir)
+  assert len(results['epochs']) == 1 and 0.0 <= results['test_map'] <= 100.0
+  with open(workdir / 'dataset.json') as f:
+    info = json.load(f)
+  assert info['label_names'] == sorted(NAMES) and info['example_shape'] == [32, 32, 3]
+  assert set(results['per_class_ap']) == set(NAMES)
+  _, _, state = train.load_trained_state(str(workdir))
+  assert state.step == results['epochs'][-1]['step']
+
+
+@pytest.mark.parametrize('problem', ['missing_csv', 'missing_image', 'bad_header', 'commas',
+                                     'empty', 'corrupt'])
+def test_folder_errors_name_the_file(tmp_path, problem):
+  write_folder(tmp_path)
+  train_csv = tmp_path / 'train.csv'
+  expected = {'missing_csv': 'train.csv does not exist', 'missing_image': 'train_3.jpg',
+              'bad_header': 'line 1 must be the header', 'commas': 'line 2 has 4 columns',
+              'empty': 'no rows after its header', 'corrupt': 'train_0.jpg'}[problem]
+  if problem == 'missing_csv':
+    os.remove(train_csv)
+  elif problem == 'missing_image':
+    os.remove(tmp_path / 'images' / 'train_3.jpg')
+  elif problem == 'bad_header':
+    train_csv.write_text('file;labels\n' + train_csv.read_text().split('\n', 1)[1])
+  elif problem == 'commas':
+    train_csv.write_text('filename,labels\nimages/train_0.jpg,cat,dog,car\n')
+  elif problem == 'empty':
+    train_csv.write_text('filename,labels\n')
+  elif problem == 'corrupt':
+    (tmp_path / 'images' / 'train_0.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg at all')
+  with pytest.raises((ValueError, FileNotFoundError), match=expected):
+    input_pipeline.load(tiny_image_config(tmp_path))
+
+
+def test_folder_skip_corrupt_skips_and_counts(tmp_path, caplog):
+  write_folder(tmp_path)
+  (tmp_path / 'images' / 'train_0.jpg').write_bytes(b'garbage')
+  # A truncated JPEG (header intact) must be caught too.
+  good = (tmp_path / 'images' / 'train_3.jpg').read_bytes()
+  (tmp_path / 'images' / 'train_3.jpg').write_bytes(good[:len(good) // 3])
+  config = tiny_image_config(tmp_path)
+  config.dataset.skip_corrupt = True
+  with caplog.at_level('WARNING'):
+    data = input_pipeline.load(config)
+  assert len(data.train) + len(data.validation) == 22
+  assert 'Skipped 2 corrupt image(s)' in caplog.text
+
+
+def write_features(path, num_train=400, num_test=200, dimensions=32, num_labels=5, seed=0,
+                   validation=False):
+  """Features where each label is a direction: learnable, so training must beat chance."""
+  rng = np.random.RandomState(seed)
+  directions = rng.randn(num_labels, dimensions)
+  arrays = {}
+  splits = (('train', num_train), ('test', num_test)) + ((('val', 100),) if validation else ())
+  for split, count in splits:
+    labels = (rng.rand(count, num_labels) < 0.3).astype(np.int32)
+    labels[np.arange(count), rng.randint(0, num_labels, count)] = 1
+    arrays[f'{split}_features'] = (labels @ directions + 0.3 * rng.randn(count, dimensions)
+                                   ).astype(np.float32)
+    arrays[f'{split}_labels'] = labels
+  arrays['label_names'] = np.array([f'label{j}' for j in range(num_labels)])
+  np.savez(path, **arrays)
+  return arrays
+
+
+def features_config_for(path, **overrides):
+  config = features_config.get_config()
+  config.dataset.path = str(path)
+  config.num_epochs = 5
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.parametrize('loss', ['hml', 'an', 'role', 'll_cp'])
+def test_features_mode_trains_from_npz(tmp_path, loss):
+  arrays = write_features(tmp_path / 'features.npz')
+  workdir = tmp_path / loss
+  results = train.train_and_evaluate(features_config_for(tmp_path / 'features.npz', loss=loss),
+                                     str(workdir))
+  assert results['test_map'] > 85.0, results['test_map']  # chance is about 40
+  assert list(results['per_class_ap']) == [str(n) for n in arrays['label_names']]
+
+
+def test_features_mode_protocol_and_own_validation(tmp_path):
+  arrays = write_features(tmp_path / 'a.npz')
+  data = input_pipeline.load(features_config_for(tmp_path / 'a.npz'))
+  train_rows, validation_rows = labels_lib.validation_split(400, 1200, 0.2)
+  np.testing.assert_array_equal(data.train.labels, arrays['train_labels'][train_rows])
+  np.testing.assert_array_equal(
+      data.train.observed,
+      labels_lib.observe(arrays['train_labels'], 'single_positive', 1200)[train_rows])
+  np.testing.assert_array_equal(data.validation.labels, arrays['train_labels'][validation_rows])
+  arrays = write_features(tmp_path / 'b.npz', validation=True)
+  data = input_pipeline.load(features_config_for(tmp_path / 'b.npz'))
+  assert len(data.train) == 400 and len(data.validation) == 100
+  np.testing.assert_array_equal(data.validation.labels, arrays['val_labels'])
+
+
+@pytest.mark.parametrize('problem, expected', [
+    ('no_path', 'config.dataset.path is empty'),
+    ('missing', 'does not exist'),
+    ('missing_key', "lacks \\['test_labels'\\]"),
+    ('rows', 'train_features has 400 rows but train_labels has 399'),
+    ('nan', "'train_features' has a non-finite value in row 7"),
+    ('labels', 'only 0 and 1'),
+])
+def test_features_errors(tmp_path, problem, expected):
+  path = tmp_path / 'f.npz'
+  arrays = write_features(path)
+  if problem == 'missing_key':
+    arrays.pop('test_labels')
+  elif problem == 'rows':
+    arrays['train_labels'] = arrays['train_labels'][:-1]
+  elif problem == 'nan':
+    arrays['train_features'][7, 3] = np.nan
+  elif problem == 'labels':
+    arrays['test_labels'][2, 1] = 2
+  np.savez(path, **arrays)
+  config = features_config_for('' if problem == 'no_path' else
+                               tmp_path / 'nope.npz' if problem == 'missing' else path)
+  with pytest.raises((ValueError, FileNotFoundError), match=expected):
+    input_pipeline.load(config)
