@@ -8,9 +8,12 @@ import pytest
 
 from configs import features as features_config
 from configs import folder as folder_config
+from hml_jax import extract_features
 from hml_jax import input_pipeline
 from hml_jax import labels as labels_lib
 from hml_jax import train
+from hml_jax.datasets import folder
+from hml_jax.datasets import stats
 from tests.helpers import read_results
 
 NAMES = ('cat', 'dog', 'car', 'tree')
@@ -115,6 +118,29 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
   assert set(results['per_class_ap']) == set(NAMES)
   _, _, state = train.load_trained_state(str(workdir))
   assert state.step == results['epochs'][-1]['step']
+
+  # Its backbone's features of the official splits, in official order, train a head.
+  arrays = extract_features.extract_to_file(str(workdir), str(tmp_path / 'features.npz'))
+  assert arrays['train_features'].shape == (24, 16) and arrays['test_features'].shape == (8, 16)
+  assert np.all(np.isfinite(arrays['train_features']))
+  written = {split: [labels for _, labels in rows]
+             for split, rows in write_folder(tmp_path / 'again').items()}
+  np.testing.assert_array_equal(arrays['train_labels'],
+                                folder.label_matrix(written['train'], sorted(NAMES)))
+  head = train.train_and_evaluate(
+      features_config_for(tmp_path / 'features.npz', num_epochs=1, batch_size=4), str(tmp_path / 'head'))
+  assert set(head['per_class_ap']) == set(NAMES)
+
+
+def test_stats_prints_the_table_1_row(tmp_path):
+  written = write_folder(tmp_path)
+  config = tiny_image_config(tmp_path)
+  row = stats.table_row(input_pipeline.load_source(config), config)
+  assert (row['labels'], row['train'], row['test']) == (4, 24, 8)
+  assert row['positives_train'] == pytest.approx(
+      np.mean([len(labels) for _, labels in written['train']]))
+  assert (row['train_split'], row['validation_split']) == (19, 5)
+  assert '| 4 | 24 | 8 |' in stats.format_row(row)
 
 
 @pytest.mark.parametrize('problem', ['missing_csv', 'missing_image', 'bad_header', 'commas',

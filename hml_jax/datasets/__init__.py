@@ -7,11 +7,6 @@ BUILDER_MODULES = ('composite_digits', 'voc2012', 'coco2014', 'cub', 'nus_wide')
 
 
 def register_all() -> None:
-  """Imports every builder module, so that tfds.builder(name) finds it. A module that is not
-  there yet is skipped (each is independent)."""
+  """Imports every builder module, so that tfds.builder(name) finds it."""
   for module in BUILDER_MODULES:
-    try:
-      importlib.import_module(f'{__name__}.{module}')
-    except ModuleNotFoundError as error:
-      if error.name != f'{__name__}.{module}':
-        raise
+    importlib.import_module(f'{__name__}.{module}')

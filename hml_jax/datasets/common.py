@@ -1,0 +1,75 @@
+"""Helpers shared by the paper-dataset builders (voc2012, coco2014, cub, nus_wide): the feature
+spec, image reading and error messages."""
+import io
+import os
+from typing import Callable, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+
+def features(num_labels: int) -> tfds.features.FeaturesDict:
+  """The feature spec every paper-dataset builder uses."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+      'labels': tfds.features.Tensor(shape=(num_labels,), dtype=np.uint8),
+      'index': tfds.features.Scalar(dtype=np.int64),
+      'filename': tfds.features.Text(),
+  })
+
+
+def check_split(split: str) -> None:
+  if split not in ('train', 'test'):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def require_path(path: str, builder_name: str, instructions: str) -> str:
+  """Returns path; raises FileNotFoundError naming it and the instructions if it does not exist."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{builder_name}: expected {path}, which does not exist. Place the dataset in the '
+        f'manual_dir as its MANUAL_DOWNLOAD_INSTRUCTIONS say:\n{instructions}')
+  return path
+
+
+def line_error(path: str, line_number: int, line: str, expected: str) -> ValueError:
+  """The error for a malformed line of a label file (line numbers count from 1)."""
+  return ValueError(f'{path}, line {line_number}: expected {expected}, got {line.rstrip()!r}')
+
+
+def read_image(path: str) -> bytes:
+  """The image file at path as 3-channel JPEG bytes.
+
+  A 3-channel JPEG is returned unchanged (after checking that it decodes); anything else PIL can
+  open (grayscale or CMYK JPEGs, other formats) is converted to RGB and encoded as JPEG (quality
+  95), as Cole et al.'s loader does with `Image.open(path).convert('RGB')`. Raises ValueError
+  naming the path when the file is missing or cannot be decoded.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as error:
+    raise ValueError(f'Cannot read image {path}: {error}') from error
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      if image.format == 'JPEG' and image.mode == 'RGB':
+        # Decode at 1/8 scale: still reads the whole entropy-coded stream, so a truncated or
+        # corrupt file fails here rather than at training time, but skips most of the work.
+        image.draft('RGB', (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+        return data
+      rgb = image.convert('RGB')
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    raise ValueError(f'Cannot decode image {path}: {error}') from error
+  buffer = io.BytesIO()
+  rgb.save(buffer, format='JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def generate_examples(filenames: Sequence[str], labels: np.ndarray,
+                      resolve: Callable[[str], str]) -> Iterator[Tuple[int, dict]]:
+  """Yields (index, example) in row order; resolve maps a stored filename to the file to read."""
+  for index, (filename, row) in enumerate(zip(filenames, labels)):
+    yield index, {'image': read_image(resolve(filename)), 'labels': row, 'index': index,
+                  'filename': filename}

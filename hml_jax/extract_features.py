@@ -1,0 +1,109 @@
+"""Backbone features of a dataset's official train and test splits, for features mode.
+
+  python -m hml_jax.extract_features --workdir=RUN --output=features.npz [--which=best]
+
+RUN is a training workdir: its config.json names the dataset and its best (or latest)
+checkpoint gives the backbone. The .npz holds train_features / train_labels (the official train
+split in its official order, so features mode applies Cole et al.'s protocol to the same rows),
+test_features / test_labels and label_names: what configs/features.py reads. Images are resized
+as for evaluation, without flips. --config.dataset.* overrides (e.g. manual_dir) go through
+--dataset_override=key=value.
+"""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from hml_jax import host
+from hml_jax import input_pipeline
+from hml_jax import sharding
+from hml_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir whose backbone extracts the features.')
+flags.DEFINE_string('output', None, 'Path of the .npz to write.')
+flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint of the workdir.')
+flags.DEFINE_integer('batch_size', 64, 'Images per forward pass (a multiple of the devices).')
+flags.DEFINE_list('dataset_override', [], 'config.dataset entries to change, key=value (e.g. '
+                  'data_dir=/data/tfds,manual_dir=/data/voc).')
+flags.mark_flags_as_required(['workdir', 'output'])
+
+
+def official_splits(source, config):
+  """(train, test) Splits holding the source's official splits whole, in official order."""
+  if source.train_examples is not None:
+    return (input_pipeline.ArraySplit(source.train_examples, source.train_labels,
+                                      source.train_labels),
+            input_pipeline.ArraySplit(source.test_examples, source.test_labels,
+                                      source.test_labels))
+  common = dict(image_size=config.image_size, flip=False, shuffle_buffer=1,
+                parallel_calls=config.dataset.get('parallel_calls', input_pipeline.AUTOTUNE))
+  return tuple(
+      input_pipeline.ImageSplit(records, np.arange(len(labels)), labels, labels, **common)
+      for records, labels in ((source.train_records, source.train_labels),
+                              (source.test_records, source.test_labels)))
+
+
+def extract(state, config, split, batch_size, mesh) -> np.ndarray:
+  """Backbone outputs (num_images, dimensions) of every image of split, in its row order."""
+
+  def backbone_step(state, batch):
+    images = train.normalize_images(batch['images'], config)
+    return state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
+                          images, train=False,
+                          method=lambda model, x, train: model.backbone(x, train=train))
+
+  step = jax.jit(backbone_step, in_shardings=(sharding.replicated(mesh),
+                                               sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))
+  features = None
+  for batch in split.eval_batches(batch_size):
+    mask = batch['mask']
+    output = np.asarray(jax.device_get(step(state, sharding.shard_batch(
+        {'images': batch['images']}, mesh))))
+    if features is None:
+      features = np.zeros((len(split), output.shape[1]), np.float32)
+    features[batch['indices'][mask]] = output[mask]
+  return features
+
+
+def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overrides=()):
+  config, _, state = train.load_trained_state(workdir, which)
+  config.unlock()
+  for override in dataset_overrides:
+    key, _, value = override.partition('=')
+    if key not in config.dataset:
+      raise ValueError(f'--dataset_override {override!r}: config.dataset has no key {key!r}; it '
+                       f'has {sorted(config.dataset)}.')
+    config.dataset[key] = value
+  source = input_pipeline.load_source(config)
+  mesh = sharding.create_mesh()
+  state = jax.device_put(state, sharding.replicated(mesh))
+  arrays = {'label_names': np.array(source.label_names, dtype=str)}
+  for name, split in zip(('train', 'test'), official_splits(source, config)):
+    arrays[f'{name}_features'] = extract(state, config, split, batch_size, mesh)
+    arrays[f'{name}_labels'] = split.labels.astype(np.uint8)
+    logging.info('%s: %s features from %s.', name, arrays[f'{name}_features'].shape, source.name)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  temporary = output + '.tmp.npz'
+  np.savez(temporary, **arrays)
+  os.replace(temporary, output)
+  return arrays
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host.setup()
+  extract_to_file(FLAGS.workdir, FLAGS.output, FLAGS.which, FLAGS.batch_size,
+                  FLAGS.dataset_override)
+  print(f'Wrote {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
