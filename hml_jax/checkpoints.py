@@ -17,8 +17,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 # Keys that may change when a run is resumed: they do not change what has been computed.
+# Where the data lives and how many threads read it are not part of what is computed either.
 RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_keep',
-                            'eval_batch_size', 'dataset.data_dir'})
+                            'eval_batch_size', 'dataset.data_dir', 'dataset.manual_dir',
+                            'dataset.parallel_calls'})
 
 
 def flatten(tree, prefix=''):

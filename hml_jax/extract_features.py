@@ -25,13 +25,18 @@ from hml_jax import sharding
 from hml_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir whose backbone extracts the features.')
-flags.DEFINE_string('output', None, 'Path of the .npz to write.')
-flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint of the workdir.')
-flags.DEFINE_integer('batch_size', 64, 'Images per forward pass (a multiple of the devices).')
-flags.DEFINE_list('dataset_override', [], 'config.dataset entries to change, key=value (e.g. '
-                  'data_dir=/data/tfds,manual_dir=/data/voc).')
-flags.mark_flags_as_required(['workdir', 'output'])
+
+
+def define_flags():
+  """Command-line flags, defined only when this module runs as a program (so that importing it
+  next to another tool's flags does not clash)."""
+  flags.DEFINE_string('workdir', None, 'Training workdir whose backbone extracts the features.')
+  flags.DEFINE_string('output', None, 'Path of the .npz to write.')
+  flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint of the workdir.')
+  flags.DEFINE_integer('batch_size', 64, 'Images per forward pass (a multiple of the devices).')
+  flags.DEFINE_list('dataset_override', [], 'config.dataset entries to change, key=value (e.g. '
+                    'data_dir=/data/tfds,manual_dir=/data/voc).')
+  flags.mark_flags_as_required(['workdir', 'output'])
 
 
 def official_splits(source, config):
@@ -106,4 +111,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -322,6 +322,9 @@ def load_source(config) -> Source:
   if name == 'folder':
     from hml_jax.datasets import folder  # pylint: disable=g-import-not-at-top
     return folder.load_source(config.dataset)
+  if name in ('voc/2012', 'coco/2014'):  # TFDS's catalog, already prepared by the user
+    from hml_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
+    return catalog.load_source(config.dataset)
   return tfds_source(config.dataset, in_memory=config.dataset.get('in_memory', True))
 
 

@@ -1,6 +1,8 @@
 """Your own images (folder + CSV) and features mode (.npz): labels, protocol, errors, training."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -17,6 +19,8 @@ from hml_jax.datasets import stats
 from tests.helpers import read_results
 
 NAMES = ('cat', 'dog', 'car', 'tree')
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI_ENV = {**os.environ, 'PYTHONPATH': PROJECT_ROOT, 'JAX_PLATFORMS': 'cpu'}
 
 
 def write_folder(root, num_train=24, num_test=8, seed=0, test_csv=True, separator=' '):
@@ -128,8 +132,17 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
   np.testing.assert_array_equal(arrays['train_labels'],
                                 folder.label_matrix(written['train'], sorted(NAMES)))
   head = train.train_and_evaluate(
-      features_config_for(tmp_path / 'features.npz', num_epochs=1, batch_size=4), str(tmp_path / 'head'))
+      features_config_for(tmp_path / 'features.npz', num_epochs=1, batch_size=4),
+      str(tmp_path / 'head'))
   assert set(head['per_class_ap']) == set(NAMES)
+
+  # The same through the command line.
+  command = [sys.executable, '-m', 'hml_jax.extract_features', f'--workdir={workdir}',
+             f'--output={tmp_path / "cli.npz"}', '--which=latest']
+  subprocess.run(command, check=True, capture_output=True, env=CLI_ENV, cwd=PROJECT_ROOT)
+  with np.load(tmp_path / 'cli.npz') as cli:
+    np.testing.assert_array_equal(cli['train_labels'], arrays['train_labels'])
+    assert cli['test_features'].shape == (8, 16)
 
 
 def test_stats_prints_the_table_1_row(tmp_path):
@@ -141,6 +154,11 @@ def test_stats_prints_the_table_1_row(tmp_path):
       np.mean([len(labels) for _, labels in written['train']]))
   assert (row['train_split'], row['validation_split']) == (19, 5)
   assert '| 4 | 24 | 8 |' in stats.format_row(row)
+  output = subprocess.run(
+      [sys.executable, '-m', 'hml_jax.datasets.stats', '--config=configs/folder.py',
+       f'--config.dataset.path={tmp_path}'], check=True, capture_output=True, text=True,
+      env=CLI_ENV, cwd=PROJECT_ROOT).stdout
+  assert '| 4 | 24 | 8 |' in output
 
 
 @pytest.mark.parametrize('problem', ['missing_csv', 'missing_image', 'bad_header', 'commas',

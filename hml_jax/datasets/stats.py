@@ -18,8 +18,12 @@ from hml_jax import host
 from hml_jax import input_pipeline
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
-flags.mark_flags_as_required(['config'])
+
+
+def define_flags():
+  """Defined only when this module runs as a program (no clash with other tools' flags)."""
+  config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
+  flags.mark_flags_as_required(['config'])
 
 
 def table_row(source, config):
@@ -55,4 +59,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
