@@ -130,13 +130,13 @@ class ArraySplit(Split):
 RecordReader = Callable[[Optional[int]], 'tf.data.Dataset']
 
 
-def decode_and_resize(encoded, image_size: int):
-  """Encoded JPEG/PNG/BMP/GIF bytes -> (image_size, image_size, 3) uint8.
+def decode_and_resize(encoded, image_size: int, channels: int = 3):
+  """Encoded JPEG/PNG/BMP/GIF bytes -> (image_size, image_size, channels) uint8.
 
   Like torchvision's Resize on a PIL image, which Cole et al. use: bilinear with antialiasing,
   rounded back to uint8 (normalization happens on the device)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
   image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 

@@ -2,6 +2,9 @@
 
 Flags and config only; the work is in train.py. Override any config key on the command line,
 e.g. --config.loss=an --config.label_scenario=full.
+
+  --mode=eval --workdir=DIR [--split=test] [--checkpoint=best]: every metric of a trained run
+  (hml_jax/evaluate.py), printed and written to DIR/eval_<split>.json; the config comes from DIR.
 """
 import os
 
@@ -13,21 +16,34 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hml_jax import evaluate
 from hml_jax import host
 from hml_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and '
                     'results.json. Running again with the same workdir resumes the run.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+config_flags.DEFINE_config_file('config', None, 'Training configuration file (train mode).',
                                 lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (or resume) a run, or evaluate '
+                  'the checkpoint of a finished one.')
+flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval mode: the split.')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'eval mode: which checkpoint.')
+flags.DEFINE_float('threshold', 0.5, 'eval mode: probability threshold of CP/CR/CF1/OP/OR/OF1.')
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   host.setup()
+  if FLAGS.mode == 'eval':
+    results = evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
+                                        FLAGS.threshold)
+    print(evaluate.format_results(results))
+    return
+  if FLAGS.config is None:
+    raise app.UsageError('--config is required to train (e.g. --config=configs/default.py).')
   logging.info('JAX %s: %d process(es), devices %s', jax.__version__, jax.process_count(),
                jax.devices())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

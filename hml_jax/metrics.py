@@ -46,3 +46,53 @@ def mean_average_precision(scores, labels) -> float:
   if np.all(np.isnan(ap)):
     raise ValueError('mAP is undefined: no class has a positive example.')
   return float(np.nanmean(ap))
+
+
+def threshold_metrics(probabilities, labels, threshold: float = 0.5) -> dict:
+  """Per-class (C) and overall (O) precision, recall and F1 of predictions p >= threshold, as
+  multi-label papers report them (e.g. ML-GCN, Chen et al. CVPR 2019).
+
+  CP, CR: means over classes of each class's precision and recall; CF1 = 2 CP CR / (CP + CR).
+  OP, OR: precision and recall of all (image, label) decisions pooled; OF1 likewise.
+  A class that is never predicted has precision 0, one with no positive has recall 0 (sklearn's
+  zero_division=0). All values in [0, 1].
+  """
+  probabilities = np.asarray(probabilities, np.float64)
+  labels = np.asarray(labels)
+  if probabilities.shape != labels.shape or probabilities.ndim != 2:
+    raise ValueError(f'probabilities {probabilities.shape} and labels {labels.shape} must both '
+                     'be (num_examples, num_labels).')
+  predicted = probabilities >= threshold
+  positive = labels == 1
+  true_positives = np.sum(predicted & positive, axis=0).astype(np.float64)
+  num_predicted = np.sum(predicted, axis=0)
+  num_positive = np.sum(positive, axis=0)
+  per_class_precision = np.divide(true_positives, num_predicted, out=np.zeros_like(true_positives),
+                                  where=num_predicted > 0)
+  per_class_recall = np.divide(true_positives, num_positive, out=np.zeros_like(true_positives),
+                               where=num_positive > 0)
+
+  def f1(precision, recall):
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+  cp, cr = float(per_class_precision.mean()), float(per_class_recall.mean())
+  op = float(true_positives.sum() / max(num_predicted.sum(), 1))
+  o_r = float(true_positives.sum() / max(num_positive.sum(), 1))
+  return {'CP': cp, 'CR': cr, 'CF1': f1(cp, cr), 'OP': op, 'OR': o_r, 'OF1': f1(op, o_r),
+          'threshold': float(threshold)}
+
+
+def top_k_metrics(scores, labels, k: int) -> dict:
+  """precision@k: mean over images of (true labels among the k highest scores) / k;
+  recall@k: mean over images with at least one positive of that count / their positives."""
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels)
+  if not 1 <= k <= scores.shape[1]:
+    raise ValueError(f'k={k} must be between 1 and the number of labels, {scores.shape[1]}.')
+  top = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  hits = np.take_along_axis(labels == 1, top, axis=1).sum(axis=1)
+  num_positive = labels.sum(axis=1)
+  has_positive = num_positive > 0
+  return {f'precision@{k}': float(np.mean(hits / k)),
+          f'recall@{k}': float(np.mean(hits[has_positive] / num_positive[has_positive]))
+                         if has_positive.any() else float('nan')}

@@ -35,3 +35,34 @@ def test_bad_inputs_are_named():
     metrics.mean_average_precision(np.zeros((2, 3)), np.zeros((2, 2)))
   with pytest.raises(ValueError, match='no class has a positive'):
     metrics.mean_average_precision(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_threshold_metrics_match_sklearn(seed):
+  from sklearn.metrics import precision_score, recall_score
+  rng = np.random.RandomState(seed)
+  labels = (rng.uniform(size=(300, 7)) < 0.3).astype(np.int32)
+  labels[:, 6] = 0  # a class without positives: recall 0
+  probabilities = rng.uniform(size=labels.shape)
+  probabilities[:, 5] = 0.1  # a class never predicted: precision 0
+  got = metrics.threshold_metrics(probabilities, labels, threshold=0.5)
+  predicted = (probabilities >= 0.5).astype(np.int32)
+  cp = precision_score(labels, predicted, average='macro', zero_division=0)
+  cr = recall_score(labels, predicted, average='macro', zero_division=0)
+  op = precision_score(labels, predicted, average='micro', zero_division=0)
+  o_r = recall_score(labels, predicted, average='micro', zero_division=0)
+  np.testing.assert_allclose([got['CP'], got['CR'], got['OP'], got['OR']], [cp, cr, op, o_r],
+                             rtol=1e-12)
+  np.testing.assert_allclose(got['CF1'], 2 * cp * cr / (cp + cr), rtol=1e-12)
+  np.testing.assert_allclose(got['OF1'], 2 * op * o_r / (op + o_r), rtol=1e-12)
+
+
+def test_top_k_metrics_by_hand():
+  scores = np.array([[0.9, 0.8, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4], [0.5, 0.4, 0.3, 0.2]])
+  labels = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+  got = metrics.top_k_metrics(scores, labels, k=2)
+  # Image 0: top-2 = {0, 1}, 1 hit of 2 positives; image 1: {3, 2}, 1 hit of 1; image 2: 0 hits.
+  assert got['precision@2'] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
+  assert got['recall@2'] == pytest.approx((1 / 2 + 1) / 2)  # image 2 has no positive
+  with pytest.raises(ValueError, match='k=5'):
+    metrics.top_k_metrics(scores, labels, k=5)

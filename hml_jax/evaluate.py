@@ -1,0 +1,71 @@
+"""Evaluate a trained checkpoint: `python -m hml_jax.main --mode=eval --workdir=DIR --split=test`.
+
+mAP and per-class AP (the paper's metric), CP/CR/CF1 and OP/OR/OF1 at a probability threshold,
+precision@k and recall@k. Written to DIR/eval_<split>.json and printed as tables.
+"""
+import json
+import os
+from typing import Dict, Sequence
+
+import jax
+import numpy as np
+
+from hml_jax import input_pipeline
+from hml_jax import metrics as metrics_lib
+from hml_jax import sharding
+from hml_jax import train
+
+SPLITS = ('train', 'validation', 'test')
+
+
+def evaluate_workdir(workdir: str, split: str = 'test', which: str = 'best',
+                     threshold: float = 0.5, ks: Sequence[int] = (1, 3, 5)) -> Dict:
+  """Every metric of one split, scored with the full (true) labels, for the best or latest
+  checkpoint of workdir; also writes workdir/eval_<split>.json."""
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r}; choose one of {list(SPLITS)}.')
+  config, method, state = train.load_trained_state(workdir, which)
+  data = input_pipeline.load(config)
+  mesh = sharding.create_mesh()
+  state = jax.device_put(state, sharding.replicated(mesh))
+  _, eval_fn = train.make_step_functions(method, config, mesh)
+  evaluated = getattr(data, split)
+  scores = train.predict(eval_fn, state, evaluated, config, mesh)
+  labels = evaluated.labels
+  probabilities = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
+  per_class = metrics_lib.average_precision_per_class(scores, labels)
+  results = {
+      'workdir': workdir, 'checkpoint': which, 'step': int(jax.device_get(state.step)),
+      'split': split, 'num_images': int(len(labels)),
+      'map': float(np.nanmean(per_class)) * 100.0,
+      'per_class_ap': {name: None if np.isnan(ap) else float(ap) * 100.0
+                       for name, ap in zip(data.label_names, per_class)},
+      **{key: value * 100.0 if key != 'threshold' else value
+         for key, value in metrics_lib.threshold_metrics(probabilities, labels,
+                                                         threshold).items()},
+  }
+  for k in ks:
+    if k <= labels.shape[1]:
+      results.update({key: value * 100.0
+                      for key, value in metrics_lib.top_k_metrics(scores, labels, k).items()})
+  path = os.path.join(workdir, f'eval_{split}.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(results, f, indent=2)
+  os.replace(path + '.tmp', path)
+  return results
+
+
+def format_results(results: Dict) -> str:
+  """Markdown: the summary line, the threshold and top-k metrics, the per-class AP table."""
+  lines = [f"{results['workdir']} ({results['checkpoint']} checkpoint, step {results['step']}), "
+           f"{results['split']} split, {results['num_images']} images: "
+           f"mAP {results['map']:.2f}", '']
+  summary = ['CP', 'CR', 'CF1', 'OP', 'OR', 'OF1'] + sorted(
+      key for key in results if '@' in key)
+  lines += ['| ' + ' | '.join(summary) + ' |', '|' + '---|' * len(summary),
+            '| ' + ' | '.join(f'{results[key]:.2f}' for key in summary) + ' |', '',
+            f"(CP ... OF1 at probability >= {results['threshold']})", '',
+            '| label | AP |', '|---|---|']
+  lines += [f'| {name} | ' + ('—' if ap is None else f'{ap:.2f}') + ' |'
+            for name, ap in results['per_class_ap'].items()]
+  return '\n'.join(lines)
