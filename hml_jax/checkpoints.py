@@ -73,14 +73,30 @@ def dataset_info_path(workdir):
   return os.path.join(workdir, 'dataset.json')
 
 
-def write_dataset_info(workdir: str, label_names, example_shape, num_train: int) -> None:
+def write_dataset_info(workdir: str, label_names, example_shape, num_train: int,
+                       fingerprint: str = '') -> None:
   """workdir/dataset.json: what a trained model needs without the data (label names for
-  predictions, the input shape and the training split's size for restoring the state)."""
+  predictions, the input shape and the training split's size for restoring the state), and a
+  fingerprint of the labels that resuming checks."""
   path = dataset_info_path(workdir)
   with open(path + '.tmp', 'w') as f:
     json.dump({'label_names': list(label_names), 'example_shape': list(example_shape),
-               'num_train': int(num_train)}, f, indent=2)
+               'num_train': int(num_train), 'fingerprint': fingerprint}, f, indent=2)
   os.replace(path + '.tmp', path)
+
+
+def check_dataset(workdir: str, fingerprint: str) -> None:
+  """Refuses to resume on other data (an edited CSV, another prepared dataset) than the run
+  started with: the rows would silently change meaning."""
+  path = dataset_info_path(workdir)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get('fingerprint')
+  if saved and saved != fingerprint:
+    raise ValueError(f'The data differs from the data {workdir} was trained on (label '
+                     f'fingerprint {fingerprint[:12]} now, {saved[:12]} in {path}), so the run '
+                     'cannot be resumed; restore that data or use another --workdir.')
 
 
 def read_dataset_info(workdir: str):

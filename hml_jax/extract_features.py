@@ -3,7 +3,8 @@
   python -m hml_jax.extract_features --workdir=RUN --output=features.npz [--which=best]
 
 RUN is a training workdir: its config.json names the dataset and its best (or latest)
-checkpoint gives the backbone. The .npz holds train_features / train_labels (the official train
+checkpoint gives the backbone. (Features of ImageNet-pretrained weights: train a run with
+config.init_from pointing at them, or extract from any workdir of such a run.) The .npz holds train_features / train_labels (the official train
 split in its official order, so features mode applies Cole et al.'s protocol to the same rows),
 test_features / test_labels and label_names: what configs/features.py reads. Images are resized
 as for evaluation, without flips. --config.dataset.* overrides (e.g. manual_dir) go through
@@ -85,6 +86,13 @@ def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overri
     if key not in config.dataset:
       raise ValueError(f'--dataset_override {override!r}: config.dataset has no key {key!r}; it '
                        f'has {sorted(config.dataset)}.')
+    current = config.dataset[key]
+    if isinstance(current, bool):
+      if value.lower() not in ('true', 'false'):
+        raise ValueError(f'--dataset_override {override!r}: {key} takes true or false.')
+      value = value.lower() == 'true'
+    elif isinstance(current, (int, float)):
+      value = type(current)(value)
     config.dataset[key] = value
   source = input_pipeline.load_source(config)
   mesh = sharding.create_mesh()

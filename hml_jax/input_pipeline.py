@@ -232,6 +232,10 @@ class Source:
   validation_examples: Optional[np.ndarray] = None
 
 
+# The TFDS builders of hml_jax/datasets: prepared offline (generated or from manual_dir files).
+OUR_BUILDERS = ('composite_digits', 'hml_voc2012', 'hml_coco2014', 'hml_cub', 'hml_nus_wide')
+
+
 def load_tfds_builder(dataset_config):
   """The TFDS builder of config.dataset, prepared: generated offline for the embedded dataset,
   from the original files in config.dataset.manual_dir for the paper's datasets."""
@@ -241,11 +245,12 @@ def load_tfds_builder(dataset_config):
   name = dataset_config.name
   if dataset_config.get('builder_config'):
     name = f'{name}/{dataset_config.builder_config}'
-  try:
-    builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
-  except tfds.core.registered.DatasetNotFoundError as error:
-    raise ValueError(f'Unknown dataset {dataset_config.name!r} (config.dataset.name): '
-                     f'{error}') from None
+  if dataset_config.name not in OUR_BUILDERS:
+    # Anything else would be a TFDS catalog name, which download_and_prepare would download.
+    raise ValueError(
+        f'Unknown dataset {dataset_config.name!r} (config.dataset.name); choose one of '
+        f"{sorted(OUR_BUILDERS) + ['folder', 'features', 'voc/2012', 'coco/2014']}.")
+  builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
   manual_dir = dataset_config.get('manual_dir') or None
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   builder.download_and_prepare(download_config=download_config)
@@ -257,8 +262,11 @@ def _tfds_label_matrix(builder, split: str):
   image. Cached next to the prepared data: for COCO this pass reads every record once."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   cache = os.path.join(builder.data_dir, f'hml_labels_{split}.npy')
+  num_examples = builder.info.splits[split].num_examples
   if os.path.exists(cache):
-    return np.load(cache)
+    labels = np.load(cache)
+    if len(labels) == num_examples:
+      return labels
   start = time.time()
   dataset = builder.as_dataset(split=split, shuffle_files=False,
                                decoders={'image': tfds.decode.SkipDecoding()})
@@ -272,7 +280,9 @@ def _tfds_label_matrix(builder, split: str):
                      f'{builder.data_dir} and prepare it again.')
   labels = labels[np.argsort(index)].astype(np.uint8)
   try:
-    np.save(cache, labels)
+    with open(cache + '.tmp', 'wb') as f:  # never a half-written cache
+      np.save(f, labels)
+    os.replace(cache + '.tmp', cache)
   except OSError:  # a read-only data_dir only costs the pass next time
     pass
   logging.info('Read the labels of %s %s in %.1f s.', builder.info.full_name, split,
@@ -420,6 +430,17 @@ def apply_protocol(source: Source, config) -> Data:
                data.train.observed.sum(1).mean(), data.train.labels.sum(1).mean(),
                len(data.validation), len(data.test), len(data.label_names))
   return data
+
+
+def fingerprint(data: Data) -> str:
+  """SHA-256 of the label names and every split's labels and observed labels (in row order)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256('\n'.join(data.label_names).encode())
+  for split in (data.train, data.validation, data.test):
+    for matrix in (split.labels, split.observed):
+      digest.update(np.ascontiguousarray(matrix, np.int8).tobytes())
+      digest.update(str(matrix.shape).encode())
+  return digest.hexdigest()
 
 
 def load(config) -> Data:

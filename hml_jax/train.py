@@ -65,11 +65,27 @@ def create_optimizer(config) -> optax.GradientTransformation:
       lambda params: {key: key for key in params})
 
 
+def with_pretrained_backbone(variables, model, init_from: str, image_shape):
+  """variables with the backbone's parameters and BatchNorm statistics replaced by the weights
+  named by config.init_from ('torchvision:/path/resnet50.safetensors'; hml_jax/pretrained.py).
+  The head keeps its fresh initialization (the 1000-class fc layer is dropped)."""
+  from hml_jax import pretrained  # pylint: disable=g-import-not-at-top
+  loaded = pretrained.init_variables_from(init_from, model.backbone, (1,) + tuple(image_shape))
+  variables = flax.core.unfreeze(variables)
+  variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
+  variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
+                                                                loaded['batch_stats'])
+  logging.info('Backbone initialized from %s.', init_from)
+  return variables
+
+
 def create_train_state(config, model, method, rng, image_shape,
                        observed_labels=None) -> TrainState:
   """observed_labels: the training split's observed labels, needed by methods that update or
   estimate them."""
   variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
+  if config.get('init_from'):
+    variables = with_pretrained_backbone(variables, model, config.init_from, image_shape)
   params = {'model': variables['params']}
   if method.learns_scale_and_margin:
     params['scale_margin'] = {'scale': jnp.float32(config.scale),
@@ -119,11 +135,22 @@ def normalize_images(images, config):
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def gradient_pulls(logits, observed_labels):
+  """(positive, negative): the BCE gradient magnitudes w.r.t. the logits summed over the batch's
+  observed positives, sum (1 - p), and over all other entries, sum p (paper Fig. 3)."""
+  probabilities = jax.nn.sigmoid(logits)
+  positive = (observed_labels > 0.5).astype(jnp.float32)
+  return (jnp.sum(positive * (1.0 - probabilities)),
+          jnp.sum((1.0 - positive) * probabilities))
+
+
 def compute_loss(method, outputs, observed_labels, params, config, hyperparameters,
                  original_labels=None):
-  """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with and,
-  for cosine heads, the gradient-balance term of Eq. 6 at the current s, m. For methods that
-  update the labels, parts['modified_labels'] holds the entries to make observed positives."""
+  """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with, the
+  accumulated positive and negative gradient (gradient_pulls) and, for cosine heads, the
+  gradient-balance term of Eq. 6 at the current s, m. For methods that update the labels,
+  parts['modified_labels'] holds the entries to make observed positives."""
+  labels_as_observed = observed_labels if original_labels is None else original_labels
   if method.head == 'linear':
     loss = method.loss(outputs, observed_labels, **hyperparameters)
     parts = {}
@@ -131,8 +158,9 @@ def compute_loss(method, outputs, observed_labels, params, config, hyperparamete
       loss, parts['modified_labels'] = loss
     # Against the labels as first observed (the label state may hold corrections or soft
     # pseudo-labels), so that the logged BCE means the same for every method.
-    parts['bce'] = losses.binary_cross_entropy(
-        outputs, observed_labels if original_labels is None else original_labels)
+    parts['bce'] = losses.binary_cross_entropy(outputs, labels_as_observed)
+    parts['positive_gradient'], parts['negative_gradient'] = gradient_pulls(
+        outputs, labels_as_observed)
     return loss, jax.lax.stop_gradient(parts)
   scale, margin = scale_and_margin(params, config, method)
   loss = method.loss(outputs, observed_labels, scale=scale, margin=margin, **hyperparameters)
@@ -141,6 +169,10 @@ def compute_loss(method, outputs, observed_labels, params, config, hyperparamete
   parts = {'bce': losses.hml_fixed(outputs, observed_labels, scale, margin, margin_on),
            'gradient_balance': losses.adaptive_loss(outputs, observed_labels, scale, margin,
                                                     margin_on)}
+  margin_logits = heads.margin_logits(
+      outputs, scale, losses.entry_margins(labels_as_observed, margin, margin_on))
+  parts['positive_gradient'], parts['negative_gradient'] = gradient_pulls(
+      margin_logits, labels_as_observed)
   return loss, jax.lax.stop_gradient(parts)
 
 
@@ -216,14 +248,18 @@ def make_step_functions(method, config, mesh, hyperparameters=None):
 def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
   """Scores (num_images, num_labels) of every image of a split, in the split's row order (a
   streamed split may deliver its images in another order)."""
-  scores = np.full(split.labels.shape, np.nan, np.float32)
+  scores = np.zeros(split.labels.shape, np.float32)
+  times_scored = np.zeros(len(split), np.int64)
   for batch in split.eval_batches(config.eval_batch_size):
     mask = batch['mask']
     batch_scores = eval_fn(state, sharding.shard_batch({'images': batch['images']}, mesh))
-    scores[batch['indices'][mask]] = np.asarray(jax.device_get(batch_scores))[mask]
-  if np.isnan(scores).any():
-    raise RuntimeError(f'Evaluation scored {int(np.sum(~np.isnan(scores[:, 0])))} of '
-                       f'{len(split)} images: the input pipeline lost some.')
+    rows = batch['indices'][mask]
+    scores[rows] = np.asarray(jax.device_get(batch_scores))[mask]
+    np.add.at(times_scored, rows, 1)
+  if np.any(times_scored != 1):
+    raise RuntimeError(f'The input pipeline delivered {int(np.sum(times_scored == 0))} of '
+                       f'{len(split)} images never and {int(np.sum(times_scored > 1))} more than '
+                       'once for evaluation.')
   return scores
 
 
@@ -301,11 +337,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = manager.restore_latest(state)
+  data_fingerprint = input_pipeline.fingerprint(data)
   if restored is None:
     checkpoints.write_config(workdir, config)
     checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
-                                   len(data.train))
+                                   len(data.train), data_fingerprint)
   else:
+    checkpoints.check_dataset(workdir, data_fingerprint)
     state, history = restored
     logging.info('Resumed from epoch %d in %s.', len(history['epochs']), workdir)
   first_epoch = len(history['epochs']) + 1
@@ -343,6 +381,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                      if method.head == 'cosine' else (None, None))
     record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
               'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
+              # Summed over the epoch's steps: paper Fig. 3's accumulated gradients.
+              'positive_gradient': train_summary['positive_gradient'] * steps_per_epoch,
+              'negative_gradient': train_summary['negative_gradient'] * steps_per_epoch,
               'val_map': _as_percent(validation['map']), 'test_map': _as_percent(test['map']),
               'scale': scale, 'margin': margin,
               'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]}
@@ -400,8 +441,12 @@ def load_trained_state(workdir: str, which: str = 'best'):
   info = checkpoints.read_dataset_info(workdir)
   num_labels = len(info['label_names'])
   model = models.create_model(config.model, method.head, num_labels)
+  # The template only gives shapes: the checkpoint replaces every value, so pretrained weights
+  # (which may have moved since) are not read.
+  template_config = ml_collections.ConfigDict(config.to_dict())
+  template_config.init_from = ''
   template = create_train_state(
-      config, model, method, jax.random.key(0), tuple(info['example_shape']),
+      template_config, model, method, jax.random.key(0), tuple(info['example_shape']),
       observed_labels=np.zeros((info['num_train'], num_labels), np.float32))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = (manager.restore_best(template) if which == 'best'

@@ -162,13 +162,18 @@ def test_stats_prints_the_table_1_row(tmp_path):
 
 
 @pytest.mark.parametrize('problem', ['missing_csv', 'missing_image', 'bad_header', 'commas',
-                                     'empty', 'corrupt'])
+                                     'empty', 'corrupt', 'semicolons', 'vector', 'duplicate',
+                                     'leak', 'one_bit_bmp'])
 def test_folder_errors_name_the_file(tmp_path, problem):
   write_folder(tmp_path)
   train_csv = tmp_path / 'train.csv'
   expected = {'missing_csv': 'train.csv does not exist', 'missing_image': 'train_3.jpg',
               'bad_header': 'line 1 must be the header', 'commas': 'line 2 has 4 columns',
-              'empty': 'no rows after its header', 'corrupt': 'train_0.jpg'}[problem]
+              'empty': 'no rows after its header', 'corrupt': 'train_0.jpg',
+              'semicolons': 'train.csv line 3: labels field', 'vector': 'looks like a 0/1 vector',
+              'duplicate': 'lists images/train_0.jpg twice', 'leak': 'in both',
+              'one_bit_bmp': 'train_1.bmp'}[problem]
+  rows = train_csv.read_text().split('\n')
   if problem == 'missing_csv':
     os.remove(train_csv)
   elif problem == 'missing_image':
@@ -181,8 +186,51 @@ def test_folder_errors_name_the_file(tmp_path, problem):
     train_csv.write_text('filename,labels\n')
   elif problem == 'corrupt':
     (tmp_path / 'images' / 'train_0.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg at all')
+  elif problem == 'semicolons':
+    rows[2] = rows[2].split(',')[0] + ',cat;dog'
+    train_csv.write_text('\n'.join(rows))
+  elif problem == 'vector':
+    train_csv.write_text('filename,labels\nimages/train_0.jpg,0 1 0 1\nimages/train_1.jpg,1 0 0 0\n')
+  elif problem == 'duplicate':
+    train_csv.write_text('\n'.join(rows[:3] + [rows[1]] + rows[3:]))
+  elif problem == 'leak':
+    (tmp_path / 'test.csv').write_text((tmp_path / 'test.csv').read_text() + rows[1] + '\n')
+  elif problem == 'one_bit_bmp':  # PIL reads it, TensorFlow's decoder does not
+    Image.fromarray(np.eye(16, dtype=bool)).save(tmp_path / 'images' / 'train_1.bmp')
+    rows[2] = 'images/train_1.bmp,cat'
+    train_csv.write_text('\n'.join(rows))
   with pytest.raises((ValueError, FileNotFoundError), match=expected):
     input_pipeline.load(tiny_image_config(tmp_path))
+
+
+def test_folder_label_separators_and_spreadsheet_bom(tmp_path):
+  write_folder(tmp_path)
+  (tmp_path / 'train.csv').write_text(
+      '\ufefffilename,labels\n' + ''.join(f'images/train_{i}.jpg,traffic light|stop sign\n'
+                                          for i in range(0, 24, 3)) +
+      ''.join(f'images/train_{i}.png,cat  dog\n' for i in range(2, 24, 3)), encoding='utf-8')
+  data = input_pipeline.load(tiny_image_config(tmp_path))
+  assert 'traffic light' in data.label_names and 'stop sign' in data.label_names
+  assert 'cat' in data.label_names and 'traffic' not in data.label_names
+
+
+def test_resuming_on_other_data_is_refused(tmp_path):
+  write_folder(tmp_path / 'data')
+  config = tiny_image_config(tmp_path / 'data')
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = (tmp_path / 'data' / 'train.csv').read_text().split('\n')
+  rows[1] = rows[1].split(',')[0] + ',tree'  # an edited label
+  (tmp_path / 'data' / 'train.csv').write_text('\n'.join(rows))
+  config.num_epochs = 2
+  with pytest.raises(ValueError, match='data differs'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_unknown_dataset_name_is_not_downloaded(tmp_path):
+  config = tiny_image_config(tmp_path)
+  config.dataset.name = 'voc'  # a TFDS catalog name: would start a download
+  with pytest.raises(ValueError, match="Unknown dataset 'voc'"):
+    input_pipeline.load(config)
 
 
 def test_folder_skip_corrupt_skips_and_counts(tmp_path, caplog):
@@ -258,6 +306,9 @@ def test_features_mode_protocol_and_own_validation(tmp_path):
     ('rows', 'train_features has 400 rows but train_labels has 399'),
     ('nan', "'train_features' has a non-finite value in row 7"),
     ('labels', 'only 0 and 1'),
+    ('soft_labels', "'train_labels' must hold only 0 and 1; found 0.7"),
+    ('validation_labels', "'val_labels' must hold only 0 and 1; found -1"),
+    ('empty_validation', "'val_features' is empty"),
 ])
 def test_features_errors(tmp_path, problem, expected):
   path = tmp_path / 'f.npz'
@@ -270,6 +321,16 @@ def test_features_errors(tmp_path, problem, expected):
     arrays['train_features'][7, 3] = np.nan
   elif problem == 'labels':
     arrays['test_labels'][2, 1] = 2
+  elif problem == 'soft_labels':
+    arrays['train_labels'] = arrays['train_labels'].astype(np.float64)
+    arrays['train_labels'][3, 0] = 0.7
+  elif problem == 'validation_labels':
+    arrays['val_features'] = arrays['train_features'][:10]
+    arrays['val_labels'] = arrays['train_labels'][:10].copy()
+    arrays['val_labels'][4, 2] = -1
+  elif problem == 'empty_validation':
+    arrays['val_features'] = np.zeros((0, 32), np.float32)
+    arrays['val_labels'] = np.zeros((0, 5), np.int32)
   np.savez(path, **arrays)
   config = features_config_for('' if problem == 'no_path' else
                                tmp_path / 'nope.npz' if problem == 'missing' else path)

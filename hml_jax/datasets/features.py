@@ -17,9 +17,17 @@ def _matrix(arrays, key, path, dtype):
   if value.ndim != 2:
     raise ValueError(f'{path}: {key!r} must be a 2-D array (one row per example), got shape '
                      f'{value.shape}.')
+  if not len(value):
+    raise ValueError(f'{path}: {key!r} is empty: the split has no example.')
   if dtype == np.float32 and not np.all(np.isfinite(value)):
     row = int(np.argwhere(~np.isfinite(value))[0, 0])
     raise ValueError(f'{path}: {key!r} has a non-finite value in row {row}.')
+  if dtype != np.float32:  # labels: check the stored values, before any cast
+    bad = ~np.isin(value, (0, 1))
+    if bad.any():
+      row, column = np.argwhere(bad)[0]
+      raise ValueError(f'{path}: {key!r} must hold only 0 and 1; found '
+                       f'{value[row, column].item()!r} at row {row}, label {column}.')
   return value.astype(dtype)
 
 

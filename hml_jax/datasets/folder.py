@@ -1,7 +1,8 @@
 """Your own images: a folder plus CSV files, no dataset class to write.
 
-  DIR/train.csv   header `filename,labels`; one image per row, its labels separated by spaces
-                  or '|' (an empty labels field: no positive label); filenames relative to DIR
+  DIR/train.csv   header `filename,labels`; one image per row, the names of its positive labels
+                  separated by spaces, or by '|' when names contain spaces ("traffic light|car");
+                  an empty field: no positive label; filenames relative to DIR, each listed once
   DIR/test.csv    the same for the test split; without it, config.dataset.test_fraction of
                   train.csv's rows (seeded by config.dataset.test_seed) become the test split
   DIR/...         the images (JPEG, PNG, GIF or BMP)
@@ -22,7 +23,16 @@ import numpy as np
 from PIL import Image
 
 SUPPORTED_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')  # what tf.io.decode_image reads
-LABEL_SEPARATOR = re.compile(r'[|\s]+')
+# Characters that mean the labels field holds something else than label names (a Python list,
+# another separator); label names may contain spaces only when '|' separates them.
+FORBIDDEN_IN_LABELS = re.compile(r'[\[\]\'";,]')
+
+
+def split_labels(field: str):
+  """'cat dog' or 'traffic light|stop sign' -> label names ('|' wins when present)."""
+  if '|' in field:
+    return [name.strip() for name in field.split('|') if name.strip()]
+  return field.split()
 
 
 def read_csv(path: str) -> Tuple[List[str], List[List[str]]]:
@@ -30,12 +40,12 @@ def read_csv(path: str) -> Tuple[List[str], List[List[str]]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} does not exist: a folder dataset needs train.csv (and '
                             'optionally test.csv) with the header "filename,labels".')
-  with open(path, newline='', encoding='utf-8') as f:
+  with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a spreadsheet's BOM
     rows = list(csv.reader(f))
   if not rows or [cell.strip().lower() for cell in rows[0]] != ['filename', 'labels']:
     found = rows[0] if rows else 'an empty file'
     raise ValueError(f'{path} line 1 must be the header "filename,labels", found {found}.')
-  filenames, labels = [], []
+  filenames, labels, seen = [], [], {}
   for line_number, row in enumerate(rows[1:], start=2):
     if not row or not ''.join(row).strip():
       continue
@@ -47,10 +57,22 @@ def read_csv(path: str) -> Tuple[List[str], List[List[str]]]:
     filename, label_field = row[0].strip(), row[1].strip()
     if not filename:
       raise ValueError(f'{path} line {line_number} has an empty filename.')
+    if FORBIDDEN_IN_LABELS.search(label_field):
+      raise ValueError(
+          f'{path} line {line_number}: labels field {label_field!r} is not label names '
+          'separated by spaces or "|" (no brackets, quotes, commas or semicolons).')
+    if filename in seen:
+      raise ValueError(f'{path} lists {filename} twice (lines {seen[filename]} and '
+                       f'{line_number}).')
+    seen[filename] = line_number
     filenames.append(filename)
-    labels.append([name for name in LABEL_SEPARATOR.split(label_field) if name])
+    labels.append(split_labels(label_field))
   if not filenames:
     raise ValueError(f'{path} has no rows after its header: the split is empty.')
+  names = {name for row_labels in labels for name in row_labels}
+  if names and names <= {'0', '1'}:
+    raise ValueError(f'{path}: every label is "0" or "1", which looks like a 0/1 vector; write '
+                     'the names of each image\'s positive labels instead ("cat dog").')
   return filenames, labels
 
 
@@ -61,8 +83,15 @@ def check_image(path: str) -> Optional[str]:
     with Image.open(path) as image:
       if image.format not in SUPPORTED_FORMATS:
         return f'format {image.format} is not one of {SUPPORTED_FORMATS}'
-      image.draft('RGB', (64, 64))
-      image.load()
+      if image.format in ('JPEG', 'PNG'):
+        image.draft('RGB', (64, 64))
+        image.load()
+      else:
+        # PIL reads BMP and GIF variants (e.g. 1-bit BMPs) that TensorFlow does not: check with
+        # the decoder training uses.
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        with open(path, 'rb') as f:
+          tf.io.decode_image(f.read(), channels=3, expand_animations=False)
   except FileNotFoundError:
     return 'file not found'
   except Exception as error:  # pylint: disable=broad-except  (PIL raises many kinds)
@@ -116,6 +145,10 @@ def read_folder(dataset_config):
   if os.path.exists(test_csv):
     splits['train'] = (train_csv, filenames, labels)
     splits['test'] = (test_csv,) + read_csv(test_csv)
+    in_both = sorted(set(filenames) & set(splits['test'][1]))
+    if in_both:
+      raise ValueError(f'{len(in_both)} image(s) are in both {train_csv} and {test_csv} (the '
+                       f'test split must be unseen), e.g. {in_both[:3]}.')
   else:
     fraction = dataset_config.get('test_fraction', 0.2)
     permutation = np.random.RandomState(dataset_config.get('test_seed', 0)).permutation(

@@ -1,0 +1,329 @@
+"""The paper's analysis figures for a trained run.
+
+  python -m hml_jax.analyze --workdir=DIR [--max_images=5000] [--output=DIR/analysis]
+
+Writes PNGs and analysis.json (the numbers behind them) into --output:
+  label_correlation.png  Eq. 8 on the learned label embeddings, with the most correlated pairs
+                         (paper Fig. 6); for the embedded dataset also the rank of each planted
+                         partner pair among all pairs.
+  cosine_densities.png   on training images: the density of the head's outputs (cosines, or
+                         logits for a linear head) for observed positives, true negatives and
+                         false negatives (positives the label scenario hid), and the gradient
+                         magnitude |dL/d output| each group receives (paper Fig. 2).
+  training.png           s* and m* per epoch (adaptive runs), and the accumulated positive and
+                         negative gradient per epoch (paper Fig. 3), from results.json.
+"""
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hml_jax import analysis
+from hml_jax import heads
+from hml_jax import host
+from hml_jax import input_pipeline
+from hml_jax import losses
+from hml_jax import sharding
+from hml_jax import train
+
+FLAGS = flags.FLAGS
+GROUPS = ('positives', 'true negatives', 'false negatives')
+GROUP_COLORS = {'positives': 'tab:green', 'true negatives': 'tab:blue',
+                'false negatives': 'tab:red'}
+
+
+def define_flags():
+  """Defined only when this module runs as a program (no clash with other tools' flags)."""
+  flags.DEFINE_string('workdir', None, 'A training workdir.')
+  flags.DEFINE_string('output', None, 'Where the figures go (default: WORKDIR/analysis).')
+  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+  flags.DEFINE_integer('max_images', 5000, 'Training images used for the densities.')
+  flags.mark_flags_as_required(['workdir'])
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers (pure functions).
+
+def label_embeddings(params, method) -> np.ndarray:
+  """(num_labels, dim): the cosine head's label embeddings, or a linear head's weight columns."""
+  head = params['model']['head']
+  weights = (head['label_embeddings'] if method.head == 'cosine'
+             else head['classifier']['kernel'])
+  return np.asarray(weights).T
+
+
+def ranked_pairs(correlation: np.ndarray) -> List[Tuple[int, int, float]]:
+  """All pairs i < j, most correlated first (ties in index order)."""
+  rows, columns = np.triu_indices(len(correlation), k=1)
+  values = correlation[rows, columns]
+  order = np.argsort(-values, kind='stable')
+  return [(int(rows[k]), int(columns[k]), float(values[k])) for k in order]
+
+
+def pair_ranks(correlation: np.ndarray, pairs: Sequence[Tuple[int, int]]) -> Dict[str, int]:
+  """'i-j' -> rank (1 = most correlated) of each given pair among all pairs."""
+  rank = {(i, j): position + 1 for position, (i, j, _) in enumerate(ranked_pairs(correlation))}
+  return {f'{min(i, j)}-{max(i, j)}': rank[(min(i, j), max(i, j))] for i, j in pairs}
+
+
+def entry_groups(true_labels: np.ndarray, observed_labels: np.ndarray) -> Dict[str, np.ndarray]:
+  """Boolean masks: observed positives, true negatives, false negatives (true positives that
+  training saw as unknown = negative)."""
+  true_labels, observed = true_labels == 1, observed_labels == 1
+  return {'positives': observed, 'true negatives': ~true_labels,
+          'false negatives': true_labels & ~observed}
+
+
+def gradient_magnitudes(method, outputs, observed_labels, scale, margin, margin_on='both'):
+  """|d BCE / d output| of each entry (num_images, num_labels), with unknown labels as
+  negatives: through the margin sigmoid of Eq. 4 for a cosine head, the logit for a linear one."""
+  observed_labels = jnp.asarray(observed_labels, jnp.float32)
+
+  def total_loss(outputs):
+    if method.head == 'cosine':
+      logits = heads.margin_logits(
+          outputs, scale, losses.entry_margins(observed_labels, margin, margin_on))
+    else:
+      logits = outputs
+    return jnp.sum(observed_labels * jax.nn.softplus(-logits) +
+                   (1.0 - observed_labels) * jax.nn.softplus(logits))
+
+  return np.abs(np.asarray(jax.grad(total_loss)(jnp.asarray(outputs, jnp.float32))))
+
+
+def densities(outputs, groups, gradients, bins=60):
+  """Per group: histogram density of the outputs on shared bins, and the mean gradient
+  magnitude; {'bin_edges', 'groups': {name: {'count', 'density', 'mean_output',
+  'mean_gradient'}}}."""
+  low, high = float(outputs.min()), float(outputs.max())
+  padding = 0.02 * (high - low) or 0.5
+  edges = np.linspace(low - padding, high + padding, bins + 1)
+  summary = {'bin_edges': edges.tolist(), 'groups': {}}
+  for name in GROUPS:
+    mask = groups[name]
+    values = outputs[mask]
+    entry = {'count': int(mask.sum())}
+    if len(values):
+      entry.update(density=np.histogram(values, edges, density=True)[0].tolist(),
+                   mean_output=float(values.mean()),
+                   mean_gradient=float(gradients[mask].mean()),
+                   total_gradient=float(gradients[mask].sum()))
+    summary['groups'][name] = entry
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures.
+
+def _title(workdir, config, what):
+  run = '/'.join(os.path.normpath(workdir).split(os.sep)[-3:])  # e.g. hml/lr0.001_bs32/seed0
+  return (f'{what}\n{run}: loss {config.loss}, {config.label_scenario} labels, '
+          f'{config.dataset.name}')
+
+
+def plot_correlation(path, correlation, label_names, top_pairs, title):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  size = max(6.0, 0.28 * len(label_names) + 3)
+  figure, (heat, text) = plt.subplots(1, 2, figsize=(size + 3.0, size),
+                                      gridspec_kw={'width_ratios': [size, 3.0]})
+  shown = np.where(np.eye(len(correlation), dtype=bool), np.nan, correlation)
+  image = heat.imshow(shown, cmap='viridis', vmin=np.nanmin(shown), vmax=np.nanmax(shown))
+  if len(label_names) <= 60:
+    heat.set_xticks(range(len(label_names)), label_names, rotation=90, fontsize=8)
+    heat.set_yticks(range(len(label_names)), label_names, fontsize=8)
+  heat.set_xlabel('label j')
+  heat.set_ylabel('label i')
+  figure.colorbar(image, ax=heat, fraction=0.046, pad=0.04, label='Corr(i, j), Eq. 8')
+  heat.set_title(title, fontsize=10)
+  text.axis('off')
+  lines = ['Most correlated pairs:'] + [f'{a} – {b}: {value:.3f}' for a, b, value in top_pairs]
+  text.text(0.0, 1.0, '\n'.join(lines), va='top', family='monospace', fontsize=9)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def plot_densities(path, summary, gradients_by_group, outputs_by_group, xlabel, title):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  edges = np.asarray(summary['bin_edges'])
+  centers = (edges[:-1] + edges[1:]) / 2
+  for name in GROUPS:
+    group = summary['groups'][name]
+    if group['count'] == 0:
+      continue
+    left.plot(centers, group['density'], color=GROUP_COLORS[name],
+              label=f"{name} (n={group['count']:,})")
+    order = np.argsort(outputs_by_group[name])
+    step = max(1, len(order) // 2000)  # keep the scatter light
+    right.scatter(outputs_by_group[name][order][::step], gradients_by_group[name][order][::step],
+                  s=3, alpha=0.4, color=GROUP_COLORS[name],
+                  label=f"{name}: mean {group['mean_gradient']:.3f}")
+  left.set_xlabel(xlabel)
+  left.set_ylabel('density')
+  left.legend()
+  left.set_title('Outputs on training images', fontsize=10)
+  right.set_xlabel(xlabel)
+  right.set_ylabel('|dL / d output|')
+  right.legend(markerscale=4)
+  right.set_title('Gradient magnitude each entry receives', fontsize=10)
+  figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def plot_training(path, epochs, title):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  numbers = [e['epoch'] for e in epochs]
+  has_scale = all(e.get('scale') is not None for e in epochs)
+  figure, axes = plt.subplots(1, 2 if has_scale else 1, figsize=(12 if has_scale else 6, 4.5),
+                              squeeze=False)
+  gradient_axis = axes[0, -1]
+  if all('positive_gradient' in e for e in epochs):
+    gradient_axis.plot(numbers, [e['positive_gradient'] for e in epochs], 'o-',
+                       color='tab:green', label='positives: sum (1 - p)')
+    gradient_axis.plot(numbers, [e['negative_gradient'] for e in epochs], 'o-',
+                       color='tab:blue', label='negatives (incl. unknown): sum p')
+    gradient_axis.legend()
+  else:
+    gradient_axis.text(0.5, 0.5, 'not recorded by this run', ha='center')
+  gradient_axis.set_xlabel('epoch')
+  gradient_axis.set_ylabel('accumulated gradient per epoch')
+  gradient_axis.set_title('Positive vs. negative gradient', fontsize=10)
+  if has_scale:
+    scale_axis = axes[0, 0]
+    scale_axis.plot(numbers, [e['scale'] for e in epochs], 'o-', color='tab:purple')
+    scale_axis.set_xlabel('epoch')
+    scale_axis.set_ylabel('s*', color='tab:purple')
+    scale_axis.ticklabel_format(axis='y', useOffset=False)
+    margin_axis = scale_axis.twinx()
+    margin_axis.plot(numbers, [e['margin'] for e in epochs], 's--', color='tab:orange')
+    margin_axis.set_ylabel('m*', color='tab:orange')
+    margin_axis.ticklabel_format(axis='y', useOffset=False)
+    scale_axis.set_title('Scale and margin at the end of each epoch', fontsize=10)
+  figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command.
+
+def training_outputs(state, config, split, max_images, mesh):
+  """Head outputs (cosines or logits), true and observed labels of up to max_images training
+  images."""
+
+  def outputs_step(state, batch):
+    images = train.normalize_images(batch['images'], config)
+    return state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
+                          images, train=False)
+
+  step = jax.jit(outputs_step, in_shardings=(sharding.replicated(mesh),
+                                              sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))
+  outputs, rows = [], []
+  for batch in split.eval_batches(config.eval_batch_size):
+    mask = batch['mask']
+    result = np.asarray(jax.device_get(step(state, sharding.shard_batch(
+        {'images': batch['images']}, mesh))))
+    outputs.append(result[mask])
+    rows.append(batch['indices'][mask])
+    if sum(len(r) for r in rows) >= max_images:
+      break
+  outputs, rows = np.concatenate(outputs)[:max_images], np.concatenate(rows)[:max_images]
+  return outputs, split.labels[rows], split.observed[rows]
+
+
+def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
+            max_images: int = 5000) -> Dict:
+  output = output or os.path.join(workdir, 'analysis')
+  os.makedirs(output, exist_ok=True)
+  config, method, state = train.load_trained_state(workdir, which)
+  scale, margin = (float(x) for x in train.scale_and_margin(state.params, config, method))
+  data = input_pipeline.load(config)
+  names = data.label_names
+  report = {'workdir': workdir, 'checkpoint': which, 'loss': config.loss,
+            'label_scenario': config.label_scenario, 'scale': scale, 'margin': margin,
+            'label_names': names}
+
+  # 1. Label correlation (Eq. 8). A linear head has no s, m of its own: its weight columns are
+  # compared with the config's s, m so that the figure reads the same.
+  embeddings = label_embeddings(state.params, method)
+  correlation = np.asarray(analysis.label_correlation(embeddings, scale, margin))
+  pairs = ranked_pairs(correlation)
+  top = [(names[i], names[j], value) for i, j, value in pairs[:10]]
+  report['correlation'] = correlation.tolist()
+  report['top_pairs'] = [{'labels': [a, b], 'correlation': value} for a, b, value in top]
+  if config.dataset.name == 'composite_digits':
+    from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top
+    report['planted_pair_ranks'] = pair_ranks(correlation, composite_digits.PARTNER_PAIRS)
+    report['num_pairs'] = len(pairs)
+  plot_correlation(os.path.join(output, 'label_correlation.png'), correlation, names, top,
+                   _title(workdir, config, f'Label correlation, Eq. 8 (s={scale:.2f}, '
+                          f'm={margin:.3f})'))
+
+  # 2. Outputs and gradient magnitudes on training images (Fig. 2).
+  mesh = sharding.create_mesh()
+  state = jax.device_put(state, sharding.replicated(mesh))
+  outputs, true_labels, observed = training_outputs(state, config, data.train, max_images, mesh)
+  groups = entry_groups(true_labels, observed)
+  gradients = gradient_magnitudes(method, outputs, observed, scale, margin,
+                                  config.get('margin_on', 'both'))
+  report['densities'] = densities(outputs, groups, gradients)
+  report['densities']['num_images'] = int(len(outputs))
+  xlabel = 'cos(x, w_j)' if method.head == 'cosine' else 'logit'
+  plot_densities(os.path.join(output, 'cosine_densities.png'), report['densities'],
+                 {n: gradients[groups[n]] for n in GROUPS},
+                 {n: outputs[groups[n]] for n in GROUPS}, xlabel,
+                 _title(workdir, config, f'Training split, {len(outputs):,} images'))
+
+  # 3. s*, m* and the accumulated gradients per epoch (Fig. 3).
+  results_path = os.path.join(workdir, 'results.json')
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      epochs = json.load(f)['epochs']
+    report['epochs'] = [{key: e.get(key) for key in ('epoch', 'scale', 'margin',
+                                                      'positive_gradient', 'negative_gradient')}
+                        for e in epochs]
+    plot_training(os.path.join(output, 'training.png'), epochs,
+                  _title(workdir, config, 'Training dynamics'))
+  with open(os.path.join(output, 'analysis.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host.setup()
+  report = analyze(FLAGS.workdir, FLAGS.output, FLAGS.checkpoint, FLAGS.max_images)
+  print('Most correlated pairs: ' + ', '.join(
+      f"{p['labels'][0]}-{p['labels'][1]} {p['correlation']:.3f}" for p in report['top_pairs']))
+  if 'planted_pair_ranks' in report:
+    print(f"Planted partner pairs rank (of {report['num_pairs']}): "
+          f"{report['planted_pair_ranks']}")
+  for name, group in report['densities']['groups'].items():
+    if group['count']:
+      print(f"{name}: {group['count']:,} entries, mean output {group['mean_output']:.3f}, "
+            f"mean |gradient| {group['mean_gradient']:.4f}")
+  print(f"Figures and analysis.json in {FLAGS.output or os.path.join(FLAGS.workdir, 'analysis')}")
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

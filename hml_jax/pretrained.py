@@ -1,0 +1,266 @@
+"""Pretrained backbone weights: torchvision ResNet state dicts -> Flax variables of models.ResNet.
+
+Conventions. A torchvision state dict maps parameter names ('conv1.weight', 'bn1.running_mean',
+'layer1.0.downsample.0.weight', ...) to arrays in PyTorch's layouts: convolution kernels OIHW
+(out, in, height, width), BatchNorm vectors (C,). Our backbones take images NHWC (batch, height,
+width, channels) and keep convolution kernels HWIO (height, width, in, out), so conversion is
+
+  '<m>.weight' of a convolution, OIHW    -> params/<m'>/kernel, HWIO (transpose (2, 3, 1, 0))
+  '<m>.weight' of a BatchNorm             -> params/<m'>/scale
+  '<m>.bias' of a BatchNorm               -> params/<m'>/bias
+  '<m>.running_mean' / '<m>.running_var'  -> batch_stats/<m'>/mean / var
+  '<m>.num_batches_tracked'               -> ignored (Flax keeps no such counter)
+  'fc.weight', 'fc.bias'                  -> dropped (the multi-label head replaces fc)
+
+where the module path <m'> is torchvision's with the block index joined by '_' and the
+downsample's Sequential indices named: 'layer2.0.downsample.0' -> layer2_0/downsample_conv,
+'layer2.0.downsample.1' -> layer2_0/downsample_bn. Floating arrays are cast to float32 (our
+parameters are float32 even for a bfloat16 backbone). The numerics match torchvision's: BatchNorm
+epsilon 1e-5, symmetric padding (3 for the 7x7/2 stem convolution, 1 for the 3x3/2 max-pool and
+the 3x3 convolutions), stride on the 3x3 convolution of a bottleneck (ResNet v1.5).
+
+ImageNet weights. torchvision's ResNet50_Weights.IMAGENET1K_V1 (76.1% top-1) is the file
+https://download.pytorch.org/models/resnet50-0676ba61.pth (resnet18-f37072fd.pth,
+resnet34-b627a593.pth and resnet101-63fe2227.pth for the others). A .pth file needs PyTorch to
+read; convert it once to .safetensors, which needs only the small `safetensors` package:
+
+  python -c "import torch; from safetensors.torch import save_file; save_file(torch.load('resnet50-0676ba61.pth', map_location='cpu', weights_only=True), 'resnet50.safetensors')"
+
+then use 'torchvision:/path/to/resnet50.safetensors' with the 'resnet50' backbone (7x7 stem, not
+small_inputs). These weights expect RGB images scaled to [0, 1] and normalized with ImageNet's
+mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
+"""
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PREFIX = 'torchvision:'
+SUPPORTED_EXTENSIONS = ('.safetensors', '.npz', '.pth', '.pt')
+CONVERT_ONE_LINER = (
+    "python -c \"import torch; from safetensors.torch import save_file; "
+    "save_file(torch.load('FILE.pth', map_location='cpu', weights_only=True), "
+    "'FILE.safetensors')\"")
+
+Path = Tuple[str, ...]  # (collection, module..., variable), e.g. ('params', 'bn1', 'scale')
+
+_BN_VARIABLES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+                 'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+_DOWNSAMPLE = {'0': 'downsample_conv', '1': 'downsample_bn'}
+_CONV_NAME = re.compile(r'conv\d+$|downsample_conv$')
+_BN_NAME = re.compile(r'bn\d+$|downsample_bn$')
+_DROPPED = ('fc.weight', 'fc.bias')
+_IGNORED_SUFFIX = '.num_batches_tracked'
+
+
+def _flax_path(name: str) -> Optional[Path]:
+  """torchvision name -> Flax variable path, or None if the name is not one of a ResNet's."""
+  parts = name.split('.')
+  if len(parts) == 2:  # stem: conv1.weight, bn1.*
+    modules, variable = [parts[0]], parts[1]
+  elif len(parts) == 4 and re.fullmatch(r'layer\d+', parts[0]) and parts[1].isdigit():
+    modules, variable = [f'{parts[0]}_{parts[1]}', parts[2]], parts[3]
+  elif (len(parts) == 5 and re.fullmatch(r'layer\d+', parts[0]) and parts[1].isdigit()
+        and parts[2] == 'downsample' and parts[3] in _DOWNSAMPLE):
+    modules, variable = [f'{parts[0]}_{parts[1]}', _DOWNSAMPLE[parts[3]]], parts[4]
+  else:
+    return None
+  if _CONV_NAME.fullmatch(modules[-1]) and variable == 'weight':
+    return ('params', *modules, 'kernel')
+  if _BN_NAME.fullmatch(modules[-1]) and variable in _BN_VARIABLES:
+    collection, flax_variable = _BN_VARIABLES[variable]
+    return (collection, *modules, flax_variable)
+  return None
+
+
+def _torchvision_name(path: Path) -> str:
+  """Inverse of _flax_path (for error messages): ('params', 'layer1_0', 'conv1', 'kernel') ->
+  'layer1.0.conv1.weight'."""
+  collection, *modules, variable = path
+  names = []
+  for module in modules:
+    match = re.fullmatch(r'(layer\d+)_(\d+)', module)
+    if match:
+      names += [match.group(1), match.group(2)]
+    elif module == 'downsample_conv':
+      names += ['downsample', '0']
+    elif module == 'downsample_bn':
+      names += ['downsample', '1']
+    else:
+      names.append(module)
+  inverse = {value: key for key, value in _BN_VARIABLES.items()}
+  variable = 'weight' if variable == 'kernel' else inverse.get((collection, variable), variable)
+  return '.'.join(names + [variable])
+
+
+def _show(path: Path) -> str:
+  return f"{'/'.join(path)} (torchvision {_torchvision_name(path)!r})"
+
+
+def _listing(items, limit: int = 12) -> str:
+  items = list(items)
+  more = f'; ... and {len(items) - limit} more' if len(items) > limit else ''
+  return '; '.join(items[:limit]) + more
+
+
+def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, prefix + (key,)))
+    else:
+      flat[prefix + (key,)] = value
+  return flat
+
+
+def _unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def expected_variables(backbone, image_shape: Sequence[int]) -> Dict[str, Any]:
+  """The backbone's variables as jax.ShapeDtypeStruct trees, without computing anything;
+  image_shape is NHWC (batch, height, width, channels)."""
+  images = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
+  return jax.eval_shape(lambda x: backbone.init(jax.random.key(0), x), images)
+
+
+def from_torchvision(state_dict: Mapping[str, Any], backbone=None,
+                     image_shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+  """Converts a torchvision ResNet state dict to {'params': ..., 'batch_stats': ...} for our
+  backbone (see the module docstring for the name and layout mapping).
+
+  state_dict maps torchvision names to arrays (NumPy, or anything np.asarray accepts) in
+  PyTorch's layouts (convolution kernels OIHW). The result holds float32 NumPy arrays, kernels
+  HWIO, as nested dicts that backbone.apply accepts. Names that are not a ResNet's (other than
+  num_batches_tracked, which is ignored, and fc.*, which is dropped) are a ValueError naming them.
+
+  If backbone (a Flax module, e.g. models.get_backbone('resnet50')) is given, the result is
+  checked against its variables as jax.eval_shape(backbone.init, ...) gives them, for images of
+  image_shape (NHWC; default (1, 224, 224, in_channels of conv1.weight)): any variable missing,
+  any unexpected one, and any shape mismatch is a ValueError naming them with both names and the
+  shapes.
+  """
+  flat: Dict[Path, np.ndarray] = {}
+  sources: Dict[Path, Tuple[str, Tuple[int, ...]]] = {}
+  unknown = []
+  for name, value in state_dict.items():
+    if name.endswith(_IGNORED_SUFFIX) or name in _DROPPED:
+      continue
+    path = _flax_path(name)
+    if path is None:
+      unknown.append(name)
+      continue
+    array = np.asarray(value)
+    if np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16:
+      array = array.astype(np.float32)
+    if path[-1] == 'kernel':
+      if array.ndim != 4:
+        raise ValueError(f'{name!r}: a convolution kernel must be 4-D OIHW, got shape '
+                         f'{array.shape}.')
+      array = np.ascontiguousarray(array.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    flat[path] = array
+    sources[path] = (name, tuple(np.shape(value)))
+  if unknown:
+    more = f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''
+    raise ValueError(
+        f'{len(unknown)} state-dict entries are not parameters of a torchvision ResNet (a '
+        f'backbone conv*/bn*/layer*/downsample or fc): {sorted(unknown)[:20]}{more}. Is this a '
+        "ResNet checkpoint, with names as torchvision's ResNet.state_dict() gives them (no "
+        "'module.' prefix)?")
+
+  if backbone is not None:
+    if image_shape is None:
+      conv1 = flat.get(('params', 'conv1', 'kernel'))
+      image_shape = (1, 224, 224, conv1.shape[2] if conv1 is not None else 3)
+    expected = _flatten(expected_variables(backbone, image_shape))
+    problems = []
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+      problems.append(f'{len(missing)} missing: ' + _listing(
+          f'{_show(path)} of shape {tuple(expected[path].shape)}' for path in missing))
+    unexpected = sorted(set(flat) - set(expected))
+    if unexpected:
+      problems.append(f'{len(unexpected)} unexpected (not in the backbone): ' + _listing(
+          f'{sources[path][0]!r} of shape {sources[path][1]}' for path in unexpected))
+    mismatched = sorted(path for path in set(flat) & set(expected)
+                        if flat[path].shape != tuple(expected[path].shape))
+    if mismatched:
+      problems.append(f'{len(mismatched)} shape mismatches: ' + _listing(
+          f'{sources[path][0]!r} of shape {sources[path][1]} gives {"/".join(path)} of shape '
+          f'{flat[path].shape}, the backbone expects {tuple(expected[path].shape)}'
+          for path in mismatched))
+    if problems:
+      raise ValueError(
+          f'The torchvision state dict does not fit the backbone {type(backbone).__name__} '
+          f"(kernels compared in Flax's HWIO layout; is it the same architecture, e.g. "
+          f"resnet50 weights for model 'resnet50'?):\n  " + '\n  '.join(problems))
+  return _unflatten(flat)
+
+
+def load_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """Reads a state dict (name -> NumPy array, PyTorch layouts) from a file, by its extension.
+
+  .safetensors: the `safetensors` package's NumPy API (no PyTorch needed).
+  .npz: np.load without pickles.
+  .pth / .pt: torch.load(path, map_location='cpu', weights_only=True), so PyTorch must be
+    installed (it is not a requirement of this project); nothing is ever unpickled otherwise.
+    Without PyTorch, convert the file once elsewhere to .safetensors (module docstring).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No state-dict file {path!r}.')
+  extension = os.path.splitext(path)[1].lower()
+  if extension == '.safetensors':
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'Reading {path!r} needs the safetensors package: pip install '
+                        'safetensors.') from e
+    return dict(load_file(path))
+  if extension == '.npz':
+    with np.load(path, allow_pickle=False) as data:
+      return {name: data[name] for name in data.files}
+  if extension in ('.pth', '.pt'):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          f'Reading the PyTorch file {path!r} needs torch (not a requirement of this project): '
+          'pip install torch, or convert it to .safetensors once where torch is installed: '
+          + CONVERT_ONE_LINER.replace('FILE.pth', path).replace(
+              'FILE.safetensors', os.path.splitext(path)[0] + '.safetensors')) from e
+    loaded = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(loaded, Mapping):
+      raise ValueError(f'{path!r} holds a {type(loaded).__name__}, not a state dict.')
+    not_tensors = sorted(name for name, value in loaded.items()
+                         if not isinstance(value, torch.Tensor))
+    if not_tensors:
+      raise ValueError(f'{path!r} is not a flat state dict (name -> tensor): entries '
+                       f'{not_tensors[:10]} are not tensors (a training checkpoint? save its '
+                       "model's state_dict() instead).")
+    return {name: (value.float() if value.dtype == torch.bfloat16 else value).detach().numpy()
+            for name, value in loaded.items()}
+  raise ValueError(f'Unsupported state-dict file {path!r}: the extension must be one of '
+                   f'{", ".join(SUPPORTED_EXTENSIONS)}.')
+
+
+def init_variables_from(spec: str, backbone, image_shape: Sequence[int]) -> Dict[str, Any]:
+  """Backbone variables {'params', 'batch_stats'} from spec 'torchvision:/path/to/file' (a
+  .safetensors, .npz, .pth or .pt torchvision ResNet state dict): loaded, converted and checked
+  against the backbone for images of image_shape, NHWC (batch, height, width, channels)."""
+  if not spec.startswith(PREFIX):
+    raise ValueError(f'Unsupported pretrained-weights spec {spec!r}: expected '
+                     f"'{PREFIX}/path/to/resnet50.safetensors' (the only supported source).")
+  path = spec[len(PREFIX):]
+  if not path:
+    raise ValueError(f'No file in the pretrained-weights spec {spec!r}.')
+  return from_torchvision(load_state_dict(path), backbone=backbone, image_shape=image_shape)
