@@ -87,3 +87,48 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
   document = json.loads(completed.stdout)
   assert len(document['predictions']) == 4 and len(document['predictions'][0]['top_k']) == 2
   assert 'notes.txt: skipped, not a readable image' in completed.stderr
+
+
+def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
+  from hml_jax import analysis, analyze  # pylint: disable=g-import-not-at-top
+  workdir, _, results = trained
+  report = analyze.analyze(workdir, str(tmp_path / 'figures'), max_images=100)
+  for name in ('label_correlation.png', 'cosine_densities.png', 'training.png'):
+    path = tmp_path / 'figures' / name
+    assert path.stat().st_size > 10_000
+    with Image.open(path) as image:
+      assert image.size[0] > 500
+  with open(tmp_path / 'figures' / 'analysis.json') as f:
+    saved = json.load(f)
+  config, method, state = train.load_trained_state(workdir)
+  scale, margin = train.scale_and_margin(state.params, config, method)
+  embeddings = np.asarray(state.params['model']['head']['label_embeddings']).T
+  np.testing.assert_allclose(saved['correlation'],
+                             analysis.label_correlation(embeddings, scale, margin), rtol=1e-6)
+  assert sorted(saved['planted_pair_ranks'].values()) == sorted(
+      analyze.pair_ranks(np.asarray(saved['correlation']), [(0, 6), (1, 7), (2, 5), (3, 8),
+                                                            (4, 9)]).values())
+  groups = saved['densities']['groups']
+  assert saved['densities']['num_images'] == 100
+  assert groups['positives']['count'] == 100  # one observed positive per image
+  assert sum(g['count'] for g in groups.values()) == 100 * 10
+  assert [e['scale'] for e in saved['epochs']] == [e['scale'] for e in results['epochs']]
+  assert all(e['positive_gradient'] > 0 and e['negative_gradient'] > 0 for e in saved['epochs'])
+  assert report['top_pairs'][0]['correlation'] >= report['top_pairs'][-1]['correlation']
+
+
+def test_gradient_magnitudes_match_the_analytic_derivative():
+  from hml_jax import analyze, losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  cos = rng.uniform(-0.9, 0.9, size=(6, 4)).astype(np.float32)
+  observed = (rng.uniform(size=(6, 4)) < 0.3).astype(np.float32)
+  scale, margin = 20.0, 0.3
+  got = analyze.gradient_magnitudes(losses.get_method('hml'), cos, observed, scale, margin)
+  # d/dc of BCE(sigmoid(s cos(arccos c + m)), y) = s (p - y) (cos m + c sin m / sqrt(1 - c^2)).
+  theta = np.arccos(cos.astype(np.float64))
+  p = 1 / (1 + np.exp(-scale * np.cos(theta + margin)))
+  expected = np.abs(scale * (p - observed) *
+                    (np.cos(margin) + cos * np.sin(margin) / np.sqrt(1 - cos.astype(np.float64) ** 2)))
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+  linear = analyze.gradient_magnitudes(losses.get_method('an'), cos, observed, scale, margin)
+  np.testing.assert_allclose(linear, np.abs(1 / (1 + np.exp(-cos)) - observed), rtol=1e-5)
