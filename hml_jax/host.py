@@ -1,4 +1,6 @@
 """Process setup shared by the command-line tools."""
+import os
+
 from absl import logging
 
 
@@ -20,3 +22,42 @@ def setup():
   # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+
+
+def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """jax.distributed.initialize for multi-process training; a no-op for one process.
+
+  Arguments, else the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID. With none of them, nothing happens (one process), except on a Cloud TPU pod
+  slice with HML_MULTIHOST=1, where JAX detects everything itself. Must run before anything
+  touches the devices. On CPUs the processes talk through gloo.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
+  num_processes = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', '0'))
+  if process_id < 0:
+    process_id = int(os.environ.get('JAX_PROCESS_ID', '-1'))
+  if os.environ.get('HML_MULTIHOST') == '1' and not coordinator_address:
+    jax.distributed.initialize()  # TPU pods (and SLURM, ...): detected by JAX
+    return
+  if not coordinator_address and num_processes <= 1:
+    return
+  if not coordinator_address or num_processes <= 1 or not 0 <= process_id < num_processes:
+    raise ValueError(
+        'Multi-process training needs --coordinator_address=HOST:PORT, --num_processes=N > 1 '
+        f'and --process_id in [0, N) (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, '
+        f'JAX_PROCESS_ID); got {coordinator_address!r}, {num_processes}, {process_id}.')
+  if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or not _has_accelerator():
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  logging.info('Process %d of %d (coordinator %s).', process_id, num_processes,
+               coordinator_address)
+
+
+def _has_accelerator() -> bool:
+  """Whether a GPU or TPU backend is installed, judged without initializing JAX's backends."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return any(importlib.util.find_spec(name) is not None
+             for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu'))

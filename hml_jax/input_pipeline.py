@@ -72,6 +72,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return seed * 1_000_003 + epoch
 
 
+def local_part(batch: dict) -> dict:
+  """This process's share of a global batch (the same on every process): rows
+  [p * B / P, (p + 1) * B / P). sharding.shard_batch reassembles the global batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  count, index = jax.process_count(), jax.process_index()
+  if count == 1:
+    return batch
+  size = len(next(iter(batch.values()))) // count
+  return {key: value[index * size:(index + 1) * size] for key, value in batch.items()}
+
+
 def _pad_batch(batch: dict, batch_size: int) -> dict:
   real = len(batch['indices'])
   padded = {key: np.concatenate([value, np.zeros((batch_size - real,) + value.shape[1:],
@@ -112,14 +123,16 @@ class ArraySplit(Split):
       examples = self.examples[indices]
       if is_image:
         examples = random_shift(examples, config.get('augment_max_shift', 0), rng)
-      yield {'images': examples, 'labels': self.observed[indices],
-             'indices': indices.astype(np.int32)}
+      # Every process draws the same global batch and keeps its share.
+      yield local_part({'images': examples, 'labels': self.observed[indices],
+                        'indices': indices.astype(np.int32)})
 
   def eval_batches(self, batch_size):
     for start in range(0, len(self), batch_size):
       stop = min(start + batch_size, len(self))
-      yield _pad_batch({'images': self.examples[start:stop],
-                        'indices': np.arange(start, stop, dtype=np.int32)}, batch_size)
+      yield local_part(_pad_batch({'images': self.examples[start:stop],
+                                   'indices': np.arange(start, stop, dtype=np.int32)},
+                                  batch_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,7 +170,8 @@ class ImageSplit(Split):
     self.example_shape = (image_size, image_size, 3)
 
   def _rows(self, shuffle_seed):
-    """This split's records as {'image', 'row'}, for this process (one shard per process)."""
+    """This split's records as {'image', 'row'}, for this process (one shard per process: every
+    process still reads the split's files, and keeps every process_count-th record)."""
     import jax  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     rows_of_index = tf.constant(self.rows_of_index)
@@ -202,14 +216,25 @@ class ImageSplit(Split):
       yield batch
 
   def eval_batches(self, batch_size):
-    image_size = self.image_size
+    """This process's part of each global batch: its own shard of the images, padded, and as
+    many batches on every process (the eval step is collective)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    image_size, local_batch = self.image_size, batch_size // jax.process_count()
     dataset = self._rows(None).map(
         lambda record: {'images': decode_and_resize(record['image'], image_size),
                         'indices': record['row']},
         num_parallel_calls=self.parallel_calls, deterministic=True)
-    for batch in dataset.batch(batch_size).prefetch(AUTOTUNE).as_numpy_iterator():
+    # The largest shard has ceil(N / P) images.
+    num_batches = -(-(-(-len(self) // jax.process_count())) // local_batch)
+    emitted = 0
+    for batch in dataset.batch(local_batch).prefetch(AUTOTUNE).as_numpy_iterator():
       batch['indices'] = batch['indices'].astype(np.int32)
-      yield _pad_batch(batch, batch_size)
+      emitted += 1
+      yield _pad_batch(batch, local_batch)
+    empty = {'images': np.zeros((0,) + self.example_shape, np.uint8),
+             'indices': np.zeros((0,), np.int32)}
+    for _ in range(num_batches - emitted):
+      yield _pad_batch(empty, local_batch)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (or resume) a run, 
 flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval mode: the split.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'eval mode: which checkpoint.')
 flags.DEFINE_float('threshold', 0.5, 'eval mode: probability threshold of CP/CR/CF1/OP/OR/OF1.')
+flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0 (else '
+                    'JAX_COORDINATOR_ADDRESS); on a TPU pod set HML_MULTIHOST=1 instead.')
+flags.DEFINE_integer('num_processes', 0, 'Multi-process: how many (else JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', -1, 'Multi-process: this one, 0..N-1 (else JAX_PROCESS_ID).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -37,6 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   host.setup()
+  host.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.mode == 'eval':
     results = evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
                                         FLAGS.threshold)

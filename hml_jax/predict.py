@@ -92,8 +92,10 @@ class Predictor:
       real = len(batch)
       batch = np.concatenate([batch, np.zeros((batch_size - real,) + batch.shape[1:],
                                               batch.dtype)])
-      scores = self.eval_fn(self.state, sharding.shard_batch({'images': batch}, self.mesh))
-      outputs.append(np.asarray(jax.device_get(scores))[:real])
+      result = self.eval_fn(self.state, sharding.shard_batch(
+          {'images': batch, 'indices': np.arange(batch_size, dtype=np.int32),
+           'mask': np.arange(batch_size) < real}, self.mesh))
+      outputs.append(np.asarray(jax.device_get(result['scores']))[:real])
     scores = np.concatenate(outputs).astype(np.float64)
     return 1.0 / (1.0 + np.exp(-scores))
 

@@ -6,6 +6,7 @@ batch statistics are computed over the global batch without any explicit collect
 """
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
 
 DATA_AXIS = 'data'
 
@@ -30,3 +31,14 @@ def shard_batch(batch, mesh):
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate(tree, mesh):
+  """Host values (the same on every process) -> arrays replicated over the whole mesh. Unlike
+  jax.device_put, this also works when the mesh spans several processes."""
+  target = replicated(mesh)
+
+  def place(value):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+  return jax.tree_util.tree_map(place, jax.device_get(tree))

@@ -43,9 +43,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer != 'adam':
     raise ValueError(f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
                      '(the paper\'s) is implemented.')
-  if jax.process_count() > 1:
-    raise ValueError('Multi-process training is not supported yet: every process would feed the '
-                     'whole batch. Run one process (all of its local devices are used).')
   num_devices = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] <= 0 or config[key] % num_devices:
@@ -225,10 +222,13 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
 
 
 def eval_step(state: TrainState, batch, *, method, config):
+  """{'scores' (batch, labels), 'indices', 'mask'}: the scores of a global batch, returned with
+  the rows and padding mask they belong to (every process then sees the whole batch)."""
   images = normalize_images(batch['images'], config)
   outputs = state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
                            images, train=False)
-  return scores_from_outputs(method, outputs, state.params, config)
+  return {'scores': scores_from_outputs(method, outputs, state.params, config),
+          'indices': batch['indices'], 'mask': batch['mask']}
 
 
 def make_step_functions(method, config, mesh, hyperparameters=None):
@@ -240,8 +240,9 @@ def make_step_functions(method, config, mesh, hyperparameters=None):
                                        hyperparameters=hyperparameters or {}),
                      in_shardings=(state_sharding, data_sharding, state_sharding),
                      out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+  # Scores come back replicated: small (batch x labels), and every process needs them all.
   eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
-                    in_shardings=(state_sharding, data_sharding), out_shardings=data_sharding)
+                    in_shardings=(state_sharding, data_sharding), out_shardings=state_sharding)
   return train_fn, eval_fn
 
 
@@ -251,10 +252,10 @@ def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
   scores = np.zeros(split.labels.shape, np.float32)
   times_scored = np.zeros(len(split), np.int64)
   for batch in split.eval_batches(config.eval_batch_size):
-    mask = batch['mask']
-    batch_scores = eval_fn(state, sharding.shard_batch({'images': batch['images']}, mesh))
-    rows = batch['indices'][mask]
-    scores[rows] = np.asarray(jax.device_get(batch_scores))[mask]
+    result = jax.device_get(eval_fn(state, sharding.shard_batch(batch, mesh)))
+    mask = np.asarray(result['mask'])
+    rows = np.asarray(result['indices'])[mask]
+    scores[rows] = np.asarray(result['scores'])[mask]
     np.add.at(times_scored, rows, 1)
   if np.any(times_scored != 1):
     raise RuntimeError(f'The input pipeline delivered {int(np.sum(times_scored == 0))} of '
@@ -273,8 +274,7 @@ def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
       np.asarray(jax.device_get(state.observed_labels)), probabilities, unknown_per_class,
       config.num_epochs, config.warmup_epoch, config.neg_proportion)
   logging.info('Epoch %d: %d pseudo-labels.', epoch, int(np.sum(label_state < 0)))
-  return state.replace(observed_labels=jax.device_put(jnp.asarray(label_state),
-                                                      sharding.replicated(mesh)))
+  return state.replace(observed_labels=sharding.replicate(label_state.astype(np.float32), mesh))
 
 
 def evaluate(eval_fn, state, split, config, mesh) -> Dict[str, Any]:
@@ -306,10 +306,11 @@ def write_results(workdir, config, history, label_names, wall_seconds):
                  for e in history['epochs']],
       'config': config.to_dict(),
   }
-  path = os.path.join(workdir, 'results.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(results, f, indent=2, default=list)
-  os.replace(path + '.tmp', path)
+  if jax.process_index() == 0:  # one writer; every process returns the same results
+    path = os.path.join(workdir, 'results.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=2, default=list)
+    os.replace(path + '.tmp', path)
   return results
 
 
@@ -332,17 +333,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype)
   state = create_train_state(config, model, method, jax.random.key(config.seed),
                              data.train.example_shape, observed_labels=data.train.observed)
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state = sharding.replicate(state, mesh)
 
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = manager.restore_latest(state)
   data_fingerprint = input_pipeline.fingerprint(data)
-  if restored is None:
+  if restored is None and jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
     checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
                                    len(data.train), data_fingerprint)
-  else:
+  elif restored is not None:
     checkpoints.check_dataset(workdir, data_fingerprint)
     state, history = restored
     logging.info('Resumed from epoch %d in %s.', len(history['epochs']), workdir)
@@ -360,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     raise ValueError(f'The training split has {len(data.train)} images, fewer than '
                      f'config.batch_size={config.batch_size}.')
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if restored is None:
+  if restored is None and jax.process_index() == 0:
     writer.write_hparams({k: v for k, v in checkpoints.flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
   report_progress = periodic_actions.ReportProgress(

@@ -37,7 +37,9 @@ for _ in range(3):
   state, metrics = train_fn(state, sharding.shard_batch(batch, mesh),
                             {k: np.asarray(v) for k, v in schedule.items()})
   losses_seen.append(float(metrics['loss']))
-scores = eval_fn(state, sharding.shard_batch({'images': batch['images']}, mesh))
+scores = eval_fn(state, sharding.shard_batch(
+    {'images': batch['images'], 'indices': np.arange(16, dtype=np.int32),
+     'mask': np.ones(16, bool)}, mesh))['scores']
 label_state = state.observed_labels
 print(json.dumps({'devices': jax.device_count(), 'losses': losses_seen,
                   'initial_positives': int(observed.sum()),
