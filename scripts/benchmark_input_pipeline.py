@@ -17,37 +17,13 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
-from PIL import Image
 
 from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
 from hml_jax import input_pipeline
+from hml_jax.benchmark import write_photos
 
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
-
-
-def write_photos(root, num_images, seed=0):
-  """Smooth random photos (gradients, blobs, a little noise): they compress like real ones."""
-  rng = np.random.RandomState(seed)
-  os.makedirs(os.path.join(root, 'images'))
-  yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
-  rows = []
-  for i in range(num_images):
-    image = np.zeros((375, 500, 3), np.float32)
-    for channel in range(3):
-      image[..., channel] = (rng.rand() * xx / 500 + rng.rand() * yy / 375) * 120
-    for _ in range(6):
-      cy, cx, radius = rng.rand() * 375, rng.rand() * 500, 20 + rng.rand() * 80
-      blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius ** 2))
-      image += blob[..., None] * rng.rand(3) * 150
-    image += rng.randn(*image.shape) * 6
-    name = f'images/{i:05d}.jpg'
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-        os.path.join(root, name), quality=90)
-    rows.append(f'{name},label{i % 5} label{(i * 7) % 11}')
-  with open(os.path.join(root, 'train.csv'), 'w') as f:
-    f.write('filename,labels\n' + '\n'.join(rows) + '\n')
-  return root
 
 
 def time_epoch(split, batch_size, epoch, normalize_on_host=False):

@@ -1,0 +1,176 @@
+"""Speed of one configuration on this machine, as one JSON line.
+
+  python -m hml_jax.benchmark --config=configs/voc.py [--config.batch_size=16]
+      [--config.image_size=224] [--steps=20] [--input_images=256]
+
+Synthetic data of the config's shape, so no dataset is needed: the real jitted train step (the
+config's loss, model, optimizer and sharding over every device) and eval step, timed in steady
+state after compilation, and the tf.data image pipeline alone decoding real JPEGs (500x375,
+resized to config.image_size). Keys: train_images_per_sec, compile_seconds,
+eval_images_per_sec, input_images_per_sec, step_memory_mb (XLA's estimate of the train step's
+device memory: arguments, outputs and temporaries), peak_host_memory_mb, device, jax, config.
+benchmarks/torch_reference.py prints the same keys for PyTorch.
+"""
+import json
+import os
+import resource
+import tempfile
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import numpy as np
+from PIL import Image
+
+from hml_jax import host
+from hml_jax import input_pipeline
+from hml_jax import losses
+from hml_jax import models
+from hml_jax import sharding
+from hml_jax import train
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined only when this module runs as a program (no clash with other tools' flags)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
+  flags.DEFINE_integer('steps', 20, 'Timed train steps (after 2 warm-up steps).')
+  flags.DEFINE_integer('num_labels', 20, 'Labels of the synthetic data.')
+  flags.DEFINE_integer('input_images', 256, 'JPEGs for the input pipeline measurement (0: skip).')
+  flags.mark_flags_as_required(['config'])
+
+
+def write_photos(root, num_images, seed=0):
+  """num_images smooth random 500x375 photos (gradients, blobs, a little noise; they compress
+  like real ones, quality 90) and a train.csv: a folder dataset (hml_jax/datasets/folder.py)."""
+  rng = np.random.RandomState(seed)
+  os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+  yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+  rows = []
+  for i in range(num_images):
+    image = np.zeros((375, 500, 3), np.float32)
+    for channel in range(3):
+      image[..., channel] = (rng.rand() * xx / 500 + rng.rand() * yy / 375) * 120
+    for _ in range(6):
+      cy, cx, radius = rng.rand() * 375, rng.rand() * 500, 20 + rng.rand() * 80
+      blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius ** 2))
+      image += blob[..., None] * rng.rand(3) * 150
+    image += rng.randn(*image.shape) * 6
+    name = f'images/{i:05d}.jpg'
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+        os.path.join(root, name), quality=90)
+    rows.append(f'{name},label{i % 5} label{(i * 7) % 11}')
+  with open(os.path.join(root, 'train.csv'), 'w') as f:
+    f.write('filename,labels\n' + '\n'.join(rows) + '\n')
+  return root
+
+
+def input_pipeline_rate(config, num_images, batch_size):
+  """Images/s of input_pipeline.ImageSplit (read, decode, resize, flip, batch) over one epoch of
+  num_images JPEGs, after a warm-up epoch."""
+  from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as root:
+    write_photos(root, num_images)
+    data_config = folder_config.get_config()
+    data_config.dataset.path = root
+    data_config.dataset.test_fraction = data_config.validation_fraction = 0.01
+    data_config.image_size = config.image_size
+    data_config.dataset.parallel_calls = config.dataset.get('parallel_calls', -1)
+    split = input_pipeline.load(data_config).train
+    rates = []
+    for epoch in (1, 2):
+      start, count = time.perf_counter(), 0
+      for batch in split.train_batches(batch_size, seed=0, epoch=epoch, config=None):
+        count += len(batch['images'])
+      rates.append(count / (time.perf_counter() - start))
+    return rates[-1]
+
+
+def benchmark(config, steps=20, num_labels=20, input_images=256):
+  method = losses.get_method(config.loss)
+  mesh = sharding.create_mesh()
+  dtype = jax.numpy.bfloat16 if config.half_precision else jax.numpy.float32
+  model = models.create_model(config.model, method.head, num_labels, dtype=dtype)
+  image_shape = (config.image_size, config.image_size, 3)
+  rng = np.random.RandomState(0)
+  num_train = max(config.batch_size * 4, 64)
+  observed = np.zeros((num_train, num_labels), np.int32)
+  observed[np.arange(num_train), rng.randint(0, num_labels, num_train)] = 1
+  template_config = config.copy_and_resolve_references()
+  template_config.unlock()
+  template_config.init_from = ''
+  state = train.create_train_state(template_config, model, method, jax.random.key(0),
+                                   image_shape, observed_labels=observed)
+  state = sharding.replicate(state, mesh)
+  hyperparameters = train.loss_hyperparameters(method, config, observed)
+  train_fn, eval_fn = train.make_step_functions(method, config, mesh, hyperparameters)
+  schedule = {key: np.asarray(value) for key, value in (
+      method.schedule(2, config.batch_size * num_labels, config) if method.schedule else {}
+  ).items()}
+  batch_size = config.batch_size
+  indices = np.arange(batch_size, dtype=np.int32)
+  batch = sharding.shard_batch({
+      'images': rng.randint(0, 256, (batch_size,) + image_shape).astype(np.uint8),
+      'labels': observed[indices], 'indices': indices}, mesh)
+
+  start = time.perf_counter()
+  compiled = train_fn.lower(state, batch, schedule).compile()
+  compile_seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  step_memory_mb = None
+  if memory is not None:
+    step_memory_mb = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+                      memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
+  for _ in range(2):  # warm-up
+    state, metrics = train_fn(state, batch, schedule)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = train_fn(state, batch, schedule)
+  jax.block_until_ready(metrics)
+  train_rate = steps * batch_size / (time.perf_counter() - start)
+
+  eval_batch = sharding.shard_batch({
+      'images': rng.randint(0, 256, (config.eval_batch_size,) + image_shape).astype(np.uint8),
+      'indices': np.arange(config.eval_batch_size, dtype=np.int32),
+      'mask': np.ones(config.eval_batch_size, bool)}, mesh)
+  jax.block_until_ready(eval_fn(state, eval_batch))
+  eval_steps = max(2, steps // 4)
+  start = time.perf_counter()
+  for _ in range(eval_steps):
+    result = eval_fn(state, eval_batch)
+  jax.block_until_ready(result)
+  eval_rate = eval_steps * config.eval_batch_size / (time.perf_counter() - start)
+
+  input_rate = (input_pipeline_rate(config, input_images, batch_size)
+                if input_images else None)
+  return {
+      'framework': 'jax', 'train_images_per_sec': round(train_rate, 2),
+      'compile_seconds': round(compile_seconds, 2),
+      'eval_images_per_sec': round(eval_rate, 2),
+      'input_images_per_sec': None if input_rate is None else round(input_rate, 1),
+      'step_memory_mb': None if step_memory_mb is None else round(step_memory_mb, 1),
+      'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'jax': jax.__version__,
+      'config': {'model': config.model, 'loss': config.loss, 'image_size': config.image_size,
+                 'batch_size': batch_size, 'half_precision': bool(config.half_precision),
+                 'num_labels': num_labels},
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host.setup()
+  print(json.dumps(benchmark(FLAGS.config, FLAGS.steps, FLAGS.num_labels, FLAGS.input_images)))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
