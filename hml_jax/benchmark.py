@@ -47,7 +47,8 @@ def define_flags():
 
 def write_photos(root, num_images, seed=0):
   """num_images smooth random 500x375 photos (gradients, blobs, a little noise; they compress
-  like real ones, quality 90) and a train.csv: a folder dataset (hml_jax/datasets/folder.py)."""
+  like real ones, quality 90) as a folder dataset (hml_jax/datasets/folder.py): all but the
+  last in train.csv, the last in test.csv."""
   rng = np.random.RandomState(seed)
   os.makedirs(os.path.join(root, 'images'), exist_ok=True)
   yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
@@ -65,8 +66,11 @@ def write_photos(root, num_images, seed=0):
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
         os.path.join(root, name), quality=90)
     rows.append(f'{name},label{i % 5} label{(i * 7) % 11}')
+  # The last image is the test split: the measurement reads train.csv's images.
   with open(os.path.join(root, 'train.csv'), 'w') as f:
-    f.write('filename,labels\n' + '\n'.join(rows) + '\n')
+    f.write('filename,labels\n' + '\n'.join(rows[:-1]) + '\n')
+  with open(os.path.join(root, 'test.csv'), 'w') as f:
+    f.write('filename,labels\n' + rows[-1] + '\n')
   return root
 
 
@@ -78,7 +82,7 @@ def input_pipeline_rate(config, num_images, batch_size):
     write_photos(root, num_images)
     data_config = folder_config.get_config()
     data_config.dataset.path = root
-    data_config.dataset.test_fraction = data_config.validation_fraction = 0.01
+    data_config.validation_fraction = 1.0 / (num_images - 1)  # one validation image
     data_config.image_size = config.image_size
     data_config.dataset.parallel_calls = config.dataset.get('parallel_calls', -1)
     split = input_pipeline.load(data_config).train

@@ -48,7 +48,6 @@ def main():
     write_photos(root, args.num_images)
     config = folder_config.get_config()
     config.dataset.path = root
-    config.dataset.test_fraction = 0.01
     config.validation_fraction = 0.01
     config.image_size = args.image_size
     print(f'{os.cpu_count()} CPU cores; {args.num_images} JPEGs of 500x375 -> '
