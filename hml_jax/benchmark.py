@@ -86,6 +86,7 @@ def input_pipeline_rate(config, num_images, batch_size):
     data_config.image_size = config.image_size
     data_config.dataset.parallel_calls = config.dataset.get('parallel_calls', -1)
     split = input_pipeline.load(data_config).train
+    batch_size = min(batch_size, len(split))
     rates = []
     for epoch in (1, 2):
       start, count = time.perf_counter(), 0
