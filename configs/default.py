@@ -70,6 +70,11 @@ def get_config():
   config.num_epochs = 10           # the paper trains 10 epochs and keeps the best by validation
   config.seed = 0                  # initialization and data order
 
+  # A step whose loss or gradient is NaN/Inf is never applied; 'stop' ends training with an error
+  # naming the step and the quantity (the last checkpoint is kept), 'skip' goes on and counts
+  # such steps (results.json: skipped_steps per epoch).
+  config.nonfinite = 'stop'
+
   config.log_every_steps = 20
   config.checkpoints_to_keep = 2
   return config

@@ -10,7 +10,10 @@ workdir/config.json: the config of the run, checked when the same workdir is use
 """
 import json
 import os
+import socket
+import time
 
+from absl import logging
 import flax
 import jax
 import ml_collections
@@ -21,6 +24,12 @@ import orbax.checkpoint as ocp
 RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_keep',
                             'eval_batch_size', 'dataset.data_dir', 'dataset.manual_dir',
                             'dataset.parallel_calls'})
+
+
+# Keys added to the configs after runs were made: a workdir whose config.json lacks one was made
+# with the behaviour of this value, so it still resumes (and is reused by compare) when the key
+# has it now.
+ADDED_KEYS = {'nonfinite': 'stop'}
 
 
 def flatten(tree, prefix=''):
@@ -55,7 +64,9 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
   differences = [f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '
                  f'{current.get(key, "<absent>")!r} now'
                  for key in sorted(set(saved) | set(current))
-                 if key not in resumable_keys and saved.get(key) != current.get(key)]
+                 if key not in resumable_keys and saved.get(key) != current.get(key)
+                 and not (key not in saved and key in ADDED_KEYS
+                          and current.get(key) == ADDED_KEYS[key])]
   if differences:
     raise ValueError(f'{workdir} holds a run made with a different config, so it cannot be '
                      'resumed; use another --workdir (nothing was changed). Differences:\n  ' +
@@ -115,10 +126,64 @@ def read_dataset_info(workdir: str):
           'example_shape': list(builder.info.features['image'].shape), 'num_train': num_train}
 
 
+class WorkdirLock:
+  """workdir/lock while a run trains there: a second run on the same workdir is refused instead
+  of both writing. A lock left by a process that no longer runs (killed) on this host is taken
+  over with a warning; one from another host must be removed by hand after checking."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'lock')
+    self.owner = f'{socket.gethostname()} {os.getpid()}'
+
+  def _holder(self):
+    try:
+      with open(self.path) as f:
+        host, pid = f.read().split()[:2]
+      return host, int(pid)
+    except (OSError, ValueError):
+      return None
+
+  def __enter__(self):
+    for _ in range(2):
+      try:
+        descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        holder = self._holder()
+        if holder and holder[0] == socket.gethostname() and not _process_alive(holder[1]):
+          logging.warning('Taking over %s, left by process %d, which is no longer running.',
+                          self.path, holder[1])
+          os.remove(self.path)
+          continue
+        who = f'process {holder[1]} on {holder[0]}' if holder else 'another run'
+        raise RuntimeError(f'{os.path.dirname(self.path)} is in use by {who} ({self.path}); '
+                           'two runs must not share a workdir. Wait for it, use another '
+                           '--workdir, or delete the lock file if that run is gone.') from None
+      with os.fdopen(descriptor, 'w') as f:
+        f.write(self.owner + '\n')
+      return self
+    raise RuntimeError(f'Could not take {self.path}.')
+
+  def __exit__(self, *exc):
+    if self._holder() == (socket.gethostname(), os.getpid()):
+      os.remove(self.path)
+    return False
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 class Checkpointer:
   """Latest and best checkpoints of one run."""
 
   def __init__(self, workdir: str, keep: int):
+    self.workdir = os.path.abspath(workdir)
     options = dict(create=True, enable_async_checkpointing=False)
     # Synchronous saves: the train step donates the state's buffers, so a background copy of them
     # could race with the next step.
@@ -127,6 +192,11 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
     self.best = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'best'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+    # Mid-epoch checkpoints written on SIGTERM / Ctrl-C, by global step; removed once the epoch
+    # they interrupted is finished and saved.
+    self.preempted = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'preempted'),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
 
   @staticmethod
@@ -137,11 +207,24 @@ class Checkpointer:
   def save(self, epoch: int, state, history, is_best: bool) -> None:
     # Best first: a crash between the two saves then repeats this epoch on resume (and replaces
     # its best checkpoint) instead of resuming past an epoch whose best checkpoint is missing.
-    if is_best:
-      if epoch in self.best.all_steps():
-        self.best.delete(epoch)
-      self.best.save(epoch, args=self._args(state, history))
-    self.latest.save(epoch, args=self._args(state, history))
+    try:
+      if is_best:
+        if epoch in self.best.all_steps():
+          self.best.delete(epoch)
+        self.best.save(epoch, args=self._args(state, history))
+      self.latest.save(epoch, args=self._args(state, history))
+    except OSError as error:
+      raise _save_error(f'epoch {epoch}', self.latest, error) from error
+    for step in self.preempted.all_steps():
+      self.preempted.delete(step)
+
+  def save_preempted(self, step: int, state, history) -> None:
+    """A mid-epoch checkpoint (history['partial'] says how far the epoch got)."""
+    try:
+      self.preempted.save(step, args=self._args(state, history), force=True)
+      self.preempted.wait_until_finished()
+    except OSError as error:
+      raise _save_error(f'step {step}', self.latest, error) from error
 
   def _restore(self, manager, step, state):
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
@@ -151,11 +234,50 @@ class Checkpointer:
     return flax.serialization.from_state_dict(state, restored['state']), restored['history']
 
   def restore_latest(self, state):
-    """(state, history) of the newest checkpoint, or None if there is none."""
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    return self._restore(self.latest, step, state)
+    """(state, history) of the newest checkpoint that restores, or None if there is none: a
+    mid-epoch (preempted) one if it is newer than the last finished epoch, else the newest
+    epoch. A checkpoint that fails to restore (half-written, corrupt) is skipped with a warning
+    naming it, and the next older one is tried."""
+    epochs_done = max(self.latest.all_steps(), default=0)
+    candidates = ([(self.preempted, step) for step in sorted(self.preempted.all_steps())[::-1]] +
+                  [(self.latest, step) for step in sorted(self.latest.all_steps())[::-1]])
+    unreadable = []
+    for manager, step in candidates:
+      try:
+        state_and_history = self._restore(manager, step, state)
+      except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+        logging.warning('Checkpoint %s is unreadable (%s: %s); trying an older one.',
+                        os.path.join(manager.directory, str(step)), type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else '')
+        unreadable.append((manager, step))
+        continue
+      if manager is self.preempted and state_and_history[1].get('partial', {}).get(
+          'epoch', 0) <= epochs_done:
+        continue  # an epoch finished after it was written
+      self._set_aside(unreadable)
+      return state_and_history
+    if any(manager is self.latest for manager, _ in candidates):
+      # Starting over would overwrite them: refuse instead.
+      raise RuntimeError(f'No checkpoint in {self.latest.directory} restores (see the warnings '
+                         'above); nothing was changed. Use another --workdir, or remove the '
+                         'damaged checkpoints to start over.')
+    return None
+
+  def _set_aside(self, unreadable):
+    """Moves unreadable checkpoints to workdir/unreadable_checkpoints/ (kept for inspection),
+    so that the epochs trained again can be saved under their numbers."""
+    if jax.process_index() > 0:  # process 0 moves them; the others only look again
+      for manager, _ in unreadable:
+        manager.reload()
+      return
+    for manager, step in unreadable:
+      source = os.path.join(manager.directory, str(step))
+      target = os.path.join(self.workdir, 'unreadable_checkpoints',
+                            f'{os.path.basename(str(manager.directory))}_{step}_{int(time.time())}')
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(source, target)
+      logging.warning('Moved the unreadable checkpoint %s to %s.', source, target)
+      manager.reload()
 
   def restore_best(self, state):
     step = self.best.latest_step()
@@ -166,3 +288,12 @@ class Checkpointer:
   def wait(self):
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
+
+
+def _save_error(what, manager, error):
+  steps = manager.all_steps()
+  kept = (f'the checkpoint of epoch {max(steps)} in {manager.directory} is intact and the run '
+          'resumes from it' if steps else 'no earlier checkpoint exists')
+  return RuntimeError(f'Could not save the checkpoint of {what} ({type(error).__name__}: '
+                      f'{error}); {kept}. Free disk space or make the workdir writable, then run '
+                      'the same command again.')

@@ -44,8 +44,10 @@ class Split:
   def __len__(self):
     return len(self.labels)
 
-  def train_batches(self, batch_size: int, seed: int, epoch: int, config) -> Iterator[dict]:
-    """len(self) // batch_size batches: {'images', 'labels' (observed), 'indices' (rows)}."""
+  def train_batches(self, batch_size: int, seed: int, epoch: int, config,
+                    start_step: int = 0) -> Iterator[dict]:
+    """len(self) // batch_size batches: {'images', 'labels' (observed), 'indices' (rows)}; from
+    start_step on (the batches before it are the ones an uninterrupted epoch would have seen)."""
     raise NotImplementedError
 
   def eval_batches(self, batch_size: int) -> Iterator[dict]:
@@ -113,16 +115,21 @@ class ArraySplit(Split):
     self.examples, self.labels, self.observed = examples, labels, observed
     self.example_shape = tuple(examples.shape[1:])
 
-  def train_batches(self, batch_size, seed, epoch, config):
+  def train_batches(self, batch_size, seed, epoch, config, start_step=0):
     # The permutation and the augmentation depend only on (seed, epoch).
     rng = np.random.RandomState([seed, epoch])
     permutation = rng.permutation(len(self))
     is_image = self.examples.ndim == 4
+    max_shift = config.get('augment_max_shift', 0) if is_image else 0
     for step in range(num_train_steps_per_epoch(self, batch_size)):
       indices = np.sort(permutation[step * batch_size:(step + 1) * batch_size])
+      if step < start_step:  # draw the skipped batch's shifts: the same random stream after it
+        if max_shift > 0:
+          rng.randint(0, 2 * max_shift + 1, size=(len(indices), 2))
+        continue
       examples = self.examples[indices]
       if is_image:
-        examples = random_shift(examples, config.get('augment_max_shift', 0), rng)
+        examples = random_shift(examples, max_shift, rng)
       # Every process draws the same global batch and keeps its share.
       yield local_part({'images': examples, 'labels': self.observed[indices],
                         'indices': indices.astype(np.int32)})
@@ -181,8 +188,9 @@ class ImageSplit(Split):
     dataset = dataset.filter(lambda record: record['row'] >= 0)
     return dataset.shard(jax.process_count(), jax.process_index())
 
-  def dataset(self, batch_size: int, seed: int, epoch: int):
-    """The tf.data pipeline of one training epoch (exposed for the throughput benchmark)."""
+  def dataset(self, batch_size: int, seed: int, epoch: int, start_step: int = 0):
+    """The tf.data pipeline of one training epoch from start_step on (exposed for the throughput
+    benchmark)."""
     import jax  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     shuffle_seed = epoch_seed(seed, epoch)
@@ -192,6 +200,9 @@ class ImageSplit(Split):
       # memory of encoded images held (about 150 kB each for COCO).
       dataset = dataset.shuffle(min(self.shuffle_buffer, len(self)), seed=shuffle_seed,
                                 reshuffle_each_iteration=False)
+    local_batch = batch_size // jax.process_count()
+    # Resuming mid-epoch: drop the records of the steps already done, before any decoding.
+    dataset = dataset.skip(start_step * local_batch)
     image_size, flip = self.image_size, self.flip
 
     def preprocess(record):
@@ -203,15 +214,14 @@ class ImageSplit(Split):
 
     # Parallel, but deterministic: the batch order must not depend on thread timing.
     dataset = dataset.map(preprocess, num_parallel_calls=self.parallel_calls, deterministic=True)
-    local_batch = batch_size // jax.process_count()
     dataset = dataset.batch(local_batch, drop_remainder=True)
     # Every process runs the same number of steps (shards may differ by one example).
-    dataset = dataset.take(num_train_steps_per_epoch(self, batch_size))
+    dataset = dataset.take(num_train_steps_per_epoch(self, batch_size) - start_step)
     return dataset.prefetch(AUTOTUNE)
 
-  def train_batches(self, batch_size, seed, epoch, config):
+  def train_batches(self, batch_size, seed, epoch, config, start_step=0):
     del config  # augmentation is fixed at construction (flip)
-    for batch in self.dataset(batch_size, seed, epoch).as_numpy_iterator():
+    for batch in self.dataset(batch_size, seed, epoch, start_step).as_numpy_iterator():
       batch['labels'] = self.observed[batch['indices']]
       yield batch
 

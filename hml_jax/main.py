@@ -7,6 +7,7 @@ e.g. --config.loss=an --config.label_scenario=full.
   (hml_jax/evaluate.py), printed and written to DIR/eval_<split>.json; the config comes from DIR.
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow; keep its log quiet
 
@@ -18,6 +19,7 @@ from ml_collections import config_flags
 
 from hml_jax import evaluate
 from hml_jax import host
+from hml_jax import preemption
 from hml_jax import train
 
 FLAGS = flags.FLAGS
@@ -51,7 +53,11 @@ def main(argv):
     raise app.UsageError('--config is required to train (e.g. --config=configs/default.py).')
   logging.info('JAX %s: %d process(es), devices %s', jax.__version__, jax.process_count(),
                jax.devices())
-  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as stopped:
+    logging.warning('%s', stopped)
+    sys.exit(143 if stopped.signal_name == 'SIGTERM' else 130)  # 128 + the signal's number
   logging.info('Best epoch %d: val mAP %.2f, test mAP %.2f (last epoch test mAP %.2f). %s',
                results['best_epoch'], results['val_map'], results['test_map'],
                results['last_test_map'], os.path.join(FLAGS.workdir, 'results.json'))

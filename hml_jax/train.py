@@ -23,6 +23,7 @@ from hml_jax import labels as labels_lib
 from hml_jax import losses
 from hml_jax import metrics as metrics_lib
 from hml_jax import models
+from hml_jax import preemption
 from hml_jax import sharding
 
 
@@ -48,6 +49,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config[key] <= 0 or config[key] % num_devices:
       raise ValueError(f'config.{key}={config[key]} must be a positive multiple of the '
                        f'{num_devices} devices it is split over.')
+  if config.nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
     raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
 
@@ -209,13 +212,23 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
     return loss, (updates, parts)
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
+  new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
   if method.updates_labels:
     modified = parts.pop('modified_labels')
-    state = state.replace(observed_labels=state.observed_labels.at[batch['indices']].max(
-        modified.astype(jnp.float32)))
+    new_state = new_state.replace(observed_labels=new_state.observed_labels.at[
+        batch['indices']].max(modified.astype(jnp.float32)))
     parts['labels_modified'] = jnp.sum(modified)
-  step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
+  # A step with a NaN or Inf loss or gradient changes nothing (so the state stays good); the
+  # host stops or counts it (config.nonfinite), naming the first bad quantity.
+  finite_gradients = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+  is_finite = jnp.isfinite(loss) & jnp.all(finite_gradients)
+  state = jax.tree_util.tree_map(lambda new, old: jnp.where(is_finite, new, old), new_state, state)
+  step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts,
+                  'nonfinite': 1.0 - is_finite.astype(jnp.float32),
+                  # -1: the loss itself; else the first parameter (tree_leaves order) whose
+                  # gradient is not finite (only meaningful when 'nonfinite' is 1).
+                  'first_nonfinite_gradient': jnp.where(
+                      jnp.isfinite(loss), jnp.argmin(finite_gradients), -1)}
   if method.head == 'cosine':
     step_metrics['scale'], step_metrics['margin'] = scale_and_margin(state.params, config, method)
   return state, step_metrics
@@ -319,9 +332,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   Running the same command again resumes from the newest checkpoint in workdir.
   """
-  start_time = time.time()
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() > 0:  # process 0 holds the workdir's lock for all of them
+    return _train_and_evaluate(config, workdir)
+  with checkpoints.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir):
+  start_time = time.time()
   method = losses.get_method(config.loss)
   # APL's pseudo-label counts depend on num_epochs, so it cannot change when resuming.
   checkpoints.check_config(workdir, config, checkpoints.RESUMABLE_KEYS - (
@@ -338,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = manager.restore_latest(state)
+  partial = None
   data_fingerprint = input_pipeline.fingerprint(data)
   if restored is None and jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
@@ -346,7 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   elif restored is not None:
     checkpoints.check_dataset(workdir, data_fingerprint)
     state, history = restored
-    logging.info('Resumed from epoch %d in %s.', len(history['epochs']), workdir)
+    partial = history.pop('partial', None)
+    logging.info('Resumed from epoch %d%s in %s.', len(history['epochs']),
+                 f" and {len(partial['step_metrics'])} steps of epoch {partial['epoch']}"
+                 if partial else '', workdir)
   first_epoch = len(history['epochs']) + 1
   if first_epoch > config.num_epochs:
     logging.info('All %d epochs are done in %s; rewriting results.json only.', config.num_epochs,
@@ -367,59 +391,117 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=steps_per_epoch * config.num_epochs, writer=writer)
 
-  for epoch in range(first_epoch, config.num_epochs + 1):
-    state, train_summary = train_one_epoch(train_fn, method, state, data.train, config, epoch,
-                                           mesh, writer, report_progress)
-    history['train_seconds'] += train_summary.pop('seconds')
-    history['train_images'] += train_summary.pop('images')
-    if method.pseudo_labels:
-      state = update_pseudo_labels(eval_fn, state, data, config, epoch, mesh)
-    validation = evaluate(eval_fn, state, data.validation, config, mesh)
-    test = evaluate(eval_fn, state, data.test, config, mesh)
-    # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none.
-    scale, margin = ((float(x) for x in scale_and_margin(jax.device_get(state.params), config,
-                                                         method))
-                     if method.head == 'cosine' else (None, None))
-    record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
-              'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
-              # Summed over the epoch's steps: paper Fig. 3's accumulated gradients.
-              'positive_gradient': train_summary['positive_gradient'] * steps_per_epoch,
-              'negative_gradient': train_summary['negative_gradient'] * steps_per_epoch,
-              'val_map': _as_percent(validation['map']), 'test_map': _as_percent(test['map']),
-              'scale': scale, 'margin': margin,
-              'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]}
-    writer.write_scalars(record['step'], {
-        'val_map': record['val_map'], 'test_map': record['test_map'], 'epoch': epoch,
-        'train_loss_epoch': record['train_loss']})
-    logging.info('Epoch %d: train loss %.4f, val mAP %.2f, test mAP %.2f%s.', epoch,
-                 record['train_loss'], record['val_map'], record['test_map'],
-                 f', s {scale:.3f}, m {margin:.4f}' if scale is not None else '')
-    # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
-    is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'])
-    history['epochs'].append(record)
-    history['wall_seconds'] += time.time() - start_time
-    start_time = time.time()
-    manager.save(epoch, state, history, is_best=is_best)
+  def save_partial(state, step_metrics, step):
+    manager.save_preempted(step, state, {**history, 'partial': {
+        'epoch': epoch, 'step_metrics': step_metrics}})
+
+  with preemption.Guard() as guard:
+    for epoch in range(first_epoch, config.num_epochs + 1):
+      state, history = _train_and_evaluate_epoch(
+          epoch, state, history, manager, train_fn, eval_fn, method, data, config, mesh, writer,
+          report_progress, guard, partial if epoch == first_epoch else None, save_partial,
+          steps_per_epoch)
+      history['wall_seconds'] += time.time() - start_time
+      start_time = time.time()
   writer.flush()
   manager.wait()
   return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
 
 
-def train_one_epoch(train_fn, method, state, split, config, epoch, mesh, writer, report_progress):
+def _train_and_evaluate_epoch(epoch, state, history, manager, train_fn, eval_fn, method, data,
+                              config, mesh, writer, report_progress, guard, partial, save_partial,
+                              steps_per_epoch):
+  """One epoch: train, (pseudo-labels,) evaluate, record, checkpoint. Returns (state, history)."""
+  state, train_summary = train_one_epoch(train_fn, method, state, data.train, config, epoch,
+                                         mesh, writer, report_progress, guard, partial,
+                                         save_partial)
+  history['train_seconds'] += train_summary.pop('seconds')
+  history['train_images'] += train_summary.pop('images')
+  if method.pseudo_labels:
+    state = update_pseudo_labels(eval_fn, state, data, config, epoch, mesh)
+  validation = evaluate(eval_fn, state, data.validation, config, mesh)
+  test = evaluate(eval_fn, state, data.test, config, mesh)
+  # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none.
+  scale, margin = ((float(x) for x in scale_and_margin(jax.device_get(state.params), config,
+                                                       method))
+                   if method.head == 'cosine' else (None, None))
+  record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
+            'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
+            # Summed over the epoch's steps: paper Fig. 3's accumulated gradients.
+            'positive_gradient': train_summary['positive_gradient'] * steps_per_epoch,
+            'negative_gradient': train_summary['negative_gradient'] * steps_per_epoch,
+            'val_map': _as_percent(validation['map']), 'test_map': _as_percent(test['map']),
+            'scale': scale, 'margin': margin,
+            'skipped_steps': train_summary['skipped_steps'],
+            'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]}
+  writer.write_scalars(record['step'], {
+      'val_map': record['val_map'], 'test_map': record['test_map'], 'epoch': epoch,
+      'train_loss_epoch': record['train_loss']})
+  logging.info('Epoch %d: train loss %.4f, val mAP %.2f, test mAP %.2f%s.', epoch,
+               record['train_loss'], record['val_map'], record['test_map'],
+               f', s {scale:.3f}, m {margin:.4f}' if scale is not None else '')
+  # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
+  is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'])
+  history['epochs'].append(record)
+  manager.save(epoch, state, history, is_best=is_best)
+  return state, history
+
+
+def parameter_names(params):
+  """'model/backbone/conv1/kernel', ... in tree_leaves order (that of the gradients)."""
+  return ['/'.join(str(getattr(key, 'key', key)) for key in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def check_finite(fetched, config, names):
+  """fetched: [(step, host metrics)]. With config.nonfinite = 'stop', the first step whose loss
+  or gradient was NaN or Inf (the train step left the state unchanged) stops training."""
+  for step, metrics in fetched:
+    if metrics['nonfinite'] and config.nonfinite == 'stop':
+      leaf = int(metrics['first_nonfinite_gradient'])
+      quantity = 'the loss' if leaf < 0 else f'the gradient of {names[leaf]}'
+      raise FloatingPointError(
+          f'Step {step}: {quantity} is NaN or Inf. The step was not applied and no checkpoint '
+          'was written after the last finished epoch, which the same command resumes from. '
+          'Lower config.learning_rate, or set config.nonfinite=skip to skip such steps (they '
+          'are counted as skipped_steps).')
+
+
+def train_one_epoch(train_fn, method, state, split, config, epoch, mesh, writer, report_progress,
+                    guard=None, partial=None, save_partial=None):
   """Runs one epoch of train steps; returns (state, summary of the epoch's mean metrics, plus
-  'seconds' and 'images' trained after the first step, which may include compilation)."""
+  'seconds' and 'images' trained after the first step, which may include compilation, and
+  'skipped_steps').
+
+  partial: {'step_metrics': [...]} of the steps of this epoch done before a preemption: they are
+  skipped (the data order is a function of (seed, epoch)) and count in the summary. When guard
+  says stop, save_partial(state, step_metrics, step) writes a checkpoint and Preempted is raised.
+  """
   steps_per_epoch = input_pipeline.num_train_steps_per_epoch(split, config.batch_size)
   schedule = {}
   if method.schedule is not None:
     schedule = method.schedule(epoch, config.batch_size * split.labels.shape[1], config)
     logging.info('Epoch %d loss schedule: %s', epoch, schedule)
   schedule = {key: jnp.asarray(value) for key, value in schedule.items()}
-  step_metrics, timer_start, timed_images = [], None, 0
-  batches = split.train_batches(config.batch_size, config.seed, epoch, config)
-  for index, batch in enumerate(batches):
+  names = parameter_names(state.params)
+  done = list(partial['step_metrics']) if partial else []
+  pending, timer_start, timed_images = [], None, 0
+
+  def fetch():
+    fetched = jax.device_get(pending)
+    pending.clear()
+    fetched = [(step, {key: float(value) for key, value in metrics.items()})
+               for step, metrics in fetched]
+    check_finite(fetched, config, names)
+    done.extend(metrics for _, metrics in fetched)
+    return fetched
+
+  batches = split.train_batches(config.batch_size, config.seed, epoch, config,
+                                start_step=len(done))
+  for index, batch in enumerate(batches, start=len(done)):
     step = (epoch - 1) * steps_per_epoch + index + 1
     state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), schedule)
-    step_metrics.append(metrics)
+    pending.append((step, metrics))
     if timer_start is None:
       jax.block_until_ready(metrics)
       timer_start = time.time()
@@ -427,10 +509,16 @@ def train_one_epoch(train_fn, method, state, split, config, epoch, mesh, writer,
       timed_images += config.batch_size
     report_progress(step, time.time())
     if step % config.log_every_steps == 0:
-      writer.write_scalars(step, jax.device_get(metrics))  # also bounds the queued steps
-  step_metrics = jax.device_get(step_metrics)  # waits for the last step
-  summary = {key: float(np.mean([m[key] for m in step_metrics])) for key in step_metrics[0]}
-  summary.update(seconds=time.time() - timer_start, images=timed_images)
+      writer.write_scalars(step, fetch()[-1][1])  # also bounds the queued steps
+    if guard is not None and guard.should_stop(step):
+      fetch()
+      save_partial(state, done, step)
+      raise preemption.Preempted(step, guard.signal_name)
+  fetch()
+  summary = {key: float(np.mean([m[key] for m in done])) for key in done[0]
+             if key != 'first_nonfinite_gradient'}
+  summary['skipped_steps'] = int(sum(m['nonfinite'] for m in done))
+  summary.update(seconds=time.time() - (timer_start or time.time()), images=timed_images)
   return state, summary
 
 

@@ -1,0 +1,195 @@
+"""Faults injected on purpose: kills and preemption signals mid-epoch, corrupt checkpoints, a
+failing disk, NaN losses and gradients, two runs on one workdir. Nothing beyond the last
+checkpoint may be lost, and a resumed run must equal one that was never interrupted (bitwise on
+CPU)."""
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hml_jax import checkpoints, losses, train
+from tests.helpers import read_results, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 12  # tiny: 192 training images, batch 16
+
+
+@pytest.fixture(scope='module')
+def reference(tfds_dir, tmp_path_factory):
+  """An uninterrupted 3-epoch run of the tiny config."""
+  workdir = tmp_path_factory.mktemp('reference')
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  return workdir
+
+
+def final_state(workdir):
+  """The newest checkpoint's train state, every array as bytes (for exact comparison)."""
+  _, _, state = train.load_trained_state(str(workdir), 'latest')
+  return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
+                                {'params': state.params, 'stats': state.batch_stats,
+                                 'opt': state.opt_state, 'step': state.step})
+
+
+def comparable_results(workdir):
+  results = read_results(workdir)
+  del results['config']['log_every_steps']  # only how often metrics are logged
+  return results
+
+
+def assert_equal_runs(workdir, reference_workdir):
+  assert comparable_results(workdir) == comparable_results(reference_workdir)
+  assert final_state(workdir) == final_state(reference_workdir)
+
+
+def cli(workdir, tfds_dir, *extra):
+  return [sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.dataset.data_dir={tfds_dir}',
+          '--config.num_epochs=3', '--config.log_every_steps=1', *extra]
+
+
+def start_and_wait_for_epoch_2(command):
+  """Starts the CLI; returns it once it is inside epoch 2 (epoch 1's checkpoint exists)."""
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=ROOT))
+  workdir = command[4].split('=', 1)[1]
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(workdir, 'checkpoints', '1')):
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.02)
+  return process
+
+
+def test_sigkill_at_a_random_step_resumes_bitwise(tfds_dir, tmp_path, reference):
+  workdir = tmp_path / 'killed'
+  command = cli(workdir, tfds_dir)
+  target = random.Random().randint(STEPS_PER_EPOCH + 1, 3 * STEPS_PER_EPOCH - 1)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=ROOT))
+  for line in process.stderr:  # every step's metrics are logged as "[step] ..."
+    if f'] [{target}] ' in line:
+      process.send_signal(signal.SIGKILL)
+      break
+  process.wait()
+  assert process.returncode == -signal.SIGKILL, f'never reached step {target}' 
+  assert not (workdir / 'results.json').exists()
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  assert_equal_runs(workdir, reference)
+
+
+@pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_preemption_signal_saves_the_current_step_and_resumes_bitwise(tfds_dir, tmp_path,
+                                                                      reference, signum, code):
+  workdir = tmp_path / signal.Signals(signum).name
+  command = cli(workdir, tfds_dir)
+  process = start_and_wait_for_epoch_2(command)
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == code, stderr[-3000:]
+  saved = [int(step) for step in os.listdir(workdir / 'preempted') if step.isdigit()]
+  assert len(saved) == 1 and saved[0] > STEPS_PER_EPOCH  # after epoch 1's checkpoint
+  assert f'saved a checkpoint at step {saved[0]}' in stderr
+  resumed = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+  epoch, done = (saved[0] - 1) // STEPS_PER_EPOCH + 1, (saved[0] - 1) % STEPS_PER_EPOCH + 1
+  assert f'and {done} steps of epoch {epoch}' in resumed.stderr
+  assert_equal_runs(workdir, reference)
+  assert not os.listdir(workdir / 'preempted')  # removed once epoch 2 was saved
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tfds_dir, tmp_path, reference,
+                                                              caplog):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  newest = workdir / 'checkpoints' / '3'
+  damaged = max((p for p in newest.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  damaged.write_bytes(damaged.read_bytes()[:100])  # truncated, as by a crash mid-write
+  os.remove(workdir / 'results.json')
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  assert f'Checkpoint {newest} is unreadable' in caplog.text
+  assert_equal_runs(workdir, reference)
+
+
+def test_best_checkpoint_survives_retention(tfds_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  results = train.train_and_evaluate(
+      tiny_config(tfds_dir, num_epochs=3, checkpoints_to_keep=1), str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+  assert os.listdir(workdir / 'best') == [str(results['best_epoch'])]
+
+
+def test_failed_save_is_clear_and_the_previous_checkpoint_restores(tfds_dir, tmp_path,
+                                                                   reference, monkeypatch):
+  workdir = tmp_path / 'run'
+  original = ocp.CheckpointManager.save
+
+  def failing_save(manager, step, *args, **kwargs):
+    if step == 2:
+      raise OSError(28, 'No space left on device')
+    return original(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', failing_save)
+  with pytest.raises(RuntimeError, match=r'checkpoint of epoch 2 .*No space left on device.*'
+                     r'epoch 1 .* is intact'):
+    train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', original)
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  assert_equal_runs(workdir, reference)
+
+
+def nan_method(kind):
+  """'an' whose loss is NaN, or finite with NaN gradients (sqrt at 0)."""
+  method = losses.get_method('an')
+
+  def loss(logits, observed_labels):
+    if kind == 'loss':
+      return jnp.mean(logits) * jnp.nan
+    return jnp.sqrt(jnp.abs(logits[0, 0] - jax.lax.stop_gradient(logits[0, 0])))
+  return dataclasses.replace(method, loss=loss, hyperparameters=())
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('loss', r'Step 1: the loss is NaN or Inf'),
+    ('gradient', r'Step 1: the gradient of model/backbone/\S+ is NaN or Inf')])
+def test_nonfinite_step_stops_naming_it(tfds_dir, tmp_path, monkeypatch, kind, message):
+  monkeypatch.setitem(losses.METHODS, 'an', nan_method(kind))
+  with pytest.raises(FloatingPointError, match=message):
+    train.train_and_evaluate(tiny_config(tfds_dir, loss='an', num_epochs=1), str(tmp_path / kind))
+  assert not os.path.exists(tmp_path / kind / 'checkpoints' / '1')
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tfds_dir, tmp_path, monkeypatch):
+  monkeypatch.setitem(losses.METHODS, 'an', nan_method('loss'))
+  config = tiny_config(tfds_dir, loss='an', num_epochs=1, nonfinite='skip')
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['epochs'][0]['skipped_steps'] == STEPS_PER_EPOCH
+  _, _, state = train.load_trained_state(str(tmp_path / 'run'), 'latest')
+  model = train.models.create_model(config.model, 'linear', 10)
+  initial = train.create_train_state(config, model, losses.get_method('an'),
+                                     jax.random.key(config.seed), (32, 32, 1))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params),
+                         jax.device_get(initial.params))  # no step was applied
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tfds_dir, tmp_path, caplog):
+  workdir = tmp_path / 'run'
+  os.makedirs(workdir)
+  with checkpoints.WorkdirLock(str(workdir)):
+    with pytest.raises(RuntimeError, match=f'in use by process {os.getpid()}'):
+      train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
+  # A lock left by a killed process on this host is taken over.
+  (workdir / 'lock').write_text(f'{os.uname().nodename} 999999999\n')
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
+  assert 'no longer running' in caplog.text and not (workdir / 'lock').exists()
