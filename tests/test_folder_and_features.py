@@ -336,3 +336,23 @@ def test_features_errors(tmp_path, problem, expected):
                                tmp_path / 'nope.npz' if problem == 'missing' else path)
   with pytest.raises((ValueError, FileNotFoundError), match=expected):
     input_pipeline.load(config)
+
+
+def test_folder_reads_every_colour_mode_as_rgb(tmp_path):
+  """Grayscale, CMYK, RGBA, palette and 16-bit images become (H, W, 3) uint8 like the rest."""
+  write_folder(tmp_path)
+  rng = np.random.RandomState(1)
+  rgb = Image.fromarray(rng.randint(0, 256, (40, 50, 3), dtype=np.uint8))
+  rows = ['filename,labels']
+  for i, (mode, extension) in enumerate([('CMYK', 'jpg'), ('RGBA', 'png'), ('P', 'png'),
+                                         ('I;16', 'png'), ('LA', 'png'), ('L', 'jpg')] * 3):
+    path = f'images/mode_{i}.{extension}'
+    rgb.convert(mode).save(tmp_path / path)
+    rows.append(f'{path},{NAMES[i % 4]}')
+  (tmp_path / 'train.csv').write_text('\n'.join(rows) + '\n')
+  config = tiny_image_config(tmp_path)
+  data = input_pipeline.load(config)
+  batches = list(data.train.train_batches(4, seed=0, epoch=1, config=config))
+  assert batches and all(b['images'].shape == (4, 32, 32, 3) for b in batches)
+  evaluated = list(data.validation.eval_batches(8))
+  assert sum(b['mask'].sum() for b in evaluated) == len(data.validation)
