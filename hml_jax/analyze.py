@@ -13,7 +13,6 @@ Writes PNGs and analysis.json (the numbers behind them) into --output:
   training.png           s* and m* per epoch (adaptive runs), and the accumulated positive and
                          negative gradient per epoch (paper Fig. 3), from results.json.
 """
-import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hml_jax import analysis
+from hml_jax import files
 from hml_jax import heads
 from hml_jax import host
 from hml_jax import input_pipeline
@@ -128,6 +128,14 @@ def _title(workdir, config, what):
           f'{config.dataset.name}')
 
 
+def _save(figure, path):
+  """PNG to a local path or a bucket."""
+  import io  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=110)
+  files.write_bytes(path, buffer.getvalue())
+
+
 def plot_correlation(path, correlation, label_names, top_pairs, title):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -148,7 +156,7 @@ def plot_correlation(path, correlation, label_names, top_pairs, title):
   lines = ['Most correlated pairs:'] + [f'{a} – {b}: {value:.3f}' for a, b, value in top_pairs]
   text.text(0.0, 1.0, '\n'.join(lines), va='top', family='monospace', fontsize=9)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  _save(figure, path)
   plt.close(figure)
 
 
@@ -180,7 +188,7 @@ def plot_densities(path, summary, gradients_by_group, outputs_by_group, xlabel, 
   right.set_title('Gradient magnitude each entry receives', fontsize=10)
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  _save(figure, path)
   plt.close(figure)
 
 
@@ -217,7 +225,7 @@ def plot_training(path, epochs, title):
     scale_axis.set_title('Scale and margin at the end of each epoch', fontsize=10)
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  _save(figure, path)
   plt.close(figure)
 
 
@@ -251,8 +259,8 @@ def training_outputs(state, config, split, max_images, mesh):
 
 def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
             max_images: int = 5000) -> Dict:
-  output = output or os.path.join(workdir, 'analysis')
-  os.makedirs(output, exist_ok=True)
+  output = output or files.join(workdir, 'analysis')
+  files.makedirs(output)
   config, method, state = train.load_trained_state(workdir, which)
   scale, margin = (float(x) for x in train.scale_and_margin(state.params, config, method))
   data = input_pipeline.load(config)
@@ -273,7 +281,7 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
     from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top
     report['planted_pair_ranks'] = pair_ranks(correlation, composite_digits.PARTNER_PAIRS)
     report['num_pairs'] = len(pairs)
-  plot_correlation(os.path.join(output, 'label_correlation.png'), correlation, names, top,
+  plot_correlation(files.join(output, 'label_correlation.png'), correlation, names, top,
                    _title(workdir, config, f'Label correlation, Eq. 8 (s={scale:.2f}, '
                           f'm={margin:.3f})'))
 
@@ -287,23 +295,21 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
   report['densities'] = densities(outputs, groups, gradients)
   report['densities']['num_images'] = int(len(outputs))
   xlabel = 'cos(x, w_j)' if method.head == 'cosine' else 'logit'
-  plot_densities(os.path.join(output, 'cosine_densities.png'), report['densities'],
+  plot_densities(files.join(output, 'cosine_densities.png'), report['densities'],
                  {n: gradients[groups[n]] for n in GROUPS},
                  {n: outputs[groups[n]] for n in GROUPS}, xlabel,
                  _title(workdir, config, f'Training split, {len(outputs):,} images'))
 
   # 3. s*, m* and the accumulated gradients per epoch (Fig. 3).
-  results_path = os.path.join(workdir, 'results.json')
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      epochs = json.load(f)['epochs']
+  results_path = files.join(workdir, 'results.json')
+  if files.exists(results_path):
+    epochs = files.read_json(results_path)['epochs']
     report['epochs'] = [{key: e.get(key) for key in ('epoch', 'scale', 'margin',
                                                       'positive_gradient', 'negative_gradient')}
                         for e in epochs]
-    plot_training(os.path.join(output, 'training.png'), epochs,
+    plot_training(files.join(output, 'training.png'), epochs,
                   _title(workdir, config, 'Training dynamics'))
-  with open(os.path.join(output, 'analysis.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  files.write_json(files.join(output, 'analysis.json'), report)
   return report
 
 
@@ -321,7 +327,7 @@ def main(argv):
     if group['count']:
       print(f"{name}: {group['count']:,} entries, mean output {group['mean_output']:.3f}, "
             f"mean |gradient| {group['mean_gradient']:.4f}")
-  print(f"Figures and analysis.json in {FLAGS.output or os.path.join(FLAGS.workdir, 'analysis')}")
+  print(f"Figures and analysis.json in {FLAGS.output or files.join(FLAGS.workdir, 'analysis')}")
 
 
 if __name__ == '__main__':

@@ -19,6 +19,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from hml_jax import files
+
 # Keys that may change when a run is resumed: they do not change what has been computed.
 # Where the data lives and how many threads read it are not part of what is computed either.
 RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_keep',
@@ -44,22 +46,22 @@ def flatten(tree, prefix=''):
 
 
 def config_path(workdir):
-  return os.path.join(workdir, 'config.json')
+  return files.join(workdir, 'config.json')
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict,
                  resumable_keys=RESUMABLE_KEYS) -> None:
   """Refuses a workdir whose run used an incompatible config (and changes nothing in it)."""
   path = config_path(workdir)
-  has_checkpoint = os.path.isdir(os.path.join(workdir, 'checkpoints')) and any(
-      name.isdigit() for name in os.listdir(os.path.join(workdir, 'checkpoints')))
-  if not os.path.exists(path):
+  checkpoint_dir = files.join(workdir, 'checkpoints')
+  has_checkpoint = files.is_dir(checkpoint_dir) and any(
+      name.isdigit() for name in files.listdir(checkpoint_dir))
+  if not files.exists(path):
     if has_checkpoint:
       raise ValueError(f'{workdir} holds checkpoints but no config.json: it was not made by this '
                        'version of hml_jax. Use another --workdir.')
     return
-  with open(path) as f:
-    saved = flatten(json.load(f))
+  saved = flatten(files.read_json(path))
   current = flatten(json.loads(config.to_json()))
   differences = [f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '
                  f'{current.get(key, "<absent>")!r} now'
@@ -74,14 +76,11 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  path = config_path(workdir)
-  with open(path + '.tmp', 'w') as f:  # never a half-written config.json
-    f.write(config.to_json(indent=2))
-  os.replace(path + '.tmp', path)
+  files.write_text(config_path(workdir), config.to_json(indent=2))  # never half-written
 
 
 def dataset_info_path(workdir):
-  return os.path.join(workdir, 'dataset.json')
+  return files.join(workdir, 'dataset.json')
 
 
 def write_dataset_info(workdir: str, label_names, example_shape, num_train: int,
@@ -89,21 +88,18 @@ def write_dataset_info(workdir: str, label_names, example_shape, num_train: int,
   """workdir/dataset.json: what a trained model needs without the data (label names for
   predictions, the input shape and the training split's size for restoring the state), and a
   fingerprint of the labels that resuming checks."""
-  path = dataset_info_path(workdir)
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'label_names': list(label_names), 'example_shape': list(example_shape),
-               'num_train': int(num_train), 'fingerprint': fingerprint}, f, indent=2)
-  os.replace(path + '.tmp', path)
+  files.write_json(dataset_info_path(workdir), {
+      'label_names': list(label_names), 'example_shape': list(example_shape),
+      'num_train': int(num_train), 'fingerprint': fingerprint})
 
 
 def check_dataset(workdir: str, fingerprint: str) -> None:
   """Refuses to resume on other data (an edited CSV, another prepared dataset) than the run
   started with: the rows would silently change meaning."""
   path = dataset_info_path(workdir)
-  if not os.path.exists(path):
+  if not files.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f).get('fingerprint')
+  saved = files.read_json(path).get('fingerprint')
   if saved and saved != fingerprint:
     raise ValueError(f'The data differs from the data {workdir} was trained on (label '
                      f'fingerprint {fingerprint[:12]} now, {saved[:12]} in {path}), so the run '
@@ -113,11 +109,9 @@ def check_dataset(workdir: str, fingerprint: str) -> None:
 def read_dataset_info(workdir: str):
   """dataset.json of a run; runs made before it existed are read from their TFDS builder."""
   path = dataset_info_path(workdir)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  with open(config_path(workdir)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  if files.exists(path):
+    return files.read_json(path)
+  config = ml_collections.ConfigDict(files.read_json(config_path(workdir)))
   from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   builder = input_pipeline.load_tfds_builder(config.dataset)
   num_train = builder.info.splits['train'].num_examples
@@ -144,6 +138,10 @@ class WorkdirLock:
       return None
 
   def __enter__(self):
+    if not files.is_local(self.path):
+      # Object stores have no exclusive create here: one run per bucket workdir is up to you.
+      logging.warning('No lock on %s: make sure no other run uses this workdir.', self.path)
+      return self
     for _ in range(2):
       try:
         descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -164,7 +162,7 @@ class WorkdirLock:
     raise RuntimeError(f'Could not take {self.path}.')
 
   def __exit__(self, *exc):
-    if self._holder() == (socket.gethostname(), os.getpid()):
+    if files.is_local(self.path) and self._holder() == (socket.gethostname(), os.getpid()):
       os.remove(self.path)
     return False
 
@@ -183,20 +181,20 @@ class Checkpointer:
   """Latest and best checkpoints of one run."""
 
   def __init__(self, workdir: str, keep: int):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = files.absolute(workdir)
     options = dict(create=True, enable_async_checkpointing=False)
     # Synchronous saves: the train step donates the state's buffers, so a background copy of them
     # could race with the next step.
     self.latest = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        files.join(self.workdir, 'checkpoints'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
     self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'best'),
+        files.join(self.workdir, 'best'),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
     # Mid-epoch checkpoints written on SIGTERM / Ctrl-C, by global step; removed once the epoch
     # they interrupted is finished and saved.
     self.preempted = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'preempted'),
+        files.join(self.workdir, 'preempted'),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
 
   @staticmethod
@@ -247,7 +245,7 @@ class Checkpointer:
         state_and_history = self._restore(manager, step, state)
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
         logging.warning('Checkpoint %s is unreadable (%s: %s); trying an older one.',
-                        os.path.join(manager.directory, str(step)), type(error).__name__,
+                        files.join(manager.directory, str(step)), type(error).__name__,
                         str(error).splitlines()[0] if str(error) else '')
         unreadable.append((manager, step))
         continue
@@ -271,11 +269,11 @@ class Checkpointer:
         manager.reload()
       return
     for manager, step in unreadable:
-      source = os.path.join(manager.directory, str(step))
-      target = os.path.join(self.workdir, 'unreadable_checkpoints',
-                            f'{os.path.basename(str(manager.directory))}_{step}_{int(time.time())}')
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.rename(source, target)
+      source = files.join(manager.directory, str(step))
+      name = f'{os.path.basename(str(manager.directory))}_{step}_{int(time.time())}'
+      files.makedirs(files.join(self.workdir, 'unreadable_checkpoints'))
+      target = files.join(self.workdir, 'unreadable_checkpoints', name)
+      files.rename(source, target)
       logging.warning('Moved the unreadable checkpoint %s to %s.', source, target)
       manager.reload()
 

@@ -9,7 +9,6 @@ run that already finished is reused and an interrupted one resumes. For each met
 search, and its test mAP is reported: workdir/table.md (method x dataset, mean ± std over seeds,
 shaped like the paper's Table 2) and workdir/table.json (every run).
 """
-import json
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
@@ -20,6 +19,7 @@ from absl import logging
 import numpy as np
 
 from hml_jax import checkpoints
+from hml_jax import files
 from hml_jax import host
 from hml_jax import losses
 from hml_jax import train
@@ -42,11 +42,10 @@ def run_name(method, learning_rate, batch_size, seed):
 def train_or_reuse(config, workdir):
   """results.json of a finished run in workdir, else trains (or resumes) it. A workdir made with
   another config (say another label scenario under the same --workdir) is refused, not reused."""
-  path = os.path.join(workdir, 'results.json')
-  if os.path.exists(path):
+  path = files.join(workdir, 'results.json')
+  if files.exists(path):
     checkpoints.check_config(workdir, config)
-    with open(path) as f:
-      results = json.load(f)
+    results = files.read_json(path)
     if len(results['epochs']) == config.num_epochs:
       logging.info('Reusing %s.', workdir)
       return results
@@ -97,17 +96,15 @@ def compare(config, workdir, methods, seeds, learning_rates=(), batch_sizes=()):
           run_config.loss, run_config.seed = method, seed
           run_config.learning_rate, run_config.batch_size = learning_rate, batch_size
           name = run_name(method, learning_rate, batch_size, seed)
-          results = train_or_reuse(run_config, os.path.join(workdir, name))
+          results = train_or_reuse(run_config, files.join(workdir, name))
           runs.append({'method': method, 'learning_rate': learning_rate,
                        'batch_size': batch_size, 'seed': seed, 'run': name,
                        **{key: results[key] for key in ('val_map', 'test_map', 'last_test_map',
                                                         'best_epoch')}})
   table, markdown = summarize(runs, config)
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(markdown)
-  with open(os.path.join(workdir, 'table.json'), 'w') as f:
-    json.dump({'table': table, 'runs': runs, 'config': config.to_dict()}, f, indent=2,
-              default=list)
+  files.write_text(files.join(workdir, 'table.md'), markdown)
+  files.write_json(files.join(workdir, 'table.json'),
+                   {'table': table, 'runs': runs, 'config': config.to_dict()}, default=list)
   return table, markdown
 
 

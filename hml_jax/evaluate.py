@@ -3,13 +3,12 @@
 mAP and per-class AP (the paper's metric), CP/CR/CF1 and OP/OR/OF1 at a probability threshold,
 precision@k and recall@k. Written to DIR/eval_<split>.json and printed as tables.
 """
-import json
-import os
 from typing import Dict, Sequence
 
 import jax
 import numpy as np
 
+from hml_jax import files
 from hml_jax import input_pipeline
 from hml_jax import metrics as metrics_lib
 from hml_jax import sharding
@@ -48,10 +47,7 @@ def evaluate_workdir(workdir: str, split: str = 'test', which: str = 'best',
     if k <= labels.shape[1]:
       results.update({key: value * 100.0
                       for key, value in metrics_lib.top_k_metrics(scores, labels, k).items()})
-  path = os.path.join(workdir, f'eval_{split}.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(results, f, indent=2)
-  os.replace(path + '.tmp', path)
+  files.write_json(files.join(workdir, f'eval_{split}.json'), results)
   return results
 
 

@@ -1,8 +1,6 @@
 """Training and evaluation loop: train_and_evaluate(config, workdir)."""
 import functools
-import json
 import logging
-import os
 import time
 from typing import Any, Dict
 
@@ -17,6 +15,7 @@ import numpy as np
 import optax
 
 from hml_jax import checkpoints
+from hml_jax import files
 from hml_jax import heads
 from hml_jax import input_pipeline
 from hml_jax import labels as labels_lib
@@ -320,10 +319,7 @@ def write_results(workdir, config, history, label_names, wall_seconds):
       'config': config.to_dict(),
   }
   if jax.process_index() == 0:  # one writer; every process returns the same results
-    path = os.path.join(workdir, 'results.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=2, default=list)
-    os.replace(path + '.tmp', path)
+    files.write_json(files.join(workdir, 'results.json'), results, default=list)
   return results
 
 
@@ -333,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   Running the same command again resumes from the newest checkpoint in workdir.
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   if jax.process_index() > 0:  # process 0 holds the workdir's lock for all of them
     return _train_and_evaluate(config, workdir)
   with checkpoints.WorkdirLock(workdir):
@@ -524,8 +520,7 @@ def train_one_epoch(train_fn, method, state, split, config, epoch, mesh, writer,
 
 def load_trained_state(workdir: str, which: str = 'best'):
   """(config, method, state) of a finished or running workdir; which = 'best' or 'latest'."""
-  with open(checkpoints.config_path(workdir)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(files.read_json(checkpoints.config_path(workdir)))
   method = losses.get_method(config.loss)
   info = checkpoints.read_dataset_info(workdir)
   num_labels = len(info['label_names'])

@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -6,7 +5,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

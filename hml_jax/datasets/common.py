@@ -2,7 +2,7 @@
 spec, image reading and error messages."""
 import io
 import os
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
