@@ -45,10 +45,10 @@ def define_flags():
   flags.mark_flags_as_required(['config'])
 
 
-def write_photos(root, num_images, seed=0):
+def write_photos(root, num_images, seed=0, num_test=1):
   """num_images smooth random 500x375 photos (gradients, blobs, a little noise; they compress
-  like real ones, quality 90) as a folder dataset (hml_jax/datasets/folder.py): all but the
-  last in train.csv, the last in test.csv."""
+  like real ones, quality 90) as a folder dataset (hml_jax/datasets/folder.py): the last
+  num_test in test.csv, the others in train.csv."""
   rng = np.random.RandomState(seed)
   os.makedirs(os.path.join(root, 'images'), exist_ok=True)
   yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
@@ -66,11 +66,10 @@ def write_photos(root, num_images, seed=0):
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
         os.path.join(root, name), quality=90)
     rows.append(f'{name},label{i % 5} label{(i * 7) % 11}')
-  # The last image is the test split: the measurement reads train.csv's images.
   with open(os.path.join(root, 'train.csv'), 'w') as f:
-    f.write('filename,labels\n' + '\n'.join(rows[:-1]) + '\n')
+    f.write('filename,labels\n' + '\n'.join(rows[:-num_test]) + '\n')
   with open(os.path.join(root, 'test.csv'), 'w') as f:
-    f.write('filename,labels\n' + rows[-1] + '\n')
+    f.write('filename,labels\n' + '\n'.join(rows[-num_test:]) + '\n')
   return root
 
 

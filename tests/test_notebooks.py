@@ -1,0 +1,29 @@
+"""Every notebook runs top to bottom (tiny settings: HML_NOTEBOOK_TINY=1) without an error, and
+the committed notebooks carry no outputs."""
+import os
+
+import nbformat
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(name for name in os.listdir(os.path.join(ROOT, 'notebooks'))
+                   if name.endswith('.ipynb'))
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_notebook_runs(name, tmp_path, monkeypatch):
+  from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
+  notebook = nbformat.read(os.path.join(ROOT, 'notebooks', name), as_version=4)
+  assert all(not cell.get('outputs') and not cell.get('execution_count')
+             for cell in notebook.cells if cell.cell_type == 'code'), 'strip the outputs'
+  monkeypatch.setenv('HML_NOTEBOOK_TINY', '1')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('MPLBACKEND', 'Agg')
+  # Run from notebooks/, as Jupyter does; the setup cell moves to the repository root, and the
+  # tiny runs go to runs/*_tiny.
+  client = NotebookClient(notebook, timeout=600, kernel_name='python3',
+                          resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}})
+  client.execute()
+  errors = [output for cell in notebook.cells for output in cell.get('outputs', [])
+            if output.get('output_type') == 'error']
+  assert not errors, errors
