@@ -39,7 +39,8 @@ def define_flags():
   """Defined only when this module runs as a program (no clash with other tools' flags)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
-  flags.DEFINE_integer('steps', 20, 'Timed train steps (after 2 warm-up steps).')
+  flags.DEFINE_integer('steps', 20, 'Timed train steps (after 2 warm-up steps); 0: compile and '
+                       'report memory only.')
   flags.DEFINE_integer('num_labels', 20, 'Labels of the synthetic data.')
   flags.DEFINE_integer('input_images', 256, 'JPEGs for the input pipeline measurement (0: skip).')
   flags.mark_flags_as_required(['config'])
@@ -130,33 +131,36 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
   if memory is not None:
     step_memory_mb = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
                       memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
-  for _ in range(2):  # warm-up
-    state, metrics = train_fn(state, batch, schedule)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = train_fn(state, batch, schedule)
-  jax.block_until_ready(metrics)
-  train_rate = steps * batch_size / (time.perf_counter() - start)
+  train_rate = eval_rate = None
+  if steps:  # --steps=0: compilation and memory only
+    for _ in range(2):  # warm-up
+      state, metrics = train_fn(state, batch, schedule)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = train_fn(state, batch, schedule)
+    jax.block_until_ready(metrics)
+    train_rate = steps * batch_size / (time.perf_counter() - start)
 
-  eval_batch = sharding.shard_batch({
-      'images': rng.randint(0, 256, (config.eval_batch_size,) + image_shape).astype(np.uint8),
-      'indices': np.arange(config.eval_batch_size, dtype=np.int32),
-      'mask': np.ones(config.eval_batch_size, bool)}, mesh)
-  jax.block_until_ready(eval_fn(state, eval_batch))
-  eval_steps = max(2, steps // 4)
-  start = time.perf_counter()
-  for _ in range(eval_steps):
-    result = eval_fn(state, eval_batch)
-  jax.block_until_ready(result)
-  eval_rate = eval_steps * config.eval_batch_size / (time.perf_counter() - start)
+    eval_batch = sharding.shard_batch({
+        'images': rng.randint(0, 256, (config.eval_batch_size,) + image_shape).astype(np.uint8),
+        'indices': np.arange(config.eval_batch_size, dtype=np.int32),
+        'mask': np.ones(config.eval_batch_size, bool)}, mesh)
+    jax.block_until_ready(eval_fn(state, eval_batch))
+    eval_steps = max(2, steps // 4)
+    start = time.perf_counter()
+    for _ in range(eval_steps):
+      result = eval_fn(state, eval_batch)
+    jax.block_until_ready(result)
+    eval_rate = eval_steps * config.eval_batch_size / (time.perf_counter() - start)
 
   input_rate = (input_pipeline_rate(config, input_images, batch_size)
                 if input_images else None)
   return {
-      'framework': 'jax', 'train_images_per_sec': round(train_rate, 2),
+      'framework': 'jax',
+      'train_images_per_sec': None if train_rate is None else round(train_rate, 2),
       'compile_seconds': round(compile_seconds, 2),
-      'eval_images_per_sec': round(eval_rate, 2),
+      'eval_images_per_sec': None if eval_rate is None else round(eval_rate, 2),
       'input_images_per_sec': None if input_rate is None else round(input_rate, 1),
       'step_memory_mb': None if step_memory_mb is None else round(step_memory_mb, 1),
       'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
