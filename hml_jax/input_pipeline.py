@@ -19,6 +19,7 @@ Two ways to read examples, one interface (`Split.train_batches`, `Split.eval_bat
 Images leave the pipeline as uint8 (4x less to move to the accelerator than float32) and are
 normalized with config.dataset.mean/std on the device; features leave it as float32, unchanged.
 """
+import abc
 import dataclasses
 import logging
 import os
@@ -33,7 +34,7 @@ from hml_jax import labels as labels_lib
 AUTOTUNE = -1
 
 
-class Split:
+class Split(abc.ABC):
   """One split: labels (N, num_labels) 0/1 true labels; observed (N, num_labels) the labels
   training may use (equal to labels outside the training split); example_shape, the shape of one
   model input (H, W, C) image or (D,) feature vector."""
@@ -44,16 +45,16 @@ class Split:
   def __len__(self):
     return len(self.labels)
 
+  @abc.abstractmethod
   def train_batches(self, batch_size: int, seed: int, epoch: int, config,
                     start_step: int = 0) -> Iterator[dict]:
     """len(self) // batch_size batches: {'images', 'labels' (observed), 'indices' (rows)}; from
     start_step on (the batches before it are the ones an uninterrupted epoch would have seen)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def eval_batches(self, batch_size: int) -> Iterator[dict]:
     """Every example once: {'images', 'indices' (rows), 'mask'}; the last batch is padded to
     batch_size and 'mask' marks the real examples (evaluation never drops an example)."""
-    raise NotImplementedError
 
 
 @dataclasses.dataclass
