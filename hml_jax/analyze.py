@@ -235,25 +235,8 @@ def plot_training(path, epochs, title):
 def training_outputs(state, config, split, max_images, mesh):
   """Head outputs (cosines or logits), true and observed labels of up to max_images training
   images."""
-
-  def outputs_step(state, batch):
-    images = train.normalize_images(batch['images'], config)
-    return state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
-                          images, train=False)
-
-  step = jax.jit(outputs_step, in_shardings=(sharding.replicated(mesh),
-                                              sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
-  outputs, rows = [], []
-  for batch in split.eval_batches(config.eval_batch_size):
-    mask = batch['mask']
-    result = np.asarray(jax.device_get(step(state, sharding.shard_batch(
-        {'images': batch['images']}, mesh))))
-    outputs.append(result[mask])
-    rows.append(batch['indices'][mask])
-    if sum(len(r) for r in rows) >= max_images:
-      break
-  outputs, rows = np.concatenate(outputs)[:max_images], np.concatenate(rows)[:max_images]
+  outputs, rows = train.model_outputs(state, config, split, mesh, config.eval_batch_size,
+                                      max_images=max_images)
   return outputs, split.labels[rows], split.observed[rows]
 
 

@@ -57,24 +57,11 @@ def official_splits(source, config):
 
 def extract(state, config, split, batch_size, mesh) -> np.ndarray:
   """Backbone outputs (num_images, dimensions) of every image of split, in its row order."""
-
-  def backbone_step(state, batch):
-    images = train.normalize_images(batch['images'], config)
-    return state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
-                          images, train=False,
-                          method=lambda model, x, train: model.backbone(x, train=train))
-
-  step = jax.jit(backbone_step, in_shardings=(sharding.replicated(mesh),
-                                               sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
-  features = None
-  for batch in split.eval_batches(batch_size):
-    mask = batch['mask']
-    output = np.asarray(jax.device_get(step(state, sharding.shard_batch(
-        {'images': batch['images']}, mesh))))
-    if features is None:
-      features = np.zeros((len(split), output.shape[1]), np.float32)
-    features[batch['indices'][mask]] = output[mask]
+  outputs, rows = train.model_outputs(
+      state, config, split, mesh, batch_size,
+      method=lambda model, x, train: model.backbone(x, train=train))
+  features = np.zeros((len(split), outputs.shape[1]), np.float32)
+  features[rows] = outputs
   return features
 
 

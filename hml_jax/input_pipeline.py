@@ -86,7 +86,9 @@ def local_part(batch: dict) -> dict:
   return {key: value[index * size:(index + 1) * size] for key, value in batch.items()}
 
 
-def _pad_batch(batch: dict, batch_size: int) -> dict:
+def pad_batch(batch: dict, batch_size: int) -> dict:
+  """batch (rows of equal-length arrays, with 'indices') padded with zeros to batch_size rows,
+  plus 'mask': True for the real rows."""
   real = len(batch['indices'])
   padded = {key: np.concatenate([value, np.zeros((batch_size - real,) + value.shape[1:],
                                                   value.dtype)])
@@ -138,7 +140,7 @@ class ArraySplit(Split):
   def eval_batches(self, batch_size):
     for start in range(0, len(self), batch_size):
       stop = min(start + batch_size, len(self))
-      yield local_part(_pad_batch({'images': self.examples[start:stop],
+      yield local_part(pad_batch({'images': self.examples[start:stop],
                                    'indices': np.arange(start, stop, dtype=np.int32)},
                                   batch_size))
 
@@ -241,11 +243,11 @@ class ImageSplit(Split):
     for batch in dataset.batch(local_batch).prefetch(AUTOTUNE).as_numpy_iterator():
       batch['indices'] = batch['indices'].astype(np.int32)
       emitted += 1
-      yield _pad_batch(batch, local_batch)
+      yield pad_batch(batch, local_batch)
     empty = {'images': np.zeros((0,) + self.example_shape, np.uint8),
              'indices': np.zeros((0,), np.int32)}
     for _ in range(num_batches - emitted):
-      yield _pad_batch(empty, local_batch)
+      yield pad_batch(empty, local_batch)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -88,14 +88,12 @@ class Predictor:
     batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
     outputs = []
     for start in range(0, len(images), batch_size):
-      batch = images[start:start + batch_size]
-      real = len(batch)
-      batch = np.concatenate([batch, np.zeros((batch_size - real,) + batch.shape[1:],
-                                              batch.dtype)])
-      result = self.eval_fn(self.state, sharding.shard_batch(
-          {'images': batch, 'indices': np.arange(batch_size, dtype=np.int32),
-           'mask': np.arange(batch_size) < real}, self.mesh))
-      outputs.append(np.asarray(jax.device_get(result['scores']))[:real])
+      batch = input_pipeline.pad_batch(
+          {'images': images[start:start + batch_size],
+           'indices': np.arange(start, min(start + batch_size, len(images)), dtype=np.int32)},
+          batch_size)
+      result = self.eval_fn(self.state, sharding.shard_batch(batch, self.mesh))
+      outputs.append(np.asarray(jax.device_get(result['scores']))[batch['mask']])
     scores = np.concatenate(outputs).astype(np.float64)
     return 1.0 / (1.0 + np.exp(-scores))
 

@@ -276,6 +276,32 @@ def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
   return scores
 
 
+def model_outputs(state, config, split, mesh, batch_size, method=None, max_images=None):
+  """(outputs, rows): the model's outputs (cosines or logits; with method, e.g. the backbone,
+  that submodule's) for the images of split in delivery order, and their rows; at most
+  max_images of them. Single process (the outputs stay sharded over this host's devices)."""
+
+  def forward(state, batch):
+    images = normalize_images(batch['images'], config)
+    return state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
+                          images, train=False, method=method)
+
+  step = jax.jit(forward,
+                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))
+  outputs, rows, count = [], [], 0
+  for batch in split.eval_batches(batch_size):
+    mask = batch['mask']
+    result = np.asarray(jax.device_get(step(state, sharding.shard_batch(
+        {'images': batch['images']}, mesh))))
+    outputs.append(result[mask])
+    rows.append(batch['indices'][mask])
+    count += int(mask.sum())
+    if max_images is not None and count >= max_images:
+      break
+  return np.concatenate(outputs)[:max_images], np.concatenate(rows)[:max_images]
+
+
 def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
   """EM + APL after an epoch: new pseudo-labels from the predictions on the training images."""
   if epoch < config.warmup_epoch or epoch >= config.num_epochs:
