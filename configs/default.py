@@ -20,6 +20,10 @@ def get_config():
   config.model = 'resnet_small'
   config.image_size = 48
   config.half_precision = False
+  # How convolutions are computed (hml_jax/convolutions.py); the parameters are the same, so it
+  # may change between runs and on resume. 'auto': as matmuls where that is faster on CPU
+  # (docs/performance_notes.md), XLA's native convolutions on GPU and TPU.
+  config.convolutions = 'auto'
 
   # 'hml' (adaptive s*, m*), 'hml_fixed' (config.scale, config.margin), 'normalized_sigmoid'
   # (Eq. 3), and the baselines 'an' (linear head + BCE), 'bce', 'an_ls', 'bce_ls', 'wan', 'epr',

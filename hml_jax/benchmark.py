@@ -7,7 +7,8 @@ Synthetic data of the config's shape, so no dataset is needed: the real jitted t
 config's loss, model, optimizer and sharding over every device) and eval step, timed in steady
 state after compilation, and the tf.data image pipeline alone decoding real JPEGs (500x375,
 resized to config.image_size). Keys: train_images_per_sec, compile_seconds,
-eval_images_per_sec, input_images_per_sec, step_memory_mb (XLA's estimate of the train step's
+eval_images_per_sec, input_images_per_sec, train_flops_per_image and train_tflops_per_sec (XLA's
+count of the step's operations, for MFU), step_memory_mb (XLA's estimate of the train step's
 device memory: arguments, outputs and temporaries), peak_host_memory_mb, device, jax, config.
 benchmarks/torch_reference.py prints the same keys for PyTorch.
 """
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from hml_jax import convolutions
 from hml_jax import host
 from hml_jax import input_pipeline
 from hml_jax import losses
@@ -96,11 +98,24 @@ def input_pipeline_rate(config, num_images, batch_size):
     return rates[-1]
 
 
-def benchmark(config, steps=20, num_labels=20, input_images=256):
+def compiled_flops(compiled) -> float:
+  """Floating-point operations of one call of a compiled function by XLA's cost analysis (0 when
+  the backend gives none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', 0.0))
+
+
+def synthetic_train_step(config, num_labels=20):
+  """The config's real jitted train and eval steps, an initial state and one synthetic batch of
+  the config's shape on every device: (train_fn, eval_fn, state, batch, schedule, mesh). Also
+  used by scripts/profile_train_step.py."""
   method = losses.get_method(config.loss)
   mesh = sharding.create_mesh()
   dtype = jax.numpy.bfloat16 if config.half_precision else jax.numpy.float32
-  model = models.create_model(config.model, method.head, num_labels, dtype=dtype)
+  model = models.create_model(config.model, method.head, num_labels, dtype=dtype,
+                              convolutions=config.convolutions)
   image_shape = (config.image_size, config.image_size, 3)
   rng = np.random.RandomState(0)
   num_train = max(config.batch_size * 4, 64)
@@ -117,16 +132,24 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
   schedule = {key: np.asarray(value) for key, value in (
       method.schedule(2, config.batch_size * num_labels, config) if method.schedule else {}
   ).items()}
-  batch_size = config.batch_size
-  indices = np.arange(batch_size, dtype=np.int32)
+  indices = np.arange(config.batch_size, dtype=np.int32)
   batch = sharding.shard_batch({
-      'images': rng.randint(0, 256, (batch_size,) + image_shape).astype(np.uint8),
+      'images': rng.randint(0, 256, (config.batch_size,) + image_shape).astype(np.uint8),
       'labels': observed[indices], 'indices': indices}, mesh)
+  return train_fn, eval_fn, state, batch, schedule, mesh
+
+
+def benchmark(config, steps=20, num_labels=20, input_images=256):
+  train_fn, eval_fn, state, batch, schedule, mesh = synthetic_train_step(config, num_labels)
+  batch_size = config.batch_size
+  image_shape = (config.image_size, config.image_size, 3)
+  rng = np.random.RandomState(1)
 
   start = time.perf_counter()
   compiled = train_fn.lower(state, batch, schedule).compile()
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
+  flops_per_image = compiled_flops(compiled) / batch_size
   step_memory_mb = None
   if memory is not None:
     step_memory_mb = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
@@ -162,12 +185,18 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
       'compile_seconds': round(compile_seconds, 2),
       'eval_images_per_sec': None if eval_rate is None else round(eval_rate, 2),
       'input_images_per_sec': None if input_rate is None else round(input_rate, 1),
+      # XLA's count of the step's floating-point operations (forward, backward, optimizer), per
+      # image: with train_images_per_sec and a chip's peak this gives the MFU.
+      'train_flops_per_image': None if not flops_per_image else round(flops_per_image),
+      'train_tflops_per_sec': (None if not flops_per_image or train_rate is None else
+                               round(flops_per_image * train_rate / 1e12, 3)),
       'step_memory_mb': None if step_memory_mb is None else round(step_memory_mb, 1),
       'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       'jax': jax.__version__,
       'config': {'model': config.model, 'loss': config.loss, 'image_size': config.image_size,
                  'batch_size': batch_size, 'half_precision': bool(config.half_precision),
+                 'convolutions': convolutions.resolve_implementation(config.convolutions),
                  'num_labels': num_labels},
   }
 

@@ -25,13 +25,13 @@ from hml_jax import files
 # Where the data lives and how many threads read it are not part of what is computed either.
 RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_keep',
                             'eval_batch_size', 'dataset.data_dir', 'dataset.manual_dir',
-                            'dataset.parallel_calls'})
+                            'dataset.parallel_calls', 'convolutions'})
 
 
 # Keys added to the configs after runs were made: a workdir whose config.json lacks one was made
 # with the behaviour of this value, so it still resumes (and is reused by compare) when the key
 # has it now.
-ADDED_KEYS = {'nonfinite': 'stop'}
+ADDED_KEYS = {'nonfinite': 'stop', 'convolutions': 'auto'}
 
 
 def flatten(tree, prefix=''):

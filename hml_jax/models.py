@@ -13,6 +13,7 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hml_jax import convolutions as convolutions_lib
 from hml_jax import heads as heads_lib
 
 # torchvision's init: kaiming_normal_(mode='fan_out', nonlinearity='relu') for convolutions.
@@ -69,7 +70,8 @@ class ResNet(nn.Module):
 
   small_inputs replaces the 7x7/2 stem and the max-pool by one 3x3 convolution of stride
   small_stem_strides (as ResNets for CIFAR-sized images do), so that 32-64 pixel images are not
-  downsampled 4x before the first stage.
+  downsampled 4x before the first stage. convolutions chooses how the convolutions are computed
+  (hml_jax/convolutions.py: 'auto', 'native' or 'matmul'); the parameters are the same.
   """
   stage_sizes: Sequence[int]
   block: Any
@@ -78,10 +80,12 @@ class ResNet(nn.Module):
   small_inputs: bool = False
   small_stem_strides: int = 1
   dtype: Any = jnp.float32
+  convolutions: str = 'auto'
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+    conv = functools.partial(convolutions_lib.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=conv_init, implementation=self.convolutions)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
     x = images.astype(self.dtype)
@@ -104,6 +108,7 @@ class ResNet(nn.Module):
 class Identity(nn.Module):
   """No backbone (features mode): the inputs are already features, (N, D) float32."""
   dtype: Any = jnp.float32
+  convolutions: str = 'auto'  # accepted for a uniform interface; there are none
 
   @nn.compact
   def __call__(self, features, train: bool = False):
@@ -143,6 +148,8 @@ class MultiLabelClassifier(nn.Module):
     return self.head(self.backbone(images, train=train))
 
 
-def create_model(model_name: str, head_kind: str, num_labels: int, dtype=jnp.float32):
-  return MultiLabelClassifier(backbone=get_backbone(model_name, dtype=dtype),
-                              head=heads_lib.get_head(head_kind, num_labels))
+def create_model(model_name: str, head_kind: str, num_labels: int, dtype=jnp.float32,
+                 convolutions: str = 'auto'):
+  return MultiLabelClassifier(
+      backbone=get_backbone(model_name, dtype=dtype, convolutions=convolutions),
+      head=heads_lib.get_head(head_kind, num_labels))

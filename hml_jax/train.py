@@ -4,8 +4,6 @@ import logging
 import time
 from typing import Any, Dict
 
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
@@ -15,6 +13,7 @@ import numpy as np
 import optax
 
 from hml_jax import checkpoints
+from hml_jax import convolutions
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import input_pipeline
@@ -37,6 +36,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Reject unknown names before any work is done, naming the key and the choices."""
   losses.get_method(config.loss)
   models.get_backbone(config.model)
+  convolutions.resolve_implementation(config.convolutions)
   if config.label_scenario not in labels_lib.SCENARIOS:
     raise ValueError(f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
                      f'choose one of {list(labels_lib.SCENARIOS)}.')
@@ -372,7 +372,8 @@ def _train_and_evaluate(config, workdir):
 
   mesh = sharding.create_mesh()
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype)
+  model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype,
+                              convolutions=config.convolutions)
   state = create_train_state(config, model, method, jax.random.key(config.seed),
                              data.train.example_shape, observed_labels=data.train.observed)
   state = sharding.replicate(state, mesh)
@@ -406,6 +407,10 @@ def _train_and_evaluate(config, workdir):
   if steps_per_epoch == 0:
     raise ValueError(f'The training split has {len(data.train)} images, fewer than '
                      f'config.batch_size={config.batch_size}.')
+  # Imported here, not at the top: clu's writers import TensorFlow, which the step functions
+  # (benchmark, predict, a GPU machine without TensorFlow) do not need.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if restored is None and jax.process_index() == 0:
     writer.write_hparams({k: v for k, v in checkpoints.flatten(config.to_dict()).items()
@@ -550,7 +555,8 @@ def load_trained_state(workdir: str, which: str = 'best'):
   method = losses.get_method(config.loss)
   info = checkpoints.read_dataset_info(workdir)
   num_labels = len(info['label_names'])
-  model = models.create_model(config.model, method.head, num_labels)
+  model = models.create_model(config.model, method.head, num_labels,
+                              convolutions=config.get('convolutions', 'auto'))
   # The template only gives shapes: the checkpoint replaces every value, so pretrained weights
   # (which may have moved since) are not read.
   template_config = ml_collections.ConfigDict(config.to_dict())

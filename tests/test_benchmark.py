@@ -7,8 +7,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {'framework', 'train_images_per_sec', 'compile_seconds', 'eval_images_per_sec',
-        'input_images_per_sec', 'step_memory_mb', 'peak_host_memory_mb', 'device', 'jax',
-        'config'}
+        'input_images_per_sec', 'train_flops_per_image', 'train_tflops_per_sec', 'step_memory_mb',
+        'peak_host_memory_mb', 'device', 'jax', 'config'}
 
 
 def test_benchmark_prints_one_json_line():
@@ -21,3 +21,37 @@ def test_benchmark_prints_one_json_line():
   assert set(result) == KEYS
   assert result['train_images_per_sec'] > 0 and result['input_images_per_sec'] > 0
   assert result['config']['image_size'] == 32 and result['step_memory_mb'] > 0
+
+
+def test_benchmark_counts_the_flops_of_the_step():
+  """XLA's count for a known function: a (4, 8) @ (8, 16) matmul is 2 * 4 * 8 * 16 FLOPs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hml_jax import benchmark  # pylint: disable=g-import-not-at-top
+  compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 16))).compile()
+  assert benchmark.compiled_flops(compiled) == 2 * 4 * 8 * 16
+
+
+def test_gpu_check_table_ratios_and_mfu():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import gpu_check  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  runs = [('hml_jax float32', {'train_images_per_sec': 300.0, 'train_flops_per_image': 1e11,
+                               'device': '1 x NVIDIA H200'}),
+          ('torch eager float32', {'train_images_per_sec': 200.0}),
+          ('torch compile channels_last bf16', {'train_images_per_sec': 250.0}),
+          ('torch channels_last bf16', {'error': 'exit 1: out of memory'})]
+  rows = gpu_check.table({'448x448 x 16': runs})
+  jax_row = rows[0]
+  assert jax_row[2] == 300.0 and abs(jax_row[3] - 300.0 / 250.0) < 1e-9  # vs PyTorch's best
+  assert abs(jax_row[4] - 100 * 1e11 * 300.0 / 989e12) < 1e-9              # MFU, percent
+  assert rows[3][5].startswith('exit 1')
+  text = gpu_check.format_table(rows)
+  assert '1.20x' in text and 'failed' in text
+  completed = subprocess.run([sys.executable, 'benchmarks/gpu_check.py', '--dry_run',
+                              '--sizes=448x16,224x64'], cwd=ROOT, capture_output=True, text=True,
+                             check=True)
+  assert completed.stdout.count('hml_jax.benchmark') == 4
+  assert '--compile' in completed.stdout and '--config.image_size=224' in completed.stdout

@@ -1,0 +1,150 @@
+"""Convolutions for the ResNets, written so that XLA's CPU backend runs them fast.
+
+`Conv` is a drop-in for flax.linen.Conv (no bias, a 'kernel' parameter of shape
+(kernel_height, kernel_width, in_channels, out_channels), NHWC inputs), so parameters, checkpoints
+and imported torchvision weights are the same whichever implementation computes it:
+
+- 'native': lax.conv_general_dilated everywhere (what nn.Conv does). Best on GPU and TPU, whose
+  convolution libraries are well tuned.
+- 'matmul': what profiling the ResNet-50 train step on CPU showed to be faster (every number and
+  every attempt is in docs/performance_notes.md):
+  * 1x1 convolutions (two thirds of ResNet-50's) are a matmul over the channel axis,
+    `channel_matmul`, whose backward pass is written by hand: XLA otherwise fuses a transpose of
+    the output gradient into the BatchNorm backward, which reads memory with a stride of a row and
+    took a quarter of the step at 224x224.
+  * Convolutions on maps no larger than SMALL_MAP_SIZE (ResNet-50's last stage at 64x64 inputs
+    is 2x2) are im2col + that matmul: XLA rewrites such convolutions with the kernel and the image
+    swapped, a form its fast path does not take (three fifths of the step at 64x64).
+  * Larger 3x3 and 7x7 convolutions stay native: im2col's 9x (49x) larger patches cost more
+    than they save there.
+- 'auto': 'matmul' on CPU, 'native' elsewhere.
+"""
+from typing import Any, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('auto', 'native', 'matmul')
+# Feature maps at most this high and wide are convolved by im2col + matmul under 'matmul'.
+SMALL_MAP_SIZE = 4
+
+Padding = Union[str, Sequence[Tuple[int, int]]]
+
+
+def resolve_implementation(implementation: str) -> str:
+  """'auto' -> 'matmul' on CPU, 'native' on GPU and TPU; checks the name."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'Unknown convolution implementation {implementation!r} '
+                     f'(config.convolutions); choose one of {list(IMPLEMENTATIONS)}.')
+  if implementation == 'auto':
+    return 'matmul' if jax.default_backend() == 'cpu' else 'native'
+  return implementation
+
+
+def _contract_channels(x, matrix):
+  """x (..., in) @ matrix (in, out) -> (..., out)."""
+  return lax.dot_general(x, matrix, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def channel_matmul(x, matrix):
+  """x (..., in_channels) @ matrix (in_channels, out_channels) -> (..., out_channels): a 1x1
+  convolution, with a hand-written backward pass (see the module docstring)."""
+  return _contract_channels(x, matrix)
+
+
+def _channel_matmul_forward(x, matrix):
+  return _contract_channels(x, matrix), (x, matrix)
+
+
+def _channel_matmul_backward(residuals, output_gradient):
+  x, matrix = residuals
+  # dx = dy @ matrix^T, contracting the output channels.
+  input_gradient = lax.dot_general(output_gradient, matrix,
+                                   (((output_gradient.ndim - 1,), (1,)), ((), ())))
+  pixels = x.reshape(-1, x.shape[-1])
+  gradient_pixels = output_gradient.reshape(-1, output_gradient.shape[-1])
+  # d matrix = x^T @ dy over all pixels. Written as a transpose of the operand with fewer
+  # channels followed by an ordinary matmul, so that XLA transposes that (smaller) array on its
+  # own instead of fusing a strided transpose into whatever produced the gradient.
+  if pixels.shape[1] <= gradient_pixels.shape[1]:
+    matrix_gradient = pixels.T @ gradient_pixels
+  else:
+    matrix_gradient = (gradient_pixels.T @ pixels).T
+  return input_gradient, matrix_gradient.astype(matrix.dtype)
+
+
+channel_matmul.defvjp(_channel_matmul_forward, _channel_matmul_backward)
+
+
+def _explicit_padding(padding: Padding, kernel_size: Tuple[int, int]):
+  if isinstance(padding, str):
+    if padding.upper() == 'VALID':
+      return ((0, 0), (0, 0))
+    raise ValueError(f'Padding {padding!r}: give explicit ((top, bottom), (left, right)) '
+                     "pairs or 'VALID'.")
+  return tuple(tuple(int(p) for p in pair) for pair in padding)
+
+
+def im2col(x, kernel_size: Tuple[int, int], strides: Tuple[int, int], padding: Padding):
+  """Patches of a convolution: x (N, H, W, C) -> (N, out_H, out_W, kh * kw * C), ordered as a
+  (kh, kw, C, out) kernel reshaped to (kh * kw * C, out)."""
+  kernel_height, kernel_width = kernel_size
+  stride_height, stride_width = strides
+  padding = _explicit_padding(padding, kernel_size)
+  if any(pair != (0, 0) for pair in padding):
+    x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
+  height, width = x.shape[1:3]
+  out_height = (height - kernel_height) // stride_height + 1
+  out_width = (width - kernel_width) // stride_width + 1
+  columns = [x[:, i:i + stride_height * (out_height - 1) + 1:stride_height,
+               j:j + stride_width * (out_width - 1) + 1:stride_width, :]
+             for i in range(kernel_height) for j in range(kernel_width)]
+  return columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=-1)
+
+
+def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementation: str):
+  """x (N, H, W, in) * kernel (kh, kw, in, out) -> (N, out_H, out_W, out), no bias; the same
+  result under every implementation (up to float rounding)."""
+  implementation = resolve_implementation(implementation)
+  kernel_height, kernel_width, in_channels, out_channels = kernel.shape
+  if implementation == 'matmul':
+    if (kernel_height, kernel_width) == (1, 1):
+      padding = _explicit_padding(padding, (1, 1))
+      if any(pair != (0, 0) for pair in padding):
+        x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
+      return channel_matmul(x[:, ::strides[0], ::strides[1], :],
+                            kernel.reshape(in_channels, out_channels))
+    if max(x.shape[1], x.shape[2]) <= SMALL_MAP_SIZE:
+      patches = im2col(x, (kernel_height, kernel_width), strides, padding)
+      return channel_matmul(patches, kernel.reshape(-1, out_channels))
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class Conv(nn.Module):
+  """A bias-free 2-D convolution with flax.linen.Conv's parameter ('kernel', (kh, kw, in, out))
+  and call convention (NHWC), computed by `convolve` with the given implementation."""
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: Padding = 'VALID'
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  implementation: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    if self.use_bias:
+      raise ValueError('hml_jax.convolutions.Conv has no bias (ResNets follow every convolution '
+                       'by BatchNorm).')
+    kernel_size = tuple(self.kernel_size)
+    kernel = self.param('kernel', self.kernel_init,
+                        kernel_size + (x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    strides = tuple(self.strides) if self.strides is not None else (1, 1)
+    return convolve(x, kernel, strides, self.padding, self.implementation)
+

@@ -1,0 +1,134 @@
+"""hml_jax.convolutions: the matmul forms equal XLA's native convolution, values and gradients."""
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hml_jax import convolutions
+from hml_jax import models
+
+
+def native(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def random_inputs(shape, kernel_shape, seed=0):
+  x = jax.random.normal(jax.random.key(seed), shape)
+  kernel = jax.random.normal(jax.random.key(seed + 1), kernel_shape) / np.sqrt(
+      np.prod(kernel_shape[:3]))
+  return x, kernel
+
+
+# (input shape, kernel shape, strides, padding): every convolution of a ResNet, on maps that take
+# each path of the 'matmul' implementation (1x1, small map im2col, native).
+CASES = [
+    ((2, 6, 6, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))),     # 1x1, more out than in
+    ((2, 6, 6, 16), (1, 1, 16, 4), (1, 1), ((0, 0), (0, 0))),    # 1x1, fewer out than in
+    ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), 'VALID'),              # strided 1x1 (downsample)
+    ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),      # 3x3 on a 2x2 map (im2col)
+    ((2, 4, 4, 8), (3, 3, 8, 6), (2, 2), ((1, 1), (1, 1))),      # strided 3x3 on a 4x4 map
+    ((2, 3, 3, 5), (3, 3, 5, 7), (1, 1), ((1, 1), (1, 1))),      # odd sizes
+    ((2, 9, 9, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),      # larger map: native
+    ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),    # the 7x7/2 stem: native
+]
+
+
+@pytest.mark.parametrize('shape,kernel_shape,strides,padding', CASES)
+def test_matmul_equals_native_values_and_gradients(shape, kernel_shape, strides, padding):
+  x, kernel = random_inputs(shape, kernel_shape)
+  expected = native(x, kernel, strides, padding)
+  result = convolutions.convolve(x, kernel, strides, padding, 'matmul')
+  np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+
+  weights = jax.random.normal(jax.random.key(7), expected.shape)
+
+  def loss(function):
+    return lambda x, kernel: jnp.sum(function(x, kernel) * weights)
+  expected_grads = jax.grad(loss(lambda x, k: native(x, k, strides, padding)), (0, 1))(x, kernel)
+  grads = jax.grad(loss(lambda x, k: convolutions.convolve(x, k, strides, padding, 'matmul')),
+                   (0, 1))(x, kernel)
+  for grad, expected_grad in zip(grads, expected_grads):
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('in_channels,out_channels', [(3, 5), (5, 3)])
+def test_channel_matmul_backward_is_the_analytic_gradient(in_channels, out_channels):
+  """Both branches of the hand-written backward pass against NumPy: dx = dy W^T, dW = x^T dy."""
+  rng = np.random.RandomState(0)
+  x = rng.randn(2, 3, 4, in_channels).astype(np.float32)
+  matrix = rng.randn(in_channels, out_channels).astype(np.float32)
+  output_gradient = rng.randn(2, 3, 4, out_channels).astype(np.float32)
+  result, vjp = jax.vjp(convolutions.channel_matmul, x, matrix)
+  np.testing.assert_allclose(result, x @ matrix, rtol=1e-5, atol=1e-6)
+  input_gradient, matrix_gradient = vjp(output_gradient)
+  np.testing.assert_allclose(input_gradient, output_gradient @ matrix.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      matrix_gradient,
+      x.reshape(-1, in_channels).T @ output_gradient.reshape(-1, out_channels),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_conv_module_has_flax_conv_parameters_and_outputs():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+  for kernel_size, strides, padding in [((1, 1), (1, 1), 'VALID'), ((3, 3), (2, 2), ((1, 1),) * 2)]:
+    ours = convolutions.Conv(6, kernel_size, strides, padding, implementation='matmul')
+    flax_conv = nn.Conv(6, kernel_size, strides, padding, use_bias=False)
+    variables = ours.init(jax.random.key(1), x)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+        flax_conv.init(jax.random.key(1), x))
+    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_is_the_same_network_under_every_implementation():
+  """ResNet-18 at 64x64 ends on 4x4 and 2x2 maps, so every path runs; same parameters, same
+  features, same gradients. (A batch of 8: BatchNorm over very few values per channel amplifies
+  float rounding, which is not what this compares.)"""
+  images = jax.random.uniform(jax.random.key(0), (8, 64, 64, 3))
+  networks = {name: models.get_backbone('resnet18', convolutions=name)
+              for name in ('native', 'matmul')}
+  variables = networks['native'].init(jax.random.key(1), images)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      networks['matmul'].init(jax.random.key(1), images))
+
+  def loss(network):
+    def function(params):
+      features, _ = network.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                  images, train=True, mutable=['batch_stats'])
+      return jnp.sum(features ** 2), features
+    return function
+  results = {name: jax.value_and_grad(loss(network), has_aux=True)(variables['params'])
+             for name, network in networks.items()}
+  (_, native_features), native_grads = results['native']
+  (_, matmul_features), matmul_grads = results['matmul']
+  np.testing.assert_allclose(matmul_features, native_features, rtol=1e-4, atol=1e-5)
+  for path, grad in jax.tree_util.tree_leaves_with_path(matmul_grads):
+    expected = dict(jax.tree_util.tree_leaves_with_path(native_grads))[path]
+    # Rounding differs in the order of the sums: compare against each gradient's own scale.
+    scale = float(jnp.max(jnp.abs(expected)))
+    assert float(jnp.max(jnp.abs(grad - expected))) <= 1e-4 * scale, jax.tree_util.keystr(path)
+
+
+def test_half_precision_runs_in_bfloat16():
+  x, kernel = random_inputs((2, 4, 4, 8), (1, 1, 8, 16))
+  result = convolutions.convolve(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1),
+                                 'VALID', 'matmul')
+  assert result.dtype == jnp.bfloat16
+  np.testing.assert_allclose(result.astype(np.float32), native(x, kernel, (1, 1), 'VALID'),
+                             rtol=5e-2, atol=5e-2)
+  grads = jax.grad(lambda k: jnp.sum(convolutions.convolve(
+      x.astype(jnp.bfloat16), k, (1, 1), 'VALID', 'matmul').astype(jnp.float32)))(
+          kernel.astype(jnp.bfloat16))
+  assert grads.dtype == jnp.bfloat16
+
+
+def test_auto_and_unknown_implementations():
+  assert convolutions.resolve_implementation('auto') == (
+      'matmul' if jax.default_backend() == 'cpu' else 'native')
+  with pytest.raises(ValueError, match=r"'fast'.*config.convolutions"):
+    convolutions.resolve_implementation('fast')
+  with pytest.raises(ValueError, match='no bias'):
+    convolutions.Conv(4, (1, 1), use_bias=True).init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
