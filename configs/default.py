@@ -20,7 +20,7 @@ def get_config():
   config.model = 'resnet_small'
   config.image_size = 48
   config.half_precision = False
-  # How convolutions are computed (hml_jax/convolutions.py); the parameters are the same, so it
+  # How convolutions are computed (hml_jax/layers.py); the parameters are the same, so it
   # may change between runs and on resume. 'auto': as matmuls where that is faster on CPU
   # (docs/performance_notes.md), XLA's native convolutions on GPU and TPU.
   config.convolutions = 'auto'

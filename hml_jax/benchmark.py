@@ -26,9 +26,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from hml_jax import convolutions
 from hml_jax import host
 from hml_jax import input_pipeline
+from hml_jax import layers
 from hml_jax import losses
 from hml_jax import models
 from hml_jax import sharding
@@ -196,7 +196,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
       'jax': jax.__version__,
       'config': {'model': config.model, 'loss': config.loss, 'image_size': config.image_size,
                  'batch_size': batch_size, 'half_precision': bool(config.half_precision),
-                 'convolutions': convolutions.resolve_implementation(config.convolutions),
+                 'convolutions': layers.resolve_implementation(config.convolutions),
                  'num_labels': num_labels},
   }
 

@@ -13,8 +13,8 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hml_jax import convolutions as convolutions_lib
 from hml_jax import heads as heads_lib
+from hml_jax import layers
 
 # torchvision's init: kaiming_normal_(mode='fan_out', nonlinearity='relu') for convolutions.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -71,7 +71,7 @@ class ResNet(nn.Module):
   small_inputs replaces the 7x7/2 stem and the max-pool by one 3x3 convolution of stride
   small_stem_strides (as ResNets for CIFAR-sized images do), so that 32-64 pixel images are not
   downsampled 4x before the first stage. convolutions chooses how the convolutions are computed
-  (hml_jax/convolutions.py: 'auto', 'native' or 'matmul'); the parameters are the same.
+  (hml_jax/layers.py: 'auto', 'native' or 'matmul'); the parameters are the same.
   """
   stage_sizes: Sequence[int]
   block: Any
@@ -84,9 +84,9 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    conv = functools.partial(convolutions_lib.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=conv_init, implementation=self.convolutions)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
     x = images.astype(self.dtype)
     if self.small_inputs:

@@ -13,11 +13,11 @@ import numpy as np
 import optax
 
 from hml_jax import checkpoints
-from hml_jax import convolutions
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import input_pipeline
 from hml_jax import labels as labels_lib
+from hml_jax import layers
 from hml_jax import losses
 from hml_jax import metrics as metrics_lib
 from hml_jax import models
@@ -36,7 +36,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Reject unknown names before any work is done, naming the key and the choices."""
   losses.get_method(config.loss)
   models.get_backbone(config.model)
-  convolutions.resolve_implementation(config.convolutions)
+  layers.resolve_implementation(config.convolutions)
   if config.label_scenario not in labels_lib.SCENARIOS:
     raise ValueError(f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
                      f'choose one of {list(labels_lib.SCENARIOS)}.')

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hml_jax import convolutions
+from hml_jax import layers
 from hml_jax import models
 
 
@@ -40,7 +40,7 @@ CASES = [
 def test_matmul_equals_native_values_and_gradients(shape, kernel_shape, strides, padding):
   x, kernel = random_inputs(shape, kernel_shape)
   expected = native(x, kernel, strides, padding)
-  result = convolutions.convolve(x, kernel, strides, padding, 'matmul')
+  result = layers.convolve(x, kernel, strides, padding, 'matmul')
   np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
 
   weights = jax.random.normal(jax.random.key(7), expected.shape)
@@ -48,7 +48,7 @@ def test_matmul_equals_native_values_and_gradients(shape, kernel_shape, strides,
   def loss(function):
     return lambda x, kernel: jnp.sum(function(x, kernel) * weights)
   expected_grads = jax.grad(loss(lambda x, k: native(x, k, strides, padding)), (0, 1))(x, kernel)
-  grads = jax.grad(loss(lambda x, k: convolutions.convolve(x, k, strides, padding, 'matmul')),
+  grads = jax.grad(loss(lambda x, k: layers.convolve(x, k, strides, padding, 'matmul')),
                    (0, 1))(x, kernel)
   for grad, expected_grad in zip(grads, expected_grads):
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
@@ -61,7 +61,7 @@ def test_channel_matmul_backward_is_the_analytic_gradient(in_channels, out_chann
   x = rng.randn(2, 3, 4, in_channels).astype(np.float32)
   matrix = rng.randn(in_channels, out_channels).astype(np.float32)
   output_gradient = rng.randn(2, 3, 4, out_channels).astype(np.float32)
-  result, vjp = jax.vjp(convolutions.channel_matmul, x, matrix)
+  result, vjp = jax.vjp(layers.channel_matmul, x, matrix)
   np.testing.assert_allclose(result, x @ matrix, rtol=1e-5, atol=1e-6)
   input_gradient, matrix_gradient = vjp(output_gradient)
   np.testing.assert_allclose(input_gradient, output_gradient @ matrix.T, rtol=1e-5, atol=1e-5)
@@ -74,7 +74,7 @@ def test_channel_matmul_backward_is_the_analytic_gradient(in_channels, out_chann
 def test_conv_module_has_flax_conv_parameters_and_outputs():
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
   for kernel_size, strides, padding in [((1, 1), (1, 1), 'VALID'), ((3, 3), (2, 2), ((1, 1),) * 2)]:
-    ours = convolutions.Conv(6, kernel_size, strides, padding, implementation='matmul')
+    ours = layers.Conv(6, kernel_size, strides, padding, implementation='matmul')
     flax_conv = nn.Conv(6, kernel_size, strides, padding, use_bias=False)
     variables = ours.init(jax.random.key(1), x)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
@@ -114,21 +114,89 @@ def test_resnet_is_the_same_network_under_every_implementation():
 
 def test_half_precision_runs_in_bfloat16():
   x, kernel = random_inputs((2, 4, 4, 8), (1, 1, 8, 16))
-  result = convolutions.convolve(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1),
+  result = layers.convolve(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1),
                                  'VALID', 'matmul')
   assert result.dtype == jnp.bfloat16
   np.testing.assert_allclose(result.astype(np.float32), native(x, kernel, (1, 1), 'VALID'),
                              rtol=5e-2, atol=5e-2)
-  grads = jax.grad(lambda k: jnp.sum(convolutions.convolve(
+  grads = jax.grad(lambda k: jnp.sum(layers.convolve(
       x.astype(jnp.bfloat16), k, (1, 1), 'VALID', 'matmul').astype(jnp.float32)))(
           kernel.astype(jnp.bfloat16))
   assert grads.dtype == jnp.bfloat16
 
 
 def test_auto_and_unknown_implementations():
-  assert convolutions.resolve_implementation('auto') == (
+  assert layers.resolve_implementation('auto') == (
       'matmul' if jax.default_backend() == 'cpu' else 'native')
   with pytest.raises(ValueError, match=r"'fast'.*config.convolutions"):
-    convolutions.resolve_implementation('fast')
+    layers.resolve_implementation('fast')
   with pytest.raises(ValueError, match='no bias'):
-    convolutions.Conv(4, (1, 1), use_bias=True).init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
+    layers.Conv(4, (1, 1), use_bias=True).init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_equals_flax_batch_norm(dtype):
+  """Same variables, outputs, running statistics and gradients as flax.linen.BatchNorm, in
+  training and in evaluation mode."""
+  x = (jax.random.normal(jax.random.key(1), (4, 5, 5, 6)) * 3 + 1).astype(dtype)
+  settings = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  ours, theirs = layers.BatchNorm(**settings), nn.BatchNorm(**settings)
+  variables = theirs.init(jax.random.key(0), x, use_running_average=False)
+  assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) == (
+      jax.tree_util.tree_structure(variables))
+  variables = {'params': {'scale': jnp.linspace(0.5, 2.0, 6), 'bias': jnp.linspace(-1, 1, 6)},
+               'batch_stats': {'mean': jnp.linspace(0, 1, 6), 'var': jnp.linspace(1, 3, 6)}}
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  y_ours, stats_ours = ours.apply(variables, x, mutable=['batch_stats'])
+  y_theirs, stats_theirs = theirs.apply(variables, x, use_running_average=False,
+                                        mutable=['batch_stats'])
+  assert y_ours.dtype == dtype
+  np.testing.assert_allclose(y_ours.astype(np.float32), y_theirs.astype(np.float32),
+                             rtol=tolerance, atol=tolerance)
+  for key in ('mean', 'var'):
+    np.testing.assert_allclose(stats_ours['batch_stats'][key], stats_theirs['batch_stats'][key],
+                               rtol=1e-5, atol=1e-6)
+  evaluation = layers.BatchNorm(use_running_average=True, **settings).apply(variables, x)
+  np.testing.assert_allclose(
+      evaluation.astype(np.float32),
+      theirs.apply(variables, x, use_running_average=True).astype(np.float32),
+      rtol=tolerance, atol=tolerance)
+
+  weights = jax.random.normal(jax.random.key(3), x.shape)
+
+  def loss(apply):
+    return lambda params, x: jnp.sum(apply(params, x).astype(jnp.float32) * weights)
+  grads_ours = jax.grad(loss(lambda p, x: ours.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']}, x, mutable=['batch_stats'])[0]),
+                        (0, 1))(variables['params'], x)
+  grads_theirs = jax.grad(loss(lambda p, x: theirs.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']}, x, use_running_average=False,
+      mutable=['batch_stats'])[0]), (0, 1))(variables['params'], x)
+  for ours_leaf, theirs_leaf in zip(jax.tree_util.tree_leaves(grads_ours),
+                                    jax.tree_util.tree_leaves(grads_theirs)):
+    assert ours_leaf.dtype == theirs_leaf.dtype
+    scale = float(jnp.max(jnp.abs(theirs_leaf.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs((ours_leaf - theirs_leaf).astype(jnp.float32)))) <= (
+        tolerance * scale)
+
+
+def test_batch_norm_gradient_is_the_analytic_one():
+  """The hand-written backward pass against central finite differences of the loss along random
+  directions (float32, so a loose tolerance)."""
+  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 4))
+  scale, bias = jnp.array([1.0, 2.0, 0.5, -1.0]), jnp.array([0.1, 0.0, -0.2, 0.3])
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+
+  def loss(x, scale, bias):
+    return jnp.sum(layers.batch_norm_training(x, scale, bias, 1e-5, jnp.float32)[0] * weights)
+  grads = jax.grad(loss, (0, 1, 2))(x, scale, bias)
+  for argument, direction_seed in ((0, 5), (1, 6), (2, 7)):
+    arguments = [x, scale, bias]
+    direction = jax.random.normal(jax.random.key(direction_seed), arguments[argument].shape)
+    step = 1e-2
+    plus, minus = list(arguments), list(arguments)
+    plus[argument] = arguments[argument] + step * direction
+    minus[argument] = arguments[argument] - step * direction
+    numeric = (loss(*plus) - loss(*minus)) / (2 * step)
+    analytic = jnp.sum(grads[argument] * direction)
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2, atol=2e-3)

@@ -1,4 +1,4 @@
-"""Convolutions for the ResNets, written so that XLA's CPU backend runs them fast.
+"""The ResNets' layers, written so that XLA's CPU backend runs them fast: Conv and BatchNorm.
 
 `Conv` is a drop-in for flax.linen.Conv (no bias, a 'kernel' parameter of shape
 (kernel_height, kernel_width, in_channels, out_channels), NHWC inputs), so parameters, checkpoints
@@ -18,7 +18,13 @@ and imported torchvision weights are the same whichever implementation computes 
   * Larger 3x3 and 7x7 convolutions stay native: im2col's 9x (49x) larger patches cost more
     than they save there.
 - 'auto': 'matmul' on CPU, 'native' elsewhere.
+
+`BatchNorm` is flax.linen.BatchNorm as the ResNets use it (the same parameters, statistics and
+outputs) with its training-mode backward pass written by hand: two passes over the activations
+(one reduction, one elementwise) where automatic differentiation of the statistics left XLA with
+more; docs/performance_notes.md has the measurement.
 """
+import functools
 from typing import Any, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -148,3 +154,80 @@ class Conv(nn.Module):
     strides = tuple(self.strides) if self.strides is not None else (1, 1)
     return convolve(x, kernel, strides, self.padding, self.implementation)
 
+
+
+def _batch_statistics(x):
+  """Mean and (biased) variance over every axis but the last, in float32 whatever x's dtype, as
+  flax computes them: E[x^2] - E[x]^2 in one pass, clipped at 0."""
+  x = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  return mean, jnp.maximum(0.0, jnp.mean(x * x, axes) - mean * mean)
+
+
+def _normalize(x, mean, inverse_std, scale, bias, dtype):
+  return ((x.astype(jnp.float32) - mean) * (inverse_std * scale) + bias).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_training(x, scale, bias, epsilon: float, dtype):
+  """BatchNorm with the batch's statistics: x (..., C), scale and bias (C,) ->
+  (y (..., C) in dtype, mean (C,), variance (C,)). The statistics are outputs for the running
+  averages and carry no gradient."""
+  mean, variance = _batch_statistics(x)
+  return _normalize(x, mean, lax.rsqrt(variance + epsilon), scale, bias, dtype), mean, variance
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, dtype):
+  mean, variance = _batch_statistics(x)
+  inverse_std = lax.rsqrt(variance + epsilon)
+  outputs = _normalize(x, mean, inverse_std, scale, bias, dtype), mean, variance
+  return outputs, (x, mean, inverse_std, scale)
+
+
+def _batch_norm_backward(epsilon, dtype, residuals, cotangents):
+  """With x_hat = (x - mean) / std, y = scale x_hat + bias, over M values per channel:
+  d bias = sum dy, d scale = sum dy x_hat,
+  dx = scale / (std M) (M dy - d bias - x_hat d scale)."""
+  del epsilon, dtype
+  x, mean, inverse_std, scale = residuals
+  output_gradient = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are zero
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  normalized = (x.astype(jnp.float32) - mean) * inverse_std
+  bias_gradient = jnp.sum(output_gradient, axes)
+  scale_gradient = jnp.sum(output_gradient * normalized, axes)
+  input_gradient = (scale * inverse_std / count) * (
+      count * output_gradient - bias_gradient - normalized * scale_gradient)
+  return input_gradient.astype(x.dtype), scale_gradient, bias_gradient
+
+
+batch_norm_training.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+class BatchNorm(nn.Module):
+  """flax.linen.BatchNorm over the last axis as the ResNets use it: parameters 'scale' (ones) and
+  'bias' (zeros), batch_stats 'mean' and 'var' (the biased batch variance, as flax keeps it),
+  running averages with weight `momentum` on the old value, float32 statistics, output in dtype."""
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
+    running_variance = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
+    if self.use_running_average:
+      return _normalize(x, running_mean.value,
+                        lax.rsqrt(running_variance.value + self.epsilon), scale, bias, self.dtype)
+    y, mean, variance = batch_norm_training(x, scale, bias, self.epsilon, self.dtype)
+    if not self.is_initializing():
+      running_mean.value = (self.momentum * running_mean.value +
+                            (1 - self.momentum) * lax.stop_gradient(mean))
+      running_variance.value = (self.momentum * running_variance.value +
+                                (1 - self.momentum) * lax.stop_gradient(variance))
+    return y
