@@ -16,6 +16,9 @@ Two ways to read examples, one interface (`Split.train_batches`, `Split.eval_bat
   - ImageSplit: encoded images streamed by tf.data, decoded, resized (config.image_size),
     flipped and batched in parallel. Shuffling, file order and flips are seeded by (seed, epoch),
     so a resumed run sees the batches an uninterrupted one would have seen.
+With several processes (hosts), an ArraySplit's every process draws the same global batch and
+keeps its rows; an ImageSplit's process reads only its own part of the files (`part_bounds`,
+`RecordReader`), and jax.make_array_from_process_local_data assembles the global batch.
 Images leave the pipeline as uint8 (4x less to move to the accelerator than float32) and are
 normalized with config.dataset.mean/std on the device; features leave it as float32, unchanged.
 """
@@ -45,11 +48,16 @@ class Split(abc.ABC):
   def __len__(self):
     return len(self.labels)
 
+  def num_train_steps(self, batch_size: int) -> int:
+    """Training drops the last incomplete batch (fixed shapes: one compilation)."""
+    return len(self) // batch_size
+
   @abc.abstractmethod
   def train_batches(self, batch_size: int, seed: int, epoch: int, config,
                     start_step: int = 0) -> Iterator[dict]:
-    """len(self) // batch_size batches: {'images', 'labels' (observed), 'indices' (rows)}; from
-    start_step on (the batches before it are the ones an uninterrupted epoch would have seen)."""
+    """num_train_steps(batch_size) batches, each this process's part of a global batch:
+    {'images', 'labels' (observed), 'indices' (rows)}; from start_step on (the batches before it
+    are the ones an uninterrupted epoch would have seen)."""
 
   @abc.abstractmethod
   def eval_batches(self, batch_size: int) -> Iterator[dict]:
@@ -66,8 +74,10 @@ class Data:
 
 
 def num_train_steps_per_epoch(split: Split, batch_size: int) -> int:
-  """Training drops the last incomplete batch (fixed shapes: one compilation)."""
-  return len(split) // batch_size
+  """Train steps of one epoch, the same on every process (the steps are collective): the full
+  batches of the split, or with several processes reading their own parts of a streamed split,
+  the full local batches of the smallest part (ImageSplit.num_train_steps)."""
+  return split.num_train_steps(batch_size)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -148,9 +158,78 @@ class ArraySplit(Split):
 # ------------------------------------------------------------------------------------------------
 # Streamed with tf.data.
 
-# records(shuffle_seed or None) -> tf.data.Dataset of {'image': encoded bytes, 'index': int64 row
-# of the official split}; shuffle_seed None means storage order.
-RecordReader = Callable[[Optional[int]], 'tf.data.Dataset']
+def part_bounds(num_records: int, process_index: int, process_count: int) -> Tuple[int, int]:
+  """[start, stop): the storage positions of the records that process process_index of
+  process_count reads. Contiguous (so that a process opens only the files holding its records),
+  disjoint, covering all num_records, sizes differing by at most one (the first
+  num_records % process_count parts have one more): the rule of tfds.even_splits."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'Process index {process_index} of {process_count} processes: expected '
+                     '0 <= index < count.')
+  size, extra = divmod(num_records, process_count)
+  start = process_index * size + min(process_index, extra)
+  return start, start + size + int(process_index < extra)
+
+
+def part_sizes(storage_indices: np.ndarray, rows_of_index: np.ndarray,
+               process_count: int) -> np.ndarray:
+  """(process_count,) how many rows of a split each process's part holds.
+
+  storage_indices: the official index of each record in storage order (-1: a record the reader
+  drops); rows_of_index: official index -> the split's row (-1: another split, e.g. validation
+  rows inside the official train split). Pure arithmetic on what the source read when it was
+  built, so every process computes every process's size without communicating."""
+  storage_indices = np.asarray(storage_indices, np.int64)
+  kept = storage_indices >= 0
+  in_split = np.zeros(len(storage_indices), np.int64)
+  in_split[kept] = rows_of_index[storage_indices[kept]] >= 0
+  before = np.concatenate([[0], np.cumsum(in_split)])  # before[k]: rows in positions [0, k)
+  bounds = [part_bounds(len(storage_indices), p, process_count) for p in range(process_count)]
+  return np.array([before[stop] - before[start] for start, stop in bounds], np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordReader:
+  """The encoded images of one official split, read whole or one process's part.
+
+  storage_indices[k]: the official index of the split's k-th record in storage order (TFDS's files
+  concatenated, or a folder's file list), -1 for a record the reader drops (a catalog image
+  without a positive label). read(shuffle_seed, start, stop) opens only the records at storage
+  positions [start, stop) and returns a tf.data.Dataset of {'image': encoded bytes, 'index':
+  official index} (dropped records left out), in a fixed order when shuffle_seed is None, else
+  in an order that is a function of shuffle_seed. Calling the reader with
+  (shuffle_seed, process_index, process_count) reads that process's part (`part_bounds`).
+  """
+  name: str  # for messages: the dataset and split
+  read: Callable[[Optional[int], int, int], 'tf.data.Dataset']
+  storage_indices: np.ndarray
+
+  def __len__(self):
+    return len(self.storage_indices)
+
+  def __call__(self, shuffle_seed: Optional[int], process_index: int = 0,
+               process_count: int = 1):
+    start, stop = part_bounds(len(self), process_index, process_count)
+    if process_count > 1:
+      logging.info('Process %d of %d reads records [%d, %d) of the %d of %s.', process_index,
+                   process_count, start, stop, len(self), self.name)
+    if start == stop:  # more processes than records: nothing to read (TFDS refuses 'train[5:5]')
+      return self.read(shuffle_seed, 0, 1).take(0)
+    return self.read(shuffle_seed, start, stop)
+
+  def part_indices(self, process_index: int, process_count: int) -> np.ndarray:
+    """The official indices (and -1s) of the records that process's part holds."""
+    start, stop = part_bounds(len(self), process_index, process_count)
+    return self.storage_indices[start:stop]
+
+
+def _process(process: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+  """(process_index, process_count): the given pair (tests simulate processes with it), else
+  this process's."""
+  if process is not None:
+    return process
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index(), jax.process_count()
 
 
 def decode_and_resize(encoded, image_size: int, channels: int = 3):
@@ -166,7 +245,15 @@ def decode_and_resize(encoded, image_size: int, channels: int = 3):
 
 class ImageSplit(Split):
   """Encoded images read by `records`; rows_of_index maps an official index to this split's row
-  (-1: the image belongs to another split, e.g. validation vs. train)."""
+  (-1: the image belongs to another split, e.g. validation vs. train).
+
+  With several processes, each reads only its part of the official split (`part_bounds`) and
+  keeps this split's rows of it: the parts hold about as many of them, not exactly (the other
+  split's rows fall unevenly), so every process runs the train steps of the smallest part and
+  the eval batches of the largest, padding. One process reads everything as it always did. A
+  global batch is then this process's next local batch next to the others': which images share
+  a global batch depends on the number of processes (an ArraySplit's do not).
+  """
 
   def __init__(self, records: RecordReader, rows_of_index: np.ndarray, labels: np.ndarray,
                observed: np.ndarray, image_size: int, flip: bool, shuffle_buffer: int,
@@ -178,32 +265,48 @@ class ImageSplit(Split):
     # True when records(seed) is already a uniform permutation (a folder of files): no buffer.
     self.exact_shuffle = exact_shuffle
     self.example_shape = (image_size, image_size, 3)
+    self._part_sizes = {}  # process_count -> part_sizes
 
-  def _rows(self, shuffle_seed):
-    """This split's records as {'image', 'row'}, for this process (one shard per process: every
-    process still reads the split's files, and keeps every process_count-th record)."""
-    import jax  # pylint: disable=g-import-not-at-top
+  def part_sizes(self, process_count: int) -> np.ndarray:
+    """How many of this split's images each of process_count processes reads."""
+    if process_count not in self._part_sizes:
+      sizes = part_sizes(self.records.storage_indices, self.rows_of_index, process_count)
+      if sizes.sum() != len(self):
+        raise ValueError(
+            f'The records of {self.records.name} hold {sizes.sum()} of the {len(self)} images '
+            'of this split: the stored record order and the label matrix disagree. Delete the '
+            "cached labels next to the prepared data (hml_*) so that they are read again.")
+      self._part_sizes[process_count] = sizes
+    return self._part_sizes[process_count]
+
+  def num_train_steps(self, batch_size: int, process: Optional[Tuple[int, int]] = None) -> int:
+    """Full local batches of the smallest part: no process runs out of images."""
+    _, count = _process(process)
+    return int(self.part_sizes(count).min()) // (batch_size // count)
+
+  def _rows(self, shuffle_seed, process_index, process_count):
+    """This split's records as {'image', 'row'}, of this process's part only."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     rows_of_index = tf.constant(self.rows_of_index)
-    dataset = self.records(shuffle_seed).map(
+    dataset = self.records(shuffle_seed, process_index, process_count).map(
         lambda record: {'image': record['image'],
                         'row': tf.gather(rows_of_index, record['index'])})
-    dataset = dataset.filter(lambda record: record['row'] >= 0)
-    return dataset.shard(jax.process_count(), jax.process_index())
+    return dataset.filter(lambda record: record['row'] >= 0)
 
-  def dataset(self, batch_size: int, seed: int, epoch: int, start_step: int = 0):
+  def dataset(self, batch_size: int, seed: int, epoch: int, start_step: int = 0,
+              process: Optional[Tuple[int, int]] = None):
     """The tf.data pipeline of one training epoch from start_step on (exposed for the throughput
-    benchmark)."""
-    import jax  # pylint: disable=g-import-not-at-top
+    benchmark); process: (index, count), this process's by default."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    process_index, process_count = _process(process)
     shuffle_seed = epoch_seed(seed, epoch)
-    dataset = self._rows(shuffle_seed)
+    dataset = self._rows(shuffle_seed, process_index, process_count)
     if not self.exact_shuffle:
       # Files come in a seeded order; the buffer mixes examples across files. Its size bounds the
       # memory of encoded images held (about 150 kB each for COCO).
       dataset = dataset.shuffle(min(self.shuffle_buffer, len(self)), seed=shuffle_seed,
                                 reshuffle_each_iteration=False)
-    local_batch = batch_size // jax.process_count()
+    local_batch = batch_size // process_count
     # Resuming mid-epoch: drop the records of the steps already done, before any decoding.
     dataset = dataset.skip(start_step * local_batch)
     image_size, flip = self.image_size, self.flip
@@ -218,27 +321,27 @@ class ImageSplit(Split):
     # Parallel, but deterministic: the batch order must not depend on thread timing.
     dataset = dataset.map(preprocess, num_parallel_calls=self.parallel_calls, deterministic=True)
     dataset = dataset.batch(local_batch, drop_remainder=True)
-    # Every process runs the same number of steps (shards may differ by one example).
-    dataset = dataset.take(num_train_steps_per_epoch(self, batch_size) - start_step)
+    # Every process runs the same number of steps (the parts differ by a few images).
+    steps = self.num_train_steps(batch_size, (process_index, process_count))
+    dataset = dataset.take(steps - start_step)
     return dataset.prefetch(AUTOTUNE)
 
-  def train_batches(self, batch_size, seed, epoch, config, start_step=0):
+  def train_batches(self, batch_size, seed, epoch, config, start_step=0, process=None):
     del config  # augmentation is fixed at construction (flip)
-    for batch in self.dataset(batch_size, seed, epoch, start_step).as_numpy_iterator():
+    for batch in self.dataset(batch_size, seed, epoch, start_step, process).as_numpy_iterator():
       batch['labels'] = self.observed[batch['indices']]
       yield batch
 
-  def eval_batches(self, batch_size):
-    """This process's part of each global batch: its own shard of the images, padded, and as
-    many batches on every process (the eval step is collective)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    image_size, local_batch = self.image_size, batch_size // jax.process_count()
-    dataset = self._rows(None).map(
+  def eval_batches(self, batch_size, process=None):
+    """This process's part of each global batch: its own images, padded, and as many batches on
+    every process (the eval step is collective): those of the largest part."""
+    process_index, process_count = _process(process)
+    image_size, local_batch = self.image_size, batch_size // process_count
+    dataset = self._rows(None, process_index, process_count).map(
         lambda record: {'images': decode_and_resize(record['image'], image_size),
                         'indices': record['row']},
         num_parallel_calls=self.parallel_calls, deterministic=True)
-    # The largest shard has ceil(N / P) images.
-    num_batches = -(-(-(-len(self) // jax.process_count())) // local_batch)
+    num_batches = int(max(-(-size // local_batch) for size in self.part_sizes(process_count)))
     emitted = 0
     for batch in dataset.batch(local_batch).prefetch(AUTOTUNE).as_numpy_iterator():
       batch['indices'] = batch['indices'].astype(np.int32)
@@ -295,22 +398,39 @@ def load_tfds_builder(dataset_config):
   return builder
 
 
-def _tfds_label_matrix(builder, split: str):
-  """(labels (N, L) uint8 by official index, indices check) of a TFDS split, without decoding an
-  image. Cached next to the prepared data: for COCO this pass reads every record once."""
+def _read_label_cache(path: str, shard_lengths: np.ndarray):
+  """(labels, storage_index) saved for a split stored in files of these lengths, else None."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      if np.array_equal(saved['shard_lengths'], shard_lengths):
+        return saved['labels'], saved['storage_index']
+  except (OSError, ValueError, KeyError):  # unreadable: read the labels again
+    pass
+  return None
+
+
+def _tfds_label_matrix(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(labels (N, L) uint8 by official index, storage_index (N,): the official index of each record
+  in storage order) of a TFDS split, without decoding an image. Cached next to the prepared data
+  (with the split's file lengths, which a re-prepared split changes): for COCO this pass reads
+  every record once."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  cache = os.path.join(builder.data_dir, f'hml_labels_{split}.npy')
-  num_examples = builder.info.splits[split].num_examples
-  if os.path.exists(cache):
-    labels = np.load(cache)
-    if len(labels) == num_examples:
-      return labels
+  cache = os.path.join(builder.data_dir, f'hml_labels_v2_{split}.npz')
+  shard_lengths = np.asarray(builder.info.splits[split].shard_lengths, np.int64)
+  cached = _read_label_cache(cache, shard_lengths)
+  if cached is not None:
+    return cached
   start = time.time()
+  # One file after the other (no interleaving): the records then come in storage order, the
+  # positions a process's slice 'train[a:b]' (_tfds_records) selects.
   dataset = builder.as_dataset(split=split, shuffle_files=False,
+                               read_config=tfds.ReadConfig(interleave_cycle_length=1),
                                decoders={'image': tfds.decode.SkipDecoding()})
   dataset = dataset.map(lambda x: {'labels': x['labels'], 'index': x['index']})
   parts = list(tfds.as_numpy(dataset.batch(4096)))
-  index = np.concatenate([p['index'] for p in parts])
+  index = np.concatenate([p['index'] for p in parts]).astype(np.int64)
   labels = np.concatenate([p['labels'] for p in parts])
   if not np.array_equal(np.sort(index), np.arange(len(index))):
     raise ValueError(f'{builder.info.full_name} split {split!r}: the "index" feature is not a '
@@ -318,26 +438,49 @@ def _tfds_label_matrix(builder, split: str):
                      f'{builder.data_dir} and prepare it again.')
   labels = labels[np.argsort(index)].astype(np.uint8)
   try:
-    with open(cache + '.tmp', 'wb') as f:  # never a half-written cache
-      np.save(f, labels)
-    os.replace(cache + '.tmp', cache)
+    # Never a half-written cache, even with several processes writing it at once.
+    temporary = f'{cache}.tmp{os.getpid()}'
+    with open(temporary, 'wb') as f:
+      np.savez(f, labels=labels, storage_index=index, shard_lengths=shard_lengths)
+    os.replace(temporary, cache)
   except OSError:  # a read-only data_dir only costs the pass next time
     pass
   logging.info('Read the labels of %s %s in %.1f s.', builder.info.full_name, split,
                time.time() - start)
-  return labels
+  return labels, index
 
 
-def _tfds_records(builder, split: str) -> RecordReader:
+def tfds_subsplit(split: str, start: int, stop: int, num_records: int) -> str:
+  """The TFDS split string of the records at storage positions [start, stop) of split (of
+  num_records): its own name when that is all of it, else an absolute slice 'train[a:b]'."""
+  if (start, stop) == (0, num_records):
+    return split  # one process: exactly the reads of a whole split
+  return f'{split}[{start}:{stop}]'
+
+
+def _tfds_records(builder, split: str, storage_index: np.ndarray) -> RecordReader:
+  """The RecordReader of a split of one of our builders (storage_index from _tfds_label_matrix).
+
+  A process's part is a slice of record positions, 'train[a:b]' (`part_bounds`: the slices of
+  tfds.even_splits / tfds.split_for_jax_process): TFDS opens only the files holding those
+  records, skipping and taking within the first and the last. Not
+  ReadConfig(input_context=tf.distribute.InputContext(...)): it deals out whole files, so it
+  fails with fewer files than processes (TFDS writes a few thousand images to one or two files,
+  and a pod has dozens of hosts) and its parts differ by up to a whole file of records, which
+  the smallest part's step count would drop every epoch. Within its part a process orders
+  training as one process does the whole split: files shuffled with the read_config's seed
+  (seed, epoch), then ImageSplit's shuffle buffer.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  def records(shuffle_seed):
+  def read(shuffle_seed, start, stop):
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
-    dataset = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+    dataset = builder.as_dataset(split=tfds_subsplit(split, start, stop, len(storage_index)),
+                                 shuffle_files=shuffle_seed is not None,
                                  read_config=read_config,
                                  decoders={'image': tfds.decode.SkipDecoding()})
     return dataset.map(lambda x: {'image': x['image'], 'index': x['index']})
-  return records
+  return RecordReader(f'{builder.info.full_name} {split}', read, storage_index)
 
 
 def tfds_source(dataset_config, in_memory: bool) -> Source:
@@ -354,12 +497,12 @@ def tfds_source(dataset_config, in_memory: bool) -> Source:
     return Source(builder.info.full_name, arrays['train'][1], arrays['test'][1],
                   list(label_names or range(arrays['train'][1].shape[1])),
                   train_examples=arrays['train'][0], test_examples=arrays['test'][0])
-  train_labels = _tfds_label_matrix(builder, 'train')
-  test_labels = _tfds_label_matrix(builder, 'test')
+  train_labels, train_storage = _tfds_label_matrix(builder, 'train')
+  test_labels, test_storage = _tfds_label_matrix(builder, 'test')
   return Source(builder.info.full_name, train_labels, test_labels,
                 list(label_names or range(train_labels.shape[1])),
-                train_records=_tfds_records(builder, 'train'),
-                test_records=_tfds_records(builder, 'test'))
+                train_records=_tfds_records(builder, 'train', train_storage),
+                test_records=_tfds_records(builder, 'test', test_storage))
 
 
 def load_source(config) -> Source:

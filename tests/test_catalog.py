@@ -168,7 +168,7 @@ def test_voc(data_dir, monkeypatch):
   # The second load reads the cached (keys, labels), with the same result.
   builder = tfds.builder(HmlTestCatalogVoc.name, data_dir=data_dir)
   caches = sorted(f for f in os.listdir(builder.data_dir) if f.startswith('hml_cole_'))
-  assert caches == ['hml_cole_v1_train.npz', 'hml_cole_v1_validation.npz']
+  assert caches == ['hml_cole_v2_train.npz', 'hml_cole_v2_validation.npz']
   again = catalog.load_source(config)
   np.testing.assert_array_equal(again.train_labels, source.train_labels)
   np.testing.assert_array_equal(again.test_labels, source.test_labels)
@@ -198,3 +198,25 @@ def test_not_prepared(tmp_path):
   assert catalog.CATALOG_NAMES == ('voc/2012', 'coco/2014')
   with pytest.raises(ValueError, match='Unknown catalog dataset'):
     catalog.load_source(ml_collections.ConfigDict({'name': 'voc/2007', 'data_dir': ''}))
+
+
+@pytest.mark.parametrize('count', [2, 3, 5])
+def test_processes_read_disjoint_slices_of_the_stored_records(data_dir, monkeypatch, count):
+  use_test_builder(monkeypatch, 'coco/2014', HmlTestCatalogCoco.name)
+  source = catalog.load_source(ml_collections.ConfigDict({'name': 'coco/2014',
+                                                          'data_dir': data_dir}))
+  for theirs, records, num_rows in (('train', source.train_records, len(source.train_labels)),
+                                    ('validation', source.test_records,
+                                     len(source.test_labels))):
+    # Every stored record has its row, or -1 for an image without a positive (dropped).
+    assert len(records) == len(COCO_DATA[theirs])
+    assert sorted(records.storage_indices.tolist()) == [-1] + list(range(num_rows))
+    sizes = input_pipeline.part_sizes(records.storage_indices, np.arange(num_rows), count)
+    seen = []
+    for p in range(count):  # 5 processes: more than the 4 validation records, one part empty
+      rows = [int(r['index']) for r in tfds.as_numpy(records(None, p, count))]
+      kept = records.part_indices(p, count)
+      assert sorted(rows) == sorted(kept[kept >= 0].tolist()) and len(rows) == sizes[p]
+      assert sorted(int(r['index']) for r in tfds.as_numpy(records(3, p, count))) == sorted(rows)
+      seen.extend(rows)
+    assert sorted(seen) == list(range(num_rows))  # disjoint and covering the kept images

@@ -17,9 +17,11 @@ turns them into the same `input_pipeline.Source` (same splits, labels, kept imag
 Nothing is downloaded: a catalog dataset that is not prepared raises an error that says how to
 prepare it, or which of our manual_dir builders to use instead.
 
-The first use reads every example's key and labels once (no image is read) and caches the result
-as an .npz next to the prepared data. Images are then streamed as encoded bytes; each record's
-key is mapped to its row by a hash table, and the dropped images are filtered out.
+The first use reads every example's key and labels once (no image is decoded) and caches the
+result as an .npz next to the prepared data, with each stored record's row (-1: dropped). Images
+are then streamed as encoded bytes; each record's key is mapped to its row by a hash table, and
+the dropped images are filtered out. With several processes each reads only its slice of the
+stored records (input_pipeline.part_bounds, as for our own builders).
 """
 import dataclasses
 import logging
@@ -31,8 +33,9 @@ import numpy as np
 
 CATALOG_NAMES = ('voc/2012', 'coco/2014')
 
-# Bump when the conversion changes: caches of an older conversion are then ignored.
-_CACHE_VERSION = 1
+# Bump when the conversion or the cache's content changes: older caches are then ignored.
+# 2: with each stored record's row and the split's file lengths (per-process reading).
+_CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +99,13 @@ def _builder(name: str, spec: CatalogSpec, dataset_config):
 def _read_keys_and_labels(builder, spec: CatalogSpec, tfds_split: str,
                           num_labels: int) -> Tuple[np.ndarray, np.ndarray]:
   """(keys (n,), labels (n, num_labels) uint8) of every example of a TFDS split, in storage
-  order, reading only the key and label features (no image)."""
+  order (the files one after the other: the positions a slice 'train[a:b]' selects), reading
+  only the key and label features (no image)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   decoding = tfds.decode.PartialDecoding({spec.key: True, **spec.label_decoding})
-  dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, decoders=decoding)
+  dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, decoders=decoding,
+                               read_config=tfds.ReadConfig(interleave_cycle_length=1))
 
   def keys_and_labels(example):
     indices = tf.cast(tf.reshape(spec.label_indices(example), [-1]), tf.int32)
@@ -132,35 +137,51 @@ def cole_rows(keys: np.ndarray, labels: np.ndarray,
   return keys[order], labels[order]
 
 
+def storage_rows(stored_keys: np.ndarray, row_keys: np.ndarray) -> np.ndarray:
+  """(n,) int64: the row (position in row_keys) of each stored key, -1 for a key without a row
+  (an image Cole et al. drop)."""
+  row_of = {key: row for row, key in enumerate(row_keys.tolist())}
+  return np.array([row_of.get(key, -1) for key in stored_keys.tolist()], np.int64)
+
+
 def _split_rows(builder, spec: CatalogSpec, tfds_split: str,
-                num_labels: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(keys, labels) of a split in Cole et al.'s row order; cached next to the prepared data."""
+                num_labels: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(keys, labels) of a split in Cole et al.'s row order, and the row of each stored record
+  (-1: dropped); cached next to the prepared data with the split's file lengths (a re-prepared
+  split may store its records otherwise)."""
   cache = os.path.join(builder.data_dir, f'hml_cole_v{_CACHE_VERSION}_{tfds_split}.npz')
+  shard_lengths = np.asarray(builder.info.splits[tfds_split].shard_lengths, np.int64)
   if os.path.exists(cache):
     try:
       with np.load(cache, allow_pickle=False) as saved:
-        keys, labels = saved['keys'], saved['labels']
-      if labels.shape == (len(keys), num_labels):
-        return keys, labels
+        keys, labels, rows = saved['keys'], saved['labels'], saved['storage_rows']
+        same_files = np.array_equal(saved['shard_lengths'], shard_lengths)
+      if same_files and labels.shape == (len(keys), num_labels):
+        return keys, labels, rows
     except (OSError, ValueError, KeyError):
       pass  # unreadable cache: read the labels again
   start = time.time()
-  keys, labels = _read_keys_and_labels(builder, spec, tfds_split, num_labels)
-  num_examples = len(keys)
-  keys, labels = cole_rows(keys, labels, spec.sort_key)
+  stored_keys, labels = _read_keys_and_labels(builder, spec, tfds_split, num_labels)
+  keys, labels = cole_rows(stored_keys, labels, spec.sort_key)
+  rows = storage_rows(stored_keys, keys)
   try:  # best effort: a read-only data_dir only costs the pass next time
     temporary = f'{cache}.tmp{os.getpid()}.npz'
-    np.savez(temporary, keys=keys, labels=labels)
+    np.savez(temporary, keys=keys, labels=labels, storage_rows=rows, shard_lengths=shard_lengths)
     os.replace(temporary, cache)
   except OSError:
     pass
   logging.info('Read the labels of %s %s in %.1f s: kept %d of %d images (with a positive).',
-               builder.info.full_name, tfds_split, time.time() - start, len(keys), num_examples)
-  return keys, labels
+               builder.info.full_name, tfds_split, time.time() - start, len(keys),
+               len(stored_keys))
+  return keys, labels, rows
 
 
-def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray):
-  """The split's RecordReader: {'image': encoded bytes, 'index': row} of the kept images."""
+def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray,
+             rows: np.ndarray):
+  """The split's input_pipeline.RecordReader: {'image': encoded bytes, 'index': row} of the kept
+  images; rows: the row of each stored record (-1: dropped). A process reads only its slice of
+  the stored records (see input_pipeline._tfds_records for why a slice)."""
+  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   table = []  # built on first use, then kept alive as long as this reader
@@ -173,17 +194,18 @@ def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray):
           default_value=tf.constant(-1, tf.int64)))
     return table[0]
 
-  def records(shuffle_seed: Optional[int]):
-    rows = row_table()
+  def read(shuffle_seed: Optional[int], start: int, stop: int):
+    row_of_key = row_table()
     decoding = tfds.decode.PartialDecoding(
         {'image': True, spec.key: True}, decoders={'image': tfds.decode.SkipDecoding()})
-    dataset = builder.as_dataset(split=tfds_split, shuffle_files=shuffle_seed is not None,
-                                 read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
-                                 decoders=decoding)
+    dataset = builder.as_dataset(
+        split=input_pipeline.tfds_subsplit(tfds_split, start, stop, len(rows)),
+        shuffle_files=shuffle_seed is not None,
+        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed), decoders=decoding)
     dataset = dataset.map(lambda example: {'image': example['image'],
-                                           'index': rows.lookup(example[spec.key])})
+                                           'index': row_of_key.lookup(example[spec.key])})
     return dataset.filter(lambda record: record['index'] >= 0)  # images Cole et al. drop
-  return records
+  return input_pipeline.RecordReader(f'{builder.info.full_name} {tfds_split}', read, rows)
 
 
 def load_source(dataset_config):
@@ -201,5 +223,7 @@ def load_source(dataset_config):
             for ours, theirs in spec.splits.items()}
   return input_pipeline.Source(
       builder.info.full_name, splits['train'][1], splits['test'][1], label_names,
-      train_records=_records(builder, spec, spec.splits['train'], splits['train'][0]),
-      test_records=_records(builder, spec, spec.splits['test'], splits['test'][0]))
+      train_records=_records(builder, spec, spec.splits['train'], splits['train'][0],
+                             splits['train'][2]),
+      test_records=_records(builder, spec, spec.splits['test'], splits['test'][0],
+                            splits['test'][2]))

@@ -178,24 +178,32 @@ def read_folder(dataset_config):
   return result, label_names, skipped
 
 
+def file_reader(name: str, paths):
+  """The input_pipeline.RecordReader of a list of image files, official index = list position.
+
+  A process opens only the files of its part, a contiguous range of the list
+  (input_pipeline.part_bounds); a seeded read is an exact permutation of that range, no shuffle
+  buffer needed. One process: a permutation of the whole list, as ever."""
+  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  paths = np.asarray(paths)
+
+  def read(shuffle_seed, start, stop):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    order = np.arange(stop - start)
+    if shuffle_seed is not None:  # a list of files can be permuted exactly, like in memory
+      order = np.random.RandomState(shuffle_seed % 2**32).permutation(stop - start)
+    index = start + order
+    dataset = tf.data.Dataset.from_tensor_slices({'path': paths[index],
+                                                  'index': index.astype(np.int64)})
+    return dataset.map(lambda x: {'image': tf.io.read_file(x['path']), 'index': x['index']},
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return input_pipeline.RecordReader(name, read, np.arange(len(paths), dtype=np.int64))
+
+
 def load_source(dataset_config):
   """The input_pipeline.Source of a folder dataset (images streamed by tf.data)."""
   from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   splits, label_names, skipped = read_folder(dataset_config)
-
-  def reader(paths):
-    paths = np.asarray(paths)
-
-    def records(shuffle_seed):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      order = np.arange(len(paths))
-      if shuffle_seed is not None:  # a list of files can be permuted exactly, like in memory
-        order = np.random.RandomState(shuffle_seed % 2**32).permutation(len(paths))
-      dataset = tf.data.Dataset.from_tensor_slices({'path': paths[order],
-                                                    'index': order.astype(np.int64)})
-      return dataset.map(lambda x: {'image': tf.io.read_file(x['path']), 'index': x['index']},
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return records
 
   if skipped:
     logging.warning('Folder dataset %s: %d corrupt image(s) skipped in all.',
@@ -205,5 +213,6 @@ def load_source(dataset_config):
       train_labels=label_matrix(splits['train'][1], label_names),
       test_labels=label_matrix(splits['test'][1], label_names),
       label_names=label_names,
-      train_records=reader(splits['train'][0]), test_records=reader(splits['test'][0]),
+      train_records=file_reader(f'folder {dataset_config.path} train', splits['train'][0]),
+      test_records=file_reader(f'folder {dataset_config.path} test', splits['test'][0]),
       exact_shuffle=True)
