@@ -39,6 +39,17 @@ class CosineClassifier(nn.Module):
         self.embeddings, dim=1).t()
 
 
+def memory_allocator():
+  """'tcmalloc', 'jemalloc' or 'system' (as hml_jax.host.memory_allocator, without importing
+  hml_jax): compare both frameworks with the same one."""
+  try:
+    with open('/proc/self/maps') as f:
+      maps = f.read()
+  except OSError:
+    return 'system'
+  return next((name for name in ('tcmalloc', 'jemalloc') if f'lib{name}' in maps), 'system')
+
+
 def margin_logits(cos, scale, margin):
   cos = cos.clamp(-1.0, 1.0)
   return scale * (cos * torch.cos(margin) - torch.sqrt((1.0 - cos * cos).clamp_min(1e-12)) *
@@ -124,6 +135,7 @@ def main():
       'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'device': (torch.cuda.get_device_name() if device.type == 'cuda'
                  else f'cpu ({torch.get_num_threads()} threads)'),
+      'memory_allocator': memory_allocator(),
       'torch': torch.__version__,
       'config': {'model': args.model, 'loss': 'hml', 'image_size': args.image_size,
                  'batch_size': args.batch_size, 'bf16': args.bf16,

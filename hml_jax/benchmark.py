@@ -9,7 +9,8 @@ state after compilation, and the tf.data image pipeline alone decoding real JPEG
 resized to config.image_size). Keys: train_images_per_sec, compile_seconds,
 eval_images_per_sec, input_images_per_sec, train_flops_per_image and train_tflops_per_sec (XLA's
 count of the step's operations, for MFU), step_memory_mb (XLA's estimate of the train step's
-device memory: arguments, outputs and temporaries), peak_host_memory_mb, device, jax, config.
+device memory: arguments, outputs and temporaries), peak_host_memory_mb, device,
+memory_allocator (tcmalloc or the system's: on CPU it matters, README "Speed on CPU"), jax, config.
 benchmarks/torch_reference.py prints the same keys for PyTorch.
 """
 import json
@@ -193,6 +194,8 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
       'step_memory_mb': None if step_memory_mb is None else round(step_memory_mb, 1),
       'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      # On CPU the allocator changes the train step's speed by about 1.4x (host.allocator_advice).
+      'memory_allocator': host.memory_allocator(),
       'jax': jax.__version__,
       'config': {'model': config.model, 'loss': config.loss, 'image_size': config.image_size,
                  'batch_size': batch_size, 'half_precision': bool(config.half_precision),

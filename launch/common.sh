@@ -17,3 +17,24 @@ die() {
   echo "error: $*" >&2
   exit 2
 }
+
+# find_tcmalloc: prints the path of an installed tcmalloc (or nothing). XLA on CPU allocates each
+# train step's temporaries afresh, and with glibc's malloc every step page-faults them in again;
+# tcmalloc keeps them (about 1.4x faster on CPU; README "Speed on CPU"). HML_TCMALLOC=PATH
+# chooses one, HML_TCMALLOC=none turns this off. The list matches hml_jax/host.py.
+find_tcmalloc() {
+  if [[ -n "${HML_TCMALLOC+set}" ]]; then
+    [[ "${HML_TCMALLOC}" == none ]] || echo "${HML_TCMALLOC}"
+    return 0
+  fi
+  local path
+  for path in /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+              /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4 \
+              /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 \
+              /usr/lib64/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4; do
+    if [[ -e "${path}" ]]; then
+      echo "${path}"
+      return 0
+    fi
+  done
+}

@@ -11,7 +11,9 @@ Usage: launch/local.sh [--config=configs/default.py] [--workdir=runs/local] [--i
                        [--dry-run] [-- EXTRA hml_jax.main FLAGS]
 
 Runs `python -m hml_jax.main --config=CONFIG --workdir=WORKDIR EXTRA...` from the repository root
-in its .venv. Run it again with the same workdir to resume.
+in its .venv, with tcmalloc preloaded when it is installed (apt install libtcmalloc-minimal4;
+HML_TCMALLOC=PATH picks one, HML_TCMALLOC=none turns it off). Run it again with the same
+workdir to resume.
   --install   create .venv and install requirements.txt first
   --dry-run   print the commands instead of running them
 USAGE
@@ -39,4 +41,10 @@ if [[ "${INSTALL}" -eq 1 ]]; then
   run python3 -m venv .venv
   run .venv/bin/pip install -r requirements.txt
 fi
-run .venv/bin/python -m hml_jax.main "--config=${CONFIG}" "--workdir=${WORKDIR}" ${EXTRA[@]+"${EXTRA[@]}"}
+# tcmalloc keeps XLA's per-step temporaries mapped instead of page-faulting them in every step.
+PRELOAD=()
+TCMALLOC="$(find_tcmalloc)"
+if [[ -n "${TCMALLOC}" && -z "${LD_PRELOAD:-}" ]]; then
+  PRELOAD=(env "LD_PRELOAD=${TCMALLOC}")
+fi
+run ${PRELOAD[@]+"${PRELOAD[@]}"} .venv/bin/python -m hml_jax.main "--config=${CONFIG}" "--workdir=${WORKDIR}" ${EXTRA[@]+"${EXTRA[@]}"}

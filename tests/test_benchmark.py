@@ -8,7 +8,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {'framework', 'train_images_per_sec', 'compile_seconds', 'eval_images_per_sec',
         'input_images_per_sec', 'train_flops_per_image', 'train_tflops_per_sec', 'step_memory_mb',
-        'peak_host_memory_mb', 'device', 'jax', 'config'}
+        'peak_host_memory_mb', 'device', 'memory_allocator', 'jax', 'config'}
 
 
 def test_benchmark_prints_one_json_line():
