@@ -32,10 +32,10 @@ def test_benchmark_counts_the_flops_of_the_step():
   assert benchmark.compiled_flops(compiled) == 2 * 4 * 8 * 16
 
 
-def test_gpu_check_table_ratios_and_mfu():
+def test_side_by_side_table_ratios_and_mfu():
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   try:
-    import gpu_check  # pylint: disable=g-import-not-at-top
+    import side_by_side as gpu_check  # pylint: disable=g-import-not-at-top
   finally:
     sys.path.pop(0)
   runs = [('hml_jax float32', {'train_images_per_sec': 300.0, 'train_flops_per_image': 1e11,
@@ -50,8 +50,13 @@ def test_gpu_check_table_ratios_and_mfu():
   assert rows[3][5].startswith('exit 1')
   text = gpu_check.format_table(rows)
   assert '1.20x' in text and 'failed' in text
-  completed = subprocess.run([sys.executable, 'benchmarks/gpu_check.py', '--dry_run',
-                              '--sizes=448x16,224x64'], cwd=ROOT, capture_output=True, text=True,
-                             check=True)
+  completed = subprocess.run([sys.executable, 'benchmarks/side_by_side.py', '--device=gpu',
+                              '--dry_run'], cwd=ROOT, capture_output=True, text=True, check=True)
   assert completed.stdout.count('hml_jax.benchmark') == 4
   assert '--compile' in completed.stdout and '--config.image_size=224' in completed.stdout
+  assert '--config.image_size=448 --config.batch_size=16' in completed.stdout
+  cpu = gpu_check.commands('cpu', 64, 32, 6, python='python', tcmalloc='/lib/libtcmalloc.so.4')
+  assert [label for label, _ in cpu] == [
+      'hml_jax float32, system malloc', 'torch eager float32, system malloc',
+      'hml_jax float32, tcmalloc', 'torch eager float32, tcmalloc']
+  assert cpu[2][1][:2] == ['env', 'LD_PRELOAD=/lib/libtcmalloc.so.4']

@@ -1,0 +1,164 @@
+"""hml_jax against PyTorch on one machine, side by side in one run: the numbers of the README.
+
+  python benchmarks/side_by_side.py --device=cpu   # 64x64 batch 32 and 224x224 batch 16
+  python benchmarks/side_by_side.py --device=gpu   # 448x448 batch 16 and 224x224 batch 64
+      [--out=DIR] [--steps=N] [--sizes=448x16,...] [--dry_run]
+
+For each (image size, batch size): hml_jax's train step (python -m hml_jax.benchmark) and
+PyTorch's (benchmarks/torch_reference.py, the same ResNet-50 + cosine head + adaptive loss +
+Adam), each run in its own process, so one framework's memory does not slow the other.
+- gpu: hml_jax in float32 and bfloat16; PyTorch eager float32, channels_last + bf16 autocast, and
+  the same under torch.compile (its best configuration is the one to beat). Under 10 minutes on
+  an H100/H200.
+- cpu: both frameworks with the system malloc and with tcmalloc preloaded (when installed):
+  the allocator matters on CPU (README "Speed on CPU").
+Prints a table and writes every JSON line, a log and the table to --out: images/s, the ratio to
+PyTorch's best run of that size, and on GPUs MFU = XLA's count of the step's FLOPs (the same
+network in both frameworks) x images/s / the chip's dense bf16 peak (PEAK_TFLOPS). Where
+TensorFlow is missing (the GPU machine) the input pipeline is not measured (null).
+
+--dry_run prints the commands only.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# Dense bfloat16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets (SXM parts, no sparsity).
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+PRESETS = {'gpu': {'sizes': '448x16,224x64', 'steps': 30},
+           'cpu': {'sizes': '64x32,224x16', 'steps': 8}}
+
+
+def commands(device, image_size, batch_size, steps, python=sys.executable, torch_python=None,
+             tcmalloc=''):
+  """[(label, argv)] of one size: hml_jax's runs, then PyTorch's. argv may start with
+  `env LD_PRELOAD=...`."""
+  torch_python = torch_python or python
+  jax_run = [python, '-m', 'hml_jax.benchmark', '--config=configs/voc.py',
+             f'--config.image_size={image_size}', f'--config.batch_size={batch_size}',
+             f'--config.eval_batch_size={batch_size}', f'--steps={steps}', '--input_images=0']
+  torch_run = [torch_python, 'benchmarks/torch_reference.py', f'--image_size={image_size}',
+               f'--batch_size={batch_size}', f'--steps={steps}']
+  if device == 'gpu':
+    return [
+        ('hml_jax float32', jax_run + ['--config.half_precision=False']),
+        ('hml_jax bfloat16', jax_run + ['--config.half_precision=True']),
+        ('torch eager float32', torch_run),
+        ('torch channels_last bf16', torch_run + ['--channels_last', '--bf16']),
+        ('torch compile channels_last bf16',
+         torch_run + ['--channels_last', '--bf16', '--compile']),
+    ]
+  runs = [('hml_jax float32, system malloc', jax_run),
+          ('torch eager float32, system malloc', torch_run)]
+  if tcmalloc:
+    preload = ['env', f'LD_PRELOAD={tcmalloc}']
+    runs += [('hml_jax float32, tcmalloc', preload + jax_run),
+             ('torch eager float32, tcmalloc', preload + torch_run)]
+  return runs
+
+
+def run(label, argv, log):
+  """The JSON line a benchmark prints, or {'error': ...} (a failed PyTorch option must not stop
+  the comparison)."""
+  start = time.perf_counter()
+  process = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+  log.write(f'# {label}: {" ".join(argv)}\n{process.stdout}{process.stderr[-4000:]}\n')
+  log.flush()
+  lines = [line for line in process.stdout.splitlines() if line.startswith('{')]
+  if process.returncode or not lines:
+    return {'error': f'exit {process.returncode}: {process.stderr.strip()[-300:]}'}
+  result = json.loads(lines[-1])
+  result['wall_seconds'] = round(time.perf_counter() - start, 1)
+  return result
+
+
+def peak_tflops(device_name):
+  for name, peak in PEAK_TFLOPS.items():
+    if name in (device_name or ''):
+      return peak
+  return None
+
+
+def table(results):
+  """Rows of (size, label, images/s, ratio to PyTorch's best, MFU %)."""
+  rows = []
+  for size, runs in results.items():
+    flops = next((r.get('train_flops_per_image') for label, r in runs
+                  if label.startswith('hml_jax') and r.get('train_flops_per_image')), None)
+    device = next((r.get('device') for _, r in runs if r.get('device')), '')
+    torch_best = max((r.get('train_images_per_sec') or 0 for label, r in runs
+                      if label.startswith('torch')), default=0)
+    peak = peak_tflops(device)
+    for label, result in runs:
+      rate = result.get('train_images_per_sec')
+      ratio = rate / torch_best if rate and torch_best else None
+      mfu = 100 * flops * rate / (peak * 1e12) if rate and flops and peak else None
+      rows.append((size, label, rate, ratio, mfu, result.get('error')))
+  return rows
+
+
+def format_table(rows):
+  lines = ['| size x batch | run | train images/s | vs PyTorch best | MFU (bf16 peak) |',
+           '|---|---|---|---|---|']
+  for size, label, rate, ratio, mfu, error in rows:
+    if error:
+      lines.append(f'| {size} | {label} | failed: {error[:80]} | | |')
+      continue
+    lines.append(f'| {size} | {label} | {rate:.1f} | '
+                 f'{"" if ratio is None else f"{ratio:.2f}x"} | '
+                 f'{"" if mfu is None else f"{mfu:.1f}%"} |')
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--device', choices=sorted(PRESETS), required=True)
+  parser.add_argument('--out', default=os.environ.get('OUT', '/tmp/hml_jax_side_by_side'))
+  parser.add_argument('--steps', type=int, default=0, help='0: the preset\'s')
+  parser.add_argument('--sizes', default='',
+                      help="image_size x batch_size pairs, comma-separated ('': the preset's)")
+  parser.add_argument('--torch_python', default='',
+                      help='the Python that has torch and torchvision (default: this one)')
+  parser.add_argument('--dry_run', action='store_true')
+  args = parser.parse_args()
+  preset = PRESETS[args.device]
+  steps = args.steps or preset['steps']
+  sizes = [tuple(int(n) for n in pair.split('x'))
+           for pair in (args.sizes or preset['sizes']).split(',')]
+  sys.path.insert(0, ROOT)
+  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  tcmalloc = host.installed_tcmalloc() if args.device == 'cpu' else ''
+
+  def size_commands(image_size, batch_size):
+    return commands(args.device, image_size, batch_size, steps,
+                    torch_python=args.torch_python or None, tcmalloc=tcmalloc)
+  if args.dry_run:
+    for image_size, batch_size in sizes:
+      for label, argv in size_commands(image_size, batch_size):
+        print(f'{label}: {" ".join(argv)}')
+    return
+  os.makedirs(args.out, exist_ok=True)
+  results = {}
+  with open(os.path.join(args.out, 'side_by_side.log'), 'w') as log:
+    for image_size, batch_size in sizes:
+      size = f'{image_size}x{image_size} x {batch_size}'
+      results[size] = [(label, run(label, argv, log))
+                       for label, argv in size_commands(image_size, batch_size)]
+      print(format_table(table({size: results[size]})), flush=True)
+  with open(os.path.join(args.out, 'side_by_side.json'), 'w') as f:
+    json.dump({size: dict(runs) for size, runs in results.items()}, f, indent=1)
+  summary = format_table(table(results))
+  with open(os.path.join(args.out, 'side_by_side.md'), 'w') as f:
+    f.write(summary + '\n')
+  print(summary)
+
+
+if __name__ == '__main__':
+  main()
