@@ -9,7 +9,7 @@ The train state (parameters, BatchNorm statistics, optimizer state, label state)
 config.parameter_sharding:
   'replicated': every device holds all of it (plain data parallelism).
   'fsdp': every array of at least config.fsdp_min_size elements is split over the same 'data'
-    axis along one of its dimensions (state_spec says which), so each device stores 1/N of it;
+    axis along one of its dimensions (fsdp_spec says which), so each device stores 1/N of it;
     XLA inserts the all-gathers (before the forward and backward passes use a parameter) and the
     reduce-scatters (of the gradients) that this needs. Small arrays stay replicated: splitting
     them would save little memory and cost a collective each. This is ZeRO-3 / FSDP on the data
@@ -80,14 +80,6 @@ def fsdp_spec(shape, num_shards: int, min_size: int) -> PartitionSpec:
   return PartitionSpec()
 
 
-def state_spec(shape, num_shards: int, mode: str, min_size: int) -> PartitionSpec:
-  """The PartitionSpec of one state array of this shape under config.parameter_sharding=mode."""
-  check_parameter_sharding(mode, min_size)
-  if mode == 'replicated':
-    return PartitionSpec()
-  return fsdp_spec(shape, num_shards, min_size)
-
-
 def state_shardings(state_or_shapes, mesh, mode: str, min_size: int):
   """A pytree of NamedSharding with the structure of state_or_shapes: one per array.
 
@@ -95,10 +87,14 @@ def state_shardings(state_or_shapes, mesh, mode: str, min_size: int):
   jax.ShapeDtypeStruct leaves of jax.eval_shape(create_train_state...)), so the layout can be
   computed before the state exists. mode, min_size: config.parameter_sharding, fsdp_min_size.
   """
+  check_parameter_sharding(mode, min_size)
   num_shards = mesh.shape[DATA_AXIS]
-  return jax.tree_util.tree_map(
-      lambda leaf: NamedSharding(mesh, state_spec(np.shape(leaf), num_shards, mode, min_size)),
-      state_or_shapes)
+
+  def spec(leaf):
+    if mode == 'replicated':
+      return PartitionSpec()
+    return fsdp_spec(np.shape(leaf), num_shards, min_size)
+  return jax.tree_util.tree_map(lambda leaf: NamedSharding(mesh, spec(leaf)), state_or_shapes)
 
 
 def place(tree, shardings):
