@@ -244,7 +244,8 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
             max_images: int = 5000) -> Dict:
   output = output or files.join(workdir, 'analysis')
   files.makedirs(output)
-  config, method, state = train.load_trained_state(workdir, which)
+  mesh = sharding.create_mesh()
+  config, method, state = train.load_trained_state(workdir, which, mesh)
   scale, margin = (float(x) for x in train.scale_and_margin(state.params, config, method))
   data = input_pipeline.load(config)
   names = data.label_names
@@ -269,8 +270,6 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
                           f'm={margin:.3f})'))
 
   # 2. Outputs and gradient magnitudes on training images (Fig. 2).
-  mesh = sharding.create_mesh()
-  state = jax.device_put(state, sharding.replicated(mesh))
   outputs, true_labels, observed = training_outputs(state, config, data.train, max_images, mesh)
   groups = entry_groups(true_labels, observed)
   gradients = gradient_magnitudes(method, outputs, observed, scale, margin,

@@ -2,6 +2,7 @@
 
   python -m hml_jax.benchmark --config=configs/voc.py [--config.batch_size=16]
       [--config.image_size=224] [--steps=20] [--input_images=256]
+      [--config.parameter_sharding=fsdp]
 
 Synthetic data of the config's shape, so no dataset is needed: the real jitted train step (the
 config's loss, model, optimizer and sharding over every device) and eval step, timed in steady
@@ -9,7 +10,7 @@ state after compilation, and the tf.data image pipeline alone decoding real JPEG
 resized to config.image_size). Keys: train_images_per_sec, compile_seconds,
 eval_images_per_sec, input_images_per_sec, train_flops_per_image and train_tflops_per_sec (XLA's
 count of the step's operations, for MFU), step_memory_mb (XLA's estimate of the train step's
-device memory: arguments, outputs and temporaries), peak_host_memory_mb, device,
+memory on each device: arguments, outputs and temporaries), peak_host_memory_mb, device,
 memory_allocator (tcmalloc or the system's: on CPU it matters, README "Speed on CPU"), jax, config.
 benchmarks/torch_reference.py prints the same keys for PyTorch.
 """
@@ -127,9 +128,12 @@ def synthetic_train_step(config, num_labels=20):
   template_config.init_from = ''
   state = train.create_train_state(template_config, model, method, jax.random.key(0),
                                    image_shape, observed_labels=observed)
-  state = sharding.replicate(state, mesh)
+  # config.parameter_sharding: 'replicated' or 'fsdp' (compare their step_memory_mb).
+  state_shardings = train.train_state_shardings(config, state, mesh)
+  state = sharding.place(state, state_shardings)
   hyperparameters = train.loss_hyperparameters(method, config, observed)
-  train_fn, eval_fn = train.make_step_functions(method, config, mesh, hyperparameters)
+  train_fn, eval_fn = train.make_step_functions(method, config, mesh, hyperparameters,
+                                                state_shardings)
   schedule = {key: np.asarray(value) for key, value in (
       method.schedule(2, config.batch_size * num_labels, config) if method.schedule else {}
   ).items()}
@@ -149,6 +153,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
   start = time.perf_counter()
   compiled = train_fn.lower(state, batch, schedule).compile()
   compile_seconds = time.perf_counter() - start
+  # Per device: the compiled program is the one each device runs after SPMD partitioning.
   memory = compiled.memory_analysis()
   flops_per_image = compiled_flops(compiled) / batch_size
   step_memory_mb = None
@@ -200,7 +205,8 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
       'config': {'model': config.model, 'loss': config.loss, 'image_size': config.image_size,
                  'batch_size': batch_size, 'half_precision': bool(config.half_precision),
                  'convolutions': layers.resolve_implementation(config.convolutions),
-                 'num_labels': num_labels},
+                 'num_labels': num_labels,
+                 'parameter_sharding': train.parameter_layout(config)[0]},
   }
 
 

@@ -23,15 +23,19 @@ from hml_jax import files
 
 # Keys that may change when a run is resumed: they do not change what has been computed.
 # Where the data lives and how many threads read it are not part of what is computed either.
+# How the train state is laid out over the devices (parameter_sharding, fsdp_min_size) is not
+# either: the same arrays are computed, split or not.
 RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_keep',
                             'eval_batch_size', 'dataset.data_dir', 'dataset.manual_dir',
-                            'dataset.parallel_calls', 'convolutions'})
+                            'dataset.parallel_calls', 'convolutions', 'parameter_sharding',
+                            'fsdp_min_size'})
 
 
 # Keys added to the configs after runs were made: a workdir whose config.json lacks one was made
 # with the behaviour of this value, so it still resumes (and is reused by compare) when the key
 # has it now.
-ADDED_KEYS = {'nonfinite': 'stop', 'convolutions': 'auto'}
+ADDED_KEYS = {'nonfinite': 'stop', 'convolutions': 'auto', 'parameter_sharding': 'replicated',
+              'fsdp_min_size': 2**16}
 
 
 def flatten(tree, prefix=''):
@@ -225,6 +229,10 @@ class Checkpointer:
       raise _save_error(f'step {step}', self.latest, error) from error
 
   def _restore(self, manager, step, state):
+    """state: a template giving the tree, shapes and shardings; its leaves may be arrays or
+    jax.ShapeDtypeStruct with a sharding (sharding.abstract_arrays). Orbax reads each array
+    straight into that sharding, whatever layout it was saved in (each process reads only its
+    own devices' shards)."""
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                     flax.serialization.to_state_dict(state))
     restored = manager.restore(step, args=ocp.args.Composite(

@@ -23,11 +23,11 @@ def evaluate_workdir(workdir: str, split: str = 'test', which: str = 'best',
   checkpoint of workdir; also writes workdir/eval_<split>.json."""
   if split not in SPLITS:
     raise ValueError(f'Unknown split {split!r}; choose one of {list(SPLITS)}.')
-  config, method, state = train.load_trained_state(workdir, which)
-  data = input_pipeline.load(config)
   mesh = sharding.create_mesh()
-  state = jax.device_put(state, sharding.replicated(mesh))
-  _, eval_fn = train.make_step_functions(method, config, mesh)
+  config, method, state = train.load_trained_state(workdir, which, mesh)
+  data = input_pipeline.load(config)
+  _, eval_fn = train.make_step_functions(
+      method, config, mesh, state_shardings=train.train_state_shardings(config, state, mesh))
   evaluated = getattr(data, split)
   scores = train.predict(eval_fn, state, evaluated, config, mesh)
   labels = evaluated.labels

@@ -17,7 +17,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 
 from hml_jax import host
@@ -66,7 +65,8 @@ def extract(state, config, split, batch_size, mesh) -> np.ndarray:
 
 
 def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overrides=()):
-  config, _, state = train.load_trained_state(workdir, which)
+  mesh = sharding.create_mesh()
+  config, _, state = train.load_trained_state(workdir, which, mesh)
   config.unlock()
   for override in dataset_overrides:
     key, _, value = override.partition('=')
@@ -82,8 +82,6 @@ def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overri
       value = type(current)(value)
     config.dataset[key] = value
   source = input_pipeline.load_source(config)
-  mesh = sharding.create_mesh()
-  state = jax.device_put(state, sharding.replicated(mesh))
   arrays = {'label_names': np.array(source.label_names, dtype=str)}
   for name, split in zip(('train', 'test'), official_splits(source, config)):
     arrays[f'{name}_features'] = extract(state, config, split, batch_size, mesh)

@@ -72,16 +72,17 @@ class Predictor:
 
   def __init__(self, workdir, which='best'):
     self.workdir = workdir
-    self.config, self.method, state = train.load_trained_state(workdir, which)
+    self.mesh = sharding.create_mesh()
+    self.config, self.method, self.state = train.load_trained_state(workdir, which, self.mesh)
     info = checkpoints.read_dataset_info(workdir)
     self.label_names = info['label_names']
     self.example_shape = tuple(info['example_shape'])
     if len(self.example_shape) != 3:
       raise ValueError(f'{workdir} was trained on features (input shape {self.example_shape}), '
                        'not images: there is nothing to predict from an image file.')
-    self.mesh = sharding.create_mesh()
-    self.state = jax.device_put(state, sharding.replicated(self.mesh))
-    _, self.eval_fn = train.make_step_functions(self.method, self.config, self.mesh)
+    _, self.eval_fn = train.make_step_functions(
+        self.method, self.config, self.mesh,
+        state_shardings=train.train_state_shardings(self.config, self.state, self.mesh))
 
   def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
     """images (N, H, W, C) uint8 -> (N, num_labels); batches are padded to one shape."""

@@ -52,6 +52,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
     raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
+  sharding.check_parameter_sharding(*parameter_layout(config))
+
+
+def parameter_layout(config):
+  """(config.parameter_sharding, config.fsdp_min_size); configs saved before these keys existed
+  (a workdir's config.json) get the values that runs had then (replicated)."""
+  return tuple(config.get(key, checkpoints.ADDED_KEYS[key])
+               for key in ('parameter_sharding', 'fsdp_min_size'))
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
@@ -100,6 +108,24 @@ def create_train_state(config, model, method, rng, image_shape,
     label_state = jnp.asarray(observed_labels, jnp.float32)
   return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
                            batch_stats=variables.get('batch_stats', {}), observed_labels=label_state)
+
+
+def train_state_shapes(config, model, method, image_shape, observed_labels=None):
+  """jax.eval_shape of create_train_state: the state's structure with a jax.ShapeDtypeStruct
+  for every array, computed without creating any of them (and without reading pretrained
+  weights: they only replace values of the same shapes)."""
+  template_config = ml_collections.ConfigDict(config.to_dict())
+  template_config.init_from = ''
+  return jax.eval_shape(lambda: create_train_state(template_config, model, method,
+                                                   jax.random.key(0), image_shape,
+                                                   observed_labels=observed_labels))
+
+
+def train_state_shardings(config, state_or_shapes, mesh):
+  """The NamedSharding of every array of a train state (or of its train_state_shapes) under
+  config.parameter_sharding and config.fsdp_min_size (hml_jax/sharding.py)."""
+  mode, min_size = parameter_layout(config)
+  return sharding.state_shardings(state_or_shapes, mesh, mode, min_size)
 
 
 def scale_and_margin(params, config, method=None):
@@ -243,18 +269,25 @@ def eval_step(state: TrainState, batch, *, method, config):
           'indices': batch['indices'], 'mask': batch['mask']}
 
 
-def make_step_functions(method, config, mesh, hyperparameters=None):
-  """(train_fn, eval_fn): the jitted steps, batch split over the mesh's data axis, state and
-  metrics replicated, the state donated to the train step (updated in place)."""
-  state_sharding = sharding.replicated(mesh)
+def make_step_functions(method, config, mesh, hyperparameters=None, state_shardings=None):
+  """(train_fn, eval_fn): the jitted steps, batch split over the mesh's data axis, metrics and
+  scores replicated, the state donated to the train step (updated in place).
+
+  state_shardings: the state's layout, train_state_shardings(config, state, mesh); None means
+  replicated. The state passed to the steps must already be laid out so (jit refuses others),
+  and the train step returns it in the same layout.
+  """
+  if state_shardings is None:
+    state_shardings = sharding.replicated(mesh)
+  replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(functools.partial(train_step, method=method, config=config,
                                        hyperparameters=hyperparameters or {}),
-                     in_shardings=(state_sharding, data_sharding, state_sharding),
-                     out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+                     in_shardings=(state_shardings, data_sharding, replicated),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   # Scores come back replicated: small (batch x labels), and every process needs them all.
   eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
-                    in_shardings=(state_sharding, data_sharding), out_shardings=state_sharding)
+                    in_shardings=(state_shardings, data_sharding), out_shardings=replicated)
   return train_fn, eval_fn
 
 
@@ -279,7 +312,8 @@ def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
 def model_outputs(state, config, split, mesh, batch_size, method=None, max_images=None):
   """(outputs, rows): the model's outputs (cosines or logits; with method, e.g. the backbone,
   that submodule's) for the images of split in delivery order, and their rows; at most
-  max_images of them. Single process (the outputs stay sharded over this host's devices)."""
+  max_images of them. Single process (the outputs stay sharded over this host's devices). state
+  must be laid out as config.parameter_sharding says (as load_trained_state returns it)."""
 
   def forward(state, batch):
     images = normalize_images(batch['images'], config)
@@ -287,7 +321,8 @@ def model_outputs(state, config, split, mesh, batch_size, method=None, max_image
                           images, train=False, method=method)
 
   step = jax.jit(forward,
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                 in_shardings=(train_state_shardings(config, state, mesh),
+                               sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
   outputs, rows, count = [], [], 0
   for batch in split.eval_batches(batch_size):
@@ -308,11 +343,14 @@ def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
     return state
   probabilities = np.asarray(jax.nn.sigmoid(predict(eval_fn, state, data.train, config, mesh)))
   unknown_per_class = np.sum(data.train.observed == 0, axis=0)
+  # The label state may be split over the devices (config.parameter_sharding='fsdp'): gathered
+  # for the host computation, and put back in the same layout.
   label_state = losses.asymmetric_pseudo_labels(
-      np.asarray(jax.device_get(state.observed_labels)), probabilities, unknown_per_class,
+      sharding.gather_to_host(state.observed_labels, mesh), probabilities, unknown_per_class,
       config.num_epochs, config.warmup_epoch, config.neg_proportion)
   logging.info('Epoch %d: %d pseudo-labels.', epoch, int(np.sum(label_state < 0)))
-  return state.replace(observed_labels=sharding.replicate(label_state.astype(np.float32), mesh))
+  return state.replace(observed_labels=sharding.place(label_state.astype(np.float32),
+                                                      state.observed_labels.sharding))
 
 
 def evaluate(eval_fn, state, split, config, mesh) -> Dict[str, Any]:
@@ -374,15 +412,21 @@ def _train_and_evaluate(config, workdir):
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype,
                               convolutions=config.convolutions)
-  state = create_train_state(config, model, method, jax.random.key(config.seed),
-                             data.train.example_shape, observed_labels=data.train.observed)
-  state = sharding.replicate(state, mesh)
+  # The layout of the state (config.parameter_sharding) is known before the state exists: a
+  # resumed run restores straight into it, without initializing (or gathering) anything first.
+  state_shapes = train_state_shapes(config, model, method, data.train.example_shape,
+                                    observed_labels=data.train.observed)
 
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
-  restored = manager.restore_latest(state)
+  restored = manager.restore_latest(sharding.abstract_arrays(
+      state_shapes, train_state_shardings(config, state_shapes, mesh)))
   partial = None
   data_fingerprint = input_pipeline.fingerprint(data)
+  if restored is None:
+    state = create_train_state(config, model, method, jax.random.key(config.seed),
+                               data.train.example_shape, observed_labels=data.train.observed)
+    state = sharding.place(state, train_state_shardings(config, state, mesh))
   if restored is None and jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
     checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
@@ -401,7 +445,10 @@ def _train_and_evaluate(config, workdir):
     return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
 
   hyperparameters = loss_hyperparameters(method, config, data.train.labels)
-  train_fn, eval_fn = make_step_functions(method, config, mesh, hyperparameters)
+  # From the state itself: a pytree of shardings must match the state's tree, whose static part
+  # (the optimizer's functions) differs between two create_train_state calls.
+  train_fn, eval_fn = make_step_functions(method, config, mesh, hyperparameters,
+                                          train_state_shardings(config, state, mesh))
 
   steps_per_epoch = input_pipeline.num_train_steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
@@ -448,9 +495,10 @@ def _train_and_evaluate_epoch(epoch, state, history, manager, train_fn, eval_fn,
     state = update_pseudo_labels(eval_fn, state, data, config, epoch, mesh)
   validation = evaluate(eval_fn, state, data.validation, config, mesh)
   test = evaluate(eval_fn, state, data.test, config, mesh)
-  # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none.
-  scale, margin = ((float(x) for x in scale_and_margin(jax.device_get(state.params), config,
-                                                       method))
+  # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none. Scalars,
+  # so replicated and readable on every process (the other parameters may be split over
+  # processes' devices, which jax.device_get of all of them would refuse).
+  scale, margin = ((float(x) for x in scale_and_margin(state.params, config, method))
                    if method.head == 'cosine' else (None, None))
   record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
             'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
@@ -549,21 +597,26 @@ def train_one_epoch(train_fn, method, state, split, config, epoch, mesh, writer,
   return state, summary
 
 
-def load_trained_state(workdir: str, which: str = 'best'):
-  """(config, method, state) of a finished or running workdir; which = 'best' or 'latest'."""
+def load_trained_state(workdir: str, which: str = 'best', mesh=None):
+  """(config, method, state) of a finished or running workdir; which = 'best' or 'latest'.
+
+  The state is restored straight onto mesh (default: every device) in the layout of the run's
+  config.parameter_sharding, ready for make_step_functions(..., train_state_shardings(config,
+  state, mesh)) and model_outputs.
+  """
   config = ml_collections.ConfigDict(files.read_json(checkpoints.config_path(workdir)))
   method = losses.get_method(config.loss)
   info = checkpoints.read_dataset_info(workdir)
   num_labels = len(info['label_names'])
   model = models.create_model(config.model, method.head, num_labels,
                               convolutions=config.get('convolutions', 'auto'))
-  # The template only gives shapes: the checkpoint replaces every value, so pretrained weights
-  # (which may have moved since) are not read.
-  template_config = ml_collections.ConfigDict(config.to_dict())
-  template_config.init_from = ''
-  template = create_train_state(
-      template_config, model, method, jax.random.key(0), tuple(info['example_shape']),
-      observed_labels=np.zeros((info['num_train'], num_labels), np.float32))
+  # The template only gives shapes and layout: the checkpoint replaces every value, so
+  # pretrained weights (which may have moved since) are not read.
+  mesh = mesh or sharding.create_mesh()
+  shapes = train_state_shapes(config, model, method, tuple(info['example_shape']),
+                              observed_labels=np.zeros((info['num_train'], num_labels),
+                                                       np.float32))
+  template = sharding.abstract_arrays(shapes, train_state_shardings(config, shapes, mesh))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = (manager.restore_best(template) if which == 'best'
               else manager.restore_latest(template))
