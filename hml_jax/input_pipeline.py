@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -201,7 +201,7 @@ class RecordReader:
   (shuffle_seed, process_index, process_count) reads that process's part (`part_bounds`).
   """
   name: str  # for messages: the dataset and split
-  read: Callable[[Optional[int], int, int], 'tf.data.Dataset']
+  read: Callable[[Optional[int], int, int], Any]  # -> tf.data.Dataset (TensorFlow is lazy)
   storage_indices: np.ndarray
 
   def __len__(self):
