@@ -22,17 +22,17 @@ def random_inputs(shape, kernel_shape, seed=0):
   return x, kernel
 
 
-# (input shape, kernel shape, strides, padding): every convolution of a ResNet, on maps that take
-# each path of the 'matmul' implementation (1x1, small map im2col, native).
+# (input shape, kernel shape, strides, padding): every kind of convolution of a ResNet (1x1 as a
+# channel matmul, the others as patch_matmul), on maps down to 2x2.
 CASES = [
     ((2, 6, 6, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))),     # 1x1, more out than in
     ((2, 6, 6, 16), (1, 1, 16, 4), (1, 1), ((0, 0), (0, 0))),    # 1x1, fewer out than in
     ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), 'VALID'),              # strided 1x1 (downsample)
-    ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),      # 3x3 on a 2x2 map (im2col)
+    ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),      # 3x3 on a 2x2 map
     ((2, 4, 4, 8), (3, 3, 8, 6), (2, 2), ((1, 1), (1, 1))),      # strided 3x3 on a 4x4 map
     ((2, 3, 3, 5), (3, 3, 5, 7), (1, 1), ((1, 1), (1, 1))),      # odd sizes
-    ((2, 9, 9, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),      # larger map: native
-    ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),    # the 7x7/2 stem: native
+    ((2, 9, 9, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),      # strided 3x3, odd map
+    ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),    # the 7x7/2 stem
 ]
 
 
@@ -84,8 +84,8 @@ def test_conv_module_has_flax_conv_parameters_and_outputs():
 
 
 def test_resnet_is_the_same_network_under_every_implementation():
-  """ResNet-18 at 64x64 ends on 4x4 and 2x2 maps, so every path runs; same parameters, same
-  features, same gradients. (A batch of 8: BatchNorm over very few values per channel amplifies
+  """ResNet-18 at 64x64 (maps from 32x32 down to 2x2): same parameters, same features, same
+  gradients. (A batch of 8: BatchNorm over very few values per channel amplifies
   float rounding, which is not what this compares.)"""
   images = jax.random.uniform(jax.random.key(0), (8, 64, 64, 3))
   networks = {name: models.get_backbone('resnet18', convolutions=name)
