@@ -60,3 +60,7 @@ def test_side_by_side_table_ratios_and_mfu():
       'hml_jax float32, system malloc', 'torch eager float32, system malloc',
       'hml_jax float32, tcmalloc', 'torch eager float32, tcmalloc']
   assert cpu[2][1][:2] == ['env', 'LD_PRELOAD=/lib/libtcmalloc.so.4']
+  best = gpu_check.fastest([{'train_images_per_sec': 5.0}, {'error': 'exit 1'},
+                            {'train_images_per_sec': 7.0}])
+  assert best['train_images_per_sec'] == 7.0
+  assert best['train_images_per_sec_runs'] == [5.0, None, 7.0]
