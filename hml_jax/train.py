@@ -245,10 +245,15 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
     parts['labels_modified'] = jnp.sum(modified)
   # A step with a NaN or Inf loss or gradient changes nothing (so the state stays good); the
   # host stops or counts it (config.nonfinite), naming the first bad quantity.
-  finite_gradients = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+  # One pass over the gradients gives both: a leaf is finite iff its sum of squares is (NaN and
+  # Inf propagate; a sum that overflows float32, elements beyond ~1e19, counts as non-finite
+  # too), and the global norm. A separate isfinite pass cost 6% of a ResNet-50 step on CPU.
+  squared_norms = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree_util.tree_leaves(grads)])
+  finite_gradients = jnp.isfinite(squared_norms)
   is_finite = jnp.isfinite(loss) & jnp.all(finite_gradients)
   state = jax.tree_util.tree_map(lambda new, old: jnp.where(is_finite, new, old), new_state, state)
-  step_metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts,
+  step_metrics = {'loss': loss, 'grad_norm': jnp.sqrt(jnp.sum(squared_norms)), **parts,
                   'nonfinite': 1.0 - is_finite.astype(jnp.float32),
                   # -1: the loss itself; else the first parameter (tree_leaves order) whose
                   # gradient is not finite (only meaningful when 'nonfinite' is 1).
