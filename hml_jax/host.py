@@ -61,10 +61,15 @@ def setup():
   advice = '' if _has_accelerator() else allocator_advice()
   if advice:
     logging.warning(advice)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    # A machine that only runs the steps (hml_jax.benchmark on a GPU box without TensorFlow):
+    # whatever reads data imports them itself and fails there with the missing module's name.
+    return
   tfds.disable_progress_bar()
-  # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 
 

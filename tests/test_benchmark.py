@@ -64,3 +64,18 @@ def test_side_by_side_table_ratios_and_mfu():
                             {'train_images_per_sec': 7.0}])
   assert best['train_images_per_sec'] == 7.0
   assert best['train_images_per_sec_runs'] == [5.0, None, 7.0]
+
+
+def test_benchmark_runs_without_tensorflow_and_clu(tmp_path):
+  """The GPU machine has jax, flax, optax and orbax but no TensorFlow: the step benchmark must
+  not need it (nor clu, whose writers import TensorFlow)."""
+  for name in ('tensorflow', 'tensorflow_datasets', 'clu'):
+    (tmp_path / f'{name}.py').write_text(f"raise ImportError('{name} is blocked by the test')\n")
+  completed = subprocess.run(
+      [sys.executable, '-m', 'hml_jax.benchmark', '--config=configs/tiny.py', '--steps=1',
+       '--input_images=0', '--config.eval_batch_size=16'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=f'{tmp_path}:{ROOT}', JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  result = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert result['train_images_per_sec'] > 0 and result['input_images_per_sec'] is None
