@@ -83,7 +83,8 @@ def _channel_matmul_backward(residuals, output_gradient):
 channel_matmul.defvjp(_channel_matmul_forward, _channel_matmul_backward)
 
 
-def _explicit_padding(padding: Padding, kernel_size: Tuple[int, int]):
+def _explicit_padding(padding: Padding):
+  """'VALID' or ((top, bottom), (left, right)) -> the pairs, as a hashable tuple."""
   if isinstance(padding, str):
     if padding.upper() == 'VALID':
       return ((0, 0), (0, 0))
@@ -97,7 +98,7 @@ def im2col(x, kernel_size: Tuple[int, int], strides: Tuple[int, int], padding: P
   (kh, kw, C, out) kernel reshaped to (kh * kw * C, out)."""
   kernel_height, kernel_width = kernel_size
   stride_height, stride_width = strides
-  padding = _explicit_padding(padding, kernel_size)
+  padding = _explicit_padding(padding)
   if any(pair != (0, 0) for pair in padding):
     x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
   height, width = x.shape[1:3]
@@ -144,7 +145,7 @@ def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementati
   kernel_height, kernel_width, in_channels, out_channels = kernel.shape
   strides = tuple(int(stride) for stride in strides)
   if implementation == 'matmul':
-    padding = _explicit_padding(padding, (kernel_height, kernel_width))
+    padding = _explicit_padding(padding)
     if (kernel_height, kernel_width) == (1, 1):
       if any(pair != (0, 0) for pair in padding):
         x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
