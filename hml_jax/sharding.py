@@ -108,12 +108,6 @@ def place(tree, shardings):
   return jax.tree_util.tree_map(place_one, jax.device_get(tree), shardings)
 
 
-def replicate(tree, mesh):
-  """Host values (the same on every process) -> arrays replicated over the whole mesh."""
-  target = replicated(mesh)
-  return place(tree, jax.tree_util.tree_map(lambda _: target, tree))
-
-
 def abstract_arrays(shapes, shardings):
   """jax.ShapeDtypeStruct leaves carrying shardings: a target for restoring a checkpoint straight
   into that layout (each process reads only its shards) without creating the arrays first."""
