@@ -47,15 +47,57 @@ def resolve_implementation(implementation: str) -> str:
   return implementation
 
 
+def channel_axis(implementation: str) -> int:
+  """Where the channels of the activations are under this implementation: 'matmul' carries
+  them channel-major, (C, N, H, W), and 'native' channel-last, (N, H, W, C)."""
+  return 0 if resolve_implementation(implementation) == 'matmul' else -1
+
+
+def from_images(images, implementation: str):
+  """Images (N, H, W, C) -> activations in the implementation's layout."""
+  if channel_axis(implementation) == 0:
+    return jnp.transpose(images, (3, 0, 1, 2))
+  return images
+
+
+def max_pool(x, window: int, stride: int, padding: int, implementation: str):
+  """Max-pooling over the spatial axes of activations in the implementation's layout, padded
+  with -inf (as flax.linen.max_pool and torch's MaxPool2d)."""
+  if channel_axis(implementation) == 0:
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, window, window), (1, 1, stride, stride),
+                             ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+  return nn.max_pool(x, (window, window), strides=(stride, stride),
+                     padding=((padding, padding), (padding, padding)))
+
+
+def global_average(x, implementation: str):
+  """The mean over the spatial axes: activations in the implementation's layout -> (N, C)."""
+  if channel_axis(implementation) == 0:
+    return jnp.mean(x, axis=(2, 3)).T
+  return jnp.mean(x, axis=(1, 2))
+
+
 def _contract_channels(x, matrix):
-  """x (..., in) @ matrix (in, out) -> (..., out)."""
-  return lax.dot_general(x, matrix, (((x.ndim - 1,), (0,)), ((), ())))
+  """x (in, ...) and matrix (in, out) -> (out, ...): matrix^T @ x over the leading axis.
+
+  Activations are channel-major so that all three matmuls of a convolution take the form that
+  YNNPACK runs (a row-major left operand): the forward pass matrix^T (out, in) @ x (in, pixels),
+  the input gradient matrix (in, out) @ dy (out, pixels), and the kernel gradient x (in, pixels)
+  @ dy^T. Channel-last, the kernel gradient x^T @ dy contracts the left operand's rows, which
+  YNNPACK does not take, and XLA ran it in Eigen at about two thirds of the speed
+  (docs/performance_notes.md, attempt 15). The barrier keeps XLA from folding the small
+  transpose of the matrix back into the matmul, which would give the same untaken form.
+  """
+  rows = lax.optimization_barrier(matrix.T)
+  pixels = x.reshape(x.shape[0], -1)
+  return (rows @ pixels).reshape((matrix.shape[1],) + x.shape[1:])
 
 
 @jax.custom_vjp
 def channel_matmul(x, matrix):
-  """x (..., in_channels) @ matrix (in_channels, out_channels) -> (..., out_channels): a 1x1
-  convolution, with a hand-written backward pass (see the module docstring)."""
+  """x (in_channels, ...) contracted with matrix (in_channels, out_channels) ->
+  (out_channels, ...): a 1x1 convolution of channel-major activations, with a hand-written
+  backward pass (see _contract_channels)."""
   return _contract_channels(x, matrix)
 
 
@@ -65,18 +107,10 @@ def _channel_matmul_forward(x, matrix):
 
 def _channel_matmul_backward(residuals, output_gradient):
   x, matrix = residuals
-  # dx = dy @ matrix^T, contracting the output channels.
-  input_gradient = lax.dot_general(output_gradient, matrix,
-                                   (((output_gradient.ndim - 1,), (1,)), ((), ())))
-  pixels = x.reshape(-1, x.shape[-1])
-  gradient_pixels = output_gradient.reshape(-1, output_gradient.shape[-1])
-  # d matrix = x^T @ dy over all pixels. Written as a transpose of the operand with fewer
-  # channels followed by an ordinary matmul, so that XLA transposes that (smaller) array on its
-  # own instead of fusing a strided transpose into whatever produced the gradient.
-  if pixels.shape[1] <= gradient_pixels.shape[1]:
-    matrix_gradient = pixels.T @ gradient_pixels
-  else:
-    matrix_gradient = (gradient_pixels.T @ pixels).T
+  gradient_pixels = output_gradient.reshape(output_gradient.shape[0], -1)  # (out, pixels)
+  input_gradient = (matrix @ gradient_pixels).reshape(x.shape)             # (in, pixels)
+  matrix_gradient = lax.dot_general(x.reshape(x.shape[0], -1), gradient_pixels,
+                                    (((1,), (1,)), ((), ())))              # (in, out)
   return input_gradient, matrix_gradient.astype(matrix.dtype)
 
 
@@ -94,26 +128,27 @@ def _explicit_padding(padding: Padding):
 
 
 def im2col(x, kernel_size: Tuple[int, int], strides: Tuple[int, int], padding: Padding):
-  """Patches of a convolution: x (N, H, W, C) -> (N, out_H, out_W, kh * kw * C), ordered as a
-  (kh, kw, C, out) kernel reshaped to (kh * kw * C, out)."""
+  """Patches of a convolution of channel-major activations: x (C, N, H, W) ->
+  (kh * kw * C, N, out_H, out_W), ordered as a (kh, kw, C, out) kernel reshaped to
+  (kh * kw * C, out)."""
   kernel_height, kernel_width = kernel_size
   stride_height, stride_width = strides
   padding = _explicit_padding(padding)
   if any(pair != (0, 0) for pair in padding):
-    x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
-  height, width = x.shape[1:3]
+    x = jnp.pad(x, ((0, 0), (0, 0)) + padding)
+  height, width = x.shape[2:]
   out_height = (height - kernel_height) // stride_height + 1
   out_width = (width - kernel_width) // stride_width + 1
-  columns = [x[:, i:i + stride_height * (out_height - 1) + 1:stride_height,
-               j:j + stride_width * (out_width - 1) + 1:stride_width, :]
-             for i in range(kernel_height) for j in range(kernel_width)]
-  return columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=-1)
+  rows = [x[:, :, i:i + stride_height * (out_height - 1) + 1:stride_height,
+            j:j + stride_width * (out_width - 1) + 1:stride_width]
+          for i in range(kernel_height) for j in range(kernel_width)]
+  return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def patch_matmul(x, kernel, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
-  """A convolution as im2col(x) @ kernel: x (N, H, W, in), kernel (kh, kw, in, out) ->
-  (N, out_H, out_W, out). Its backward pass keeps x, not the kh * kw times larger patches, and
+  """A convolution as kernel^T @ im2col(x): x (in, N, H, W), kernel (kh, kw, in, out) ->
+  (out, N, out_H, out_W). Its backward pass keeps x, not the kh * kw times larger patches, and
   builds them again: memory as a native convolution's, at the cost of one more copy."""
   kernel_height, kernel_width, _, out_channels = kernel.shape
   patches = im2col(x, (kernel_height, kernel_width), strides, padding)
@@ -139,8 +174,9 @@ patch_matmul.defvjp(_patch_matmul_forward, _patch_matmul_backward)
 
 
 def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementation: str):
-  """x (N, H, W, in) * kernel (kh, kw, in, out) -> (N, out_H, out_W, out), no bias; the same
-  result under every implementation (up to float rounding)."""
+  """x * kernel (kh, kw, in, out), no bias, with x in the implementation's layout (channel_axis:
+  'matmul' (in, N, H, W) -> (out, N, out_H, out_W), 'native' (N, H, W, in) ->
+  (N, out_H, out_W, out)); the same numbers under every implementation (up to float rounding)."""
   implementation = resolve_implementation(implementation)
   kernel_height, kernel_width, in_channels, out_channels = kernel.shape
   strides = tuple(int(stride) for stride in strides)
@@ -148,8 +184,8 @@ def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementati
     padding = _explicit_padding(padding)
     if (kernel_height, kernel_width) == (1, 1):
       if any(pair != (0, 0) for pair in padding):
-        x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
-      return channel_matmul(x[:, ::strides[0], ::strides[1], :],
+        x = jnp.pad(x, ((0, 0), (0, 0)) + padding)
+      return channel_matmul(x[:, :, ::strides[0], ::strides[1]],
                             kernel.reshape(in_channels, out_channels))
     return patch_matmul(x, kernel, strides, padding)
   return lax.conv_general_dilated(x, kernel, strides, padding,
@@ -157,8 +193,9 @@ def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementati
 
 
 class Conv(nn.Module):
-  """A bias-free 2-D convolution with flax.linen.Conv's parameter ('kernel', (kh, kw, in, out))
-  and call convention (NHWC), computed by `convolve` with the given implementation."""
+  """A bias-free 2-D convolution with flax.linen.Conv's parameter ('kernel', (kh, kw, in, out)),
+  computed by `convolve` with the given implementation, on activations in its layout
+  (channel_axis: NHWC for 'native', as flax.linen.Conv, and CNHW for 'matmul')."""
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
@@ -175,56 +212,72 @@ class Conv(nn.Module):
                        'by BatchNorm).')
     kernel_size = tuple(self.kernel_size)
     kernel = self.param('kernel', self.kernel_init,
-                        kernel_size + (x.shape[-1], self.features), jnp.float32)
+                        kernel_size + (x.shape[channel_axis(self.implementation)],
+                                       self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(self.strides) if self.strides is not None else (1, 1)
     return convolve(x, kernel, strides, self.padding, self.implementation)
 
 
 
-def _batch_statistics(x):
-  """Mean and (biased) variance over every axis but the last, in float32 whatever x's dtype, as
-  flax computes them: E[x^2] - E[x]^2 in one pass, clipped at 0."""
+def _reduction_axes(x, axis: int):
+  return tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+
+
+def _per_channel(vector, x, axis: int):
+  """A (C,) vector shaped to broadcast against x along its channel axis."""
+  shape = [1] * x.ndim
+  shape[axis % x.ndim] = vector.shape[0]
+  return vector.reshape(shape)
+
+
+def _batch_statistics(x, axis: int):
+  """Mean and (biased) variance over every axis but the channel axis, in float32 whatever x's
+  dtype, as flax computes them: E[x^2] - E[x]^2 in one pass, clipped at 0."""
   x = x.astype(jnp.float32)
-  axes = tuple(range(x.ndim - 1))
+  axes = _reduction_axes(x, axis)
   mean = jnp.mean(x, axes)
   return mean, jnp.maximum(0.0, jnp.mean(x * x, axes) - mean * mean)
 
 
-def _normalize(x, mean, inverse_std, scale, bias, dtype):
-  return ((x.astype(jnp.float32) - mean) * (inverse_std * scale) + bias).astype(dtype)
+def _normalize(x, mean, inverse_std, scale, bias, dtype, axis: int):
+  return ((x.astype(jnp.float32) - _per_channel(mean, x, axis)) *
+          _per_channel(inverse_std * scale, x, axis) + _per_channel(bias, x, axis)).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_training(x, scale, bias, epsilon: float, dtype):
-  """BatchNorm with the batch's statistics: x (..., C), scale and bias (C,) ->
-  (y (..., C) in dtype, mean (C,), variance (C,)). The statistics are outputs for the running
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_training(x, scale, bias, epsilon: float, dtype, axis: int = -1):
+  """BatchNorm with the batch's statistics: x with C channels on `axis`, scale and bias (C,) ->
+  (y (x's shape) in dtype, mean (C,), variance (C,)). The statistics are outputs for the running
   averages and carry no gradient."""
-  mean, variance = _batch_statistics(x)
-  return _normalize(x, mean, lax.rsqrt(variance + epsilon), scale, bias, dtype), mean, variance
+  mean, variance = _batch_statistics(x, axis)
+  return (_normalize(x, mean, lax.rsqrt(variance + epsilon), scale, bias, dtype, axis), mean,
+          variance)
 
 
-def _batch_norm_forward(x, scale, bias, epsilon, dtype):
-  mean, variance = _batch_statistics(x)
+def _batch_norm_forward(x, scale, bias, epsilon, dtype, axis):
+  mean, variance = _batch_statistics(x, axis)
   inverse_std = lax.rsqrt(variance + epsilon)
-  outputs = _normalize(x, mean, inverse_std, scale, bias, dtype), mean, variance
+  outputs = _normalize(x, mean, inverse_std, scale, bias, dtype, axis), mean, variance
   return outputs, (x, mean, inverse_std, scale)
 
 
-def _batch_norm_backward(epsilon, dtype, residuals, cotangents):
+def _batch_norm_backward(epsilon, dtype, axis, residuals, cotangents):
   """With x_hat = (x - mean) / std, y = scale x_hat + bias, over M values per channel:
   d bias = sum dy, d scale = sum dy x_hat,
   dx = scale / (std M) (M dy - d bias - x_hat d scale)."""
   del epsilon, dtype
   x, mean, inverse_std, scale = residuals
   output_gradient = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are zero
-  axes = tuple(range(x.ndim - 1))
-  count = x.size // x.shape[-1]
-  normalized = (x.astype(jnp.float32) - mean) * inverse_std
+  axes = _reduction_axes(x, axis)
+  count = x.size // x.shape[axis]
+  normalized = (x.astype(jnp.float32) - _per_channel(mean, x, axis)) * _per_channel(
+      inverse_std, x, axis)
   bias_gradient = jnp.sum(output_gradient, axes)
   scale_gradient = jnp.sum(output_gradient * normalized, axes)
-  input_gradient = (scale * inverse_std / count) * (
-      count * output_gradient - bias_gradient - normalized * scale_gradient)
+  input_gradient = _per_channel(scale * inverse_std / count, x, axis) * (
+      count * output_gradient - _per_channel(bias_gradient, x, axis) -
+      normalized * _per_channel(scale_gradient, x, axis))
   return input_gradient.astype(x.dtype), scale_gradient, bias_gradient
 
 
@@ -232,25 +285,27 @@ batch_norm_training.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
 class BatchNorm(nn.Module):
-  """flax.linen.BatchNorm over the last axis as the ResNets use it: parameters 'scale' (ones) and
-  'bias' (zeros), batch_stats 'mean' and 'var' (the biased batch variance, as flax keeps it),
-  running averages with weight `momentum` on the old value, float32 statistics, output in dtype."""
+  """flax.linen.BatchNorm over the channel axis (`axis`, the last by default) as the ResNets use
+  it: parameters 'scale' (ones) and 'bias' (zeros), batch_stats 'mean' and 'var' (the biased
+  batch variance, as flax keeps it), running averages with weight `momentum` on the old value,
+  float32 statistics, output in dtype."""
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  axis: int = -1  # the channel axis: 0 for the channel-major activations of 'matmul'
 
   @nn.compact
   def __call__(self, x):
-    channels = x.shape[-1]
+    channels = x.shape[self.axis]
     scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (channels,), jnp.float32)
     running_variance = self.variable('batch_stats', 'var', jnp.ones, (channels,), jnp.float32)
     if self.use_running_average:
-      return _normalize(x, running_mean.value,
-                        lax.rsqrt(running_variance.value + self.epsilon), scale, bias, self.dtype)
-    y, mean, variance = batch_norm_training(x, scale, bias, self.epsilon, self.dtype)
+      return _normalize(x, running_mean.value, lax.rsqrt(running_variance.value + self.epsilon),
+                        scale, bias, self.dtype, self.axis)
+    y, mean, variance = batch_norm_training(x, scale, bias, self.epsilon, self.dtype, self.axis)
     if not self.is_initializing():
       running_mean.value = (self.momentum * running_mean.value +
                             (1 - self.momentum) * lax.stop_gradient(mean))

@@ -1,11 +1,13 @@
-"""ResNet backbones (NHWC) that mirror torchvision's ResNet layer by layer, and the full model.
+"""ResNet backbones that mirror torchvision's ResNet layer by layer, and the full model.
 
 Module names follow torchvision's state-dict names (conv1, bn1, layer1_0/conv1, .../downsample_conv,
 .../downsample_bn), so that ImageNet weights can be imported tensor by tensor. As in torchvision:
 bias-free convolutions with explicit symmetric padding, BatchNorm with eps 1e-5 and momentum 0.1
 (Flax's momentum is the complement, 0.9), stride on the 3x3 convolution of a bottleneck ("ResNet
 v1.5"), max-pool 3x3/2 with padding 1, global average pooling. A backbone maps images
-(batch, height, width, channels) to pooled features (batch, feature_dim).
+(batch, height, width, channels) to pooled features (batch, feature_dim); inside, activations are
+in the layout of the convolutions' implementation (layers.channel_axis: channel-major for
+'matmul', which is what makes the CPU's matmuls fast, channel-last for 'native').
 """
 import functools
 from typing import Any, Sequence, Tuple
@@ -24,11 +26,12 @@ def _pad(size: int):
   return ((size // 2, size // 2),) * 2
 
 
-def _add_shortcut(block, x, y):
-  """relu(y + shortcut(x)) inside a block's __call__; the shortcut is torchvision's downsample
-  (strided 1x1 convolution + BatchNorm) where the block changes the shape, else the identity."""
+def _add_shortcut(block, x, y, features: int):
+  """relu(y + shortcut(x)) inside a block's __call__, y with `features` channels; the shortcut is
+  torchvision's downsample (strided 1x1 convolution + BatchNorm) where the block changes the
+  shape, else the identity."""
   if x.shape != y.shape:
-    x = block.conv(y.shape[-1], (1, 1), (block.strides,) * 2, padding='VALID',
+    x = block.conv(features, (1, 1), (block.strides,) * 2, padding='VALID',
                    name='downsample_conv')(x)
     x = block.norm(name='downsample_bn')(x)
   return nn.relu(y + x)
@@ -46,7 +49,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.width, (3, 3), (self.strides,) * 2, padding=_pad(3), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.width, (3, 3), padding=_pad(3), name='conv2')(y)
-    return _add_shortcut(self, x, self.norm(name='bn2')(y))
+    return _add_shortcut(self, x, self.norm(name='bn2')(y), self.width)
 
 
 class Bottleneck(nn.Module):
@@ -61,8 +64,8 @@ class Bottleneck(nn.Module):
     y = nn.relu(self.norm(name='bn1')(self.conv(self.width, (1, 1), name='conv1')(x)))
     y = self.conv(self.width, (3, 3), (self.strides,) * 2, padding=_pad(3), name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y))
-    return _add_shortcut(self, x, self.norm(name='bn3')(self.conv(self.width * 4, (1, 1),
-                                                                 name='conv3')(y)))
+    y = self.norm(name='bn3')(self.conv(self.width * 4, (1, 1), name='conv3')(y))
+    return _add_shortcut(self, x, y, self.width * 4)
 
 
 class ResNet(nn.Module):
@@ -86,9 +89,11 @@ class ResNet(nn.Module):
   def __call__(self, images, train: bool = False):
     conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=conv_init, implementation=self.convolutions)
+    # Activations are in the layout of the convolutions' implementation (layers.channel_axis).
     norm = functools.partial(layers.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
-    x = images.astype(self.dtype)
+                             epsilon=1e-5, dtype=self.dtype,
+                             axis=layers.channel_axis(self.convolutions))
+    x = layers.from_images(images.astype(self.dtype), self.convolutions)
     if self.small_inputs:
       x = conv(self.stem_width, (3, 3), (self.small_stem_strides,) * 2, padding=_pad(3),
                name='conv1')(x)
@@ -96,13 +101,13 @@ class ResNet(nn.Module):
     else:
       x = conv(self.stem_width, (7, 7), (2, 2), padding=_pad(7), name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+      x = layers.max_pool(x, 3, 2, 1, self.convolutions)
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
         x = self.block(width, strides, conv=conv, norm=norm,
                        name=f'layer{stage + 1}_{index}')(x)
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    return layers.global_average(x, self.convolutions).astype(jnp.float32)
 
 
 class Identity(nn.Module):

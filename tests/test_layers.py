@@ -1,4 +1,5 @@
-"""hml_jax.convolutions: the matmul forms equal XLA's native convolution, values and gradients."""
+"""hml_jax.layers: the matmul forms (on channel-major activations) equal XLA's native
+convolution (channel-last), values and gradients; BatchNorm equals flax's on either channel axis."""
 import flax.linen as nn
 import jax
 from jax import lax
@@ -13,6 +14,20 @@ from hml_jax import models
 def native(x, kernel, strides, padding):
   return lax.conv_general_dilated(x, kernel, strides, padding,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def channel_major(x):
+  """(N, H, W, C) -> (C, N, H, W), the layout of the 'matmul' implementation."""
+  return jnp.transpose(x, (3, 0, 1, 2))
+
+
+def channel_last(x):
+  return jnp.transpose(x, (1, 2, 3, 0))
+
+
+def matmul_convolve(x, kernel, strides, padding):
+  """The 'matmul' implementation on channel-last x, for comparing with native()."""
+  return channel_last(layers.convolve(channel_major(x), kernel, strides, padding, 'matmul'))
 
 
 def random_inputs(shape, kernel_shape, seed=0):
@@ -40,7 +55,7 @@ CASES = [
 def test_matmul_equals_native_values_and_gradients(shape, kernel_shape, strides, padding):
   x, kernel = random_inputs(shape, kernel_shape)
   expected = native(x, kernel, strides, padding)
-  result = layers.convolve(x, kernel, strides, padding, 'matmul')
+  result = matmul_convolve(x, kernel, strides, padding)
   np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
 
   weights = jax.random.normal(jax.random.key(7), expected.shape)
@@ -48,39 +63,46 @@ def test_matmul_equals_native_values_and_gradients(shape, kernel_shape, strides,
   def loss(function):
     return lambda x, kernel: jnp.sum(function(x, kernel) * weights)
   expected_grads = jax.grad(loss(lambda x, k: native(x, k, strides, padding)), (0, 1))(x, kernel)
-  grads = jax.grad(loss(lambda x, k: layers.convolve(x, k, strides, padding, 'matmul')),
-                   (0, 1))(x, kernel)
+  grads = jax.grad(loss(lambda x, k: matmul_convolve(x, k, strides, padding)), (0, 1))(x, kernel)
   for grad, expected_grad in zip(grads, expected_grads):
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('in_channels,out_channels', [(3, 5), (5, 3)])
 def test_channel_matmul_backward_is_the_analytic_gradient(in_channels, out_channels):
-  """Both branches of the hand-written backward pass against NumPy: dx = dy W^T, dW = x^T dy."""
+  """The hand-written backward pass against NumPy, channel-major: y = W^T x, dx = W dy,
+  dW = x dy^T over all pixels."""
   rng = np.random.RandomState(0)
-  x = rng.randn(2, 3, 4, in_channels).astype(np.float32)
+  x = rng.randn(in_channels, 2, 3, 4).astype(np.float32)
   matrix = rng.randn(in_channels, out_channels).astype(np.float32)
-  output_gradient = rng.randn(2, 3, 4, out_channels).astype(np.float32)
+  output_gradient = rng.randn(out_channels, 2, 3, 4).astype(np.float32)
   result, vjp = jax.vjp(layers.channel_matmul, x, matrix)
-  np.testing.assert_allclose(result, x @ matrix, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(result, np.einsum('io,i...->o...', matrix, x), rtol=1e-5, atol=1e-5)
   input_gradient, matrix_gradient = vjp(output_gradient)
-  np.testing.assert_allclose(input_gradient, output_gradient @ matrix.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(input_gradient, np.einsum('io,o...->i...', matrix, output_gradient),
+                             rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
       matrix_gradient,
-      x.reshape(-1, in_channels).T @ output_gradient.reshape(-1, out_channels),
+      x.reshape(in_channels, -1) @ output_gradient.reshape(out_channels, -1).T,
       rtol=1e-5, atol=1e-5)
 
 
 def test_conv_module_has_flax_conv_parameters_and_outputs():
+  """The same parameters (shapes included) as nn.Conv under both implementations, and the same
+  outputs, each in its own layout."""
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
   for kernel_size, strides, padding in [((1, 1), (1, 1), 'VALID'), ((3, 3), (2, 2), ((1, 1),) * 2)]:
-    ours = layers.Conv(6, kernel_size, strides, padding, implementation='matmul')
     flax_conv = nn.Conv(6, kernel_size, strides, padding, use_bias=False)
-    variables = ours.init(jax.random.key(1), x)
-    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
-        flax_conv.init(jax.random.key(1), x))
-    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x),
-                               rtol=1e-5, atol=1e-5)
+    flax_variables = flax_conv.init(jax.random.key(1), x)
+    expected = flax_conv.apply(flax_variables, x)
+    for implementation, to_layout, from_layout in (('matmul', channel_major, channel_last),
+                                                   ('native', lambda x: x, lambda x: x)):
+      ours = layers.Conv(6, kernel_size, strides, padding, implementation=implementation)
+      variables = ours.init(jax.random.key(1), to_layout(x))
+      assert jax.tree_util.tree_map(jnp.shape, variables) == jax.tree_util.tree_map(
+          jnp.shape, flax_variables)
+      np.testing.assert_allclose(from_layout(ours.apply(flax_variables, to_layout(x))), expected,
+                                 rtol=1e-5, atol=1e-5)
 
 
 def test_resnet_is_the_same_network_under_every_implementation():
@@ -114,13 +136,12 @@ def test_resnet_is_the_same_network_under_every_implementation():
 
 def test_half_precision_runs_in_bfloat16():
   x, kernel = random_inputs((2, 4, 4, 8), (1, 1, 8, 16))
-  result = layers.convolve(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1),
-                                 'VALID', 'matmul')
+  result = matmul_convolve(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1), 'VALID')
   assert result.dtype == jnp.bfloat16
   np.testing.assert_allclose(result.astype(np.float32), native(x, kernel, (1, 1), 'VALID'),
                              rtol=5e-2, atol=5e-2)
-  grads = jax.grad(lambda k: jnp.sum(layers.convolve(
-      x.astype(jnp.bfloat16), k, (1, 1), 'VALID', 'matmul').astype(jnp.float32)))(
+  grads = jax.grad(lambda k: jnp.sum(matmul_convolve(
+      x.astype(jnp.bfloat16), k, (1, 1), 'VALID').astype(jnp.float32)))(
           kernel.astype(jnp.bfloat16))
   assert grads.dtype == jnp.bfloat16
 
@@ -134,13 +155,17 @@ def test_auto_and_unknown_implementations():
     layers.Conv(4, (1, 1), use_bias=True).init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
 
 
+@pytest.mark.parametrize('axis', [-1, 0])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_batch_norm_equals_flax_batch_norm(dtype):
+def test_batch_norm_equals_flax_batch_norm(dtype, axis):
   """Same variables, outputs, running statistics and gradients as flax.linen.BatchNorm, in
-  training and in evaluation mode."""
+  training and in evaluation mode, with the channels last (as flax) or first (as the 'matmul'
+  implementation's activations)."""
   x = (jax.random.normal(jax.random.key(1), (4, 5, 5, 6)) * 3 + 1).astype(dtype)
   settings = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
-  ours, theirs = layers.BatchNorm(**settings), nn.BatchNorm(**settings)
+  ours, theirs = layers.BatchNorm(axis=axis, **settings), nn.BatchNorm(axis=axis, **settings)
+  if axis == 0:
+    x = channel_major(x)
   variables = theirs.init(jax.random.key(0), x, use_running_average=False)
   assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) == (
       jax.tree_util.tree_structure(variables))
@@ -156,7 +181,8 @@ def test_batch_norm_equals_flax_batch_norm(dtype):
   for key in ('mean', 'var'):
     np.testing.assert_allclose(stats_ours['batch_stats'][key], stats_theirs['batch_stats'][key],
                                rtol=1e-5, atol=1e-6)
-  evaluation = layers.BatchNorm(use_running_average=True, **settings).apply(variables, x)
+  evaluation = layers.BatchNorm(use_running_average=True, axis=axis, **settings).apply(
+      variables, x)
   np.testing.assert_allclose(
       evaluation.astype(np.float32),
       theirs.apply(variables, x, use_running_average=True).astype(np.float32),
@@ -180,15 +206,17 @@ def test_batch_norm_equals_flax_batch_norm(dtype):
         tolerance * scale)
 
 
-def test_batch_norm_gradient_is_the_analytic_one():
+@pytest.mark.parametrize('axis', [-1, 0])
+def test_batch_norm_gradient_is_the_analytic_one(axis):
   """The hand-written backward pass against central finite differences of the loss along random
   directions (float32, so a loose tolerance)."""
-  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 4))
+  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 4) if axis == -1 else (4, 3, 2, 2))
   scale, bias = jnp.array([1.0, 2.0, 0.5, -1.0]), jnp.array([0.1, 0.0, -0.2, 0.3])
   weights = jax.random.normal(jax.random.key(1), x.shape)
 
   def loss(x, scale, bias):
-    return jnp.sum(layers.batch_norm_training(x, scale, bias, 1e-5, jnp.float32)[0] * weights)
+    return jnp.sum(layers.batch_norm_training(x, scale, bias, 1e-5, jnp.float32, axis)[0] *
+                   weights)
   grads = jax.grad(loss, (0, 1, 2))(x, scale, bias)
   for argument, direction_seed in ((0, 5), (1, 6), (2, 7)):
     arguments = [x, scale, bias]
