@@ -147,10 +147,14 @@ eval_batch = {'images': batch['images'], 'indices': np.arange(16, dtype=np.int32
 schedule = {k: np.asarray(v) for k, v in
             (method.schedule(2, 160, config) if method.schedule else {}).items()}
 runs = {}
-for mode in ('replicated', 'fsdp'):
-  config.parameter_sharding = mode
-  shardings = train.train_state_shardings(config, initial, mesh)
-  state = sharding.place(initial, shardings)
+# 'perturbed': replicated, from parameters scaled by 1 + 1e-7 (about one float32 rounding), to
+# measure how far rounding alone moves these 3 steps.
+for mode in ('replicated', 'fsdp', 'perturbed'):
+  config.parameter_sharding = 'fsdp' if mode == 'fsdp' else 'replicated'
+  start = initial if mode != 'perturbed' else initial.replace(params=jax.tree.map(
+      lambda x: x * (1 + 1e-7) if x.dtype == np.float32 else x, initial.params))
+  shardings = train.train_state_shardings(config, start, mesh)
+  state = sharding.place(start, shardings)
   train_fn, eval_fn = train.make_step_functions(
       method, config, mesh, train.loss_hyperparameters(method, config, observed), shardings)
   step_losses = []
@@ -184,13 +188,21 @@ def test_fsdp_trains_as_replicated(loss):
   if loss == 'll_cp':
     assert fsdp['labels_spec'] == ['data', None]
   # Only the order of floating-point reductions differs (a reduce-scatter of the gradients
-  # instead of an all-reduce). Seen on this CPU: losses within 2e-7 relative, scores within
-  # 1e-5 and every state array within 2.4e-5 absolute for HML; LL-Cp's are bitwise equal.
+  # instead of an all-reduce), so fsdp may differ from replicated as much as rounding moves the
+  # run, no more. Three steps at learning rate 1e-2 amplify rounding: Adam divides tiny
+  # gradients by their own size and the adaptive margin's gradient is a balance near zero. Seen
+  # on this CPU for HML: parameters scaled by 1 + 1e-7 move the scores by 1.4e-3 after 3 steps,
+  # and fsdp differs from replicated by the same 1.4e-3; losses within 1e-6 relative.
+  perturbed = runs['perturbed']
+
+  def largest_difference(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
+               for x, y in zip(a, b))
   np.testing.assert_allclose(fsdp['losses'], replicated['losses'], rtol=1e-5)
-  np.testing.assert_allclose(fsdp['scores'], replicated['scores'], rtol=1e-4, atol=1e-4)
   assert len(fsdp['leaves']) == len(replicated['leaves'])
-  for got, expected in zip(fsdp['leaves'], replicated['leaves']):  # parameters, Adam, labels
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  for key in ('scores', 'leaves'):  # leaves: parameters, Adam's moments, label state
+    rounding = largest_difference(perturbed[key], replicated[key])
+    assert largest_difference(fsdp[key], replicated[key]) <= 4 * rounding + 1e-5, key
 
 
 @pytest.fixture(scope='module')
