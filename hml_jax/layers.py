@@ -1,28 +1,32 @@
 """The ResNets' layers, written so that XLA's CPU backend runs them fast: Conv and BatchNorm.
 
-`Conv` is a drop-in for flax.linen.Conv (no bias, a 'kernel' parameter of shape
-(kernel_height, kernel_width, in_channels, out_channels), NHWC inputs), so parameters, checkpoints
-and imported torchvision weights are the same whichever implementation computes it:
+`Conv` has flax.linen.Conv's parameter (no bias, a 'kernel' of shape
+(kernel_height, kernel_width, in_channels, out_channels)), so parameters, checkpoints and
+imported torchvision weights are the same whichever implementation computes it. The
+implementation also fixes the layout of the activations between layers (`channel_axis`):
 
-- 'native': lax.conv_general_dilated everywhere (what nn.Conv does). Best on GPU and TPU, whose
-  convolution libraries are well tuned.
+- 'native': lax.conv_general_dilated everywhere (what nn.Conv does), on channel-last (N, H, W, C)
+  activations. Best on GPU and TPU, whose convolution libraries are well tuned.
 - 'matmul': what profiling the ResNet-50 train step on CPU showed to be faster (every number and
-  every attempt is in docs/performance_notes.md):
+  every attempt is in docs/performance_notes.md), on channel-major (C, N, H, W) activations:
   * 1x1 convolutions (two thirds of ResNet-50's) are a matmul over the channel axis,
-    `channel_matmul`, whose backward pass is written by hand: XLA otherwise fuses a transpose of
-    the output gradient into the BatchNorm backward, which reads memory with a stride of a row and
-    took a quarter of the step at 224x224.
+    `channel_matmul`, with a hand-written backward pass. Channel-major, all three of its matmuls
+    (forward, input gradient, kernel gradient) have a row-major left operand, the form XLA hands
+    to YNNPACK; channel-last, the kernel gradients ran in Eigen, a third slower (attempt 15).
   * Every other convolution (3x3, the 7x7 stem) is im2col + that matmul, `patch_matmul`. On
     small maps (ResNet-50's last stage is 2x2 at 64x64 inputs) XLA rewrites a native
     convolution with the kernel and the image swapped, a form its fast path does not take
     (three fifths of the step at 64x64); on larger maps the GEMM on patches is as fast as the
     native convolution with glibc's malloc and 8% faster with tcmalloc.
+  The images are transposed once into this layout (`from_images`) and the pooled features back
+  (`global_average`); `max_pool` pools either layout.
 - 'auto': 'matmul' on CPU, 'native' elsewhere.
 
 `BatchNorm` is flax.linen.BatchNorm as the ResNets use it (the same parameters, statistics and
-outputs) with its training-mode backward pass written by hand: two passes over the activations
-(one reduction, one elementwise) where automatic differentiation of the statistics left XLA with
-more; docs/performance_notes.md has the measurement.
+outputs), over the channel axis of either layout, with its training-mode backward pass written
+by hand: two passes over the activations (one reduction, one elementwise) where automatic
+differentiation of the statistics left XLA with more; docs/performance_notes.md has the
+measurement.
 """
 import functools
 from typing import Any, Sequence, Tuple, Union
