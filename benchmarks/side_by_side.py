@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # repeats: every command runs that many times, interleaved, and the fastest run counts (on a
 # shared or throttling CPU a neighbour's burst only slows a run down).
-PRESETS = {'gpu': {'sizes': '448x16,224x64', 'steps': 30, 'repeats': 1},
+PRESETS = {'gpu': {'sizes': '448x16,224x64', 'steps': 50, 'repeats': 1},
            'cpu': {'sizes': '64x32,224x16', 'steps': 12, 'repeats': 3}}
 
 
@@ -50,13 +50,15 @@ def commands(device, image_size, batch_size, steps, python=sys.executable, torch
   torch_run = [torch_python, 'benchmarks/torch_reference.py', f'--image_size={image_size}',
                f'--batch_size={batch_size}', f'--steps={steps}']
   if device == 'gpu':
+    # Most telling first, so that a run cut short by its deadline still has the comparison:
+    # each framework's best configuration, then PyTorch's eager ones, then float32 hml_jax.
     return [
-        ('hml_jax float32', jax_run + ['--config.half_precision=False']),
         ('hml_jax bfloat16', jax_run + ['--config.half_precision=True']),
-        ('torch eager float32', torch_run),
-        ('torch channels_last bf16', torch_run + ['--channels_last', '--bf16']),
         ('torch compile channels_last bf16',
          torch_run + ['--channels_last', '--bf16', '--compile']),
+        ('torch channels_last bf16', torch_run + ['--channels_last', '--bf16']),
+        ('torch eager float32', torch_run),
+        ('hml_jax float32', jax_run + ['--config.half_precision=False']),
     ]
   runs = [('hml_jax float32, system malloc', jax_run),
           ('torch eager float32, system malloc', torch_run)]
@@ -67,11 +69,17 @@ def commands(device, image_size, batch_size, steps, python=sys.executable, torch
   return runs
 
 
-def run(label, argv, log):
+def run(label, argv, log, timeout=None):
   """The JSON line a benchmark prints, or {'error': ...} (a failed PyTorch option must not stop
-  the comparison)."""
+  the comparison; nor may one that outlasts timeout seconds)."""
   start = time.perf_counter()
-  process = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+  try:
+    process = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
+                             timeout=timeout)
+  except subprocess.TimeoutExpired:
+    log.write(f'# {label}: {" ".join(argv)}\nstopped after {timeout:.0f} s (the deadline)\n')
+    log.flush()
+    return {'error': f'stopped after {timeout:.0f} s by --deadline_seconds'}
   log.write(f'# {label}: {" ".join(argv)}\n{process.stdout}{process.stderr[-4000:]}\n')
   log.flush()
   lines = [line for line in process.stdout.splitlines() if line.startswith('{')]
@@ -141,6 +149,9 @@ def main():
   parser.add_argument('--repeats', type=int, default=0, help="0: the preset's")
   parser.add_argument('--torch_python', default='',
                       help='the Python that has torch and torchvision (default: this one)')
+  parser.add_argument('--deadline_seconds', type=float, default=0,
+                      help='stop every run at this many seconds from the start and start none '
+                      'after it, keeping the results so far (a lent GPU\'s time is short); 0: none')
   parser.add_argument('--dry_run', action='store_true')
   args = parser.parse_args()
   preset = PRESETS[args.device]
@@ -161,22 +172,45 @@ def main():
         print(f'{label}: {" ".join(argv)}')
     return
   os.makedirs(args.out, exist_ok=True)
+  start = time.perf_counter()
+
+  def seconds_left():
+    return args.deadline_seconds - (time.perf_counter() - start) if args.deadline_seconds else None
+
+  # Configuration-major: every size's first configuration, then every size's second..., so that
+  # a deadline cuts the least telling runs of all sizes, not every run of the last size.
+  plan = [(f'{image_size}x{image_size} x {batch_size}', size_commands(image_size, batch_size))
+          for image_size, batch_size in sizes]
+  runs = {size: {} for size, _ in plan}
   results = {}
   with open(os.path.join(args.out, 'side_by_side.log'), 'w') as log:
-    for image_size, batch_size in sizes:
-      size = f'{image_size}x{image_size} x {batch_size}'
-      runs = {}
-      for _ in range(repeats):
-        for label, argv in size_commands(image_size, batch_size):
-          runs.setdefault(label, []).append(run(label, argv, log))
-      results[size] = [(label, fastest(label_runs)) for label, label_runs in runs.items()]
-      print(format_table(table({size: results[size]})), flush=True)
-  with open(os.path.join(args.out, 'side_by_side.json'), 'w') as f:
+    for _ in range(repeats):
+      for position in range(max(len(size_runs) for _, size_runs in plan)):
+        for size, size_runs in plan:
+          label, argv = size_runs[position]
+          left = seconds_left()
+          if left is not None and left < 5:
+            result = {'error': 'not run: past --deadline_seconds'}
+          else:
+            result = run(label, argv, log, timeout=left)
+          runs[size].setdefault(label, []).append(result)
+          print(f'{size} {label}: {result.get("train_images_per_sec") or result.get("error")}',
+                flush=True)
+          # Written after every run, so that a session cut short keeps what was measured.
+          results = {each: [(name, fastest(name_runs)) for name, name_runs in each_runs.items()]
+                     for each, each_runs in runs.items()}
+          write_results(args.out, results)
+  print(write_results(args.out, results))
+
+
+def write_results(out, results):
+  """side_by_side.json (every run) and side_by_side.md (the table); returns the table."""
+  with open(os.path.join(out, 'side_by_side.json'), 'w') as f:
     json.dump({size: dict(runs) for size, runs in results.items()}, f, indent=1)
   summary = format_table(table(results))
-  with open(os.path.join(args.out, 'side_by_side.md'), 'w') as f:
+  with open(os.path.join(out, 'side_by_side.md'), 'w') as f:
     f.write(summary + '\n')
-  print(summary)
+  return summary
 
 
 if __name__ == '__main__':
