@@ -2,20 +2,20 @@
 
   python benchmarks/side_by_side.py --device=cpu   # 64x64 batch 32 and 224x224 batch 16
   python benchmarks/side_by_side.py --device=gpu   # 448x448 batch 16 and 224x224 batch 64
-      [--out=DIR] [--steps=N] [--sizes=448x16,...] [--dry_run]
+      [--out=DIR] [--steps=N] [--sizes=448x16,...] [--deadline_seconds=S] [--dry_run]
 
 For each (image size, batch size): hml_jax's train step (python -m hml_jax.benchmark) and
 PyTorch's (benchmarks/torch_reference.py, the same ResNet-50 + cosine head + adaptive loss +
 Adam), each run in its own process, so one framework's memory does not slow the other.
 - gpu: hml_jax in float32 and bfloat16; PyTorch eager float32, channels_last + bf16 autocast, and
-  the same under torch.compile (its best configuration is the one to beat). Under 10 minutes on
-  an H100/H200.
+  the same under torch.compile (its best configuration is the one to beat). 9 minutes on an
+  H200; benchmarks/gpu_session.sh runs it with a smoke run first and a deadline.
 - cpu: both frameworks with the system malloc and with tcmalloc preloaded (when installed):
   the allocator matters on CPU (README "Speed on CPU").
 Each command runs --repeats times, interleaved, and its fastest run counts (all are kept).
 Prints a table and writes every JSON line, a log and the table to --out: images/s, the ratio to
-PyTorch's best run of that size, and on GPUs MFU = XLA's count of the step's FLOPs (the same
-network in both frameworks) x images/s / the chip's dense bf16 peak (PEAK_TFLOPS). Where
+PyTorch's best run of that size, and on GPUs MFU = XLA's count of the lowered step's FLOPs (the
+same network in both frameworks) x images/s / the chip's dense bf16 peak (PEAK_TFLOPS). Where
 TensorFlow is missing (the GPU machine) the input pipeline is not measured (null).
 
 --dry_run prints the commands only.

@@ -29,7 +29,13 @@ def test_benchmark_counts_the_flops_of_the_step():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from hml_jax import benchmark  # pylint: disable=g-import-not-at-top
   compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 16))).compile()
-  assert benchmark.compiled_flops(compiled) == 2 * 4 * 8 * 16
+  assert benchmark.xla_flops(compiled) == 2 * 4 * 8 * 16
+  # A convolution is counted on the lowered program (the GPU backend's compiled count misses the
+  # cuDNN calls): 2 x output pixels x kernel taps x input x output channels.
+  convolution = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  lowered = convolution.lower(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4)))
+  assert benchmark.network_flops(lowered, lowered.compile()) == 2 * (2 * 6 * 6) * 9 * 3 * 4
 
 
 def test_side_by_side_table_ratios_and_mfu():
