@@ -13,8 +13,9 @@
 set -u
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
-cd "$(dirname "$0")/.."
 mkdir -p "$out"
+out=$(cd "$out" && pwd) || exit  # absolute, before moving to the repository root
+cd "$(dirname "$0")/.." || exit
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version \

