@@ -10,8 +10,9 @@ state after compilation, and the tf.data image pipeline alone decoding real JPEG
 resized to config.image_size). Keys: train_images_per_sec, compile_seconds,
 eval_images_per_sec, input_images_per_sec, train_flops_per_image and train_tflops_per_sec (XLA's
 count of the step's operations before the backend rewrites them, for MFU), step_memory_mb (XLA's
-estimate of the train step's memory on each device: arguments, outputs and temporaries), peak_host_memory_mb, device,
-memory_allocator (tcmalloc or the system's: on CPU it matters, README "Speed on CPU"), jax, config.
+estimate of the train step's memory on each device: arguments, outputs and temporaries),
+peak_host_memory_mb, device, memory_allocator (tcmalloc or the system's: on CPU it matters, README
+"Speed on CPU"), jax, config.
 benchmarks/torch_reference.py prints the same keys for PyTorch.
 """
 import json
