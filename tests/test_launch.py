@@ -1,4 +1,5 @@
-"""The launch scripts (and the other shell scripts): shellcheck-clean, --help, and --dry-run printing the exact commands."""
+"""The launch scripts: shellcheck-clean (with the other shell scripts), --help, and --dry-run
+printing the exact commands."""
 import os
 import shutil
 import subprocess
