@@ -6,17 +6,19 @@
 # 1. The card, the CPU count and the versions, to OUT_DIR/machine.txt.
 # 2. A smoke run of hml_jax's train step at 64x64: if the environment is broken (a missing package,
 #    an API that changed), this stops here within a minute instead of spending the lease.
-# 3. benchmarks/side_by_side.py --device=gpu, every run stopped at SECONDS (default 540) from the
+# 3. Where TensorFlow can be imported: the tf.data input pipeline alone on all the host's cores
+#    (224x224 batch 64 and 448x448 batch 16), to OUT_DIR/input_pipeline.md.
+# 4. benchmarks/side_by_side.py --device=gpu, every run stopped at SECONDS (default 540) from the
 #    start; the results so far are written after every run.
-# Needs python3 with jax (CUDA), flax, optax, orbax, ml_collections, torch and torchvision; no
-# TensorFlow (the input pipeline is not measured there).
+# Needs python3 with jax (CUDA), flax, optax, orbax, ml_collections, torch and torchvision;
+# TensorFlow only for step 3. Errors of steps 2 and 3 go to OUT_DIR/session.log.
 set -u
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
 mkdir -p "$out"
 out=$(cd "$out" && pwd) || exit  # absolute, before moving to the repository root
 cd "$(dirname "$0")/.." || exit
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts/ import hml_jax
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version \
     --format=csv
@@ -27,11 +29,22 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version
 } 2>&1 | tee "$out/machine.txt"
 if ! python3 -m hml_jax.benchmark --config=configs/voc.py --config.image_size=64 \
     --config.batch_size=8 --config.eval_batch_size=8 --config.half_precision=True --steps=3 \
-    --input_images=0 >"$out/smoke.json" 2>"$out/smoke.log"; then
-  tail -n 60 "$out/smoke.log"
+    --input_images=0 >"$out/smoke.json" 2>"$out/session.log"; then
+  tail -n 60 "$out/session.log"
   echo "gpu_session: the smoke run failed; nothing else was run" >&2
   exit 3
 fi
 cat "$out/smoke.json"
+if python3 -c 'import tensorflow' 2>/dev/null; then
+  for setting in '224 64' '448 16'; do
+    read -r size batch <<<"$setting"
+    timeout 150 python3 scripts/benchmark_input_pipeline.py --image_size="$size" \
+      --batch_size="$batch" --num_images=1024 --epochs=4 --parallel_calls=-1 \
+      2>>"$out/session.log" | tee -a "$out/input_pipeline.md"
+  done
+else
+  echo 'No TensorFlow on this machine: the input pipeline was not measured.' \
+    | tee "$out/input_pipeline.md"
+fi
 python3 benchmarks/side_by_side.py --device=gpu --out="$out" \
   --deadline_seconds=$((budget - SECONDS))
