@@ -36,12 +36,9 @@ if ! python3 -m hml_jax.benchmark --config=configs/voc.py --config.image_size=64
 fi
 cat "$out/smoke.json"
 if python3 -c 'import tensorflow' 2>/dev/null; then
-  for setting in '224 64' '448 16'; do
-    read -r size batch <<<"$setting"
-    timeout 150 python3 scripts/benchmark_input_pipeline.py --image_size="$size" \
-      --batch_size="$batch" --num_images=1024 --epochs=4 --parallel_calls=-1 \
-      2>>"$out/session.log" | tee -a "$out/input_pipeline.md"
-  done
+  timeout 200 python3 scripts/benchmark_input_pipeline.py --image_size=224,448 \
+    --batch_size=64,16 --num_images=1024 --epochs=4 --parallel_calls=-1 \
+    2>>"$out/session.log" | tee "$out/input_pipeline.md"
 else
   echo 'No TensorFlow on this machine: the input pipeline was not measured.' \
     | tee "$out/input_pipeline.md"

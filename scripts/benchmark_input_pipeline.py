@@ -1,7 +1,7 @@
 """Throughput of the image input pipeline on this host, in images per second.
 
-  python scripts/benchmark_input_pipeline.py [--num_images=512] [--image_size=448]
-      [--batch_size=16] [--epochs=1] [--parallel_calls=1,2,-1]
+  python scripts/benchmark_input_pipeline.py [--num_images=512] [--image_size=448[,224...]]
+      [--batch_size=16[,64...]] [--epochs=1] [--parallel_calls=1,2,-1]
 
 Writes --num_images synthetic photos (500x375 JPEGs, quality 90: the typical VOC image) as a
 folder dataset in a temporary directory, then times --epochs training epochs of
@@ -42,33 +42,43 @@ def time_epochs(split, batch_size, epochs, normalize_on_host=False):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--num_images', type=int, default=512)
-  parser.add_argument('--image_size', type=int, default=448)
-  parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--image_size', default='448',
+                      help='comma-separated sizes, each timed on the same photos')
+  parser.add_argument('--batch_size', default='16',
+                      help='one batch size, or one per --image_size (comma-separated)')
   parser.add_argument('--epochs', type=int, default=1,
                       help='timed epochs per value (their images/s together); more for a host '
                       'whose cores finish an epoch in well under a second')
   parser.add_argument('--parallel_calls', default='1,2,-1',
                       help='config.dataset.parallel_calls values; -1 = AUTOTUNE')
   args = parser.parse_args()
+  image_sizes = [int(size) for size in args.image_size.split(',')]
+  batch_sizes = [int(size) for size in args.batch_size.split(',')]
+  if len(batch_sizes) == 1:
+    batch_sizes *= len(image_sizes)
+  if len(batch_sizes) != len(image_sizes):
+    parser.error(f'--batch_size={args.batch_size} gives {len(batch_sizes)} batch sizes for '
+                 f'{len(image_sizes)} image sizes (--image_size={args.image_size})')
   with tempfile.TemporaryDirectory() as root:
-    write_photos(root, args.num_images)
+    write_photos(root, args.num_images)  # once: writing 1,024 photos takes about 20 s
     config = folder_config.get_config()
     config.dataset.path = root
     config.validation_fraction = 0.01
-    config.image_size = args.image_size
-    print(f'{os.cpu_count()} CPU cores; {args.num_images} JPEGs of 500x375 -> '
-          f'{args.image_size}x{args.image_size}, batch {args.batch_size}')
-    print('| parallel_calls | images/s (uint8 out, as trained) | + normalize on host |')
-    print('|---|---|---|')
-    for parallel_calls in [int(p) for p in args.parallel_calls.split(',')]:
-      config.dataset.parallel_calls = parallel_calls
-      split = input_pipeline.load(config).train
-      time_epochs(split, args.batch_size, [1])  # warm-up: tf.data graph, file cache
-      timed = list(range(2, 2 + 2 * args.epochs))
-      plain = time_epochs(split, args.batch_size, timed[:args.epochs])
-      normalized = time_epochs(split, args.batch_size, timed[args.epochs:], normalize_on_host=True)
-      label = 'AUTOTUNE' if parallel_calls == -1 else parallel_calls
-      print(f'| {label} | {plain:.0f} | {normalized:.0f} |', flush=True)
+    for image_size, batch_size in zip(image_sizes, batch_sizes):
+      config.image_size = image_size
+      print(f'{os.cpu_count()} CPU cores; {args.num_images} JPEGs of 500x375 -> '
+            f'{image_size}x{image_size}, batch {batch_size}')
+      print('| parallel_calls | images/s (uint8 out, as trained) | + normalize on host |')
+      print('|---|---|---|')
+      for parallel_calls in [int(p) for p in args.parallel_calls.split(',')]:
+        config.dataset.parallel_calls = parallel_calls
+        split = input_pipeline.load(config).train
+        time_epochs(split, batch_size, [1])  # warm-up: tf.data graph, file cache
+        timed = list(range(2, 2 + 2 * args.epochs))
+        plain = time_epochs(split, batch_size, timed[:args.epochs])
+        normalized = time_epochs(split, batch_size, timed[args.epochs:], normalize_on_host=True)
+        label = 'AUTOTUNE' if parallel_calls == -1 else parallel_calls
+        print(f'| {label} | {plain:.0f} | {normalized:.0f} |', flush=True)
 
 
 if __name__ == '__main__':
