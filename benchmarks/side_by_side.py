@@ -23,6 +23,8 @@ TensorFlow is missing (the GPU machine) the input pipeline is not measured (null
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +43,7 @@ PRESETS = {'gpu': {'sizes': '448x16,224x64', 'steps': 50, 'repeats': 1},
 
 def commands(device, image_size, batch_size, steps, python=sys.executable, torch_python=None,
              tcmalloc=''):
-  """[(label, argv)] of one size: hml_jax's runs, then PyTorch's. argv may start with
+  """[(label, argv)] of one size, most telling first on GPUs. argv may start with
   `env LD_PRELOAD=...`."""
   torch_python = torch_python or python
   jax_run = [python, '-m', 'hml_jax.benchmark', '--config=configs/voc.py',
@@ -73,18 +75,22 @@ def run(label, argv, log, timeout=None):
   """The JSON line a benchmark prints, or {'error': ...} (a failed PyTorch option must not stop
   the comparison; nor may one that outlasts timeout seconds)."""
   start = time.perf_counter()
+  # A session of its own, so that a timeout stops its helpers too (torch.compile's workers).
+  process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
   try:
-    process = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False,
-                             timeout=timeout)
+    stdout, stderr = process.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
     log.write(f'# {label}: {" ".join(argv)}\nstopped after {timeout:.0f} s (the deadline)\n')
     log.flush()
     return {'error': f'stopped after {timeout:.0f} s by --deadline_seconds'}
-  log.write(f'# {label}: {" ".join(argv)}\n{process.stdout}{process.stderr[-4000:]}\n')
+  log.write(f'# {label}: {" ".join(argv)}\n{stdout}{stderr[-4000:]}\n')
   log.flush()
-  lines = [line for line in process.stdout.splitlines() if line.startswith('{')]
+  lines = [line for line in stdout.splitlines() if line.startswith('{')]
   if process.returncode or not lines:
-    return {'error': f'exit {process.returncode}: {process.stderr.strip()[-300:]}'}
+    return {'error': f'exit {process.returncode}: {stderr.strip()[-300:]}'}
   result = json.loads(lines[-1])
   result['wall_seconds'] = round(time.perf_counter() - start, 1)
   return result
@@ -108,20 +114,31 @@ def peak_tflops(device_name):
   return None
 
 
+def device_count(device):
+  """How many chips a run's 'device' names: hml_jax writes '8 x NVIDIA H200', PyTorch one name."""
+  match = re.match(r'(\d+) x ', device or '')
+  return int(match.group(1)) if match else 1
+
+
 def table(results):
-  """Rows of (size, label, images/s, ratio to PyTorch's best, MFU %)."""
+  """Rows of (size, label, images/s, ratio to PyTorch's best, MFU %). MFU counts each run's own
+  FLOPs (those of hml_jax's first run for PyTorch's: the same network) over the peak of every
+  chip the run used."""
   rows = []
   for size, runs in results.items():
-    flops = next((r.get('train_flops_per_image') for label, r in runs
-                  if label.startswith('hml_jax') and r.get('train_flops_per_image')), None)
+    network_flops = next((r.get('train_flops_per_image') for label, r in runs
+                          if label.startswith('hml_jax') and r.get('train_flops_per_image')),
+                         None)
     device = next((r.get('device') for _, r in runs if r.get('device')), '')
     torch_best = max((r.get('train_images_per_sec') or 0 for label, r in runs
                       if label.startswith('torch')), default=0)
     peak = peak_tflops(device)
     for label, result in runs:
       rate = result.get('train_images_per_sec')
+      flops = result.get('train_flops_per_image') or network_flops
       ratio = rate / torch_best if rate and torch_best else None
-      mfu = 100 * flops * rate / (peak * 1e12) if rate and flops and peak else None
+      mfu = (100 * flops * rate / (peak * 1e12 * device_count(result.get('device') or device))
+             if rate and flops and peak else None)
       rows.append((size, label, rate, ratio, mfu, result.get('error')))
   return rows
 
@@ -187,9 +204,12 @@ def main():
     for _ in range(repeats):
       for position in range(max(len(size_runs) for _, size_runs in plan)):
         for size, size_runs in plan:
+          if position >= len(size_runs):
+            continue
           label, argv = size_runs[position]
           left = seconds_left()
-          if left is not None and left < 5:
+          # No run compiles and measures in under 30 s: one started later would only be killed.
+          if left is not None and left < 30:
             result = {'error': 'not run: past --deadline_seconds'}
           else:
             result = run(label, argv, log, timeout=left)

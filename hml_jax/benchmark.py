@@ -9,10 +9,10 @@ config's loss, model, optimizer and sharding over every device) and eval step, t
 state after compilation, and the tf.data image pipeline alone decoding real JPEGs (500x375,
 resized to config.image_size). Keys: train_images_per_sec, compile_seconds,
 eval_images_per_sec, input_images_per_sec, train_flops_per_image and train_tflops_per_sec (XLA's
-count of the step's operations before the backend rewrites them, for MFU), step_memory_mb (XLA's
-estimate of the train step's memory on each device: arguments, outputs and temporaries),
-peak_host_memory_mb, device, memory_allocator (tcmalloc or the system's: on CPU it matters, README
-"Speed on CPU"), jax, config.
+count of the step's operations before the backend rewrites them, all devices together, for
+MFU), step_memory_mb (XLA's estimate of the train step's memory on each device: arguments,
+outputs and temporaries), peak_host_memory_mb, device, memory_allocator (tcmalloc or the
+system's: on CPU it matters, README "Speed on CPU"), jax, config.
 benchmarks/torch_reference.py prints the same keys for PyTorch.
 """
 import json
@@ -113,12 +113,13 @@ def xla_flops(stage) -> float:
   return float((analysis or {}).get('flops', 0.0))
 
 
-def network_flops(lowered, compiled) -> float:
-  """The step's floating-point operations as the network defines them, for MFU: counted on the
-  lowered program, before the backend rewrites it. After compilation the GPU backend has turned
-  every convolution into a cuDNN call that its cost analysis does not count (on an H200 it gave
-  0.42 GFLOP per 224x224 image instead of 23.7); the compiled count is the fallback."""
-  return xla_flops(lowered) or xla_flops(compiled)
+def network_flops(lowered, compiled, num_devices: int) -> float:
+  """The whole step's floating-point operations as the network defines them, over all devices,
+  for MFU: counted on the lowered program, before the backend rewrites it (and before SPMD
+  partitioning). After compilation the GPU backend has turned every convolution into a cuDNN
+  call that its cost analysis does not count (on an H200 it gave 0.42 GFLOP per 224x224 image
+  instead of 23.7); the compiled count, one device's share, is the fallback."""
+  return xla_flops(lowered) or xla_flops(compiled) * num_devices
 
 
 def synthetic_train_step(config, num_labels=20):
@@ -166,9 +167,9 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
   lowered = train_fn.lower(state, batch, schedule)
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
-  # Per device: the compiled program is the one each device runs after SPMD partitioning.
+  # Memory per device: the compiled program is the one each device runs after SPMD partitioning.
   memory = compiled.memory_analysis()
-  flops_per_image = network_flops(lowered, compiled) / batch_size
+  flops_per_image = network_flops(lowered, compiled, jax.device_count()) / batch_size
   step_memory_mb = None
   if memory is not None:
     step_memory_mb = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
@@ -205,7 +206,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
       'eval_images_per_sec': None if eval_rate is None else round(eval_rate, 2),
       'input_images_per_sec': None if input_rate is None else round(input_rate, 1),
       # XLA's count of the step's floating-point operations (forward, backward, optimizer), per
-      # image: with train_images_per_sec and a chip's peak this gives the MFU.
+      # image: with train_images_per_sec and the peak of all devices this gives the MFU.
       'train_flops_per_image': None if not flops_per_image else round(flops_per_image),
       'train_tflops_per_sec': (None if not flops_per_image or train_rate is None else
                                round(flops_per_image * train_rate / 1e12, 3)),

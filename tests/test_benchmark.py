@@ -1,9 +1,11 @@
 """The benchmark command prints one JSON line with every key (numbers are for the README, not
 asserted here: timed tests flake)."""
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {'framework', 'train_images_per_sec', 'compile_seconds', 'eval_images_per_sec',
@@ -35,7 +37,16 @@ def test_benchmark_counts_the_flops_of_the_step():
   convolution = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
   lowered = convolution.lower(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4)))
-  assert benchmark.network_flops(lowered, lowered.compile()) == 2 * (2 * 6 * 6) * 9 * 3 * 4
+  assert benchmark.network_flops(lowered, lowered.compile(), 1) == 2 * (2 * 6 * 6) * 9 * 3 * 4
+
+  class Counted:  # a backend whose lowered program has no count: the compiled one, per device
+    def __init__(self, flops):
+      self.flops = flops
+
+    def cost_analysis(self):
+      return {'flops': self.flops} if self.flops else {}
+  assert benchmark.network_flops(Counted(0), Counted(10.0), num_devices=4) == 40.0
+  assert benchmark.network_flops(Counted(30.0), Counted(10.0), num_devices=4) == 30.0
 
 
 def test_side_by_side_table_ratios_and_mfu():
@@ -54,6 +65,11 @@ def test_side_by_side_table_ratios_and_mfu():
   assert jax_row[2] == 300.0 and abs(jax_row[3] - 300.0 / 250.0) < 1e-9  # vs PyTorch's best
   assert abs(jax_row[4] - 100 * 1e11 * 300.0 / 989e12) < 1e-9              # MFU, percent
   assert rows[3][5].startswith('exit 1')
+  # Eight chips: the peak is eight times one chip's.
+  eight = gpu_check.table({'224x224 x 64': [('hml_jax bfloat16', {
+      'train_images_per_sec': 800.0, 'train_flops_per_image': 1e11,
+      'device': '8 x NVIDIA H200'})]})
+  assert abs(eight[0][4] - 100 * 1e11 * 800.0 / (8 * 989e12)) < 1e-9
   text = gpu_check.format_table(rows)
   assert '1.20x' in text and 'failed' in text
   completed = subprocess.run([sys.executable, 'benchmarks/side_by_side.py', '--device=gpu',
@@ -66,6 +82,12 @@ def test_side_by_side_table_ratios_and_mfu():
       'hml_jax float32, system malloc', 'torch eager float32, system malloc',
       'hml_jax float32, tcmalloc', 'torch eager float32, tcmalloc']
   assert cpu[2][1][:2] == ['env', 'LD_PRELOAD=/lib/libtcmalloc.so.4']
+  # A run past its deadline is stopped with its children (torch.compile's workers).
+  log = io.StringIO()
+  start = time.perf_counter()
+  stopped = gpu_check.run('sleeper', ['bash', '-c', 'sleep 30 & sleep 30'], log, timeout=1)
+  assert stopped['error'].startswith('stopped after 1 s') and time.perf_counter() - start < 10
+  assert 'stopped after 1 s' in log.getvalue()
   best = gpu_check.fastest([{'train_images_per_sec': 5.0}, {'error': 'exit 1'},
                             {'train_images_per_sec': 7.0}])
   assert best['train_images_per_sec'] == 7.0
