@@ -78,15 +78,16 @@ def run(label, argv, log, timeout=None):
   # A session of its own, so that a timeout stops its helpers too (torch.compile's workers).
   process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
+  log.write(f'# {label}: {" ".join(argv)}\n')
   try:
     stdout, stderr = process.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
-    log.write(f'# {label}: {" ".join(argv)}\nstopped after {timeout:.0f} s (the deadline)\n')
+    log.write(f'stopped after {timeout:.0f} s (the deadline)\n')
     log.flush()
     return {'error': f'stopped after {timeout:.0f} s by --deadline_seconds'}
-  log.write(f'# {label}: {" ".join(argv)}\n{stdout}{stderr[-4000:]}\n')
+  log.write(f'{stdout}{stderr[-4000:]}\n')
   log.flush()
   lines = [line for line in stdout.splitlines() if line.startswith('{')]
   if process.returncode or not lines:

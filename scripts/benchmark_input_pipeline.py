@@ -59,6 +59,7 @@ def main():
   if len(batch_sizes) != len(image_sizes):
     parser.error(f'--batch_size={args.batch_size} gives {len(batch_sizes)} batch sizes for '
                  f'{len(image_sizes)} image sizes (--image_size={args.image_size})')
+  timed = list(range(2, 2 + 2 * args.epochs))  # epoch 1 warms up
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, args.num_images)  # once: writing 1,024 photos takes about 20 s
     config = folder_config.get_config()
@@ -74,7 +75,6 @@ def main():
         config.dataset.parallel_calls = parallel_calls
         split = input_pipeline.load(config).train
         time_epochs(split, batch_size, [1])  # warm-up: tf.data graph, file cache
-        timed = list(range(2, 2 + 2 * args.epochs))
         plain = time_epochs(split, batch_size, timed[:args.epochs])
         normalized = time_epochs(split, batch_size, timed[args.epochs:], normalize_on_host=True)
         label = 'AUTOTUNE' if parallel_calls == -1 else parallel_calls
