@@ -6,13 +6,16 @@
 # 1. The card, the CPU count and the versions, to OUT_DIR/machine.txt.
 # 2. A smoke run of hml_jax's train step at 64x64: if the environment is broken (a missing package,
 #    an API that changed), this stops here within a minute instead of spending the lease.
-# 3. Where TensorFlow can be imported: the tf.data input pipeline alone on all the host's cores
-#    (224x224 batch 64 and 448x448 batch 16), to OUT_DIR/input_pipeline.md; at most 200 s of
-#    the budget (it was never measured on a GPU host, so it goes first).
+# 3. The input pipeline on all the host's cores (224x224 batch 64 and 448x448 batch 16; it was
+#    never measured on a GPU host, so it goes first): the 'pil' decoder's stage on 1..all threads
+#    (scripts/benchmark_decode.py, PIL and NumPy only, at most 120 s) to OUT_DIR/decode.md, and
+#    where TensorFlow can be imported the whole tf.data pipeline with both decoders (at most
+#    200 s) to OUT_DIR/input_pipeline.md.
 # 4. benchmarks/side_by_side.py --device=gpu, every run stopped at SECONDS (default 540) from the
 #    start; the results so far are written after every run.
-# Needs python3 with jax (CUDA), flax, optax, orbax, ml_collections, torch and torchvision;
-# TensorFlow only for step 3. Errors of steps 2 and 3 go to OUT_DIR/session.log.
+# Needs python3 with jax (CUDA), flax, optax, orbax, ml_collections, torch, torchvision and
+# pillow; TensorFlow only for the second half of step 3. Errors of steps 2 and 3 go to
+# OUT_DIR/session.log.
 set -u
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
@@ -36,9 +39,12 @@ if ! python3 -m hml_jax.benchmark --config=configs/voc.py --config.image_size=64
   exit 3
 fi
 cat "$out/smoke.json"
+timeout 120 python3 scripts/benchmark_decode.py --image_size=224,448 --batch_size=64,16 \
+  --num_images=1024 2>>"$out/session.log" | tee "$out/decode.md"
 if python3 -c 'import tensorflow' 2>/dev/null; then
   timeout 200 python3 scripts/benchmark_input_pipeline.py --image_size=224,448 \
     --batch_size=64,16 --num_images=1024 --epochs=4 --parallel_calls=-1 \
+    --decoder=pil,tensorflow \
     2>>"$out/session.log" | tee "$out/input_pipeline.md"
 else
   echo 'No TensorFlow on this machine: the input pipeline was not measured.' \

@@ -90,6 +90,8 @@ def input_pipeline_rate(config, num_images, batch_size):
     data_config.validation_fraction = 1.0 / (num_images - 1)  # one validation image
     data_config.image_size = config.image_size
     data_config.dataset.parallel_calls = config.dataset.get('parallel_calls', -1)
+    # The config's decoder; a config without image data (the digits) gets the folder default.
+    data_config.dataset.decoder = config.dataset.get('decoder', data_config.dataset.decoder)
     split = input_pipeline.load(data_config).train
     batch_size = min(batch_size, len(split))
     rates = []

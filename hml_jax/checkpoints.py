@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from hml_jax import files
+from hml_jax import input_pipeline
 
 # Keys that may change when a run is resumed: they do not change what has been computed.
 # Where the data lives and how many threads read it are not part of what is computed either.
@@ -35,7 +36,7 @@ RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_kee
 # with the behaviour of this value, so it still resumes (and is reused by compare) when the key
 # has it now.
 ADDED_KEYS = {'nonfinite': 'stop', 'convolutions': 'auto', 'parameter_sharding': 'replicated',
-              'fsdp_min_size': 2**16}
+              'fsdp_min_size': 2**16, 'dataset.decoder': input_pipeline.DECODER_OF_OLDER_RUNS}
 
 
 def flatten(tree, prefix=''):

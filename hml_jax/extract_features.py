@@ -47,7 +47,8 @@ def official_splits(source, config):
             input_pipeline.ArraySplit(source.test_examples, source.test_labels,
                                       source.test_labels))
   common = dict(image_size=config.image_size, flip=False, shuffle_buffer=1,
-                parallel_calls=config.dataset.get('parallel_calls', input_pipeline.AUTOTUNE))
+                parallel_calls=config.dataset.get('parallel_calls', input_pipeline.AUTOTUNE),
+                decoder=input_pipeline.image_decoder(config))
   return tuple(
       input_pipeline.ImageSplit(records, np.arange(len(labels)), labels, labels, **common)
       for records, labels in ((source.train_records, source.train_labels),

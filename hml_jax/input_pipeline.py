@@ -24,12 +24,14 @@ normalized with config.dataset.mean/std on the device; features leave it as floa
 """
 import abc
 import dataclasses
+import io
 import logging
 import os
 import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
+from PIL import Image
 
 from hml_jax import labels as labels_lib
 
@@ -232,12 +234,75 @@ def _process(process: Optional[Tuple[int, int]]) -> Tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
-def decode_and_resize(encoded, image_size: int, channels: int = 3):
-  """Encoded JPEG/PNG/BMP/GIF bytes -> (image_size, image_size, channels) uint8.
+# How encoded images become (image_size, image_size, 3) uint8 arrays (config.dataset.decoder):
+#   'pil': PIL's decode and resize, exactly what Cole et al.'s loader and torchvision's
+#     Resize((size, size)) compute, and 2-3x faster per core than 'tensorflow'
+#     (docs/performance_notes.md, "Input pipeline"). Runs as Python in tf.data's threads: PIL
+#     releases the GIL while it decodes and resizes, and holds it for about 0.1 ms per image.
+#   'tensorflow': tf.io.decode_image + tf.image.resize(antialias=True), in TensorFlow's C++
+#     threads (no GIL): slower per core, but free of the GIL's bound on a host with many cores
+#     per process. Its resize is within 1 grey level of PIL's; its JPEG decoder rounds
+#     differently (about 1 level on average). Runs made before this key existed used it.
+DECODERS = ('pil', 'tensorflow')
+DECODER_OF_OLDER_RUNS = 'tensorflow'
 
-  Like torchvision's Resize on a PIL image, which Cole et al. use: bilinear with antialiasing,
-  rounded back to uint8 (normalization happens on the device)."""
+
+def check_decoder(decoder: str) -> str:
+  if decoder not in DECODERS:
+    raise ValueError(f'config.dataset.decoder={decoder!r} is not one of {DECODERS}.')
+  return decoder
+
+
+def decode_and_resize_with_pil(encoded: bytes, image_size: int, channels: int = 3) -> np.ndarray:
+  """Encoded image bytes (any format PIL reads) -> (image_size, image_size, channels) uint8.
+
+  Exactly torchvision's `Resize((image_size, image_size))(Image.open(f).convert('RGB'))`, Cole et
+  al.'s preprocessing: PIL's bilinear filter, which widens with the scale factor when shrinking
+  (antialiasing). channels=1 converts to PIL's 'L' (ITU-R 601-2 luma) instead. Raises ValueError
+  for bytes that do not decode."""
+  mode = {1: 'L', 3: 'RGB'}[channels]
+  try:
+    with Image.open(io.BytesIO(encoded)) as image:
+      if image.mode != mode:  # convert() copies even when the mode is already right
+        image = image.convert(mode)
+      image = image.resize((image_size, image_size), Image.BILINEAR)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    raise ValueError(f'not a readable image ({type(error).__name__}: {error})') from error
+  array = np.asarray(image)
+  return array[:, :, None] if channels == 1 else array
+
+
+def decode_batch_with_pil(encoded: np.ndarray, mirror: np.ndarray, image_size: int) -> np.ndarray:
+  """(B,) encoded images (bytes), (B,) bool -> (B, image_size, image_size, 3) uint8: each image
+  through decode_and_resize_with_pil, mirrored left-right where `mirror`."""
+  images = np.empty((len(encoded), image_size, image_size, 3), np.uint8)
+  for i, (image_bytes, mirrored) in enumerate(zip(encoded, mirror)):
+    image = decode_and_resize_with_pil(image_bytes, image_size)
+    images[i] = image[:, ::-1] if mirrored else image
+  return images
+
+
+def mirror_decision(seed):
+  """Whether to flip an image left-right, from a (2,) int64 stateless seed: the rule of
+  tf.image.stateless_random_flip_left_right (a uniform draw below 0.5), so that both decoders
+  flip the same images."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=1.0) < 0.5
+
+
+def decode_and_resize(encoded, image_size: int, channels: int = 3, decoder: str = 'pil'):
+  """Encoded image bytes (a scalar tf.string) -> (image_size, image_size, channels) uint8 tensor,
+  by config.dataset.decoder (DECODERS above). Both resize bilinearly with antialiasing and round
+  back to uint8 (normalization happens on the device)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if check_decoder(decoder) == 'pil':
+    def decode(encoded_bytes):
+      if not isinstance(encoded_bytes, bytes):  # bytes in tf.data; an array when called eagerly
+        encoded_bytes = encoded_bytes.item()
+      return decode_and_resize_with_pil(encoded_bytes, image_size, channels)
+    image = tf.numpy_function(decode, [encoded], tf.uint8, stateful=False)
+    image.set_shape((image_size, image_size, channels))
+    return image
   image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
   image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
@@ -257,8 +322,10 @@ class ImageSplit(Split):
 
   def __init__(self, records: RecordReader, rows_of_index: np.ndarray, labels: np.ndarray,
                observed: np.ndarray, image_size: int, flip: bool, shuffle_buffer: int,
-               parallel_calls: int = AUTOTUNE, exact_shuffle: bool = False):
+               parallel_calls: int = AUTOTUNE, exact_shuffle: bool = False,
+               decoder: str = 'pil'):
     self.records, self.rows_of_index = records, rows_of_index.astype(np.int64)
+    self.decoder = check_decoder(decoder)
     self.labels, self.observed = labels, observed
     self.image_size, self.flip = image_size, flip
     self.shuffle_buffer, self.parallel_calls = shuffle_buffer, parallel_calls
@@ -309,22 +376,46 @@ class ImageSplit(Split):
     local_batch = batch_size // process_count
     # Resuming mid-epoch: drop the records of the steps already done, before any decoding.
     dataset = dataset.skip(start_step * local_batch)
-    image_size, flip = self.image_size, self.flip
-
-    def preprocess(record):
-      image = decode_and_resize(record['image'], image_size)
-      if flip:  # seeded by (seed, epoch, row): the same flips after a resume
-        image = tf.image.stateless_random_flip_left_right(
-            image, seed=tf.stack([tf.constant(shuffle_seed, tf.int64), record['row']]))
-      return {'images': image, 'indices': tf.cast(record['row'], tf.int32)}
-
-    # Parallel, but deterministic: the batch order must not depend on thread timing.
-    dataset = dataset.map(preprocess, num_parallel_calls=self.parallel_calls, deterministic=True)
-    dataset = dataset.batch(local_batch, drop_remainder=True)
+    seed = tf.constant(shuffle_seed, tf.int64)
+    flip = self.flip
+    dataset = dataset.map(lambda record: dict(
+        record, mirror=mirror_decision(tf.stack([seed, record['row']])) if flip else False))
     # Every process runs the same number of steps (the parts differ by a few images).
     steps = self.num_train_steps(batch_size, (process_index, process_count))
-    dataset = dataset.take(steps - start_step)
+    dataset = self._decoded_batches(dataset, local_batch, steps - start_step)
     return dataset.prefetch(AUTOTUNE)
+
+  def _decoded_batches(self, records, batch_size: int, num_batches: Optional[int]):
+    """records {'image': encoded, 'row', 'mirror'} -> batches {'images' (B, S, S, 3) uint8,
+    'indices' (B,) int32}, in order, in parallel. num_batches: full batches only, this many; None:
+    all, the last one partial.
+
+    'tensorflow' decodes image by image, then batches. 'pil' batches the encoded images and
+    decodes each batch in one Python call: a tf.numpy_function call costs about 0.1 ms, which per
+    image would come out of one core's worth of GIL shared by all of this process's threads."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    image_size, decoder = self.image_size, self.decoder
+    full_batches = num_batches is not None
+    # Parallel, but deterministic: the batch order must not depend on thread timing.
+    parallel = dict(num_parallel_calls=self.parallel_calls, deterministic=True)
+    if decoder == 'tensorflow':
+      def decode(record):
+        image = decode_and_resize(record['image'], image_size, decoder=decoder)
+        image = tf.cond(record['mirror'], lambda: tf.reverse(image, [1]), lambda: image)
+        return {'images': image, 'indices': tf.cast(record['row'], tf.int32)}
+      batches = records.map(decode, **parallel).batch(batch_size, drop_remainder=full_batches)
+      return batches.take(num_batches) if full_batches else batches
+
+    def decode_batch(batch):
+      images = tf.numpy_function(
+          lambda encoded, mirror: decode_batch_with_pil(encoded, mirror, image_size),
+          [batch['image'], batch['mirror']], tf.uint8, stateful=False)
+      images.set_shape((batch_size if full_batches else None, image_size, image_size, 3))
+      return {'images': images, 'indices': tf.cast(batch['row'], tf.int32)}
+    batches = records.batch(batch_size, drop_remainder=full_batches)
+    if full_batches:
+      batches = batches.take(num_batches)  # before decoding: none is decoded in vain
+    return batches.map(decode_batch, **parallel)
 
   def train_batches(self, batch_size, seed, epoch, config, start_step=0, process=None):
     del config  # augmentation is fixed at construction (flip)
@@ -336,15 +427,13 @@ class ImageSplit(Split):
     """This process's part of each global batch: its own images, padded, and as many batches on
     every process (the eval step is collective): those of the largest part."""
     process_index, process_count = _process(process)
-    image_size, local_batch = self.image_size, batch_size // process_count
-    dataset = self._rows(None, process_index, process_count).map(
-        lambda record: {'images': decode_and_resize(record['image'], image_size),
-                        'indices': record['row']},
-        num_parallel_calls=self.parallel_calls, deterministic=True)
+    local_batch = batch_size // process_count
+    records = self._rows(None, process_index, process_count).map(
+        lambda record: dict(record, mirror=False))
     num_batches = int(max(-(-size // local_batch) for size in self.part_sizes(process_count)))
     emitted = 0
-    for batch in dataset.batch(local_batch).prefetch(AUTOTUNE).as_numpy_iterator():
-      batch['indices'] = batch['indices'].astype(np.int32)
+    dataset = self._decoded_batches(records, local_batch, num_batches=None)
+    for batch in dataset.prefetch(AUTOTUNE).as_numpy_iterator():
       emitted += 1
       yield pad_batch(batch, local_batch)
     empty = {'images': np.zeros((0,) + self.example_shape, np.uint8),
@@ -375,6 +464,12 @@ class Source:
 
 # The TFDS builders of hml_jax/datasets: prepared offline (generated or from manual_dir files).
 OUR_BUILDERS = ('composite_digits', 'hml_voc2012', 'hml_coco2014', 'hml_cub', 'hml_nus_wide')
+
+
+def image_decoder(config) -> str:
+  """config.dataset.decoder; a config without the key (saved before it existed) means the
+  decoder that runs had then."""
+  return check_decoder(config.dataset.get('decoder', DECODER_OF_OLDER_RUNS))
 
 
 def load_tfds_builder(dataset_config):
@@ -594,7 +689,7 @@ def apply_protocol(source: Source, config) -> Data:
     dataset = config.dataset
     common = dict(image_size=config.image_size, shuffle_buffer=dataset.get('shuffle_buffer', 10000),
                   parallel_calls=dataset.get('parallel_calls', AUTOTUNE),
-                  exact_shuffle=source.exact_shuffle)
+                  exact_shuffle=source.exact_shuffle, decoder=image_decoder(config))
     num_official = len(train_labels)
     train = ImageSplit(source.train_records, _rows_of_index(num_official, train_rows),
                        train_labels[train_rows], observed[train_rows],

@@ -51,19 +51,25 @@ def list_files(paths):
   return files
 
 
-def load_image(path, image_size, channels):
-  """(image uint8 (size, size, channels), None) or (None, why it cannot be read)."""
+def load_image(path, image_size, channels, decoder):
+  """(image uint8 (size, size, channels), None) or (None, why it cannot be read); decoder: the
+  run's config.dataset.decoder, so that images are prepared as in training."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     with open(path, 'rb') as f:
       encoded = f.read()
-    return np.asarray(input_pipeline.decode_and_resize(encoded, image_size, channels)), None
+    if decoder == 'pil':
+      return input_pipeline.decode_and_resize_with_pil(encoded, image_size, channels), None
+    return np.asarray(input_pipeline.decode_and_resize(encoded, image_size, channels,
+                                                       decoder)), None
   except FileNotFoundError:
     return None, 'no such file'
   except IsADirectoryError:
     return None, 'is a directory'
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError) as error:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if message.startswith('not a readable image'):  # decode_and_resize_with_pil's own words
+      return None, message
     return None, f'not a readable image ({message})'
 
 
@@ -76,6 +82,7 @@ class Predictor:
     self.config, self.method, self.state = train.load_trained_state(workdir, which, self.mesh)
     info = checkpoints.read_dataset_info(workdir)
     self.label_names = info['label_names']
+    self.decoder = input_pipeline.image_decoder(self.config)
     self.example_shape = tuple(info['example_shape'])
     if len(self.example_shape) != 3:
       raise ValueError(f'{workdir} was trained on features (input shape {self.example_shape}), '
@@ -105,7 +112,7 @@ def predict_files(predictor, paths, threshold=0.5, top_k=5, batch_size=32):
   image_size, channels = predictor.example_shape[0], predictor.example_shape[2]
   images, readable, errors = [], [], []
   for path in list_files(paths):
-    image, error = load_image(path, image_size, channels)
+    image, error = load_image(path, image_size, channels, predictor.decoder)
     if error:
       errors.append({'path': path, 'error': error})
     else:

@@ -2,11 +2,13 @@
 
   python scripts/benchmark_input_pipeline.py [--num_images=512] [--image_size=448[,224...]]
       [--batch_size=16[,64...]] [--epochs=1] [--parallel_calls=1,2,-1]
+      [--decoder=pil,tensorflow]
 
 Writes --num_images synthetic photos (500x375 JPEGs, quality 90: the typical VOC image) as a
 folder dataset in a temporary directory, then times --epochs training epochs of
 input_pipeline.ImageSplit (read, decode, resize to --image_size with antialiasing, random flip,
-batch) for several values of config.dataset.parallel_calls, after one warm-up epoch. The variant
+batch) for several values of config.dataset.parallel_calls and config.dataset.decoder, after one
+warm-up epoch. The variant
 "+ normalize on host" adds the float32 normalization that our pipeline leaves to the accelerator,
 to show what moving it to the host would cost. Numbers are side by side from one run.
 """
@@ -51,6 +53,8 @@ def main():
                       'whose cores finish an epoch in well under a second')
   parser.add_argument('--parallel_calls', default='1,2,-1',
                       help='config.dataset.parallel_calls values; -1 = AUTOTUNE')
+  parser.add_argument('--decoder', default=','.join(input_pipeline.DECODERS),
+                      help='config.dataset.decoder values (input_pipeline.DECODERS)')
   args = parser.parse_args()
   image_sizes = [int(size) for size in args.image_size.split(',')]
   batch_sizes = [int(size) for size in args.batch_size.split(',')]
@@ -69,16 +73,18 @@ def main():
       config.image_size = image_size
       print(f'{os.cpu_count()} CPU cores; {args.num_images} JPEGs of 500x375 -> '
             f'{image_size}x{image_size}, batch {batch_size}')
-      print('| parallel_calls | images/s (uint8 out, as trained) | + normalize on host |')
-      print('|---|---|---|')
-      for parallel_calls in [int(p) for p in args.parallel_calls.split(',')]:
-        config.dataset.parallel_calls = parallel_calls
-        split = input_pipeline.load(config).train
-        time_epochs(split, batch_size, [1])  # warm-up: tf.data graph, file cache
-        plain = time_epochs(split, batch_size, timed[:args.epochs])
-        normalized = time_epochs(split, batch_size, timed[args.epochs:], normalize_on_host=True)
-        label = 'AUTOTUNE' if parallel_calls == -1 else parallel_calls
-        print(f'| {label} | {plain:.0f} | {normalized:.0f} |', flush=True)
+      print('| decoder | parallel_calls | images/s (uint8 out, as trained) | + normalize on host |')
+      print('|---|---|---|---|')
+      for decoder in args.decoder.split(','):
+        config.dataset.decoder = decoder
+        for parallel_calls in [int(p) for p in args.parallel_calls.split(',')]:
+          config.dataset.parallel_calls = parallel_calls
+          split = input_pipeline.load(config).train
+          time_epochs(split, batch_size, [1])  # warm-up: tf.data graph, file cache
+          plain = time_epochs(split, batch_size, timed[:args.epochs])
+          normalized = time_epochs(split, batch_size, timed[args.epochs:], normalize_on_host=True)
+          label = 'AUTOTUNE' if parallel_calls == -1 else parallel_calls
+          print(f'| {decoder} | {label} | {plain:.0f} | {normalized:.0f} |', flush=True)
 
 
 if __name__ == '__main__':

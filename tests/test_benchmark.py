@@ -107,3 +107,23 @@ def test_benchmark_runs_without_tensorflow_and_clu(tmp_path):
   assert completed.returncode == 0, completed.stderr[-2000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
   assert result['train_images_per_sec'] > 0 and result['input_images_per_sec'] is None
+
+
+def test_decode_benchmark_runs_without_tensorflow(tmp_path):
+  """scripts/benchmark_decode.py times the 'pil' decoder's stage on a host without TensorFlow
+  (the GPU machine): one row per thread count and the GIL bound, for each size."""
+  for name in ('tensorflow', 'tensorflow_datasets', 'clu'):
+    (tmp_path / f'{name}.py').write_text(f"raise ImportError('{name} is blocked by the test')\n")
+  completed = subprocess.run(
+      [sys.executable, 'scripts/benchmark_decode.py', '--num_images=12', '--image_size=24,40',
+       '--batch_size=4,2', '--threads=1,3', '--epochs=1'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=f'{tmp_path}:{ROOT}', JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  lines = completed.stdout.splitlines()
+  assert sum('-> 24x24, batches of 4' in line for line in lines) == 1
+  assert sum('-> 40x40, batches of 2' in line for line in lines) == 1
+  rows = [line.split('|') for line in lines if line.startswith('| 1 |') or
+          line.startswith('| 3 |')]
+  assert len(rows) == 4 and all(float(row[2]) > 0 for row in rows)
+  assert sum('holding the GIL: about' in line for line in lines) == 2

@@ -1,6 +1,8 @@
 """Every notebook runs top to bottom (tiny settings: HML_NOTEBOOK_TINY=1) without an error, and
 the committed notebooks carry no outputs."""
+import glob
 import os
+import shutil
 
 import nbformat
 import pytest
@@ -20,7 +22,10 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   # Run from notebooks/, as Jupyter does; the setup cell moves to the repository root, and the
-  # tiny runs go to runs/*_tiny.
+  # tiny runs go to runs/notebook_*_tiny. Those of an earlier test session go first: a notebook
+  # would resume them (a finished run trains nothing; one of an older version is refused).
+  for stale in glob.glob(os.path.join(ROOT, 'runs', 'notebook_*_tiny')):
+    shutil.rmtree(stale)
   client = NotebookClient(notebook, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}})
   client.execute()

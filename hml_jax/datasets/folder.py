@@ -5,7 +5,8 @@
                   an empty field: no positive label; filenames relative to DIR, each listed once
   DIR/test.csv    the same for the test split; without it, config.dataset.test_fraction of
                   train.csv's rows (seeded by config.dataset.test_seed) become the test split
-  DIR/...         the images (JPEG, PNG, GIF or BMP)
+  DIR/...         the images: any format PIL reads (JPEG, PNG, WebP, TIFF, BMP, GIF...) with
+                  config.dataset.decoder='pil', JPEG, PNG, GIF or BMP with 'tensorflow'
 
 Label names are the sorted set of names in both files; they are saved with the run
 (workdir/dataset.json) so that predictions come back with names. Every image is checked when the
@@ -14,6 +15,7 @@ config.dataset.skip_corrupt=True.
 """
 from concurrent import futures
 import csv
+import functools
 import logging
 import os
 import re
@@ -22,7 +24,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-SUPPORTED_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')  # what tf.io.decode_image reads
+TENSORFLOW_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')  # what tf.io.decode_image reads
 # Characters that mean the labels field holds something else than label names (a Python list,
 # another separator); label names may contain spaces only when '|' separates them.
 FORBIDDEN_IN_LABELS = re.compile(r'[\[\]\'";,]')
@@ -76,14 +78,15 @@ def read_csv(path: str) -> Tuple[List[str], List[List[str]]]:
   return filenames, labels
 
 
-def check_image(path: str) -> Optional[str]:
-  """None if the image at path decodes, else why not. JPEGs decode at reduced size (draft), so
-  this costs a fraction of a full decode."""
+def check_image(path: str, decoder: str = 'pil') -> Optional[str]:
+  """None if the image at path decodes with config.dataset.decoder, else why not. JPEGs decode
+  at reduced size (draft), so this costs a fraction of a full decode."""
   try:
     with Image.open(path) as image:
-      if image.format not in SUPPORTED_FORMATS:
-        return f'format {image.format} is not one of {SUPPORTED_FORMATS}'
-      if image.format in ('JPEG', 'PNG'):
+      if decoder == 'tensorflow' and image.format not in TENSORFLOW_FORMATS:
+        return (f'format {image.format} is not one of {TENSORFLOW_FORMATS}, which '
+                "config.dataset.decoder='tensorflow' reads ('pil' reads it)")
+      if decoder == 'pil' or image.format in ('JPEG', 'PNG'):
         image.draft('RGB', (64, 64))
         image.load()
       else:
@@ -99,7 +102,7 @@ def check_image(path: str) -> Optional[str]:
   return None
 
 
-def _check_images(root, filenames, csv_path, skip_corrupt, parallelism=16):
+def _check_images(root, filenames, csv_path, skip_corrupt, decoder, parallelism=16):
   paths = [os.path.join(root, name) for name in filenames]
   missing = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(p)]
   if missing:
@@ -107,7 +110,7 @@ def _check_images(root, filenames, csv_path, skip_corrupt, parallelism=16):
     raise FileNotFoundError(f'{len(missing)} image(s) listed in {csv_path} do not exist: '
                             f'{shown}{" ..." if len(missing) > 5 else ""}')
   with futures.ThreadPoolExecutor(parallelism) as pool:
-    problems = list(pool.map(check_image, paths))
+    problems = list(pool.map(functools.partial(check_image, decoder=decoder), paths))
   bad = [(i, paths[i], problem) for i, problem in enumerate(problems) if problem]
   if bad and not skip_corrupt:
     shown = '; '.join(f'{p}: {problem}' for _, p, problem in bad[:5])
@@ -138,6 +141,9 @@ def read_folder(dataset_config):
   if not os.path.isdir(root):
     raise FileNotFoundError(f'Dataset folder {root} (config.dataset.path) does not exist.')
   skip_corrupt = dataset_config.get('skip_corrupt', False)
+  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  decoder = input_pipeline.check_decoder(
+      dataset_config.get('decoder', input_pipeline.DECODER_OF_OLDER_RUNS))
   splits = {}
   train_csv = os.path.join(root, 'train.csv')
   test_csv = os.path.join(root, 'test.csv')
@@ -168,7 +174,7 @@ def read_folder(dataset_config):
     raise ValueError(f'{train_csv}: no image has a label.')
   result, skipped = {}, 0
   for split, (csv_path, names, lists) in splits.items():
-    keep, num_bad = _check_images(root, names, csv_path, skip_corrupt)
+    keep, num_bad = _check_images(root, names, csv_path, skip_corrupt, decoder)
     skipped += num_bad
     paths = [os.path.join(root, n) for n, k in zip(names, keep) if k]
     lists = [l for l, k in zip(lists, keep) if k]

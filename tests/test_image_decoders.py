@@ -1,0 +1,199 @@
+"""config.dataset.decoder: 'pil' against torchvision's own output, 'tensorflow' against 'pil', and
+both through the streamed pipeline, the folder checks, prediction and resuming."""
+import io
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from hml_jax import checkpoints
+from hml_jax import input_pipeline
+from hml_jax import predict
+from hml_jax.datasets import folder
+from tests.test_folder_and_features import tiny_image_config
+from tests.test_folder_and_features import write_folder
+
+FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'torchvision_resize.npz')
+
+
+def fixture_cases():
+  """{case: (encoded bytes, {size: torchvision's (size, size, 3) uint8})}."""
+  arrays = np.load(FIXTURE)
+  cases = {}
+  for key in arrays.files:
+    name, what = key.split('/')
+    encoded, resized = cases.setdefault(name, (None, {}))
+    if what == 'encoded':
+      cases[name] = (arrays[key].tobytes(), resized)
+    else:
+      resized[int(what)] = arrays[key]
+  return cases
+
+
+CASES = fixture_cases()
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_pil_decoder_is_torchvisions_resize_exactly(name):
+  encoded, expected = CASES[name]
+  assert sorted(expected) == [16, 30, 48]  # shrink, mixed, enlarge (the images are 35x25)
+  for size, torchvision_output in expected.items():
+    np.testing.assert_array_equal(
+        input_pipeline.decode_and_resize_with_pil(encoded, size), torchvision_output)
+    # The same function as a tf.data / graph op.
+    np.testing.assert_array_equal(
+        input_pipeline.decode_and_resize(tf.constant(encoded), size, decoder='pil').numpy(),
+        torchvision_output)
+
+
+@pytest.mark.parametrize('name', ['rgb_jpeg', 'gray_jpeg', 'cmyk_jpeg', 'rgb_png', 'rgba_png',
+                                  'palette_gif'])
+def test_tensorflow_decoder_is_close_to_torchvision(name):
+  encoded, expected = CASES[name]
+  for size, torchvision_output in expected.items():
+    image = input_pipeline.decode_and_resize(tf.constant(encoded), size, decoder='tensorflow')
+    difference = np.abs(image.numpy().astype(int) - torchvision_output.astype(int))
+    if name.endswith('jpeg'):
+      # TensorFlow's JPEG decoder rounds differently from PIL's (measured: 0.65-1.08 grey levels
+      # on average, 5 at most); the resize alone differs by one level at most.
+      assert difference.mean() < 1.5 and difference.max() <= 6, (size, difference)
+    else:
+      assert difference.max() <= 1, (size, difference.max())
+
+
+def test_grayscale_output_for_one_channel_models():
+  encoded, _ = CASES['rgb_jpeg']
+  image = input_pipeline.decode_and_resize_with_pil(encoded, 16, channels=1)
+  reference = Image.open(io.BytesIO(encoded)).convert('L').resize((16, 16), Image.BILINEAR)
+  assert image.shape == (16, 16, 1) and image.dtype == np.uint8
+  np.testing.assert_array_equal(image[:, :, 0], np.asarray(reference))
+
+
+def test_unreadable_bytes_and_unknown_decoder_are_named():
+  with pytest.raises(ValueError, match='not a readable image'):
+    input_pipeline.decode_and_resize_with_pil(b'\xff\xd8\xff\xe0 not a jpeg', 16)
+  encoded, _ = CASES['rgb_jpeg']
+  with pytest.raises(ValueError, match='not a readable image'):
+    input_pipeline.decode_and_resize_with_pil(encoded[:len(encoded) // 2], 16)  # truncated
+  with pytest.raises(ValueError, match=r"config.dataset.decoder='opencv' is not one of"):
+    input_pipeline.decode_and_resize(tf.constant(encoded), 16, decoder='opencv')
+  config = tiny_image_config('/nonexistent')
+  config.dataset.decoder = 'PIL'
+  with pytest.raises(ValueError, match=r"config.dataset.decoder='PIL'"):
+    input_pipeline.image_decoder(config)
+
+
+def test_a_config_without_the_key_keeps_the_decoder_runs_had_then():
+  config = tiny_image_config('/nonexistent')
+  assert input_pipeline.image_decoder(config) == 'pil'  # configs/paper.py
+  del config.dataset['decoder']
+  assert input_pipeline.image_decoder(config) == 'tensorflow'
+
+
+@pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
+def test_streamed_batches_hold_the_decoders_images(tmp_path, decoder):
+  written = write_folder(tmp_path)
+  config = tiny_image_config(tmp_path)
+  config.dataset.decoder = decoder
+  data = input_pipeline.load(config)
+  assert data.test.decoder == decoder and data.train.decoder == decoder
+  batch = next(iter(data.test.eval_batches(8)))
+  for image, row in zip(batch['images'], batch['indices']):
+    with open(os.path.join(tmp_path, written['test'][row][0]), 'rb') as f:
+      encoded = f.read()
+    torchvision_output = np.asarray(
+        Image.open(os.path.join(tmp_path, written['test'][row][0])).convert('RGB').resize(
+            (32, 32), Image.BILINEAR))
+    if decoder == 'pil':
+      np.testing.assert_array_equal(image, torchvision_output)
+    else:
+      np.testing.assert_array_equal(
+          image, input_pipeline.decode_and_resize(tf.constant(encoded), 32,
+                                                  decoder='tensorflow').numpy())
+  # Training batches: flipped or not, each image is its decoder's.
+  train_batch = next(iter(data.train.train_batches(4, seed=0, epoch=1, config=config)))
+  assert train_batch['images'].shape == (4, 32, 32, 3)
+
+
+def test_both_decoders_flip_the_images_that_tensorflows_flip_would():
+  seeds = tf.stack([tf.fill([200], tf.constant(7, tf.int64)), tf.range(200, dtype=tf.int64)], 1)
+  image = tf.reshape(tf.range(6), (1, 2, 3))
+  for seed in seeds:
+    flipped = tf.image.stateless_random_flip_left_right(image, seed=seed)
+    assert bool(input_pipeline.mirror_decision(seed)) == bool(tf.reduce_any(flipped != image))
+
+
+@pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
+def test_training_batches_are_the_decoders_images_mirrored_by_the_seeded_rule(tmp_path, decoder):
+  written = write_folder(tmp_path)
+  config = tiny_image_config(tmp_path)
+  config.dataset.decoder = decoder
+  data = input_pipeline.load(config)
+  paths = {}  # train split row -> file
+  for index, row in enumerate(data.train.rows_of_index):
+    if row >= 0:
+      paths[row] = os.path.join(tmp_path, written['train'][index][0])
+  shuffle_seed = input_pipeline.epoch_seed(0, 3)
+  mirrored = 0
+  for batch in data.train.train_batches(4, seed=0, epoch=3, config=config):
+    for image, row in zip(batch['images'], batch['indices']):
+      with open(paths[row], 'rb') as f:
+        expected = input_pipeline.decode_and_resize(tf.constant(f.read()), 32,
+                                                    decoder=decoder).numpy()
+      if bool(input_pipeline.mirror_decision(tf.constant([shuffle_seed, row], tf.int64))):
+        expected = expected[:, ::-1]
+        mirrored += 1
+      np.testing.assert_array_equal(image, expected)
+  assert 0 < mirrored < len(data.train)
+
+
+def test_folder_accepts_what_the_decoder_reads(tmp_path):
+  write_folder(tmp_path)
+  rows = (tmp_path / 'train.csv').read_text().split('\n')
+  encoded, _ = CASES['one_bit_bmp']
+  (tmp_path / 'images' / 'train_1.bmp').write_bytes(encoded)
+  encoded, _ = CASES['rgb_webp']
+  (tmp_path / 'images' / 'train_2.webp').write_bytes(encoded)
+  rows[2] = 'images/train_1.bmp,cat'
+  rows[3] = 'images/train_2.webp,dog'
+  (tmp_path / 'train.csv').write_text('\n'.join(rows))
+  config = tiny_image_config(tmp_path)
+  data = input_pipeline.load(config)  # 'pil' reads both
+  assert len(data.train) + len(data.validation) == 24
+  assert folder.check_image(str(tmp_path / 'images' / 'train_1.bmp'), 'pil') is None
+  # TensorFlow's decoder reads neither: both are named when the data loads.
+  assert 'cannot be decoded' in folder.check_image(str(tmp_path / 'images' / 'train_1.bmp'),
+                                                   'tensorflow')
+  assert "format WEBP is not one of" in folder.check_image(
+      str(tmp_path / 'images' / 'train_2.webp'), 'tensorflow')
+  config.dataset.decoder = 'tensorflow'
+  with pytest.raises(ValueError, match='train_1.bmp.*train_2.webp'):
+    input_pipeline.load(config)
+
+
+def test_a_run_from_before_the_key_resumes_only_with_tensorflows_decoder(tmp_path):
+  config = tiny_image_config(tmp_path / 'data')
+  older = tiny_image_config(tmp_path / 'data')
+  del older.dataset['decoder']
+  checkpoints.write_config(str(tmp_path), older)
+  with pytest.raises(ValueError, match=r"dataset.decoder: '<absent>' in the workdir, 'pil' now"):
+    checkpoints.check_config(str(tmp_path), config)
+  config.dataset.decoder = 'tensorflow'
+  checkpoints.check_config(str(tmp_path), config)  # the same images as before: resumes
+
+
+def test_prediction_prepares_images_with_the_runs_decoder(tmp_path):
+  encoded, expected = CASES['cmyk_jpeg']
+  path = tmp_path / 'cmyk.jpg'
+  path.write_bytes(encoded)
+  image, error = predict.load_image(str(path), 30, 3, 'pil')
+  assert error is None
+  np.testing.assert_array_equal(image, expected[30])
+  image, error = predict.load_image(str(path), 30, 3, 'tensorflow')
+  assert error is None and image.shape == (30, 30, 3)
+  (tmp_path / 'bad.jpg').write_bytes(b'garbage')
+  for decoder in input_pipeline.DECODERS:
+    image, error = predict.load_image(str(tmp_path / 'bad.jpg'), 30, 3, decoder)
+    assert image is None and error.startswith('not a readable image'), error
