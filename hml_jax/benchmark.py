@@ -51,6 +51,19 @@ def define_flags():
   flags.mark_flags_as_required(['config'])
 
 
+def image_and_batch_sizes(image_size: str, batch_size: str):
+  """The scripts' --image_size=224,448 --batch_size=64,16 -> [(224, 64), (448, 16)]; one batch
+  size serves every image size. Raises ValueError naming both flags when the counts differ."""
+  image_sizes = [int(size) for size in image_size.split(',')]
+  batch_sizes = [int(size) for size in batch_size.split(',')]
+  if len(batch_sizes) == 1:
+    batch_sizes *= len(image_sizes)
+  if len(batch_sizes) != len(image_sizes):
+    raise ValueError(f'--batch_size={batch_size} gives {len(batch_sizes)} batch sizes for '
+                     f'{len(image_sizes)} image sizes (--image_size={image_size})')
+  return list(zip(image_sizes, batch_sizes))
+
+
 def write_photos(root, num_images, seed=0, num_test=1):
   """num_images smooth random 500x375 photos (gradients, blobs, a little noise; they compress
   like real ones, quality 90) as a folder dataset (hml_jax/datasets/folder.py): the last

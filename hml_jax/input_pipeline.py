@@ -13,8 +13,8 @@ full labels like the test split.
 Two ways to read examples, one interface (`Split.train_batches`, `Split.eval_batches`):
   - ArraySplit: small data held in memory (composite digits, features). The order of an epoch is
     a fresh NumPy permutation of (seed, epoch).
-  - ImageSplit: encoded images streamed by tf.data, decoded, resized (config.image_size),
-    flipped and batched in parallel. Shuffling, file order and flips are seeded by (seed, epoch),
+  - ImageSplit: encoded images streamed by tf.data, decoded and resized (config.image_size)
+    by config.dataset.decoder (DECODERS), flipped and batched in parallel. Shuffling, file order and flips are seeded by (seed, epoch),
     so a resumed run sees the batches an uninterrupted one would have seen.
 With several processes (hosts), an ArraySplit's every process draws the same global batch and
 keeps its rows; an ImageSplit's process reads only its own part of the files (`part_bounds`,

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from hml_jax import input_pipeline
+from hml_jax.benchmark import image_and_batch_sizes
 from hml_jax.benchmark import write_photos
 
 
@@ -77,13 +78,10 @@ def main():
                       help='comma-separated thread counts; default 1, 2, 4... up to the cores')
   parser.add_argument('--epochs', type=int, default=2, help='passes over the images per row')
   args = parser.parse_args()
-  image_sizes = [int(size) for size in args.image_size.split(',')]
-  batch_sizes = [int(size) for size in args.batch_size.split(',')]
-  if len(batch_sizes) == 1:
-    batch_sizes *= len(image_sizes)
-  if len(batch_sizes) != len(image_sizes):
-    parser.error(f'--batch_size={args.batch_size} gives {len(batch_sizes)} batch sizes for '
-                 f'{len(image_sizes)} image sizes (--image_size={args.image_size})')
+  try:
+    sizes = image_and_batch_sizes(args.image_size, args.batch_size)
+  except ValueError as error:
+    parser.error(str(error))
   cores = os.cpu_count() or 1
   if args.threads:
     thread_counts = [int(t) for t in args.threads.split(',')]
@@ -94,7 +92,7 @@ def main():
     encoded = [open(path, 'rb').read()
                for path in sorted(glob.glob(os.path.join(root, 'images', '*.jpg')))]
   mirror = np.arange(len(encoded)) % 2 == 1
-  for image_size, batch_size in zip(image_sizes, batch_sizes):
+  for image_size, batch_size in sizes:
     batches = [(np.array(encoded[i:i + batch_size], dtype=object), mirror[i:i + batch_size])
                for i in range(0, len(encoded) - batch_size + 1, batch_size)]
     print(f'{cores} CPU cores; {len(batches) * batch_size} JPEGs of 500x375 -> '

@@ -23,6 +23,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
 from hml_jax import input_pipeline
+from hml_jax.benchmark import image_and_batch_sizes
 from hml_jax.benchmark import write_photos
 
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
@@ -56,20 +57,17 @@ def main():
   parser.add_argument('--decoder', default=','.join(input_pipeline.DECODERS),
                       help='config.dataset.decoder values (input_pipeline.DECODERS)')
   args = parser.parse_args()
-  image_sizes = [int(size) for size in args.image_size.split(',')]
-  batch_sizes = [int(size) for size in args.batch_size.split(',')]
-  if len(batch_sizes) == 1:
-    batch_sizes *= len(image_sizes)
-  if len(batch_sizes) != len(image_sizes):
-    parser.error(f'--batch_size={args.batch_size} gives {len(batch_sizes)} batch sizes for '
-                 f'{len(image_sizes)} image sizes (--image_size={args.image_size})')
+  try:
+    sizes = image_and_batch_sizes(args.image_size, args.batch_size)
+  except ValueError as error:
+    parser.error(str(error))
   timed = list(range(2, 2 + 2 * args.epochs))  # epoch 1 warms up
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, args.num_images)  # once: writing 1,024 photos takes about 20 s
     config = folder_config.get_config()
     config.dataset.path = root
-    config.validation_fraction = 0.01
-    for image_size, batch_size in zip(image_sizes, batch_sizes):
+    config.validation_fraction = max(0.01, 1.5 / args.num_images)  # at least one image
+    for image_size, batch_size in sizes:
       config.image_size = image_size
       print(f'{os.cpu_count()} CPU cores; {args.num_images} JPEGs of 500x375 -> '
             f'{image_size}x{image_size}, batch {batch_size}')

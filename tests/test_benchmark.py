@@ -127,3 +127,16 @@ def test_decode_benchmark_runs_without_tensorflow(tmp_path):
           line.startswith('| 3 |')]
   assert len(rows) == 4 and all(float(row[2]) > 0 for row in rows)
   assert sum('holding the GIL: about' in line for line in lines) == 2
+
+
+def test_input_pipeline_benchmark_prints_a_row_per_decoder():
+  completed = subprocess.run(
+      [sys.executable, 'scripts/benchmark_input_pipeline.py', '--num_images=12', '--image_size=24',
+       '--batch_size=4', '--parallel_calls=1'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  rows = [line.split('|') for line in completed.stdout.splitlines() if line.startswith('| ') and
+          not line.startswith('| decoder')]
+  assert [row[1].strip() for row in rows] == ['pil', 'tensorflow']
+  assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)

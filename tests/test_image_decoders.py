@@ -92,29 +92,36 @@ def test_a_config_without_the_key_keeps_the_decoder_runs_had_then():
   assert input_pipeline.image_decoder(config) == 'tensorflow'
 
 
-@pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
-def test_streamed_batches_hold_the_decoders_images(tmp_path, decoder):
+def load_folder(tmp_path, decoder):
+  """(the written {split: [(filename, labels)]}, config, Data) of a small folder dataset."""
   written = write_folder(tmp_path)
   config = tiny_image_config(tmp_path)
   config.dataset.decoder = decoder
-  data = input_pipeline.load(config)
+  return written, config, input_pipeline.load(config)
+
+
+def expected_image(path, decoder):
+  """What `decoder` should make of the file at path at 32x32: torchvision's pixels for 'pil'."""
+  if decoder == 'pil':
+    return np.asarray(Image.open(path).convert('RGB').resize((32, 32), Image.BILINEAR))
+  with open(path, 'rb') as f:
+    return input_pipeline.decode_and_resize(tf.constant(f.read()), 32, decoder=decoder).numpy()
+
+
+@pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
+def test_eval_batches_hold_the_decoders_images_and_pad_the_last(tmp_path, decoder):
+  written, _, data = load_folder(tmp_path, decoder)
   assert data.test.decoder == decoder and data.train.decoder == decoder
-  batch = next(iter(data.test.eval_batches(8)))
-  for image, row in zip(batch['images'], batch['indices']):
-    with open(os.path.join(tmp_path, written['test'][row][0]), 'rb') as f:
-      encoded = f.read()
-    torchvision_output = np.asarray(
-        Image.open(os.path.join(tmp_path, written['test'][row][0])).convert('RGB').resize(
-            (32, 32), Image.BILINEAR))
-    if decoder == 'pil':
-      np.testing.assert_array_equal(image, torchvision_output)
-    else:
+  batches = list(data.test.eval_batches(3))  # 8 test images: 3 + 3 + 2, padded to 3
+  assert [int(batch['mask'].sum()) for batch in batches] == [3, 3, 2]
+  seen = []
+  for batch in batches:
+    assert batch['images'].shape == (3, 32, 32, 3) and batch['indices'].dtype == np.int32
+    for image, row in zip(batch['images'][batch['mask']], batch['indices'][batch['mask']]):
       np.testing.assert_array_equal(
-          image, input_pipeline.decode_and_resize(tf.constant(encoded), 32,
-                                                  decoder='tensorflow').numpy())
-  # Training batches: flipped or not, each image is its decoder's.
-  train_batch = next(iter(data.train.train_batches(4, seed=0, epoch=1, config=config)))
-  assert train_batch['images'].shape == (4, 32, 32, 3)
+          image, expected_image(os.path.join(tmp_path, written['test'][row][0]), decoder))
+      seen.append(int(row))
+  assert sorted(seen) == list(range(8))
 
 
 def test_both_decoders_flip_the_images_that_tensorflows_flip_would():
@@ -127,10 +134,7 @@ def test_both_decoders_flip_the_images_that_tensorflows_flip_would():
 
 @pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
 def test_training_batches_are_the_decoders_images_mirrored_by_the_seeded_rule(tmp_path, decoder):
-  written = write_folder(tmp_path)
-  config = tiny_image_config(tmp_path)
-  config.dataset.decoder = decoder
-  data = input_pipeline.load(config)
+  written, config, data = load_folder(tmp_path, decoder)
   paths = {}  # train split row -> file
   for index, row in enumerate(data.train.rows_of_index):
     if row >= 0:
@@ -139,9 +143,7 @@ def test_training_batches_are_the_decoders_images_mirrored_by_the_seeded_rule(tm
   mirrored = 0
   for batch in data.train.train_batches(4, seed=0, epoch=3, config=config):
     for image, row in zip(batch['images'], batch['indices']):
-      with open(paths[row], 'rb') as f:
-        expected = input_pipeline.decode_and_resize(tf.constant(f.read()), 32,
-                                                    decoder=decoder).numpy()
+      expected = expected_image(paths[row], decoder)
       if bool(input_pipeline.mirror_decision(tf.constant([shuffle_seed, row], tf.int64))):
         expected = expected[:, ::-1]
         mirrored += 1
