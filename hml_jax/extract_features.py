@@ -48,7 +48,7 @@ def official_splits(source, config):
                                       source.test_labels))
   common = dict(image_size=config.image_size, flip=False, shuffle_buffer=1,
                 parallel_calls=config.dataset.get('parallel_calls', input_pipeline.AUTOTUNE),
-                decoder=input_pipeline.image_decoder(config))
+                decoder=input_pipeline.image_decoder(config.dataset))
   return tuple(
       input_pipeline.ImageSplit(records, np.arange(len(labels)), labels, labels, **common)
       for records, labels in ((source.train_records, source.train_labels),
@@ -71,6 +71,9 @@ def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overri
   config.unlock()
   for override in dataset_overrides:
     key, _, value = override.partition('=')
+    if key == 'decoder':  # also for a run saved before the key existed
+      config.dataset[key] = input_pipeline.check_decoder(value)
+      continue
     if key not in config.dataset:
       raise ValueError(f'--dataset_override {override!r}: config.dataset has no key {key!r}; it '
                        f'has {sorted(config.dataset)}.')

@@ -14,8 +14,9 @@ Two ways to read examples, one interface (`Split.train_batches`, `Split.eval_bat
   - ArraySplit: small data held in memory (composite digits, features). The order of an epoch is
     a fresh NumPy permutation of (seed, epoch).
   - ImageSplit: encoded images streamed by tf.data, decoded and resized (config.image_size)
-    by config.dataset.decoder (DECODERS), flipped and batched in parallel. Shuffling, file order and flips are seeded by (seed, epoch),
-    so a resumed run sees the batches an uninterrupted one would have seen.
+    by config.dataset.decoder (DECODERS), flipped and batched in parallel. Shuffling, file
+    order and flips are seeded by (seed, epoch), so a resumed run sees the batches an
+    uninterrupted one would have seen.
 With several processes (hosts), an ArraySplit's every process draws the same global batch and
 keeps its rows; an ImageSplit's process reads only its own part of the files (`part_bounds`,
 `RecordReader`), and jax.make_array_from_process_local_data assembles the global batch.
@@ -236,15 +237,19 @@ def _process(process: Optional[Tuple[int, int]]) -> Tuple[int, int]:
 
 # How encoded images become (image_size, image_size, 3) uint8 arrays (config.dataset.decoder):
 #   'pil': PIL's decode and resize, exactly what Cole et al.'s loader and torchvision's
-#     Resize((size, size)) compute, and 2-3x faster per core than 'tensorflow'
+#     Resize((size, size)) compute, and 1.6-2.5x faster per core than 'tensorflow'
 #     (docs/performance_notes.md, "Input pipeline"). Runs as Python in tf.data's threads: PIL
-#     releases the GIL while it decodes and resizes, and holds it for about 0.1 ms per image.
+#     releases the GIL while it decodes and resizes, and holds it for 0.07-0.13 ms per image
+#     (uncontended; scripts/benchmark_decode.py).
 #   'tensorflow': tf.io.decode_image + tf.image.resize(antialias=True), in TensorFlow's C++
 #     threads (no GIL): slower per core, but free of the GIL's bound on a host with many cores
 #     per process. Its resize is within 1 grey level of PIL's; its JPEG decoder rounds
 #     differently (about 1 level on average). Runs made before this key existed used it.
 DECODERS = ('pil', 'tensorflow')
 DECODER_OF_OLDER_RUNS = 'tensorflow'
+# 16-bit images: PIL's convert('RGB') (and so torchvision's loader) clips them at 255; they are
+# scaled to 8 bits first, as TensorFlow's decoder does.
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
 
 def check_decoder(decoder: str) -> str:
@@ -253,16 +258,26 @@ def check_decoder(decoder: str) -> str:
   return decoder
 
 
+def image_decoder(dataset_config) -> str:
+  """config.dataset.decoder, checked; a config without the key (saved before it existed) means
+  the decoder that runs had then."""
+  return check_decoder(dataset_config.get('decoder', DECODER_OF_OLDER_RUNS))
+
+
 def decode_and_resize_with_pil(encoded: bytes, image_size: int, channels: int = 3) -> np.ndarray:
   """Encoded image bytes (any format PIL reads) -> (image_size, image_size, channels) uint8.
 
   Exactly torchvision's `Resize((image_size, image_size))(Image.open(f).convert('RGB'))`, Cole et
   al.'s preprocessing: PIL's bilinear filter, which widens with the scale factor when shrinking
-  (antialiasing). channels=1 converts to PIL's 'L' (ITU-R 601-2 luma) instead. Raises ValueError
-  for bytes that do not decode."""
+  (antialiasing). 16-bit images are scaled to 8 bits first (SIXTEEN_BIT_MODES). channels=1
+  converts to PIL's 'L' (ITU-R 601-2 luma) instead of 'RGB'. Raises ValueError for bytes that
+  do not decode."""
   mode = {1: 'L', 3: 'RGB'}[channels]
   try:
     with Image.open(io.BytesIO(encoded)) as image:
+      if image.mode in SIXTEEN_BIT_MODES:
+        sixteen_bit = np.asarray(image, np.float64)
+        image = Image.fromarray(np.round(sixteen_bit * (255.0 / 65535.0)).astype(np.uint8))
       if image.mode != mode:  # convert() copies even when the mode is already right
         image = image.convert(mode)
       image = image.resize((image_size, image_size), Image.BILINEAR)
@@ -272,12 +287,17 @@ def decode_and_resize_with_pil(encoded: bytes, image_size: int, channels: int = 
   return array[:, :, None] if channels == 1 else array
 
 
-def decode_batch_with_pil(encoded: np.ndarray, mirror: np.ndarray, image_size: int) -> np.ndarray:
-  """(B,) encoded images (bytes), (B,) bool -> (B, image_size, image_size, 3) uint8: each image
-  through decode_and_resize_with_pil, mirrored left-right where `mirror`."""
+def decode_batch_with_pil(encoded: np.ndarray, mirror: np.ndarray, rows: np.ndarray,
+                          image_size: int) -> np.ndarray:
+  """(B,) encoded images (bytes), (B,) bool, (B,) their rows in the split -> (B, image_size,
+  image_size, 3) uint8: each image through decode_and_resize_with_pil, mirrored left-right
+  where `mirror`. An image that does not decode raises ValueError naming its row."""
   images = np.empty((len(encoded), image_size, image_size, 3), np.uint8)
   for i, (image_bytes, mirrored) in enumerate(zip(encoded, mirror)):
-    image = decode_and_resize_with_pil(image_bytes, image_size)
+    try:
+      image = decode_and_resize_with_pil(image_bytes, image_size)
+    except ValueError as error:
+      raise ValueError(f'Image of row {rows[i]} of this split: {error}') from error
     images[i] = image[:, ::-1] if mirrored else image
   return images
 
@@ -290,19 +310,11 @@ def mirror_decision(seed):
   return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=1.0) < 0.5
 
 
-def decode_and_resize(encoded, image_size: int, channels: int = 3, decoder: str = 'pil'):
-  """Encoded image bytes (a scalar tf.string) -> (image_size, image_size, channels) uint8 tensor,
-  by config.dataset.decoder (DECODERS above). Both resize bilinearly with antialiasing and round
-  back to uint8 (normalization happens on the device)."""
+def decode_and_resize_with_tensorflow(encoded, image_size: int, channels: int = 3):
+  """Encoded JPEG/PNG/GIF/BMP bytes (a scalar tf.string) -> (image_size, image_size, channels)
+  uint8 tensor: TensorFlow's decoder and antialiased bilinear resize, rounded back to uint8
+  (normalization happens on the device)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if check_decoder(decoder) == 'pil':
-    def decode(encoded_bytes):
-      if not isinstance(encoded_bytes, bytes):  # bytes in tf.data; an array when called eagerly
-        encoded_bytes = encoded_bytes.item()
-      return decode_and_resize_with_pil(encoded_bytes, image_size, channels)
-    image = tf.numpy_function(decode, [encoded], tf.uint8, stateful=False)
-    image.set_shape((image_size, image_size, channels))
-    return image
   image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
   image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
@@ -322,8 +334,7 @@ class ImageSplit(Split):
 
   def __init__(self, records: RecordReader, rows_of_index: np.ndarray, labels: np.ndarray,
                observed: np.ndarray, image_size: int, flip: bool, shuffle_buffer: int,
-               parallel_calls: int = AUTOTUNE, exact_shuffle: bool = False,
-               decoder: str = 'pil'):
+               decoder: str, parallel_calls: int = AUTOTUNE, exact_shuffle: bool = False):
     self.records, self.rows_of_index = records, rows_of_index.astype(np.int64)
     self.decoder = check_decoder(decoder)
     self.labels, self.observed = labels, observed
@@ -391,16 +402,17 @@ class ImageSplit(Split):
     all, the last one partial.
 
     'tensorflow' decodes image by image, then batches. 'pil' batches the encoded images and
-    decodes each batch in one Python call: a tf.numpy_function call costs about 0.1 ms, which per
-    image would come out of one core's worth of GIL shared by all of this process's threads."""
+    decodes each batch in one Python call: a tf.numpy_function call costs about 0.15 ms, which
+    per image would come out of one core's worth of GIL shared by all of this process's
+    threads. parallel_calls counts batches in flight then, not images."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    image_size, decoder = self.image_size, self.decoder
+    image_size = self.image_size
     full_batches = num_batches is not None
     # Parallel, but deterministic: the batch order must not depend on thread timing.
     parallel = dict(num_parallel_calls=self.parallel_calls, deterministic=True)
-    if decoder == 'tensorflow':
+    if self.decoder == 'tensorflow':
       def decode(record):
-        image = decode_and_resize(record['image'], image_size, decoder=decoder)
+        image = decode_and_resize_with_tensorflow(record['image'], image_size)
         image = tf.cond(record['mirror'], lambda: tf.reverse(image, [1]), lambda: image)
         return {'images': image, 'indices': tf.cast(record['row'], tf.int32)}
       batches = records.map(decode, **parallel).batch(batch_size, drop_remainder=full_batches)
@@ -408,8 +420,8 @@ class ImageSplit(Split):
 
     def decode_batch(batch):
       images = tf.numpy_function(
-          lambda encoded, mirror: decode_batch_with_pil(encoded, mirror, image_size),
-          [batch['image'], batch['mirror']], tf.uint8, stateful=False)
+          lambda encoded, mirror, rows: decode_batch_with_pil(encoded, mirror, rows, image_size),
+          [batch['image'], batch['mirror'], batch['row']], tf.uint8, stateful=False)
       images.set_shape((batch_size if full_batches else None, image_size, image_size, 3))
       return {'images': images, 'indices': tf.cast(batch['row'], tf.int32)}
     batches = records.batch(batch_size, drop_remainder=full_batches)
@@ -464,12 +476,6 @@ class Source:
 
 # The TFDS builders of hml_jax/datasets: prepared offline (generated or from manual_dir files).
 OUR_BUILDERS = ('composite_digits', 'hml_voc2012', 'hml_coco2014', 'hml_cub', 'hml_nus_wide')
-
-
-def image_decoder(config) -> str:
-  """config.dataset.decoder; a config without the key (saved before it existed) means the
-  decoder that runs had then."""
-  return check_decoder(config.dataset.get('decoder', DECODER_OF_OLDER_RUNS))
 
 
 def load_tfds_builder(dataset_config):
@@ -689,7 +695,7 @@ def apply_protocol(source: Source, config) -> Data:
     dataset = config.dataset
     common = dict(image_size=config.image_size, shuffle_buffer=dataset.get('shuffle_buffer', 10000),
                   parallel_calls=dataset.get('parallel_calls', AUTOTUNE),
-                  exact_shuffle=source.exact_shuffle, decoder=image_decoder(config))
+                  exact_shuffle=source.exact_shuffle, decoder=image_decoder(dataset))
     num_official = len(train_labels)
     train = ImageSplit(source.train_records, _rows_of_index(num_official, train_rows),
                        train_labels[train_rows], observed[train_rows],

@@ -54,22 +54,24 @@ def list_files(paths):
 def load_image(path, image_size, channels, decoder):
   """(image uint8 (size, size, channels), None) or (None, why it cannot be read); decoder: the
   run's config.dataset.decoder, so that images are prepared as in training."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     with open(path, 'rb') as f:
       encoded = f.read()
-    if decoder == 'pil':
-      return input_pipeline.decode_and_resize_with_pil(encoded, image_size, channels), None
-    return np.asarray(input_pipeline.decode_and_resize(encoded, image_size, channels,
-                                                       decoder)), None
   except FileNotFoundError:
     return None, 'no such file'
   except IsADirectoryError:
     return None, 'is a directory'
+  if decoder == 'pil':
+    try:
+      return input_pipeline.decode_and_resize_with_pil(encoded, image_size, channels), None
+    except ValueError as error:  # 'not a readable image (...)'
+      return None, str(error)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    return np.asarray(input_pipeline.decode_and_resize_with_tensorflow(
+        encoded, image_size, channels)), None
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError) as error:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if message.startswith('not a readable image'):  # decode_and_resize_with_pil's own words
-      return None, message
     return None, f'not a readable image ({message})'
 
 
@@ -82,7 +84,7 @@ class Predictor:
     self.config, self.method, self.state = train.load_trained_state(workdir, which, self.mesh)
     info = checkpoints.read_dataset_info(workdir)
     self.label_names = info['label_names']
-    self.decoder = input_pipeline.image_decoder(self.config)
+    self.decoder = input_pipeline.image_decoder(self.config.dataset)
     self.example_shape = tuple(info['example_shape'])
     if len(self.example_shape) != 3:
       raise ValueError(f'{workdir} was trained on features (input shape {self.example_shape}), '

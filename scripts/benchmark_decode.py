@@ -7,7 +7,8 @@ The streamed pipeline's costly stage is decoding and resizing (README "The input
 with config.dataset.decoder='pil', tf.data's threads each run input_pipeline.decode_batch_with_pil
 on a batch of encoded images. This runs that same function on a thread pool, over --num_images
 synthetic photos (500x375 JPEGs, quality 90) held in memory, half of them mirrored, and prints
-images/s per thread count next to the ideal (one thread's rate times min(threads, cores)): where
+images/s per thread count next to the ideal (the first row's rate per thread, times
+min(threads, cores); the first row is one thread unless --threads says otherwise): where
 the two part, the GIL (which PIL releases only while it decodes and resizes) or the cores bound
 the stage. Last, the time per image that the stage spends in Python, holding the GIL (the same
 calls on an 8x8 JPEG, and the copy of the result out of PIL): its inverse bounds what one process
@@ -33,7 +34,7 @@ from hml_jax.benchmark import write_photos
 
 def decode_rate(batches, image_size, num_threads, epochs):
   """Images/s decoding every batch `epochs` times over, num_threads batches at a time."""
-  count = sum(len(encoded) for encoded, _ in batches) * epochs
+  count = sum(len(batch[0]) for batch in batches) * epochs
   with futures.ThreadPoolExecutor(num_threads) as pool:
     list(pool.map(lambda batch: input_pipeline.decode_batch_with_pil(*batch, image_size),
                   batches[:num_threads]))  # warm-up: threads started, caches filled
@@ -54,7 +55,7 @@ def python_seconds_per_image(image_size: int, repeats: int = 2000) -> float:
   buffer = io.BytesIO()
   Image.new('RGB', (8, 8), (90, 120, 200)).save(buffer, format='JPEG')
   tiny = np.array([buffer.getvalue()] * 16, dtype=object)
-  mirror = np.arange(16) % 2 == 1
+  mirror, rows = np.arange(16) % 2 == 1, np.arange(16)
   result = Image.new('RGB', (image_size, image_size), (90, 120, 200))
 
   def timed(function, count):
@@ -64,7 +65,8 @@ def python_seconds_per_image(image_size: int, repeats: int = 2000) -> float:
       function()
     return (time.perf_counter() - start) / count
 
-  calls = timed(lambda: input_pipeline.decode_batch_with_pil(tiny, mirror, 8), repeats // 16) / 16
+  calls = timed(lambda: input_pipeline.decode_batch_with_pil(tiny, mirror, rows, 8),
+                repeats // 16) / 16
   return calls + timed(lambda: np.asarray(result), repeats // 4)
 
 
@@ -93,11 +95,13 @@ def main():
                for path in sorted(glob.glob(os.path.join(root, 'images', '*.jpg')))]
   mirror = np.arange(len(encoded)) % 2 == 1
   for image_size, batch_size in sizes:
-    batches = [(np.array(encoded[i:i + batch_size], dtype=object), mirror[i:i + batch_size])
+    batches = [(np.array(encoded[i:i + batch_size], dtype=object), mirror[i:i + batch_size],
+                np.arange(i, i + batch_size))
                for i in range(0, len(encoded) - batch_size + 1, batch_size)]
     print(f'{cores} CPU cores; {len(batches) * batch_size} JPEGs of 500x375 -> '
           f'{image_size}x{image_size}, batches of {batch_size}, decode_batch_with_pil')
-    print('| threads | images/s | ideal (1 thread x min(threads, cores)) | share of ideal |')
+    print('| threads | images/s | ideal (first row per thread x min(threads, cores)) '
+          '| share of ideal |')
     print('|---|---|---|---|')
     one_thread = None
     for num_threads in thread_counts:

@@ -128,6 +128,14 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
   arrays = extract_features.extract_to_file(str(workdir), str(tmp_path / 'features.npz'))
   assert arrays['train_features'].shape == (24, 16) and arrays['test_features'].shape == (8, 16)
   assert np.all(np.isfinite(arrays['train_features']))
+  # Another decoder (also for a run saved before config.dataset.decoder existed): other pixels.
+  other = extract_features.extract_to_file(str(workdir), str(tmp_path / 'tensorflow.npz'),
+                                           dataset_overrides=('decoder=tensorflow',))
+  assert other['train_features'].shape == arrays['train_features'].shape
+  assert not np.array_equal(other['train_features'], arrays['train_features'])
+  with pytest.raises(ValueError, match="config.dataset.decoder='opencv'"):
+    extract_features.extract_to_file(str(workdir), str(tmp_path / 'x.npz'),
+                                     dataset_overrides=('decoder=opencv',))
   written = {split: [labels for _, labels in rows]
              for split, rows in write_folder(tmp_path / 'again').items()}
   np.testing.assert_array_equal(arrays['train_labels'],

@@ -42,10 +42,12 @@ def test_pil_decoder_is_torchvisions_resize_exactly(name):
   for size, torchvision_output in expected.items():
     np.testing.assert_array_equal(
         input_pipeline.decode_and_resize_with_pil(encoded, size), torchvision_output)
-    # The same function as a tf.data / graph op.
-    np.testing.assert_array_equal(
-        input_pipeline.decode_and_resize(tf.constant(encoded), size, decoder='pil').numpy(),
-        torchvision_output)
+    # Through the batch function that tf.data's threads call, mirrored or not.
+    batch = input_pipeline.decode_batch_with_pil(
+        np.array([encoded, encoded], dtype=object), np.array([False, True]), np.array([0, 1]),
+        size)
+    np.testing.assert_array_equal(batch[0], torchvision_output)
+    np.testing.assert_array_equal(batch[1], torchvision_output[:, ::-1])
 
 
 @pytest.mark.parametrize('name', ['rgb_jpeg', 'gray_jpeg', 'cmyk_jpeg', 'rgb_png', 'rgba_png',
@@ -53,7 +55,7 @@ def test_pil_decoder_is_torchvisions_resize_exactly(name):
 def test_tensorflow_decoder_is_close_to_torchvision(name):
   encoded, expected = CASES[name]
   for size, torchvision_output in expected.items():
-    image = input_pipeline.decode_and_resize(tf.constant(encoded), size, decoder='tensorflow')
+    image = input_pipeline.decode_and_resize_with_tensorflow(tf.constant(encoded), size)
     difference = np.abs(image.numpy().astype(int) - torchvision_output.astype(int))
     if name.endswith('jpeg'):
       # TensorFlow's JPEG decoder rounds differently from PIL's (measured: 0.65-1.08 grey levels
@@ -61,6 +63,19 @@ def test_tensorflow_decoder_is_close_to_torchvision(name):
       assert difference.mean() < 1.5 and difference.max() <= 6, (size, difference)
     else:
       assert difference.max() <= 1, (size, difference.max())
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_as_tensorflow_does():
+  """PIL's convert('RGB') would clip a 16-bit PNG at 255 (nearly white)."""
+  gradient = np.round(np.linspace(0, 65535, 25 * 35)).astype(np.uint16).reshape(25, 35)
+  buffer = io.BytesIO()
+  Image.fromarray(gradient).save(buffer, format='PNG')
+  encoded = buffer.getvalue()
+  assert Image.open(io.BytesIO(encoded)).mode in input_pipeline.SIXTEEN_BIT_MODES
+  image = input_pipeline.decode_and_resize_with_pil(encoded, 16)
+  reference = input_pipeline.decode_and_resize_with_tensorflow(tf.constant(encoded), 16).numpy()
+  assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
+  assert 100 < image.mean() < 155  # a gradient from black to white, not white
 
 
 def test_grayscale_output_for_one_channel_models():
@@ -71,25 +86,38 @@ def test_grayscale_output_for_one_channel_models():
   np.testing.assert_array_equal(image[:, :, 0], np.asarray(reference))
 
 
-def test_unreadable_bytes_and_unknown_decoder_are_named():
+def test_unreadable_bytes_and_unknown_decoder_are_named(tmp_path):
   with pytest.raises(ValueError, match='not a readable image'):
     input_pipeline.decode_and_resize_with_pil(b'\xff\xd8\xff\xe0 not a jpeg', 16)
   encoded, _ = CASES['rgb_jpeg']
   with pytest.raises(ValueError, match='not a readable image'):
     input_pipeline.decode_and_resize_with_pil(encoded[:len(encoded) // 2], 16)  # truncated
   with pytest.raises(ValueError, match=r"config.dataset.decoder='opencv' is not one of"):
-    input_pipeline.decode_and_resize(tf.constant(encoded), 16, decoder='opencv')
-  config = tiny_image_config('/nonexistent')
+    input_pipeline.check_decoder('opencv')
+  write_folder(tmp_path)
+  config = tiny_image_config(tmp_path)
   config.dataset.decoder = 'PIL'
   with pytest.raises(ValueError, match=r"config.dataset.decoder='PIL'"):
-    input_pipeline.image_decoder(config)
+    input_pipeline.image_decoder(config.dataset)
+  with pytest.raises(ValueError, match=r"config.dataset.decoder='PIL'"):
+    input_pipeline.load(config)
+
+
+@pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
+def test_an_image_that_breaks_after_loading_stops_the_pipeline_with_its_row(tmp_path, decoder):
+  written, _, data = load_folder(tmp_path, decoder)
+  (tmp_path / written['test'][5][0]).write_bytes(b'garbage')  # after the load-time check
+  expected = (r'Image of row 5 of this split: not a readable image' if decoder == 'pil'
+              else 'Unknown image file format')  # TensorFlow's words: no row
+  with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
+    list(data.test.eval_batches(4))
 
 
 def test_a_config_without_the_key_keeps_the_decoder_runs_had_then():
   config = tiny_image_config('/nonexistent')
-  assert input_pipeline.image_decoder(config) == 'pil'  # configs/paper.py
+  assert input_pipeline.image_decoder(config.dataset) == 'pil'  # configs/paper.py
   del config.dataset['decoder']
-  assert input_pipeline.image_decoder(config) == 'tensorflow'
+  assert input_pipeline.image_decoder(config.dataset) == 'tensorflow'
 
 
 def load_folder(tmp_path, decoder):
@@ -105,7 +133,7 @@ def expected_image(path, decoder):
   if decoder == 'pil':
     return np.asarray(Image.open(path).convert('RGB').resize((32, 32), Image.BILINEAR))
   with open(path, 'rb') as f:
-    return input_pipeline.decode_and_resize(tf.constant(f.read()), 32, decoder=decoder).numpy()
+    return input_pipeline.decode_and_resize_with_tensorflow(tf.constant(f.read()), 32).numpy()
 
 
 @pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
@@ -149,6 +177,27 @@ def test_training_batches_are_the_decoders_images_mirrored_by_the_seeded_rule(tm
         mirrored += 1
       np.testing.assert_array_equal(image, expected)
   assert 0 < mirrored < len(data.train)
+
+
+def test_both_decoders_give_the_same_batches_of_the_same_images(tmp_path):
+  _, config, data = load_folder(tmp_path, 'pil')
+  config.dataset.decoder = 'tensorflow'
+  other = input_pipeline.load(config)
+  for split, other_split in ((data.train, other.train), (data.test, other.test)):
+    if split is data.train:
+      batches = list(split.train_batches(4, seed=0, epoch=2, config=config, start_step=1))
+      other_batches = list(other_split.train_batches(4, seed=0, epoch=2, config=config,
+                                                     start_step=1))
+    else:
+      batches, other_batches = list(split.eval_batches(3)), list(other_split.eval_batches(3))
+    assert len(batches) == len(other_batches) > 1
+    for batch, other_batch in zip(batches, other_batches):
+      assert set(batch) == set(other_batch)
+      for key in batch:
+        if key != 'images':
+          np.testing.assert_array_equal(batch[key], other_batch[key])
+      difference = np.abs(batch['images'].astype(int) - other_batch['images'].astype(int))
+      assert difference.mean() < 2  # the same images, flipped alike: JPEG rounding only
 
 
 def test_folder_accepts_what_the_decoder_reads(tmp_path):

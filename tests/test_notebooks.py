@@ -2,6 +2,7 @@
 the committed notebooks carry no outputs."""
 import glob
 import os
+import re
 import shutil
 
 import nbformat
@@ -10,6 +11,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(name for name in os.listdir(os.path.join(ROOT, 'notebooks'))
                    if name.endswith('.ipynb'))
+
+
+def tiny_run_directories(notebook):
+  """The existing directories of the notebook's tiny runs: its `'runs/NAME' + ('_tiny' ...`
+  workdirs, with any `{expression}` in NAME matched by a glob."""
+  source = '\n'.join(cell.source for cell in notebook.cells if cell.cell_type == 'code')
+  names = re.findall(r"'runs/(notebook_[^']*)' \+ \('_tiny'", source)
+  assert names, 'the notebook names no tiny run: update this test'
+  return [path for name in names
+          for path in glob.glob(os.path.join(ROOT, 'runs', re.sub(r'{[^}]*}', '*', name) + '_tiny'))
+          if os.path.isdir(path)]
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
@@ -22,9 +34,9 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   # Run from notebooks/, as Jupyter does; the setup cell moves to the repository root, and the
-  # tiny runs go to runs/notebook_*_tiny. Those of an earlier test session go first: a notebook
-  # would resume them (a finished run trains nothing; one of an older version is refused).
-  for stale in glob.glob(os.path.join(ROOT, 'runs', 'notebook_*_tiny')):
+  # tiny runs go to runs/<name>_tiny. This notebook's runs of an earlier test session go first:
+  # it would resume them (a finished run trains nothing; one of an older version is refused).
+  for stale in tiny_run_directories(notebook):
     shutil.rmtree(stale)
   client = NotebookClient(notebook, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}})

@@ -145,9 +145,11 @@ def test_tfds_processes_read_disjoint_slices_from_their_own_files(sharded_dir, c
     assert sorted(seen) == list(range(num_records))  # disjoint and covering
 
 
-@pytest.mark.parametrize('count', [2, 3])
-def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_dir, count):
+@pytest.mark.parametrize('count,decoder', [(2, 'tensorflow'), (3, 'tensorflow'), (3, 'pil')])
+def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_dir, count,
+                                                                      decoder):
   config = streamed_config(sharded_dir)
+  config.dataset.decoder = decoder
   data = input_pipeline.load(config)
   batch_size = 6 * count  # local batches of 6
   sizes = data.train.part_sizes(count)

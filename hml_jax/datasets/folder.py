@@ -78,7 +78,7 @@ def read_csv(path: str) -> Tuple[List[str], List[List[str]]]:
   return filenames, labels
 
 
-def check_image(path: str, decoder: str = 'pil') -> Optional[str]:
+def check_image(path: str, decoder: str) -> Optional[str]:
   """None if the image at path decodes with config.dataset.decoder, else why not. JPEGs decode
   at reduced size (draft), so this costs a fraction of a full decode."""
   try:
@@ -142,8 +142,7 @@ def read_folder(dataset_config):
     raise FileNotFoundError(f'Dataset folder {root} (config.dataset.path) does not exist.')
   skip_corrupt = dataset_config.get('skip_corrupt', False)
   from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  decoder = input_pipeline.check_decoder(
-      dataset_config.get('decoder', input_pipeline.DECODER_OF_OLDER_RUNS))
+  decoder = input_pipeline.image_decoder(dataset_config)
   splits = {}
   train_csv = os.path.join(root, 'train.csv')
   test_csv = os.path.join(root, 'test.csv')
