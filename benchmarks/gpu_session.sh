@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The README's whole GPU check in one command, for a lent GPU whose time is short:
 #
-#   bash benchmarks/gpu_session.sh OUT_DIR [SECONDS]
+#   bash benchmarks/gpu_session.sh OUT_DIR [SECONDS] [all|input]
 #
+# 'input' runs steps 1 and 3 only (about 2-5 minutes): the train step and PyTorch were measured
+# on an H200 already (benchmarks/results/2026-11-28-h200/), the input pipeline not yet.
 # 1. The card, the CPU count and the versions, to OUT_DIR/machine.txt.
 # 2. A smoke run of hml_jax's train step at 64x64: if the environment is broken (a missing package,
 #    an API that changed), this stops here within a minute instead of spending the lease.
@@ -17,8 +19,11 @@
 # pillow; TensorFlow only for the second half of step 3. Errors of steps 2 and 3 go to
 # OUT_DIR/session.log.
 set -u
-out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS]}
+usage='usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS] [all|input]'
+out=${1:?$usage}
 budget=${2:-540}
+parts=${3:-all}
+[[ $parts == all || $parts == input ]] || { echo "$usage" >&2; exit 2; }
 mkdir -p "$out"
 out=$(cd "$out" && pwd) || exit  # absolute, before moving to the repository root
 cd "$(dirname "$0")/.." || exit
@@ -31,14 +36,15 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # script
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
       "orbax", orbax.checkpoint.__version__, "torch", torch.__version__, jax.devices())'
 } 2>&1 | tee "$out/machine.txt"
-if ! python3 -m hml_jax.benchmark --config=configs/voc.py --config.image_size=64 \
-    --config.batch_size=8 --config.eval_batch_size=8 --config.half_precision=True --steps=3 \
-    --input_images=0 >"$out/smoke.json" 2>"$out/session.log"; then
+if [[ $parts == all ]] && ! python3 -m hml_jax.benchmark --config=configs/voc.py \
+    --config.image_size=64 --config.batch_size=8 --config.eval_batch_size=8 \
+    --config.half_precision=True --steps=3 --input_images=0 \
+    >"$out/smoke.json" 2>"$out/session.log"; then
   tail -n 60 "$out/session.log"
   echo "gpu_session: the smoke run failed; nothing else was run" >&2
   exit 3
 fi
-cat "$out/smoke.json"
+[[ $parts == all ]] && cat "$out/smoke.json"
 timeout 120 python3 scripts/benchmark_decode.py --image_size=224,448 --batch_size=64,16 \
   --num_images=1024 2>>"$out/session.log" | tee "$out/decode.md"
 if python3 -c 'import tensorflow' 2>/dev/null; then
@@ -50,6 +56,7 @@ else
   echo 'No TensorFlow on this machine: the input pipeline was not measured.' \
     | tee "$out/input_pipeline.md"
 fi
+[[ $parts == input ]] && exit 0
 left=$((budget - SECONDS))
 ((left > 0)) || left=1  # 0 would mean no deadline: side_by_side then starts nothing
 python3 benchmarks/side_by_side.py --device=gpu --out="$out" --deadline_seconds="$left"
