@@ -35,14 +35,15 @@ from hml_jax.benchmark import write_photos
 def decode_rate(batches, image_size, num_threads, epochs):
   """Images/s decoding every batch `epochs` times over, num_threads batches at a time."""
   count = sum(len(batch[0]) for batch in batches) * epochs
+
+  def decode(batch):  # (encoded, mirror, rows)
+    return input_pipeline.decode_batch_with_pil(*batch, image_size)
+
   with futures.ThreadPoolExecutor(num_threads) as pool:
-    list(pool.map(lambda batch: input_pipeline.decode_batch_with_pil(*batch, image_size),
-                  batches[:num_threads]))  # warm-up: threads started, caches filled
+    list(pool.map(decode, batches[:num_threads]))  # warm-up: threads started, caches filled
     start = time.perf_counter()
     for _ in range(epochs):
-      for images in pool.map(lambda batch: input_pipeline.decode_batch_with_pil(*batch,
-                                                                               image_size),
-                             batches):
+      for images in pool.map(decode, batches):
         assert images.shape[1:] == (image_size, image_size, 3)
     return count / (time.perf_counter() - start)
 
