@@ -47,7 +47,8 @@ def define_flags():
   flags.DEFINE_integer('steps', 20, 'Timed train steps (after 2 warm-up steps); 0: compile and '
                        'report memory only.')
   flags.DEFINE_integer('num_labels', 20, 'Labels of the synthetic data.')
-  flags.DEFINE_integer('input_images', 256, 'JPEGs for the input pipeline measurement (0: skip).')
+  flags.DEFINE_integer('input_images', 256, 'JPEGs for the input pipeline measurement (0: skip; '
+                       f'else at least {MIN_PHOTOS}).')
   flags.mark_flags_as_required(['config'])
 
 
@@ -92,28 +93,51 @@ def write_photos(root, num_images, seed=0, num_test=1):
   return root
 
 
+# write_photos' photos for a pipeline measurement: one test, one validation, one training photo.
+MIN_PHOTOS = 3
+
+
+def photo_folder_config(root, num_images, image_size, decoder=None, parallel_calls=-1):
+  """configs/folder.py over write_photos(root, num_images)'s photos at image_size, one of its
+  training photos held out for validation; decoder None: the folder config's default."""
+  from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
+  config = folder_config.get_config()
+  config.dataset.path = root
+  # write_photos puts num_images - 1 photos in train.csv: this fraction of them is one photo.
+  config.validation_fraction = 1.0 / (num_images - 1)
+  config.image_size = image_size
+  config.dataset.parallel_calls = parallel_calls
+  if decoder is not None:
+    config.dataset.decoder = decoder
+  return config
+
+
+def epoch_images_per_sec(split, batch_size, epochs, transform=None) -> float:
+  """Images/s of split.train_batches over the given training epochs, one after the other;
+  transform(images) is applied to each batch's images, inside the timing."""
+  start, count = time.perf_counter(), 0
+  for epoch in epochs:
+    for batch in split.train_batches(batch_size, seed=0, epoch=epoch, config=None):
+      images = batch['images'] if transform is None else transform(batch['images'])
+      count += len(images)
+  return count / (time.perf_counter() - start)
+
+
 def input_pipeline_rate(config, num_images, batch_size):
   """Images/s of input_pipeline.ImageSplit (read, decode, resize, flip, batch) over one epoch of
-  num_images JPEGs, after a warm-up epoch."""
-  from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
+  num_images JPEGs, after a warm-up epoch, with the config's image size, parallel_calls and
+  decoder (a config without image data, the digits, gets the folder config's decoder)."""
+  if num_images < MIN_PHOTOS:
+    raise ValueError(f'input_images={num_images}: the input pipeline needs at least '
+                     f'{MIN_PHOTOS} photos (one test, one validation, one training), or 0 to skip')
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, num_images)
-    data_config = folder_config.get_config()
-    data_config.dataset.path = root
-    data_config.validation_fraction = 1.0 / (num_images - 1)  # one validation image
-    data_config.image_size = config.image_size
-    data_config.dataset.parallel_calls = config.dataset.get('parallel_calls', -1)
-    # The config's decoder; a config without image data (the digits) gets the folder default.
-    data_config.dataset.decoder = config.dataset.get('decoder', data_config.dataset.decoder)
-    split = input_pipeline.load(data_config).train
+    split = input_pipeline.load(photo_folder_config(
+        root, num_images, config.image_size, config.dataset.get('decoder'),
+        config.dataset.get('parallel_calls', -1))).train
     batch_size = min(batch_size, len(split))
-    rates = []
-    for epoch in (1, 2):
-      start, count = time.perf_counter(), 0
-      for batch in split.train_batches(batch_size, seed=0, epoch=epoch, config=None):
-        count += len(batch['images'])
-      rates.append(count / (time.perf_counter() - start))
-    return rates[-1]
+    epoch_images_per_sec(split, batch_size, [1])  # warm-up: tf.data graph, file cache
+    return epoch_images_per_sec(split, batch_size, [2])
 
 
 def xla_flops(stage) -> float:

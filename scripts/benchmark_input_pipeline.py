@@ -15,31 +15,25 @@ to show what moving it to the host would cost. Numbers are side by side from one
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
-from hml_jax import input_pipeline
+from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from hml_jax.benchmark import epoch_images_per_sec
 from hml_jax.benchmark import image_and_batch_sizes
+from hml_jax.benchmark import MIN_PHOTOS
+from hml_jax.benchmark import photo_folder_config
 from hml_jax.benchmark import write_photos
 
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 
 
-def time_epochs(split, batch_size, epochs, normalize_on_host=False):
-  """Images/s over the given training epochs, one after the other."""
-  start, count = time.perf_counter(), 0
-  for epoch in epochs:
-    for batch in split.train_batches(batch_size, seed=0, epoch=epoch, config=None):
-      images = batch['images']
-      if normalize_on_host:
-        images = (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-      count += len(images)
-  return count / (time.perf_counter() - start)
+def normalized_on_host(images):
+  """What our pipeline leaves to the accelerator: uint8 -> float32, ImageNet mean and std."""
+  return (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def main():
@@ -61,26 +55,25 @@ def main():
     sizes = image_and_batch_sizes(args.image_size, args.batch_size)
   except ValueError as error:
     parser.error(str(error))
+  if args.num_images < MIN_PHOTOS:
+    parser.error(f'--num_images={args.num_images}: at least {MIN_PHOTOS} (one test, one '
+                 'validation and one training photo)')
   timed = list(range(2, 2 + 2 * args.epochs))  # epoch 1 warms up
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, args.num_images)  # once: writing 1,024 photos takes about 20 s
-    config = folder_config.get_config()
-    config.dataset.path = root
-    config.validation_fraction = max(0.01, 1.5 / args.num_images)  # at least one image
     for image_size, batch_size in sizes:
-      config.image_size = image_size
       print(f'{os.cpu_count()} CPU cores; {args.num_images} JPEGs of 500x375 -> '
             f'{image_size}x{image_size}, batch {batch_size}')
       print('| decoder | parallel_calls | images/s (uint8 out, as trained) | + normalize on host |')
       print('|---|---|---|---|')
       for decoder in args.decoder.split(','):
-        config.dataset.decoder = decoder
         for parallel_calls in [int(p) for p in args.parallel_calls.split(',')]:
-          config.dataset.parallel_calls = parallel_calls
-          split = input_pipeline.load(config).train
-          time_epochs(split, batch_size, [1])  # warm-up: tf.data graph, file cache
-          plain = time_epochs(split, batch_size, timed[:args.epochs])
-          normalized = time_epochs(split, batch_size, timed[args.epochs:], normalize_on_host=True)
+          split = input_pipeline.load(photo_folder_config(
+              root, args.num_images, image_size, decoder, parallel_calls)).train
+          epoch_images_per_sec(split, batch_size, [1])  # warm-up: tf.data graph, file cache
+          plain = epoch_images_per_sec(split, batch_size, timed[:args.epochs])
+          normalized = epoch_images_per_sec(split, batch_size, timed[args.epochs:],
+                                            transform=normalized_on_host)
           label = 'AUTOTUNE' if parallel_calls == -1 else parallel_calls
           print(f'| {decoder} | {label} | {plain:.0f} | {normalized:.0f} |', flush=True)
 

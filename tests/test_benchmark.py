@@ -140,3 +140,21 @@ def test_input_pipeline_benchmark_prints_a_row_per_decoder():
           not line.startswith('| decoder')]
   assert [row[1].strip() for row in rows] == ['pil', 'tensorflow']
   assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
+
+
+def test_photo_folder_holds_out_one_validation_photo(tmp_path):
+  """The pipeline benchmarks' dataset: num_images photos, one for test, one for validation, the
+  rest timed; the config's decoder and parallel_calls reach the split. Too few photos is an
+  error naming the count."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from hml_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  benchmark.write_photos(str(tmp_path), 6)
+  config = benchmark.photo_folder_config(str(tmp_path), 6, 24, decoder='tensorflow',
+                                         parallel_calls=1)
+  data = input_pipeline.load(config)
+  assert (len(data.train), len(data.validation), len(data.test)) == (4, 1, 1)
+  assert data.train.decoder == 'tensorflow' and data.train.parallel_calls == 1
+  assert benchmark.epoch_images_per_sec(data.train, 3, [1], transform=lambda x: x[:1]) > 0
+  with pytest.raises(ValueError, match='input_images=2: .* at least 3'):
+    benchmark.input_pipeline_rate(config, 2, 4)
