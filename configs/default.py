@@ -56,9 +56,11 @@ def get_config():
   config.delta_rel = -1.0
   config.role_lr_mult = 10.0      # role: the label estimator's learning rate multiplier (Cole et al.)
 
-  # 'full', 'partial' (config.positive_fraction of each image's positives) or 'single_positive'.
+  # 'full'; 'partial_positive' (the paper's partial positive labels, Sec. 4.3 / Fig. 4:
+  # config.positive_fraction of all positives of the split, so images may keep none); 'partial'
+  # (that fraction of each image's positives, at least one per image); 'single_positive'.
   config.label_scenario = 'single_positive'
-  config.positive_fraction = 0.5
+  config.positive_fraction = 0.5  # for the two partial scenarios (Fig. 4 varies it)
   config.label_seed = 1200         # Cole et al. (CVPR 2021), generate_observed_labels.py
   config.validation_fraction = 0.2  # Cole et al.: 20% of the official train split
   config.validation_seed = 1200     # Cole et al.

@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+# Largest |m| for which cos_with_margin is strictly increasing in c: the root of
+# cos(m) + m*sin(m) = 1 (see cos_with_margin).
+MONOTONIC_MARGIN_LIMIT = 2.3311223704
+
 Scalar = Union[float, Array]
 
 # Norms are floored at this value so that an all-zero feature (possible after a ReLU) or an
@@ -35,10 +39,14 @@ def cos_with_margin(cos: Array, margin: Scalar) -> Array:
   Written as c*cos(m) - sin(theta)*sin(m) with sin(theta) = sqrt(1 - c^2), which equals
   cos(arccos(c) + m) but needs no arccos. Where theta + m leaves [0, pi] the curve cos(theta + m)
   would turn back (it is not monotonic in c there); like ArcFace we continue with the straight line
-  c - m*sin(m) on that side, which keeps the map strictly increasing in c:
+  c - m*sin(m) on that side:
     - m > 0 and theta + m > pi  (c < cos(pi - m) = -cos(m)):  c - m*sin(m);
     - m < 0 and theta + m < 0   (c > cos(-m) = cos(m)):         c + m*sin(m).
-  (m*sin(m) >= 0 for |m| < pi, so both lines sit beyond the curve's end value -1 or +1.)
+  At the switch the line starts at -(cos(m) + |m|*sin|m|) (or its negative), beyond the curve's
+  end value -1 (+1) while cos(m) + |m|*sin|m| >= 1, i.e. for |m| <= 2.3311 rad (133.6 degrees):
+  there the map is strictly increasing in c. Beyond that the line starts inside (-1, 1) and the
+  map is not monotonic near the switch (tests/test_heads.py shows both); the paper's margins are
+  0-0.4, and train.validate_config rejects an initial margin (config.margin) beyond the limit.
   Both branches are finite everywhere, so jnp.where does not leak NaN gradients.
   """
   cos = jnp.clip(jnp.asarray(cos, jnp.float32), -1.0, 1.0)

@@ -4,7 +4,9 @@ Shapes: labels (num_images, num_labels) of 0/1.
 """
 import numpy as np
 
-SCENARIOS = ('full', 'partial', 'single_positive')
+SCENARIOS = ('full', 'partial', 'partial_positive', 'single_positive')
+# Scenarios that keep config.positive_fraction of the positives.
+FRACTION_SCENARIOS = ('partial', 'partial_positive')
 
 
 def check_binary(labels, name: str = 'labels') -> np.ndarray:
@@ -37,12 +39,33 @@ def _keep_random_positives(labels: np.ndarray, count_for, seed: int) -> np.ndarr
   return observed
 
 
+def _keep_random_positive_entries(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """round(fraction * P) of the split's P positive (image, label) entries, drawn uniformly without
+  replacement: the first of RandomState(seed).permutation over the positives in row-major order.
+  An image may keep none of its positives."""
+  positives = np.flatnonzero(labels == 1)
+  num_kept = int(np.round(fraction * len(positives)))
+  if num_kept == 0 and len(positives):
+    raise ValueError(f'A positive_fraction of {fraction} keeps none of the {len(positives)} '
+                     "positive labels (scenario 'partial_positive'); raise config.positive_fraction.")
+  kept = positives[np.random.RandomState(seed).permutation(len(positives))[:num_kept]]
+  observed = np.zeros_like(labels)
+  observed.flat[kept] = 1
+  return observed
+
+
 def observe(labels, scenario: str, seed: int, fraction=None) -> np.ndarray:
   """The observed 0/1 label matrix of a training split (0 = negative or unknown).
 
   scenario:
     'full': every label as given.
-    'partial': keep round(fraction * n) of each image's n positives, at least one (for n >= 1).
+    'partial': keep round(fraction * n) of each image's n positives, at least one (for n >= 1):
+      every image keeps a positive, so on VOC (1.4 positives per image) fractions up to 0.2 give
+      single positive labels.
+    'partial_positive': the paper's partial positive labels (Sec. 4.3, Fig. 4): keep
+      round(fraction * P) of all P positive labels of the split, drawn uniformly (image by image
+      that is about `fraction` of each image's positives, and many images keep none when
+      fraction is small: "with 10% positive labels" BCE drops 40% on VOC).
     'single_positive': exactly one positive per image (none if the image has none), drawn exactly
       as Cole et al.'s generate_observed_labels.py with num_pos = 1, num_neg = 0 (seed 1200 there).
   """
@@ -51,10 +74,12 @@ def observe(labels, scenario: str, seed: int, fraction=None) -> np.ndarray:
     return labels.copy()
   if scenario == 'single_positive':
     return _keep_random_positives(labels, lambda n: 1, seed)
-  if scenario == 'partial':
+  if scenario in FRACTION_SCENARIOS:
     if fraction is None or not 0.0 < float(fraction) <= 1.0:
-      raise ValueError(f"scenario 'partial' needs a fraction in (0, 1] (config.positive_fraction), "
-                       f'got {fraction!r}.')
+      raise ValueError(f'scenario {scenario!r} needs a fraction in (0, 1] '
+                       f'(config.positive_fraction), got {fraction!r}.')
+    if scenario == 'partial_positive':
+      return _keep_random_positive_entries(labels, float(fraction), seed)
     return _keep_random_positives(
         labels, lambda n: max(1, int(np.round(float(fraction) * n))), seed)
   raise ValueError(f'Unknown label scenario {scenario!r} (config.label_scenario); choose one of '

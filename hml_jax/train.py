@@ -40,6 +40,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.label_scenario not in labels_lib.SCENARIOS:
     raise ValueError(f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
                      f'choose one of {list(labels_lib.SCENARIOS)}.')
+  if (config.label_scenario in labels_lib.FRACTION_SCENARIOS and
+      not 0.0 < float(config.get('positive_fraction') or 0.0) <= 1.0):
+    raise ValueError(f'config.positive_fraction={config.get("positive_fraction")!r}: scenario '
+                     f'{config.label_scenario!r} keeps this fraction of the positives; give one '
+                     'in (0, 1].')
   if config.optimizer != 'adam':
     raise ValueError(f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
                      '(the paper\'s) is implemented.')
@@ -52,6 +57,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
     raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
+  if abs(config.margin) > heads.MONOTONIC_MARGIN_LIMIT:
+    raise ValueError(f'config.margin={config.margin}: beyond |m| = '
+                     f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
+                     'increasing in the cosine (heads.cos_with_margin); the paper uses 0-0.4.')
   sharding.check_parameter_sharding(*parameter_layout(config))
 
 

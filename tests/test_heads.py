@@ -44,7 +44,7 @@ def test_margin_logits_has_finite_gradients_at_the_boundaries(margin):
   assert np.all(np.isfinite(np.asarray(values)))
 
 
-@pytest.mark.parametrize('margin', [0.3, 0.8, 2.0, -0.5])
+@pytest.mark.parametrize('margin', [0.3, 0.8, 2.0, -0.5, 2.33, -2.33])
 def test_margin_logits_is_increasing_in_cos_even_past_pi(margin):
   cos = np.linspace(-1, 1, 20001, dtype=np.float32)
   values = np.asarray(heads.margin_logits(cos, 1.0, margin))
@@ -58,6 +58,18 @@ def test_margin_logits_is_increasing_in_cos_even_past_pi(margin):
     grads = np.asarray(jax.vmap(jax.grad(heads.margin_logits), in_axes=(0, None, None))(
         jnp.asarray(cos), 1.0, margin))
     assert np.all(grads >= 0)
+
+
+def test_monotonic_margin_limit_is_where_the_line_starts_inside_the_curve():
+  """Past MONOTONIC_MARGIN_LIMIT the ArcFace line starts above the curve's end value -1, so the
+  map falls at the switch: the documented limit, the root of cos(m) + m sin(m) = 1."""
+  limit = heads.MONOTONIC_MARGIN_LIMIT
+  assert abs(np.cos(limit) + limit * np.sin(limit) - 1.0) < 1e-9
+  margin = 2.4
+  switch = -np.cos(margin)  # theta + m = pi
+  below, above = np.float32(switch - 1e-3), np.float32(switch + 1e-3)
+  values = np.asarray(heads.margin_logits(np.array([below, above]), 1.0, margin))
+  assert values[0] > values[1]  # not increasing: why validate_config rejects such a margin
 
 
 def test_gradient_in_cos_matches_analytic_derivative():

@@ -45,6 +45,34 @@ def test_partial_keeps_a_fraction_and_at_least_one():
   np.testing.assert_array_equal(labels_lib.observe(labels, 'partial', 0, fraction=1.0), labels)
 
 
+def test_partial_positive_keeps_a_uniform_fraction_of_all_positives():
+  """The paper's partial positive labels (Fig. 4): round(fraction * P) of the P positives of the
+  whole split, every positive equally likely to be kept, so images may keep none."""
+  labels = random_labels(3)
+  total = int(labels.sum())
+  observed = labels_lib.observe(labels, 'partial_positive', seed=1200, fraction=0.1)
+  assert observed.sum() == round(0.1 * total) and np.all(observed <= labels)
+  assert np.sum((labels.sum(1) > 0) & (observed.sum(1) == 0)) > len(labels) // 2
+  np.testing.assert_array_equal(
+      observed, labels_lib.observe(labels, 'partial_positive', seed=1200, fraction=0.1))
+  assert not np.array_equal(
+      observed, labels_lib.observe(labels, 'partial_positive', seed=1201, fraction=0.1))
+  np.testing.assert_array_equal(
+      labels_lib.observe(labels, 'partial_positive', 0, fraction=1.0), labels)
+  # Uniform: over 300 seeds each positive entry is kept about 30% of the time (binomial std
+  # 0.026; 0.12 is 4.5 of them), and no negative ever.
+  kept = np.mean([labels_lib.observe(labels, 'partial_positive', seed, fraction=0.3)
+                  for seed in range(300)], axis=0)
+  assert np.all(np.abs(kept[labels == 1] - 0.3) < 0.12) and np.all(kept[labels == 0] == 0)
+  # Unlike 'partial', which keeps at least one positive of every image.
+  per_image = labels_lib.observe(labels, 'partial', seed=1200, fraction=0.1)
+  assert np.all(per_image.sum(1) == (labels.sum(1) > 0))
+  with pytest.raises(ValueError, match='keeps none of the'):
+    labels_lib.observe(labels, 'partial_positive', 0, fraction=1e-6)
+  with pytest.raises(ValueError, match="scenario 'partial_positive' needs a fraction"):
+    labels_lib.observe(labels, 'partial_positive', 0)
+
+
 def test_full_is_a_copy_and_errors_are_clear():
   labels = random_labels(2)
   observed = labels_lib.observe(labels, 'full', seed=0)

@@ -168,11 +168,15 @@ def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
     ('label_scenario', 'single', "Unknown label scenario 'single'"),
     ('model', 'resnet51', "Unknown model 'resnet51'"),
     ('batch_size', 0, 'config.batch_size=0'),
+    ('positive_fraction', 0.0, r"config.positive_fraction=0.0: scenario 'partial_positive'"),
+    ('margin', 2.5, r'config.margin=2.5: beyond \|m\| = 2.3311 rad'),
     ('image_size', 48, 'config.image_size is 48'),
     ('dataset.mean', (0.485, 0.456, 0.406), 'config.dataset.mean has 3 values'),
 ])
 def test_bad_config_values_are_named(tfds_dir, tmp_path, key, value, message):
   config = tiny_config(tfds_dir)
+  if key == 'positive_fraction':
+    config.label_scenario = 'partial_positive'
   if '.' in key:
     group, key = key.split('.')
     config[group][key] = value
