@@ -1,8 +1,9 @@
 """Prints a markdown table (mean ± std over seeds) of the results.json files under a folder.
 
-  python scripts/summarize_runs.py runs/table
+  python scripts/summarize_runs.py runs/table [MORE_FOLDERS...]
 
-Runs are grouped by label scenario, loss, learning rate and number of epochs.
+Runs (FOLDER/*/results.json) are grouped by label scenario (with its positive_fraction for the
+partial scenarios), loss, learning rate and number of epochs.
 """
 import collections
 import glob
@@ -12,6 +13,7 @@ import sys
 
 import numpy as np
 
+from hml_jax import labels
 from hml_jax import losses
 
 
@@ -25,14 +27,23 @@ def stat(runs, key):
   return f'{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}'
 
 
-def main(folder):
+def scenario_label(config):
+  """'single_positive', or 'partial_positive 0.1' for the scenarios that keep a fraction."""
+  scenario = config['label_scenario']
+  if scenario in labels.FRACTION_SCENARIOS:
+    return f"{scenario} {config['positive_fraction']:g}"
+  return scenario
+
+
+def main(folders):
   groups = collections.defaultdict(list)
-  for path in sorted(glob.glob(os.path.join(folder, '*', 'results.json'))):
+  paths = [path for folder in folders
+           for path in sorted(glob.glob(os.path.join(folder, '*', 'results.json')))]
+  for path in paths:
     with open(path) as f:
       results = json.load(f)
     config = results['config']
-    key = (config['label_scenario'], config['loss'], config['learning_rate'],
-           config['num_epochs'])
+    key = (scenario_label(config), config['loss'], config['learning_rate'], config['num_epochs'])
     groups[key].append(results)
   print('| labels | method | lr | epochs | seeds | val mAP (best epoch) | '
         'test mAP (best val epoch) | test mAP (last epoch) | best epochs | final s* | final m* | '
@@ -48,4 +59,4 @@ def main(folder):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1] if len(sys.argv) > 1 else 'runs/table')
+  main(sys.argv[1:] or ['runs/table'])

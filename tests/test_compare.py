@@ -56,3 +56,29 @@ def test_compare_refuses_to_reuse_a_run_made_with_another_config(tfds_dir, tmp_p
   changed = tiny_config(tfds_dir, num_epochs=1, label_scenario='full')
   with pytest.raises(ValueError, match="label_scenario: 'single_positive' in the workdir"):
     compare.compare(changed, str(tmp_path), ['an'], seeds=1)
+
+
+def test_summarize_runs_groups_by_scenario_and_fraction(tmp_path, capsys):
+  """scripts/summarize_runs.py over several folders: one row per (scenario with its fraction,
+  loss, learning rate, epochs), the mean and sample std over the seeds."""
+  import json  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  folders = []
+  for fraction, maps in ((0.1, (50.0, 54.0)), (0.3, (70.0,))):
+    folder = tmp_path / f'partial_positive_{fraction}'
+    for seed, test_map in enumerate(maps):
+      run = folder / f'an_partial_positive_seed{seed}'
+      run.mkdir(parents=True)
+      (run / 'results.json').write_text(json.dumps({
+          'config': {'label_scenario': 'partial_positive', 'positive_fraction': fraction,
+                     'loss': 'an', 'learning_rate': 1e-3, 'num_epochs': 10},
+          'val_map': test_map, 'test_map': test_map, 'last_test_map': test_map,
+          'best_epoch': 10, 'final_scale': None, 'final_margin': None,
+          'train_images_per_sec': 600.0, 'wall_seconds': 160.0}))
+    folders.append(str(folder))
+  script = runpy.run_path(os.path.join(ROOT, 'scripts', 'summarize_runs.py'))
+  script['main'](folders)
+  rows = [line for line in capsys.readouterr().out.splitlines() if 'partial_positive' in line]
+  assert len(rows) == 2
+  assert rows[0].startswith('| partial_positive 0.1 | an | 0.001 | 10 | 2 |')
+  assert '| 52.00 ± 2.83 |' in rows[0] and '| 70.00 ± 0.00 |' in rows[1]
