@@ -29,7 +29,7 @@ differentiation of the statistics left XLA with more; docs/performance_notes.md 
 measurement.
 """
 import functools
-from typing import Any, Sequence, Tuple, Union
+from typing import Any, Mapping, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -37,6 +37,12 @@ from jax import lax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ('auto', 'native', 'matmul')
+
+# The flax variable collection of the matrices that 'matmul' convolutions multiply by in their
+# forward pass: each kernel (kh, kw, in, out) as (out, kh * kw * in), its transpose. A forward
+# pass given them (the eval step, train.EvalFunction) skips transposing every kernel on every
+# call, a fifth of ResNet-50's evaluation at 64x64 on CPU (docs/performance_notes.md, 16).
+FORWARD_MATRICES = 'forward_matrices'
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
@@ -81,6 +87,12 @@ def global_average(x, implementation: str):
   return jnp.mean(x, axis=(1, 2))
 
 
+def _contract_rows(rows, x):
+  """rows (out, in) @ x (in, ...) -> (out, ...), over x's leading (channel) axis."""
+  pixels = x.reshape(x.shape[0], -1)
+  return (rows @ pixels).reshape((rows.shape[0],) + x.shape[1:])
+
+
 def _contract_channels(x, matrix):
   """x (in, ...) and matrix (in, out) -> (out, ...): matrix^T @ x over the leading axis.
 
@@ -92,9 +104,7 @@ def _contract_channels(x, matrix):
   (docs/performance_notes.md, attempt 15). The barrier keeps XLA from folding the small
   transpose of the matrix back into the matmul, which would give the same untaken form.
   """
-  rows = lax.optimization_barrier(matrix.T)
-  pixels = x.reshape(x.shape[0], -1)
-  return (rows @ pixels).reshape((matrix.shape[1],) + x.shape[1:])
+  return _contract_rows(lax.optimization_barrier(matrix.T), x)
 
 
 @jax.custom_vjp
@@ -177,6 +187,45 @@ def _patch_matmul_backward(strides, padding, residuals, output_gradient):
 patch_matmul.defvjp(_patch_matmul_forward, _patch_matmul_backward)
 
 
+def _subsample(x, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
+  """What a 1x1 convolution of channel-major x (C, N, H, W) sees: x padded, then strided."""
+  if any(pair != (0, 0) for pair in padding):
+    x = jnp.pad(x, ((0, 0), (0, 0)) + padding)
+  return x[:, :, ::strides[0], ::strides[1]]
+
+
+def forward_matrix(kernel):
+  """A kernel (kh, kw, in, out) -> (out, kh * kw * in): what a 'matmul' convolution multiplies
+  its im2col patches by (channel_matmul and patch_matmul transpose it on every call)."""
+  return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def forward_matrices(params):
+  """The FORWARD_MATRICES collection for a model's params: {..., 'conv1': {'matrix': (out,
+  kh * kw * in)}} at every Conv (every 4-D 'kernel'), the same tree paths as the kernels."""
+  matrices = {}
+  for name, value in params.items():
+    if name == 'kernel' and getattr(value, 'ndim', 0) == 4:
+      matrices['matrix'] = forward_matrix(value)
+    elif isinstance(value, Mapping):
+      inner = forward_matrices(value)
+      if inner:
+        matrices[name] = inner
+  return matrices
+
+
+def convolve_forward(x, matrix, kernel_size: Tuple[int, int], strides: Tuple[int, int],
+                     padding: Padding):
+  """A 'matmul' convolution's forward pass with its forward_matrix given: x (in, N, H, W) ->
+  (out, N, out_H, out_W), the numbers of convolve(x, kernel, ..., 'matmul'). Not
+  differentiable by design: training goes through convolve's hand-written backward passes."""
+  padding = _explicit_padding(padding)
+  strides = tuple(int(stride) for stride in strides)
+  if tuple(kernel_size) == (1, 1):
+    return _contract_rows(matrix, _subsample(x, strides, padding))
+  return _contract_rows(matrix, im2col(x, tuple(kernel_size), strides, padding))
+
+
 def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementation: str):
   """x * kernel (kh, kw, in, out), no bias, with x in the implementation's layout (channel_axis:
   'matmul' (in, N, H, W) -> (out, N, out_H, out_W), 'native' (N, H, W, in) ->
@@ -187,9 +236,7 @@ def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementati
   if implementation == 'matmul':
     padding = _explicit_padding(padding)
     if (kernel_height, kernel_width) == (1, 1):
-      if any(pair != (0, 0) for pair in padding):
-        x = jnp.pad(x, ((0, 0), (0, 0)) + padding)
-      return channel_matmul(x[:, :, ::strides[0], ::strides[1]],
+      return channel_matmul(_subsample(x, strides, padding),
                             kernel.reshape(in_channels, out_channels))
     return patch_matmul(x, kernel, strides, padding)
   return lax.conv_general_dilated(x, kernel, strides, padding,
@@ -220,6 +267,12 @@ class Conv(nn.Module):
                                        self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(self.strides) if self.strides is not None else (1, 1)
+    if (self.has_variable(FORWARD_MATRICES, 'matrix') and
+        resolve_implementation(self.implementation) == 'matmul'):
+      # Evaluation with the kernel transposed beforehand, once for many batches (the kernel
+      # above is then unused, and XLA drops it).
+      matrix = self.get_variable(FORWARD_MATRICES, 'matrix').astype(self.dtype)
+      return convolve_forward(x, matrix, kernel_size, strides, self.padding)
     return convolve(x, kernel, strides, self.padding, self.implementation)
 
 

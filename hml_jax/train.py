@@ -280,19 +280,45 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
   return state, step_metrics
 
 
-def eval_step(state: TrainState, batch, *, method, config):
+def eval_step(state: TrainState, batch, forward_matrices, *, method, config):
   """{'scores' (batch, labels), 'indices', 'mask'}: the scores of a global batch, returned with
-  the rows and padding mask they belong to (every process then sees the whole batch)."""
+  the rows and padding mask they belong to (every process then sees the whole batch).
+  forward_matrices: layers.forward_matrices of the model's parameters, or {} (see EvalFunction)."""
   images = normalize_images(batch['images'], config)
-  outputs = state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
-                           images, train=False)
+  variables = {'params': state.params['model'], 'batch_stats': state.batch_stats}
+  if forward_matrices:
+    variables[layers.FORWARD_MATRICES] = forward_matrices
+  outputs = state.apply_fn(variables, images, train=False)
   return {'scores': scores_from_outputs(method, outputs, state.params, config),
           'indices': batch['indices'], 'mask': batch['mask']}
 
 
+class EvalFunction:
+  """eval_fn(state, batch): the jitted eval_step. With 'matmul' convolutions (CPU) and replicated
+  parameters, the transposed kernels that the forward pass multiplies by
+  (layers.forward_matrices) are computed once per parameters, whenever state.params is another
+  object than in the last call, instead of in every call: evaluating a split calls this many
+  times with one state. (Parameters are immutable arrays, and every step returns new ones.)"""
+
+  def __init__(self, step, prepare=None):
+    self.step, self.prepare = step, prepare
+    self._params = self._matrices = None
+
+  def forward_matrices(self, params):
+    if self.prepare is None:
+      return {}
+    if params is not self._params:
+      self._matrices, self._params = self.prepare(params), params
+    return self._matrices
+
+  def __call__(self, state, batch):
+    return self.step(state, batch, self.forward_matrices(state.params))
+
+
 def make_step_functions(method, config, mesh, hyperparameters=None, state_shardings=None):
   """(train_fn, eval_fn): the jitted steps, batch split over the mesh's data axis, metrics and
-  scores replicated, the state donated to the train step (updated in place).
+  scores replicated, the state donated to the train step (updated in place). eval_fn is an
+  EvalFunction, called as eval_fn(state, batch).
 
   state_shardings: the state's layout, train_state_shardings(config, state, mesh); None means
   replicated. The state passed to the steps must already be laid out so (jit refuses others),
@@ -307,9 +333,16 @@ def make_step_functions(method, config, mesh, hyperparameters=None, state_shardi
                      in_shardings=(state_shardings, data_sharding, replicated),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   # Scores come back replicated: small (batch x labels), and every process needs them all.
-  eval_fn = jax.jit(functools.partial(eval_step, method=method, config=config),
-                    in_shardings=(state_shardings, data_sharding), out_shardings=replicated)
-  return train_fn, eval_fn
+  step = jax.jit(functools.partial(eval_step, method=method, config=config),
+                 in_shardings=(state_shardings, data_sharding, replicated),
+                 out_shardings=replicated)
+  prepare = None
+  if (layers.resolve_implementation(config.get('convolutions', 'auto')) == 'matmul' and
+      parameter_layout(config)[0] == 'replicated'):
+    # (With fsdp the parameters are split over the devices; replicated matrices would undo that.)
+    prepare = jax.jit(lambda params: layers.forward_matrices(params['model']),
+                      in_shardings=replicated, out_shardings=replicated)
+  return train_fn, EvalFunction(step, prepare)
 
 
 def predict(eval_fn, state, split, config, mesh) -> np.ndarray:

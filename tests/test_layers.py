@@ -105,6 +105,40 @@ def test_conv_module_has_flax_conv_parameters_and_outputs():
                                  rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('shape,kernel_shape,strides,padding', CASES)
+def test_forward_with_a_given_matrix_is_the_matmul_convolution(shape, kernel_shape, strides,
+                                                               padding):
+  """convolve_forward with forward_matrix(kernel), the eval step's path, computes exactly what
+  convolve computes (the same matmul, its transpose done beforehand)."""
+  x, kernel = random_inputs(shape, kernel_shape)
+  x = channel_major(x)
+  expected = layers.convolve(x, kernel, strides, padding, 'matmul')
+  matrix = layers.forward_matrix(kernel)
+  assert matrix.shape == (kernel_shape[3], np.prod(kernel_shape[:3]))
+  result = layers.convolve_forward(x, matrix, kernel_shape[:2], strides, padding)
+  np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_resnet_eval_with_forward_matrices_gives_the_same_features():
+  """A whole ResNet in evaluation with the FORWARD_MATRICES collection (one matrix per Conv, at
+  the kernels' paths) gives the features of the plain forward pass."""
+  images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  network = models.get_backbone('resnet18', convolutions='matmul')
+  variables = network.init(jax.random.key(1), images)
+  matrices = layers.forward_matrices(variables['params'])
+  kernels = [path for path, leaf in jax.tree_util.tree_leaves_with_path(variables['params'])
+             if leaf.ndim == 4]
+  assert len(jax.tree_util.tree_leaves(matrices)) == len(kernels) == 20
+  assert matrices['layer2_0']['downsample_conv']['matrix'].shape == (128, 64)
+  expected = network.apply(variables, images)
+  result = network.apply({**variables, layers.FORWARD_MATRICES: matrices}, images)
+  np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
+  # The matrices are what the forward pass multiplies by: changed matrices change the features.
+  doubled = jax.tree_util.tree_map(lambda matrix: 2 * matrix, matrices)
+  assert not np.allclose(network.apply({**variables, layers.FORWARD_MATRICES: doubled}, images),
+                         expected)
+
+
 def test_resnet_is_the_same_network_under_every_implementation():
   """ResNet-18 at 64x64 (maps from 32x32 down to 2x2): same parameters, same features, same
   gradients. (A batch of 8: BatchNorm over very few values per channel amplifies

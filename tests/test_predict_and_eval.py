@@ -132,3 +132,27 @@ def test_gradient_magnitudes_match_the_analytic_derivative():
   np.testing.assert_allclose(got, expected, rtol=1e-4)
   linear = analyze.gradient_magnitudes(losses.get_method('an'), cos, observed, scale, margin)
   np.testing.assert_allclose(linear, np.abs(1 / (1 + np.exp(-cos)) - observed), rtol=1e-5)
+
+
+def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
+  """On CPU ('matmul' convolutions) the eval step takes the transposed kernels, computed once per
+  parameters object: the same scores as transposing them in every call, and new parameters (as
+  after a train step) get new matrices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir, config, _ = trained
+  _, method, state = train.load_trained_state(workdir)
+  mesh = sharding.create_mesh()
+  _, eval_fn = train.make_step_functions(method, config, mesh)
+  assert eval_fn.prepare is not None
+  every_call = train.EvalFunction(eval_fn.step)  # no prepare: the kernels transposed per call
+  batch = sharding.shard_batch(next(input_pipeline.load(config).test.eval_batches(16)), mesh)
+  np.testing.assert_allclose(eval_fn(state, batch)['scores'], every_call(state, batch)['scores'],
+                             rtol=1e-6, atol=1e-6)
+  first = eval_fn.forward_matrices(state.params)
+  assert eval_fn.forward_matrices(state.params) is first  # cached for the same parameters
+  assert len(jax.tree_util.tree_leaves(first)) == sum(
+      leaf.ndim == 4 for leaf in jax.tree_util.tree_leaves(state.params))
+  changed = state.replace(params=jax.tree_util.tree_map(lambda leaf: leaf * 1.5, state.params))
+  np.testing.assert_allclose(eval_fn(changed, batch)['scores'],
+                             every_call(changed, batch)['scores'], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(eval_fn(changed, batch)['scores'], eval_fn(state, batch)['scores'])
