@@ -123,13 +123,19 @@ def epoch_images_per_sec(split, batch_size, epochs, transform=None) -> float:
   return count / (time.perf_counter() - start)
 
 
+def check_input_images(num_images, allow_zero=True):
+  """Raises ValueError unless num_images photos are enough for a pipeline measurement (0: none
+  is made, where allowed)."""
+  if not (num_images >= MIN_PHOTOS or (allow_zero and num_images == 0)):
+    raise ValueError(f'input_images={num_images}: the input pipeline needs at least '
+                     f'{MIN_PHOTOS} photos (one test, one validation, one training), or 0 to skip')
+
+
 def input_pipeline_rate(config, num_images, batch_size):
   """Images/s of input_pipeline.ImageSplit (read, decode, resize, flip, batch) over one epoch of
   num_images JPEGs, after a warm-up epoch, with the config's image size, parallel_calls and
   decoder (a config without image data, the digits, gets the folder config's decoder)."""
-  if num_images < MIN_PHOTOS:
-    raise ValueError(f'input_images={num_images}: the input pipeline needs at least '
-                     f'{MIN_PHOTOS} photos (one test, one validation, one training), or 0 to skip')
+  check_input_images(num_images, allow_zero=False)
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, num_images)
     split = input_pipeline.load(photo_folder_config(
@@ -197,6 +203,7 @@ def synthetic_train_step(config, num_labels=20):
 
 
 def benchmark(config, steps=20, num_labels=20, input_images=256):
+  check_input_images(input_images)  # before minutes of compiling and timing, not after
   train_fn, eval_fn, state, batch, schedule, mesh = synthetic_train_step(config, num_labels)
   batch_size = config.batch_size
   image_shape = (config.image_size, config.image_size, 3)

@@ -21,6 +21,7 @@ import numpy as np
 from hml_jax import checkpoints
 from hml_jax import files
 from hml_jax import host
+from hml_jax import labels as labels_lib
 from hml_jax import losses
 from hml_jax import train
 from ml_collections import config_flags
@@ -70,7 +71,8 @@ def summarize(runs, config):
         'test_map_std': float(test.std(ddof=1)) if len(test) > 1 else 0.0,
         'last_test_map_mean': float(np.mean([r['last_test_map'] for r in chosen])),
     }
-  dataset = f'{config.dataset.name} ({config.label_scenario})'
+  scenario = labels_lib.scenario_name(config.label_scenario, config.get('positive_fraction'))
+  dataset = f'{config.dataset.name} ({scenario})'
   lines = [f'| method | {dataset} | lr | batch | seeds | val mAP | last-epoch test mAP |',
            '|---|---|---|---|---|---|---|']
   for method, row in table.items():

@@ -47,7 +47,8 @@ def _keep_random_positive_entries(labels: np.ndarray, fraction: float, seed: int
   num_kept = int(np.round(fraction * len(positives)))
   if num_kept == 0 and len(positives):
     raise ValueError(f'A positive_fraction of {fraction} keeps none of the {len(positives)} '
-                     "positive labels (scenario 'partial_positive'); raise config.positive_fraction.")
+                     "positive labels (scenario 'partial_positive'); raise "
+                     'config.positive_fraction.')
   kept = positives[np.random.RandomState(seed).permutation(len(positives))[:num_kept]]
   observed = np.zeros_like(labels)
   observed.flat[kept] = 1
@@ -60,8 +61,8 @@ def observe(labels, scenario: str, seed: int, fraction=None) -> np.ndarray:
   scenario:
     'full': every label as given.
     'partial': keep round(fraction * n) of each image's n positives, at least one (for n >= 1):
-      every image keeps a positive, so on VOC (1.4 positives per image) fractions up to 0.2 give
-      single positive labels.
+      every image keeps a positive, so where images have few positives (VOC: 1.4 on average)
+      small fractions give single positive labels.
     'partial_positive': the paper's partial positive labels (Sec. 4.3, Fig. 4): keep
       round(fraction * P) of all P positive labels of the split, drawn uniformly (image by image
       that is about `fraction` of each image's positives, and many images keep none when
@@ -84,6 +85,12 @@ def observe(labels, scenario: str, seed: int, fraction=None) -> np.ndarray:
         labels, lambda n: max(1, int(np.round(float(fraction) * n))), seed)
   raise ValueError(f'Unknown label scenario {scenario!r} (config.label_scenario); choose one of '
                    f'{list(SCENARIOS)}.')
+
+
+def scenario_name(scenario: str, fraction=None) -> str:
+  """For tables: 'single_positive', or 'partial_positive 0.1' for a scenario that keeps a
+  fraction of the positives."""
+  return f'{scenario} {float(fraction):g}' if scenario in FRACTION_SCENARIOS else scenario
 
 
 def validation_split(num_images: int, seed: int = 1200, fraction: float = 0.2):

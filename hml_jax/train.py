@@ -57,7 +57,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
     raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
-  if abs(config.margin) > heads.MONOTONIC_MARGIN_LIMIT:
+  if (losses.get_method(config.loss).head == 'cosine' and
+      abs(config.margin) > heads.MONOTONIC_MARGIN_LIMIT):
     raise ValueError(f'config.margin={config.margin}: beyond |m| = '
                      f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
                      'increasing in the cosine (heads.cos_with_margin); the paper uses 0-0.4.')
@@ -298,17 +299,23 @@ class EvalFunction:
   parameters, the transposed kernels that the forward pass multiplies by
   (layers.forward_matrices) are computed once per parameters, whenever state.params is another
   object than in the last call, instead of in every call: evaluating a split calls this many
-  times with one state. (Parameters are immutable arrays, and every step returns new ones.)"""
+  times with one state. The parameters count as the same while every array in them is the same
+  object (arrays are immutable, every step returns new ones, and a kernel replaced in a params
+  dict is a new array there)."""
 
   def __init__(self, step, prepare=None):
     self.step, self.prepare = step, prepare
-    self._params = self._matrices = None
+    self._arrays, self._matrices = (), None
 
   def forward_matrices(self, params):
     if self.prepare is None:
       return {}
-    if params is not self._params:
-      self._matrices, self._params = self.prepare(params), params
+    arrays = tuple(jax.tree_util.tree_leaves(params))
+    if len(arrays) != len(self._arrays) or any(
+        new is not old for new, old in zip(arrays, self._arrays)):
+      # Holding the arrays keeps their ids from being reused; a train step donates them, so
+      # what is held then is only their (deleted) handles.
+      self._matrices, self._arrays = self.prepare(params), arrays
     return self._matrices
 
   def __call__(self, state, batch):

@@ -27,14 +27,6 @@ def stat(runs, key):
   return f'{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}'
 
 
-def scenario_label(config):
-  """'single_positive', or 'partial_positive 0.1' for the scenarios that keep a fraction."""
-  scenario = config['label_scenario']
-  if scenario in labels.FRACTION_SCENARIOS:
-    return f"{scenario} {config['positive_fraction']:g}"
-  return scenario
-
-
 def main(folders):
   groups = collections.defaultdict(list)
   paths = [path for folder in folders
@@ -43,7 +35,8 @@ def main(folders):
     with open(path) as f:
       results = json.load(f)
     config = results['config']
-    key = (scenario_label(config), config['loss'], config['learning_rate'], config['num_epochs'])
+    key = (labels.scenario_name(config['label_scenario'], config.get('positive_fraction')),
+           config['loss'], config['learning_rate'], config['num_epochs'])
     groups[key].append(results)
   print('| labels | method | lr | epochs | seeds | val mAP (best epoch) | '
         'test mAP (best val epoch) | test mAP (last epoch) | best epochs | final s* | final m* | '

@@ -158,3 +158,8 @@ def test_photo_folder_holds_out_one_validation_photo(tmp_path):
   assert benchmark.epoch_images_per_sec(data.train, 3, [1], transform=lambda x: x[:1]) > 0
   with pytest.raises(ValueError, match='input_images=2: .* at least 3'):
     benchmark.input_pipeline_rate(config, 2, 4)
+  with pytest.raises(ValueError, match='input_images=0: '):
+    benchmark.input_pipeline_rate(config, 0, 4)
+  # The benchmark checks the count before its minutes of compiling and timing.
+  with pytest.raises(ValueError, match='input_images=-1: '):
+    benchmark.benchmark(None, input_images=-1)

@@ -58,6 +58,18 @@ def test_compare_refuses_to_reuse_a_run_made_with_another_config(tfds_dir, tmp_p
     compare.compare(changed, str(tmp_path), ['an'], seeds=1)
 
 
+def test_compare_table_names_the_scenario_and_its_fraction():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'dataset': {'name': 'hml_voc2012'},
+                                      'label_scenario': 'partial_positive',
+                                      'positive_fraction': 0.3})
+  runs = [{'method': 'an', 'learning_rate': 1e-3, 'batch_size': 16, 'val_map': 80.0,
+           'test_map': 79.0 + seed, 'last_test_map': 78.0} for seed in range(2)]
+  table, markdown = compare.summarize(runs, config)
+  assert markdown.splitlines()[0].startswith('| method | hml_voc2012 (partial_positive 0.3) |')
+  assert table['an']['test_map_mean'] == 79.5 and table['an']['seeds'] == 2
+
+
 def test_summarize_runs_groups_by_scenario_and_fraction(tmp_path, capsys):
   """scripts/summarize_runs.py over several folders: one row per (scenario with its fraction,
   loss, learning rate, epochs), the mean and sample std over the seeds."""

@@ -67,6 +67,8 @@ def test_partial_positive_keeps_a_uniform_fraction_of_all_positives():
   # Unlike 'partial', which keeps at least one positive of every image.
   per_image = labels_lib.observe(labels, 'partial', seed=1200, fraction=0.1)
   assert np.all(per_image.sum(1) == (labels.sum(1) > 0))
+  assert labels_lib.scenario_name('partial_positive', 0.10) == 'partial_positive 0.1'
+  assert labels_lib.scenario_name('single_positive', 0.5) == 'single_positive'
   with pytest.raises(ValueError, match='keeps none of the'):
     labels_lib.observe(labels, 'partial_positive', 0, fraction=1e-6)
   with pytest.raises(ValueError, match="scenario 'partial_positive' needs a fraction"):

@@ -119,7 +119,7 @@ def test_forward_with_a_given_matrix_is_the_matmul_convolution(shape, kernel_sha
   np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_resnet_eval_with_forward_matrices_gives_the_same_features():
+def test_resnet_eval_with_forward_matrices_gives_the_same_features(monkeypatch):
   """A whole ResNet in evaluation with the FORWARD_MATRICES collection (one matrix per Conv, at
   the kernels' paths) gives the features of the plain forward pass."""
   images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
@@ -131,7 +131,9 @@ def test_resnet_eval_with_forward_matrices_gives_the_same_features():
   assert len(jax.tree_util.tree_leaves(matrices)) == len(kernels) == 20
   assert matrices['layer2_0']['downsample_conv']['matrix'].shape == (128, 64)
   expected = network.apply(variables, images)
-  result = network.apply({**variables, layers.FORWARD_MATRICES: matrices}, images)
+  with monkeypatch.context() as patch:  # every Conv takes its matrix: none transposes a kernel
+    patch.setattr(layers, 'convolve', lambda *arguments: pytest.fail('a kernel was transposed'))
+    result = network.apply({**variables, layers.FORWARD_MATRICES: matrices}, images)
   np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
   # The matrices are what the forward pass multiplies by: changed matrices change the features.
   doubled = jax.tree_util.tree_map(lambda matrix: 2 * matrix, matrices)

@@ -156,3 +156,12 @@ def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   np.testing.assert_allclose(eval_fn(changed, batch)['scores'],
                              every_call(changed, batch)['scores'], rtol=1e-6, atol=1e-6)
   assert not np.allclose(eval_fn(changed, batch)['scores'], eval_fn(state, batch)['scores'])
+  # A kernel replaced inside the same params dict counts as new parameters too.
+  kernel_path, kernel = next((path, leaf) for path, leaf in
+                             jax.tree_util.tree_leaves_with_path(changed.params) if leaf.ndim == 4)
+  container = changed.params
+  for key in kernel_path[:-1]:
+    container = container[key.key]
+  container[kernel_path[-1].key] = -kernel
+  np.testing.assert_allclose(eval_fn(changed, batch)['scores'],
+                             every_call(changed, batch)['scores'], rtol=1e-6, atol=1e-6)
