@@ -39,6 +39,14 @@ def _keep_random_positives(labels: np.ndarray, count_for, seed: int) -> np.ndarr
   return observed
 
 
+def check_fraction(scenario: str, fraction) -> None:
+  """Raises ValueError naming config.positive_fraction unless a scenario that keeps a fraction
+  of the positives (FRACTION_SCENARIOS) has one in (0, 1]; other scenarios ignore it."""
+  if scenario in FRACTION_SCENARIOS and (fraction is None or not 0.0 < float(fraction) <= 1.0):
+    raise ValueError(f'config.positive_fraction={fraction!r}: scenario {scenario!r} keeps this '
+                     'fraction of the positives; give one in (0, 1].')
+
+
 def _keep_random_positive_entries(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
   """round(fraction * P) of the split's P positive (image, label) entries, drawn uniformly without
   replacement: the first of RandomState(seed).permutation over the positives in row-major order.
@@ -76,9 +84,7 @@ def observe(labels, scenario: str, seed: int, fraction=None) -> np.ndarray:
   if scenario == 'single_positive':
     return _keep_random_positives(labels, lambda n: 1, seed)
   if scenario in FRACTION_SCENARIOS:
-    if fraction is None or not 0.0 < float(fraction) <= 1.0:
-      raise ValueError(f'scenario {scenario!r} needs a fraction in (0, 1] '
-                       f'(config.positive_fraction), got {fraction!r}.')
+    check_fraction(scenario, fraction)
     if scenario == 'partial_positive':
       return _keep_random_positive_entries(labels, float(fraction), seed)
     return _keep_random_positives(

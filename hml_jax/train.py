@@ -40,11 +40,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.label_scenario not in labels_lib.SCENARIOS:
     raise ValueError(f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
                      f'choose one of {list(labels_lib.SCENARIOS)}.')
-  if (config.label_scenario in labels_lib.FRACTION_SCENARIOS and
-      not 0.0 < float(config.get('positive_fraction') or 0.0) <= 1.0):
-    raise ValueError(f'config.positive_fraction={config.get("positive_fraction")!r}: scenario '
-                     f'{config.label_scenario!r} keeps this fraction of the positives; give one '
-                     'in (0, 1].')
+  labels_lib.check_fraction(config.label_scenario, config.get('positive_fraction'))
   if config.optimizer != 'adam':
     raise ValueError(f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
                      '(the paper\'s) is implemented.')

@@ -71,7 +71,8 @@ def test_partial_positive_keeps_a_uniform_fraction_of_all_positives():
   assert labels_lib.scenario_name('single_positive', 0.5) == 'single_positive'
   with pytest.raises(ValueError, match='keeps none of the'):
     labels_lib.observe(labels, 'partial_positive', 0, fraction=1e-6)
-  with pytest.raises(ValueError, match="scenario 'partial_positive' needs a fraction"):
+  with pytest.raises(ValueError,
+                     match="config.positive_fraction=None: scenario 'partial_positive'"):
     labels_lib.observe(labels, 'partial_positive', 0)
 
 
