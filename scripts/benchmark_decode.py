@@ -21,6 +21,7 @@ from concurrent import futures
 import glob
 import io
 import os
+import pathlib
 import tempfile
 import time
 
@@ -92,7 +93,7 @@ def main():
     thread_counts = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t < cores] + [cores]
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, args.num_images)
-    encoded = [open(path, 'rb').read()
+    encoded = [pathlib.Path(path).read_bytes()  # closes each file, unlike open().read()
                for path in sorted(glob.glob(os.path.join(root, 'images', '*.jpg')))]
   mirror = np.arange(len(encoded)) % 2 == 1
   for image_size, batch_size in sizes:
