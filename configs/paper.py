@@ -30,10 +30,12 @@ def get_config(dataset_name: str):
   config.dataset.std = (0.229, 0.224, 0.225)
 
   config.model = 'resnet50'            # the paper's backbone (Sec. 4.1)
-  # ImageNet weights, as the paper starts from: 'torchvision:/path/to/resnet50.safetensors'
-  # (or .pth), torchvision's ResNet50_Weights.IMAGENET1K_V1; README "Pretrained weights".
-  # '' trains from scratch.
-  config.init_from = ''
+  # ImageNet weights, as the paper and every baseline start from (Sec. 4.1; Cole et al. load
+  # torchvision's resnet50(pretrained=True)): torchvision's ResNet50_Weights.IMAGENET1K_V1, from
+  # the cache or downloaded once (hml_jax/pretrained.py). A model of another depth takes
+  # 'torchvision:resnet18' / 34 / 101; 'torchvision:/path/file.pth' (or .safetensors) reads one's
+  # own; '' trains from scratch (far below the paper's numbers).
+  config.init_from = 'torchvision:resnet50'
   config.image_size = 448              # Cole et al.
   config.augment_max_shift = 0         # photos are flipped, not shifted
   config.learning_rate = 1e-5          # from the grid; Zhou et al.'s and Kim et al.'s choice

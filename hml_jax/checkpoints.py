@@ -36,7 +36,8 @@ RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_kee
 # with the behaviour of this value, so it still resumes (and is reused by compare) when the key
 # has it now.
 ADDED_KEYS = {'nonfinite': 'stop', 'convolutions': 'auto', 'parameter_sharding': 'replicated',
-              'fsdp_min_size': 2**16, 'dataset.decoder': input_pipeline.DECODER_OF_OLDER_RUNS}
+              'fsdp_min_size': 2**16, 'adaptive_optimizer': 'separate',
+              'dataset.decoder': input_pipeline.DECODER_OF_OLDER_RUNS}
 
 
 def flatten(tree, prefix=''):
@@ -54,15 +55,19 @@ def config_path(workdir):
   return files.join(workdir, 'config.json')
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether workdir holds a checkpoint of an epoch (so that a run there resumes)."""
+  checkpoint_dir = files.join(workdir, 'checkpoints')
+  return files.is_dir(checkpoint_dir) and any(
+      name.isdigit() for name in files.listdir(checkpoint_dir))
+
+
 def check_config(workdir: str, config: ml_collections.ConfigDict,
                  resumable_keys=RESUMABLE_KEYS) -> None:
   """Refuses a workdir whose run used an incompatible config (and changes nothing in it)."""
   path = config_path(workdir)
-  checkpoint_dir = files.join(workdir, 'checkpoints')
-  has_checkpoint = files.is_dir(checkpoint_dir) and any(
-      name.isdigit() for name in files.listdir(checkpoint_dir))
   if not files.exists(path):
-    if has_checkpoint:
+    if has_checkpoint(workdir):
       raise ValueError(f'{workdir} holds checkpoints but no config.json: it was not made by this '
                        'version of hml_jax. Use another --workdir.')
     return

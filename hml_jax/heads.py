@@ -13,6 +13,10 @@ Array = jax.Array
 # Largest |m| for which cos_with_margin is strictly increasing in c: the root of
 # cos(m) + m*sin(m) = 1 (see cos_with_margin).
 MONOTONIC_MARGIN_LIMIT = 2.3311223704
+# The learned m* (adaptive HML) is kept within [-LEARNED_MARGIN_BOUND, LEARNED_MARGIN_BOUND]
+# after every step: 2.3311 is below the limit even once rounded to float32 (2.33109999), so the
+# map stays strictly increasing whatever the adaptive loss asks for.
+LEARNED_MARGIN_BOUND = 2.3311
 
 Scalar = Union[float, Array]
 
@@ -61,6 +65,13 @@ def cos_with_margin(cos: Array, margin: Scalar) -> Array:
   below_zero = (margin < 0) & (cos > jnp.cos(margin))
   straight = jnp.where(past_pi, cos - margin * jnp.sin(margin), cos + margin * jnp.sin(margin))
   return jnp.where(past_pi | below_zero, straight, on_curve)
+
+
+def bound_learned_margin(margin: Array) -> Array:
+  """m* projected into [-LEARNED_MARGIN_BOUND, LEARNED_MARGIN_BOUND], inside the range where
+  cos_with_margin is increasing in c (projected gradient descent: a step that would leave it
+  stops at its edge)."""
+  return jnp.clip(margin, -LEARNED_MARGIN_BOUND, LEARNED_MARGIN_BOUND)
 
 
 def margin_logits(cos: Array, scale: Scalar, margin: Scalar) -> Array:

@@ -19,17 +19,18 @@ parameters are float32 even for a bfloat16 backbone). The numerics match torchvi
 epsilon 1e-5, symmetric padding (3 for the 7x7/2 stem convolution, 1 for the 3x3/2 max-pool and
 the 3x3 convolutions), stride on the 3x3 convolution of a bottleneck (ResNet v1.5).
 
-ImageNet weights. torchvision's ResNet50_Weights.IMAGENET1K_V1 (76.1% top-1) is the file
-https://download.pytorch.org/models/resnet50-0676ba61.pth (resnet18-f37072fd.pth,
-resnet34-b627a593.pth and resnet101-63fe2227.pth for the others). A .pth file needs PyTorch to
-read; convert it once to .safetensors, which needs only the small `safetensors` package:
-
-  python -c "import torch; from safetensors.torch import save_file; save_file(torch.load('resnet50-0676ba61.pth', map_location='cpu', weights_only=True), 'resnet50.safetensors')"
-
-then use 'torchvision:/path/to/resnet50.safetensors' with the 'resnet50' backbone (7x7 stem, not
-small_inputs). These weights expect RGB images scaled to [0, 1] and normalized with ImageNet's
-mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
+ImageNet weights. 'torchvision:resnet50' (or resnet18, resnet34, resnet101) names torchvision's
+IMAGENET1K_V1 weights of that architecture (ResNet50_Weights.IMAGENET1K_V1: 76.1% top-1), the file
+https://download.pytorch.org/models/resnet50-0676ba61.pth and its kin (IMAGENET_WEIGHTS). It is
+taken from the cache ($HML_JAX_CACHE, else ~/.cache/hml_jax) or from torchvision's own
+($TORCH_HOME/hub/checkpoints), else downloaded into the cache and checked against its SHA-256
+(hml_jax/downloads.py), and read without torch by hml_jax/pth_files.py, which refuses any pickle
+that names code other than tensors. 'torchvision:/path/file' reads a file of one's own
+(.safetensors, .npz, or a .pth / .pt zip archive of torch.save). These weights expect RGB
+images scaled to [0, 1] and normalized with ImageNet's mean (0.485, 0.456, 0.406) and std
+(0.229, 0.224, 0.225), and the 7x7 stem (not small_inputs).
 """
+import dataclasses
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -38,12 +39,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hml_jax import downloads
+from hml_jax import pth_files
+
 PREFIX = 'torchvision:'
 SUPPORTED_EXTENSIONS = ('.safetensors', '.npz', '.pth', '.pt')
-CONVERT_ONE_LINER = (
-    "python -c \"import torch; from safetensors.torch import save_file; "
-    "save_file(torch.load('FILE.pth', map_location='cpu', weights_only=True), "
-    "'FILE.safetensors')\"")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsFile:
+  url: str
+  sha256: str  # of the whole file; torchvision's file name carries its first 8 hex digits
+
+  @property
+  def filename(self) -> str:
+    return os.path.basename(self.url)
+
+
+# torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py, ResNet*_Weights), the files
+# the paper and its baselines start from (Cole et al. load resnet50(pretrained=True)).
+IMAGENET_WEIGHTS = {
+    'resnet18': WeightsFile(
+        'https://download.pytorch.org/models/resnet18-f37072fd.pth',
+        'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec'),
+    'resnet34': WeightsFile(
+        'https://download.pytorch.org/models/resnet34-b627a593.pth',
+        'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f'),
+    'resnet50': WeightsFile(
+        'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+        '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a'),
+    'resnet101': WeightsFile(
+        'https://download.pytorch.org/models/resnet101-63fe2227.pth',
+        '63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a'),
+}
 
 Path = Tuple[str, ...]  # (collection, module..., variable), e.g. ('params', 'bn1', 'scale')
 
@@ -209,58 +237,89 @@ def from_torchvision(state_dict: Mapping[str, Any], backbone=None,
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a state dict (name -> NumPy array, PyTorch layouts) from a file, by its extension.
 
-  .safetensors: the `safetensors` package's NumPy API (no PyTorch needed).
+  .safetensors: the `safetensors` package's NumPy API.
   .npz: np.load without pickles.
-  .pth / .pt: torch.load(path, map_location='cpu', weights_only=True), so PyTorch must be
-    installed (it is not a requirement of this project); nothing is ever unpickled otherwise.
-    Without PyTorch, convert the file once elsewhere to .safetensors (module docstring).
+  .pth / .pt: the zip archive that torch.save writes, read by hml_jax.pth_files without torch;
+    a pickle that names anything but tensors is refused (pth_files.UnsafePickleError).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No state-dict file {path!r}.')
   extension = os.path.splitext(path)[1].lower()
   if extension == '.safetensors':
-    try:
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f'Reading {path!r} needs the safetensors package: pip install '
-                        'safetensors.') from e
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return dict(load_file(path))
   if extension == '.npz':
     with np.load(path, allow_pickle=False) as data:
       return {name: data[name] for name in data.files}
   if extension in ('.pth', '.pt'):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          f'Reading the PyTorch file {path!r} needs torch (not a requirement of this project): '
-          'pip install torch, or convert it to .safetensors once where torch is installed: '
-          + CONVERT_ONE_LINER.replace('FILE.pth', path).replace(
-              'FILE.safetensors', os.path.splitext(path)[0] + '.safetensors')) from e
-    loaded = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(loaded, Mapping):
-      raise ValueError(f'{path!r} holds a {type(loaded).__name__}, not a state dict.')
-    not_tensors = sorted(name for name, value in loaded.items()
-                         if not isinstance(value, torch.Tensor))
-    if not_tensors:
-      raise ValueError(f'{path!r} is not a flat state dict (name -> tensor): entries '
-                       f'{not_tensors[:10]} are not tensors (a training checkpoint? save its '
-                       "model's state_dict() instead).")
-    return {name: (value.float() if value.dtype == torch.bfloat16 else value).detach().numpy()
-            for name, value in loaded.items()}
+    return pth_files.read_state_dict(path)
   raise ValueError(f'Unsupported state-dict file {path!r}: the extension must be one of '
                    f'{", ".join(SUPPORTED_EXTENSIONS)}.')
 
 
-def init_variables_from(spec: str, backbone, image_shape: Sequence[int]) -> Dict[str, Any]:
-  """Backbone variables {'params', 'batch_stats'} from spec 'torchvision:/path/to/file' (a
-  .safetensors, .npz, .pth or .pt torchvision ResNet state dict): loaded, converted and checked
-  against the backbone for images of image_shape, NHWC (batch, height, width, channels)."""
+def named_weights(spec: str) -> Optional[str]:
+  """'torchvision:resnet50' -> 'resnet50'; None for a path ('torchvision:/x/y.pth')."""
+  rest = spec[len(PREFIX):] if spec.startswith(PREFIX) else None
+  return rest if rest in IMAGENET_WEIGHTS else None
+
+
+def check_spec(spec: str, model_name: Optional[str] = None) -> None:
+  """Rejects a malformed config.init_from, or ImageNet weights of another architecture than
+  config.model, before any work is done (nothing is read or downloaded)."""
   if not spec.startswith(PREFIX):
-    raise ValueError(f'Unsupported pretrained-weights spec {spec!r}: expected '
-                     f"'{PREFIX}/path/to/resnet50.safetensors' (the only supported source).")
-  path = spec[len(PREFIX):]
-  if not path:
-    raise ValueError(f'No file in the pretrained-weights spec {spec!r}.')
-  return from_torchvision(load_state_dict(path), backbone=backbone, image_shape=image_shape)
+    raise ValueError(f'Unsupported pretrained-weights spec {spec!r} (config.init_from): expected '
+                     f"'{PREFIX}resnet50' (torchvision's ImageNet weights; also "
+                     f"{', '.join(n for n in IMAGENET_WEIGHTS if n != 'resnet50')}), "
+                     f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), or '' to train "
+                     'from scratch.')
+  rest = spec[len(PREFIX):]
+  if not rest:
+    raise ValueError(f'No file or name in the pretrained-weights spec {spec!r}.')
+  name = named_weights(spec)
+  if name is None and not (os.sep in rest or '/' in rest or
+                           os.path.splitext(rest)[1].lower() in SUPPORTED_EXTENSIONS):
+    raise ValueError(f'config.init_from={spec!r}: {rest!r} is neither one of torchvision\'s '
+                     f'ImageNet weights ({", ".join(IMAGENET_WEIGHTS)}) nor a path to a weights '
+                     f'file ({", ".join(SUPPORTED_EXTENSIONS)}).')
+  if name is not None and model_name is not None and name != model_name:
+    if model_name in IMAGENET_WEIGHTS:
+      advice = (f'Set --config.init_from={PREFIX}{model_name}, a weights file of that '
+                "architecture, or '' to train from scratch.")
+    else:
+      advice = ("torchvision has no ImageNet weights for it: set --config.init_from='' to train "
+                f"from scratch, or use one of {', '.join(IMAGENET_WEIGHTS)}.")
+    raise ValueError(f'config.init_from={spec!r} holds the weights of {name}, but config.model is '
+                     f'{model_name!r}. {advice}')
+
+
+def torch_hub_checkpoints() -> str:
+  """Where torchvision caches its weights: $TORCH_HOME/hub/checkpoints (TORCH_HOME defaults to
+  $XDG_CACHE_HOME/torch, else ~/.cache/torch)."""
+  torch_home = os.environ.get('TORCH_HOME') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
+      'torch')
+  return os.path.join(torch_home, 'hub', 'checkpoints')
+
+
+def weights_file(spec: str, progress: bool = True) -> str:
+  """The local file that spec names: for 'torchvision:resnet50' and its kin a verified copy from
+  the cache or torchvision's, downloaded if neither has it (downloads.DownloadError, naming the
+  URL, the path to put the file at and its digest, if that fails); else the path itself."""
+  check_spec(spec)
+  name = named_weights(spec)
+  if name is None:
+    return spec[len(PREFIX):]
+  weights = IMAGENET_WEIGHTS[name]
+  return downloads.cached_or_download(weights.url, weights.sha256, weights.filename,
+                                      other_places=(torch_hub_checkpoints(),), progress=progress)
+
+
+def init_variables_from(spec: str, backbone, image_shape: Sequence[int]) -> Dict[str, Any]:
+  """Backbone variables {'params', 'batch_stats'} from spec: 'torchvision:resnet50' (and
+  resnet18/34/101: torchvision's ImageNet weights, from the cache or downloaded) or
+  'torchvision:/path/to/file' (a .safetensors, .npz, .pth or .pt torchvision ResNet state dict),
+  loaded, converted and checked against the backbone for images of image_shape, NHWC (batch,
+  height, width, channels)."""
+  return from_torchvision(load_state_dict(weights_file(spec)), backbone=backbone,
+                          image_shape=image_shape)

@@ -22,6 +22,7 @@ from hml_jax import losses
 from hml_jax import metrics as metrics_lib
 from hml_jax import models
 from hml_jax import preemption
+from hml_jax import pretrained
 from hml_jax import sharding
 
 
@@ -58,6 +59,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.margin={config.margin}: beyond |m| = '
                      f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
                      'increasing in the cosine (heads.cos_with_margin); the paper uses 0-0.4.')
+  if config.get('adaptive_optimizer', 'separate') not in ADAPTIVE_OPTIMIZERS:
+    raise ValueError(f'Unknown config.adaptive_optimizer={config.adaptive_optimizer!r}; choose '
+                     f'one of {list(ADAPTIVE_OPTIMIZERS)}.')
+  if config.get('init_from'):
+    pretrained.check_spec(config.init_from, config.model)
   sharding.check_parameter_sharding(*parameter_layout(config))
 
 
@@ -68,12 +74,22 @@ def parameter_layout(config):
                for key in ('parameter_sharding', 'fsdp_min_size'))
 
 
+ADAPTIVE_OPTIMIZERS = ('separate', 'shared')
+
+
 def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam over everything; s* and m* (adaptive HML) get their own Adam and learning rate, and so
-  does ROLE's label estimator (Cole et al.: 10x the learning rate)."""
+  """Adam over everything. s* and m* (adaptive HML) get config.adaptive_learning_rate with
+  config.adaptive_optimizer='separate', or the network's learning rate with 'shared' (the paper's
+  literal reading: they are learnable parameters like the rest; Adam is elementwise, so this is
+  one Adam over all). ROLE's label estimator gets config.role_lr_mult times the learning rate
+  (Cole et al.)."""
+  if config.get('adaptive_optimizer', 'separate') == 'shared':
+    scale_margin_learning_rate = config.learning_rate
+  else:
+    scale_margin_learning_rate = config.adaptive_learning_rate
   return optax.multi_transform(
       {'model': optax.adam(config.learning_rate),
-       'scale_margin': optax.adam(config.adaptive_learning_rate),
+       'scale_margin': optax.adam(scale_margin_learning_rate),
        'estimator': optax.adam(config.learning_rate * config.role_lr_mult)},
       lambda params: {key: key for key in params})
 
@@ -82,13 +98,13 @@ def with_pretrained_backbone(variables, model, init_from: str, image_shape):
   """variables with the backbone's parameters and BatchNorm statistics replaced by the weights
   named by config.init_from ('torchvision:/path/resnet50.safetensors'; hml_jax/pretrained.py).
   The head keeps its fresh initialization (the 1000-class fc layer is dropped)."""
-  from hml_jax import pretrained  # pylint: disable=g-import-not-at-top
   loaded = pretrained.init_variables_from(init_from, model.backbone, (1,) + tuple(image_shape))
   variables = flax.core.unfreeze(variables)
   variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
   variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
                                                                 loaded['batch_stats'])
-  logging.info('Backbone initialized from %s.', init_from)
+  logging.info('Backbone initialized from %s (%s).', init_from,
+               pretrained.weights_file(init_from, progress=False))
   return variables
 
 
@@ -249,6 +265,10 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
 
   def apply_step(state):
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
+    if method.learns_scale_and_margin:
+      scale_margin = dict(new_state.params['scale_margin'])
+      scale_margin['margin'] = heads.bound_learned_margin(scale_margin['margin'])
+      new_state = new_state.replace(params={**new_state.params, 'scale_margin': scale_margin})
     if method.updates_labels:
       new_state = new_state.replace(observed_labels=new_state.observed_labels.at[
           batch['indices']].max(modified.astype(jnp.float32)))
@@ -444,6 +464,18 @@ def write_results(workdir, config, history, label_names, wall_seconds):
   return results
 
 
+def announce_initialization(config) -> None:
+  """Before any other work of a new run: the pretrained weights are found (or downloaded; an
+  error names where to put them), or a warning says that a torchvision ResNet starts random."""
+  if config.get('init_from'):
+    pretrained.weights_file(config.init_from)
+  elif config.model in pretrained.IMAGENET_WEIGHTS:
+    logging.warning(
+        'The %s backbone starts from random weights (config.init_from=\'\'). The paper and its '
+        'baselines start from ImageNet weights and their numbers assume them: '
+        '--config.init_from=torchvision:%s.', config.model, config.model)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains config.loss on config.dataset, evaluates every epoch, writes workdir/results.json.
 
@@ -463,6 +495,9 @@ def _train_and_evaluate(config, workdir):
   # APL's pseudo-label counts depend on num_epochs, so it cannot change when resuming.
   checkpoints.check_config(workdir, config, checkpoints.RESUMABLE_KEYS - (
       {'num_epochs'} if method.pseudo_labels else set()))
+  starts_afresh = not checkpoints.has_checkpoint(workdir)
+  if starts_afresh:
+    announce_initialization(config)
   data = input_pipeline.load(config)
 
   mesh = sharding.create_mesh()

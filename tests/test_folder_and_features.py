@@ -53,6 +53,7 @@ def tiny_image_config(path, **overrides):
   config = folder_config.get_config()
   config.dataset.path = str(path)
   config.model, config.image_size = 'resnet_tiny', 32
+  config.init_from = ''  # torchvision has no weights for the tiny model
   config.batch_size, config.eval_batch_size, config.num_epochs = 4, 8, 1
   config.log_every_steps = 2
   config.dataset.shuffle_buffer = 16

@@ -4,6 +4,7 @@
 (github.com/elijahcole/single-positive-multi-label, preproc/format_*.py), written here without
 the modules' helpers; the builders are checked against read_split; and the error paths.
 """
+import hashlib
 import importlib
 import json
 import os
@@ -15,6 +16,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hml_jax import input_pipeline
+from hml_jax import models
+from hml_jax import pretrained
 from hml_jax import train
 from hml_jax.datasets import coco2014
 from hml_jax.datasets import common
@@ -358,6 +361,7 @@ def tiny_paper_config(name, manual_dir, data_dir, **overrides):
   config = importlib.import_module(PAPER_CONFIGS[name][0]).get_config()
   config.dataset.manual_dir, config.dataset.data_dir = str(manual_dir), str(data_dir)
   config.model, config.image_size = 'resnet_tiny', 32
+  config.init_from = ''  # torchvision has no weights for the tiny model
   config.batch_size, config.eval_batch_size, config.num_epochs = 2, 4, 1
   config.dataset.shuffle_buffer, config.log_every_steps = 8, 1
   for key, value in overrides.items():
@@ -397,3 +401,49 @@ def test_protocol_and_one_training_epoch_from_each_fixture(tmp_path, name):
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert len(results['epochs']) == 1 and 0.0 <= results['test_map'] <= 100.0
   assert list(results['per_class_ap']) == list(names)
+
+
+def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(tmp_path, monkeypatch,
+                                                                          caplog):
+  """configs/voc.py without any init_from flag: the ResNet-50 weights placed in the cache (here a
+  random torchvision-layout ResNet-50 saved by torch under the real file's name, its digest
+  patched in; the real file is checked the same way) initialize the backbone, with no network."""
+  torch = pytest.importorskip('torch')
+  cache = tmp_path / 'cache'
+  os.makedirs(cache)
+  monkeypatch.setenv('HML_JAX_CACHE', str(cache))
+  monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+  shapes = pretrained.expected_variables(models.get_backbone('resnet50'), (1, 64, 64, 3))
+  rng = np.random.RandomState(0)
+  state_dict = {}
+  for path, shape in pretrained._flatten(shapes).items():  # pylint: disable=protected-access
+    value = rng.normal(0, 0.05, shape.shape).astype(np.float32)
+    if path[-1] == 'kernel':
+      value = value.transpose(3, 2, 0, 1)  # HWIO -> torchvision's OIHW
+    elif path[-1] in ('scale', 'var'):
+      value = np.abs(value) + 0.5
+    name = pretrained._torchvision_name(path)  # pylint: disable=protected-access
+    state_dict[name] = torch.from_numpy(np.ascontiguousarray(value))
+  weights = pretrained.IMAGENET_WEIGHTS['resnet50']
+  torch.save(state_dict, cache / weights.filename)
+  digest = hashlib.sha256((cache / weights.filename).read_bytes()).hexdigest()
+  monkeypatch.setitem(pretrained.IMAGENET_WEIGHTS, 'resnet50', pretrained.WeightsFile(
+      'http://127.0.0.1:9/unreachable/' + weights.filename, digest))
+
+  dataset_fixtures.write_voc2012(tmp_path / 'manual')
+  config = importlib.import_module('configs.voc').get_config()
+  assert config.init_from == 'torchvision:resnet50' and config.model == 'resnet50'
+  config.dataset.manual_dir = str(tmp_path / 'manual')
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  config.image_size, config.batch_size, config.eval_batch_size, config.num_epochs = 64, 2, 4, 1
+  config.dataset.shuffle_buffer, config.log_every_steps = 8, 1
+  caplog.set_level('INFO')
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert len(results['epochs']) == 1
+  initialized = f'Backbone initialized from torchvision:resnet50 ({cache / weights.filename})'
+  assert initialized in caplog.text
+  assert 'starts from random weights' not in caplog.text
+  _, _, state = train.load_trained_state(str(tmp_path / 'run'))
+  # Two Adam steps at 1e-5 move a weight by at most about 2e-5.
+  np.testing.assert_allclose(np.asarray(state.params['model']['backbone']['conv1']['kernel']),
+                             state_dict['conv1.weight'].numpy().transpose(2, 3, 1, 0), atol=1e-4)
