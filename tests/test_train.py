@@ -53,6 +53,60 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
     assert np.all(np.asarray(state.observed_labels) >= batch['labels'])
 
 
+def _hml_steps(config, num_steps, margin_push=0.0):
+  """(state, metrics) after num_steps train steps of adaptive HML on one fixed random batch.
+  margin_push: added to the loss times m*, a gradient that drives m* upwards."""
+  method = losses.get_method('hml')
+  if margin_push:
+    pushed = losses.Method(**{**method.__dict__, 'loss': lambda cos, labels, scale, margin,
+                              **kwargs: losses.hml(cos, labels, scale, margin, **kwargs)
+                              - margin_push * margin})
+    method = pushed
+  model = models.create_model('resnet_tiny', method.head, num_labels=10)
+  rng = np.random.RandomState(0)
+  batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
+           'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
+           'indices': np.arange(16, dtype=np.int32)}
+  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  step = jax.jit(lambda s, b: train.train_step(s, b, {}, method=method, config=config,
+                                               hyperparameters={'margin_on': 'both'}))
+  for _ in range(num_steps):
+    state, metrics = step(state, batch)
+  return state, metrics
+
+
+def test_adaptive_optimizer_shared_uses_the_network_learning_rate():
+  """'shared' gives s*, m* the network's Adam step; 'separate' its own rate, so that at equal
+  rates (the default config: 1e-3 and 1e-3) the two are the same optimizer, bit for bit."""
+  separate, _ = _hml_steps(tiny_config('unused', learning_rate=1e-3), 5)
+  shared, _ = _hml_steps(tiny_config('unused', learning_rate=1e-3, adaptive_optimizer='shared'), 5)
+  for a, b in zip(jax.tree_util.tree_leaves(separate.params),
+                  jax.tree_util.tree_leaves(shared.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # At the paper configs' 1e-5, 'shared' moves m* about 1e-5 per step (Adam's step is about the
+  # learning rate), 'separate' about 1e-3.
+  config = tiny_config('unused', learning_rate=1e-5, adaptive_learning_rate=1e-3)
+  separate, _ = _hml_steps(config, 5)
+  config.adaptive_optimizer = 'shared'
+  shared, _ = _hml_steps(config, 5)
+  moved = {name: abs(float(state.params['scale_margin']['margin']) - np.float32(0.3))
+           for name, state in (('separate', separate), ('shared', shared))}
+  assert 1e-3 < moved['separate'] <= 5.01e-3 and 1e-5 < moved['shared'] <= 5.01e-5, moved
+
+
+def test_learned_margin_stays_where_the_margin_map_increases():
+  """However hard the loss pushes m*, it never leaves [-2.3311, 2.3311] (heads.cos_with_margin
+  is increasing in c only for |m| <= 2.33112)."""
+  config = tiny_config('unused', learning_rate=1e-3, adaptive_learning_rate=0.5, margin=2.2)
+  state, metrics = _hml_steps(config, 4, margin_push=100.0)
+  margin = float(state.params['scale_margin']['margin'])
+  assert margin == float(np.float32(2.3311)) and float(metrics['margin']) == margin
+  assert margin < 2.3311223704  # heads.MONOTONIC_MARGIN_LIMIT
+  config.margin = -2.2
+  state, _ = _hml_steps(config, 4, margin_push=-100.0)
+  assert float(state.params['scale_margin']['margin']) == -float(np.float32(2.3311))
+
+
 def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
   uninterrupted = tmp_path / 'uninterrupted'
   results = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(uninterrupted))
@@ -170,6 +224,9 @@ def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
     ('batch_size', 0, 'config.batch_size=0'),
     ('positive_fraction', 0.0, r"config.positive_fraction=0.0: scenario 'partial_positive'"),
     ('margin', 2.5, r'config.margin=2.5: beyond \|m\| = 2.3311 rad'),
+    ('adaptive_optimizer', 'joint', r"config.adaptive_optimizer='joint'.*'separate', 'shared'"),
+    ('init_from', 'torchvision:resnet50', r"weights of resnet50, but config.model is "
+     r"'resnet_tiny'"),
     ('image_size', 48, 'config.image_size is 48'),
     ('dataset.mean', (0.485, 0.456, 0.406), 'config.dataset.mean has 3 values'),
 ])
