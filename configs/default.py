@@ -59,6 +59,20 @@ def get_config():
   config.delta_rel = -1.0
   config.role_lr_mult = 10.0      # role: the label estimator's learning rate multiplier (Cole et al.)
 
+  # How each method is trained (hml_jax/recipes.py, docs/methods.md). 'shared': every method in
+  # the same loop (here: the fairer comparison on the embedded data, where no one published a
+  # recipe); 'published': as its authors trained it (the paper configs): Cole et al.'s linear
+  # init for ROLE and AN-LS, Kim et al.'s 10x head learning rate and 3-point early stop for LL-*,
+  # Zhou et al.'s early stop at the first epoch without a better validation mAP for EM, EM+APL.
+  config.recipe = 'shared'
+  # Each part of the recipe on its own; < 0 takes the recipe's value.
+  config.linear_init_epochs = -1             # the head alone on frozen features first (0: no)
+  config.linear_init_learning_rate = -1.0
+  config.linear_init_batch_size = -1
+  config.head_learning_rate_multiplier = -1.0  # the head's learning rate over the backbone's
+  config.early_stopping_patience = -1        # epochs without a new best val mAP (0: never stop)
+  config.early_stopping_drop = -1.0          # val mAP points below the best (0: never stop)
+
   # 'full'; 'partial_positive' (the paper's partial positive labels, Sec. 4.3 / Fig. 4:
   # config.positive_fraction of all positives of the split, so images may keep none); 'partial'
   # (that fraction of each image's positives, at least one per image); 'single_positive'.

@@ -36,7 +36,10 @@ RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_kee
 # with the behaviour of this value, so it still resumes (and is reused by compare) when the key
 # has it now.
 ADDED_KEYS = {'nonfinite': 'stop', 'convolutions': 'auto', 'parameter_sharding': 'replicated',
-              'fsdp_min_size': 2**16, 'adaptive_optimizer': 'separate',
+              'fsdp_min_size': 2**16, 'adaptive_optimizer': 'separate', 'recipe': 'shared',
+              'linear_init_epochs': -1, 'linear_init_learning_rate': -1.0,
+              'linear_init_batch_size': -1, 'head_learning_rate_multiplier': -1.0,
+              'early_stopping_patience': -1, 'early_stopping_drop': -1.0,
               'dataset.decoder': input_pipeline.DECODER_OF_OLDER_RUNS}
 
 

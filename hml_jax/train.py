@@ -1,8 +1,9 @@
 """Training and evaluation loop: train_and_evaluate(config, workdir)."""
+import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import flax
 from flax.training import train_state
@@ -23,6 +24,7 @@ from hml_jax import metrics as metrics_lib
 from hml_jax import models
 from hml_jax import preemption
 from hml_jax import pretrained
+from hml_jax import recipes
 from hml_jax import sharding
 
 
@@ -64,6 +66,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'one of {list(ADAPTIVE_OPTIMIZERS)}.')
   if config.get('init_from'):
     pretrained.check_spec(config.init_from, config.model)
+  recipes.resolve(config)
   sharding.check_parameter_sharding(*parameter_layout(config))
 
 
@@ -82,16 +85,26 @@ def create_optimizer(config) -> optax.GradientTransformation:
   config.adaptive_optimizer='separate', or the network's learning rate with 'shared' (the paper's
   literal reading: they are learnable parameters like the rest; Adam is elementwise, so this is
   one Adam over all). ROLE's label estimator gets config.role_lr_mult times the learning rate
-  (Cole et al.)."""
+  (Cole et al.), and the classifier head the recipe's head_learning_rate_multiplier times it
+  (Kim et al.'s 10x for LL-R/Ct/Cp; hml_jax/recipes.py)."""
   if config.get('adaptive_optimizer', 'separate') == 'shared':
     scale_margin_learning_rate = config.learning_rate
   else:
     scale_margin_learning_rate = config.adaptive_learning_rate
-  return optax.multi_transform(
-      {'model': optax.adam(config.learning_rate),
-       'scale_margin': optax.adam(scale_margin_learning_rate),
-       'estimator': optax.adam(config.learning_rate * config.role_lr_mult)},
-      lambda params: {key: key for key in params})
+  transforms = {'model': optax.adam(config.learning_rate),
+                'scale_margin': optax.adam(scale_margin_learning_rate),
+                'estimator': optax.adam(config.learning_rate * config.role_lr_mult)}
+  head_multiplier = recipes.resolve(config).head_learning_rate_multiplier
+  if head_multiplier != 1:
+    transforms['head'] = optax.adam(config.learning_rate * head_multiplier)
+
+  def group_of(params):
+    groups = {key: key for key in params}
+    if 'head' in transforms:  # the backbone's parameters stay in 'model'
+      groups['model'] = {name: 'head' if name == 'head' else 'model' for name in params['model']}
+    return groups
+
+  return optax.multi_transform(transforms, group_of)
 
 
 def with_pretrained_backbone(variables, model, init_from: str, image_shape):
@@ -440,8 +453,9 @@ def _as_percent(value):
   return None if value is None or np.isnan(value) else round(100.0 * float(value), 4)
 
 
-def write_results(workdir, config, history, label_names, wall_seconds):
-  """results.json: the best epoch by validation mAP and its test mAP, plus the last epoch."""
+def write_results(workdir, config, recipe, history, label_names):
+  """results.json: the best epoch by validation mAP and its test mAP, plus the last epoch, the
+  training recipe, whether it stopped early and the linear-init phase's results if any."""
   best = max(history['epochs'], key=lambda e: e['val_map'])
   last = history['epochs'][-1]
   results = {
@@ -454,7 +468,10 @@ def write_results(workdir, config, history, label_names, wall_seconds):
       'final_scale': last['scale'],
       'final_margin': last['margin'],
       'train_images_per_sec': history['train_images'] / max(history['train_seconds'], 1e-9),
-      'wall_seconds': wall_seconds,
+      'wall_seconds': history['wall_seconds'],
+      'recipe': dataclasses.asdict(recipe),
+      'stopped_early': len(history['epochs']) < config.num_epochs,
+      'linear_init': history.get('linear_init'),
       'epochs': [{k: v for k, v in e.items() if k != 'test_per_class_ap'}
                  for e in history['epochs']],
       'config': config.to_dict(),
@@ -476,7 +493,8 @@ def announce_initialization(config) -> None:
         '--config.init_from=torchvision:%s.', config.model, config.model)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data: Optional[input_pipeline.Data] = None) -> Dict[str, Any]:
   """Trains config.loss on config.dataset, evaluates every epoch, writes workdir/results.json.
 
   Running the same command again resumes from the newest checkpoint in workdir.
@@ -484,12 +502,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   validate_config(config)
   files.makedirs(workdir)
   if jax.process_index() > 0:  # process 0 holds the workdir's lock for all of them
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, data)
   with checkpoints.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, data)
 
 
-def _train_and_evaluate(config, workdir):
+def _train_and_evaluate(config, workdir, data=None):
   start_time = time.time()
   method = losses.get_method(config.loss)
   # APL's pseudo-label counts depend on num_epochs, so it cannot change when resuming.
@@ -498,7 +516,12 @@ def _train_and_evaluate(config, workdir):
   starts_afresh = not checkpoints.has_checkpoint(workdir)
   if starts_afresh:
     announce_initialization(config)
-  data = input_pipeline.load(config)
+  recipe = recipes.resolve(config)
+  if recipe != recipes.Recipe():
+    logging.info('Training recipe of %s (config.recipe=%s): %s.', config.loss, config.recipe,
+                 recipe.describe())
+  if data is None:
+    data = input_pipeline.load(config)
 
   mesh = sharding.create_mesh()
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
@@ -530,11 +553,15 @@ def _train_and_evaluate(config, workdir):
     logging.info('Resumed from epoch %d%s in %s.', len(history['epochs']),
                  f" and {len(partial['step_metrics'])} steps of epoch {partial['epoch']}"
                  if partial else '', workdir)
+  if restored is None and recipe.linear_init_epochs > 0:
+    from hml_jax import linear_init  # pylint: disable=g-import-not-at-top
+    state, history['linear_init'] = linear_init.train_head(config, recipe, workdir, data, state,
+                                                           mesh)
   first_epoch = len(history['epochs']) + 1
-  if first_epoch > config.num_epochs:
-    logging.info('All %d epochs are done in %s; rewriting results.json only.', config.num_epochs,
-                 workdir)
-    return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
+  if first_epoch > config.num_epochs or stops_early(recipe, history):
+    logging.info('All %d epochs are done in %s; rewriting results.json only.',
+                 len(history['epochs']), workdir)
+    return write_results(workdir, config, recipe, history, data.label_names)
 
   hyperparameters = loss_hyperparameters(method, config, data.train.labels)
   # From the state itself: a pytree of shardings must match the state's tree, whose static part
@@ -569,9 +596,17 @@ def _train_and_evaluate(config, workdir):
           steps_per_epoch)
       history['wall_seconds'] += time.time() - start_time
       start_time = time.time()
+      if stops_early(recipe, history):
+        logging.info('Early stopping after epoch %d of %d (%s); the best epoch is kept.', epoch,
+                     config.num_epochs, recipe.describe())
+        break
   writer.flush()
   manager.wait()
-  return write_results(workdir, config, history, data.label_names, history['wall_seconds'])
+  return write_results(workdir, config, recipe, history, data.label_names)
+
+
+def stops_early(recipe, history) -> bool:
+  return recipes.should_stop(recipe, [epoch['val_map'] for epoch in history['epochs']])
 
 
 def _train_and_evaluate_epoch(epoch, state, history, manager, train_fn, eval_fn, method, data,
