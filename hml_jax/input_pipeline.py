@@ -475,7 +475,8 @@ class Source:
 
 
 # The TFDS builders of hml_jax/datasets: prepared offline (generated or from manual_dir files).
-OUR_BUILDERS = ('composite_digits', 'hml_voc2012', 'hml_coco2014', 'hml_cub', 'hml_nus_wide')
+OUR_BUILDERS = ('composite_digits', 'glyph_digits', 'glyph_pretraining', 'hml_voc2012',
+                'hml_coco2014', 'hml_cub', 'hml_nus_wide')
 
 
 def load_tfds_builder(dataset_config):

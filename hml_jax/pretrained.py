@@ -264,15 +264,29 @@ def named_weights(spec: str) -> Optional[str]:
   return rest if rest in IMAGENET_WEIGHTS else None
 
 
+WORKDIR_PREFIX = 'workdir:'
+
+
+def workdir_of(spec: str) -> Optional[str]:
+  """'workdir:DIR' -> DIR (the backbone of that hml_jax run's best checkpoint); else None."""
+  return spec[len(WORKDIR_PREFIX):] if spec.startswith(WORKDIR_PREFIX) else None
+
+
 def check_spec(spec: str, model_name: Optional[str] = None) -> None:
   """Rejects a malformed config.init_from, or ImageNet weights of another architecture than
   config.model, before any work is done (nothing is read or downloaded)."""
+  if spec.startswith(WORKDIR_PREFIX):
+    if not workdir_of(spec):
+      raise ValueError(f'No directory in config.init_from={spec!r}: expected '
+                       f"'{WORKDIR_PREFIX}/path/to/a/run'.")
+    return
   if not spec.startswith(PREFIX):
     raise ValueError(f'Unsupported pretrained-weights spec {spec!r} (config.init_from): expected '
                      f"'{PREFIX}resnet50' (torchvision's ImageNet weights; also "
                      f"{', '.join(n for n in IMAGENET_WEIGHTS if n != 'resnet50')}), "
-                     f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), or '' to train "
-                     'from scratch.')
+                     f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), "
+                     f"'{WORKDIR_PREFIX}/path/to/a/run' (the backbone of an hml_jax run), or '' "
+                     'to train from scratch.')
   rest = spec[len(PREFIX):]
   if not rest:
     raise ValueError(f'No file or name in the pretrained-weights spec {spec!r}.')

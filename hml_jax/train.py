@@ -107,10 +107,56 @@ def create_optimizer(config) -> optax.GradientTransformation:
   return optax.multi_transform(transforms, group_of)
 
 
+def check_backbone_workdir(directory: str, config) -> None:
+  """config.init_from='workdir:DIR': DIR must hold a finished epoch of an hml_jax run of the same
+  model and input channels; errors name what differs."""
+  spec = f'{pretrained.WORKDIR_PREFIX}{directory}'
+  if not files.exists(checkpoints.config_path(directory)):
+    raise FileNotFoundError(f'config.init_from={spec!r}: {directory} holds no hml_jax run (no '
+                            'config.json). Train the source run there first.')
+  source = ml_collections.ConfigDict(files.read_json(checkpoints.config_path(directory)))
+  if source.model != config.model:
+    raise ValueError(f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
+                     f'config.model is {config.model!r}.')
+  if not files.is_dir(files.join(directory, 'best')) or not any(
+      name.isdigit() for name in files.listdir(files.join(directory, 'best'))):
+    raise FileNotFoundError(f'config.init_from={spec!r}: {directory} has no best checkpoint yet '
+                            '(no epoch finished); finish that run first.')
+
+
+def backbone_of_workdir(directory: str, model, image_shape):
+  """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint, checked against model's
+  backbone for inputs of image_shape (H, W, C)."""
+  check_backbone_workdir(directory, ml_collections.ConfigDict(
+      {'model': files.read_json(checkpoints.config_path(directory))['model']}))
+  _, _, state = load_trained_state(directory, 'best')
+  loaded = {'params': jax.device_get(state.params['model'].get('backbone', {})),
+            'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))}
+  expected = pretrained.expected_variables(model.backbone, (1,) + tuple(image_shape))
+  got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), loaded)
+  wanted = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
+  if got != wanted:
+    raise ValueError(f'config.init_from=workdir:{directory}: its backbone does not fit this '
+                     f'model for inputs {tuple(image_shape)} (another number of channels or '
+                     f'layers): {jax.tree_util.tree_leaves(got)[:3]}... against '
+                     f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
+  return loaded
+
+
 def with_pretrained_backbone(variables, model, init_from: str, image_shape):
   """variables with the backbone's parameters and BatchNorm statistics replaced by the weights
-  named by config.init_from ('torchvision:/path/resnet50.safetensors'; hml_jax/pretrained.py).
-  The head keeps its fresh initialization (the 1000-class fc layer is dropped)."""
+  named by config.init_from ('torchvision:resnet50', 'torchvision:/path/file.pth',
+  'workdir:DIR'; hml_jax/pretrained.py). The head keeps its fresh initialization (a torchvision
+  file's 1000-class fc layer and a source run's head are dropped)."""
+  directory = pretrained.workdir_of(init_from)
+  if directory is not None:
+    loaded = backbone_of_workdir(directory, model, image_shape)
+    variables = flax.core.unfreeze(variables)
+    variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
+    variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
+                                                                  loaded['batch_stats'])
+    logging.info('Backbone initialized from the best checkpoint of %s.', directory)
+    return variables
   loaded = pretrained.init_variables_from(init_from, model.backbone, (1,) + tuple(image_shape))
   variables = flax.core.unfreeze(variables)
   variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
@@ -484,7 +530,9 @@ def write_results(workdir, config, recipe, history, label_names):
 def announce_initialization(config) -> None:
   """Before any other work of a new run: the pretrained weights are found (or downloaded; an
   error names where to put them), or a warning says that a torchvision ResNet starts random."""
-  if config.get('init_from'):
+  if config.get('init_from') and pretrained.workdir_of(config.init_from) is not None:
+    check_backbone_workdir(pretrained.workdir_of(config.init_from), config)
+  elif config.get('init_from'):
     pretrained.weights_file(config.init_from)
   elif config.model in pretrained.IMAGENET_WEIGHTS:
     logging.warning(

@@ -1,0 +1,16 @@
+"""The pretraining stage of the paper's regime offline (docs/results.md, "The paper's regime"):
+the source task glyph_pretraining (hml_jax/datasets/glyphs.py), as ImageNet is to VOC, with full
+labels and plain BCE. Its best checkpoint's backbone starts every configs/glyph_digits.py run
+(config.init_from='workdir:runs/glyph_pretraining')."""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset.name = 'glyph_pretraining'
+  config.dataset.builder_config = 'default'  # 'tiny' for tests
+  config.loss = 'bce'              # full labels: BCE, as ImageNet pretraining's cross-entropy
+  config.label_scenario = 'full'
+  config.model = 'resnet_small'
+  config.num_epochs = 6            # sized to run inside the quickstart's budget on 2 cores
+  return config

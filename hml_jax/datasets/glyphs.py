@@ -1,0 +1,286 @@
+"""The paper's regime offline: a pretraining source task and a VOC-like target, both generated.
+
+The paper fine-tunes an ImageNet ResNet-50 on VOC / COCO: a backbone pretrained on a large
+single-domain source disjoint from the target, and a target with many labels and few positives
+per image (VOC: 20 labels, 1.4 positives per image, so single positive labels leave about 2% of
+the unobserved labels positive). Neither ImageNet nor VOC can be downloaded here; these two
+datasets stand in for them, generated from what the installed packages ship:
+
+- `glyph_pretraining` (the source, as ImageNet): cluttered 48x48 composites of 1-3 printed
+  glyphs out of 32 classes (the 26 capital Latin letters and & @ # % ? $), rendered from the
+  DejaVu and STIX fonts that matplotlib ships, with full labels. It contains no digit and no
+  Greek letter, and never reads scikit-learn's digits: nothing of the target's images or of the
+  sources they are drawn from (tests/test_glyphs.py checks it).
+- `glyph_digits` (the target, as VOC): 20 labels, the 10 handwritten digits of scikit-learn
+  (`load_digits`, as composite_digits) and 10 printed Greek letters (α β γ δ ε ζ θ λ π ω). An
+  image starts from one seed label (two with probability 0.25), and each seed brings its planted
+  partner (digit d with the d-th Greek letter, PARTNER_PAIRS) with probability 0.35: about 1.7
+  positives per image, so that single positive labels leave about 3.6% of the unobserved labels
+  positive, and the planted pairs are the ground truth of Eq. 8. Its train and test images draw
+  from disjoint source digits and disjoint fonts.
+
+Both are deterministic functions of the builder's version, config and the installed fonts (the
+fonts are matplotlib's files; another matplotlib release may shift pixels).
+"""
+import dataclasses
+import functools
+import os
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageDraw, ImageFont
+
+from hml_jax.datasets import composite_digits
+
+PRETRAINING_CLASSES = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') + ('&', '@', '#', '%', '?', '$')
+GREEK_LETTERS = ('α', 'β', 'γ', 'δ', 'ε', 'ζ', 'θ', 'λ', 'π', 'ω')
+TARGET_LABELS = tuple(str(d) for d in range(10)) + GREEK_LETTERS
+PARTNER_PAIRS = tuple((d, 10 + d) for d in range(10))  # digit d with the d-th Greek letter
+
+# matplotlib's fonts that hold every glyph above, by family (serif, sans, mono, STIX).
+FONT_FILES = (
+    'DejaVuSans.ttf', 'DejaVuSans-Bold.ttf', 'DejaVuSans-Oblique.ttf',
+    'DejaVuSans-BoldOblique.ttf', 'DejaVuSansMono.ttf', 'DejaVuSansMono-Bold.ttf',
+    'DejaVuSansMono-Oblique.ttf', 'DejaVuSansMono-BoldOblique.ttf', 'DejaVuSerif.ttf',
+    'DejaVuSerif-Bold.ttf', 'DejaVuSerif-Italic.ttf', 'DejaVuSerif-BoldItalic.ttf',
+    'STIXGeneral.ttf', 'STIXGeneralBol.ttf', 'STIXGeneralItalic.ttf', 'STIXGeneralBolIta.ttf')
+# The target's test glyphs come from these fonts only, its train glyphs from the others.
+TEST_FONTS = ('DejaVuSans-BoldOblique.ttf', 'DejaVuSansMono-Oblique.ttf',
+              'DejaVuSerif-Italic.ttf', 'STIXGeneralBol.ttf')
+GLYPH_RENDER_SIZE = 40  # points; each glyph is rendered once, then rescaled per use
+
+
+def font_path(name: str) -> str:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  return os.path.join(os.path.dirname(matplotlib.__file__), 'mpl-data', 'fonts', 'ttf', name)
+
+
+@functools.lru_cache(maxsize=None)
+def glyph_bank(characters: Tuple[str, ...], fonts: Tuple[str, ...]) -> Dict[Tuple[str, str],
+                                                                           np.ndarray]:
+  """{(character, font): float32 ink image in [0, 1], cropped to the glyph}, rendered once."""
+  from matplotlib import ft2font  # pylint: disable=g-import-not-at-top
+  bank = {}
+  for name in fonts:
+    path = font_path(name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: a font of the glyph datasets is missing (matplotlib '
+                              'ships it; is matplotlib installed whole?).')
+    face = ft2font.FT2Font(path)
+    font = ImageFont.truetype(path, GLYPH_RENDER_SIZE)
+    for character in characters:
+      if face.get_char_index(ord(character)) == 0:
+        raise ValueError(f'{path} has no glyph for {character!r}.')
+      canvas = Image.new('L', (3 * GLYPH_RENDER_SIZE, 3 * GLYPH_RENDER_SIZE))
+      ImageDraw.Draw(canvas).text((GLYPH_RENDER_SIZE // 2, GLYPH_RENDER_SIZE // 2), character,
+                                  font=font, fill=255)
+      bank[(character, name)] = np.asarray(canvas.crop(canvas.getbbox()), np.float32) / 255.0
+  return bank
+
+
+def _fit(ink: np.ndarray, size: int, rng: np.random.RandomState) -> np.ndarray:
+  """The glyph scaled so that its longer side is size pixels, slightly rotated and sheared."""
+  image = Image.fromarray((ink * 255).astype(np.uint8))
+  shear = rng.uniform(-0.25, 0.25)
+  width, height = image.size
+  image = image.transform((width + int(abs(shear) * height), height), Image.AFFINE,
+                          (1, shear, -shear * height if shear > 0 else 0, 0, 1, 0),
+                          resample=Image.BILINEAR)
+  image = image.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, expand=True)
+  width, height = image.size
+  scale = size / max(width, height)
+  image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                       Image.BILINEAR)
+  return np.asarray(image, np.float32) / 255.0
+
+
+def _paste(canvas, patch, rng):
+  size = canvas.shape[0]
+  top = rng.randint(0, size - patch.shape[0] + 1)
+  left = rng.randint(0, size - patch.shape[1] + 1)
+  region = canvas[top:top + patch.shape[0], left:left + patch.shape[1]]
+  np.maximum(region, patch, out=region)
+  return top, left
+
+
+def _finish(canvas, rng, config):
+  """Clutter strokes, a background ramp and noise, as composite_digits; -> uint8."""
+  size = canvas.shape[0]
+  for _ in range(rng.randint(0, config.max_distractor_strokes + 1)):
+    composite_digits._stroke(canvas, rng, size)  # pylint: disable=protected-access
+  ramp = np.linspace(0, 1, size, dtype=np.float32)
+  angle = rng.uniform(0, 2 * np.pi)
+  gradient = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
+  canvas += config.background_gradient * rng.uniform() * (gradient - gradient.min())
+  canvas += rng.normal(0, config.noise_std, canvas.shape).astype(np.float32)
+  return (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _occlude(canvas, top, left, patch_shape, rng, probability):
+  if rng.uniform() >= probability:
+    return
+  height, width = patch_shape
+  if rng.uniform() < 0.5:
+    covered = rng.randint(height // 4, height // 2 + 1)
+    offset = rng.choice([0, height - covered])
+    canvas[top + offset:top + offset + covered, left:left + width] = 0.0
+  else:
+    covered = rng.randint(width // 4, width // 2 + 1)
+    offset = rng.choice([0, width - covered])
+    canvas[top:top + height, left + offset:left + offset + covered] = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GlyphConfig:
+  """Every parameter of both generators (the target's 1.7 positives per image follow from
+  seed_label_probabilities and partner_probability)."""
+  image_size: int = 48
+  num_train: int = 4000
+  num_test: int = 2000
+  seed: int = 0
+  seed_label_probabilities: Sequence[float] = (0.75, 0.25)  # P(1 or 2 seed labels)
+  partner_probability: float = 0.35
+  min_glyph_size: int = 13     # pixels, the longer side
+  max_glyph_size: int = 20
+  max_distractor_strokes: int = 2
+  occlusion_probability: float = 0.15
+  noise_std: float = 0.05
+  background_gradient: float = 0.15
+  test_source_fraction: float = 0.4  # share of each digit class's sklearn images kept for test
+
+
+def sample_target_labels(rng: np.random.RandomState, config: GlyphConfig) -> np.ndarray:
+  """Labels present in one target image: seeds, each with its planted partner sometimes."""
+  partner = {}
+  for a, b in PARTNER_PAIRS:
+    partner[a], partner[b] = b, a
+  num_seeds = rng.choice(len(config.seed_label_probabilities),
+                         p=config.seed_label_probabilities) + 1
+  present = set()
+  for label in rng.permutation(len(TARGET_LABELS))[:num_seeds]:
+    present.add(int(label))
+    if rng.uniform() < config.partner_probability:
+      present.add(partner[int(label)])
+  return np.array(sorted(present))
+
+
+def generate_target(split: str, config: GlyphConfig):
+  """Yields (index, image (size, size, 1) uint8, labels (20,) uint8) of glyph_digits' split."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  train_sources, test_sources = composite_digits.split_sources(
+      digits.target, config.test_source_fraction, config.seed)
+  sources = {'train': train_sources, 'test': test_sources}[split]
+  source_images, source_labels = digits.images[sources], digits.target[sources]
+  fonts = TEST_FONTS if split == 'test' else tuple(f for f in FONT_FILES if f not in TEST_FONTS)
+  bank = glyph_bank(GREEK_LETTERS, fonts)
+  count = {'train': config.num_train, 'test': config.num_test}[split]
+  rng = np.random.RandomState([config.seed, {'train': 11, 'test': 12}[split]])
+  for index in range(count):
+    present = sample_target_labels(rng, config)
+    canvas = np.zeros((config.image_size,) * 2, np.float32)
+    for label in present:
+      size = rng.randint(config.min_glyph_size, config.max_glyph_size + 1)
+      if label < 10:
+        candidates = np.nonzero(source_labels == label)[0]
+        patch = composite_digits._digit_patch(  # pylint: disable=protected-access
+            source_images[rng.choice(candidates)], size)
+      else:
+        ink = bank[(GREEK_LETTERS[label - 10], fonts[rng.randint(len(fonts))])]
+        patch = _fit(ink, size, rng)
+      patch = patch * rng.uniform(0.6, 1.0)
+      top, left = _paste(canvas, patch, rng)
+      _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
+    labels = np.zeros(len(TARGET_LABELS), np.uint8)
+    labels[present] = 1
+    yield index, _finish(canvas, rng, config)[:, :, None], labels
+
+
+def generate_pretraining(split: str, config: GlyphConfig):
+  """Yields (index, image, labels (32,) uint8) of glyph_pretraining: 1-3 glyphs drawn uniformly
+  from PRETRAINING_CLASSES, every font (no digit, no Greek letter, no sklearn image)."""
+  bank = glyph_bank(PRETRAINING_CLASSES, FONT_FILES)
+  count = {'train': config.num_train, 'test': config.num_test}[split]
+  rng = np.random.RandomState([config.seed, {'train': 21, 'test': 22}[split]])
+  for index in range(count):
+    present = np.sort(rng.permutation(len(PRETRAINING_CLASSES))[:rng.randint(1, 4)])
+    canvas = np.zeros((config.image_size,) * 2, np.float32)
+    for label in present:
+      ink = bank[(PRETRAINING_CLASSES[label], FONT_FILES[rng.randint(len(FONT_FILES))])]
+      patch = _fit(ink, rng.randint(config.min_glyph_size, config.max_glyph_size + 1), rng)
+      top, left = _paste(canvas, patch * rng.uniform(0.6, 1.0), rng)
+      _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
+    labels = np.zeros(len(PRETRAINING_CLASSES), np.uint8)
+    labels[present] = 1
+    yield index, _finish(canvas, rng, config)[:, :, None], labels
+
+
+class GlyphBuilderConfig(tfds.core.BuilderConfig):
+
+  def __init__(self, *, generator: GlyphConfig, **kwargs):
+    super().__init__(**kwargs)
+    self.generator = generator
+
+
+class _GlyphBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared TFDS plumbing: 'image', 'labels', 'index' features, train and test splits."""
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  LABEL_NAMES: Tuple[str, ...] = ()
+  PAIRS: Tuple[Tuple[int, int], ...] = ()
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.generator.image_size
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(size, size, 1)),
+            'labels': tfds.features.Tensor(shape=(len(self.LABEL_NAMES),), dtype=np.uint8),
+            'index': tfds.features.Scalar(dtype=np.int64),
+        }),
+        supervised_keys=None,
+        metadata=tfds.core.MetadataDict(label_names=list(self.LABEL_NAMES),
+                                        partner_pairs=[list(p) for p in self.PAIRS]),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the fonts and digits are installed.
+    return {'train': self._generate_examples('train'), 'test': self._generate_examples('test')}
+
+  def _generate(self, split, config):
+    raise NotImplementedError
+
+  def _generate_examples(self, split):
+    for index, image, labels in self._generate(split, self.builder_config.generator):
+      yield index, {'image': image, 'labels': labels, 'index': index}
+
+
+class GlyphDigits(_GlyphBuilder):
+  """The VOC-like target: 20 labels (handwritten digits, printed Greek letters), ~1.7 per image."""
+  LABEL_NAMES = TARGET_LABELS
+  PAIRS = PARTNER_PAIRS
+  BUILDER_CONFIGS = [
+      GlyphBuilderConfig(name='default', description='48x48, 4,000 train / 2,000 test.',
+                         generator=GlyphConfig()),
+      GlyphBuilderConfig(name='tiny', description='32x32, 200 train / 80 test, for tests.',
+                         generator=GlyphConfig(image_size=32, num_train=200, num_test=80,
+                                               min_glyph_size=9, max_glyph_size=14)),
+  ]
+
+  def _generate(self, split, config):
+    return generate_target(split, config)
+
+
+class GlyphPretraining(_GlyphBuilder):
+  """The source task: 32 printed glyph classes, 1-3 per image, full labels."""
+  LABEL_NAMES = PRETRAINING_CLASSES
+  BUILDER_CONFIGS = [
+      GlyphBuilderConfig(name='default', description='48x48, 12,000 train / 1,000 test.',
+                         generator=GlyphConfig(num_train=12000, num_test=1000)),
+      GlyphBuilderConfig(name='tiny', description='32x32, 200 train / 80 test, for tests.',
+                         generator=GlyphConfig(image_size=32, num_train=200, num_test=80,
+                                               min_glyph_size=9, max_glyph_size=14)),
+  ]
+
+  def _generate(self, split, config):
+    return generate_pretraining(split, config)

@@ -1,0 +1,131 @@
+"""The paper's regime offline: the glyph pretraining source, the VOC-like target, and
+init_from='workdir:DIR' (hml_jax/datasets/glyphs.py, train.with_pretrained_backbone)."""
+import hashlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from hml_jax import losses, models, train
+from hml_jax.datasets import glyphs
+
+from helpers import tiny_config
+
+
+def _examples(generator, split, config):
+  return list(generator(split, config))
+
+
+def test_target_has_voc_like_label_statistics_and_planted_pairs():
+  examples = _examples(glyphs.generate_target, 'train', glyphs.GlyphConfig(num_train=1500))
+  labels = np.stack([e[2] for e in examples]).astype(float)
+  assert labels.shape[1] == 20 == len(glyphs.TARGET_LABELS)
+  positives = labels.sum(1).mean()
+  assert 1.3 <= positives <= 2.0, positives
+  # Single positive labels leave this share of the unobserved labels positive (VOC ~2%).
+  assert 0.02 <= (positives - 1) / 19 <= 0.05
+  assert labels.sum(1).min() >= 1
+  co_occurrence = labels.T @ labels / len(labels)
+  np.fill_diagonal(co_occurrence, 0)
+  for a, b in glyphs.PARTNER_PAIRS:  # each label's most frequent companion is its partner
+    assert np.argmax(co_occurrence[a]) == b and np.argmax(co_occurrence[b]) == a
+
+
+def test_generation_is_deterministic():
+  config = glyphs.GlyphConfig(image_size=32, num_train=20, num_test=10, min_glyph_size=9,
+                              max_glyph_size=14)
+  for generator in (glyphs.generate_target, glyphs.generate_pretraining):
+    first, second = _examples(generator, 'test', config), _examples(generator, 'test', config)
+    for (i, image, labels), (j, image2, labels2) in zip(first, second):
+      assert i == j
+      np.testing.assert_array_equal(image, image2)
+      np.testing.assert_array_equal(labels, labels2)
+
+
+def test_pretraining_never_sees_the_target_or_its_sources(monkeypatch):
+  """The source task reads no scikit-learn digit, renders no digit and no Greek letter, and none
+  of its images is one of the target's validation or test images."""
+  import sklearn.datasets  # pylint: disable=g-import-not-at-top
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('pretraining read the target\'s source digits')
+
+  config = glyphs.GlyphConfig(image_size=32, num_train=300, num_test=50, min_glyph_size=9,
+                              max_glyph_size=14)
+  target = {split: _examples(glyphs.generate_target, split, config) for split in ('train', 'test')}
+  monkeypatch.setattr(sklearn.datasets, 'load_digits', refuse)
+  glyphs.glyph_bank.cache_clear()
+  pretraining = (_examples(glyphs.generate_pretraining, 'train', config) +
+                 _examples(glyphs.generate_pretraining, 'test', config))
+  assert not set(glyphs.PRETRAINING_CLASSES) & set(glyphs.TARGET_LABELS)
+  assert not set(glyphs.PRETRAINING_CLASSES) & set('0123456789')
+  rendered = {character for character, _ in glyphs.glyph_bank(glyphs.PRETRAINING_CLASSES,
+                                                              glyphs.FONT_FILES)}
+  assert rendered == set(glyphs.PRETRAINING_CLASSES)
+  digest = lambda image: hashlib.sha256(image.tobytes()).hexdigest()
+  # The target's train split holds the validation images (20% of it) and the test split.
+  target_images = {digest(image) for split in target.values() for _, image, _ in split}
+  assert not target_images & {digest(image) for _, image, _ in pretraining}
+
+
+def test_target_train_and_test_use_disjoint_fonts_and_digits():
+  assert set(glyphs.TEST_FONTS) < set(glyphs.FONT_FILES)
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top
+  train_sources, test_sources = composite_digits.split_sources(
+      load_digits().target, glyphs.GlyphConfig().test_source_fraction, glyphs.GlyphConfig().seed)
+  assert not set(train_sources) & set(test_sources)
+
+
+def _glyph_config(tfds_dir, name, **overrides):
+  config = tiny_config(tfds_dir, **overrides)
+  config.dataset.name = name
+  return config
+
+
+@pytest.fixture(scope='module')
+def pretrained_workdir(tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('glyph_pretraining'))
+  config = _glyph_config(tfds_dir, 'glyph_pretraining', loss='bce', label_scenario='full',
+                         num_epochs=1)
+  results = train.train_and_evaluate(config, workdir)
+  assert len(results['per_class_ap']) == 32
+  return workdir
+
+
+def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdir):
+  config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{pretrained_workdir}')
+  method = losses.get_method('hml')
+  model = models.create_model(config.model, method.head, 20)
+  state = train.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+  _, _, source = train.load_trained_state(pretrained_workdir, 'best')
+  for new, old in zip(jax.tree_util.tree_leaves(state.params['model']['backbone']),
+                      jax.tree_util.tree_leaves(source.params['model']['backbone'])):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  for new, old in zip(jax.tree_util.tree_leaves(state.batch_stats['backbone']),
+                      jax.tree_util.tree_leaves(source.batch_stats['backbone'])):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  assert state.params['model']['head']['label_embeddings'].shape[1] == 20  # a fresh head
+  results = train.train_and_evaluate(config, os.path.join(pretrained_workdir, '..', 'target'))
+  assert len(results['per_class_ap']) == 20 and list(results['per_class_ap'])[10] == 'α'
+
+
+def test_init_from_workdir_errors(tfds_dir, pretrained_workdir, tmp_path):
+  config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{tmp_path / "absent"}')
+  with pytest.raises(FileNotFoundError, match=r'absent holds no hml_jax run \(no config.json\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'run1'))
+  config.init_from = f'workdir:{pretrained_workdir}'
+  config.model = 'resnet_small'
+  config.image_size = 32
+  with pytest.raises(ValueError, match=r"backbone is 'resnet_tiny', but config.model is "
+                     r"'resnet_small'"):
+    train.train_and_evaluate(config, str(tmp_path / 'run2'))
+  empty = tmp_path / 'unfinished'
+  os.makedirs(empty / 'best')
+  (empty / 'config.json').write_text(open(os.path.join(pretrained_workdir,
+                                                       'config.json')).read())
+  config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{empty}')
+  with pytest.raises(FileNotFoundError, match='has no best checkpoint yet'):
+    train.train_and_evaluate(config, str(tmp_path / 'run3'))
+  assert not os.path.exists(tmp_path / 'run3' / 'config.json')
