@@ -73,6 +73,17 @@ def pair_ranks(correlation: np.ndarray, pairs: Sequence[Tuple[int, int]]) -> Dic
   return {f'{min(i, j)}-{max(i, j)}': rank[(min(i, j), max(i, j))] for i, j in pairs}
 
 
+def planted_pairs(dataset_name: str) -> Sequence[Tuple[int, int]]:
+  """The label pairs a generated dataset plants (ground truth of Eq. 8); () for other data."""
+  if dataset_name == 'composite_digits':
+    from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top
+    return composite_digits.PARTNER_PAIRS
+  if dataset_name == 'glyph_digits':
+    from hml_jax.datasets import glyphs  # pylint: disable=g-import-not-at-top
+    return glyphs.PARTNER_PAIRS
+  return ()
+
+
 def entry_groups(true_labels: np.ndarray, observed_labels: np.ndarray) -> Dict[str, np.ndarray]:
   """Boolean masks: observed positives, true negatives, false negatives (true positives that
   training saw as unknown = negative)."""
@@ -261,9 +272,9 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
   top = [(names[i], names[j], value) for i, j, value in pairs[:10]]
   report['correlation'] = correlation.tolist()
   report['top_pairs'] = [{'labels': [a, b], 'correlation': value} for a, b, value in top]
-  if config.dataset.name == 'composite_digits':
-    from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top
-    report['planted_pair_ranks'] = pair_ranks(correlation, composite_digits.PARTNER_PAIRS)
+  planted = planted_pairs(config.dataset.name)
+  if planted:
+    report['planted_pair_ranks'] = pair_ranks(correlation, planted)
     report['num_pairs'] = len(pairs)
   plot_correlation(files.join(output, 'label_correlation.png'), correlation, names, top,
                    _title(workdir, config, f'Label correlation, Eq. 8 (s={scale:.2f}, '

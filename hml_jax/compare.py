@@ -47,7 +47,7 @@ def train_or_reuse(config, workdir):
   if files.exists(path):
     checkpoints.check_config(workdir, config)
     results = files.read_json(path)
-    if len(results['epochs']) == config.num_epochs:
+    if len(results['epochs']) == config.num_epochs or results.get('stopped_early'):
       logging.info('Reusing %s.', workdir)
       return results
   return train.train_and_evaluate(config, workdir)

@@ -1,0 +1,182 @@
+"""The paper's claims in its regime, offline: one command per table of docs/results.md.
+
+  PYTHONPATH=. python scripts/paper_regime.py TABLE [--mode=features|finetune] [--out=runs/regime]
+
+TABLE: pretraining (the source run and the target's features), c1 (single positive labels: every
+method, learning rate from the paper's grid by validation mAP), c2 (partial positive labels),
+c3 (full labels), c4 (adaptive / fixed s, m / normalized sigmoid / AN), c5 (margin placement),
+c6 (Eq. 8: where the planted pairs rank). c2-c6 use HML's and AN's (= BCE's) learning rates
+chosen in c1 of the same mode, so c1 runs first. Finished runs are reused (hml_jax.compare);
+each table is printed in markdown with the paper's VOC12 numbers beside ours.
+
+The design (written before the runs) is in docs/results.md, "The paper's regime, offline".
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from hml_jax import analysis, analyze, compare, extract_features, files, train
+from hml_jax.datasets import glyphs
+
+SEEDS = 3
+GRID = (1e-2, 1e-3, 1e-4, 1e-5)  # the paper's learning-rate grid (Sec. 4.1)
+FEATURE_METHODS = ('an', 'an_ls', 'wan', 'epr', 'role', 'em', 'em_apl', 'll_r', 'll_ct', 'll_cp',
+                   'asl', 'hml')
+FINETUNE_METHODS = ('an', 'an_ls', 'wan', 'epr', 'role', 'em', 'll_r', 'hml')
+FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+# The paper's VOC12 numbers (mAP): Table 2 (single positive), 3 (full), 4 (ablation), 5 (margin).
+PAPER_SINGLE_POSITIVE = {'an': 85.1, 'an_ls': 86.7, 'wan': 86.5, 'epr': 85.5, 'role': 87.9,
+                         'hml': 89.1, 'em': 89.09, 'em_apl': 89.19, 'll_r': 89.2, 'll_ct': 89.0,
+                         'll_cp': 88.4}  # EM / LL: Zhou et al., Kim et al. (REFERENCES.md)
+PAPER_FULL = {'bce': 89.1, 'hml': 91.3}
+PAPER_ABLATION = {'an': 86.9, 'hml_fixed': 89.1, 'hml': 89.1}  # Table 4, single positive
+PAPER_MARGIN = {'none': 88.0, 'positives': 83.4, 'negatives': 88.2, 'both': 89.1}
+
+
+def base_config(mode, out):
+  if mode == 'features':
+    from configs import features  # pylint: disable=g-import-not-at-top
+    config = features.get_config()
+    config.dataset.path = os.path.join(out, 'features.npz')
+  else:
+    from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+    config = glyph_digits.get_config()
+    config.init_from = f"workdir:{os.path.join(out, 'pretraining')}"
+  return config
+
+
+def pretraining(out):
+  from configs import glyph_pretraining  # pylint: disable=g-import-not-at-top
+  workdir = os.path.join(out, 'pretraining')
+  results = compare.train_or_reuse(glyph_pretraining.get_config(), workdir)
+  path = os.path.join(out, 'features.npz')
+  if not os.path.exists(path):
+    extract_features.extract_to_file(workdir, path, dataset_overrides=['name=glyph_digits'])
+  print(f"Pretraining: best epoch {results['best_epoch']}, source val mAP "
+        f"{results['val_map']:.2f}, test mAP {results['test_map']:.2f}, "
+        f"{results['wall_seconds']:.0f} s; target features in {path}")
+
+
+def grid(config, out, name, methods, learning_rates=GRID, **overrides):
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  for key, value in overrides.items():
+    config[key] = value
+  return compare.compare(config, os.path.join(out, name), methods, SEEDS, learning_rates)
+
+
+def chosen_rates(out, mode):
+  path = os.path.join(out, mode, 'c1', 'table.json')
+  if not os.path.exists(path):
+    sys.exit(f'{path} is missing: run the c1 table of --mode={mode} first.')
+  with open(path) as f:
+    table = json.load(f)['table']
+  return {method: row['learning_rate'] for method, row in table.items()}
+
+
+def cell(row):
+  return f"{row['test_map_mean']:.2f} ± {row['test_map_std']:.2f}"
+
+
+def c1(config, out, mode):
+  methods = FEATURE_METHODS if mode == 'features' else FINETUNE_METHODS
+  table, _ = grid(config, os.path.join(out, mode), 'c1', methods)
+  print('| method | ours: test mAP | lr (by val) | val mAP | paper, VOC12 |')
+  print('|---|---|---|---|---|')
+  for method, row in table.items():
+    print(f"| {method} | {cell(row)} | {row['learning_rate']:g} | {row['val_map']:.2f} | "
+          f"{PAPER_SINGLE_POSITIVE.get(method, '—')} |")
+
+
+def by_method_rate(config, out, mode, name, methods, **overrides):
+  """One compare per method at its c1 learning rate (AN's for BCE)."""
+  rates = chosen_rates(out, mode)
+  rows = {}
+  for method in methods:
+    rate = rates['an' if method == 'bce' else method if method in rates else 'hml']
+    table, _ = grid(config, os.path.join(out, mode, name), f'{method}', [method], (rate,),
+                    **overrides)
+    rows[method] = table[method]
+  return rows
+
+
+def c2(config, out, mode):
+  print('| positive labels kept | BCE | HML | HML − BCE |')
+  print('|---|---|---|---|')
+  for fraction in FRACTIONS:
+    rows = by_method_rate(config, out, mode, f'c2/{int(100 * fraction)}', ('bce', 'hml'),
+                          label_scenario='partial_positive', positive_fraction=fraction)
+    print(f"| {100 * fraction:.0f}% | {cell(rows['bce'])} | {cell(rows['hml'])} | "
+          f"{rows['hml']['test_map_mean'] - rows['bce']['test_map_mean']:+.2f} |")
+
+
+def c3(config, out, mode):
+  rows = by_method_rate(config, out, mode, 'c3', ('bce', 'hml'), label_scenario='full')
+  print('| method | ours: test mAP (full labels) | paper, VOC12 |')
+  print('|---|---|---|')
+  for method, row in rows.items():
+    print(f'| {method} | {cell(row)} | {PAPER_FULL[method]} |')
+
+
+def c4(config, out, mode):
+  rows = by_method_rate(config, out, mode, 'c4',
+                        ('an', 'normalized_sigmoid', 'hml_fixed', 'hml'))
+  print('| variant | ours: test mAP | paper, VOC12 (Tables 4, 5) |')
+  print('|---|---|---|')
+  paper = {**PAPER_ABLATION, 'normalized_sigmoid': PAPER_MARGIN['none']}
+  for method, row in rows.items():
+    print(f'| {method} | {cell(row)} | {paper[method]} |')
+
+
+def c5(config, out, mode):
+  print('| margin on | ours: test mAP | paper, VOC12 (Table 5) |')
+  print('|---|---|---|')
+  for margin_on in ('none', 'positives', 'negatives', 'both'):
+    rows = by_method_rate(config, out, mode, f'c5/{margin_on}', ('hml',), margin_on=margin_on)
+    print(f"| {margin_on} | {cell(rows['hml'])} | {PAPER_MARGIN[margin_on]} |")
+
+
+def planted_ranks(workdir):
+  config, method, state = train.load_trained_state(workdir, 'best')
+  scale, margin = (float(x) for x in train.scale_and_margin(state.params, config, method))
+  correlation = np.asarray(analysis.label_correlation(
+      analyze.label_embeddings(state.params, method), scale, margin))
+  return sorted(analyze.pair_ranks(correlation, glyphs.PARTNER_PAIRS).values())
+
+
+def c6(config, out, mode):
+  """Eq. 8 on HML's c1 (single positive) and c3 (full labels) runs, seed by seed."""
+  rate = chosen_rates(out, mode)['hml']
+  print(f'| labels | seed | ranks of the {len(glyphs.PARTNER_PAIRS)} planted pairs among '
+        f'{20 * 19 // 2} |')
+  print('|---|---|---|')
+  for labels, name in (('single positive', 'c1'), ('full', 'c3/hml')):
+    for seed in range(SEEDS):
+      workdir = os.path.join(out, mode, name, compare.run_name('hml', rate, config.batch_size, seed))
+      if not files.exists(workdir):
+        sys.exit(f'{workdir} is missing: run the c1 and c3 tables first.')
+      print(f'| {labels} | {seed} | {planted_ranks(workdir)} |')
+
+
+TABLES = {'c1': c1, 'c2': c2, 'c3': c3, 'c4': c4, 'c5': c5, 'c6': c6}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('table', choices=['pretraining', *TABLES])
+  parser.add_argument('--mode', choices=['features', 'finetune'], default='features')
+  parser.add_argument('--out', default='runs/regime')
+  args = parser.parse_args()
+  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  host.setup()
+  if args.table == 'pretraining':
+    pretraining(args.out)
+  else:
+    TABLES[args.table](base_config(args.mode, args.out), args.out, args.mode)
+
+
+if __name__ == '__main__':
+  main()
