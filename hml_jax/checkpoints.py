@@ -59,10 +59,14 @@ def config_path(workdir):
 
 
 def has_checkpoint(workdir: str) -> bool:
-  """Whether workdir holds a checkpoint of an epoch (so that a run there resumes)."""
-  checkpoint_dir = files.join(workdir, 'checkpoints')
-  return files.is_dir(checkpoint_dir) and any(
-      name.isdigit() for name in files.listdir(checkpoint_dir))
+  """Whether workdir holds a checkpoint (of an epoch, or of a preempted step) that a run there
+  resumes from."""
+  for folder in ('checkpoints', 'preempted'):
+    checkpoint_dir = files.join(workdir, folder)
+    if files.is_dir(checkpoint_dir) and any(
+        name.isdigit() for name in files.listdir(checkpoint_dir)):
+      return True
+  return False
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict,

@@ -79,9 +79,13 @@ def download(url: str, path: str, sha256: str, progress: bool = True) -> str:
   (no network, HTTP error, a truncated transfer, a wrong digest) raises DownloadError naming the
   URL, the path and the expected digest, and leaves nothing at path or beside it."""
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  descriptor, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.part',
-                                           dir=directory)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.',
+                                             suffix='.part', dir=directory)
+  except OSError as e:
+    raise DownloadError(f'Cannot write into {directory} ({e}); set ${CACHE_ENVIRONMENT_VARIABLE} '
+                        'to a writable folder. ' + _by_hand(url, path, sha256)) from e
   try:
     digest, received = hashlib.sha256(), 0
     with os.fdopen(descriptor, 'wb') as output:
@@ -112,7 +116,15 @@ def download(url: str, path: str, sha256: str, progress: bool = True) -> str:
     if digest.hexdigest() != sha256:
       raise DownloadError(f'{url} gave a file with SHA-256 {digest.hexdigest()}, not the expected '
                           f'{sha256}: it was discarded. ' + _by_hand(url, path, sha256))
-    os.replace(temporary, path)
+    # mkstemp makes the file readable by its owner only; a shared cache needs the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+      os.chmod(temporary, 0o644 & ~umask)
+      os.replace(temporary, path)
+    except OSError as e:
+      raise DownloadError(f'Could not move the verified download to {path} ({e}). ' +
+                          _by_hand(url, path, sha256)) from e
   except BaseException:
     if os.path.exists(temporary):
       os.remove(temporary)

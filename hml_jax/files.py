@@ -59,6 +59,10 @@ def write_json(path, value: Any, **options) -> None:
   write_text(path, json.dumps(value, indent=2, **options))
 
 
+def read_bytes(path) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
 def read_text(path) -> str:
   return epath.Path(path).read_text()
 

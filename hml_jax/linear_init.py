@@ -9,8 +9,9 @@ its learning rate and batch size on the same observed labels and splits, and its
 validation mAP gives the head (and ROLE's label estimates, HML's s*, m*) that end-to-end training
 starts from, with a new optimizer state, as in Cole et al.'s code.
 """
+import io
 import logging
-import os
+import time
 from typing import Any, Dict, Tuple
 
 import jax
@@ -51,14 +52,14 @@ def _extract(config, state, data, mesh) -> Dict[str, np.ndarray]:
 def features_data(config, state, data, mesh, path) -> input_pipeline.Data:
   """The run's splits as features of the frozen backbone, computed once and kept at path."""
   if files.exists(path):
-    with np.load(path, allow_pickle=False) as arrays:
+    with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as arrays:
       features = {name: arrays[name] for name in SPLITS}
   else:
     features = _extract(config, state, data, mesh)
     if jax.process_index() == 0:
-      temporary = path + '.tmp.npz'
-      np.savez(temporary, **features)
-      os.replace(temporary, path)
+      buffer = io.BytesIO()
+      np.savez(buffer, **features)
+      files.write_bytes(path, buffer.getvalue())  # atomic on a local disk, whole on a bucket
   splits = {}
   for name in SPLITS:
     split = getattr(data, name)
@@ -78,6 +79,7 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
         'config.linear_init_epochs > 0 (Cole et al.\'s linear init, the published recipe of '
         f'{config.loss!r}) runs in one process for now; set --config.linear_init_epochs=0 or '
         "--config.recipe=shared to train end to end on many hosts.")
+  start = time.time()
   subdirectory = files.join(workdir, SUBDIRECTORY)
   files.makedirs(subdirectory)
   logging.info('Linear init (Cole et al.): the head alone for %d epochs on the frozen '
@@ -92,10 +94,14 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
     if key in head_state.params:
       params[key] = head_state.params[key]
   # A new optimizer state, as Cole et al. build a new optimizer for the end-to-end phase: the
-  # state's Adam moments are still the zeros of create_train_state.
+  # state's Adam moments are still the zeros of create_train_state. Labels that the head phase
+  # changed (LL-Cp's corrections, EM+APL's pseudo-labels) go on from where it left them.
   state = state.replace(params=params)
+  if head_state.observed_labels is not None:
+    state = state.replace(observed_labels=head_state.observed_labels)
   state = sharding.place(state, train.train_state_shardings(config, state, mesh))
   summary = {key: results[key] for key in ('best_epoch', 'val_map', 'test_map')}
+  summary['wall_seconds'] = time.time() - start  # this call's, extraction included
   logging.info('Linear init done: best epoch %d, val mAP %.2f, test mAP %.2f; now %d epochs end '
                'to end.', summary['best_epoch'], summary['val_map'], summary['test_map'],
                config.num_epochs)

@@ -321,12 +321,36 @@ def weights_file(spec: str, progress: bool = True) -> str:
   the cache or torchvision's, downloaded if neither has it (downloads.DownloadError, naming the
   URL, the path to put the file at and its digest, if that fails); else the path itself."""
   check_spec(spec)
+  if workdir_of(spec) is not None:
+    raise ValueError(f'{spec!r} names a run, not a weights file (train.backbone_of_workdir).')
   name = named_weights(spec)
   if name is None:
-    return spec[len(PREFIX):]
+    path = spec[len(PREFIX):]
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'config.init_from={spec!r}: no file {path}.')
+    return path
   weights = IMAGENET_WEIGHTS[name]
-  return downloads.cached_or_download(weights.url, weights.sha256, weights.filename,
+  key = (weights.url, weights.sha256)
+  if key in _VERIFIED and _unchanged(_VERIFIED[key]):
+    return _VERIFIED[key][0]
+  path = downloads.cached_or_download(weights.url, weights.sha256, weights.filename,
                                       other_places=(torch_hub_checkpoints(),), progress=progress)
+  _VERIFIED[key] = (path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+  return path
+
+
+# Files this process has verified: (url, sha256) -> (path, size, mtime), so that a run hashes its
+# 100 MB weights once, not at every use.
+_VERIFIED: Dict[Tuple[str, str], Tuple[str, int, int]] = {}
+
+
+def _unchanged(entry) -> bool:
+  path, size, mtime = entry
+  try:
+    status = os.stat(path)
+  except OSError:
+    return False
+  return status.st_size == size and status.st_mtime_ns == mtime
 
 
 def init_variables_from(spec: str, backbone, image_shape: Sequence[int]) -> Dict[str, Any]:

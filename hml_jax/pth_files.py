@@ -39,10 +39,20 @@ _STORAGE_DTYPES = {
 
 
 class _StorageType:
-  """Stand-in for a torch.<Name>Storage class: only its element type is used."""
+  """Stand-in for a torch.<Name>Storage class: only its element type is used. Immutable, so that
+  a pickle's BUILD cannot change it."""
+  __slots__ = ('name', 'dtype')
 
   def __init__(self, name: str):
-    self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+    object.__setattr__(self, 'name', name)
+    object.__setattr__(self, 'dtype', np.dtype(_STORAGE_DTYPES[name]))
+
+  def __setattr__(self, key, value):
+    raise UnsafePickleError(f'a pickle tried to set {key!r} of torch.{self.name}')
+
+# A tensor may not hold more elements than this (2**31, 8 GiB of float32): a few bytes of pickle
+# could otherwise ask for any amount of memory through zero strides.
+MAX_ELEMENTS = 2**31
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
@@ -57,6 +67,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
     raise pickle.UnpicklingError(f'a tensor of size {size} and stride {stride}')
   if 0 in size:
     return np.zeros(size, storage.dtype)
+  if np.prod(size, dtype=np.float64) > MAX_ELEMENTS:
+    raise pickle.UnpicklingError(f'a tensor of size {size}: more than {MAX_ELEMENTS} elements')
   last = int(storage_offset) + sum((n - 1) * s for n, s in zip(size, stride))
   if storage_offset < 0 or last >= storage.size:
     raise pickle.UnpicklingError(
@@ -74,12 +86,22 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
   return data
 
 
-_ALLOWED = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    **{('torch', name): _StorageType(name) for name in _STORAGE_DTYPES},
-}
+def _allowed_names():
+  """The names a state dict's pickle may hold, each answered by a stand-in made for this one
+  load (so that nothing one file does to them reaches another load)."""
+
+  def rebuild_tensor(*args, **kwargs):
+    return _rebuild_tensor(*args, **kwargs)
+
+  def rebuild_parameter(*args, **kwargs):
+    return _rebuild_parameter(*args, **kwargs)
+
+  return {
+      ('collections', 'OrderedDict'): collections.OrderedDict,
+      ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
+      ('torch._utils', '_rebuild_parameter'): rebuild_parameter,
+      **{('torch', name): _StorageType(name) for name in _STORAGE_DTYPES},
+  }
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -88,11 +110,12 @@ class _StateDictUnpickler(pickle.Unpickler):
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, path: str):
     super().__init__(file)
     self.archive, self.prefix, self.byteorder, self.path = archive, prefix, byteorder, path
-    self.storages: Dict[str, np.ndarray] = {}
+    self.storages: Dict[Any, np.ndarray] = {}
+    self.allowed = _allowed_names()
 
   def find_class(self, module, name):
-    if (module, name) in _ALLOWED:
-      return _ALLOWED[(module, name)]
+    if (module, name) in self.allowed:
+      return self.allowed[(module, name)]
     raise UnsafePickleError(
         f'{self.path}: refused to load {module}.{name}: a weights file may only hold tensors '
         "(torch's tensor rebuilds, storages and OrderedDict); this one names other code, which "
@@ -104,9 +127,9 @@ class _StateDictUnpickler(pickle.Unpickler):
         persistent_id[0] != 'storage' or not isinstance(persistent_id[1], _StorageType)):
       raise UnsafePickleError(f'{self.path}: an unexpected persistent id {persistent_id!r:.200}')
     _, storage_type, key, _, numel = persistent_id
-    key = str(key)
+    key = (str(key), storage_type.name, int(numel))
     if key not in self.storages:
-      entry = f'{self.prefix}/data/{key}'
+      entry = f'{self.prefix}/data/{key[0]}'
       try:
         data = self.archive.read(entry)
       except KeyError as e:

@@ -9,7 +9,7 @@ Sources (read at their public code, 2026-11-30; docs/methods.md has the table):
 - Cole et al. (CVPR 2021), single-positive-multi-label, train.py: train_mode 'linear_init' for
   'an_ls' and 'role' (the only losses with linear_init_params): 25 epochs of a linear head on
   fixed ImageNet features (backbone frozen, BatchNorm statistics untouched, no augmentation),
-  lr 1e-4 (an_ls) / 1e-3 (role), batch 8 / 16 (16 for both on NUS-WIDE, 8 on CUB); the best
+  lr 1e-4 (an_ls) / 1e-3 (role), batch 8 / 16 (an_ls 16 on NUS-WIDE, role 8 on CUB); the best
   head by validation mAP is kept, then 10 epochs end to end with a new optimizer (ROLE's label
   estimates carried over).
 - Kim et al. (CVPR 2022), LargeLossMatters, train.py: the classifier head at lr_mult = 10 times
@@ -67,6 +67,9 @@ PUBLISHED = {
     'em': _ZHOU, 'em_apl': _ZHOU,
 }
 
+# Cole et al.'s linear_init_params batch sizes where they differ from the defaults above.
+LINEAR_INIT_BATCH_SIZE_BY_DATASET = {('an_ls', 'hml_nus_wide'): 16, ('role', 'hml_cub'): 8}
+
 FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 
 
@@ -79,6 +82,9 @@ def resolve(config) -> Recipe:
                      "('published': each method as its authors trained it; 'shared': one loop "
                      'for all).')
   recipe = PUBLISHED.get(config.loss, Recipe()) if name == 'published' else Recipe()
+  batch_size = LINEAR_INIT_BATCH_SIZE_BY_DATASET.get((config.loss, config.dataset.name))
+  if name == 'published' and batch_size:
+    recipe = dataclasses.replace(recipe, linear_init_batch_size=batch_size)
   overrides = {field: config[field] for field in FIELDS
                if field in config and config[field] is not None and config[field] >= 0}
   recipe = dataclasses.replace(recipe, **overrides)
@@ -96,6 +102,8 @@ def resolve(config) -> Recipe:
 def should_stop(recipe: Recipe, validation_maps) -> bool:
   """Whether training stops after the epochs whose validation mAPs (percent) are given, in order.
   'Best' is strictly better than every earlier epoch, as the checkpoint's choice."""
+  # A NaN mAP (no positive in the split) is recorded as None: it is never the best.
+  validation_maps = [float('-inf') if v is None else v for v in validation_maps]
   if not validation_maps:
     return False
   best_epoch = max(range(len(validation_maps)), key=lambda i: (validation_maps[i], -i))

@@ -118,10 +118,10 @@ def check_backbone_workdir(directory: str, config) -> None:
   if source.model != config.model:
     raise ValueError(f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
                      f'config.model is {config.model!r}.')
-  if not files.is_dir(files.join(directory, 'best')) or not any(
-      name.isdigit() for name in files.listdir(files.join(directory, 'best'))):
-    raise FileNotFoundError(f'config.init_from={spec!r}: {directory} has no best checkpoint yet '
-                            '(no epoch finished); finish that run first.')
+  if not files.exists(files.join(directory, 'results.json')):
+    raise FileNotFoundError(f'config.init_from={spec!r}: the run in {directory} has not finished '
+                            '(no results.json): its best checkpoint may still change. Finish '
+                            'that run first (the same command resumes it).')
 
 
 def backbone_of_workdir(directory: str, model, image_shape):
@@ -155,7 +155,8 @@ def with_pretrained_backbone(variables, model, init_from: str, image_shape):
     variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
     variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
                                                                   loaded['batch_stats'])
-    logging.info('Backbone initialized from the best checkpoint of %s.', directory)
+    logging.info('Backbone initialized from the best checkpoint (epoch %d) of %s.',
+                 files.read_json(files.join(directory, 'results.json'))['best_epoch'], directory)
     return variables
   loaded = pretrained.init_variables_from(init_from, model.backbone, (1,) + tuple(image_shape))
   variables = flax.core.unfreeze(variables)
@@ -163,7 +164,7 @@ def with_pretrained_backbone(variables, model, init_from: str, image_shape):
   variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
                                                                 loaded['batch_stats'])
   logging.info('Backbone initialized from %s (%s).', init_from,
-               pretrained.weights_file(init_from, progress=False))
+               pretrained.weights_file(init_from, progress=False))  # verified once per process
   return variables
 
 

@@ -218,6 +218,18 @@ def test_paper_config_offline_fails_at_once_before_any_other_work(server, cache,
   assert not os.path.exists(tmp_path / 'tfds') and _leftovers(cache) == []
 
 
+def test_a_missing_weights_path_fails_before_any_other_work(tmp_path):
+  from configs import voc  # pylint: disable=g-import-not-at-top
+  from hml_jax import train  # pylint: disable=g-import-not-at-top
+  config = voc.get_config()
+  config.init_from = f'torchvision:{tmp_path}/resnet50.safetensors'
+  config.dataset.manual_dir = str(tmp_path / 'no_such_dir')
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(FileNotFoundError, match=r'no file .*resnet50\.safetensors'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'tfds')
+
+
 def test_from_scratch_warns_once(caplog):
   from hml_jax import train  # pylint: disable=g-import-not-at-top
   from configs import voc  # pylint: disable=g-import-not-at-top

@@ -126,6 +126,6 @@ def test_init_from_workdir_errors(tfds_dir, pretrained_workdir, tmp_path):
   (empty / 'config.json').write_text(open(os.path.join(pretrained_workdir,
                                                        'config.json')).read())
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{empty}')
-  with pytest.raises(FileNotFoundError, match='has no best checkpoint yet'):
+  with pytest.raises(FileNotFoundError, match=r'has not finished \(no results.json\)'):
     train.train_and_evaluate(config, str(tmp_path / 'run3'))
   assert not os.path.exists(tmp_path / 'run3' / 'config.json')

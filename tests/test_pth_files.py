@@ -169,3 +169,24 @@ def test_real_torchvision_weights_when_present():
   assert sorted(ours) == sorted(theirs)
   for name, tensor in theirs.items():
     np.testing.assert_array_equal(ours[name], tensor.numpy(), err_msg=name)
+
+
+def test_a_pickle_cannot_change_the_stand_ins_for_later_loads(tmp_path):
+  """BUILD on an allowed name (here torch.FloatStorage with state (None, {'dtype': 'x'})) must
+  neither succeed nor leave anything behind for the next file."""
+  pickled = (b'\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeX\x01\x00\x00\x00xs\x86b.')
+  path = _archive(tmp_path / 'mutating.pth', pickled)
+  with pytest.raises(pth_files.UnsafePickleError, match="tried to set 'dtype'"):
+    pth_files.read_state_dict(path)
+  assert len(pth_files.read_state_dict(PTH)) == 104
+
+
+def test_a_tensor_asking_for_huge_memory_is_refused(tmp_path):
+  """Zero strides over a one-element storage could ask for any size; it is refused."""
+  pickled = (b'\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02('
+             b'(X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x000q\x05'
+             b'X\x03\x00\x00\x00cpuq\x06K\x01tq\x07QK\x00J\x00\x00\x10\x00J\x00\x00\x10\x00'
+             b'\x86q\x08K\x00K\x00\x86q\t\x89ccollections\nOrderedDict\nq\n)Rq\x0btq\x0cRq\rs.')
+  path = _archive(tmp_path / 'huge.pth', pickled, {'0': np.ones(1, '<f4').tobytes()})
+  with pytest.raises(pickle.UnpicklingError, match='more than 2147483648 elements'):
+    pth_files.read_state_dict(path)
