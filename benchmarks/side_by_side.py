@@ -11,7 +11,7 @@ Adam), each run in its own process, so one framework's memory does not slow the 
   the same under torch.compile (its best configuration is the one to beat). 9 minutes on an
   H200; benchmarks/gpu_session.sh runs it with a smoke run first and a deadline.
 - cpu: both frameworks with the system malloc and with tcmalloc preloaded (when installed):
-  the allocator matters on CPU (README "Speed on CPU").
+  the allocator matters on CPU (docs/performance.md "Speed on CPU").
 Each command runs --repeats times, interleaved, and its fastest run counts (all are kept).
 Prints a table and writes every JSON line, a log and the table to --out: images/s, the ratio to
 PyTorch's best run of that size, and on GPUs MFU = XLA's count of the lowered step's FLOPs (the

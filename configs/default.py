@@ -1,7 +1,7 @@
 """The embedded default: HML on cluttered digit composites (no download), single positive labels.
 
 Every number from the paper or a peer names its source; the rest were chosen for this dataset
-(README "Implementation notes" says how).
+(docs/methods.md "Implementation notes" says how).
 """
 import ml_collections
 

@@ -24,7 +24,7 @@ def get_config(dataset_name: str):
   config.dataset.parallel_calls = -1   # decode + resize in parallel; -1 = tf.data.AUTOTUNE
   # 'pil': Cole et al.'s exact preprocessing (PIL decode + torchvision's Resize) and the faster
   # per core; 'tensorflow' (TF's C++ ops, no GIL) for a host with many cores per process.
-  # hml_jax/input_pipeline.py DECODERS; README "The input pipeline".
+  # hml_jax/input_pipeline.py DECODERS; docs/datasets.md "The input pipeline".
   config.dataset.decoder = 'pil'
   config.dataset.mean = (0.485, 0.456, 0.406)  # ImageNet statistics (Cole et al.)
   config.dataset.std = (0.229, 0.224, 0.225)

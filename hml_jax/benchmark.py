@@ -12,7 +12,7 @@ eval_images_per_sec, input_images_per_sec, train_flops_per_image and train_tflop
 count of the step's operations before the backend rewrites them, all devices together, for
 MFU), step_memory_mb (XLA's estimate of the train step's memory on each device: arguments,
 outputs and temporaries), peak_host_memory_mb, device, memory_allocator (tcmalloc or the
-system's: on CPU it matters, README "Speed on CPU"), jax, config.
+system's: on CPU it matters, docs/performance.md "Speed on CPU"), jax, config.
 benchmarks/torch_reference.py prints the same keys for PyTorch.
 """
 import json

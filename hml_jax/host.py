@@ -43,7 +43,7 @@ def allocator_advice() -> str:
   """Why and how to run with tcmalloc, or '' when this process already does (or cannot: not
   Linux). XLA on CPU allocates the train step's temporaries afresh at every step; glibc's malloc
   hands large blocks back to the kernel, so every step page-faults gigabytes in again (ResNet-50
-  at 224x224, batch 16: 2.3 GB and 0.9 s of kernel time per step; README "Speed on CPU")."""
+  at 224x224, batch 16: 2.3 GB and 0.9 s of kernel time per step; docs/performance.md "Speed on CPU")."""
   if not os.path.exists('/proc/self/maps') or memory_allocator() != 'system':
     return ''
   path = installed_tcmalloc()

@@ -3,7 +3,7 @@
   python scripts/benchmark_decode.py [--image_size=224,448] [--batch_size=64,16]
       [--num_images=1024] [--threads=1,2,4,8,16] [--epochs=2]
 
-The streamed pipeline's costly stage is decoding and resizing (README "The input pipeline"):
+The streamed pipeline's costly stage is decoding and resizing (docs/datasets.md "The input pipeline"):
 with config.dataset.decoder='pil', tf.data's threads each run input_pipeline.decode_batch_with_pil
 on a batch of encoded images. This runs that same function on a thread pool, over --num_images
 synthetic photos (500x375 JPEGs, quality 90) held in memory, half of them mirrored, and prints
