@@ -18,6 +18,7 @@ benchmarks/torch_reference.py prints the same keys for PyTorch.
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from hml_jax import files
 from hml_jax import host
 from hml_jax import input_pipeline
 from hml_jax import layers
@@ -279,4 +281,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, argv=files.installed_config_argv(sys.argv))

@@ -10,6 +10,7 @@ search, and its test mAP is reported: workdir/table.md (method x dataset, mean Â
 shaped like the paper's Table 2) and workdir/table.json (every run).
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
 
@@ -120,4 +121,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=files.installed_config_argv(sys.argv))

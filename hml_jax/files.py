@@ -73,3 +73,20 @@ def read_json(path) -> Any:
 
 def rename(source, target) -> None:
   epath.Path(source).rename(target)
+
+
+def installed_config_argv(argv):
+  """argv with a --config=configs/NAME.py[:...] that does not exist here pointed at the configs
+  package that pip installed with hml_jax, so that the documented commands work from any
+  directory after `pip install hml_jax` (a path that exists is left alone)."""
+  import configs  # pylint: disable=g-import-not-at-top
+  package = os.path.dirname(os.path.abspath(configs.__file__))
+  result = []
+  for argument in argv:
+    if argument.startswith('--config=') and not argument.startswith('--config.'):
+      path, colon, rest = argument[len('--config='):].partition(':')
+      if not os.path.exists(path) and os.path.dirname(path) in ('configs', '') and \
+          os.path.exists(os.path.join(package, os.path.basename(path))):
+        argument = f'--config={os.path.join(package, os.path.basename(path))}{colon}{rest}'
+    result.append(argument)
+  return result

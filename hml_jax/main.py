@@ -18,6 +18,7 @@ import jax
 from ml_collections import config_flags
 
 from hml_jax import evaluate
+from hml_jax import files
 from hml_jax import host
 from hml_jax import preemption
 from hml_jax import train
@@ -64,4 +65,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=files.installed_config_argv(sys.argv))

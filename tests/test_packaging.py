@@ -1,0 +1,68 @@
+"""pyproject.toml: installable with pip (`pip install .`, `pip install git+URL`), with the
+dependencies of requirements.txt."""
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _requirements():
+  with open(os.path.join(ROOT, 'requirements.txt')) as f:
+    lines = [line.split('#')[0].strip() for line in f]
+  return [line for line in lines if line]
+
+
+def test_pyproject_dependencies_equal_requirements():
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)['project']
+  normalize = lambda requirement: re.sub(r'\s+', '', requirement.replace("'", '"'))
+  assert sorted(map(normalize, project['dependencies'])) == sorted(map(normalize,
+                                                                        _requirements()))
+
+
+def test_every_python_package_is_listed():
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    packages = set(tomllib.load(f)['tool']['setuptools']['packages'])
+  found = {os.path.relpath(directory, ROOT).replace(os.sep, '.')
+           for directory, _, names in os.walk(ROOT)
+           if '__init__.py' in names and not any(part.startswith('.') or part == 'tests'
+                                                  for part in os.path.relpath(directory,
+                                                                              ROOT).split(os.sep))}
+  assert found == packages
+
+
+def test_installed_configs_are_found_from_any_directory(tmp_path, monkeypatch):
+  from hml_jax import files  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  argv = files.installed_config_argv(['main', '--config=configs/tiny.py:x', '--workdir=w',
+                                      '--config.loss=an', '--config=configs/absent.py'])
+  assert argv[1] == f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}:x"
+  assert argv[2:] == ['--workdir=w', '--config.loss=an', '--config=configs/absent.py']
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'tiny.py').write_text('# a user\'s own')
+  assert files.installed_config_argv(['main', '--config=configs/tiny.py'])[1] == (
+      '--config=configs/tiny.py')  # a file that exists here is the user's
+
+
+@pytest.mark.slow
+def test_pip_installed_package_trains_from_another_directory(tmp_path, tfds_dir):
+  """`pip install .` (without dependencies, into a folder: the venv has them) and a tiny run
+  started elsewhere, with the config named as the docs say."""
+  target = tmp_path / 'site'
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                  '--no-build-isolation', '--target', str(target), ROOT], check=True,
+                 cwd=tmp_path)
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  environment = {**os.environ, 'PYTHONPATH': str(target)}
+  result = subprocess.run(
+      [sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py', '--workdir=run',
+       f'--config.dataset.data_dir={tfds_dir}', '--config.num_epochs=1'],
+      cwd=elsewhere, env=environment, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (elsewhere / 'run' / 'results.json').exists()
