@@ -63,7 +63,9 @@ def test_pretraining_never_sees_the_target_or_its_sources(monkeypatch):
   rendered = {character for character, _ in glyphs.glyph_bank(glyphs.PRETRAINING_CLASSES,
                                                               glyphs.FONT_FILES)}
   assert rendered == set(glyphs.PRETRAINING_CLASSES)
-  digest = lambda image: hashlib.sha256(image.tobytes()).hexdigest()
+  def digest(image):
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
   # The target's train split holds the validation images (20% of it) and the test split.
   target_images = {digest(image) for split in target.values() for _, image, _ in split}
   assert not target_images & {digest(image) for _, image, _ in pretraining}

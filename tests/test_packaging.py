@@ -2,6 +2,7 @@
 dependencies of requirements.txt."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,7 +21,9 @@ def _requirements():
 def test_pyproject_dependencies_equal_requirements():
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
-  normalize = lambda requirement: re.sub(r'\s+', '', requirement.replace("'", '"'))
+  def normalize(requirement):
+    return re.sub(r'\s+', '', requirement.replace("'", '"'))
+
   assert sorted(map(normalize, project['dependencies'])) == sorted(map(normalize,
                                                                         _requirements()))
 
@@ -53,9 +56,12 @@ def test_installed_configs_are_found_from_any_directory(tmp_path, monkeypatch):
 def test_pip_installed_package_trains_from_another_directory(tmp_path, tfds_dir):
   """`pip install .` (without dependencies, into a folder: the venv has them) and a tiny run
   started elsewhere, with the config named as the docs say."""
-  target = tmp_path / 'site'
+  target, source = tmp_path / 'site', tmp_path / 'source'
+  # A copy, so that the build's own files (build/, *.egg-info) never land in the repository.
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns('.venv', '.git', 'runs', 'build',
+                                                              '*.egg-info', '__pycache__'))
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
-                  '--no-build-isolation', '--target', str(target), ROOT], check=True,
+                  '--no-build-isolation', '--target', str(target), str(source)], check=True,
                  cwd=tmp_path)
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()

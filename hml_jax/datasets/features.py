@@ -55,7 +55,7 @@ def load_source(dataset_config):
   features = {split: _matrix(arrays, f'{split}_features', path, np.float32) for split in splits}
   labels = {split: _matrix(arrays, f'{split}_labels', path, np.int32) for split in splits}
   dimensions = {f.shape[1] for f in features.values()}
-  num_labels = {l.shape[1] for l in labels.values()}
+  num_labels = {matrix.shape[1] for matrix in labels.values()}
   if len(dimensions) > 1 or len(num_labels) > 1:
     raise ValueError(f'{path}: the splits disagree on the feature dimension {sorted(dimensions)} '
                      f'or the number of labels {sorted(num_labels)}.')

@@ -176,7 +176,7 @@ def read_folder(dataset_config):
     keep, num_bad = _check_images(root, names, csv_path, skip_corrupt, decoder)
     skipped += num_bad
     paths = [os.path.join(root, n) for n, k in zip(names, keep) if k]
-    lists = [l for l, k in zip(lists, keep) if k]
+    lists = [items for items, kept in zip(lists, keep) if kept]
     if not paths:
       raise ValueError(f'The {split} split of {csv_path} is empty after skipping corrupt images.')
     result[split] = (paths, lists)
