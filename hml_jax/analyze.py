@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hml_jax import analysis
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import host
@@ -267,7 +266,7 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
   # 1. Label correlation (Eq. 8). A linear head has no s, m of its own: its weight columns are
   # compared with the config's s, m so that the figure reads the same.
   embeddings = label_embeddings(state.params, method)
-  correlation = np.asarray(analysis.label_correlation(embeddings, scale, margin))
+  correlation = np.asarray(heads.label_correlation(embeddings, scale, margin))
   pairs = ranked_pairs(correlation)
   top = [(names[i], names[j], value) for i, j, value in pairs[:10]]
   report['correlation'] = correlation.tolist()

@@ -83,6 +83,15 @@ def margin_logits(cos: Array, scale: Scalar, margin: Scalar) -> Array:
   return jnp.asarray(scale, jnp.float32) * cos_with_margin(cos, margin)
 
 
+def label_correlation(embeddings, scale: Scalar, margin: Scalar) -> Array:
+  """Corr(i, j) = sigmoid(s cos(arccos(cos(w_i, w_j)) + m)), paper Eq. 8: the margin sigmoid on
+  pairs of label embeddings. embeddings: (num_labels, feature_dim), the paper's W (rows are label
+  embeddings). Returns (num_labels, num_labels); higher means the two labels are closer on the
+  sphere."""
+  embeddings = jnp.asarray(embeddings, jnp.float32)
+  return jax.nn.sigmoid(margin_logits(cosine_similarity(embeddings, embeddings), scale, margin))
+
+
 class CosineHead(nn.Module):
   """Label embeddings W (num_labels, feature_dim), no bias; returns cosines (batch, num_labels)."""
   num_labels: int

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hml_jax import analysis, heads
+from hml_jax import heads
 
 BOUNDARY_COSINES = np.array([-1.0, -1.0 + 1e-7, 0.0, 1.0 - 1e-7, 1.0], np.float32)
 
@@ -108,6 +108,6 @@ def test_label_correlation_is_eq8():
   normalized = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
   cos = normalized @ normalized.T
   expected = 1 / (1 + np.exp(-reference_margin_logits(cos, 20.0, 0.3)))
-  got = np.asarray(analysis.label_correlation(embeddings, 20.0, 0.3))
+  got = np.asarray(heads.label_correlation(embeddings, 20.0, 0.3))
   np.testing.assert_allclose(got, expected, atol=1e-4)
   np.testing.assert_allclose(got, got.T, atol=1e-6)

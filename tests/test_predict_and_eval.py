@@ -90,7 +90,7 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
 
 
 def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
-  from hml_jax import analysis, analyze  # pylint: disable=g-import-not-at-top
+  from hml_jax import analyze, heads  # pylint: disable=g-import-not-at-top
   workdir, _, results = trained
   report = analyze.analyze(workdir, str(tmp_path / 'figures'), max_images=100)
   for name in ('label_correlation.png', 'cosine_densities.png', 'training.png'):
@@ -104,7 +104,7 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
   scale, margin = train.scale_and_margin(state.params, config, method)
   embeddings = np.asarray(state.params['model']['head']['label_embeddings']).T
   np.testing.assert_allclose(saved['correlation'],
-                             analysis.label_correlation(embeddings, scale, margin), rtol=1e-6)
+                             heads.label_correlation(embeddings, scale, margin), rtol=1e-6)
   assert sorted(saved['planted_pair_ranks'].values()) == sorted(
       analyze.pair_ranks(np.asarray(saved['correlation']), [(0, 6), (1, 7), (2, 5), (3, 8),
                                                             (4, 9)]).values())
