@@ -266,7 +266,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
       'jax': jax.__version__,
       'config': {'model': config.model, 'loss': config.loss, 'image_size': config.image_size,
                  'batch_size': batch_size, 'half_precision': bool(config.half_precision),
-                 'convolutions': layers.resolve_implementation(config.convolutions),
+                 'convolutions': layers.resolve_convolutions(config.convolutions),
                  'num_labels': num_labels,
                  'parameter_sharding': train.parameter_layout(config)[0]},
   }

@@ -2,8 +2,8 @@
 
 `Conv` has flax.linen.Conv's parameter (no bias, a 'kernel' of shape
 (kernel_height, kernel_width, in_channels, out_channels)), so parameters, checkpoints and
-imported torchvision weights are the same whichever implementation computes it. The
-implementation also fixes the layout of the activations between layers (`channel_axis`):
+imported torchvision weights are the same whichever `convolutions` computes it. The
+choice also fixes the layout of the activations between layers (`channel_axis`):
 
 - 'native': lax.conv_general_dilated everywhere (what nn.Conv does), on channel-last (N, H, W, C)
   activations. Best on GPU and TPU, whose convolution libraries are well tuned.
@@ -36,7 +36,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('auto', 'native', 'matmul')
+CONVOLUTIONS = ('auto', 'native', 'matmul')
 
 # The flax variable collection of the matrices that 'matmul' convolutions multiply by in their
 # forward pass: each kernel (kh, kw, in, out) as (out, kh * kw * in), its transpose. A forward
@@ -47,42 +47,42 @@ FORWARD_MATRICES = 'forward_matrices'
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
 
-def resolve_implementation(implementation: str) -> str:
+def resolve_convolutions(convolutions: str) -> str:
   """'auto' -> 'matmul' on CPU, 'native' on GPU and TPU; checks the name."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown convolution implementation {implementation!r} '
-                     f'(config.convolutions); choose one of {list(IMPLEMENTATIONS)}.')
-  if implementation == 'auto':
+  if convolutions not in CONVOLUTIONS:
+    raise ValueError(f'Unknown convolutions {convolutions!r} '
+                     f'(config.convolutions); choose one of {list(CONVOLUTIONS)}.')
+  if convolutions == 'auto':
     return 'matmul' if jax.default_backend() == 'cpu' else 'native'
-  return implementation
+  return convolutions
 
 
-def channel_axis(implementation: str) -> int:
-  """Where the channels of the activations are under this implementation: 'matmul' carries
+def channel_axis(convolutions: str) -> int:
+  """Where the channels of the activations are under these convolutions: 'matmul' carries
   them channel-major, (C, N, H, W), and 'native' channel-last, (N, H, W, C)."""
-  return 0 if resolve_implementation(implementation) == 'matmul' else -1
+  return 0 if resolve_convolutions(convolutions) == 'matmul' else -1
 
 
-def from_images(images, implementation: str):
-  """Images (N, H, W, C) -> activations in the implementation's layout."""
-  if channel_axis(implementation) == 0:
+def from_images(images, convolutions: str):
+  """Images (N, H, W, C) -> activations in the layout of `convolutions`."""
+  if channel_axis(convolutions) == 0:
     return jnp.transpose(images, (3, 0, 1, 2))
   return images
 
 
-def max_pool(x, window: int, stride: int, padding: int, implementation: str):
-  """Max-pooling over the spatial axes of activations in the implementation's layout, padded
+def max_pool(x, window: int, stride: int, padding: int, convolutions: str):
+  """Max-pooling over the spatial axes of activations in the layout of `convolutions`, padded
   with -inf (as flax.linen.max_pool and torch's MaxPool2d)."""
-  if channel_axis(implementation) == 0:
+  if channel_axis(convolutions) == 0:
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, window, window), (1, 1, stride, stride),
                              ((0, 0), (0, 0), (padding, padding), (padding, padding)))
   return nn.max_pool(x, (window, window), strides=(stride, stride),
                      padding=((padding, padding), (padding, padding)))
 
 
-def global_average(x, implementation: str):
-  """The mean over the spatial axes: activations in the implementation's layout -> (N, C)."""
-  if channel_axis(implementation) == 0:
+def global_average(x, convolutions: str):
+  """The mean over the spatial axes: activations in the layout of `convolutions` -> (N, C)."""
+  if channel_axis(convolutions) == 0:
     return jnp.mean(x, axis=(2, 3)).T
   return jnp.mean(x, axis=(1, 2))
 
@@ -226,14 +226,14 @@ def convolve_forward(x, matrix, kernel_size: Tuple[int, int], strides: Tuple[int
   return _contract_rows(matrix, im2col(x, tuple(kernel_size), strides, padding))
 
 
-def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementation: str):
-  """x * kernel (kh, kw, in, out), no bias, with x in the implementation's layout (channel_axis:
+def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, convolutions: str):
+  """x * kernel (kh, kw, in, out), no bias, with x in the layout of `convolutions` (channel_axis:
   'matmul' (in, N, H, W) -> (out, N, out_H, out_W), 'native' (N, H, W, in) ->
-  (N, out_H, out_W, out)); the same numbers under every implementation (up to float rounding)."""
-  implementation = resolve_implementation(implementation)
+  (N, out_H, out_W, out)); the same numbers whatever `convolutions` (up to float rounding)."""
+  convolutions = resolve_convolutions(convolutions)
   kernel_height, kernel_width, in_channels, out_channels = kernel.shape
   strides = tuple(int(stride) for stride in strides)
-  if implementation == 'matmul':
+  if convolutions == 'matmul':
     padding = _explicit_padding(padding)
     if (kernel_height, kernel_width) == (1, 1):
       return channel_matmul(_subsample(x, strides, padding),
@@ -245,7 +245,7 @@ def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, implementati
 
 class Conv(nn.Module):
   """A bias-free 2-D convolution with flax.linen.Conv's parameter ('kernel', (kh, kw, in, out)),
-  computed by `convolve` with the given implementation, on activations in its layout
+  computed by `convolve` with the given `convolutions`, on activations in its layout
   (channel_axis: NHWC for 'native', as flax.linen.Conv, and CNHW for 'matmul')."""
   features: int
   kernel_size: Sequence[int]
@@ -254,7 +254,7 @@ class Conv(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
-  implementation: str = 'auto'
+  convolutions: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -263,17 +263,17 @@ class Conv(nn.Module):
                        'by BatchNorm).')
     kernel_size = tuple(self.kernel_size)
     kernel = self.param('kernel', self.kernel_init,
-                        kernel_size + (x.shape[channel_axis(self.implementation)],
+                        kernel_size + (x.shape[channel_axis(self.convolutions)],
                                        self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(self.strides) if self.strides is not None else (1, 1)
     if (self.has_variable(FORWARD_MATRICES, 'matrix') and
-        resolve_implementation(self.implementation) == 'matmul'):
+        resolve_convolutions(self.convolutions) == 'matmul'):
       # Evaluation with the kernel transposed beforehand, once for many batches (the kernel
       # above is then unused, and XLA drops it).
       matrix = self.get_variable(FORWARD_MATRICES, 'matrix').astype(self.dtype)
       return convolve_forward(x, matrix, kernel_size, strides, self.padding)
-    return convolve(x, kernel, strides, self.padding, self.implementation)
+    return convolve(x, kernel, strides, self.padding, self.convolutions)
 
 
 

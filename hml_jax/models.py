@@ -88,7 +88,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=conv_init, implementation=self.convolutions)
+                             kernel_init=conv_init, convolutions=self.convolutions)
     # Activations are in the layout of the convolutions' implementation (layers.channel_axis).
     norm = functools.partial(layers.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype,

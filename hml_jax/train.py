@@ -39,7 +39,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Reject unknown names before any work is done, naming the key and the choices."""
   losses.get_method(config.loss)
   models.get_backbone(config.model)
-  layers.resolve_implementation(config.convolutions)
+  layers.resolve_convolutions(config.convolutions)
   if config.label_scenario not in labels_lib.SCENARIOS:
     raise ValueError(f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
                      f'choose one of {list(labels_lib.SCENARIOS)}.')
@@ -420,7 +420,7 @@ def make_step_functions(method, config, mesh, hyperparameters=None, state_shardi
                  in_shardings=(state_shardings, data_sharding, replicated),
                  out_shardings=replicated)
   prepare = None
-  if (layers.resolve_implementation(config.get('convolutions', 'auto')) == 'matmul' and
+  if (layers.resolve_convolutions(config.get('convolutions', 'auto')) == 'matmul' and
       parameter_layout(config)[0] == 'replicated'):
     # (With fsdp the parameters are split over the devices; replicated matrices would undo that.)
     prepare = jax.jit(lambda params: layers.forward_matrices(params['model']),

@@ -97,7 +97,7 @@ def test_conv_module_has_flax_conv_parameters_and_outputs():
     expected = flax_conv.apply(flax_variables, x)
     for implementation, to_layout, from_layout in (('matmul', channel_major, channel_last),
                                                    ('native', lambda x: x, lambda x: x)):
-      ours = layers.Conv(6, kernel_size, strides, padding, implementation=implementation)
+      ours = layers.Conv(6, kernel_size, strides, padding, convolutions=implementation)
       variables = ours.init(jax.random.key(1), to_layout(x))
       assert jax.tree_util.tree_map(jnp.shape, variables) == jax.tree_util.tree_map(
           jnp.shape, flax_variables)
@@ -183,10 +183,10 @@ def test_half_precision_runs_in_bfloat16():
 
 
 def test_auto_and_unknown_implementations():
-  assert layers.resolve_implementation('auto') == (
+  assert layers.resolve_convolutions('auto') == (
       'matmul' if jax.default_backend() == 'cpu' else 'native')
   with pytest.raises(ValueError, match=r"'fast'.*config.convolutions"):
-    layers.resolve_implementation('fast')
+    layers.resolve_convolutions('fast')
   with pytest.raises(ValueError, match='no bias'):
     layers.Conv(4, (1, 1), use_bias=True).init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
 
