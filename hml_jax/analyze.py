@@ -52,10 +52,7 @@ def define_flags():
 
 def label_embeddings(params, method) -> np.ndarray:
   """(num_labels, dim): the cosine head's label embeddings, or a linear head's weight columns."""
-  head = params['model']['head']
-  weights = (head['label_embeddings'] if method.head == 'cosine'
-             else head['classifier']['kernel'])
-  return np.asarray(weights).T
+  return method.label_embeddings(params['model']['head'])
 
 
 def ranked_pairs(correlation: np.ndarray) -> List[Tuple[int, int, float]]:
@@ -97,11 +94,8 @@ def gradient_magnitudes(method, outputs, observed_labels, scale, margin, margin_
   observed_labels = jnp.asarray(observed_labels, jnp.float32)
 
   def total_loss(outputs):
-    if method.head == 'cosine':
-      logits = heads.margin_logits(
-          outputs, scale, losses.entry_margins(observed_labels, margin, margin_on))
-    else:
-      logits = outputs
+    logits = method.logits(outputs, scale,
+                           losses.entry_margins(observed_labels, margin, margin_on))
     return jnp.sum(observed_labels * jax.nn.softplus(-logits) +
                    (1.0 - observed_labels) * jax.nn.softplus(logits))
 
@@ -286,7 +280,7 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
                                   config.get('margin_on', 'both'))
   report['densities'] = densities(outputs, groups, gradients)
   report['densities']['num_images'] = int(len(outputs))
-  xlabel = 'cos(x, w_j)' if method.head == 'cosine' else 'logit'
+  xlabel = 'cos(x, w_j)' if method.has_scale_and_margin else 'logit'
   plot_densities(files.join(output, 'cosine_densities.png'), report['densities'],
                  {n: gradients[groups[n]] for n in GROUPS},
                  {n: outputs[groups[n]] for n in GROUPS}, xlabel,

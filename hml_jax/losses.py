@@ -356,6 +356,26 @@ class Method:
   def labels_in_state(self) -> bool:
     return self.updates_labels or self.pseudo_labels
 
+  @property
+  def has_scale_and_margin(self) -> bool:
+    """Its outputs are cosines, scored through the margin sigmoid's s and m (a cosine head);
+    otherwise they are logits (a linear head)."""
+    return self.head == 'cosine'
+
+  def logits(self, outputs: Array, scale, margin) -> Array:
+    """Pre-sigmoid scores of the outputs: s * cos(arccos(c) + m) for a cosine head (margin may
+    be one per entry, entry_margins), the outputs themselves for a linear head."""
+    if self.has_scale_and_margin:
+      return heads.margin_logits(outputs, scale, margin)
+    return outputs
+
+  def label_embeddings(self, head_params) -> np.ndarray:
+    """(num_labels, dim): a cosine head's label embeddings, or a linear head's weight columns
+    (what Eq. 8 compares)."""
+    weights = (head_params['label_embeddings'] if self.has_scale_and_margin
+               else head_params['classifier']['kernel'])
+    return np.asarray(weights).T
+
 
 METHODS = {
     # Cole et al. (CVPR 2021). 'bce' is 'an' on full labels: the same function.

@@ -56,7 +56,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
     raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
-  if (losses.get_method(config.loss).head == 'cosine' and
+  if (losses.get_method(config.loss).has_scale_and_margin and
       abs(config.margin) > heads.MONOTONIC_MARGIN_LIMIT):
     raise ValueError(f'config.margin={config.margin}: beyond |m| = '
                      f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
@@ -258,7 +258,7 @@ def compute_loss(method, outputs, observed_labels, params, config, hyperparamete
   gradient-balance term of Eq. 6 at the current s, m. For methods that update the labels,
   parts['modified_labels'] holds the entries to make observed positives."""
   labels_as_observed = observed_labels if original_labels is None else original_labels
-  if method.head == 'linear':
+  if not method.has_scale_and_margin:
     loss = method.loss(outputs, observed_labels, **hyperparameters)
     parts = {}
     if method.updates_labels:
@@ -290,7 +290,7 @@ def scores_from_outputs(method, outputs, params, config):
   then the test score has no margin (paper Sec. 4.5). The ranking is the same either way: the
   margin map is increasing in the cosine.
   """
-  if method.head == 'cosine':
+  if method.has_scale_and_margin:
     scale, margin = scale_and_margin(params, config, method)
     if config.get('margin_on', 'both') != 'both':
       margin = 0.0
@@ -352,7 +352,7 @@ def train_step(state: TrainState, batch, schedule, *, method, config, hyperparam
                   # gradient is not finite (only meaningful when 'nonfinite' is 1).
                   'first_nonfinite_gradient': jnp.where(
                       jnp.isfinite(loss), jnp.argmin(finite_gradients), -1)}
-  if method.head == 'cosine':
+  if method.has_scale_and_margin:
     step_metrics['scale'], step_metrics['margin'] = scale_and_margin(state.params, config, method)
   return state, step_metrics
 
@@ -675,7 +675,7 @@ def _train_and_evaluate_epoch(epoch, state, history, manager, train_fn, eval_fn,
   # so replicated and readable on every process (the other parameters may be split over
   # processes' devices, which jax.device_get of all of them would refuse).
   scale, margin = ((float(x) for x in scale_and_margin(state.params, config, method))
-                   if method.head == 'cosine' else (None, None))
+                   if method.has_scale_and_margin else (None, None))
   record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
             'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
             # Summed over the epoch's steps: paper Fig. 3's accumulated gradients.

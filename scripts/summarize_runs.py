@@ -20,7 +20,7 @@ from hml_jax import losses
 def stat(runs, key):
   # A linear head has no s, m (older results.json files hold the unused config values).
   if any(r[key] is None or (key.startswith('final_') and
-                            losses.get_method(r['config']['loss']).head != 'cosine')
+                            not losses.get_method(r['config']['loss']).has_scale_and_margin)
          for r in runs):
     return '—'
   values = np.array([r[key] for r in runs], float)
