@@ -30,7 +30,8 @@ from hml_jax import host
 from hml_jax import input_pipeline
 from hml_jax import losses
 from hml_jax import sharding
-from hml_jax import train
+from hml_jax import train_state
+from hml_jax import steps
 
 FLAGS = flags.FLAGS
 GROUPS = ('positives', 'true negatives', 'false negatives')
@@ -239,7 +240,7 @@ def plot_training(path, epochs, title):
 def training_outputs(state, config, split, max_images, mesh):
   """Head outputs (cosines or logits), true and observed labels of up to max_images training
   images."""
-  outputs, rows = train.model_outputs(state, config, split, mesh, config.eval_batch_size,
+  outputs, rows = steps.model_outputs(state, config, split, mesh, config.eval_batch_size,
                                       max_images=max_images)
   return outputs, split.labels[rows], split.observed[rows]
 
@@ -249,8 +250,8 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
   output = output or files.join(workdir, 'analysis')
   files.makedirs(output)
   mesh = sharding.create_mesh()
-  config, method, state = train.load_trained_state(workdir, which, mesh)
-  scale, margin = (float(x) for x in train.scale_and_margin(state.params, config, method))
+  config, method, state = train_state.load_trained_state(workdir, which, mesh)
+  scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
   data = input_pipeline.load(config)
   names = data.label_names
   report = {'workdir': workdir, 'checkpoint': which, 'loss': config.loss,

@@ -37,7 +37,8 @@ from hml_jax import layers
 from hml_jax import losses
 from hml_jax import models
 from hml_jax import sharding
-from hml_jax import train
+from hml_jax import train_state
+from hml_jax import steps
 
 FLAGS = flags.FLAGS
 
@@ -186,13 +187,13 @@ def synthetic_train_step(config, num_labels=20):
   template_config = config.copy_and_resolve_references()
   template_config.unlock()
   template_config.init_from = ''
-  state = train.create_train_state(template_config, model, method, jax.random.key(0),
+  state = train_state.create_train_state(template_config, model, method, jax.random.key(0),
                                    image_shape, observed_labels=observed)
   # config.parameter_sharding: 'replicated' or 'fsdp' (compare their step_memory_mb).
-  state_shardings = train.train_state_shardings(config, state, mesh)
+  state_shardings = train_state.train_state_shardings(config, state, mesh)
   state = sharding.place(state, state_shardings)
-  hyperparameters = train.loss_hyperparameters(method, config, observed)
-  train_fn, eval_fn = train.make_step_functions(method, config, mesh, hyperparameters,
+  hyperparameters = steps.loss_hyperparameters(method, config, observed)
+  train_fn, eval_fn = steps.make_step_functions(method, config, mesh, hyperparameters,
                                                 state_shardings)
   schedule = {key: np.asarray(value) for key, value in (
       method.schedule(2, config.batch_size * num_labels, config) if method.schedule else {}
@@ -268,7 +269,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
                  'batch_size': batch_size, 'half_precision': bool(config.half_precision),
                  'convolutions': layers.resolve_convolutions(config.convolutions),
                  'num_labels': num_labels,
-                 'parameter_sharding': train.parameter_layout(config)[0]},
+                 'parameter_sharding': train_state.parameter_layout(config)[0]},
   }
 
 

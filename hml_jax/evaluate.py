@@ -12,7 +12,8 @@ from hml_jax import files
 from hml_jax import input_pipeline
 from hml_jax import metrics as metrics_lib
 from hml_jax import sharding
-from hml_jax import train
+from hml_jax import train_state
+from hml_jax import steps
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -24,12 +25,12 @@ def evaluate_workdir(workdir: str, split: str = 'test', which: str = 'best',
   if split not in SPLITS:
     raise ValueError(f'Unknown split {split!r}; choose one of {list(SPLITS)}.')
   mesh = sharding.create_mesh()
-  config, method, state = train.load_trained_state(workdir, which, mesh)
+  config, method, state = train_state.load_trained_state(workdir, which, mesh)
   data = input_pipeline.load(config)
-  _, eval_fn = train.make_step_functions(
-      method, config, mesh, state_shardings=train.train_state_shardings(config, state, mesh))
+  _, eval_fn = steps.make_step_functions(
+      method, config, mesh, state_shardings=train_state.train_state_shardings(config, state, mesh))
   evaluated = getattr(data, split)
-  scores = train.predict(eval_fn, state, evaluated, config, mesh)
+  scores = steps.predict(eval_fn, state, evaluated, config, mesh)
   labels = evaluated.labels
   probabilities = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
   per_class = metrics_lib.average_precision_per_class(scores, labels)

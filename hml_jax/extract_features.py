@@ -22,7 +22,8 @@ import numpy as np
 from hml_jax import host
 from hml_jax import input_pipeline
 from hml_jax import sharding
-from hml_jax import train
+from hml_jax import train_state
+from hml_jax import steps
 
 FLAGS = flags.FLAGS
 
@@ -57,7 +58,7 @@ def official_splits(source, config):
 
 def extract(state, config, split, batch_size, mesh) -> np.ndarray:
   """Backbone outputs (num_images, dimensions) of every image of split, in its row order."""
-  outputs, rows = train.model_outputs(
+  outputs, rows = steps.model_outputs(
       state, config, split, mesh, batch_size,
       method=lambda model, x, train: model.backbone(x, train=train))
   features = np.zeros((len(split), outputs.shape[1]), np.float32)
@@ -67,7 +68,7 @@ def extract(state, config, split, batch_size, mesh) -> np.ndarray:
 
 def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overrides=()):
   mesh = sharding.create_mesh()
-  config, _, state = train.load_trained_state(workdir, which, mesh)
+  config, _, state = train_state.load_trained_state(workdir, which, mesh)
   config.unlock()
   for override in dataset_overrides:
     key, _, value = override.partition('=')

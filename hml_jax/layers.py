@@ -40,7 +40,7 @@ CONVOLUTIONS = ('auto', 'native', 'matmul')
 
 # The flax variable collection of the matrices that 'matmul' convolutions multiply by in their
 # forward pass: each kernel (kh, kw, in, out) as (out, kh * kw * in), its transpose. A forward
-# pass given them (the eval step, train.EvalFunction) skips transposing every kernel on every
+# pass given them (the eval step, steps.EvalFunction) skips transposing every kernel on every
 # call, about a tenth of ResNet-50's evaluation at 64x64 on CPU (docs/performance_notes.md, 16).
 FORWARD_MATRICES = 'forward_matrices'
 

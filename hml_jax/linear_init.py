@@ -21,6 +21,7 @@ import numpy as np
 from hml_jax import files
 from hml_jax import input_pipeline
 from hml_jax import sharding
+from hml_jax import train_state
 
 SUBDIRECTORY = 'linear_init'
 SPLITS = ('train', 'validation', 'test')
@@ -87,7 +88,7 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
   head_data = features_data(config, state, data, mesh,
                             files.join(subdirectory, 'features.npz'))
   results = train.train_and_evaluate(head_config(config, recipe), subdirectory, data=head_data)
-  _, _, head_state = train.load_trained_state(subdirectory, 'best', mesh)
+  _, _, head_state = train_state.load_trained_state(subdirectory, 'best', mesh)
   params = dict(state.params)
   params['model'] = {**state.params['model'], 'head': head_state.params['model']['head']}
   for key in ('estimator', 'scale_margin'):
@@ -99,7 +100,7 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
   state = state.replace(params=params)
   if head_state.observed_labels is not None:
     state = state.replace(observed_labels=head_state.observed_labels)
-  state = sharding.place(state, train.train_state_shardings(config, state, mesh))
+  state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   summary = {key: results[key] for key in ('best_epoch', 'val_map', 'test_map')}
   summary['wall_seconds'] = time.time() - start  # this call's, extraction included
   logging.info('Linear init done: best epoch %d, val mAP %.2f, test mAP %.2f; now %d epochs end '

@@ -22,7 +22,8 @@ from hml_jax import checkpoints
 from hml_jax import host
 from hml_jax import input_pipeline
 from hml_jax import sharding
-from hml_jax import train
+from hml_jax import train_state
+from hml_jax import steps
 
 FLAGS = flags.FLAGS
 
@@ -81,7 +82,7 @@ class Predictor:
   def __init__(self, workdir, which='best'):
     self.workdir = workdir
     self.mesh = sharding.create_mesh()
-    self.config, self.method, self.state = train.load_trained_state(workdir, which, self.mesh)
+    self.config, self.method, self.state = train_state.load_trained_state(workdir, which, self.mesh)
     info = checkpoints.read_dataset_info(workdir)
     self.label_names = info['label_names']
     self.decoder = input_pipeline.image_decoder(self.config.dataset)
@@ -89,9 +90,9 @@ class Predictor:
     if len(self.example_shape) != 3:
       raise ValueError(f'{workdir} was trained on features (input shape {self.example_shape}), '
                        'not images: there is nothing to predict from an image file.')
-    _, self.eval_fn = train.make_step_functions(
+    _, self.eval_fn = steps.make_step_functions(
         self.method, self.config, self.mesh,
-        state_shardings=train.train_state_shardings(self.config, self.state, self.mesh))
+        state_shardings=train_state.train_state_shardings(self.config, self.state, self.mesh))
 
   def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
     """images (N, H, W, C) uint8 -> (N, num_labels); batches are padded to one shape."""

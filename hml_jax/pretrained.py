@@ -322,7 +322,8 @@ def weights_file(spec: str, progress: bool = True) -> str:
   URL, the path to put the file at and its digest, if that fails); else the path itself."""
   check_spec(spec)
   if workdir_of(spec) is not None:
-    raise ValueError(f'{spec!r} names a run, not a weights file (train.backbone_of_workdir).')
+    raise ValueError(f'{spec!r} names a run, not a weights file '
+                     '(train_state.backbone_of_workdir).')
   name = named_weights(spec)
   if name is None:
     path = spec[len(PREFIX):]

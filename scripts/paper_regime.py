@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from hml_jax import analyze, compare, extract_features, files, heads, train
+from hml_jax import analyze, compare, extract_features, files, heads, train_state
 from hml_jax.datasets import glyphs
 
 SEEDS = 3
@@ -140,8 +140,8 @@ def c5(config, out, mode):
 
 
 def planted_ranks(workdir):
-  config, method, state = train.load_trained_state(workdir, 'best')
-  scale, margin = (float(x) for x in train.scale_and_margin(state.params, config, method))
+  config, method, state = train_state.load_trained_state(workdir, 'best')
+  scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
   correlation = np.asarray(heads.label_correlation(
       analyze.label_embeddings(state.params, method), scale, margin))
   return sorted(analyze.pair_ranks(correlation, glyphs.PARTNER_PAIRS).values())

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hml_jax import checkpoints, losses, train
+from hml_jax import checkpoints, losses, train, train_state
 from tests.helpers import read_results, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def reference(tfds_dir, tmp_path_factory):
 
 def final_state(workdir):
   """The newest checkpoint's train state, every array as bytes (for exact comparison)."""
-  _, _, state = train.load_trained_state(str(workdir), 'latest')
+  _, _, state = train_state.load_trained_state(str(workdir), 'latest')
   return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
                                 {'params': state.params, 'stats': state.batch_stats,
                                  'opt': state.opt_state, 'step': state.step})
@@ -174,9 +174,9 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tfds_dir, tmp_path, monkeypa
   config = tiny_config(tfds_dir, loss='an', num_epochs=1, nonfinite='skip')
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['epochs'][0]['skipped_steps'] == STEPS_PER_EPOCH
-  _, _, state = train.load_trained_state(str(tmp_path / 'run'), 'latest')
+  _, _, state = train_state.load_trained_state(str(tmp_path / 'run'), 'latest')
   model = train.models.create_model(config.model, 'linear', 10)
-  initial = train.create_train_state(config, model, losses.get_method('an'),
+  initial = train_state.create_train_state(config, model, losses.get_method('an'),
                                      jax.random.key(config.seed), (32, 32, 1))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params),
                          jax.device_get(initial.params))  # no step was applied

@@ -14,6 +14,7 @@ from hml_jax import extract_features
 from hml_jax import input_pipeline
 from hml_jax import labels as labels_lib
 from hml_jax import train
+from hml_jax import train_state
 from hml_jax.datasets import folder
 from hml_jax.datasets import stats
 from tests.helpers import read_results
@@ -122,7 +123,7 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
     info = json.load(f)
   assert info['label_names'] == sorted(NAMES) and info['example_shape'] == [32, 32, 3]
   assert set(results['per_class_ap']) == set(NAMES)
-  _, _, state = train.load_trained_state(str(workdir))
+  _, _, state = train_state.load_trained_state(str(workdir))
   assert state.step == results['epochs'][-1]['step']
 
   # Its backbone's features of the official splits, in official order, train a head.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from hml_jax import checkpoints, losses, models, sharding, train
+from hml_jax import checkpoints, losses, models, sharding, train, train_state
 from tests.test_multihost import assert_same_run, command, environment, free_port, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def tiny_state_shapes(loss, num_train=40):
   config.loss = loss
   method = losses.get_method(loss)
   model = models.create_model(config.model, method.head, num_labels=10)
-  return train.train_state_shapes(config, model, method, (32, 32, 1),
+  return train_state.train_state_shapes(config, model, method, (32, 32, 1),
                                   observed_labels=np.zeros((num_train, 10), np.int32))
 
 
@@ -112,7 +112,7 @@ def test_the_layout_is_resumable_and_old_workdirs_lack_it(tmp_path):
     config.parameter_sharding = mode
     checkpoints.check_config(str(tmp_path), config)
   # Tools that read such a config.json (load_trained_state) lay the state out as it was then.
-  assert train.parameter_layout(ml_collections.ConfigDict(saved)) == ('replicated', 2**16)
+  assert train_state.parameter_layout(ml_collections.ConfigDict(saved)) == ('replicated', 2**16)
 
 
 def run_on_8_devices(script, *arguments):
@@ -126,7 +126,7 @@ def run_on_8_devices(script, *arguments):
 # The same 3 train steps and an eval step, from the same initial values, in both layouts.
 STEPS = """
 import json, sys, jax, numpy as np
-from hml_jax import losses, models, sharding, train
+from hml_jax import losses, models, sharding, steps, train_state
 from configs import tiny
 config = tiny.get_config()
 config.learning_rate = 1e-2
@@ -137,7 +137,7 @@ model = models.create_model(config.model, method.head, num_labels=10)
 mesh = sharding.create_mesh()
 rng = np.random.RandomState(0)
 observed = (rng.uniform(size=(40, 10)) < 0.3).astype(np.int32)
-initial = jax.device_get(train.create_train_state(config, model, method, jax.random.key(0),
+initial = jax.device_get(train_state.create_train_state(config, model, method, jax.random.key(0),
                                                   (32, 32, 1), observed_labels=observed))
 indices = np.sort(rng.permutation(40)[:16]).astype(np.int32)
 batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
@@ -153,10 +153,10 @@ for mode in ('replicated', 'fsdp', 'perturbed'):
   config.parameter_sharding = 'fsdp' if mode == 'fsdp' else 'replicated'
   start = initial if mode != 'perturbed' else initial.replace(params=jax.tree.map(
       lambda x: x * (1 + 1e-7) if x.dtype == np.float32 else x, initial.params))
-  shardings = train.train_state_shardings(config, start, mesh)
+  shardings = train_state.train_state_shardings(config, start, mesh)
   state = sharding.place(start, shardings)
-  train_fn, eval_fn = train.make_step_functions(
-      method, config, mesh, train.loss_hyperparameters(method, config, observed), shardings)
+  train_fn, eval_fn = steps.make_step_functions(
+      method, config, mesh, steps.loss_hyperparameters(method, config, observed), shardings)
   step_losses = []
   for _ in range(3):
     state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), schedule)
@@ -219,7 +219,7 @@ def replicated_run(tfds_dir, tmp_path_factory):
 # replicated) restored into each layout.
 RESUME = """
 import json, sys, jax, numpy as np
-from hml_jax import checkpoints, sharding, train
+from hml_jax import checkpoints, sharding, train, train_state
 from tests.helpers import tiny_config
 data_dir, workdir, reference, min_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 def config(epochs, mode):
@@ -227,15 +227,15 @@ def config(epochs, mode):
 train.train_and_evaluate(config(1, 'fsdp'), workdir)
 resumed = train.train_and_evaluate(config(2, 'replicated'), workdir)
 mesh = sharding.create_mesh()
-_, _, final = train.load_trained_state(workdir, 'latest', mesh)
-_, _, expected = train.load_trained_state(reference, 'latest', mesh)
+_, _, final = train_state.load_trained_state(workdir, 'latest', mesh)
+_, _, expected = train_state.load_trained_state(reference, 'latest', mesh)
 # checkpoints/1 was written in fsdp, checkpoints/2 replicated: restore each into both layouts.
 restored = {}
 shapes = jax.eval_shape(lambda: final)
 manager = checkpoints.Checkpointer(workdir, keep=2)
 for mode in ('replicated', 'fsdp'):
   target = sharding.abstract_arrays(
-      shapes, train.train_state_shardings(config(2, mode), shapes, mesh))
+      shapes, train_state.train_state_shardings(config(2, mode), shapes, mesh))
   for step in (1, 2):
     state, _ = manager._restore(manager.latest, step, target)
     restored[f'{step} into {mode}'] = {
@@ -288,8 +288,8 @@ def test_two_processes_in_fsdp(tfds_dir, tmp_path, replicated_run):
     assert process.returncode == 0, stderr[-3000:]
   assert_same_run(results(workdir), results(replicated_run))
   # Read back here on one device: the shards both processes wrote make the whole arrays.
-  _, _, state = train.load_trained_state(str(workdir), 'latest')
-  _, _, expected = train.load_trained_state(str(replicated_run), 'latest')
+  _, _, state = train_state.load_trained_state(str(workdir), 'latest')
+  _, _, expected = train_state.load_trained_state(str(replicated_run), 'latest')
   for got, want in zip(jax.tree_util.tree_leaves(state.params),
                        jax.tree_util.tree_leaves(expected.params)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3)

@@ -1,5 +1,5 @@
 """The paper's regime offline: the glyph pretraining source, the VOC-like target, and
-init_from='workdir:DIR' (hml_jax/datasets/glyphs.py, train.with_pretrained_backbone)."""
+init_from='workdir:DIR' (hml_jax/datasets/glyphs.py, train_state.with_pretrained_backbone)."""
 import hashlib
 import os
 
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import losses, models, train
+from hml_jax import losses, models, train, train_state
 from hml_jax.datasets import glyphs
 
 from helpers import tiny_config
@@ -100,8 +100,8 @@ def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdi
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{pretrained_workdir}')
   method = losses.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
-  state = train.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
-  _, _, source = train.load_trained_state(pretrained_workdir, 'best')
+  state = train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+  _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')
   for new, old in zip(jax.tree_util.tree_leaves(state.params['model']['backbone']),
                       jax.tree_util.tree_leaves(source.params['model']['backbone'])):
     np.testing.assert_array_equal(np.asarray(new), np.asarray(old))

@@ -114,7 +114,7 @@ def test_two_processes_stream_their_own_parts(tfds_dir, tmp_path):
       half = count // 2
       assert (f'Process {i} of 2 reads records [{i * half}, {(i + 1) * half}) of the {count} '
               f'of {builder.info.full_name} {split}.') in stderr
-  # Evaluation scored every validation and test image exactly once (train.predict raises
+  # Evaluation scored every validation and test image exactly once (steps.predict raises
   # otherwise) and the epoch completed on both processes.
   got = results(workdir)
   assert [(e['epoch'], e['step']) for e in got['epochs']] == [(1, steps)]  # the smaller part's

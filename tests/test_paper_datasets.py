@@ -19,6 +19,7 @@ from hml_jax import input_pipeline
 from hml_jax import models
 from hml_jax import pretrained
 from hml_jax import train
+from hml_jax import train_state
 from hml_jax.datasets import coco2014
 from hml_jax.datasets import common
 from hml_jax.datasets import cub
@@ -443,7 +444,7 @@ def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(tmp_pat
   initialized = f'Backbone initialized from torchvision:resnet50 ({cache / weights.filename})'
   assert initialized in caplog.text
   assert 'starts from random weights' not in caplog.text
-  _, _, state = train.load_trained_state(str(tmp_path / 'run'))
+  _, _, state = train_state.load_trained_state(str(tmp_path / 'run'))
   # Two Adam steps at 1e-5 move a weight by at most about 2e-5.
   np.testing.assert_allclose(np.asarray(state.params['model']['backbone']['conv1']['kernel']),
                              state_dict['conv1.weight'].numpy().transpose(2, 3, 1, 0), atol=1e-4)

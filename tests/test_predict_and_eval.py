@@ -12,7 +12,7 @@ from hml_jax import evaluate
 from hml_jax import input_pipeline
 from hml_jax import predict
 from hml_jax import sharding
-from hml_jax import train
+from hml_jax import steps, train, train_state
 from tests.helpers import tiny_config
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,10 +67,10 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
       '0.png', '2.png', '1.png', '3.png']
   assert {os.path.basename(e['path']) for e in result['errors']} == {'notes.txt', 'missing.jpg'}
   # The same probabilities as the evaluation step on the same pixels.
-  _, method, state = train.load_trained_state(workdir)
+  _, method, state = train_state.load_trained_state(workdir)
   mesh = sharding.create_mesh()
-  _, eval_fn = train.make_step_functions(method, config, mesh)
-  scores = train.predict(eval_fn, state, data.test, config, mesh)[:4]
+  _, eval_fn = steps.make_step_functions(method, config, mesh)
+  scores = steps.predict(eval_fn, state, data.test, config, mesh)[:4]
   expected = 1 / (1 + np.exp(-scores[[0, 2, 1, 3]].astype(np.float64)))
   for row, prediction in zip(expected, result['predictions']):
     top = [p['label'] for p in prediction['top_k']]
@@ -100,8 +100,8 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
       assert image.size[0] > 500
   with open(tmp_path / 'figures' / 'analysis.json') as f:
     saved = json.load(f)
-  config, method, state = train.load_trained_state(workdir)
-  scale, margin = train.scale_and_margin(state.params, config, method)
+  config, method, state = train_state.load_trained_state(workdir)
+  scale, margin = train_state.scale_and_margin(state.params, config, method)
   embeddings = np.asarray(state.params['model']['head']['label_embeddings']).T
   np.testing.assert_allclose(saved['correlation'],
                              heads.label_correlation(embeddings, scale, margin), rtol=1e-6)
@@ -140,11 +140,11 @@ def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   after a train step) get new matrices."""
   import jax  # pylint: disable=g-import-not-at-top
   workdir, config, _ = trained
-  _, method, state = train.load_trained_state(workdir)
+  _, method, state = train_state.load_trained_state(workdir)
   mesh = sharding.create_mesh()
-  _, eval_fn = train.make_step_functions(method, config, mesh)
+  _, eval_fn = steps.make_step_functions(method, config, mesh)
   assert eval_fn.prepare is not None
-  every_call = train.EvalFunction(eval_fn.step)  # no prepare: the kernels transposed per call
+  every_call = steps.EvalFunction(eval_fn.step)  # no prepare: the kernels transposed per call
   batch = sharding.shard_batch(next(input_pipeline.load(config).test.eval_batches(16)), mesh)
   np.testing.assert_allclose(eval_fn(state, batch)['scores'], every_call(state, batch)['scores'],
                              rtol=1e-6, atol=1e-6)

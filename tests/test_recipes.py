@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import input_pipeline, linear_init, losses, models, recipes, sharding, train
+from hml_jax import input_pipeline, linear_init, losses, models, recipes, sharding, steps, train, train_state
 
 from helpers import tiny_config
 
@@ -77,14 +77,14 @@ def test_kim_head_learning_rate_is_ten_times_the_backbone_one():
   config = tiny_config('unused', loss='ll_r', recipe='published', learning_rate=1e-3)
   method = losses.get_method('ll_r')
   model = models.create_model('resnet_tiny', method.head, num_labels=10)
-  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
   gradients = jax.tree_util.tree_map(np.ones_like, state.params)
   moved = jax.tree_util.tree_map(lambda new, old: np.abs(np.asarray(new) - np.asarray(old)),
                                  state.apply_gradients(grads=gradients).params, state.params)
   np.testing.assert_allclose(moved['model']['head']['classifier']['kernel'], 1e-2, rtol=1e-3)
   np.testing.assert_allclose(moved['model']['backbone']['conv1']['kernel'], 1e-3, rtol=1e-3)
   config.recipe = 'shared'
-  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
   moved = jax.tree_util.tree_map(lambda new, old: np.abs(np.asarray(new) - np.asarray(old)),
                                  state.apply_gradients(grads=gradients).params, state.params)
   np.testing.assert_allclose(moved['model']['head']['classifier']['kernel'], 1e-3, rtol=1e-3)
@@ -100,7 +100,7 @@ def test_early_stopping_keeps_the_best_epoch_and_resumes_finished(tfds_dir, tmp_
     del eval_fn, state, config, mesh
     return {'map': next(scripted), 'per_class_ap': np.full(split.labels.shape[1], 0.5)}
 
-  monkeypatch.setattr(train, 'evaluate', fake_evaluate)
+  monkeypatch.setattr(steps, 'evaluate', fake_evaluate)
   config = tiny_config(tfds_dir, loss='em', recipe='published', num_epochs=5)
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(config, workdir)
@@ -123,9 +123,9 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
   data = input_pipeline.load(config)
   mesh = sharding.create_mesh()
   model = models.create_model(config.model, method.head, len(data.label_names))
-  state = train.create_train_state(config, model, method, jax.random.key(0),
+  state = train_state.create_train_state(config, model, method, jax.random.key(0),
                                    data.train.example_shape, observed_labels=data.train.observed)
-  state = sharding.place(state, train.train_state_shardings(config, state, mesh))
+  state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   backbone_before = jax.device_get(state.params['model']['backbone'])
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
@@ -144,11 +144,11 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
     images = data.validation.examples[:8]
     expected = model.apply({'params': state.params['model'],
                             'batch_stats': state.batch_stats},
-                           train.normalize_images(images, config), train=False,
+                           steps.normalize_images(images, config), train=False,
                            method=lambda module, x, train: module.backbone(x, train=train))
     np.testing.assert_allclose(features['validation'][:8], expected, rtol=1e-5, atol=1e-5)
     assert features['train'].shape == (len(data.train), expected.shape[1])
-  _, _, head_state = train.load_trained_state(subdirectory, 'best')
+  _, _, head_state = train_state.load_trained_state(subdirectory, 'best')
   for key in ('estimator',):
     np.testing.assert_array_equal(np.asarray(new_state.params[key]),
                                   np.asarray(head_state.params[key]))

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
 import json, sys, jax, numpy as np
-from hml_jax import losses, models, sharding, train
+from hml_jax import losses, models, sharding, steps, train, train_state
 from configs import tiny
 config = tiny.get_config()
 config.learning_rate = 1e-2
@@ -22,11 +22,11 @@ model = models.create_model(config.model, method.head, num_labels=10)
 mesh = sharding.create_mesh()
 rng = np.random.RandomState(0)
 observed = (rng.uniform(size=(40, 10)) < 0.3).astype(np.int32)
-state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
+state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
                                  observed_labels=observed)
 state = jax.device_put(state, sharding.replicated(mesh))
-hyperparameters = train.loss_hyperparameters(method, config, observed)
-train_fn, eval_fn = train.make_step_functions(method, config, mesh, hyperparameters)
+hyperparameters = steps.loss_hyperparameters(method, config, observed)
+train_fn, eval_fn = steps.make_step_functions(method, config, mesh, hyperparameters)
 indices = np.sort(rng.permutation(40)[:16]).astype(np.int32)
 batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
          'labels': observed[indices], 'indices': indices}

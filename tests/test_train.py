@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import checkpoints, losses, models, train
+from hml_jax import checkpoints, losses, models, steps, train, train_state
 
 from helpers import read_results, tiny_config
 
@@ -24,12 +24,12 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
   batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
            'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
            'indices': np.arange(16, dtype=np.int32)}
-  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
+  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
                                    observed_labels=batch['labels'])
-  hyperparameters = train.loss_hyperparameters(method, config, batch['labels'])
+  hyperparameters = steps.loss_hyperparameters(method, config, batch['labels'])
   # Epoch 3, so that schedules that start at epoch 2 (Large Loss) act.
   schedule = method.schedule(3, batch['labels'].size, config) if method.schedule else {}
-  step = jax.jit(lambda s, b: train.train_step(s, b, schedule, method=method, config=config,
+  step = jax.jit(lambda s, b: steps.train_step(s, b, schedule, method=method, config=config,
                                                hyperparameters=hyperparameters))
   state, first = step(state, batch)
   for _ in range(20):
@@ -67,8 +67,8 @@ def _hml_steps(config, num_steps, margin_push=0.0):
   batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
            'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
            'indices': np.arange(16, dtype=np.int32)}
-  state = train.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
-  step = jax.jit(lambda s, b: train.train_step(s, b, {}, method=method, config=config,
+  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  step = jax.jit(lambda s, b: steps.train_step(s, b, {}, method=method, config=config,
                                                hyperparameters={'margin_on': 'both'}))
   for _ in range(num_steps):
     state, metrics = step(state, batch)
@@ -119,7 +119,7 @@ def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
   assert 0 < results['test_map'] <= 100
   assert os.path.isdir(uninterrupted / 'best' / str(results['best_epoch']))
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(uninterrupted))
-  config, method, best = train.load_trained_state(str(uninterrupted), 'best')
+  config, method, best = train_state.load_trained_state(str(uninterrupted), 'best')
   steps_per_epoch = results['epochs'][0]['step']
   assert int(best.step) == results['best_epoch'] * steps_per_epoch
   assert method.head == 'cosine' and config.loss == 'hml'
@@ -159,7 +159,7 @@ def test_method_state_survives_resuming(tfds_dir, tmp_path, monkeypatch, loss):
   train.train_and_evaluate(config, str(resumed))
   assert read_results(resumed) == read_results(uninterrupted)
   assert final_state(resumed) == final_state(uninterrupted)
-  _, _, state = train.load_trained_state(str(uninterrupted), 'latest')
+  _, _, state = train_state.load_trained_state(str(uninterrupted), 'latest')
   if loss == 'll_cp':
     observed = np.asarray(state.observed_labels)
     # Single positive labels: one per image before; LL-Cp added some from epoch 2 on.
@@ -176,7 +176,7 @@ def test_method_state_survives_resuming(tfds_dir, tmp_path, monkeypatch, loss):
 
 def final_state(workdir):
   """The newest checkpoint's train state, every array as bytes (for exact comparison)."""
-  _, _, state = train.load_trained_state(str(workdir), 'latest')
+  _, _, state = train_state.load_trained_state(str(workdir), 'latest')
   return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
                                 {'params': state.params, 'stats': state.batch_stats,
                                  'opt': state.opt_state, 'step': state.step,

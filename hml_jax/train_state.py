@@ -1,0 +1,209 @@
+"""The train state: its parameters and optimizer (create_optimizer, create_train_state), its
+layout over the devices (train_state_shardings), where its backbone comes from (config.init_from:
+pretrained weights or another run's backbone), and the trained state of a workdir
+(load_trained_state), which predict, evaluate, analyze, extract_features and benchmark read."""
+import logging
+from typing import Any
+
+import flax
+from flax.training import train_state as flax_train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hml_jax import checkpoints
+from hml_jax import files
+from hml_jax import losses
+from hml_jax import models
+from hml_jax import pretrained
+from hml_jax import recipes
+from hml_jax import sharding
+
+
+class TrainState(flax_train_state.TrainState):
+  batch_stats: Any = None
+  # (num_train_images, num_labels) float32, only for methods that change the observed labels
+  # (LL-Cp, EM + APL): they live here so that they are checkpointed with the model.
+  observed_labels: Any = None
+
+
+def parameter_layout(config):
+  """(config.parameter_sharding, config.fsdp_min_size); configs saved before these keys existed
+  (a workdir's config.json) get the values that runs had then (replicated)."""
+  return tuple(config.get(key, checkpoints.ADDED_KEYS[key])
+               for key in ('parameter_sharding', 'fsdp_min_size'))
+
+
+ADAPTIVE_OPTIMIZERS = ('separate', 'shared')
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """Adam over everything. s* and m* (adaptive HML) get config.adaptive_learning_rate with
+  config.adaptive_optimizer='separate', or the network's learning rate with 'shared' (the paper's
+  literal reading: they are learnable parameters like the rest; Adam is elementwise, so this is
+  one Adam over all). ROLE's label estimator gets config.role_lr_mult times the learning rate
+  (Cole et al.), and the classifier head the recipe's head_learning_rate_multiplier times it
+  (Kim et al.'s 10x for LL-R/Ct/Cp; hml_jax/recipes.py)."""
+  if config.get('adaptive_optimizer', 'separate') == 'shared':
+    scale_margin_learning_rate = config.learning_rate
+  else:
+    scale_margin_learning_rate = config.adaptive_learning_rate
+  transforms = {'model': optax.adam(config.learning_rate),
+                'scale_margin': optax.adam(scale_margin_learning_rate),
+                'estimator': optax.adam(config.learning_rate * config.role_lr_mult)}
+  head_multiplier = recipes.resolve(config).head_learning_rate_multiplier
+  if head_multiplier != 1:
+    transforms['head'] = optax.adam(config.learning_rate * head_multiplier)
+
+  def group_of(params):
+    groups = {key: key for key in params}
+    if 'head' in transforms:  # the backbone's parameters stay in 'model'
+      groups['model'] = {name: 'head' if name == 'head' else 'model' for name in params['model']}
+    return groups
+
+  return optax.multi_transform(transforms, group_of)
+
+
+def check_backbone_workdir(directory: str, config) -> None:
+  """config.init_from='workdir:DIR': DIR must hold a finished epoch of an hml_jax run of the same
+  model and input channels; errors name what differs."""
+  spec = f'{pretrained.WORKDIR_PREFIX}{directory}'
+  if not files.exists(checkpoints.config_path(directory)):
+    raise FileNotFoundError(f'config.init_from={spec!r}: {directory} holds no hml_jax run (no '
+                            'config.json). Train the source run there first.')
+  source = ml_collections.ConfigDict(files.read_json(checkpoints.config_path(directory)))
+  if source.model != config.model:
+    raise ValueError(f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
+                     f'config.model is {config.model!r}.')
+  if not files.exists(files.join(directory, 'results.json')):
+    raise FileNotFoundError(f'config.init_from={spec!r}: the run in {directory} has not finished '
+                            '(no results.json): its best checkpoint may still change. Finish '
+                            'that run first (the same command resumes it).')
+
+
+def backbone_of_workdir(directory: str, model, image_shape):
+  """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint, checked against model's
+  backbone for inputs of image_shape (H, W, C)."""
+  check_backbone_workdir(directory, ml_collections.ConfigDict(
+      {'model': files.read_json(checkpoints.config_path(directory))['model']}))
+  _, _, state = load_trained_state(directory, 'best')
+  loaded = {'params': jax.device_get(state.params['model'].get('backbone', {})),
+            'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))}
+  expected = pretrained.expected_variables(model.backbone, (1,) + tuple(image_shape))
+  got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), loaded)
+  wanted = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
+  if got != wanted:
+    raise ValueError(f'config.init_from=workdir:{directory}: its backbone does not fit this '
+                     f'model for inputs {tuple(image_shape)} (another number of channels or '
+                     f'layers): {jax.tree_util.tree_leaves(got)[:3]}... against '
+                     f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
+  return loaded
+
+
+def with_pretrained_backbone(variables, model, init_from: str, image_shape):
+  """variables with the backbone's parameters and BatchNorm statistics replaced by the weights
+  named by config.init_from ('torchvision:resnet50', 'torchvision:/path/file.pth',
+  'workdir:DIR'; hml_jax/pretrained.py). The head keeps its fresh initialization (a torchvision
+  file's 1000-class fc layer and a source run's head are dropped)."""
+  directory = pretrained.workdir_of(init_from)
+  if directory is not None:
+    loaded = backbone_of_workdir(directory, model, image_shape)
+    variables = flax.core.unfreeze(variables)
+    variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
+    variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
+                                                                  loaded['batch_stats'])
+    logging.info('Backbone initialized from the best checkpoint (epoch %d) of %s.',
+                 files.read_json(files.join(directory, 'results.json'))['best_epoch'], directory)
+    return variables
+  loaded = pretrained.init_variables_from(init_from, model.backbone, (1,) + tuple(image_shape))
+  variables = flax.core.unfreeze(variables)
+  variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
+  variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
+                                                                loaded['batch_stats'])
+  logging.info('Backbone initialized from %s (%s).', init_from,
+               pretrained.weights_file(init_from, progress=False))  # verified once per process
+  return variables
+
+
+def create_train_state(config, model, method, rng, image_shape,
+                       observed_labels=None) -> TrainState:
+  """observed_labels: the training split's observed labels, needed by methods that update or
+  estimate them."""
+  variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
+  if config.get('init_from'):
+    variables = with_pretrained_backbone(variables, model, config.init_from, image_shape)
+  params = {'model': variables['params']}
+  if method.learns_scale_and_margin:
+    params['scale_margin'] = {'scale': jnp.float32(config.scale),
+                              'margin': jnp.float32(config.margin)}
+  if method.label_estimator:
+    if observed_labels is None:
+      raise ValueError(f'config.loss={config.loss!r} estimates labels: pass the observed labels.')
+    params['estimator'] = losses.role_estimator_init(observed_labels, jax.random.fold_in(rng, 1))
+  label_state = None
+  if method.labels_in_state:
+    if observed_labels is None:
+      raise ValueError(f'config.loss={config.loss!r} updates the observed labels: pass them.')
+    label_state = jnp.asarray(observed_labels, jnp.float32)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
+                           batch_stats=variables.get('batch_stats', {}),
+                           observed_labels=label_state)
+
+
+def train_state_shapes(config, model, method, image_shape, observed_labels=None):
+  """jax.eval_shape of create_train_state: the state's structure with a jax.ShapeDtypeStruct
+  for every array, computed without creating any of them (and without reading pretrained
+  weights: they only replace values of the same shapes)."""
+  template_config = ml_collections.ConfigDict(config.to_dict())
+  template_config.init_from = ''
+  return jax.eval_shape(lambda: create_train_state(template_config, model, method,
+                                                   jax.random.key(0), image_shape,
+                                                   observed_labels=observed_labels))
+
+
+def train_state_shardings(config, state_or_shapes, mesh):
+  """The NamedSharding of every array of a train state (or of its train_state_shapes) under
+  config.parameter_sharding and config.fsdp_min_size (hml_jax/sharding.py)."""
+  mode, min_size = parameter_layout(config)
+  return sharding.state_shardings(state_or_shapes, mesh, mode, min_size)
+
+
+def scale_and_margin(params, config, method=None):
+  """(s, m) of the margin sigmoid: the learned s*, m* for adaptive HML, else the config's fixed
+  pair (or the method's own fixed margin, 0 for the normalized sigmoid)."""
+  if 'scale_margin' in params:
+    return params['scale_margin']['scale'], params['scale_margin']['margin']
+  margin = config.margin
+  if method is not None and method.fixed_margin is not None:
+    margin = method.fixed_margin
+  return jnp.float32(config.scale), jnp.float32(margin)
+
+
+def load_trained_state(workdir: str, which: str = 'best', mesh=None):
+  """(config, method, state) of a finished or running workdir; which = 'best' or 'latest'.
+
+  The state is restored straight onto mesh (default: every device) in the layout of the run's
+  config.parameter_sharding, ready for make_step_functions(..., train_state_shardings(config,
+  state, mesh)) and model_outputs.
+  """
+  config = ml_collections.ConfigDict(files.read_json(checkpoints.config_path(workdir)))
+  method = losses.get_method(config.loss)
+  info = checkpoints.read_dataset_info(workdir)
+  num_labels = len(info['label_names'])
+  model = models.create_model(config.model, method.head, num_labels,
+                              convolutions=config.get('convolutions', 'auto'))
+  # The template only gives shapes and layout: the checkpoint replaces every value, so
+  # pretrained weights (which may have moved since) are not read.
+  mesh = mesh or sharding.create_mesh()
+  shapes = train_state_shapes(config, model, method, tuple(info['example_shape']),
+                              observed_labels=np.zeros((info['num_train'], num_labels),
+                                                       np.float32))
+  template = sharding.abstract_arrays(shapes, train_state_shardings(config, shapes, mesh))
+  manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
+  restored = (manager.restore_best(template) if which == 'best'
+              else manager.restore_latest(template))
+  if restored is None:
+    raise FileNotFoundError(f'No {which} checkpoint in {workdir}.')
+  return config, method, restored[0]
