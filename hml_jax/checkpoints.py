@@ -20,7 +20,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from hml_jax import files
-from hml_jax import input_pipeline
 
 # Keys that may change when a run is resumed: they do not change what has been computed.
 # Where the data lives and how many threads read it are not part of what is computed either.
@@ -32,15 +31,11 @@ RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_kee
                             'fsdp_min_size'})
 
 
-# Keys added to the configs after runs were made: a workdir whose config.json lacks one was made
-# with the behaviour of this value, so it still resumes (and is reused by compare) when the key
-# has it now.
-ADDED_KEYS = {'nonfinite': 'stop', 'convolutions': 'auto', 'parameter_sharding': 'replicated',
-              'fsdp_min_size': 2**16, 'adaptive_optimizer': 'separate', 'recipe': 'shared',
-              'linear_init_epochs': -1, 'linear_init_learning_rate': -1.0,
-              'linear_init_batch_size': -1, 'head_learning_rate_multiplier': -1.0,
-              'early_stopping_patience': -1, 'early_stopping_drop': -1.0,
-              'dataset.decoder': input_pipeline.DECODER_OF_OLDER_RUNS}
+# The version of what a workdir holds (config.json, dataset.json, the checkpoints' tree), written
+# into config.json as FORMAT_KEY. A workdir of another version is refused with a clear error:
+# this version does not guess what older runs meant by keys they lacked.
+FORMAT_KEY = 'hml_jax_workdir_format'
+FORMAT_VERSION = 2
 
 
 def flatten(tree, prefix=''):
@@ -69,23 +64,37 @@ def has_checkpoint(workdir: str) -> bool:
   return False
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the run in workdir (its config.json), after checking that this version of
+  hml_jax made it: an older or newer workdir format is a ValueError that says what to do."""
+  path = config_path(workdir)
+  saved = files.read_json(path)
+  version = saved.pop(FORMAT_KEY, 1)
+  if version != FORMAT_VERSION:
+    raise ValueError(
+        f'{workdir} was made by {"an older" if version < FORMAT_VERSION else "a newer"} version '
+        f'of hml_jax (workdir format {version}; this version reads format {FORMAT_VERSION}, '
+        f'{FORMAT_KEY} in {path}). Resume or read it with the version that made it, or train '
+        'anew in another --workdir; nothing was changed.')
+  return ml_collections.ConfigDict(saved)
+
+
 def check_config(workdir: str, config: ml_collections.ConfigDict,
                  resumable_keys=RESUMABLE_KEYS) -> None:
-  """Refuses a workdir whose run used an incompatible config (and changes nothing in it)."""
+  """Refuses a workdir whose run used an incompatible config, or that another version of hml_jax
+  made (and changes nothing in it)."""
   path = config_path(workdir)
   if not files.exists(path):
     if has_checkpoint(workdir):
       raise ValueError(f'{workdir} holds checkpoints but no config.json: it was not made by this '
                        'version of hml_jax. Use another --workdir.')
     return
-  saved = flatten(files.read_json(path))
+  saved = flatten(read_config(workdir).to_dict())
   current = flatten(json.loads(config.to_json()))
   differences = [f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '
                  f'{current.get(key, "<absent>")!r} now'
                  for key in sorted(set(saved) | set(current))
-                 if key not in resumable_keys and saved.get(key) != current.get(key)
-                 and not (key not in saved and key in ADDED_KEYS
-                          and current.get(key) == ADDED_KEYS[key])]
+                 if key not in resumable_keys and saved.get(key) != current.get(key)]
   if differences:
     raise ValueError(f'{workdir} holds a run made with a different config, so it cannot be '
                      'resumed; use another --workdir (nothing was changed). Differences:\n  ' +
@@ -93,7 +102,9 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  files.write_text(config_path(workdir), config.to_json(indent=2))  # never half-written
+  """config.json: the config and the workdir format (never half-written)."""
+  files.write_json(config_path(workdir), {FORMAT_KEY: FORMAT_VERSION,
+                                          **json.loads(config.to_json())})
 
 
 def dataset_info_path(workdir):
@@ -124,17 +135,9 @@ def check_dataset(workdir: str, fingerprint: str) -> None:
 
 
 def read_dataset_info(workdir: str):
-  """dataset.json of a run; runs made before it existed are read from their TFDS builder."""
-  path = dataset_info_path(workdir)
-  if files.exists(path):
-    return files.read_json(path)
-  config = ml_collections.ConfigDict(files.read_json(config_path(workdir)))
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  builder = input_pipeline.load_tfds_builder(config.dataset)
-  num_train = builder.info.splits['train'].num_examples
-  num_train -= int(round(config.validation_fraction * num_train))
-  return {'label_names': list(builder.info.metadata['label_names']),
-          'example_shape': list(builder.info.features['image'].shape), 'num_train': num_train}
+  """dataset.json of a run: label names, input shape, training-split size, data fingerprint."""
+  read_config(workdir)  # the same format
+  return files.read_json(dataset_info_path(workdir))
 
 
 class WorkdirLock:

@@ -244,9 +244,8 @@ def _process(process: Optional[Tuple[int, int]]) -> Tuple[int, int]:
 #   'tensorflow': tf.io.decode_image + tf.image.resize(antialias=True), in TensorFlow's C++
 #     threads (no GIL): slower per core, but free of the GIL's bound on a host with many cores
 #     per process. Its resize is within 1 grey level of PIL's; its JPEG decoder rounds
-#     differently (about 1 level on average). Runs made before this key existed used it.
+#     differently (about 1 level on average).
 DECODERS = ('pil', 'tensorflow')
-DECODER_OF_OLDER_RUNS = 'tensorflow'
 # 16-bit images: PIL's convert('RGB') (and so torchvision's loader) clips them at 255; they are
 # scaled to 8 bits first, as TensorFlow's decoder does.
 SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
@@ -261,7 +260,7 @@ def check_decoder(decoder: str) -> str:
 def image_decoder(dataset_config) -> str:
   """config.dataset.decoder, checked; a config without the key (saved before it existed) means
   the decoder that runs had then."""
-  return check_decoder(dataset_config.get('decoder', DECODER_OF_OLDER_RUNS))
+  return check_decoder(dataset_config.get('decoder', 'pil'))
 
 
 def decode_and_resize_with_pil(encoded: bytes, image_size: int, channels: int = 3) -> np.ndarray:

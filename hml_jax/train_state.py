@@ -30,10 +30,8 @@ class TrainState(flax_train_state.TrainState):
 
 
 def parameter_layout(config):
-  """(config.parameter_sharding, config.fsdp_min_size); configs saved before these keys existed
-  (a workdir's config.json) get the values that runs had then (replicated)."""
-  return tuple(config.get(key, checkpoints.ADDED_KEYS[key])
-               for key in ('parameter_sharding', 'fsdp_min_size'))
+  """(config.parameter_sharding, config.fsdp_min_size): how the state is laid out."""
+  return config.parameter_sharding, config.fsdp_min_size
 
 
 ADAPTIVE_OPTIMIZERS = ('separate', 'shared')
@@ -73,7 +71,7 @@ def check_backbone_workdir(directory: str, config) -> None:
   if not files.exists(checkpoints.config_path(directory)):
     raise FileNotFoundError(f'config.init_from={spec!r}: {directory} holds no hml_jax run (no '
                             'config.json). Train the source run there first.')
-  source = ml_collections.ConfigDict(files.read_json(checkpoints.config_path(directory)))
+  source = checkpoints.read_config(directory)
   if source.model != config.model:
     raise ValueError(f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
                      f'config.model is {config.model!r}.')
@@ -87,7 +85,7 @@ def backbone_of_workdir(directory: str, model, image_shape):
   """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint, checked against model's
   backbone for inputs of image_shape (H, W, C)."""
   check_backbone_workdir(directory, ml_collections.ConfigDict(
-      {'model': files.read_json(checkpoints.config_path(directory))['model']}))
+      {'model': checkpoints.read_config(directory).model}))
   _, _, state = load_trained_state(directory, 'best')
   loaded = {'params': jax.device_get(state.params['model'].get('backbone', {})),
             'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))}
@@ -188,7 +186,7 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   config.parameter_sharding, ready for make_step_functions(..., train_state_shardings(config,
   state, mesh)) and model_outputs.
   """
-  config = ml_collections.ConfigDict(files.read_json(checkpoints.config_path(workdir)))
+  config = checkpoints.read_config(workdir)
   method = losses.get_method(config.loss)
   info = checkpoints.read_dataset_info(workdir)
   num_labels = len(info['label_names'])

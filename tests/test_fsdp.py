@@ -7,7 +7,6 @@ import sys
 
 import jax
 from jax.sharding import PartitionSpec as P
-import ml_collections
 import numpy as np
 import pytest
 
@@ -102,17 +101,21 @@ def test_unknown_parameter_sharding_is_refused_naming_the_key():
     train.validate_config(config)
 
 
-def test_the_layout_is_resumable_and_old_workdirs_lack_it(tmp_path):
-  """A workdir whose config.json predates the keys resumes in either layout."""
+def test_the_layout_is_resumable_and_older_workdirs_are_refused(tmp_path):
+  """parameter_sharding may change on resume; a config.json of an older workdir format (without
+  the version key) is refused, naming what to do, and left as it was."""
   config = tiny.get_config()
-  saved = config.to_dict()
-  del saved['parameter_sharding'], saved['fsdp_min_size']
-  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  checkpoints.write_config(str(tmp_path), config)
   for mode in ('replicated', 'fsdp'):
     config.parameter_sharding = mode
     checkpoints.check_config(str(tmp_path), config)
-  # Tools that read such a config.json (load_trained_state) lay the state out as it was then.
-  assert train_state.parameter_layout(ml_collections.ConfigDict(saved)) == ('replicated', 2**16)
+  older = config.to_dict()
+  del older['parameter_sharding'], older['fsdp_min_size']
+  (tmp_path / 'config.json').write_text(json.dumps(older))
+  with pytest.raises(ValueError, match=r'made by an older version of hml_jax \(workdir format 1;'
+                     r' this version reads format 2.*another --workdir; nothing was changed'):
+    checkpoints.check_config(str(tmp_path), config)
+  assert (tmp_path / 'config.json').read_text() == json.dumps(older)
 
 
 def run_on_8_devices(script, *arguments):

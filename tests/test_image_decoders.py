@@ -8,7 +8,6 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from hml_jax import checkpoints
 from hml_jax import input_pipeline
 from hml_jax import predict
 from hml_jax.datasets import folder
@@ -113,11 +112,11 @@ def test_an_image_that_breaks_after_loading_stops_the_pipeline_with_its_row(tmp_
     list(data.test.eval_batches(4))
 
 
-def test_a_config_without_the_key_keeps_the_decoder_runs_had_then():
+def test_a_config_without_the_key_decodes_with_pil():
   config = tiny_image_config('/nonexistent')
   assert input_pipeline.image_decoder(config.dataset) == 'pil'  # configs/paper.py
   del config.dataset['decoder']
-  assert input_pipeline.image_decoder(config.dataset) == 'tensorflow'
+  assert input_pipeline.image_decoder(config.dataset) == 'pil'
 
 
 def load_folder(tmp_path, decoder):
@@ -222,17 +221,6 @@ def test_folder_accepts_what_the_decoder_reads(tmp_path):
   config.dataset.decoder = 'tensorflow'
   with pytest.raises(ValueError, match='train_1.bmp.*train_2.webp'):
     input_pipeline.load(config)
-
-
-def test_a_run_from_before_the_key_resumes_only_with_tensorflows_decoder(tmp_path):
-  config = tiny_image_config(tmp_path / 'data')
-  older = tiny_image_config(tmp_path / 'data')
-  del older.dataset['decoder']
-  checkpoints.write_config(str(tmp_path), older)
-  with pytest.raises(ValueError, match=r"dataset.decoder: '<absent>' in the workdir, 'pil' now"):
-    checkpoints.check_config(str(tmp_path), config)
-  config.dataset.decoder = 'tensorflow'
-  checkpoints.check_config(str(tmp_path), config)  # the same images as before: resumes
 
 
 def test_prediction_prepares_images_with_the_runs_decoder(tmp_path):
