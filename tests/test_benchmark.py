@@ -7,6 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+# Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {'framework', 'train_images_per_sec', 'compile_seconds', 'eval_images_per_sec',
         'input_images_per_sec', 'train_flops_per_image', 'train_tflops_per_sec', 'step_memory_mb',

@@ -42,6 +42,7 @@ def test_sweep_picks_the_best_validation_point(tfds_dir, tmp_path):
   assert table['an']['test_map_mean'] == best['test_map']
 
 
+@pytest.mark.slow
 def test_compare_cli_rejects_an_unknown_method(tfds_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'hml_jax.compare', '--config=configs/tiny.py',

@@ -19,6 +19,9 @@ import pytest
 from hml_jax import checkpoints, losses, train, train_state
 from tests.helpers import read_results, tiny_config
 
+# Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 12  # tiny: 192 training images, batch 16
 

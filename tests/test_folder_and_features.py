@@ -113,6 +113,7 @@ def test_folder_without_test_csv_holds_out_a_seeded_test_split(tmp_path):
   assert len(data.train) + len(data.validation) == 32 - len(data.test)
 
 
+@pytest.mark.slow
 def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
   write_folder(tmp_path / 'data')
   workdir = tmp_path / 'run'
@@ -156,6 +157,7 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
     assert cli['test_features'].shape == (8, 16)
 
 
+@pytest.mark.slow
 def test_stats_prints_the_table_1_row(tmp_path):
   written = write_folder(tmp_path)
   config = tiny_image_config(tmp_path)

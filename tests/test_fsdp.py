@@ -179,6 +179,7 @@ print(json.dumps(runs))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss', ['hml', 'll_cp'])
 def test_fsdp_trains_as_replicated(loss):
   """HML (cosine head, s*, m*) and LL-Cp (its label state is gathered by the batch's rows and
@@ -255,6 +256,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_resume_in_the_other_layout(tfds_dir, tmp_path, replicated_run):
   result = run_on_8_devices(RESUME, str(tfds_dir), str(tmp_path / 'switched'),
                             str(replicated_run), str(TINY_MIN_SIZE))
@@ -275,6 +277,7 @@ def test_resume_in_the_other_layout(tfds_dir, tmp_path, replicated_run):
     assert restored[f'{step} into replicated']['leaves'] == restored[f'{step} into fsdp']['leaves']
 
 
+@pytest.mark.slow
 def test_two_processes_in_fsdp(tfds_dir, tmp_path, replicated_run):
   """2 processes x 4 devices: the split arrays span both processes (the (16, 10) embeddings go
   2 rows to a device), each process saves its own shards; the run equals the replicated one."""

@@ -33,6 +33,7 @@ def test_advice_names_the_installed_tcmalloc_or_how_to_install_it(monkeypatch):
   assert host.allocator_advice() == ''
 
 
+@pytest.mark.slow
 def test_a_preloaded_tcmalloc_is_detected():
   path = host.installed_tcmalloc()
   if not path:

@@ -6,6 +6,9 @@ import subprocess
 
 import pytest
 
+# Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ['launch/local.sh', 'launch/gpu.sh', 'launch/tpu_vm.sh']
 

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import pytest
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -20,6 +21,9 @@ import tensorflow_datasets as tfds
 from configs import tiny
 from hml_jax import datasets
 from hml_jax import input_pipeline
+
+# Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

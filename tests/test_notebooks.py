@@ -8,6 +8,9 @@ import shutil
 import nbformat
 import pytest
 
+# Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(name for name in os.listdir(os.path.join(ROOT, 'notebooks'))
                    if name.endswith('.ipynb'))

@@ -27,6 +27,7 @@ def trained(tfds_dir, tmp_path_factory):
   return str(workdir), config, results
 
 
+@pytest.mark.slow
 def test_eval_mode_reproduces_the_reported_map(trained):
   workdir, _, results = trained
   evaluated = evaluate.evaluate_workdir(workdir, 'test')
@@ -48,6 +49,7 @@ def test_eval_mode_reproduces_the_reported_map(trained):
   assert f"mAP {results['test_map']:.2f}" in output
 
 
+@pytest.mark.slow
 def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path):
   workdir, config, _ = trained
   data = input_pipeline.load(config)

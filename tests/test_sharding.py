@@ -58,6 +58,7 @@ def run(num_devices, loss):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss', ['hml', 'll_cp', 'role'])
 def test_one_and_two_devices_agree(loss):
   """Also for LL-Cp's label state (gathered and scattered by row) and ROLE's estimator."""

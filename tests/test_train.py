@@ -188,6 +188,7 @@ def run_cli(workdir, tfds_dir, *extra):
           f'--workdir={workdir}', f'--config.dataset.data_dir={tfds_dir}', *extra]
 
 
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_to_the_same_results(tfds_dir, tmp_path):
   reference = tmp_path / 'reference'
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(reference))
@@ -244,6 +245,7 @@ def test_bad_config_values_are_named(tfds_dir, tmp_path, key, value, message):
   assert not (tmp_path / 'run' / 'config.json').exists()
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_rejected_by_the_cli(tfds_dir, tmp_path):
   result = subprocess.run(run_cli(tmp_path / 'run', tfds_dir, '--config.lerning_rate=0.1'),
                           cwd=ROOT, capture_output=True, text=True)
