@@ -56,8 +56,10 @@ def main():
   parser.add_argument('base')
   parser.add_argument('--config', default='configs/default.py')
   parser.add_argument('--out', default='/tmp/compare_commits')
-  parser.add_argument('extra', nargs='*')
-  args = parser.parse_args()
+  argv = sys.argv[1:]
+  extra = argv[argv.index('--') + 1:] if '--' in argv else []
+  args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
+  args.extra = extra
   shutil.rmtree(args.out, ignore_errors=True)
   os.makedirs(args.out)
   base_tree = os.path.join(args.out, 'base_tree')
