@@ -76,7 +76,7 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
   """(state with the head phase's best head, {'best_epoch', 'val_map', 'test_map'} of it)."""
   from hml_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
   if jax.process_count() > 1:
-    raise NotImplementedError(
+    raise ValueError(
         'config.linear_init_epochs > 0 (Cole et al.\'s linear init, the published recipe of '
         f'{config.loss!r}) runs in one process for now; set --config.linear_init_epochs=0 or '
         "--config.recipe=shared to train end to end on many hosts.")

@@ -38,14 +38,18 @@ def train(workdir, config, *flags):
 
 def run_all(out, features_only):
   rows = {}
-  if not features_only:
-    for rate in FINE_TUNING_RATES[:1]:
+
+  def fine_tune(rates):
+    for rate in rates:
       for option in OPTIONS:
         rows[('fine-tuning', rate, option)] = [
             os.path.join(out, f'finetune_lr{rate:g}_{option}_seed{seed}') for seed in SEEDS]
         for workdir, seed in zip(rows[('fine-tuning', rate, option)], SEEDS):
           train(workdir, 'configs/default.py', '--config.loss=hml', f'--config.seed={seed}',
                 f'--config.learning_rate={rate}', f'--config.adaptive_optimizer={option}')
+
+  if not features_only:
+    fine_tune(FINE_TUNING_RATES[:1])
   extractor = os.path.join(out, 'an_full_seed0')
   train(extractor, 'configs/default.py', '--config.loss=an', '--config.label_scenario=full',
         '--config.seed=0')
@@ -62,14 +66,8 @@ def run_all(out, features_only):
         train(workdir, 'configs/features.py', f'--config.dataset.path={features}',
               '--config.loss=hml', f'--config.seed={seed}', f'--config.learning_rate={rate}',
               f'--config.adaptive_optimizer={option}')
-  if not features_only:  # the slowest arm last
-    for rate in FINE_TUNING_RATES[1:]:
-      for option in OPTIONS:
-        rows[('fine-tuning', rate, option)] = [
-            os.path.join(out, f'finetune_lr{rate:g}_{option}_seed{seed}') for seed in SEEDS]
-        for workdir, seed in zip(rows[('fine-tuning', rate, option)], SEEDS):
-          train(workdir, 'configs/default.py', '--config.loss=hml', f'--config.seed={seed}',
-                f'--config.learning_rate={rate}', f'--config.adaptive_optimizer={option}')
+  if not features_only:
+    fine_tune(FINE_TUNING_RATES[1:])  # the slowest arm last
   return rows
 
 

@@ -61,19 +61,26 @@ def split_sources(digit_labels: np.ndarray, test_fraction: float, seed: int):
   return np.sort(train), np.sort(test)
 
 
+def sample_with_partners(rng: np.random.RandomState, num_labels: int, pairs,
+                         seed_probabilities, partner_probability: float) -> np.ndarray:
+  """Labels present in one image: 1, 2, ... seed labels drawn uniformly (with
+  seed_probabilities), each bringing its partner of pairs along with partner_probability."""
+  partner = {}
+  for a, b in pairs:
+    partner[a], partner[b] = b, a
+  num_seeds = rng.choice(len(seed_probabilities), p=seed_probabilities) + 1
+  present = set()
+  for label in rng.permutation(num_labels)[:num_seeds]:
+    present.add(int(label))
+    if rng.uniform() < partner_probability:
+      present.add(partner[int(label)])
+  return np.array(sorted(present))
+
+
 def sample_label_set(rng: np.random.RandomState, config: GeneratorConfig) -> np.ndarray:
   """Digits present in one image, with the planted partner co-occurrence."""
-  partner = {}
-  for a, b in PARTNER_PAIRS:
-    partner[a], partner[b] = b, a
-  num_seeds = rng.choice(len(config.seed_digit_probabilities),
-                         p=config.seed_digit_probabilities) + 1
-  present = set()
-  for digit in rng.permutation(NUM_LABELS)[:num_seeds]:
-    present.add(int(digit))
-    if rng.uniform() < config.partner_probability:
-      present.add(partner[int(digit)])
-  return np.array(sorted(present))
+  return sample_with_partners(rng, NUM_LABELS, PARTNER_PAIRS, config.seed_digit_probabilities,
+                              config.partner_probability)
 
 
 def _digit_patch(digit_image: np.ndarray, size: int) -> np.ndarray:
@@ -130,6 +137,13 @@ def render(rng, digits_present, source_images, source_labels, config):
     top = rng.randint(0, size - patch.shape[0] + 1)
     left = rng.randint(0, size - patch.shape[1] + 1)
     _paste(canvas, patch * rng.uniform(0.5, 1.0), top, left)
+  return finish(canvas, rng, config)
+
+
+def finish(canvas, rng, config):
+  """Distractor strokes (0..config.max_distractor_strokes), a random background ramp and
+  Gaussian noise on a (size, size) float canvas in [0, 1] -> uint8 image."""
+  size = canvas.shape[0]
   for _ in range(rng.randint(0, config.max_distractor_strokes + 1)):
     _stroke(canvas, rng, size)
   ramp = np.linspace(0, 1, size, dtype=np.float32)

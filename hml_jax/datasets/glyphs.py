@@ -104,19 +104,6 @@ def _paste(canvas, patch, rng):
   return top, left
 
 
-def _finish(canvas, rng, config):
-  """Clutter strokes, a background ramp and noise, as composite_digits; -> uint8."""
-  size = canvas.shape[0]
-  for _ in range(rng.randint(0, config.max_distractor_strokes + 1)):
-    composite_digits._stroke(canvas, rng, size)  # pylint: disable=protected-access
-  ramp = np.linspace(0, 1, size, dtype=np.float32)
-  angle = rng.uniform(0, 2 * np.pi)
-  gradient = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
-  canvas += config.background_gradient * rng.uniform() * (gradient - gradient.min())
-  canvas += rng.normal(0, config.noise_std, canvas.shape).astype(np.float32)
-  return (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
-
-
 def _occlude(canvas, top, left, patch_shape, rng, probability):
   if rng.uniform() >= probability:
     return
@@ -152,17 +139,9 @@ class GlyphConfig:
 
 def sample_target_labels(rng: np.random.RandomState, config: GlyphConfig) -> np.ndarray:
   """Labels present in one target image: seeds, each with its planted partner sometimes."""
-  partner = {}
-  for a, b in PARTNER_PAIRS:
-    partner[a], partner[b] = b, a
-  num_seeds = rng.choice(len(config.seed_label_probabilities),
-                         p=config.seed_label_probabilities) + 1
-  present = set()
-  for label in rng.permutation(len(TARGET_LABELS))[:num_seeds]:
-    present.add(int(label))
-    if rng.uniform() < config.partner_probability:
-      present.add(partner[int(label)])
-  return np.array(sorted(present))
+  return composite_digits.sample_with_partners(rng, len(TARGET_LABELS), PARTNER_PAIRS,
+                                               config.seed_label_probabilities,
+                                               config.partner_probability)
 
 
 def generate_target(split: str, config: GlyphConfig):
@@ -194,7 +173,7 @@ def generate_target(split: str, config: GlyphConfig):
       _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
     labels = np.zeros(len(TARGET_LABELS), np.uint8)
     labels[present] = 1
-    yield index, _finish(canvas, rng, config)[:, :, None], labels
+    yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
 
 
 def generate_pretraining(split: str, config: GlyphConfig):
@@ -213,7 +192,7 @@ def generate_pretraining(split: str, config: GlyphConfig):
       _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
     labels = np.zeros(len(PRETRAINING_CLASSES), np.uint8)
     labels[present] = 1
-    yield index, _finish(canvas, rng, config)[:, :, None], labels
+    yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
 
 
 class GlyphBuilderConfig(tfds.core.BuilderConfig):
@@ -229,6 +208,7 @@ class _GlyphBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   LABEL_NAMES: Tuple[str, ...] = ()
   PAIRS: Tuple[Tuple[int, int], ...] = ()
+  GENERATE = None  # generate(split, GlyphConfig) -> (index, image, labels), set by each builder
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.generator.image_size
@@ -247,11 +227,9 @@ class _GlyphBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # Nothing to download: the fonts and digits are installed.
     return {'train': self._generate_examples('train'), 'test': self._generate_examples('test')}
 
-  def _generate(self, split, config):
-    raise NotImplementedError
-
   def _generate_examples(self, split):
-    for index, image, labels in self._generate(split, self.builder_config.generator):
+    generate = type(self).GENERATE
+    for index, image, labels in generate(split, self.builder_config.generator):
       yield index, {'image': image, 'labels': labels, 'index': index}
 
 
@@ -259,6 +237,7 @@ class GlyphDigits(_GlyphBuilder):
   """The VOC-like target: 20 labels (handwritten digits, printed Greek letters), ~1.7 per image."""
   LABEL_NAMES = TARGET_LABELS
   PAIRS = PARTNER_PAIRS
+  GENERATE = staticmethod(generate_target)
   BUILDER_CONFIGS = [
       GlyphBuilderConfig(name='default', description='48x48, 4,000 train / 2,000 test.',
                          generator=GlyphConfig()),
@@ -267,13 +246,12 @@ class GlyphDigits(_GlyphBuilder):
                                                min_glyph_size=9, max_glyph_size=14)),
   ]
 
-  def _generate(self, split, config):
-    return generate_target(split, config)
 
 
 class GlyphPretraining(_GlyphBuilder):
   """The source task: 32 printed glyph classes, 1-3 per image, full labels."""
   LABEL_NAMES = PRETRAINING_CLASSES
+  GENERATE = staticmethod(generate_pretraining)
   BUILDER_CONFIGS = [
       GlyphBuilderConfig(name='default', description='48x48, 12,000 train / 1,000 test.',
                          generator=GlyphConfig(num_train=12000, num_test=1000)),
@@ -282,5 +260,3 @@ class GlyphPretraining(_GlyphBuilder):
                                                min_glyph_size=9, max_glyph_size=14)),
   ]
 
-  def _generate(self, split, config):
-    return generate_pretraining(split, config)
