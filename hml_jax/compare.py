@@ -33,6 +33,8 @@ flags.DEFINE_list('methods', ['an', 'hml'], 'config.loss names to compare.')
 flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. seeds-1 for every method.')
 flags.DEFINE_list('learning_rates', [], 'Learning rates to sweep (default: the config\'s).')
 flags.DEFINE_list('batch_sizes', [], 'Batch sizes to sweep (default: the config\'s).')
+flags.DEFINE_integer('grid_seeds', None, 'Seeds per sweep point before the choice; the other '
+                     'seeds train at the chosen point only (default: all seeds everywhere).')
 config_flags.DEFINE_config_file('config', None, 'Base training configuration.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -54,16 +56,27 @@ def train_or_reuse(config, workdir):
   return train.train_and_evaluate(config, workdir)
 
 
-def summarize(runs, config):
-  """Per method: the sweep point with the best mean validation mAP and its test mAP."""
-  table = {}
+def best_points(runs):
+  """Per method: the (learning rate, batch size) with the best mean validation mAP."""
+  best = {}
   for method in dict.fromkeys(run['method'] for run in runs):
     points = {}
     for run in runs:
       if run['method'] == method:
-        points.setdefault((run['learning_rate'], run['batch_size']), []).append(run)
-    (learning_rate, batch_size), chosen = max(
-        points.items(), key=lambda item: np.mean([r['val_map'] for r in item[1]]))
+        points.setdefault((run['learning_rate'], run['batch_size']), []).append(run['val_map'])
+    best[method] = max(points, key=lambda point: np.mean(points[point]))
+  return best
+
+
+def summarize(runs, config, chosen_points=None):
+  """Per method: the sweep point with the best mean validation mAP (or chosen_points[method])
+  and its test mAP over the seeds run there."""
+  table = {}
+  chosen_points = chosen_points or best_points(runs)
+  for method in dict.fromkeys(run['method'] for run in runs):
+    learning_rate, batch_size = chosen_points[method]
+    chosen = [run for run in runs if run['method'] == method and
+              (run['learning_rate'], run['batch_size']) == (learning_rate, batch_size)]
     test = np.array([r['test_map'] for r in chosen])
     table[method] = {
         'learning_rate': learning_rate, 'batch_size': batch_size, 'seeds': len(chosen),
@@ -83,31 +96,42 @@ def summarize(runs, config):
   return table, '\n'.join(lines) + '\n'
 
 
-def compare(config, workdir, methods, seeds, learning_rates=(), batch_sizes=()):
-  """Trains every combination (reusing finished runs), writes table.md / table.json."""
+def compare(config, workdir, methods, seeds, learning_rates=(), batch_sizes=(), grid_seeds=None):
+  """Trains every combination (reusing finished runs), writes table.md / table.json.
+
+  grid_seeds: if set, every sweep point trains seeds 0 .. grid_seeds-1 only, the point is chosen
+  by their mean validation mAP, and seeds grid_seeds .. seeds-1 then train at the chosen point
+  alone (a cheaper protocol for large sweeps; the choice still sees validation mAP only).
+  """
   for method in methods:
     losses.get_method(method)  # unknown names fail before any training
   learning_rates = [float(x) for x in learning_rates] or [config.learning_rate]
   batch_sizes = [int(x) for x in batch_sizes] or [config.batch_size]
-  runs = []
+  grid_seeds = seeds if grid_seeds is None else min(grid_seeds, seeds)
+
+  def run(method, learning_rate, batch_size, seed):
+    run_config = config.copy_and_resolve_references()
+    run_config.unlock()
+    run_config.loss, run_config.seed = method, seed
+    run_config.learning_rate, run_config.batch_size = learning_rate, batch_size
+    name = run_name(method, learning_rate, batch_size, seed)
+    results = train_or_reuse(run_config, files.join(workdir, name))
+    return {'method': method, 'learning_rate': learning_rate, 'batch_size': batch_size,
+            'seed': seed, 'run': name,
+            **{key: results[key] for key in ('val_map', 'test_map', 'last_test_map',
+                                             'best_epoch')}}
+
+  runs = [run(method, learning_rate, batch_size, seed)
+          for method in methods for learning_rate in learning_rates
+          for batch_size in batch_sizes for seed in range(grid_seeds)]
+  chosen_points = best_points(runs)
   for method in methods:
-    for learning_rate in learning_rates:
-      for batch_size in batch_sizes:
-        for seed in range(seeds):
-          run_config = config.copy_and_resolve_references()
-          run_config.unlock()
-          run_config.loss, run_config.seed = method, seed
-          run_config.learning_rate, run_config.batch_size = learning_rate, batch_size
-          name = run_name(method, learning_rate, batch_size, seed)
-          results = train_or_reuse(run_config, files.join(workdir, name))
-          runs.append({'method': method, 'learning_rate': learning_rate,
-                       'batch_size': batch_size, 'seed': seed, 'run': name,
-                       **{key: results[key] for key in ('val_map', 'test_map', 'last_test_map',
-                                                        'best_epoch')}})
-  table, markdown = summarize(runs, config)
+    runs.extend(run(method, *chosen_points[method], seed) for seed in range(grid_seeds, seeds))
+  table, markdown = summarize(runs, config, chosen_points)
   files.write_text(files.join(workdir, 'table.md'), markdown)
   files.write_json(files.join(workdir, 'table.json'),
-                   {'table': table, 'runs': runs, 'config': config.to_dict()}, default=list)
+                   {'table': table, 'runs': runs, 'config': config.to_dict(),
+                    'grid_seeds': grid_seeds}, default=list)
   return table, markdown
 
 
@@ -116,7 +140,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   host.setup()
   _, markdown = compare(FLAGS.config, FLAGS.workdir, FLAGS.methods, FLAGS.seeds,
-                        FLAGS.learning_rates, FLAGS.batch_sizes)
+                        FLAGS.learning_rates, FLAGS.batch_sizes, FLAGS.grid_seeds)
   print(markdown)
 
 

@@ -17,10 +17,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from hml_jax import host
 from hml_jax import input_pipeline
+from hml_jax import losses
+from hml_jax import models
 from hml_jax import sharding
 from hml_jax import train_state
 from hml_jax import steps
@@ -66,9 +69,8 @@ def extract(state, config, split, batch_size, mesh) -> np.ndarray:
   return features
 
 
-def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overrides=()):
-  mesh = sharding.create_mesh()
-  config, _, state = train_state.load_trained_state(workdir, which, mesh)
+def apply_dataset_overrides(config, dataset_overrides):
+  """config.dataset entries replaced by 'key=value' strings, each checked against the key's type."""
   config.unlock()
   for override in dataset_overrides:
     key, _, value = override.partition('=')
@@ -86,6 +88,10 @@ def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overri
     elif isinstance(current, (int, float)):
       value = type(current)(value)
     config.dataset[key] = value
+  return config
+
+
+def _write(state, config, mesh, output, batch_size):
   source = input_pipeline.load_source(config)
   arrays = {'label_names': np.array(source.label_names, dtype=str)}
   for name, split in zip(('train', 'test'), official_splits(source, config)):
@@ -97,6 +103,33 @@ def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overri
   np.savez(temporary, **arrays)
   os.replace(temporary, output)
   return arrays
+
+
+def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overrides=()):
+  """Features of the backbone of workdir's best (or latest) checkpoint."""
+  mesh = sharding.create_mesh()
+  config, _, state = train_state.load_trained_state(workdir, which, mesh)
+  return _write(state, apply_dataset_overrides(config, dataset_overrides), mesh, output,
+                batch_size)
+
+
+def extract_initial_to_file(config, output, batch_size=64):
+  """Features of the backbone a run of config starts from (config.init_from: ImageNet weights, an
+  embedded backbone or another run's), on config.dataset, before any training."""
+  mesh = sharding.create_mesh()
+  method = losses.get_method(config.loss)
+  source = input_pipeline.load_source(config)
+  model = models.create_model(config.model, method.head, len(source.label_names),
+                              convolutions=config.get('convolutions', 'auto'))
+  train, _ = official_splits(source, config)
+  # The head and the label state are never used: only the backbone runs.
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.loss = 'an'
+  state = train_state.create_train_state(config, model, losses.get_method('an'),
+                                         jax.random.key(0), train.example_shape)
+  state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
+  return _write(state, config, mesh, output, batch_size)
 
 
 def main(argv):

@@ -29,7 +29,7 @@ import io
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -74,6 +74,9 @@ class Data:
   validation: Split
   test: Split
   label_names: List[str]
+  # Features mode with config.dataset.standardize='standardize': the training rows' per-dimension
+  # {'mean', 'std'} (D,) that every split was standardized with (saved with the run).
+  feature_statistics: Optional[Dict[str, np.ndarray]] = None
 
 
 def num_train_steps_per_epoch(split: Split, batch_size: int) -> int:
@@ -681,6 +684,10 @@ def apply_protocol(source: Source, config) -> Data:
   else:
     observed, train_rows, validation_rows = protocol_indices(train_labels, config)
 
+  feature_statistics = None
+  if source.train_examples is not None and source.train_examples.dtype == np.float32:
+    source, feature_statistics = standardize_features(
+        source, train_rows, config.dataset.get('standardize', 'none'))
   if source.train_examples is not None:
     if validation_rows is None:
       validation = ArraySplit(source.validation_examples, source.validation_labels,
@@ -706,12 +713,46 @@ def apply_protocol(source: Source, config) -> Data:
     test = ImageSplit(source.test_records, np.arange(len(source.test_labels)),
                       source.test_labels, source.test_labels, flip=False, **common)
   data = Data(train=train, validation=validation, test=test,
-              label_names=[str(name) for name in source.label_names])
+              label_names=[str(name) for name in source.label_names],
+              feature_statistics=feature_statistics)
   logging.info('Data %s: train %d (%.2f observed / %.2f true positives per image), validation %d, '
                'test %d, %d labels.', source.name, len(data.train),
                data.train.observed.sum(1).mean(), data.train.labels.sum(1).mean(),
                len(data.validation), len(data.test), len(data.label_names))
   return data
+
+
+FEATURE_STANDARDIZATIONS = ('none', 'standardize', 'l2')
+
+
+def standardize_features(source: Source, train_rows: np.ndarray, how: str):
+  """(source, statistics) with features-mode inputs rescaled (config.dataset.standardize):
+  'none'; 'standardize', each dimension to zero mean and unit variance with the mean and std of
+  the training rows only (a dimension constant there, e.g. a dead ReLU, keeps std 1); 'l2', each
+  row to unit L2 norm (no statistics). A linear head trained by Adam is sensitive to the features'
+  scale (docs/results.md, "Features mode and feature scale")."""
+  if how not in FEATURE_STANDARDIZATIONS:
+    raise ValueError(f'config.dataset.standardize={how!r}: choose one of '
+                     f'{list(FEATURE_STANDARDIZATIONS)}.')
+  if how == 'none':
+    return source, None
+  if how == 'l2':
+    def transform(x):
+      return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    statistics = None
+  else:
+    training = source.train_examples[train_rows].astype(np.float64)
+    mean, std = training.mean(0), training.std(0)
+    std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0)
+    statistics = {'mean': mean.astype(np.float32), 'std': std.astype(np.float32)}
+
+    def transform(x):
+      return ((x - statistics['mean']) / statistics['std']).astype(np.float32)
+  replaced = {'train_examples': transform(source.train_examples),
+              'test_examples': transform(source.test_examples)}
+  if source.validation_examples is not None:
+    replaced['validation_examples'] = transform(source.validation_examples)
+  return dataclasses.replace(source, **replaced), statistics
 
 
 def fingerprint(data: Data) -> str:

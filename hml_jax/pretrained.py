@@ -265,6 +265,7 @@ def named_weights(spec: str) -> Optional[str]:
 
 
 WORKDIR_PREFIX = 'workdir:'
+EMBEDDED_PREFIX = 'embedded:'  # hml_jax/embedded_backbones.py
 
 
 def workdir_of(spec: str) -> Optional[str]:
@@ -275,6 +276,10 @@ def workdir_of(spec: str) -> Optional[str]:
 def check_spec(spec: str, model_name: Optional[str] = None) -> None:
   """Rejects a malformed config.init_from, or ImageNet weights of another architecture than
   config.model, before any work is done (nothing is read or downloaded)."""
+  if spec.startswith(EMBEDDED_PREFIX):
+    from hml_jax import embedded_backbones  # pylint: disable=g-import-not-at-top
+    embedded_backbones.check_spec(spec, model_name)
+    return
   if spec.startswith(WORKDIR_PREFIX):
     if not workdir_of(spec):
       raise ValueError(f'No directory in config.init_from={spec!r}: expected '
@@ -285,7 +290,8 @@ def check_spec(spec: str, model_name: Optional[str] = None) -> None:
                      f"'{PREFIX}resnet50' (torchvision's ImageNet weights; also "
                      f"{', '.join(n for n in IMAGENET_WEIGHTS if n != 'resnet50')}), "
                      f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), "
-                     f"'{WORKDIR_PREFIX}/path/to/a/run' (the backbone of an hml_jax run), or '' "
+                     f"'{WORKDIR_PREFIX}/path/to/a/run' (the backbone of an hml_jax run), "
+                     f"'{EMBEDDED_PREFIX}glyph_resnet_small' (a backbone shipped with hml_jax), or '' "
                      'to train from scratch.')
   rest = spec[len(PREFIX):]
   if not rest:

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from hml_jax import checkpoints
+from hml_jax import embedded_backbones
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import input_pipeline
@@ -97,6 +98,8 @@ def write_results(workdir, config, recipe, history, label_names):
       'final_margin': last['margin'],
       'train_images_per_sec': history['train_images'] / max(history['train_seconds'], 1e-9),
       'wall_seconds': history['wall_seconds'],
+      # Where the backbone started: a pretrained spec (config.init_from) or random weights.
+      'backbone_from': config.get('init_from') or 'random initialization',
       'recipe': dataclasses.asdict(recipe),
       'stopped_early': len(history['epochs']) < config.num_epochs,
       'linear_init': history.get('linear_init'),
@@ -114,6 +117,8 @@ def announce_initialization(config) -> None:
   error names where to put them), or a warning says that a torchvision ResNet starts random."""
   if config.get('init_from') and pretrained.workdir_of(config.init_from) is not None:
     train_state.check_backbone_workdir(pretrained.workdir_of(config.init_from), config)
+  elif config.get('init_from') and embedded_backbones.name_of(config.init_from) is not None:
+    embedded_backbones.load_named(config.init_from)  # present and unchanged
   elif config.get('init_from'):
     pretrained.weights_file(config.init_from)
   elif config.model in pretrained.IMAGENET_WEIGHTS:
@@ -178,6 +183,10 @@ def _train_and_evaluate(config, workdir, data=None):
     checkpoints.write_config(workdir, config)
     checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
                                    len(data.train), data_fingerprint)
+    if data.feature_statistics is not None:
+      # What config.dataset.standardize did, for whoever applies the head to other features.
+      files.write_json(files.join(workdir, 'feature_statistics.json'),
+                       {key: value.tolist() for key, value in data.feature_statistics.items()})
   elif restored is not None:
     checkpoints.check_dataset(workdir, data_fingerprint)
     state, history = restored

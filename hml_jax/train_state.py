@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from hml_jax import checkpoints
+from hml_jax import embedded_backbones
 from hml_jax import files
 from hml_jax import losses
 from hml_jax import models
@@ -81,6 +82,19 @@ def check_backbone_workdir(directory: str, config) -> None:
                             'that run first (the same command resumes it).')
 
 
+def check_backbone_fits(loaded, model, image_shape, spec: str) -> None:
+  """Raises a ValueError naming spec if loaded {'params', 'batch_stats'} is not shaped as model's
+  backbone for inputs of image_shape (H, W, C)."""
+  expected = pretrained.expected_variables(model.backbone, (1,) + tuple(image_shape))
+  got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), loaded)
+  wanted = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
+  if got != wanted:
+    raise ValueError(f'config.init_from={spec}: its backbone does not fit this model for inputs '
+                     f'{tuple(image_shape)} (another number of channels or layers): '
+                     f'{jax.tree_util.tree_leaves(got)[:3]}... against '
+                     f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
+
+
 def backbone_of_workdir(directory: str, model, image_shape):
   """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint, checked against model's
   backbone for inputs of image_shape (H, W, C)."""
@@ -89,40 +103,41 @@ def backbone_of_workdir(directory: str, model, image_shape):
   _, _, state = load_trained_state(directory, 'best')
   loaded = {'params': jax.device_get(state.params['model'].get('backbone', {})),
             'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))}
-  expected = pretrained.expected_variables(model.backbone, (1,) + tuple(image_shape))
-  got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), loaded)
-  wanted = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
-  if got != wanted:
-    raise ValueError(f'config.init_from=workdir:{directory}: its backbone does not fit this '
-                     f'model for inputs {tuple(image_shape)} (another number of channels or '
-                     f'layers): {jax.tree_util.tree_leaves(got)[:3]}... against '
-                     f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
+  check_backbone_fits(loaded, model, image_shape, f'workdir:{directory}')
   return loaded
+
+
+def _replace_backbone(variables, loaded):
+  variables = flax.core.unfreeze(variables)
+  variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
+  variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
+                                                                loaded['batch_stats'])
+  return variables
 
 
 def with_pretrained_backbone(variables, model, init_from: str, image_shape):
   """variables with the backbone's parameters and BatchNorm statistics replaced by the weights
   named by config.init_from ('torchvision:resnet50', 'torchvision:/path/file.pth',
-  'workdir:DIR'; hml_jax/pretrained.py). The head keeps its fresh initialization (a torchvision
-  file's 1000-class fc layer and a source run's head are dropped)."""
+  'workdir:DIR', 'embedded:NAME'; hml_jax/pretrained.py, hml_jax/embedded_backbones.py). The head
+  keeps its fresh initialization (a torchvision file's 1000-class fc layer and a source run's
+  head are dropped)."""
   directory = pretrained.workdir_of(init_from)
   if directory is not None:
-    loaded = backbone_of_workdir(directory, model, image_shape)
-    variables = flax.core.unfreeze(variables)
-    variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
-    variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
-                                                                  loaded['batch_stats'])
+    variables = _replace_backbone(variables, backbone_of_workdir(directory, model, image_shape))
     logging.info('Backbone initialized from the best checkpoint (epoch %d) of %s.',
                  files.read_json(files.join(directory, 'results.json'))['best_epoch'], directory)
     return variables
+  if embedded_backbones.name_of(init_from) is not None:
+    loaded, metadata = embedded_backbones.load_named(init_from)
+    check_backbone_fits(loaded, model, image_shape, init_from)
+    logging.info('Backbone initialized from %s (%s: best epoch %s, source validation mAP %s).',
+                 init_from, embedded_backbones.path_of(embedded_backbones.name_of(init_from)),
+                 metadata.get('best_epoch'), metadata.get('source_val_map'))
+    return _replace_backbone(variables, loaded)
   loaded = pretrained.init_variables_from(init_from, model.backbone, (1,) + tuple(image_shape))
-  variables = flax.core.unfreeze(variables)
-  variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
-  variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
-                                                                loaded['batch_stats'])
   logging.info('Backbone initialized from %s (%s).', init_from,
                pretrained.weights_file(init_from, progress=False))  # verified once per process
-  return variables
+  return _replace_backbone(variables, loaded)
 
 
 def create_train_state(config, model, method, rng, image_shape,

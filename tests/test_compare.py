@@ -95,3 +95,20 @@ def test_summarize_runs_groups_by_scenario_and_fraction(tmp_path, capsys):
   assert len(rows) == 2
   assert rows[0].startswith('| partial_positive 0.1 | an | 0.001 | 10 | 2 |')
   assert '| 52.00 ± 2.83 |' in rows[0] and '| 70.00 ± 0.00 |' in rows[1]
+
+
+def test_grid_seeds_choose_on_the_first_seeds_then_complete_the_chosen_point(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_epochs=1)
+  table, _ = compare.compare(config, str(tmp_path), ['an'], seeds=2,
+                             learning_rates=['1e-2', '1e-4'], grid_seeds=1)
+  with open(tmp_path / 'table.json') as f:
+    runs = json.load(f)['runs']
+  first_seed = [run for run in runs if run['seed'] == 0]
+  assert len(first_seed) == 2 and len(runs) == 3  # the other point never trains seed 1
+  chosen = max(first_seed, key=lambda run: run['val_map'])
+  assert table['an']['learning_rate'] == chosen['learning_rate']
+  at_chosen = [run for run in runs if run['learning_rate'] == chosen['learning_rate']]
+  assert [run['seed'] for run in at_chosen] == [0, 1]
+  assert table['an']['seeds'] == 2
+  assert table['an']['test_map_mean'] == pytest.approx(
+      sum(run['test_map'] for run in at_chosen) / 2)

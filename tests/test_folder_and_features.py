@@ -315,6 +315,41 @@ def test_features_mode_protocol_and_own_validation(tmp_path):
   np.testing.assert_array_equal(data.validation.labels, arrays['val_labels'])
 
 
+def test_features_standardization_uses_training_rows_only(tmp_path):
+  arrays = write_features(tmp_path / 'a.npz')
+  config = features_config_for(tmp_path / 'a.npz')
+  config.dataset.standardize = 'standardize'
+  data = input_pipeline.load(config)
+  train_rows, validation_rows = labels_lib.validation_split(400, 1200, 0.2)
+  training = arrays['train_features'][train_rows].astype(np.float64)
+  mean, std = training.mean(0), training.std(0)
+  np.testing.assert_allclose(data.feature_statistics['mean'], mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(data.feature_statistics['std'], std, rtol=1e-5)
+  np.testing.assert_allclose(data.train.examples, (training - mean) / std, atol=1e-4)
+  np.testing.assert_allclose(data.validation.examples,
+                             (arrays['train_features'][validation_rows] - mean) / std, atol=1e-4)
+  np.testing.assert_allclose(data.test.examples, (arrays['test_features'] - mean) / std,
+                             atol=1e-4)
+  np.testing.assert_allclose(data.train.examples.mean(0), 0, atol=1e-4)
+  config.dataset.standardize = 'l2'
+  data = input_pipeline.load(config)
+  assert data.feature_statistics is None
+  np.testing.assert_allclose(np.linalg.norm(data.test.examples, axis=1), 1, rtol=1e-5)
+  config.dataset.standardize = 'whiten'
+  with pytest.raises(ValueError, match="config.dataset.standardize='whiten'"):
+    input_pipeline.load(config)
+
+
+def test_features_standardization_is_saved_with_the_run(tmp_path):
+  write_features(tmp_path / 'a.npz')
+  config = features_config_for(tmp_path / 'a.npz', num_epochs=1)
+  config.dataset.standardize = 'standardize'
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  saved = json.loads((tmp_path / 'run' / 'feature_statistics.json').read_text())
+  assert len(saved['mean']) == len(saved['std']) == 32
+  assert results['test_map'] > 60
+
+
 @pytest.mark.parametrize('problem, expected', [
     ('no_path', 'config.dataset.path is empty'),
     ('missing', 'does not exist'),

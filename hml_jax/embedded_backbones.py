@@ -1,0 +1,186 @@
+"""Backbones that ship inside the package: config.init_from='embedded:NAME'.
+
+The paper fine-tunes an ImageNet-pretrained ResNet-50; offline, the pretraining stage of the
+paper's regime (configs/glyph_pretraining.py, docs/results.md) takes longer than the quickstart's
+budget, so its result is committed as a small .safetensors file under hml_jax/weights/ and the
+quickstart (configs/glyph_digits.py) starts from it, as a user of the paper starts from
+torchvision's file. Each file is
+
+  - the backbone's variables of a finished hml_jax run's best checkpoint, flattened to
+    'params/<module>/.../<name>' and 'batch_stats/<module>/.../<name>' float32 tensors;
+  - metadata (str -> str, as safetensors stores it): 'model', 'image_shape' (JSON, H W C),
+    'best_epoch', 'source_val_map', 'source_config' (the run's whole config, JSON) and
+    'regenerate' (the command that rebuilds the file bitwise on the same kind of machine);
+  - pinned by its SHA-256 in BACKBONES, checked at every load.
+
+  python -m hml_jax.embedded_backbones --workdir=RUN --output=FILE.safetensors
+
+exports any run's backbone in this format (what the regeneration command does).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+PREFIX = 'embedded:'
+DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedBackbone:
+  filename: str       # under hml_jax/weights/
+  model: str          # the config.model it fits
+  source_config: str  # configs/<source_config>.py trained it
+  sha256: str         # of the whole file
+  regenerate: str     # the command that rebuilds it
+
+
+BACKBONES = {
+    # The paper's regime offline (docs/results.md): resnet_small pretrained with full labels on
+    # glyph_pretraining (32 printed glyph classes), the best of 24 epochs by validation mAP.
+    'glyph_resnet_small': EmbeddedBackbone(
+        filename='glyph_resnet_small.safetensors',
+        model='resnet_small',
+        source_config='glyph_pretraining',
+        sha256='',
+        regenerate='PYTHONPATH=. python scripts/paper_regime.py pretraining --out=runs/regime '
+                   '&& python -m hml_jax.embedded_backbones --workdir=runs/regime/pretraining '
+                   '--output=hml_jax/weights/glyph_resnet_small.safetensors'),
+}
+
+
+def name_of(spec: str) -> Optional[str]:
+  """'embedded:glyph_resnet_small' -> 'glyph_resnet_small'; None for other specs."""
+  return spec[len(PREFIX):] if spec.startswith(PREFIX) else None
+
+
+def check_spec(spec: str, model_name: Optional[str] = None) -> None:
+  """Rejects an unknown name, or a backbone of another architecture than config.model."""
+  name = name_of(spec)
+  if name not in BACKBONES:
+    raise ValueError(f'config.init_from={spec!r}: no embedded backbone {name!r}; hml_jax ships '
+                     f'{", ".join(PREFIX + known for known in BACKBONES)}.')
+  if model_name is not None and BACKBONES[name].model != model_name:
+    raise ValueError(f'config.init_from={spec!r} is a {BACKBONES[name].model} backbone, but '
+                     f'config.model is {model_name!r}: set --config.model='
+                     f"{BACKBONES[name].model} or another init_from.")
+
+
+def path_of(name: str) -> str:
+  return os.path.join(DIRECTORY, BACKBONES[name].filename)
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str) -> Dict[str, np.ndarray]:
+  flat = {}
+  for key in sorted(tree):
+    value = tree[key]
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}/{key}'))
+    else:
+      flat[f'{prefix}/{key}'] = np.ascontiguousarray(np.asarray(value, np.float32))
+  return flat
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {'params': {}, 'batch_stats': {}}
+  for path, value in flat.items():
+    keys = path.split('/')
+    node = tree
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = value
+  return tree
+
+
+def save(variables: Mapping[str, Any], path: str, metadata: Mapping[str, str]) -> None:
+  """Writes {'params', 'batch_stats'} of a backbone to path (.safetensors), atomically."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  flat = {**_flatten(variables['params'], 'params'),
+          **_flatten(variables.get('batch_stats', {}), 'batch_stats')}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  temporary = path + '.tmp'
+  save_file(flat, temporary, metadata={key: str(value) for key, value in metadata.items()})
+  os.replace(temporary, path)
+
+
+def load(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
+  """({'params', 'batch_stats'} as NumPy trees, metadata) of a file written by save()."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(path, framework='numpy') as f:
+    metadata = dict(f.metadata() or {})
+    flat = {key: f.get_tensor(key) for key in f.keys()}
+  unknown = sorted(key for key in flat if key.split('/')[0] not in ('params', 'batch_stats'))
+  if unknown:
+    raise ValueError(f'{path}: not an hml_jax backbone file (tensors {unknown[:3]} are neither '
+                     "under 'params/' nor 'batch_stats/').")
+  return _unflatten(flat), metadata
+
+
+def load_named(spec: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
+  """The backbone named by config.init_from='embedded:NAME', after checking its SHA-256."""
+  check_spec(spec)
+  name = name_of(spec)
+  path = path_of(name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config.init_from={spec!r}: {path} is missing from this install of '
+                            f'hml_jax. Rebuild it with: {BACKBONES[name].regenerate}')
+  digest = sha256_of(path)
+  if BACKBONES[name].sha256 and digest != BACKBONES[name].sha256:
+    raise ValueError(f'config.init_from={spec!r}: {path} has SHA-256 {digest}, not the '
+                     f'{BACKBONES[name].sha256} this version of hml_jax ships; restore it (git '
+                     f'checkout) or rebuild it with: {BACKBONES[name].regenerate}')
+  return load(path)
+
+
+def export_workdir(workdir: str, output: str) -> Dict[str, str]:
+  """Writes the backbone of workdir's best checkpoint to output; returns the metadata."""
+  from hml_jax import checkpoints, files, train_state  # pylint: disable=g-import-not-at-top
+  config = checkpoints.read_config(workdir)
+  info = checkpoints.read_dataset_info(workdir)
+  results = files.read_json(files.join(workdir, 'results.json'))
+  from hml_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config.model, 'linear', len(info['label_names']),
+                              convolutions=config.get('convolutions', 'auto'))
+  image_shape = tuple(info['example_shape'])
+  variables = train_state.backbone_of_workdir(workdir, model, image_shape)
+  metadata = {
+      'model': config.model,
+      'image_shape': json.dumps(list(image_shape)),
+      'best_epoch': str(results['best_epoch']),
+      'source_val_map': f"{results['val_map']:.4f}",
+      'source_dataset': f'{config.dataset.name}/{config.dataset.get("builder_config", "")}',
+      'source_config': json.dumps(config.to_dict(), sort_keys=True),
+  }
+  for name, backbone in BACKBONES.items():
+    if backbone.filename == os.path.basename(output):
+      metadata['regenerate'] = BACKBONES[name].regenerate
+  save(variables, output, metadata)
+  return metadata
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f'Unexpected arguments: {argv[1:]}')
+  metadata = export_workdir(flags.FLAGS.workdir, flags.FLAGS.output)
+  print(f'Wrote {flags.FLAGS.output} (best epoch {metadata["best_epoch"]}, source val mAP '
+        f'{metadata["source_val_map"]}), SHA-256 {sha256_of(flags.FLAGS.output)}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('workdir', None, 'A finished hml_jax run whose best backbone is exported.')
+  flags.DEFINE_string('output', None, 'The .safetensors file to write.')
+  flags.mark_flags_as_required(['workdir', 'output'])
+  app.run(main)
