@@ -37,8 +37,8 @@ from hml_jax import layers
 from hml_jax import losses
 from hml_jax import models
 from hml_jax import sharding
-from hml_jax import train_state
 from hml_jax import steps
+from hml_jax import train_state
 
 FLAGS = flags.FLAGS
 
@@ -135,7 +135,7 @@ def check_input_images(num_images, allow_zero=True):
 
 
 def input_pipeline_rate(config, num_images, batch_size):
-  """Images/s of input_pipeline.ImageSplit (read, decode, resize, flip, batch) over one epoch of
+  """Images/s of splits.ImageSplit (read, decode, resize, flip, batch) over one epoch of
   num_images JPEGs, after a warm-up epoch, with the config's image size, parallel_calls and
   decoder (a config without image data, the digits, gets the folder config's decoder)."""
   check_input_images(num_images, allow_zero=False)

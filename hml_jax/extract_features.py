@@ -20,13 +20,15 @@ from absl import logging
 import jax
 import numpy as np
 
+from hml_jax import decoders
 from hml_jax import host
-from hml_jax import input_pipeline
 from hml_jax import losses
 from hml_jax import models
 from hml_jax import sharding
-from hml_jax import train_state
+from hml_jax import splits
 from hml_jax import steps
+from hml_jax import train_state
+from hml_jax.datasets import registry
 
 FLAGS = flags.FLAGS
 
@@ -46,15 +48,15 @@ def define_flags():
 def official_splits(source, config):
   """(train, test) Splits holding the source's official splits whole, in official order."""
   if source.train_examples is not None:
-    return (input_pipeline.ArraySplit(source.train_examples, source.train_labels,
+    return (splits.ArraySplit(source.train_examples, source.train_labels,
                                       source.train_labels),
-            input_pipeline.ArraySplit(source.test_examples, source.test_labels,
+            splits.ArraySplit(source.test_examples, source.test_labels,
                                       source.test_labels))
   common = dict(image_size=config.image_size, flip=False, shuffle_buffer=1,
-                parallel_calls=config.dataset.get('parallel_calls', input_pipeline.AUTOTUNE),
-                decoder=input_pipeline.image_decoder(config.dataset))
+                parallel_calls=config.dataset.get('parallel_calls', splits.AUTOTUNE),
+                decoder=decoders.image_decoder(config.dataset))
   return tuple(
-      input_pipeline.ImageSplit(records, np.arange(len(labels)), labels, labels, **common)
+      splits.ImageSplit(records, np.arange(len(labels)), labels, labels, **common)
       for records, labels in ((source.train_records, source.train_labels),
                               (source.test_records, source.test_labels)))
 
@@ -75,7 +77,7 @@ def apply_dataset_overrides(config, dataset_overrides):
   for override in dataset_overrides:
     key, _, value = override.partition('=')
     if key == 'decoder':  # also for a run saved before the key existed
-      config.dataset[key] = input_pipeline.check_decoder(value)
+      config.dataset[key] = decoders.check_decoder(value)
       continue
     if key not in config.dataset:
       raise ValueError(f'--dataset_override {override!r}: config.dataset has no key {key!r}; it '
@@ -92,7 +94,7 @@ def apply_dataset_overrides(config, dataset_overrides):
 
 
 def _write(state, config, mesh, output, batch_size):
-  source = input_pipeline.load_source(config)
+  source = registry.load_source(config)
   arrays = {'label_names': np.array(source.label_names, dtype=str)}
   for name, split in zip(('train', 'test'), official_splits(source, config)):
     arrays[f'{name}_features'] = extract(state, config, split, batch_size, mesh)
@@ -118,7 +120,7 @@ def extract_initial_to_file(config, output, batch_size=64):
   embedded backbone or another run's), on config.dataset, before any training."""
   mesh = sharding.create_mesh()
   method = losses.get_method(config.loss)
-  source = input_pipeline.load_source(config)
+  source = registry.load_source(config)
   model = models.create_model(config.model, method.head, len(source.label_names),
                               convolutions=config.get('convolutions', 'auto'))
   train, _ = official_splits(source, config)

@@ -67,7 +67,7 @@ def features_data(config, state, data, mesh, path) -> input_pipeline.Data:
     if len(features[name]) != len(split):
       raise ValueError(f'{path} holds {len(features[name])} {name} features for a split of '
                        f'{len(split)}: it belongs to another dataset; remove it.')
-    splits[name] = input_pipeline.ArraySplit(features[name], split.labels, split.observed)
+    splits[name] = splits.ArraySplit(features[name], split.labels, split.observed)
   return input_pipeline.Data(train=splits['train'], validation=splits['validation'],
                              test=splits['test'], label_names=data.label_names)
 

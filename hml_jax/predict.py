@@ -19,11 +19,12 @@ import jax
 import numpy as np
 
 from hml_jax import checkpoints
+from hml_jax import decoders
 from hml_jax import host
-from hml_jax import input_pipeline
 from hml_jax import sharding
-from hml_jax import train_state
+from hml_jax import splits
 from hml_jax import steps
+from hml_jax import train_state
 
 FLAGS = flags.FLAGS
 
@@ -64,12 +65,12 @@ def load_image(path, image_size, channels, decoder):
     return None, 'is a directory'
   if decoder == 'pil':
     try:
-      return input_pipeline.decode_and_resize_with_pil(encoded, image_size, channels), None
+      return decoders.decode_and_resize_with_pil(encoded, image_size, channels), None
     except ValueError as error:  # 'not a readable image (...)'
       return None, str(error)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    return np.asarray(input_pipeline.decode_and_resize_with_tensorflow(
+    return np.asarray(decoders.decode_and_resize_with_tensorflow(
         encoded, image_size, channels)), None
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError) as error:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -85,7 +86,7 @@ class Predictor:
     self.config, self.method, self.state = train_state.load_trained_state(workdir, which, self.mesh)
     info = checkpoints.read_dataset_info(workdir)
     self.label_names = info['label_names']
-    self.decoder = input_pipeline.image_decoder(self.config.dataset)
+    self.decoder = decoders.image_decoder(self.config.dataset)
     self.example_shape = tuple(info['example_shape'])
     if len(self.example_shape) != 3:
       raise ValueError(f'{workdir} was trained on features (input shape {self.example_shape}), '
@@ -99,7 +100,7 @@ class Predictor:
     batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
     outputs = []
     for start in range(0, len(images), batch_size):
-      batch = input_pipeline.pad_batch(
+      batch = splits.pad_batch(
           {'images': images[start:start + batch_size],
            'indices': np.arange(start, min(start + batch_size, len(images)), dtype=np.int32)},
           batch_size)

@@ -291,7 +291,8 @@ def check_spec(spec: str, model_name: Optional[str] = None) -> None:
                      f"{', '.join(n for n in IMAGENET_WEIGHTS if n != 'resnet50')}), "
                      f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), "
                      f"'{WORKDIR_PREFIX}/path/to/a/run' (the backbone of an hml_jax run), "
-                     f"'{EMBEDDED_PREFIX}glyph_resnet_small' (a backbone shipped with hml_jax), or '' "
+                     f"'{EMBEDDED_PREFIX}glyph_resnet_small' (a backbone shipped with hml_jax), "
+                     "or '' "
                      'to train from scratch.')
   rest = spec[len(PREFIX):]
   if not rest:

@@ -22,6 +22,7 @@ from hml_jax import preemption
 from hml_jax import pretrained
 from hml_jax import recipes
 from hml_jax import sharding
+from hml_jax import splits
 from hml_jax import steps
 from hml_jax import train_state
 
@@ -211,7 +212,7 @@ def _train_and_evaluate(config, workdir, data=None):
       method, config, mesh, hyperparameters,
       train_state.train_state_shardings(config, state, mesh))
 
-  steps_per_epoch = input_pipeline.num_train_steps_per_epoch(data.train, config.batch_size)
+  steps_per_epoch = splits.num_train_steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f'The training split has {len(data.train)} images, fewer than '
                      f'config.batch_size={config.batch_size}.')
@@ -319,7 +320,7 @@ class EpochLoop:
     Preempted is raised.
     """
     method, config, split, mesh = self.method, self.config, self.data.train, self.mesh
-    steps_per_epoch = input_pipeline.num_train_steps_per_epoch(split, config.batch_size)
+    steps_per_epoch = splits.num_train_steps_per_epoch(split, config.batch_size)
     schedule = {}
     if method.schedule is not None:
       schedule = method.schedule(epoch, config.batch_size * split.labels.shape[1], config)

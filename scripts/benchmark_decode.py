@@ -4,7 +4,7 @@
       [--num_images=1024] [--threads=1,2,4,8,16] [--epochs=2]
 
 The streamed pipeline's costly stage is decoding and resizing (docs/datasets.md "The input pipeline"):
-with config.dataset.decoder='pil', tf.data's threads each run input_pipeline.decode_batch_with_pil
+with config.dataset.decoder='pil', tf.data's threads each run decoders.decode_batch_with_pil
 on a batch of encoded images. This runs that same function on a thread pool, over --num_images
 synthetic photos (500x375 JPEGs, quality 90) held in memory, half of them mirrored, and prints
 images/s per thread count next to the ideal (the first row's rate per thread, times
@@ -28,7 +28,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from hml_jax import input_pipeline
+from hml_jax import decoders
 from hml_jax.benchmark import image_and_batch_sizes
 from hml_jax.benchmark import write_photos
 
@@ -38,7 +38,7 @@ def decode_rate(batches, image_size, num_threads, epochs):
   count = sum(len(batch[0]) for batch in batches) * epochs
 
   def decode(batch):  # (encoded, mirror, rows)
-    return input_pipeline.decode_batch_with_pil(*batch, image_size)
+    return decoders.decode_batch_with_pil(*batch, image_size)
 
   with futures.ThreadPoolExecutor(num_threads) as pool:
     list(pool.map(decode, batches[:num_threads]))  # warm-up: threads started, caches filled
@@ -67,7 +67,7 @@ def python_seconds_per_image(image_size: int, repeats: int = 2000) -> float:
       function()
     return (time.perf_counter() - start) / count
 
-  calls = timed(lambda: input_pipeline.decode_batch_with_pil(tiny, mirror, rows, 8),
+  calls = timed(lambda: decoders.decode_batch_with_pil(tiny, mirror, rows, 8),
                 repeats // 16) / 16
   return calls + timed(lambda: np.asarray(result), repeats // 4)
 

@@ -6,7 +6,7 @@
 
 Writes --num_images synthetic photos (500x375 JPEGs, quality 90: the typical VOC image) as a
 folder dataset in a temporary directory, then times --epochs training epochs of
-input_pipeline.ImageSplit (read, decode, resize to --image_size with antialiasing, random flip,
+splits.ImageSplit (read, decode, resize to --image_size with antialiasing, random flip,
 batch) for several values of config.dataset.parallel_calls and config.dataset.decoder, after one
 warm-up epoch. The variant
 "+ normalize on host" adds the float32 normalization that our pipeline leaves to the accelerator,
@@ -20,6 +20,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from hml_jax import decoders  # pylint: disable=g-import-not-at-top
 from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from hml_jax.benchmark import epoch_images_per_sec
 from hml_jax.benchmark import image_and_batch_sizes
@@ -48,8 +49,8 @@ def main():
                       'whose cores finish an epoch in well under a second')
   parser.add_argument('--parallel_calls', default='1,2,-1',
                       help='config.dataset.parallel_calls values; -1 = AUTOTUNE')
-  parser.add_argument('--decoder', default=','.join(input_pipeline.DECODERS),
-                      help='config.dataset.decoder values (input_pipeline.DECODERS)')
+  parser.add_argument('--decoder', default=','.join(decoders.DECODERS),
+                      help='config.dataset.decoder values (decoders.DECODERS)')
   args = parser.parse_args()
   try:
     sizes = image_and_batch_sizes(args.image_size, args.batch_size)

@@ -172,7 +172,8 @@ def c6(config, out, mode):
   print('|---|---|---|')
   for labels, name in (('single positive', 'c1'), ('full', 'c3/hml')):
     for seed in range(SEEDS):
-      workdir = os.path.join(out, mode, name, compare.run_name('hml', rate, config.batch_size, seed))
+      workdir = os.path.join(out, mode, name,
+                             compare.run_name('hml', rate, config.batch_size, seed))
       if not files.exists(workdir):
         sys.exit(f'{workdir} is missing: run the c1 and c3 tables first.')
       print(f'| {labels} | {seed} | {planted_ranks(workdir)} |')

@@ -17,8 +17,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from hml_jax import input_pipeline
+from hml_jax import splits
 from hml_jax.datasets import catalog
+from hml_jax.datasets import registry
 from hml_jax.datasets import voc2012
 
 COCO_NAMES = [f'category_{i}' for i in range(80)]
@@ -158,7 +159,7 @@ def test_voc(data_dir, monkeypatch):
   use_test_builder(monkeypatch, 'voc/2012', HmlTestCatalogVoc.name)
   config = ml_collections.ConfigDict({'name': 'voc/2012', 'data_dir': data_dir})
   # Through the pipeline's dispatch on config.dataset.name.
-  source = input_pipeline.load_source(ml_collections.ConfigDict({'dataset': config}))
+  source = registry.load_source(ml_collections.ConfigDict({'dataset': config}))
   assert source.label_names == list(voc2012.LABEL_NAMES)
   splits = {'train': 'train', 'test': 'validation'}
   check_source(source, VOC_DATA, splits, 20, str)
@@ -211,7 +212,7 @@ def test_processes_read_disjoint_slices_of_the_stored_records(data_dir, monkeypa
     # Every stored record has its row, or -1 for an image without a positive (dropped).
     assert len(records) == len(COCO_DATA[theirs])
     assert sorted(records.storage_indices.tolist()) == [-1] + list(range(num_rows))
-    sizes = input_pipeline.part_sizes(records.storage_indices, np.arange(num_rows), count)
+    sizes = splits.part_sizes(records.storage_indices, np.arange(num_rows), count)
     seen = []
     for p in range(count):  # 5 processes: more than the 4 validation records, one part empty
       rows = [int(r['index']) for r in tfds.as_numpy(records(None, p, count))]

@@ -16,6 +16,7 @@ from hml_jax import labels as labels_lib
 from hml_jax import train
 from hml_jax import train_state
 from hml_jax.datasets import folder
+from hml_jax.datasets import registry
 from hml_jax.datasets import stats
 from tests.helpers import read_results
 
@@ -161,7 +162,7 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
 def test_stats_prints_the_table_1_row(tmp_path):
   written = write_folder(tmp_path)
   config = tiny_image_config(tmp_path)
-  row = stats.table_row(input_pipeline.load_source(config), config)
+  row = stats.table_row(registry.load_source(config), config)
   assert (row['labels'], row['train'], row['test']) == (4, 24, 8)
   assert row['positives_train'] == pytest.approx(
       np.mean([len(labels) for _, labels in written['train']]))

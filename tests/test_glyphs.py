@@ -1,13 +1,15 @@
 """The paper's regime offline: the glyph pretraining source, the VOC-like target, and
 init_from='workdir:DIR' (hml_jax/datasets/glyphs.py, train_state.with_pretrained_backbone)."""
 import hashlib
+import json
 import os
+import subprocess
 
 import jax
 import numpy as np
 import pytest
 
-from hml_jax import losses, models, train, train_state
+from hml_jax import embedded_backbones, losses, models, pretrained, train, train_state
 from hml_jax.datasets import glyphs
 
 from helpers import tiny_config
@@ -131,3 +133,79 @@ def test_init_from_workdir_errors(tfds_dir, pretrained_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match=r'has not finished \(no results.json\)'):
     train.train_and_evaluate(config, str(tmp_path / 'run3'))
   assert not os.path.exists(tmp_path / 'run3' / 'config.json')
+
+
+def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_workdir, tmp_path,
+                                                         monkeypatch):
+  """embedded_backbones.export_workdir writes the best checkpoint's backbone; init_from=
+  'embedded:NAME' gives exactly those arrays, after checking the file's SHA-256."""
+  path = tmp_path / 'weights' / 'tiny_backbone.safetensors'
+  metadata = embedded_backbones.export_workdir(pretrained_workdir, str(path))
+  assert metadata['model'] == 'resnet_tiny' and json.loads(metadata['image_shape']) == [32, 32, 1]
+  monkeypatch.setattr(embedded_backbones, 'DIRECTORY', str(tmp_path / 'weights'))
+  monkeypatch.setitem(embedded_backbones.BACKBONES, 'tiny_backbone',
+                      embedded_backbones.EmbeddedBackbone(
+                          'tiny_backbone.safetensors', 'resnet_tiny', 'glyph_pretraining',
+                          embedded_backbones.sha256_of(str(path)), 'the test'))
+  config = _glyph_config(tfds_dir, 'glyph_digits', init_from='embedded:tiny_backbone')
+  method = losses.get_method('hml')
+  model = models.create_model(config.model, method.head, 20)
+  state = train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+  _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')
+  for new, old in ((state.params['model']['backbone'], source.params['model']['backbone']),
+                   (state.batch_stats['backbone'], source.batch_stats['backbone'])):
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(old)
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A changed file is refused, naming the file and the command that rebuilds it.
+  with open(path, 'r+b') as f:
+    f.seek(-4, os.SEEK_END)
+    f.write(b'\0\0\0\1')
+  with pytest.raises(ValueError, match=r'tiny_backbone.safetensors has SHA-256 .* rebuild it '
+                     r'with: the test'):
+    train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+
+
+def test_embedded_backbone_errors():
+  with pytest.raises(ValueError, match=r"no embedded backbone 'nope'; hml_jax ships "
+                     r'embedded:glyph_resnet_small'):
+    pretrained.check_spec('embedded:nope', 'resnet_small')
+  with pytest.raises(ValueError, match=r"is a resnet_small backbone, but config.model is "
+                     r"'resnet50': set --config.model=resnet_small"):
+    pretrained.check_spec('embedded:glyph_resnet_small', 'resnet50')
+
+
+def test_committed_glyph_backbone_is_what_its_command_makes():
+  """The shipped file: pinned by its SHA-256, shaped for glyph_digits' resnet_small, and made by
+  configs/glyph_pretraining.py as it is now (a changed config would not regenerate it). The
+  bitwise regeneration itself (about 15 minutes) runs with HML_JAX_REGENERATE_BACKBONE=1:
+  test_regenerating_the_glyph_backbone_is_bitwise."""
+  from configs import glyph_digits, glyph_pretraining  # pylint: disable=g-import-not-at-top
+  backbone = embedded_backbones.BACKBONES['glyph_resnet_small']
+  path = embedded_backbones.path_of('glyph_resnet_small')
+  assert embedded_backbones.sha256_of(path) == backbone.sha256
+  variables, metadata = embedded_backbones.load(path)
+  source = json.loads(metadata['source_config'])
+  source.pop('hml_jax_workdir_format')
+  assert source == json.loads(json.dumps(glyph_pretraining.get_config().to_dict()))
+  assert metadata['regenerate'] == backbone.regenerate
+  assert metadata['source_dataset'] == 'glyph_pretraining/default'
+  config = glyph_digits.get_config()
+  assert config.init_from == 'embedded:glyph_resnet_small' and config.model == backbone.model
+  model = models.create_model(config.model, 'cosine', 20)
+  train_state.check_backbone_fits(variables, model, (config.image_size,) * 2 + (1,),
+                                  config.init_from)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('HML_JAX_REGENERATE_BACKBONE') != '1',
+                    reason='about 15 minutes on 2 cores: set HML_JAX_REGENERATE_BACKBONE=1')
+def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = embedded_backbones.BACKBONES['glyph_resnet_small'].regenerate.replace(
+      'runs/regime', str(tmp_path)).replace(
+          'hml_jax/weights/glyph_resnet_small.safetensors', str(tmp_path / 'out.safetensors'))
+  subprocess.run(command, shell=True, cwd=root, check=True,
+                 env={**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
+  assert (embedded_backbones.sha256_of(str(tmp_path / 'out.safetensors')) ==
+          embedded_backbones.BACKBONES['glyph_resnet_small'].sha256)

@@ -8,8 +8,10 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from hml_jax import decoders
 from hml_jax import input_pipeline
 from hml_jax import predict
+from hml_jax import splits
 from hml_jax.datasets import folder
 from tests.test_folder_and_features import tiny_image_config
 from tests.test_folder_and_features import write_folder
@@ -40,9 +42,9 @@ def test_pil_decoder_is_torchvisions_resize_exactly(name):
   assert sorted(expected) == [16, 30, 48]  # shrink, mixed, enlarge (the images are 35x25)
   for size, torchvision_output in expected.items():
     np.testing.assert_array_equal(
-        input_pipeline.decode_and_resize_with_pil(encoded, size), torchvision_output)
+        decoders.decode_and_resize_with_pil(encoded, size), torchvision_output)
     # Through the batch function that tf.data's threads call, mirrored or not.
-    batch = input_pipeline.decode_batch_with_pil(
+    batch = decoders.decode_batch_with_pil(
         np.array([encoded, encoded], dtype=object), np.array([False, True]), np.array([0, 1]),
         size)
     np.testing.assert_array_equal(batch[0], torchvision_output)
@@ -54,7 +56,7 @@ def test_pil_decoder_is_torchvisions_resize_exactly(name):
 def test_tensorflow_decoder_is_close_to_torchvision(name):
   encoded, expected = CASES[name]
   for size, torchvision_output in expected.items():
-    image = input_pipeline.decode_and_resize_with_tensorflow(tf.constant(encoded), size)
+    image = decoders.decode_and_resize_with_tensorflow(tf.constant(encoded), size)
     difference = np.abs(image.numpy().astype(int) - torchvision_output.astype(int))
     if name.endswith('jpeg'):
       # TensorFlow's JPEG decoder rounds differently from PIL's (measured: 0.65-1.08 grey levels
@@ -70,16 +72,16 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_as_tensorflow_does():
   buffer = io.BytesIO()
   Image.fromarray(gradient).save(buffer, format='PNG')
   encoded = buffer.getvalue()
-  assert Image.open(io.BytesIO(encoded)).mode in input_pipeline.SIXTEEN_BIT_MODES
-  image = input_pipeline.decode_and_resize_with_pil(encoded, 16)
-  reference = input_pipeline.decode_and_resize_with_tensorflow(tf.constant(encoded), 16).numpy()
+  assert Image.open(io.BytesIO(encoded)).mode in decoders.SIXTEEN_BIT_MODES
+  image = decoders.decode_and_resize_with_pil(encoded, 16)
+  reference = decoders.decode_and_resize_with_tensorflow(tf.constant(encoded), 16).numpy()
   assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
   assert 100 < image.mean() < 155  # a gradient from black to white, not white
 
 
 def test_grayscale_output_for_one_channel_models():
   encoded, _ = CASES['rgb_jpeg']
-  image = input_pipeline.decode_and_resize_with_pil(encoded, 16, channels=1)
+  image = decoders.decode_and_resize_with_pil(encoded, 16, channels=1)
   reference = Image.open(io.BytesIO(encoded)).convert('L').resize((16, 16), Image.BILINEAR)
   assert image.shape == (16, 16, 1) and image.dtype == np.uint8
   np.testing.assert_array_equal(image[:, :, 0], np.asarray(reference))
@@ -87,17 +89,17 @@ def test_grayscale_output_for_one_channel_models():
 
 def test_unreadable_bytes_and_unknown_decoder_are_named(tmp_path):
   with pytest.raises(ValueError, match='not a readable image'):
-    input_pipeline.decode_and_resize_with_pil(b'\xff\xd8\xff\xe0 not a jpeg', 16)
+    decoders.decode_and_resize_with_pil(b'\xff\xd8\xff\xe0 not a jpeg', 16)
   encoded, _ = CASES['rgb_jpeg']
   with pytest.raises(ValueError, match='not a readable image'):
-    input_pipeline.decode_and_resize_with_pil(encoded[:len(encoded) // 2], 16)  # truncated
+    decoders.decode_and_resize_with_pil(encoded[:len(encoded) // 2], 16)  # truncated
   with pytest.raises(ValueError, match=r"config.dataset.decoder='opencv' is not one of"):
-    input_pipeline.check_decoder('opencv')
+    decoders.check_decoder('opencv')
   write_folder(tmp_path)
   config = tiny_image_config(tmp_path)
   config.dataset.decoder = 'PIL'
   with pytest.raises(ValueError, match=r"config.dataset.decoder='PIL'"):
-    input_pipeline.image_decoder(config.dataset)
+    decoders.image_decoder(config.dataset)
   with pytest.raises(ValueError, match=r"config.dataset.decoder='PIL'"):
     input_pipeline.load(config)
 
@@ -114,9 +116,9 @@ def test_an_image_that_breaks_after_loading_stops_the_pipeline_with_its_row(tmp_
 
 def test_a_config_without_the_key_decodes_with_pil():
   config = tiny_image_config('/nonexistent')
-  assert input_pipeline.image_decoder(config.dataset) == 'pil'  # configs/paper.py
+  assert decoders.image_decoder(config.dataset) == 'pil'  # configs/paper.py
   del config.dataset['decoder']
-  assert input_pipeline.image_decoder(config.dataset) == 'pil'
+  assert decoders.image_decoder(config.dataset) == 'pil'
 
 
 def load_folder(tmp_path, decoder):
@@ -132,7 +134,7 @@ def expected_image(path, decoder):
   if decoder == 'pil':
     return np.asarray(Image.open(path).convert('RGB').resize((32, 32), Image.BILINEAR))
   with open(path, 'rb') as f:
-    return input_pipeline.decode_and_resize_with_tensorflow(tf.constant(f.read()), 32).numpy()
+    return decoders.decode_and_resize_with_tensorflow(tf.constant(f.read()), 32).numpy()
 
 
 @pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
@@ -156,7 +158,7 @@ def test_both_decoders_flip_the_images_that_tensorflows_flip_would():
   image = tf.reshape(tf.range(6), (1, 2, 3))
   for seed in seeds:
     flipped = tf.image.stateless_random_flip_left_right(image, seed=seed)
-    assert bool(input_pipeline.mirror_decision(seed)) == bool(tf.reduce_any(flipped != image))
+    assert bool(decoders.mirror_decision(seed)) == bool(tf.reduce_any(flipped != image))
 
 
 @pytest.mark.parametrize('decoder', ['pil', 'tensorflow'])
@@ -166,12 +168,12 @@ def test_training_batches_are_the_decoders_images_mirrored_by_the_seeded_rule(tm
   for index, row in enumerate(data.train.rows_of_index):
     if row >= 0:
       paths[row] = os.path.join(tmp_path, written['train'][index][0])
-  shuffle_seed = input_pipeline.epoch_seed(0, 3)
+  shuffle_seed = splits.epoch_seed(0, 3)
   mirrored = 0
   for batch in data.train.train_batches(4, seed=0, epoch=3, config=config):
     for image, row in zip(batch['images'], batch['indices']):
       expected = expected_image(paths[row], decoder)
-      if bool(input_pipeline.mirror_decision(tf.constant([shuffle_seed, row], tf.int64))):
+      if bool(decoders.mirror_decision(tf.constant([shuffle_seed, row], tf.int64))):
         expected = expected[:, ::-1]
         mirrored += 1
       np.testing.assert_array_equal(image, expected)
@@ -233,6 +235,6 @@ def test_prediction_prepares_images_with_the_runs_decoder(tmp_path):
   image, error = predict.load_image(str(path), 30, 3, 'tensorflow')
   assert error is None and image.shape == (30, 30, 3)
   (tmp_path / 'bad.jpg').write_bytes(b'garbage')
-  for decoder in input_pipeline.DECODERS:
+  for decoder in decoders.DECODERS:
     image, error = predict.load_image(str(tmp_path / 'bad.jpg'), 30, 3, decoder)
     assert image is None and error.startswith('not a readable image'), error

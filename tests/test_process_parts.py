@@ -1,4 +1,4 @@
-"""Each process reads only its part of a streamed split (input_pipeline.part_bounds, RecordReader).
+"""Each process reads only its part of a streamed split (splits.part_bounds, RecordReader).
 
 Processes are simulated: readers and ImageSplit's methods take (process_index, process_count)
 explicitly. The TFDS checks use the embedded builder prepared in four files, so that a part is a
@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from configs import tiny
 from hml_jax import datasets
 from hml_jax import input_pipeline
+from hml_jax import splits
 from hml_jax.datasets import folder
 
 NUM_SHARDS = 4
@@ -24,7 +25,7 @@ BUILDER = 'composite_digits/tiny'  # 240 train and 80 test images
 @pytest.mark.parametrize('count', [1, 2, 3])
 def test_part_bounds_are_contiguous_disjoint_covering_and_even(count):
   for num_records in (0, 1, 2, 5, 7, 240, 241):
-    bounds = [input_pipeline.part_bounds(num_records, p, count) for p in range(count)]
+    bounds = [splits.part_bounds(num_records, p, count) for p in range(count)]
     # In process order the parts are consecutive ranges that together are 0..n-1 once each.
     positions = np.concatenate([np.arange(start, stop) for start, stop in bounds])
     np.testing.assert_array_equal(positions, np.arange(num_records))
@@ -32,14 +33,14 @@ def test_part_bounds_are_contiguous_disjoint_covering_and_even(count):
     assert max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)  # the first parts take the remainder
   expected = {1: [(0, 7)], 2: [(0, 4), (4, 7)], 3: [(0, 3), (3, 5), (5, 7)]}[count]
-  assert [input_pipeline.part_bounds(7, p, count) for p in range(count)] == expected
+  assert [splits.part_bounds(7, p, count) for p in range(count)] == expected
 
 
 def test_part_bounds_refuse_a_process_outside_the_count():
   with pytest.raises(ValueError, match='Process index 2 of 2 processes'):
-    input_pipeline.part_bounds(10, 2, 2)
+    splits.part_bounds(10, 2, 2)
   with pytest.raises(ValueError, match='Process index 0 of 0 processes'):
-    input_pipeline.part_bounds(10, 0, 0)
+    splits.part_bounds(10, 0, 0)
 
 
 @pytest.mark.parametrize('count', [1, 2, 3])
@@ -50,10 +51,10 @@ def test_part_sizes_count_the_split_rows_of_each_part(count):
   rows_of_index = np.full(50, -1, np.int64)           # another split's images: -1
   members = rng.choice(50, 30, replace=False)
   rows_of_index[members] = np.arange(30)
-  sizes = input_pipeline.part_sizes(storage, rows_of_index, count)
+  sizes = splits.part_sizes(storage, rows_of_index, count)
   expected = []
   for p in range(count):
-    start, stop = input_pipeline.part_bounds(50, p, count)
+    start, stop = splits.part_bounds(50, p, count)
     expected.append(sum(1 for i in storage[start:stop] if i >= 0 and rows_of_index[i] >= 0))
   assert sizes.tolist() == expected
   assert sizes.sum() == len(set(members) & set(storage[storage >= 0]))
@@ -71,7 +72,7 @@ def test_folder_reader_opens_only_the_files_of_its_part(tmp_path, count):
   hidden.mkdir()
   seen = []
   for p in range(count):
-    start, stop = input_pipeline.part_bounds(7, p, count)
+    start, stop = splits.part_bounds(7, p, count)
     others = [path for i, path in enumerate(paths) if not start <= i < stop]
     for path in others:  # the other parts' files are gone while this process reads
       shutil.move(path, hidden / os.path.basename(path))
@@ -127,7 +128,7 @@ def test_tfds_processes_read_disjoint_slices_from_their_own_files(sharded_dir, c
     _, all_bytes = read_part(records, None, 0, 1)
     seen = []
     for p in range(count):
-      start, stop = input_pipeline.part_bounds(num_records, p, count)
+      start, stop = splits.part_bounds(num_records, p, count)
       indices, num_bytes = read_part(records, None, p, count)
       # The reader yields only this part's records: the stored records [start, stop) ...
       assert sorted(indices) == sorted(records.storage_indices[start:stop].tolist())
@@ -137,7 +138,7 @@ def test_tfds_processes_read_disjoint_slices_from_their_own_files(sharded_dir, c
       assert sorted(read_part(records, 11, p, count)[0]) == sorted(indices)
       # ... from the files and ranges that tfds.even_splits would read, a subset of the files.
       instructions = builder.info.splits[
-          input_pipeline.tfds_subsplit(split, start, stop, num_records)].file_instructions
+          splits.tfds_subsplit(split, start, stop, num_records)].file_instructions
       assert instructions == builder.info.splits[
           tfds.even_splits(split, count)[p]].file_instructions
       assert len({i.filename for i in instructions}) < NUM_SHARDS
@@ -158,7 +159,7 @@ def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_di
   assert steps == [sizes.min() // 6] * count
   seen = []
   for p in range(count):
-    start, stop = input_pipeline.part_bounds(len(data.train.records), p, count)
+    start, stop = splits.part_bounds(len(data.train.records), p, count)
     part_rows = data.train.rows_of_index[data.train.records.storage_indices[start:stop]]
     batches = list(data.train.train_batches(batch_size, config.seed, 1, config,
                                             process=(p, count)))
@@ -199,8 +200,8 @@ def test_a_process_needs_only_the_files_of_its_part(sharded_dir, tmp_path):
   needed = set()
   for split in ('train', 'test'):
     num_records = builder.info.splits[split].num_examples
-    subsplit = input_pipeline.tfds_subsplit(
-        split, *input_pipeline.part_bounds(num_records, 0, 2), num_records)
+    subsplit = splits.tfds_subsplit(
+        split, *splits.part_bounds(num_records, 0, 2), num_records)
     needed |= {os.path.basename(i.filename)
                for i in builder.info.splits[subsplit].file_instructions}
   removed = [f for f in os.listdir(builder.data_dir) if '.tfrecord-' in f and f not in needed]

@@ -3,7 +3,7 @@ Cole et al.'s protocol (config.dataset.name='voc/2012' or 'coco/2014').
 
 The paper's builders (hml_voc2012, hml_coco2014 in this package) read the original files from the
 manual_dir. Users who already have TFDS's own versions prepared can use them instead; this module
-turns them into the same `input_pipeline.Source` (same splits, labels, kept images and row order):
+turns them into the same `sources.Source` (same splits, labels, kept images and row order):
 
   voc/2012:  TFDS 'train' -> train, 'validation' (official val) -> test. Labels from
              `labels_no_difficult` (the classes with a non-difficult object = the `1` entries of
@@ -21,7 +21,7 @@ The first use reads every example's key and labels once (no image is decoded) an
 result as an .npz next to the prepared data, with each stored record's row (-1: dropped). Images
 are then streamed as encoded bytes; each record's key is mapped to its row by a hash table, and
 the dropped images are filtered out. With several processes each reads only its slice of the
-stored records (input_pipeline.part_bounds, as for our own builders).
+stored records (splits.part_bounds, as for our own builders).
 """
 import dataclasses
 import logging
@@ -30,6 +30,9 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
+
+from hml_jax import sources
+from hml_jax import splits
 
 CATALOG_NAMES = ('voc/2012', 'coco/2014')
 
@@ -178,10 +181,9 @@ def _split_rows(builder, spec: CatalogSpec, tfds_split: str,
 
 def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray,
              rows: np.ndarray):
-  """The split's input_pipeline.RecordReader: {'image': encoded bytes, 'index': row} of the kept
+  """The split's splits.RecordReader: {'image': encoded bytes, 'index': row} of the kept
   images; rows: the row of each stored record (-1: dropped). A process reads only its slice of
-  the stored records (see input_pipeline._tfds_records for why a slice)."""
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  the stored records (see registry._tfds_records for why a slice)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   table = []  # built on first use, then kept alive as long as this reader
@@ -199,19 +201,18 @@ def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray,
     decoding = tfds.decode.PartialDecoding(
         {'image': True, spec.key: True}, decoders={'image': tfds.decode.SkipDecoding()})
     dataset = builder.as_dataset(
-        split=input_pipeline.tfds_subsplit(tfds_split, start, stop, len(rows)),
+        split=splits.tfds_subsplit(tfds_split, start, stop, len(rows)),
         shuffle_files=shuffle_seed is not None,
         read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed), decoders=decoding)
     dataset = dataset.map(lambda example: {'image': example['image'],
                                            'index': row_of_key.lookup(example[spec.key])})
     return dataset.filter(lambda record: record['index'] >= 0)  # images Cole et al. drop
-  return input_pipeline.RecordReader(f'{builder.info.full_name} {tfds_split}', read, rows)
+  return splits.RecordReader(f'{builder.info.full_name} {tfds_split}', read, rows)
 
 
 def load_source(dataset_config):
   """The prepared catalog dataset config.dataset.name ('voc/2012' or 'coco/2014') as an
-  input_pipeline.Source in Cole et al.'s format (see the module docstring)."""
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  sources.Source in Cole et al.'s format (see the module docstring)."""
   name = dataset_config.name
   if name not in SPECS:
     raise ValueError(f'Unknown catalog dataset {name!r}; expected one of {sorted(SPECS)}.')
@@ -221,7 +222,7 @@ def load_source(dataset_config):
   num_labels = len(label_names)
   splits = {ours: _split_rows(builder, spec, theirs, num_labels)
             for ours, theirs in spec.splits.items()}
-  return input_pipeline.Source(
+  return sources.Source(
       builder.info.full_name, splits['train'][1], splits['test'][1], label_names,
       train_records=_records(builder, spec, spec.splits['train'], splits['train'][0],
                              splits['train'][2]),

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from hml_jax import sources
+
 REQUIRED_KEYS = ('train_features', 'train_labels', 'test_features', 'test_labels')
 
 
@@ -32,8 +34,7 @@ def _matrix(arrays, key, path, dtype):
 
 
 def load_source(dataset_config):
-  """The input_pipeline.Source of an .npz of features (held in memory)."""
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  """The sources.Source of an .npz of features (held in memory)."""
   path = dataset_config.get('path') or ''
   if not path:
     raise ValueError("config.dataset.path is empty: features mode needs an .npz file "
@@ -68,7 +69,7 @@ def load_source(dataset_config):
   if len(label_names) != labels['train'].shape[1]:
     raise ValueError(f'{path}: {len(label_names)} label_names for {labels["train"].shape[1]} '
                      'labels.')
-  return input_pipeline.Source(
+  return sources.Source(
       name=path, train_labels=labels['train'], test_labels=labels['test'],
       label_names=label_names, train_examples=features['train'],
       test_examples=features['test'],

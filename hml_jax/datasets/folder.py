@@ -24,6 +24,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from hml_jax import decoders
+from hml_jax import sources
+from hml_jax import splits
+
 TENSORFLOW_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')  # what tf.io.decode_image reads
 # Characters that mean the labels field holds something else than label names (a Python list,
 # another separator); label names may contain spaces only when '|' separates them.
@@ -141,8 +145,7 @@ def read_folder(dataset_config):
   if not os.path.isdir(root):
     raise FileNotFoundError(f'Dataset folder {root} (config.dataset.path) does not exist.')
   skip_corrupt = dataset_config.get('skip_corrupt', False)
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  decoder = input_pipeline.image_decoder(dataset_config)
+  decoder = decoders.image_decoder(dataset_config)
   splits = {}
   train_csv = os.path.join(root, 'train.csv')
   test_csv = os.path.join(root, 'test.csv')
@@ -184,12 +187,11 @@ def read_folder(dataset_config):
 
 
 def file_reader(name: str, paths):
-  """The input_pipeline.RecordReader of a list of image files, official index = list position.
+  """The splits.RecordReader of a list of image files, official index = list position.
 
   A process opens only the files of its part, a contiguous range of the list
-  (input_pipeline.part_bounds); a seeded read is an exact permutation of that range, no shuffle
+  (splits.part_bounds); a seeded read is an exact permutation of that range, no shuffle
   buffer needed. One process: a permutation of the whole list, as ever."""
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   paths = np.asarray(paths)
 
   def read(shuffle_seed, start, stop):
@@ -202,18 +204,17 @@ def file_reader(name: str, paths):
                                                   'index': index.astype(np.int64)})
     return dataset.map(lambda x: {'image': tf.io.read_file(x['path']), 'index': x['index']},
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return input_pipeline.RecordReader(name, read, np.arange(len(paths), dtype=np.int64))
+  return splits.RecordReader(name, read, np.arange(len(paths), dtype=np.int64))
 
 
 def load_source(dataset_config):
-  """The input_pipeline.Source of a folder dataset (images streamed by tf.data)."""
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  """The sources.Source of a folder dataset (images streamed by tf.data)."""
   splits, label_names, skipped = read_folder(dataset_config)
 
   if skipped:
     logging.warning('Folder dataset %s: %d corrupt image(s) skipped in all.',
                     dataset_config.path, skipped)
-  return input_pipeline.Source(
+  return sources.Source(
       name=f'folder {dataset_config.path}',
       train_labels=label_matrix(splits['train'][1], label_names),
       test_labels=label_matrix(splits['test'][1], label_names),

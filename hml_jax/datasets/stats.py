@@ -15,7 +15,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from hml_jax import host
-from hml_jax import input_pipeline
+from hml_jax.datasets import registry
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +55,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   host.setup()
-  print(format_row(table_row(input_pipeline.load_source(FLAGS.config), FLAGS.config)))
+  print(format_row(table_row(registry.load_source(FLAGS.config), FLAGS.config)))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,157 @@
+"""The source registry: config.dataset.name -> the loader that returns its sources.Source.
+
+  - our TFDS builders (OUR_BUILDERS): the embedded composite_digits, glyph_pretraining and
+    glyph_digits, and the paper's hml_voc2012 / hml_coco2014 / hml_cub / hml_nus_wide (from the
+    original files in TFDS's manual_dir);
+  - 'folder': your own images plus CSV files (folder.py);
+  - 'features': precomputed features in an .npz (features.py);
+  - 'voc/2012', 'coco/2014': TFDS's catalog datasets, prepared by the user (catalog.py).
+"""
+import logging
+import os
+import time
+from typing import Tuple
+
+import numpy as np
+
+from hml_jax import sources
+from hml_jax import splits
+from hml_jax.datasets import register_all
+
+# The TFDS builders of hml_jax/datasets: prepared offline (generated or from manual_dir files).
+OUR_BUILDERS = ('composite_digits', 'glyph_digits', 'glyph_pretraining', 'hml_voc2012',
+                'hml_coco2014', 'hml_cub', 'hml_nus_wide')
+
+
+def load_tfds_builder(dataset_config):
+  """The TFDS builder of config.dataset, prepared: generated offline for the embedded dataset,
+  from the original files in config.dataset.manual_dir for the paper's datasets."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  register_all()
+  name = dataset_config.name
+  if dataset_config.get('builder_config'):
+    name = f'{name}/{dataset_config.builder_config}'
+  if dataset_config.name not in OUR_BUILDERS:
+    # Anything else would be a TFDS catalog name, which download_and_prepare would download.
+    raise ValueError(
+        f'Unknown dataset {dataset_config.name!r} (config.dataset.name); choose one of '
+        f"{sorted(OUR_BUILDERS) + ['folder', 'features', 'voc/2012', 'coco/2014']}.")
+  builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
+  manual_dir = dataset_config.get('manual_dir') or None
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def _read_label_cache(path: str, shard_lengths: np.ndarray):
+  """(labels, storage_index) saved for a split stored in files of these lengths, else None."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      if np.array_equal(saved['shard_lengths'], shard_lengths):
+        return saved['labels'], saved['storage_index']
+  except (OSError, ValueError, KeyError):  # unreadable: read the labels again
+    pass
+  return None
+
+
+def _tfds_label_matrix(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(labels (N, L) uint8 by official index, storage_index (N,): the official index of each record
+  in storage order) of a TFDS split, without decoding an image. Cached next to the prepared data
+  (with the split's file lengths, which a re-prepared split changes): for COCO this pass reads
+  every record once."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  cache = os.path.join(builder.data_dir, f'hml_labels_v2_{split}.npz')
+  shard_lengths = np.asarray(builder.info.splits[split].shard_lengths, np.int64)
+  cached = _read_label_cache(cache, shard_lengths)
+  if cached is not None:
+    return cached
+  start = time.time()
+  # One file after the other (no interleaving): the records then come in storage order, the
+  # positions a process's slice 'train[a:b]' (_tfds_records) selects.
+  dataset = builder.as_dataset(split=split, shuffle_files=False,
+                               read_config=tfds.ReadConfig(interleave_cycle_length=1),
+                               decoders={'image': tfds.decode.SkipDecoding()})
+  dataset = dataset.map(lambda x: {'labels': x['labels'], 'index': x['index']})
+  parts = list(tfds.as_numpy(dataset.batch(4096)))
+  index = np.concatenate([p['index'] for p in parts]).astype(np.int64)
+  labels = np.concatenate([p['labels'] for p in parts])
+  if not np.array_equal(np.sort(index), np.arange(len(index))):
+    raise ValueError(f'{builder.info.full_name} split {split!r}: the "index" feature is not a '
+                     'permutation of 0..N-1; the prepared data is damaged. Delete '
+                     f'{builder.data_dir} and prepare it again.')
+  labels = labels[np.argsort(index)].astype(np.uint8)
+  try:
+    # Never a half-written cache, even with several processes writing it at once.
+    temporary = f'{cache}.tmp{os.getpid()}'
+    with open(temporary, 'wb') as f:
+      np.savez(f, labels=labels, storage_index=index, shard_lengths=shard_lengths)
+    os.replace(temporary, cache)
+  except OSError:  # a read-only data_dir only costs the pass next time
+    pass
+  logging.info('Read the labels of %s %s in %.1f s.', builder.info.full_name, split,
+               time.time() - start)
+  return labels, index
+
+
+def _tfds_records(builder, split: str, storage_index: np.ndarray) -> splits.RecordReader:
+  """The splits.RecordReader of a split of one of our builders (storage_index from
+  _tfds_label_matrix).
+
+  A process's part is a slice of record positions, 'train[a:b]' (`part_bounds`: the slices of
+  tfds.even_splits / tfds.split_for_jax_process): TFDS opens only the files holding those
+  records, skipping and taking within the first and the last. Not
+  ReadConfig(input_context=tf.distribute.InputContext(...)): it deals out whole files, so it
+  fails with fewer files than processes (TFDS writes a few thousand images to one or two files,
+  and a pod has dozens of hosts) and its parts differ by up to a whole file of records, which
+  the smallest part's step count would drop every epoch. Within its part a process orders
+  training as one process does the whole split: files shuffled with the read_config's seed
+  (seed, epoch), then ImageSplit's shuffle buffer.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def read(shuffle_seed, start, stop):
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+    dataset = builder.as_dataset(split=splits.tfds_subsplit(split, start, stop, len(storage_index)),
+                                 shuffle_files=shuffle_seed is not None,
+                                 read_config=read_config,
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+    return dataset.map(lambda x: {'image': x['image'], 'index': x['index']})
+  return splits.RecordReader(f'{builder.info.full_name} {split}', read, storage_index)
+
+
+def tfds_source(dataset_config, in_memory: bool) -> sources.Source:
+  builder = load_tfds_builder(dataset_config)
+  label_names = builder.info.metadata.get('label_names') if builder.info.metadata else None
+  if in_memory:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    arrays = {}
+    for split in ('train', 'test'):
+      data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+      # TFDS stores examples in hashed-key order; restore the official order.
+      order = np.argsort(data['index'], kind='stable')
+      arrays[split] = data['image'][order], data['labels'][order].astype(np.int32)
+    return sources.Source(builder.info.full_name, arrays['train'][1], arrays['test'][1],
+                  list(label_names or range(arrays['train'][1].shape[1])),
+                  train_examples=arrays['train'][0], test_examples=arrays['test'][0])
+  train_labels, train_storage = _tfds_label_matrix(builder, 'train')
+  test_labels, test_storage = _tfds_label_matrix(builder, 'test')
+  return sources.Source(builder.info.full_name, train_labels, test_labels,
+                list(label_names or range(train_labels.shape[1])),
+                train_records=_tfds_records(builder, 'train', train_storage),
+                test_records=_tfds_records(builder, 'test', test_storage))
+
+
+def load_source(config) -> sources.Source:
+  name = config.dataset.name
+  if name == 'features':
+    from hml_jax.datasets import features  # pylint: disable=g-import-not-at-top
+    return features.load_source(config.dataset)
+  if name == 'folder':
+    from hml_jax.datasets import folder  # pylint: disable=g-import-not-at-top
+    return folder.load_source(config.dataset)
+  if name in ('voc/2012', 'coco/2014'):  # TFDS's catalog, already prepared by the user
+    from hml_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
+    return catalog.load_source(config.dataset)
+  return tfds_source(config.dataset, in_memory=config.dataset.get('in_memory', True))
