@@ -45,7 +45,7 @@ BACKBONES = {
         filename='glyph_resnet_small.safetensors',
         model='resnet_small',
         source_config='glyph_pretraining',
-        sha256='',
+        sha256='aec7dd4b74d26be6a266abf75c8aeed3dcb17aed4247af3146282662ef40019e',
         regenerate='PYTHONPATH=. python scripts/paper_regime.py pretraining --out=runs/regime '
                    '&& python -m hml_jax.embedded_backbones --workdir=runs/regime/pretraining '
                    '--output=hml_jax/weights/glyph_resnet_small.safetensors'),
