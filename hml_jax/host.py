@@ -5,10 +5,13 @@ from absl import logging
 
 
 class _QuietLibraries:
-  """Drops orbax's and TFDS's INFO lines (dozens per checkpoint); warnings still pass."""
+  """Drops orbax's and TFDS's INFO lines (dozens per checkpoint), clu's progress notes (the epoch
+  line has them) and JAX's note that it found no TPU (on every plain CPU run); warnings still
+  pass."""
 
   def filter(self, record):
-    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
+    noisy = any(part in record.pathname for part in (
+        '/orbax/', '/tensorflow_datasets/', '/clu/platform/', '/jax/_src/xla_bridge.py'))
     return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
 
 

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from hml_jax import checkpoints
+from hml_jax import console
 from hml_jax import embedded_backbones
 from hml_jax import files
 from hml_jax import heads
@@ -220,7 +221,7 @@ def _train_and_evaluate(config, workdir, data=None):
   # (benchmark, predict, a GPU machine without TensorFlow) do not need.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writer(workdir, metric_writers)
   if restored is None and jax.process_index() == 0:
     writer.write_hparams({k: v for k, v in checkpoints.flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -229,9 +230,11 @@ def _train_and_evaluate(config, workdir, data=None):
 
   loop = EpochLoop(method=method, config=config, data=data, mesh=mesh, train_fn=train_fn,
                    eval_fn=eval_fn, manager=manager, writer=writer,
-                   report_progress=report_progress, steps_per_epoch=steps_per_epoch)
+                   report_progress=report_progress, steps_per_epoch=steps_per_epoch,
+                   progress_bar=console.ProgressBar(enabled=jax.process_index() == 0))
   with preemption.Guard() as loop.guard:
     for epoch in range(first_epoch, config.num_epochs + 1):
+      loop.started = start_time  # the wall time since then counts in this epoch's line
       state, history = loop.run_epoch(epoch, state, history,
                                       partial if epoch == first_epoch else None)
       history['wall_seconds'] += time.time() - start_time
@@ -243,6 +246,18 @@ def _train_and_evaluate(config, workdir, data=None):
   writer.flush()
   manager.wait()
   return write_results(workdir, config, recipe, history, data.label_names)
+
+
+def metric_writer(workdir, metric_writers):
+  """TensorBoard event files in workdir (process 0); the per-step metrics reach the console too
+  only with --verbosity=1 (absl), so that a run prints one line per epoch."""
+  writers = []
+  if jax.process_index() == 0:
+    writers.append(metric_writers.SummaryWriter(workdir))
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if absl_logging.vlog_is_on(1):
+    writers.append(metric_writers.LoggingWriter())
+  return metric_writers.AsyncMultiWriter(writers)
 
 
 def stops_early(recipe, history) -> bool:
@@ -263,7 +278,9 @@ class EpochLoop:
   writer: Any
   report_progress: Any
   steps_per_epoch: int
+  progress_bar: Any = None
   guard: Any = None
+  started: float = 0.0  # time.time() from which this epoch's wall time counts
 
   def run_epoch(self, epoch, state, history, partial=None):
     """One epoch: train, (pseudo-labels,) evaluate, record, checkpoint. partial: the steps of
@@ -275,8 +292,10 @@ class EpochLoop:
           'epoch': epoch, 'step_metrics': step_metrics}})
 
     state, train_summary = self.train(epoch, state, partial, save_partial)
-    history['train_seconds'] += train_summary.pop('seconds')
-    history['train_images'] += train_summary.pop('images')
+    seconds, images = train_summary.pop('seconds'), train_summary.pop('images')
+    history['train_seconds'] += seconds
+    history['train_images'] += images
+    train_summary['images_per_second'] = images / max(seconds, 1e-9)
     if method.pseudo_labels:
       state = update_pseudo_labels(self.eval_fn, state, data, config, epoch, mesh)
     validation = steps.evaluate(self.eval_fn, state, data.validation, config, mesh)
@@ -300,9 +319,10 @@ class EpochLoop:
     self.writer.write_scalars(record['step'], {
         'val_map': record['val_map'], 'test_map': record['test_map'], 'epoch': epoch,
         'train_loss_epoch': record['train_loss']})
-    logging.info('Epoch %d: train loss %.4f, val mAP %.2f, test mAP %.2f%s.', epoch,
-                 record['train_loss'], record['val_map'], record['test_map'],
-                 f', s {scale:.3f}, m {margin:.4f}' if scale is not None else '')
+    elapsed = history['wall_seconds'] + time.time() - self.started
+    logging.info('%s', console.epoch_line(
+        epoch, config.num_epochs, record['train_loss'], record['val_map'], record['test_map'],
+        scale, margin, train_summary['images_per_second'], elapsed, config.num_epochs - epoch))
     # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
     is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'])
     history['epochs'].append(record)
@@ -341,6 +361,8 @@ class EpochLoop:
 
     batches = split.train_batches(config.batch_size, config.seed, epoch, config,
                                   start_step=len(done))
+    bar = self.progress_bar or console.ProgressBar(enabled=False)
+    bar.start(f'Epoch {epoch}/{config.num_epochs}', steps_per_epoch)
     for index, batch in enumerate(batches, start=len(done)):
       step = (epoch - 1) * steps_per_epoch + index + 1
       state, metrics = self.train_fn(state, sharding.shard_batch(batch, mesh), schedule)
@@ -351,6 +373,7 @@ class EpochLoop:
       else:
         timed_images += config.batch_size
       self.report_progress(step, time.time())
+      bar.update(index + 1, config.batch_size)
       if step % config.log_every_steps == 0:
         self.writer.write_scalars(step, fetch()[-1][1])  # also bounds the queued steps
       if self.guard is not None and self.guard.should_stop(step):
@@ -358,6 +381,7 @@ class EpochLoop:
         save_partial(state, done, step)
         raise preemption.Preempted(step, self.guard.signal_name)
     fetch()
+    bar.clear()
     summary = {key: float(np.mean([m[key] for m in done])) for key in done[0]
                if key != 'first_nonfinite_gradient'}
     summary['skipped_steps'] = int(sum(m['nonfinite'] for m in done))

@@ -208,6 +208,26 @@ def test_sigkilled_cli_run_resumes_to_the_same_results(tfds_dir, tmp_path):
   assert read_results(workdir) == read_results(reference)
 
 
+@pytest.mark.slow
+def test_cli_output_is_one_line_per_epoch(tfds_dir, tmp_path):
+  """Redirected to a file: a line per epoch, no per-step metric dump, no library banner;
+  --verbosity=1 adds the per-step metrics (they always go to TensorBoard)."""
+  quiet = subprocess.run(run_cli(tmp_path / 'quiet', tfds_dir, '--config.num_epochs=2'),
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+  output = quiet.stdout + quiet.stderr
+  epochs = [line for line in output.splitlines() if '] Epoch ' in line]
+  assert len(epochs) == 2 and 'Epoch 2/2: loss ' in epochs[1] and 'img/s' in epochs[1]
+  assert 'ETA' in epochs[0]
+  assert "Unable to initialize backend 'tpu'" not in output
+  assert 'positive_gradient' not in output  # a per-step metric
+  assert len(output.splitlines()) <= 20, output
+  assert list((tmp_path / 'quiet').glob('events.out.tfevents.*'))
+  verbose = subprocess.run(run_cli(tmp_path / 'verbose', tfds_dir, '--config.num_epochs=1',
+                                   '--config.log_every_steps=1', '--verbosity=1'),
+                           cwd=ROOT, check=True, capture_output=True, text=True)
+  assert 'positive_gradient' in verbose.stdout + verbose.stderr
+
+
 def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
