@@ -209,3 +209,25 @@ def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path):
                  env={**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
   assert (embedded_backbones.sha256_of(str(tmp_path / 'out.safetensors')) ==
           embedded_backbones.BACKBONES['glyph_resnet_small'].sha256)
+
+
+@pytest.mark.slow
+def test_features_of_the_embedded_backbone(tfds_dir, tmp_path):
+  """extract_features from a config (no training): the embedded backbone's outputs on the
+  target's official splits, in official order, without flips."""
+  from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax import extract_features  # pylint: disable=g-import-not-at-top
+  from hml_jax.datasets import registry  # pylint: disable=g-import-not-at-top
+  config = glyph_digits.get_config()
+  config.dataset.builder_config = 'tiny'
+  config.dataset.data_dir = str(tfds_dir)
+  arrays = extract_features.extract_initial_to_file(config, str(tmp_path / 'f.npz'))
+  source = registry.load_source(config)
+  assert arrays['train_features'].shape == (200, 256) and arrays['test_features'].shape[0] == 80
+  np.testing.assert_array_equal(arrays['test_labels'], source.test_labels)
+  variables, _ = embedded_backbones.load_named(config.init_from)
+  model = models.create_model(config.model, 'cosine', 20)
+  images = (source.test_examples[:16].astype(np.float32) / 255.0 - 0.5) / 0.5
+  expected = model.backbone.apply(variables, images, train=False)
+  np.testing.assert_allclose(arrays['test_features'][:16], np.asarray(expected), rtol=1e-4,
+                             atol=1e-4)
