@@ -34,23 +34,41 @@ PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
 # repeats: every command runs that many times, interleaved, and the fastest run counts (on a
 # shared or throttling CPU a neighbour's burst only slows a run down).
-PRESETS = {'gpu': {'sizes': '448x16,224x64', 'steps': 50, 'repeats': 1},
-           'cpu': {'sizes': '64x32,224x16', 'steps': 12, 'repeats': 3}}
+PRESETS = {
+    'gpu': {
+        'sizes': '448x16,224x64',
+        'steps': 50,
+        'repeats': 1
+    },
+    'cpu': {
+        'sizes': '64x32,224x16',
+        'steps': 12,
+        'repeats': 3
+    }
+}
 
 
-def commands(device, image_size, batch_size, steps, python=sys.executable, torch_python=None,
+def commands(device,
+             image_size,
+             batch_size,
+             steps,
+             python=sys.executable,
+             torch_python=None,
              tcmalloc=''):
   """[(label, argv)] of one size, most telling first on GPUs. argv may start with
   `env LD_PRELOAD=...`."""
   torch_python = torch_python or python
-  jax_run = [python, '-m', 'hml_jax.benchmark', '--config=configs/voc.py',
-             f'--config.image_size={image_size}', f'--config.batch_size={batch_size}',
-             f'--config.eval_batch_size={batch_size}', f'--steps={steps}', '--input_images=0']
-  torch_run = [torch_python, 'benchmarks/torch_reference.py', f'--image_size={image_size}',
-               f'--batch_size={batch_size}', f'--steps={steps}']
+  jax_run = [
+      python, '-m', 'hml_jax.benchmark', '--config=configs/voc.py',
+      f'--config.image_size={image_size}', f'--config.batch_size={batch_size}',
+      f'--config.eval_batch_size={batch_size}', f'--steps={steps}', '--input_images=0'
+  ]
+  torch_run = [
+      torch_python, 'benchmarks/torch_reference.py', f'--image_size={image_size}',
+      f'--batch_size={batch_size}', f'--steps={steps}'
+  ]
   if device == 'gpu':
     # Most telling first, so that a run cut short by its deadline still has the comparison:
     # each framework's best configuration, then PyTorch's eager ones, then float32 hml_jax.
@@ -76,8 +94,12 @@ def run(label, argv, log, timeout=None):
   the comparison; nor may one that outlasts timeout seconds)."""
   start = time.perf_counter()
   # A session of its own, so that a timeout stops its helpers too (torch.compile's workers).
-  process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+  process = subprocess.Popen(argv,
+                             cwd=ROOT,
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             text=True,
+                             start_new_session=True)
   log.write(f'# {label}: {" ".join(argv)}\n')
   try:
     stdout, stderr = process.communicate(timeout=timeout)
@@ -127,12 +149,13 @@ def table(results):
   chip the run used."""
   rows = []
   for size, runs in results.items():
-    network_flops = next((r.get('train_flops_per_image') for label, r in runs
-                          if label.startswith('hml_jax') and r.get('train_flops_per_image')),
-                         None)
+    network_flops = next((r.get('train_flops_per_image')
+                          for label, r in runs
+                          if label.startswith('hml_jax') and r.get('train_flops_per_image')), None)
     device = next((r.get('device') for _, r in runs if r.get('device')), '')
-    torch_best = max((r.get('train_images_per_sec') or 0 for label, r in runs
-                      if label.startswith('torch')), default=0)
+    torch_best = max(
+        (r.get('train_images_per_sec') or 0 for label, r in runs if label.startswith('torch')),
+        default=0)
     peak = peak_tflops(device)
     for label, result in runs:
       rate = result.get('train_images_per_sec')
@@ -145,8 +168,10 @@ def table(results):
 
 
 def format_table(rows):
-  lines = ['| size x batch | run | train images/s | vs PyTorch best | MFU (bf16 peak) |',
-           '|---|---|---|---|---|']
+  lines = [
+      '| size x batch | run | train images/s | vs PyTorch best | MFU (bf16 peak) |',
+      '|---|---|---|---|---|'
+  ]
   for size, label, rate, ratio, mfu, error in rows:
     if error:
       lines.append(f'| {size} | {label} | failed: {error[:80]} | | |')
@@ -162,12 +187,16 @@ def main():
   parser.add_argument('--device', choices=sorted(PRESETS), required=True)
   parser.add_argument('--out', default=os.environ.get('OUT', '/tmp/hml_jax_side_by_side'))
   parser.add_argument('--steps', type=int, default=0, help='0: the preset\'s')
-  parser.add_argument('--sizes', default='',
+  parser.add_argument('--sizes',
+                      default='',
                       help="image_size x batch_size pairs, comma-separated ('': the preset's)")
   parser.add_argument('--repeats', type=int, default=0, help="0: the preset's")
-  parser.add_argument('--torch_python', default='',
+  parser.add_argument('--torch_python',
+                      default='',
                       help='the Python that has torch and torchvision (default: this one)')
-  parser.add_argument('--deadline_seconds', type=float, default=0,
+  parser.add_argument('--deadline_seconds',
+                      type=float,
+                      default=0,
                       help='stop every run at this many seconds from the start and start none '
                       'after it, keeping the results so far (a lent GPU\'s time is short); 0: none')
   parser.add_argument('--dry_run', action='store_true')
@@ -175,15 +204,21 @@ def main():
   preset = PRESETS[args.device]
   steps = args.steps or preset['steps']
   repeats = args.repeats or preset['repeats']
-  sizes = [tuple(int(n) for n in pair.split('x'))
-           for pair in (args.sizes or preset['sizes']).split(',')]
+  sizes = [
+      tuple(int(n) for n in pair.split('x')) for pair in (args.sizes or preset['sizes']).split(',')
+  ]
   sys.path.insert(0, ROOT)
   from hml_jax import host  # pylint: disable=g-import-not-at-top
   tcmalloc = host.installed_tcmalloc() if args.device == 'cpu' else ''
 
   def size_commands(image_size, batch_size):
-    return commands(args.device, image_size, batch_size, steps,
-                    torch_python=args.torch_python or None, tcmalloc=tcmalloc)
+    return commands(args.device,
+                    image_size,
+                    batch_size,
+                    steps,
+                    torch_python=args.torch_python or None,
+                    tcmalloc=tcmalloc)
+
   if args.dry_run:
     for image_size, batch_size in sizes:
       for label, argv in size_commands(image_size, batch_size):
@@ -218,8 +253,10 @@ def main():
           print(f'{size} {label}: {result.get("train_images_per_sec") or result.get("error")}',
                 flush=True)
           # Written after every run, so that a session cut short keeps what was measured.
-          results = {each: [(name, fastest(name_runs)) for name, name_runs in each_runs.items()]
-                     for each, each_runs in runs.items()}
+          results = {
+              each: [(name, fastest(name_runs)) for name, name_runs in each_runs.items()]
+              for each, each_runs in runs.items()
+          }
           write_results(args.out, results)
   print(write_results(args.out, results))
 

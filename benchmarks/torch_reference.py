@@ -29,7 +29,7 @@ class CosineClassifier(nn.Module):
     self.backbone = getattr(torchvision.models, model_name)()
     dimension = self.backbone.fc.in_features
     self.backbone.fc = nn.Identity()
-    self.embeddings = nn.Parameter(torch.randn(num_labels, dimension) * dimension ** -0.5)
+    self.embeddings = nn.Parameter(torch.randn(num_labels, dimension) * dimension**-0.5)
     self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
     self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
 
@@ -52,8 +52,8 @@ def memory_allocator():
 
 def margin_logits(cos, scale, margin):
   cos = cos.clamp(-1.0, 1.0)
-  return scale * (cos * torch.cos(margin) - torch.sqrt((1.0 - cos * cos).clamp_min(1e-12)) *
-                  torch.sin(margin))
+  return scale * (cos * torch.cos(margin) - torch.sqrt(
+      (1.0 - cos * cos).clamp_min(1e-12)) * torch.sin(margin))
 
 
 def main():
@@ -83,8 +83,10 @@ def main():
   margin = nn.Parameter(torch.tensor(0.3, device=device))
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=fused)
   adaptive_optimizer = torch.optim.Adam([scale, margin], lr=1e-3, fused=fused)
-  images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
-                         dtype=torch.uint8, device=device).contiguous(memory_format=memory_format)
+  images = torch.randint(0,
+                         256, (args.batch_size, 3, args.image_size, args.image_size),
+                         dtype=torch.uint8,
+                         device=device).contiguous(memory_format=memory_format)
   labels = torch.zeros(args.batch_size, args.num_labels, device=device)
   labels[torch.arange(args.batch_size), torch.randint(0, args.num_labels, (args.batch_size,))] = 1
 
@@ -130,22 +132,41 @@ def main():
       model(images)
     synchronize()
     eval_rate = max(2, args.steps // 4) * args.batch_size / (time.perf_counter() - start)
-  print(json.dumps({
-      'framework': 'torch', 'train_images_per_sec': round(train_rate, 2),
-      'compile_seconds': round(first_step_seconds, 2),
-      'eval_images_per_sec': round(eval_rate, 2), 'input_images_per_sec': None,
-      'step_memory_mb': (round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                         if device.type == 'cuda' else None),
-      'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      'device': (torch.cuda.get_device_name() if device.type == 'cuda'
-                 else f'cpu ({torch.get_num_threads()} threads)'),
-      'memory_allocator': memory_allocator(),
-      'torch': torch.__version__,
-      'config': {'model': args.model, 'loss': 'hml', 'image_size': args.image_size,
-                 'batch_size': args.batch_size, 'bf16': args.bf16,
-                 'channels_last': args.channels_last, 'compile': args.compile,
-                 'cudnn_benchmark': torch.backends.cudnn.benchmark, 'fused_adam': fused,
-                 'num_labels': args.num_labels}}))
+  print(
+      json.dumps({
+          'framework':
+              'torch',
+          'train_images_per_sec':
+              round(train_rate, 2),
+          'compile_seconds':
+              round(first_step_seconds, 2),
+          'eval_images_per_sec':
+              round(eval_rate, 2),
+          'input_images_per_sec':
+              None,
+          'step_memory_mb': (round(torch.cuda.max_memory_allocated() /
+                                   2**20, 1) if device.type == 'cuda' else None),
+          'peak_host_memory_mb':
+              round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+          'device': (torch.cuda.get_device_name()
+                     if device.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'),
+          'memory_allocator':
+              memory_allocator(),
+          'torch':
+              torch.__version__,
+          'config': {
+              'model': args.model,
+              'loss': 'hml',
+              'image_size': args.image_size,
+              'batch_size': args.batch_size,
+              'bf16': args.bf16,
+              'channels_last': args.channels_last,
+              'compile': args.compile,
+              'cudnn_benchmark': torch.backends.cudnn.benchmark,
+              'fused_adam': fused,
+              'num_labels': args.num_labels
+          }
+      }))
 
 
 if __name__ == '__main__':

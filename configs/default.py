@@ -10,9 +10,9 @@ def get_config():
   config = ml_collections.ConfigDict()
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'composite_digits'       # hml_jax/datasets/composite_digits.py
-  config.dataset.builder_config = 'default'      # 'tiny' for tests
-  config.dataset.data_dir = ''                   # '' = TFDS's default (~/tensorflow_datasets)
+  config.dataset.name = 'composite_digits'  # hml_jax/datasets/composite_digits.py
+  config.dataset.builder_config = 'default'  # 'tiny' for tests
+  config.dataset.data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)
   # Pixel normalization: (x / 255 - mean) / std. ImageNet's for photos; the digits are grayscale.
   config.dataset.mean = (0.5,)
   config.dataset.std = (0.5,)
@@ -29,8 +29,8 @@ def get_config():
   # (Eq. 3), and the baselines 'an' (linear head + BCE), 'bce', 'an_ls', 'bce_ls', 'wan', 'epr',
   # 'em', 'asl' (hml_jax.losses.METHODS).
   config.loss = 'hml'
-  config.scale = 20.0      # s: the paper's best fixed pair, Sec. 4.5 / Fig. 5 (VOC, single pos.)
-  config.margin = 0.3      # m: idem; for 'hml' the initial values of s*, m*
+  config.scale = 20.0  # s: the paper's best fixed pair, Sec. 4.5 / Fig. 5 (VOC, single pos.)
+  config.margin = 0.3  # m: idem; for 'hml' the initial values of s*, m*
   # How s* and m* ('hml') are optimized. The paper only says they are learnable. 'separate':
   # their own Adam at config.adaptive_learning_rate, so that their step size does not follow the
   # network's learning rate (grid-searched over 1e-2..1e-5); 'shared': the network's Adam and
@@ -44,20 +44,20 @@ def get_config():
 
   # Hyperparameters of the baselines (config.loss in hml_jax.losses.METHODS), named as in their
   # published code.
-  config.ls_coef = 0.1           # an_ls / bce_ls: Cole et al. (CVPR 2021)
+  config.ls_coef = 0.1  # an_ls / bce_ls: Cole et al. (CVPR 2021)
   config.expected_num_pos = -1.0  # epr: k; Cole et al. use VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4.
-                                  # < 0: the mean number of positives per training image (logged)
-  config.alpha = 0.2             # em, em_apl: Zhou et al. (ECCV 2022), their VOC value (not tuned)
-  config.beta = 0.02             # em_apl: idem, weight of the pseudo-labels
-  config.warmup_epoch = 5        # em_apl: idem, first epoch after which pseudo-labels are added
-  config.neg_proportion = 0.9    # em_apl: idem, share of each class's unknowns pseudo-labelled
-  config.gamma_neg = 4.0         # asl: Ridnik et al. (ICCV 2021), their train.py
-  config.gamma_pos = 0.0         # asl: idem
-  config.clip = 0.05             # asl: idem
+  # < 0: the mean number of positives per training image (logged)
+  config.alpha = 0.2  # em, em_apl: Zhou et al. (ECCV 2022), their VOC value (not tuned)
+  config.beta = 0.02  # em_apl: idem, weight of the pseudo-labels
+  config.warmup_epoch = 5  # em_apl: idem, first epoch after which pseudo-labels are added
+  config.neg_proportion = 0.9  # em_apl: idem, share of each class's unknowns pseudo-labelled
+  config.gamma_neg = 4.0  # asl: Ridnik et al. (ICCV 2021), their train.py
+  config.gamma_pos = 0.0  # asl: idem
+  config.clip = 0.05  # asl: idem
   # ll_r / ll_ct / ll_cp: percent per epoch by which the clean rate falls (Kim et al., CVPR
   # 2022); < 0 takes each variant's default, 0.5 / 0.2 / 0.1.
   config.delta_rel = -1.0
-  config.role_lr_mult = 10.0      # role: the label estimator's learning rate multiplier (Cole et al.)
+  config.role_lr_mult = 10.0  # role: the label estimator's learning rate multiplier (Cole et al.)
 
   # How each method is trained (hml_jax/recipes.py, docs/methods.md). 'shared': every method in
   # the same loop (here: the fairer comparison on the embedded data, where no one published a
@@ -66,32 +66,32 @@ def get_config():
   # Zhou et al.'s early stop at the first epoch without a better validation mAP for EM, EM+APL.
   config.recipe = 'shared'
   # Each part of the recipe on its own; < 0 takes the recipe's value.
-  config.linear_init_epochs = -1             # the head alone on frozen features first (0: no)
+  config.linear_init_epochs = -1  # the head alone on frozen features first (0: no)
   config.linear_init_learning_rate = -1.0
   config.linear_init_batch_size = -1
   config.head_learning_rate_multiplier = -1.0  # the head's learning rate over the backbone's
-  config.early_stopping_patience = -1        # epochs without a new best val mAP (0: never stop)
-  config.early_stopping_drop = -1.0          # val mAP points below the best (0: never stop)
+  config.early_stopping_patience = -1  # epochs without a new best val mAP (0: never stop)
+  config.early_stopping_drop = -1.0  # val mAP points below the best (0: never stop)
 
   # 'full'; 'partial_positive' (the paper's partial positive labels, Sec. 4.3 / Fig. 4:
   # config.positive_fraction of all positives of the split, so images may keep none); 'partial'
   # (that fraction of each image's positives, at least one per image); 'single_positive'.
   config.label_scenario = 'single_positive'
   config.positive_fraction = 0.5  # for the two partial scenarios (Fig. 4 varies it)
-  config.label_seed = 1200         # Cole et al. (CVPR 2021), generate_observed_labels.py
+  config.label_seed = 1200  # Cole et al. (CVPR 2021), generate_observed_labels.py
   config.validation_fraction = 0.2  # Cole et al.: 20% of the official train split
-  config.validation_seed = 1200     # Cole et al.
+  config.validation_seed = 1200  # Cole et al.
 
   # Training augmentation: random translation by up to this many pixels (not flips: a mirrored
   # digit is another symbol). Without it the small model memorizes the 8,000 training images.
   config.augment_max_shift = 4
 
-  config.optimizer = 'adam'        # the paper's optimizer (Sec. 4.1)
+  config.optimizer = 'adam'  # the paper's optimizer (Sec. 4.1)
   config.learning_rate = 1e-3
   config.batch_size = 32
   config.eval_batch_size = 256
-  config.num_epochs = 10           # the paper trains 10 epochs and keeps the best by validation
-  config.seed = 0                  # initialization and data order
+  config.num_epochs = 10  # the paper trains 10 epochs and keeps the best by validation
+  config.seed = 0  # initialization and data order
 
   # A step whose loss or gradient is NaN/Inf is never applied; 'stop' ends training with an error
   # naming the step and the quantity (the last checkpoint is kept), 'skip' goes on and counts

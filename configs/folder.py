@@ -5,8 +5,8 @@ from configs import paper
 
 def get_config():
   config = paper.get_config('folder')
-  config.dataset.path = ''           # the folder holding train.csv; required
+  config.dataset.path = ''  # the folder holding train.csv; required
   config.dataset.skip_corrupt = False  # True: skip images that do not decode, and count them
-  config.dataset.test_fraction = 0.2   # without test.csv: this share of train.csv is the test
+  config.dataset.test_fraction = 0.2  # without test.csv: this share of train.csv is the test
   config.dataset.test_seed = 0
   return config

@@ -21,12 +21,12 @@ def get_config():
   config.dataset.name = 'glyph_digits'
   config.dataset.builder_config = 'default'  # 'tiny' for tests
   config.model = 'resnet_small'
-  config.image_size = 32           # the generated images' size (hml_jax/datasets/glyphs.py)
+  config.image_size = 32  # the generated images' size (hml_jax/datasets/glyphs.py)
   # The pretrained backbone, as the paper starts from ImageNet weights: the best checkpoint of
   # configs/glyph_pretraining.py, shipped as hml_jax/weights/glyph_resnet_small.safetensors
   # (hml_jax/embedded_backbones.py). A run of one's own: 'workdir:runs/glyph_pretraining'.
   config.init_from = 'embedded:glyph_resnet_small'
-  config.num_epochs = 10           # paper Sec. 4.1
+  config.num_epochs = 10  # paper Sec. 4.1
   # The paper's grid picks the learning rate per method ({1e-2, 1e-3, 1e-4, 1e-5}); 1e-3 here
   # until a grid says otherwise (docs/results.md).
   config.learning_rate = 1e-3

@@ -9,9 +9,9 @@ def get_config():
   config = default.get_config()
   config.dataset.name = 'glyph_pretraining'
   config.dataset.builder_config = 'default'  # 'tiny' for tests
-  config.loss = 'bce'              # full labels: BCE, as ImageNet pretraining's cross-entropy
+  config.loss = 'bce'  # full labels: BCE, as ImageNet pretraining's cross-entropy
   config.label_scenario = 'full'
   config.model = 'resnet_small'
-  config.image_size = 32           # the generated images' size (hml_jax/datasets/glyphs.py)
-  config.num_epochs = 24           # the best epoch by source validation mAP is kept (docs/results.md)
+  config.image_size = 32  # the generated images' size (hml_jax/datasets/glyphs.py)
+  config.num_epochs = 24  # the best epoch by source validation mAP is kept (docs/results.md)
   return config

@@ -5,7 +5,7 @@ from configs import paper
 
 def get_config():
   config = paper.get_config('hml_voc2012')
-  config.expected_num_pos = 1.5   # epr / role: Cole et al., train.py
+  config.expected_num_pos = 1.5  # epr / role: Cole et al., train.py
   # em / em_apl: Zhou et al., main.py (their VOC values: lr 1e-5, batch 8).
   config.alpha, config.beta, config.warmup_epoch = 0.2, 0.02, 5
   # ll_*: Kim et al.'s per-dataset delta_rel (percent per epoch), from the authors' reply in

@@ -35,8 +35,11 @@ from hml_jax import steps
 
 FLAGS = flags.FLAGS
 GROUPS = ('positives', 'true negatives', 'false negatives')
-GROUP_COLORS = {'positives': 'tab:green', 'true negatives': 'tab:blue',
-                'false negatives': 'tab:red'}
+GROUP_COLORS = {
+    'positives': 'tab:green',
+    'true negatives': 'tab:blue',
+    'false negatives': 'tab:red'
+}
 
 
 def define_flags():
@@ -50,6 +53,7 @@ def define_flags():
 
 # ------------------------------------------------------------------------------------------------
 # Numbers (pure functions).
+
 
 def label_embeddings(params, method) -> np.ndarray:
   """(num_labels, dim): the cosine head's label embeddings, or a linear head's weight columns."""
@@ -85,8 +89,11 @@ def entry_groups(true_labels: np.ndarray, observed_labels: np.ndarray) -> Dict[s
   """Boolean masks: observed positives, true negatives, false negatives (true positives that
   training saw as unknown = negative)."""
   true_labels, observed = true_labels == 1, observed_labels == 1
-  return {'positives': observed, 'true negatives': ~true_labels,
-          'false negatives': true_labels & ~observed}
+  return {
+      'positives': observed,
+      'true negatives': ~true_labels,
+      'false negatives': true_labels & ~observed
+  }
 
 
 def gradient_magnitudes(method, outputs, observed_labels, scale, margin, margin_on='both'):
@@ -95,8 +102,7 @@ def gradient_magnitudes(method, outputs, observed_labels, scale, margin, margin_
   observed_labels = jnp.asarray(observed_labels, jnp.float32)
 
   def total_loss(outputs):
-    logits = method.logits(outputs, scale,
-                           losses.entry_margins(observed_labels, margin, margin_on))
+    logits = method.logits(outputs, scale, losses.entry_margins(observed_labels, margin, margin_on))
     return jnp.sum(observed_labels * jax.nn.softplus(-logits) +
                    (1.0 - observed_labels) * jax.nn.softplus(logits))
 
@@ -127,6 +133,7 @@ def densities(outputs, groups, gradients, bins=60):
 # ------------------------------------------------------------------------------------------------
 # Figures.
 
+
 def _title(workdir, config, what):
   run = '/'.join(os.path.normpath(workdir).split(os.sep)[-3:])  # e.g. hml/lr0.001_bs32/seed0
   return (f'{what}\n{run}: loss {config.loss}, {config.label_scenario} labels, '
@@ -146,7 +153,9 @@ def plot_correlation(path, correlation, label_names, top_pairs, title):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   size = max(6.0, 0.28 * len(label_names) + 3)
-  figure, (heat, text) = plt.subplots(1, 2, figsize=(size + 3.0, size),
+  figure, (heat, text) = plt.subplots(1,
+                                      2,
+                                      figsize=(size + 3.0, size),
                                       gridspec_kw={'width_ratios': [size, 3.0]})
   shown = np.where(np.eye(len(correlation), dtype=bool), np.nan, correlation)
   image = heat.imshow(shown, cmap='viridis', vmin=np.nanmin(shown), vmax=np.nanmax(shown))
@@ -176,12 +185,17 @@ def plot_densities(path, summary, gradients_by_group, outputs_by_group, xlabel, 
     group = summary['groups'][name]
     if group['count'] == 0:
       continue
-    left.plot(centers, group['density'], color=GROUP_COLORS[name],
+    left.plot(centers,
+              group['density'],
+              color=GROUP_COLORS[name],
               label=f"{name} (n={group['count']:,})")
     order = np.argsort(outputs_by_group[name])
     step = max(1, len(order) // 2000)  # keep the scatter light
-    right.scatter(outputs_by_group[name][order][::step], gradients_by_group[name][order][::step],
-                  s=3, alpha=0.4, color=GROUP_COLORS[name],
+    right.scatter(outputs_by_group[name][order][::step],
+                  gradients_by_group[name][order][::step],
+                  s=3,
+                  alpha=0.4,
+                  color=GROUP_COLORS[name],
                   label=f"{name}: mean {group['mean_gradient']:.3f}")
   left.set_xlabel(xlabel)
   left.set_ylabel('density')
@@ -203,14 +217,20 @@ def plot_training(path, epochs, title):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   numbers = [e['epoch'] for e in epochs]
   has_scale = all(e.get('scale') is not None for e in epochs)
-  figure, axes = plt.subplots(1, 2 if has_scale else 1, figsize=(12 if has_scale else 6, 4.5),
+  figure, axes = plt.subplots(1,
+                              2 if has_scale else 1,
+                              figsize=(12 if has_scale else 6, 4.5),
                               squeeze=False)
   gradient_axis = axes[0, -1]
   if all('positive_gradient' in e for e in epochs):
-    gradient_axis.plot(numbers, [e['positive_gradient'] for e in epochs], 'o-',
-                       color='tab:green', label='positives: sum (1 - p)')
-    gradient_axis.plot(numbers, [e['negative_gradient'] for e in epochs], 'o-',
-                       color='tab:blue', label='negatives (incl. unknown): sum p')
+    gradient_axis.plot(numbers, [e['positive_gradient'] for e in epochs],
+                       'o-',
+                       color='tab:green',
+                       label='positives: sum (1 - p)')
+    gradient_axis.plot(numbers, [e['negative_gradient'] for e in epochs],
+                       'o-',
+                       color='tab:blue',
+                       label='negatives (incl. unknown): sum p')
     gradient_axis.legend()
   else:
     gradient_axis.text(0.5, 0.5, 'not recorded by this run', ha='center')
@@ -237,15 +257,22 @@ def plot_training(path, epochs, title):
 # ------------------------------------------------------------------------------------------------
 # The command.
 
+
 def training_outputs(state, config, split, max_images, mesh):
   """Head outputs (cosines or logits), true and observed labels of up to max_images training
   images."""
-  outputs, rows = steps.model_outputs(state, config, split, mesh, config.eval_batch_size,
+  outputs, rows = steps.model_outputs(state,
+                                      config,
+                                      split,
+                                      mesh,
+                                      config.eval_batch_size,
                                       max_images=max_images)
   return outputs, split.labels[rows], split.observed[rows]
 
 
-def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
+def analyze(workdir: str,
+            output: Optional[str] = None,
+            which: str = 'best',
             max_images: int = 5000) -> Dict:
   output = output or files.join(workdir, 'analysis')
   files.makedirs(output)
@@ -254,9 +281,15 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
   scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
   data = input_pipeline.load(config)
   names = data.label_names
-  report = {'workdir': workdir, 'checkpoint': which, 'loss': config.loss,
-            'label_scenario': config.label_scenario, 'scale': scale, 'margin': margin,
-            'label_names': names}
+  report = {
+      'workdir': workdir,
+      'checkpoint': which,
+      'loss': config.loss,
+      'label_scenario': config.label_scenario,
+      'scale': scale,
+      'margin': margin,
+      'label_names': names
+  }
 
   # 1. Label correlation (Eq. 8). A linear head has no s, m of its own: its weight columns are
   # compared with the config's s, m so that the figure reads the same.
@@ -270,9 +303,10 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
   if planted:
     report['planted_pair_ranks'] = pair_ranks(correlation, planted)
     report['num_pairs'] = len(pairs)
-  plot_correlation(files.join(output, 'label_correlation.png'), correlation, names, top,
-                   _title(workdir, config, f'Label correlation, Eq. 8 (s={scale:.2f}, '
-                          f'm={margin:.3f})'))
+  plot_correlation(
+      files.join(output, 'label_correlation.png'), correlation, names, top,
+      _title(workdir, config, f'Label correlation, Eq. 8 (s={scale:.2f}, '
+             f'm={margin:.3f})'))
 
   # 2. Outputs and gradient magnitudes on training images (Fig. 2).
   outputs, true_labels, observed = training_outputs(state, config, data.train, max_images, mesh)
@@ -283,16 +317,17 @@ def analyze(workdir: str, output: Optional[str] = None, which: str = 'best',
   report['densities']['num_images'] = int(len(outputs))
   xlabel = 'cos(x, w_j)' if method.has_scale_and_margin else 'logit'
   plot_densities(files.join(output, 'cosine_densities.png'), report['densities'],
-                 {n: gradients[groups[n]] for n in GROUPS},
-                 {n: outputs[groups[n]] for n in GROUPS}, xlabel,
-                 _title(workdir, config, f'Training split, {len(outputs):,} images'))
+                 {n: gradients[groups[n]] for n in GROUPS}, {n: outputs[groups[n]] for n in GROUPS},
+                 xlabel, _title(workdir, config, f'Training split, {len(outputs):,} images'))
 
   # 3. s*, m* and the accumulated gradients per epoch (Fig. 3).
   results_path = files.join(workdir, 'results.json')
   if files.exists(results_path):
     epochs = files.read_json(results_path)['epochs']
-    report['epochs'] = [{key: e.get(key) for key in ('epoch', 'scale', 'margin',
-                                                      'positive_gradient', 'negative_gradient')}
+    report['epochs'] = [{
+        key: e.get(key)
+        for key in ('epoch', 'scale', 'margin', 'positive_gradient', 'negative_gradient')
+    }
                         for e in epochs]
     plot_training(files.join(output, 'training.png'), epochs,
                   _title(workdir, config, 'Training dynamics'))

@@ -47,11 +47,13 @@ def define_flags():
   """Defined only when this module runs as a program (no clash with other tools' flags)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
-  flags.DEFINE_integer('steps', 20, 'Timed train steps (after 2 warm-up steps); 0: compile and '
-                       'report memory only.')
+  flags.DEFINE_integer(
+      'steps', 20, 'Timed train steps (after 2 warm-up steps); 0: compile and '
+      'report memory only.')
   flags.DEFINE_integer('num_labels', 20, 'Labels of the synthetic data.')
-  flags.DEFINE_integer('input_images', 256, 'JPEGs for the input pipeline measurement (0: skip; '
-                       f'else at least {MIN_PHOTOS}).')
+  flags.DEFINE_integer(
+      'input_images', 256, 'JPEGs for the input pipeline measurement (0: skip; '
+      f'else at least {MIN_PHOTOS}).')
   flags.mark_flags_as_required(['config'])
 
 
@@ -82,12 +84,12 @@ def write_photos(root, num_images, seed=0, num_test=1):
       image[..., channel] = (rng.rand() * xx / 500 + rng.rand() * yy / 375) * 120
     for _ in range(6):
       cy, cx, radius = rng.rand() * 375, rng.rand() * 500, 20 + rng.rand() * 80
-      blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius ** 2))
+      blob = np.exp(-((yy - cy)**2 + (xx - cx)**2) / (2 * radius**2))
       image += blob[..., None] * rng.rand(3) * 150
     image += rng.randn(*image.shape) * 6
     name = f'images/{i:05d}.jpg'
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-        os.path.join(root, name), quality=90)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(os.path.join(root, name),
+                                                                  quality=90)
     rows.append(f'{name},label{i % 5} label{(i * 7) % 11}')
   with open(os.path.join(root, 'train.csv'), 'w') as f:
     f.write('filename,labels\n' + '\n'.join(rows[:-num_test]) + '\n')
@@ -141,9 +143,9 @@ def input_pipeline_rate(config, num_images, batch_size):
   check_input_images(num_images, allow_zero=False)
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, num_images)
-    split = input_pipeline.load(photo_folder_config(
-        root, num_images, config.image_size, config.dataset.get('decoder'),
-        config.dataset.get('parallel_calls', -1))).train
+    split = input_pipeline.load(
+        photo_folder_config(root, num_images, config.image_size, config.dataset.get('decoder'),
+                            config.dataset.get('parallel_calls', -1))).train
     batch_size = min(batch_size, len(split))
     epoch_images_per_sec(split, batch_size, [1])  # warm-up: tf.data graph, file cache
     return epoch_images_per_sec(split, batch_size, [2])
@@ -177,7 +179,10 @@ def synthetic_train_step(config, num_labels=20):
   method = losses.get_method(config.loss)
   mesh = sharding.create_mesh()
   dtype = jax.numpy.bfloat16 if config.half_precision else jax.numpy.float32
-  model = models.create_model(config.model, method.head, num_labels, dtype=dtype,
+  model = models.create_model(config.model,
+                              method.head,
+                              num_labels,
+                              dtype=dtype,
                               convolutions=config.convolutions)
   image_shape = (config.image_size, config.image_size, 3)
   rng = np.random.RandomState(0)
@@ -187,21 +192,30 @@ def synthetic_train_step(config, num_labels=20):
   template_config = config.copy_and_resolve_references()
   template_config.unlock()
   template_config.init_from = ''
-  state = train_state.create_train_state(template_config, model, method, jax.random.key(0),
-                                   image_shape, observed_labels=observed)
+  state = train_state.create_train_state(template_config,
+                                         model,
+                                         method,
+                                         jax.random.key(0),
+                                         image_shape,
+                                         observed_labels=observed)
   # config.parameter_sharding: 'replicated' or 'fsdp' (compare their step_memory_mb).
   state_shardings = train_state.train_state_shardings(config, state, mesh)
   state = sharding.place(state, state_shardings)
   hyperparameters = steps.loss_hyperparameters(method, config, observed)
   train_fn, eval_fn = steps.make_step_functions(method, config, mesh, hyperparameters,
                                                 state_shardings)
-  schedule = {key: np.asarray(value) for key, value in (
-      method.schedule(2, config.batch_size * num_labels, config) if method.schedule else {}
-  ).items()}
+  schedule = {
+      key: np.asarray(value)
+      for key, value in (method.schedule(2, config.batch_size *
+                                         num_labels, config) if method.schedule else {}).items()
+  }
   indices = np.arange(config.batch_size, dtype=np.int32)
-  batch = sharding.shard_batch({
-      'images': rng.randint(0, 256, (config.batch_size,) + image_shape).astype(np.uint8),
-      'labels': observed[indices], 'indices': indices}, mesh)
+  batch = sharding.shard_batch(
+      {
+          'images': rng.randint(0, 256, (config.batch_size,) + image_shape).astype(np.uint8),
+          'labels': observed[indices],
+          'indices': indices
+      }, mesh)
   return train_fn, eval_fn, state, batch, schedule, mesh
 
 
@@ -234,10 +248,12 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
     jax.block_until_ready(metrics)
     train_rate = steps * batch_size / (time.perf_counter() - start)
 
-    eval_batch = sharding.shard_batch({
-        'images': rng.randint(0, 256, (config.eval_batch_size,) + image_shape).astype(np.uint8),
-        'indices': np.arange(config.eval_batch_size, dtype=np.int32),
-        'mask': np.ones(config.eval_batch_size, bool)}, mesh)
+    eval_batch = sharding.shard_batch(
+        {
+            'images': rng.randint(0, 256, (config.eval_batch_size,) + image_shape).astype(np.uint8),
+            'indices': np.arange(config.eval_batch_size, dtype=np.int32),
+            'mask': np.ones(config.eval_batch_size, bool)
+        }, mesh)
     jax.block_until_ready(eval_fn(state, eval_batch))
     eval_steps = max(2, steps // 4)
     start = time.perf_counter()
@@ -246,8 +262,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
     jax.block_until_ready(result)
     eval_rate = eval_steps * config.eval_batch_size / (time.perf_counter() - start)
 
-  input_rate = (input_pipeline_rate(config, input_images, batch_size)
-                if input_images else None)
+  input_rate = (input_pipeline_rate(config, input_images, batch_size) if input_images else None)
   return {
       'framework': 'jax',
       'train_images_per_sec': None if train_rate is None else round(train_rate, 2),
@@ -257,19 +272,24 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
       # XLA's count of the step's floating-point operations (forward, backward, optimizer), per
       # image: with train_images_per_sec and the peak of all devices this gives the MFU.
       'train_flops_per_image': None if not flops_per_image else round(flops_per_image),
-      'train_tflops_per_sec': (None if not flops_per_image or train_rate is None else
-                               round(flops_per_image * train_rate / 1e12, 3)),
+      'train_tflops_per_sec': (None if not flops_per_image or train_rate is None else round(
+          flops_per_image * train_rate / 1e12, 3)),
       'step_memory_mb': None if step_memory_mb is None else round(step_memory_mb, 1),
       'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       # On CPU the allocator changes the train step's speed by about 1.4x (host.allocator_advice).
       'memory_allocator': host.memory_allocator(),
       'jax': jax.__version__,
-      'config': {'model': config.model, 'loss': config.loss, 'image_size': config.image_size,
-                 'batch_size': batch_size, 'half_precision': bool(config.half_precision),
-                 'convolutions': layers.resolve_convolutions(config.convolutions),
-                 'num_labels': num_labels,
-                 'parameter_sharding': train_state.parameter_layout(config)[0]},
+      'config': {
+          'model': config.model,
+          'loss': config.loss,
+          'image_size': config.image_size,
+          'batch_size': batch_size,
+          'half_precision': bool(config.half_precision),
+          'convolutions': layers.resolve_convolutions(config.convolutions),
+          'num_labels': num_labels,
+          'parameter_sharding': train_state.parameter_layout(config)[0]
+      },
   }
 
 

@@ -25,11 +25,11 @@ from hml_jax import files
 # Where the data lives and how many threads read it are not part of what is computed either.
 # How the train state is laid out over the devices (parameter_sharding, fsdp_min_size) is not
 # either: the same arrays are computed, split or not.
-RESUMABLE_KEYS = frozenset({'num_epochs', 'log_every_steps', 'checkpoints_to_keep',
-                            'eval_batch_size', 'dataset.data_dir', 'dataset.manual_dir',
-                            'dataset.parallel_calls', 'convolutions', 'parameter_sharding',
-                            'fsdp_min_size'})
-
+RESUMABLE_KEYS = frozenset({
+    'num_epochs', 'log_every_steps', 'checkpoints_to_keep', 'eval_batch_size', 'dataset.data_dir',
+    'dataset.manual_dir', 'dataset.parallel_calls', 'convolutions', 'parameter_sharding',
+    'fsdp_min_size'
+})
 
 # The version of what a workdir holds (config.json, dataset.json, the checkpoints' tree), written
 # into config.json as FORMAT_KEY. A workdir of another version is refused with a clear error:
@@ -79,7 +79,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(saved)
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict,
+def check_config(workdir: str,
+                 config: ml_collections.ConfigDict,
                  resumable_keys=RESUMABLE_KEYS) -> None:
   """Refuses a workdir whose run used an incompatible config, or that another version of hml_jax
   made (and changes nothing in it)."""
@@ -91,10 +92,12 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
     return
   saved = flatten(read_config(workdir).to_dict())
   current = flatten(json.loads(config.to_json()))
-  differences = [f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '
-                 f'{current.get(key, "<absent>")!r} now'
-                 for key in sorted(set(saved) | set(current))
-                 if key not in resumable_keys and saved.get(key) != current.get(key)]
+  differences = [
+      f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '
+      f'{current.get(key, "<absent>")!r} now'
+      for key in sorted(set(saved) | set(current))
+      if key not in resumable_keys and saved.get(key) != current.get(key)
+  ]
   if differences:
     raise ValueError(f'{workdir} holds a run made with a different config, so it cannot be '
                      'resumed; use another --workdir (nothing was changed). Differences:\n  ' +
@@ -103,22 +106,31 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """config.json: the config and the workdir format (never half-written)."""
-  files.write_json(config_path(workdir), {FORMAT_KEY: FORMAT_VERSION,
-                                          **json.loads(config.to_json())})
+  files.write_json(config_path(workdir), {
+      FORMAT_KEY: FORMAT_VERSION,
+      **json.loads(config.to_json())
+  })
 
 
 def dataset_info_path(workdir):
   return files.join(workdir, 'dataset.json')
 
 
-def write_dataset_info(workdir: str, label_names, example_shape, num_train: int,
+def write_dataset_info(workdir: str,
+                       label_names,
+                       example_shape,
+                       num_train: int,
                        fingerprint: str = '') -> None:
   """workdir/dataset.json: what a trained model needs without the data (label names for
   predictions, the input shape and the training split's size for restoring the state), and a
   fingerprint of the labels that resuming checks."""
-  files.write_json(dataset_info_path(workdir), {
-      'label_names': list(label_names), 'example_shape': list(example_shape),
-      'num_train': int(num_train), 'fingerprint': fingerprint})
+  files.write_json(
+      dataset_info_path(workdir), {
+          'label_names': list(label_names),
+          'example_shape': list(example_shape),
+          'num_train': int(num_train),
+          'fingerprint': fingerprint
+      })
 
 
 def check_dataset(workdir: str, fingerprint: str) -> None:
@@ -205,17 +217,17 @@ class Checkpointer:
     options = dict(create=True, enable_async_checkpointing=False)
     # Synchronous saves: the train step donates the state's buffers, so a background copy of them
     # could race with the next step.
-    self.latest = ocp.CheckpointManager(
-        files.join(self.workdir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
-    self.best = ocp.CheckpointManager(
-        files.join(self.workdir, 'best'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+    self.latest = ocp.CheckpointManager(files.join(self.workdir, 'checkpoints'),
+                                        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                                             **options))
+    self.best = ocp.CheckpointManager(files.join(self.workdir, 'best'),
+                                      options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                                                           **options))
     # Mid-epoch checkpoints written on SIGTERM / Ctrl-C, by global step; removed once the epoch
     # they interrupted is finished and saved.
-    self.preempted = ocp.CheckpointManager(
-        files.join(self.workdir, 'preempted'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+    self.preempted = ocp.CheckpointManager(files.join(self.workdir, 'preempted'),
+                                           options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                                                                **options))
 
   @staticmethod
   def _args(state, history):
@@ -251,8 +263,9 @@ class Checkpointer:
     own devices' shards)."""
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                     flax.serialization.to_state_dict(state))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
+    restored = manager.restore(step,
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                       history=ocp.args.JsonRestore()))
     return flax.serialization.from_state_dict(state, restored['state']), restored['history']
 
   def restore_latest(self, state):
@@ -269,7 +282,8 @@ class Checkpointer:
         state_and_history = self._restore(manager, step, state)
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
         logging.warning('Checkpoint %s is unreadable (%s: %s); trying an older one.',
-                        files.join(manager.directory, str(step)), type(error).__name__,
+                        files.join(manager.directory, str(step)),
+                        type(error).__name__,
                         str(error).splitlines()[0] if str(error) else '')
         unreadable.append((manager, step))
         continue

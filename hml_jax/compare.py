@@ -33,8 +33,9 @@ flags.DEFINE_list('methods', ['an', 'hml'], 'config.loss names to compare.')
 flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. seeds-1 for every method.')
 flags.DEFINE_list('learning_rates', [], 'Learning rates to sweep (default: the config\'s).')
 flags.DEFINE_list('batch_sizes', [], 'Batch sizes to sweep (default: the config\'s).')
-flags.DEFINE_integer('grid_seeds', None, 'Seeds per sweep point before the choice; the other '
-                     'seeds train at the chosen point only (default: all seeds everywhere).')
+flags.DEFINE_integer(
+    'grid_seeds', None, 'Seeds per sweep point before the choice; the other '
+    'seeds train at the chosen point only (default: all seeds everywhere).')
 config_flags.DEFINE_config_file('config', None, 'Base training configuration.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -75,11 +76,16 @@ def summarize(runs, config, chosen_points=None):
   chosen_points = chosen_points or best_points(runs)
   for method in dict.fromkeys(run['method'] for run in runs):
     learning_rate, batch_size = chosen_points[method]
-    chosen = [run for run in runs if run['method'] == method and
-              (run['learning_rate'], run['batch_size']) == (learning_rate, batch_size)]
+    chosen = [
+        run for run in runs
+        if run['method'] == method and (run['learning_rate'], run['batch_size']) == (learning_rate,
+                                                                                     batch_size)
+    ]
     test = np.array([r['test_map'] for r in chosen])
     table[method] = {
-        'learning_rate': learning_rate, 'batch_size': batch_size, 'seeds': len(chosen),
+        'learning_rate': learning_rate,
+        'batch_size': batch_size,
+        'seeds': len(chosen),
         'val_map': float(np.mean([r['val_map'] for r in chosen])),
         'test_map_mean': float(test.mean()),
         'test_map_std': float(test.std(ddof=1)) if len(test) > 1 else 0.0,
@@ -87,8 +93,10 @@ def summarize(runs, config, chosen_points=None):
     }
   scenario = labels_lib.scenario_name(config.label_scenario, config.get('positive_fraction'))
   dataset = f'{config.dataset.name} ({scenario})'
-  lines = [f'| method | {dataset} | lr | batch | seeds | val mAP | last-epoch test mAP |',
-           '|---|---|---|---|---|---|---|']
+  lines = [
+      f'| method | {dataset} | lr | batch | seeds | val mAP | last-epoch test mAP |',
+      '|---|---|---|---|---|---|---|'
+  ]
   for method, row in table.items():
     lines.append(f"| {method} | {row['test_map_mean']:.2f} ± {row['test_map_std']:.2f} | "
                  f"{row['learning_rate']:g} | {row['batch_size']} | {row['seeds']} | "
@@ -116,22 +124,36 @@ def compare(config, workdir, methods, seeds, learning_rates=(), batch_sizes=(), 
     run_config.learning_rate, run_config.batch_size = learning_rate, batch_size
     name = run_name(method, learning_rate, batch_size, seed)
     results = train_or_reuse(run_config, files.join(workdir, name))
-    return {'method': method, 'learning_rate': learning_rate, 'batch_size': batch_size,
-            'seed': seed, 'run': name,
-            **{key: results[key] for key in ('val_map', 'test_map', 'last_test_map',
-                                             'best_epoch')}}
+    return {
+        'method': method,
+        'learning_rate': learning_rate,
+        'batch_size': batch_size,
+        'seed': seed,
+        'run': name,
+        **{
+            key: results[key] for key in ('val_map', 'test_map', 'last_test_map', 'best_epoch')
+        }
+    }
 
-  runs = [run(method, learning_rate, batch_size, seed)
-          for method in methods for learning_rate in learning_rates
-          for batch_size in batch_sizes for seed in range(grid_seeds)]
+  runs = [
+      run(method, learning_rate, batch_size, seed)
+      for method in methods
+      for learning_rate in learning_rates
+      for batch_size in batch_sizes
+      for seed in range(grid_seeds)
+  ]
   chosen_points = best_points(runs)
   for method in methods:
     runs.extend(run(method, *chosen_points[method], seed) for seed in range(grid_seeds, seeds))
   table, markdown = summarize(runs, config, chosen_points)
   files.write_text(files.join(workdir, 'table.md'), markdown)
-  files.write_json(files.join(workdir, 'table.json'),
-                   {'table': table, 'runs': runs, 'config': config.to_dict(),
-                    'grid_seeds': grid_seeds}, default=list)
+  files.write_json(files.join(workdir, 'table.json'), {
+      'table': table,
+      'runs': runs,
+      'config': config.to_dict(),
+      'grid_seeds': grid_seeds
+  },
+                   default=list)
   return table, markdown
 
 

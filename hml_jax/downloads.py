@@ -25,8 +25,8 @@ class DownloadError(RuntimeError):
 
 
 def cache_dir() -> str:
-  return os.environ.get(CACHE_ENVIRONMENT_VARIABLE) or os.path.join(
-      os.path.expanduser('~'), '.cache', 'hml_jax')
+  return os.environ.get(CACHE_ENVIRONMENT_VARIABLE) or os.path.join(os.path.expanduser('~'),
+                                                                    '.cache', 'hml_jax')
 
 
 def sha256_of(path: str) -> str:
@@ -82,7 +82,8 @@ def download(url: str, path: str, sha256: str, progress: bool = True) -> str:
   try:
     os.makedirs(directory, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.',
-                                             suffix='.part', dir=directory)
+                                             suffix='.part',
+                                             dir=directory)
   except OSError as e:
     raise DownloadError(f'Cannot write into {directory} ({e}); set ${CACHE_ENVIRONMENT_VARIABLE} '
                         'to a writable folder. ' + _by_hand(url, path, sha256)) from e
@@ -103,14 +104,13 @@ def download(url: str, path: str, sha256: str, progress: bool = True) -> str:
               bar.update(received)
           if bar:
             bar.update(received, final=True)
-      except (urllib.error.URLError, http.client.HTTPException, OSError,
-              ValueError) as e:
+      except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         reason = getattr(e, 'reason', None) or e
         raise DownloadError(f'Could not download {url} ({reason}). ' +
                             _by_hand(url, path, sha256)) from e
       if total is not None and received != total:
-        raise DownloadError(f'The download of {url} stopped after {received} of {total} bytes. '
-                            + _by_hand(url, path, sha256))
+        raise DownloadError(f'The download of {url} stopped after {received} of {total} bytes. ' +
+                            _by_hand(url, path, sha256))
       output.flush()
       os.fsync(output.fileno())
     if digest.hexdigest() != sha256:
@@ -132,8 +132,11 @@ def download(url: str, path: str, sha256: str, progress: bool = True) -> str:
   return path
 
 
-def cached_or_download(url: str, sha256: str, filename: Optional[str] = None,
-                       other_places: Sequence[str] = (), progress: bool = True) -> str:
+def cached_or_download(url: str,
+                       sha256: str,
+                       filename: Optional[str] = None,
+                       other_places: Sequence[str] = (),
+                       progress: bool = True) -> str:
   """The path of a verified copy of url: cache_dir()/filename if it is there (or in one of
   other_places, folders another tool caches it in), else downloaded to cache_dir()/filename.
 

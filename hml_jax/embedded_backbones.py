@@ -31,24 +31,25 @@ DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedBackbone:
-  filename: str       # under hml_jax/weights/
-  model: str          # the config.model it fits
+  filename: str  # under hml_jax/weights/
+  model: str  # the config.model it fits
   source_config: str  # configs/<source_config>.py trained it
-  sha256: str         # of the whole file
-  regenerate: str     # the command that rebuilds it
+  sha256: str  # of the whole file
+  regenerate: str  # the command that rebuilds it
 
 
 BACKBONES = {
     # The paper's regime offline (docs/results.md): resnet_small pretrained with full labels on
     # glyph_pretraining (32 printed glyph classes), the best of 24 epochs by validation mAP.
-    'glyph_resnet_small': EmbeddedBackbone(
-        filename='glyph_resnet_small.safetensors',
-        model='resnet_small',
-        source_config='glyph_pretraining',
-        sha256='aec7dd4b74d26be6a266abf75c8aeed3dcb17aed4247af3146282662ef40019e',
-        regenerate='PYTHONPATH=. python scripts/paper_regime.py pretraining --out=runs/regime '
-                   '&& python -m hml_jax.embedded_backbones --workdir=runs/regime/pretraining '
-                   '--output=hml_jax/weights/glyph_resnet_small.safetensors'),
+    'glyph_resnet_small':
+        EmbeddedBackbone(
+            filename='glyph_resnet_small.safetensors',
+            model='resnet_small',
+            source_config='glyph_pretraining',
+            sha256='aec7dd4b74d26be6a266abf75c8aeed3dcb17aed4247af3146282662ef40019e',
+            regenerate='PYTHONPATH=. python scripts/paper_regime.py pretraining --out=runs/regime '
+            '&& python -m hml_jax.embedded_backbones --workdir=runs/regime/pretraining '
+            '--output=hml_jax/weights/glyph_resnet_small.safetensors'),
 }
 
 
@@ -106,8 +107,10 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
 def save(variables: Mapping[str, Any], path: str, metadata: Mapping[str, str]) -> None:
   """Writes {'params', 'batch_stats'} of a backbone to path (.safetensors), atomically."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  flat = {**_flatten(variables['params'], 'params'),
-          **_flatten(variables.get('batch_stats', {}), 'batch_stats')}
+  flat = {
+      **_flatten(variables['params'], 'params'),
+      **_flatten(variables.get('batch_stats', {}), 'batch_stats')
+  }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   temporary = path + '.tmp'
   save_file(flat, temporary, metadata={key: str(value) for key, value in metadata.items()})
@@ -150,7 +153,9 @@ def export_workdir(workdir: str, output: str) -> Dict[str, str]:
   info = checkpoints.read_dataset_info(workdir)
   results = files.read_json(files.join(workdir, 'results.json'))
   from hml_jax import models  # pylint: disable=g-import-not-at-top
-  model = models.create_model(config.model, 'linear', len(info['label_names']),
+  model = models.create_model(config.model,
+                              'linear',
+                              len(info['label_names']),
                               convolutions=config.get('convolutions', 'auto'))
   image_shape = tuple(info['example_shape'])
   variables = train_state.backbone_of_workdir(workdir, model, image_shape)

@@ -43,37 +43,42 @@ def define_flags():
   next to another tool's flags does not clash)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'Training workdir whose backbone extracts the features.')
-  config_flags.DEFINE_config_file('config', None, 'Instead of --workdir: the backbone a run of '
-                                  'this config starts from (config.init_from), on its dataset.')
+  config_flags.DEFINE_config_file(
+      'config', None, 'Instead of --workdir: the backbone a run of '
+      'this config starts from (config.init_from), on its dataset.')
   flags.DEFINE_string('output', None, 'Path of the .npz to write.')
   flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint of the workdir.')
   flags.DEFINE_integer('batch_size', 64, 'Images per forward pass (a multiple of the devices).')
-  flags.DEFINE_list('dataset_override', [], 'config.dataset entries to change, key=value (e.g. '
-                    'data_dir=/data/tfds,manual_dir=/data/voc).')
+  flags.DEFINE_list(
+      'dataset_override', [], 'config.dataset entries to change, key=value (e.g. '
+      'data_dir=/data/tfds,manual_dir=/data/voc).')
   flags.mark_flags_as_required(['output'])
 
 
 def official_splits(source, config):
   """(train, test) Splits holding the source's official splits whole, in official order."""
   if source.train_examples is not None:
-    return (splits.ArraySplit(source.train_examples, source.train_labels,
-                                      source.train_labels),
-            splits.ArraySplit(source.test_examples, source.test_labels,
-                                      source.test_labels))
-  common = dict(image_size=config.image_size, flip=False, shuffle_buffer=1,
+    return (splits.ArraySplit(source.train_examples, source.train_labels, source.train_labels),
+            splits.ArraySplit(source.test_examples, source.test_labels, source.test_labels))
+  common = dict(image_size=config.image_size,
+                flip=False,
+                shuffle_buffer=1,
                 parallel_calls=config.dataset.get('parallel_calls', splits.AUTOTUNE),
                 decoder=decoders.image_decoder(config.dataset))
   return tuple(
       splits.ImageSplit(records, np.arange(len(labels)), labels, labels, **common)
-      for records, labels in ((source.train_records, source.train_labels),
-                              (source.test_records, source.test_labels)))
+      for records, labels in ((source.train_records, source.train_labels), (source.test_records,
+                                                                            source.test_labels)))
 
 
 def extract(state, config, split, batch_size, mesh) -> np.ndarray:
   """Backbone outputs (num_images, dimensions) of every image of split, in its row order."""
-  outputs, rows = steps.model_outputs(
-      state, config, split, mesh, batch_size,
-      method=lambda model, x, train: model.backbone(x, train=train))
+  outputs, rows = steps.model_outputs(state,
+                                      config,
+                                      split,
+                                      mesh,
+                                      batch_size,
+                                      method=lambda model, x, train: model.backbone(x, train=train))
   features = np.zeros((len(split), outputs.shape[1]), np.float32)
   features[rows] = outputs
   return features
@@ -119,8 +124,7 @@ def extract_to_file(workdir, output, which='best', batch_size=64, dataset_overri
   """Features of the backbone of workdir's best (or latest) checkpoint."""
   mesh = sharding.create_mesh()
   config, _, state = train_state.load_trained_state(workdir, which, mesh)
-  return _write(state, apply_dataset_overrides(config, dataset_overrides), mesh, output,
-                batch_size)
+  return _write(state, apply_dataset_overrides(config, dataset_overrides), mesh, output, batch_size)
 
 
 def extract_initial_to_file(config, output, batch_size=64):
@@ -129,15 +133,17 @@ def extract_initial_to_file(config, output, batch_size=64):
   mesh = sharding.create_mesh()
   method = losses.get_method(config.loss)
   source = registry.load_source(config)
-  model = models.create_model(config.model, method.head, len(source.label_names),
+  model = models.create_model(config.model,
+                              method.head,
+                              len(source.label_names),
                               convolutions=config.get('convolutions', 'auto'))
   train, _ = official_splits(source, config)
   # The head and the label state are never used: only the backbone runs.
   config = config.copy_and_resolve_references()
   config.unlock()
   config.loss = 'an'
-  state = train_state.create_train_state(config, model, losses.get_method('an'),
-                                         jax.random.key(0), train.example_shape)
+  state = train_state.create_train_state(config, model, losses.get_method('an'), jax.random.key(0),
+                                         train.example_shape)
   state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   return _write(state, config, mesh, output, batch_size)
 

@@ -25,7 +25,6 @@ Scalar = Union[float, Array]
 NORM_EPS = 1e-12
 
 
-
 def cosine_similarity(features: Array, embeddings: Array) -> Array:
   """cos_ij = <w_j, x_i> / (|w_j| |x_i|) in float32; (batch, dim), (labels, dim) -> (batch, labels)."""
   features = features.astype(jnp.float32)
@@ -98,8 +97,8 @@ class CosineHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Array) -> Array:
-    embeddings = self.param(
-        'label_embeddings', nn.initializers.lecun_normal(), (features.shape[-1], self.num_labels))
+    embeddings = self.param('label_embeddings', nn.initializers.lecun_normal(),
+                            (features.shape[-1], self.num_labels))
     # Stored (feature_dim, num_labels) like a Dense kernel; the paper's W is its transpose.
     return cosine_similarity(features, embeddings.T)
 
@@ -110,8 +109,8 @@ class LinearHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Array) -> Array:
-    return nn.Dense(self.num_labels, dtype=jnp.float32, name='classifier')(
-        features.astype(jnp.float32))
+    return nn.Dense(self.num_labels, dtype=jnp.float32,
+                    name='classifier')(features.astype(jnp.float32))
 
 
 def get_head(kind: str, num_labels: int) -> nn.Module:

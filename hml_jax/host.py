@@ -10,8 +10,8 @@ class _QuietLibraries:
   pass."""
 
   def filter(self, record):
-    noisy = any(part in record.pathname for part in (
-        '/orbax/', '/tensorflow_datasets/', '/clu/platform/', '/jax/_src/xla_bridge.py'))
+    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/',
+                                                     '/clu/platform/', '/jax/_src/xla_bridge.py'))
     return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
 
 
@@ -76,7 +76,8 @@ def setup():
   tf.config.set_visible_devices([], 'GPU')
 
 
-def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
+def initialize_distributed(coordinator_address: str = '',
+                           num_processes: int = 0,
                            process_id: int = -1) -> None:
   """jax.distributed.initialize for multi-process training; a no-op for one process.
 
@@ -103,13 +104,14 @@ def initialize_distributed(coordinator_address: str = '', num_processes: int = 0
   if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or not _has_accelerator():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  logging.info('Process %d of %d (coordinator %s).', process_id, num_processes,
-               coordinator_address)
+                             num_processes=num_processes,
+                             process_id=process_id)
+  logging.info('Process %d of %d (coordinator %s).', process_id, num_processes, coordinator_address)
 
 
 def _has_accelerator() -> bool:
   """Whether a GPU or TPU backend is installed, judged without initializing JAX's backends."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  return any(importlib.util.find_spec(name) is not None
-             for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu'))
+  return any(
+      importlib.util.find_spec(name) is not None
+      for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu'))

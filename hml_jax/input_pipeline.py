@@ -23,6 +23,7 @@ from hml_jax import sources
 from hml_jax import splits
 from hml_jax.datasets import registry
 
+
 @dataclasses.dataclass
 class Data:
   train: splits.Split
@@ -36,6 +37,7 @@ class Data:
 
 # ------------------------------------------------------------------------------------------------
 # The protocol.
+
 
 def _check_source(source: sources.Source, config):
   labels_lib.check_binary(source.train_labels, f'{source.name} train labels')
@@ -64,10 +66,13 @@ def _check_source(source: sources.Source, config):
 def protocol_indices(train_labels: np.ndarray, config):
   """Steps 2-3 of Cole et al.'s protocol on the official train split's label matrix:
   (observed labels of the whole split, train rows, validation rows)."""
-  observed = labels_lib.observe(train_labels, config.label_scenario, seed=config.label_seed,
+  observed = labels_lib.observe(train_labels,
+                                config.label_scenario,
+                                seed=config.label_seed,
                                 fraction=config.get('positive_fraction'))
-  train_rows, validation_rows = labels_lib.validation_split(
-      len(train_labels), seed=config.validation_seed, fraction=config.validation_fraction)
+  train_rows, validation_rows = labels_lib.validation_split(len(train_labels),
+                                                            seed=config.validation_seed,
+                                                            fraction=config.validation_fraction)
   return observed, train_rows, validation_rows
 
 
@@ -88,7 +93,9 @@ def apply_protocol(source: sources.Source, config) -> Data:
   _check_source(source, config)
   train_labels = source.train_labels
   if source.validation_labels is not None:
-    observed = labels_lib.observe(train_labels, config.label_scenario, seed=config.label_seed,
+    observed = labels_lib.observe(train_labels,
+                                  config.label_scenario,
+                                  seed=config.label_seed,
                                   fraction=config.get('positive_fraction'))
     train_rows = np.arange(len(train_labels))
     validation_rows = None
@@ -97,40 +104,54 @@ def apply_protocol(source: sources.Source, config) -> Data:
 
   feature_statistics = None
   if source.train_examples is not None and source.train_examples.dtype == np.float32:
-    source, feature_statistics = standardize_features(
-        source, train_rows, config.dataset.get('standardize', 'none'))
+    source, feature_statistics = standardize_features(source, train_rows,
+                                                      config.dataset.get('standardize', 'none'))
   if source.train_examples is not None:
     if validation_rows is None:
       validation = splits.ArraySplit(source.validation_examples, source.validation_labels,
-                              source.validation_labels)
+                                     source.validation_labels)
     else:
       validation = splits.ArraySplit(source.train_examples[validation_rows],
-                              train_labels[validation_rows], train_labels[validation_rows])
+                                     train_labels[validation_rows], train_labels[validation_rows])
     train = splits.ArraySplit(source.train_examples[train_rows], train_labels[train_rows],
-                       observed[train_rows])
+                              observed[train_rows])
     test = splits.ArraySplit(source.test_examples, source.test_labels, source.test_labels)
   else:
     dataset = config.dataset
-    common = dict(image_size=config.image_size, shuffle_buffer=dataset.get('shuffle_buffer', 10000),
+    common = dict(image_size=config.image_size,
+                  shuffle_buffer=dataset.get('shuffle_buffer', 10000),
                   parallel_calls=dataset.get('parallel_calls', splits.AUTOTUNE),
-                  exact_shuffle=source.exact_shuffle, decoder=decoders.image_decoder(dataset))
+                  exact_shuffle=source.exact_shuffle,
+                  decoder=decoders.image_decoder(dataset))
     num_official = len(train_labels)
-    train = splits.ImageSplit(source.train_records, _rows_of_index(num_official, train_rows),
-                       train_labels[train_rows], observed[train_rows],
-                       flip=dataset.get('augment_flip', True), **common)
+    train = splits.ImageSplit(source.train_records,
+                              _rows_of_index(num_official, train_rows),
+                              train_labels[train_rows],
+                              observed[train_rows],
+                              flip=dataset.get('augment_flip', True),
+                              **common)
     validation = splits.ImageSplit(source.train_records,
                                    _rows_of_index(num_official, validation_rows),
-                            train_labels[validation_rows], train_labels[validation_rows],
-                            flip=False, **common)
-    test = splits.ImageSplit(source.test_records, np.arange(len(source.test_labels)),
-                      source.test_labels, source.test_labels, flip=False, **common)
-  data = Data(train=train, validation=validation, test=test,
+                                   train_labels[validation_rows],
+                                   train_labels[validation_rows],
+                                   flip=False,
+                                   **common)
+    test = splits.ImageSplit(source.test_records,
+                             np.arange(len(source.test_labels)),
+                             source.test_labels,
+                             source.test_labels,
+                             flip=False,
+                             **common)
+  data = Data(train=train,
+              validation=validation,
+              test=test,
               label_names=[str(name) for name in source.label_names],
               feature_statistics=feature_statistics)
-  logging.info('Data %s: train %d (%.2f observed / %.2f true positives per image), validation %d, '
-               'test %d, %d labels.', source.name, len(data.train),
-               data.train.observed.sum(1).mean(), data.train.labels.sum(1).mean(),
-               len(data.validation), len(data.test), len(data.label_names))
+  logging.info(
+      'Data %s: train %d (%.2f observed / %.2f true positives per image), validation %d, '
+      'test %d, %d labels.', source.name, len(data.train),
+      data.train.observed.sum(1).mean(),
+      data.train.labels.sum(1).mean(), len(data.validation), len(data.test), len(data.label_names))
   return data
 
 
@@ -149,8 +170,10 @@ def standardize_features(source: sources.Source, train_rows: np.ndarray, how: st
   if how == 'none':
     return source, None
   if how == 'l2':
+
     def transform(x):
       return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
     statistics = None
   else:
     training = source.train_examples[train_rows].astype(np.float64)
@@ -160,8 +183,11 @@ def standardize_features(source: sources.Source, train_rows: np.ndarray, how: st
 
     def transform(x):
       return ((x - statistics['mean']) / statistics['std']).astype(np.float32)
-  replaced = {'train_examples': transform(source.train_examples),
-              'test_examples': transform(source.test_examples)}
+
+  replaced = {
+      'train_examples': transform(source.train_examples),
+      'test_examples': transform(source.test_examples)
+  }
   if source.validation_examples is not None:
     replaced['validation_examples'] = transform(source.validation_examples)
   return dataclasses.replace(source, **replaced), statistics

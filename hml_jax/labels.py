@@ -87,8 +87,8 @@ def observe(labels, scenario: str, seed: int, fraction=None) -> np.ndarray:
     check_fraction(scenario, fraction)
     if scenario == 'partial_positive':
       return _keep_random_positive_entries(labels, float(fraction), seed)
-    return _keep_random_positives(
-        labels, lambda n: max(1, int(np.round(float(fraction) * n))), seed)
+    return _keep_random_positives(labels, lambda n: max(1, int(np.round(float(fraction) * n))),
+                                  seed)
   raise ValueError(f'Unknown label scenario {scenario!r} (config.label_scenario); choose one of '
                    f'{list(SCENARIOS)}.')
 

@@ -76,7 +76,8 @@ def max_pool(x, window: int, stride: int, padding: int, convolutions: str):
   if channel_axis(convolutions) == 0:
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, window, window), (1, 1, stride, stride),
                              ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-  return nn.max_pool(x, (window, window), strides=(stride, stride),
+  return nn.max_pool(x, (window, window),
+                     strides=(stride, stride),
                      padding=((padding, padding), (padding, padding)))
 
 
@@ -122,9 +123,9 @@ def _channel_matmul_forward(x, matrix):
 def _channel_matmul_backward(residuals, output_gradient):
   x, matrix = residuals
   gradient_pixels = output_gradient.reshape(output_gradient.shape[0], -1)  # (out, pixels)
-  input_gradient = (matrix @ gradient_pixels).reshape(x.shape)             # (in, pixels)
+  input_gradient = (matrix @ gradient_pixels).reshape(x.shape)  # (in, pixels)
   matrix_gradient = lax.dot_general(x.reshape(x.shape[0], -1), gradient_pixels,
-                                    (((1,), (1,)), ((), ())))              # (in, out)
+                                    (((1,), (1,)), ((), ())))  # (in, out)
   return input_gradient, matrix_gradient.astype(matrix.dtype)
 
 
@@ -153,9 +154,12 @@ def im2col(x, kernel_size: Tuple[int, int], strides: Tuple[int, int], padding: P
   height, width = x.shape[2:]
   out_height = (height - kernel_height) // stride_height + 1
   out_width = (width - kernel_width) // stride_width + 1
-  rows = [x[:, :, i:i + stride_height * (out_height - 1) + 1:stride_height,
-            j:j + stride_width * (out_width - 1) + 1:stride_width]
-          for i in range(kernel_height) for j in range(kernel_width)]
+  rows = [
+      x[:, :, i:i + stride_height * (out_height - 1) + 1:stride_height,
+        j:j + stride_width * (out_width - 1) + 1:stride_width]
+      for i in range(kernel_height)
+      for j in range(kernel_width)
+  ]
   return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
 
 
@@ -239,7 +243,10 @@ def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, convolutions
       return channel_matmul(_subsample(x, strides, padding),
                             kernel.reshape(in_channels, out_channels))
     return patch_matmul(x, kernel, strides, padding)
-  return lax.conv_general_dilated(x, kernel, strides, padding,
+  return lax.conv_general_dilated(x,
+                                  kernel,
+                                  strides,
+                                  padding,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
@@ -263,8 +270,8 @@ class Conv(nn.Module):
                        'by BatchNorm).')
     kernel_size = tuple(self.kernel_size)
     kernel = self.param('kernel', self.kernel_init,
-                        kernel_size + (x.shape[channel_axis(self.convolutions)],
-                                       self.features), jnp.float32)
+                        kernel_size + (x.shape[channel_axis(self.convolutions)], self.features),
+                        jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(self.strides) if self.strides is not None else (1, 1)
     if (self.has_variable(FORWARD_MATRICES, 'matrix') and
@@ -274,7 +281,6 @@ class Conv(nn.Module):
       matrix = self.get_variable(FORWARD_MATRICES, 'matrix').astype(self.dtype)
       return convolve_forward(x, matrix, kernel_size, strides, self.padding)
     return convolve(x, kernel, strides, self.padding, self.convolutions)
-
 
 
 def _reduction_axes(x, axis: int):
@@ -308,8 +314,8 @@ def batch_norm_training(x, scale, bias, epsilon: float, dtype, axis: int = -1):
   (y (x's shape) in dtype, mean (C,), variance (C,)). The statistics are outputs for the running
   averages and carry no gradient."""
   mean, variance = _batch_statistics(x, axis)
-  return (_normalize(x, mean, lax.rsqrt(variance + epsilon), scale, bias, dtype, axis), mean,
-          variance)
+  return (_normalize(x, mean, lax.rsqrt(variance + epsilon), scale, bias, dtype,
+                     axis), mean, variance)
 
 
 def _batch_norm_forward(x, scale, bias, epsilon, dtype, axis):

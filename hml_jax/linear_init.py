@@ -46,8 +46,11 @@ def head_config(config, recipe) -> ml_collections.ConfigDict:
 
 def _extract(config, state, data, mesh) -> Dict[str, np.ndarray]:
   from hml_jax import extract_features  # pylint: disable=g-import-not-at-top  (it imports train)
-  return {name: extract_features.extract(state, config, getattr(data, name),
-                                         config.eval_batch_size, mesh) for name in SPLITS}
+  return {
+      name:
+          extract_features.extract(state, config, getattr(data, name), config.eval_batch_size, mesh)
+      for name in SPLITS
+  }
 
 
 def features_data(config, state, data, mesh, path) -> input_pipeline.Data:
@@ -68,8 +71,10 @@ def features_data(config, state, data, mesh, path) -> input_pipeline.Data:
       raise ValueError(f'{path} holds {len(features[name])} {name} features for a split of '
                        f'{len(split)}: it belongs to another dataset; remove it.')
     splits[name] = splits.ArraySplit(features[name], split.labels, split.observed)
-  return input_pipeline.Data(train=splits['train'], validation=splits['validation'],
-                             test=splits['test'], label_names=data.label_names)
+  return input_pipeline.Data(train=splits['train'],
+                             validation=splits['validation'],
+                             test=splits['test'],
+                             label_names=data.label_names)
 
 
 def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[str, Any]]:
@@ -83,10 +88,10 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
   start = time.time()
   subdirectory = files.join(workdir, SUBDIRECTORY)
   files.makedirs(subdirectory)
-  logging.info('Linear init (Cole et al.): the head alone for %d epochs on the frozen '
-               "backbone's features, in %s.", recipe.linear_init_epochs, subdirectory)
-  head_data = features_data(config, state, data, mesh,
-                            files.join(subdirectory, 'features.npz'))
+  logging.info(
+      'Linear init (Cole et al.): the head alone for %d epochs on the frozen '
+      "backbone's features, in %s.", recipe.linear_init_epochs, subdirectory)
+  head_data = features_data(config, state, data, mesh, files.join(subdirectory, 'features.npz'))
   results = train.train_and_evaluate(head_config(config, recipe), subdirectory, data=head_data)
   _, _, head_state = train_state.load_trained_state(subdirectory, 'best', mesh)
   params = dict(state.params)
@@ -103,7 +108,7 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
   state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   summary = {key: results[key] for key in ('best_epoch', 'val_map', 'test_map')}
   summary['wall_seconds'] = time.time() - start  # this call's, extraction included
-  logging.info('Linear init done: best epoch %d, val mAP %.2f, test mAP %.2f; now %d epochs end '
-               'to end.', summary['best_epoch'], summary['val_map'], summary['test_map'],
-               config.num_epochs)
+  logging.info(
+      'Linear init done: best epoch %d, val mAP %.2f, test mAP %.2f; now %d epochs end '
+      'to end.', summary['best_epoch'], summary['val_map'], summary['test_map'], config.num_epochs)
   return state, summary

@@ -46,7 +46,8 @@ def _negative_log_not_p(logits):
   return -jax.nn.log_sigmoid(-logits.astype(jnp.float32))
 
 
-def assume_negative_label_smoothing(logits: Array, observed_labels: Array,
+def assume_negative_label_smoothing(logits: Array,
+                                    observed_labels: Array,
                                     ls_coef: float = 0.1) -> Array:
   """AN-LS / BCE-LS (Cole et al.): targets 1 - ls_coef for positives, ls_coef for the rest."""
   labels = observed_labels.astype(jnp.float32)
@@ -59,13 +60,13 @@ def weak_assume_negative(logits: Array, observed_labels: Array) -> Array:
   """WAN (Cole et al.): AN with each negative's loss weighted 1 / (num_labels - 1)."""
   labels = observed_labels.astype(jnp.float32)
   num_labels = labels.shape[-1]
-  return jnp.mean(labels * _negative_log_p(logits) +
-                  (1 - labels) * _negative_log_not_p(logits) / (num_labels - 1))
+  return jnp.mean(labels * _negative_log_p(logits) + (1 - labels) * _negative_log_not_p(logits) /
+                  (num_labels - 1))
 
 
 def expected_positive_regularizer(probabilities: Array, expected_num_pos: float) -> Array:
   """(mean over the batch of sum_j p_j - k)^2 (Cole et al.'s norm='2')."""
-  return (jnp.mean(jnp.sum(probabilities, axis=-1)) - expected_num_pos) ** 2
+  return (jnp.mean(jnp.sum(probabilities, axis=-1)) - expected_num_pos)**2
 
 
 def expected_positive_regularization(logits: Array, observed_labels: Array,
@@ -76,7 +77,7 @@ def expected_positive_regularization(logits: Array, observed_labels: Array,
   num_labels = labels.shape[-1]
   regularizer = expected_positive_regularizer(jax.nn.sigmoid(logits.astype(jnp.float32)),
                                               expected_num_pos)
-  return jnp.mean(labels * _negative_log_p(logits)) + regularizer / num_labels ** 2
+  return jnp.mean(labels * _negative_log_p(logits)) + regularizer / num_labels**2
 
 
 def entropy_maximization(logits: Array, observed_labels: Array, alpha: float) -> Array:
@@ -89,8 +90,12 @@ def entropy_maximization(logits: Array, observed_labels: Array, alpha: float) ->
   return jnp.mean(labels * _negative_log_p(logits) - (1 - labels) * alpha * entropy)
 
 
-def asymmetric_loss(logits: Array, observed_labels: Array, gamma_neg: float = 4.0,
-                    gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8) -> Array:
+def asymmetric_loss(logits: Array,
+                    observed_labels: Array,
+                    gamma_neg: float = 4.0,
+                    gamma_pos: float = 0.0,
+                    clip: float = 0.05,
+                    eps: float = 1e-8) -> Array:
   """ASL (Ridnik et al., ICCV 2021), as their AsymmetricLoss with disable_torch_grad_focal_loss.
 
   Positives: (1 - p)^gamma_pos * log p; negatives: p_m^gamma_neg * log(1 - p_m) with the shifted
@@ -101,19 +106,18 @@ def asymmetric_loss(logits: Array, observed_labels: Array, gamma_neg: float = 4.
   labels = observed_labels.astype(jnp.float32)
   logits = logits.astype(jnp.float32)
   probability = jax.nn.sigmoid(logits)
-  one_minus_shifted = jnp.minimum(jax.nn.sigmoid(-logits) + clip, 1.0) if clip > 0 else (
-      jax.nn.sigmoid(-logits))
+  one_minus_shifted = jnp.minimum(jax.nn.sigmoid(-logits) +
+                                  clip, 1.0) if clip > 0 else (jax.nn.sigmoid(-logits))
   log_floor = jnp.log(eps)
   log_likelihood = (labels * jnp.maximum(jax.nn.log_sigmoid(logits), log_floor) +
                     (1 - labels) * jnp.log(jnp.maximum(one_minus_shifted, eps)))
   target_probability = probability * labels + one_minus_shifted * (1 - labels)
   weight = jax.lax.stop_gradient(
-      (1 - target_probability) ** (gamma_pos * labels + gamma_neg * (1 - labels)))
+      (1 - target_probability)**(gamma_pos * labels + gamma_neg * (1 - labels)))
   return -jnp.mean(weight * log_likelihood)
 
 
-def large_loss_num_modified(epoch: int, num_entries: int, delta_rel: float,
-                            permanent: bool) -> int:
+def large_loss_num_modified(epoch: int, num_entries: int, delta_rel: float, permanent: bool) -> int:
   """How many unobserved entries of a batch Large Loss Matters (Kim et al., CVPR 2022) modifies.
 
   delta_rel is in percent per epoch, as on their command line (0.2 means 0.002). Epoch 1 is plain
@@ -152,8 +156,8 @@ def large_loss(logits: Array, observed_labels: Array, num_modified: Array,
   descending = -jnp.sort(-unobserved_loss.ravel())
   # At most every unobserved entry can be modified (the clean rate has no floor).
   num_modified = jnp.minimum(num_modified, jnp.sum(labels == 0))
-  threshold = jnp.where(num_modified > 0,
-                        descending[jnp.clip(num_modified - 1, 0, descending.size - 1)], jnp.inf)
+  threshold = jnp.where(num_modified > 0, descending[jnp.clip(num_modified - 1, 0,
+                                                              descending.size - 1)], jnp.inf)
   keep = (unobserved_loss < threshold) | (labels == 1)  # observed positives are never modified
   final = jnp.where(keep, loss, corrected if correct else 0.0)
   return jnp.mean(final), (~keep) & (labels == 0)
@@ -190,8 +194,8 @@ def large_loss_schedule(name: str):
     if delta_rel < 0:
       by_method = config.get('delta_rel_by_method') or LARGE_LOSS_DEFAULT_DELTA_REL
       delta_rel = by_method[name]
-    return {'num_modified': large_loss_num_modified(epoch, entries_per_batch, delta_rel,
-                                                    permanent)}
+    return {'num_modified': large_loss_num_modified(epoch, entries_per_batch, delta_rel, permanent)}
+
   return schedule
 
 
@@ -220,7 +224,7 @@ def role(logits: Array, observed_labels: Array, estimator_logits: Array,
   estimator_cross = (fixed_predictions * _negative_log_p(estimator_logits) +
                      (1 - fixed_predictions) * _negative_log_not_p(estimator_logits))
   regularizer = 0.5 * (expected_positive_regularizer(predictions, expected_num_pos) +
-                       expected_positive_regularizer(estimates, expected_num_pos)) / num_labels ** 2
+                       expected_positive_regularizer(estimates, expected_num_pos)) / num_labels**2
   return jnp.mean(0.5 * positives + 0.5 * (classifier_cross + estimator_cross)) + regularizer
 
 
@@ -250,8 +254,11 @@ def entropy_maximization_pseudo_labels(logits: Array, label_state: Array, alpha:
   return jnp.mean(loss)
 
 
-def asymmetric_pseudo_labels(label_state: np.ndarray, probabilities: np.ndarray,
-                             unknown_per_class: np.ndarray, num_epochs: int, warmup_epoch: int,
+def asymmetric_pseudo_labels(label_state: np.ndarray,
+                             probabilities: np.ndarray,
+                             unknown_per_class: np.ndarray,
+                             num_epochs: int,
+                             warmup_epoch: int,
                              neg_proportion: float = 0.9) -> np.ndarray:
   """One APL pass of Zhou et al. (after each epoch >= warmup_epoch), NumPy.
 
@@ -282,11 +289,14 @@ def entry_margins(labels: Array, margin: Array, margin_on: str = 'both') -> Arra
   on_negatives = margin_on in ('both', 'negatives')
   labels = labels.astype(jnp.float32)
   margin = jnp.asarray(margin, jnp.float32)
-  return (labels * (margin if on_positives else 0.0) +
-          (1 - labels) * (margin if on_negatives else 0.0))
+  return (labels * (margin if on_positives else 0.0) + (1 - labels) *
+          (margin if on_negatives else 0.0))
 
 
-def adaptive_loss(cos: Array, labels: Array, scale: Array, margin: Array,
+def adaptive_loss(cos: Array,
+                  labels: Array,
+                  scale: Array,
+                  margin: Array,
                   margin_on: str = 'both') -> Array:
   """The gradient-balancing term of Eq. 6-7, summed over the whole mini-batch (a scalar).
 
@@ -302,7 +312,10 @@ def adaptive_loss(cos: Array, labels: Array, scale: Array, margin: Array,
   return jnp.abs(positive_pull - negative_pull)
 
 
-def hml_fixed(cos: Array, observed_labels: Array, scale: float, margin: float,
+def hml_fixed(cos: Array,
+              observed_labels: Array,
+              scale: float,
+              margin: float,
               margin_on: str = 'both') -> Array:
   """HML with a fixed scale and margin: BCE on the margin sigmoid p^m of Eq. 4 (the margin on
   the entries that margin_on names; Table 5's best and the default is 'both'). With margin 0 it
@@ -311,15 +324,18 @@ def hml_fixed(cos: Array, observed_labels: Array, scale: float, margin: float,
   return binary_cross_entropy(heads.margin_logits(cos, scale, margins), observed_labels)
 
 
-def hml(cos: Array, observed_labels: Array, scale: Array, margin: Array,
+def hml(cos: Array,
+        observed_labels: Array,
+        scale: Array,
+        margin: Array,
         margin_on: str = 'both') -> Array:
   """Adaptive HML, Eq. 5: L_BCE(p^m) + L_adpt(p^a).
 
   The BCE sees the current s*, m* through stop_gradient (so it trains only the embeddings and the
   backbone); the adaptive term sees the cosines through stop_gradient (so it trains only s*, m*).
   """
-  bce = hml_fixed(cos, observed_labels, jax.lax.stop_gradient(scale),
-                  jax.lax.stop_gradient(margin), margin_on)
+  bce = hml_fixed(cos, observed_labels, jax.lax.stop_gradient(scale), jax.lax.stop_gradient(margin),
+                  margin_on)
   return bce + adaptive_loss(cos, observed_labels, scale, margin, margin_on)
 
 
@@ -372,42 +388,67 @@ class Method:
   def label_embeddings(self, head_params) -> np.ndarray:
     """(num_labels, dim): a cosine head's label embeddings, or a linear head's weight columns
     (what Eq. 8 compares)."""
-    weights = (head_params['label_embeddings'] if self.has_scale_and_margin
-               else head_params['classifier']['kernel'])
+    weights = (head_params['label_embeddings']
+               if self.has_scale_and_margin else head_params['classifier']['kernel'])
     return np.asarray(weights).T
 
 
 METHODS = {
     # Cole et al. (CVPR 2021). 'bce' is 'an' on full labels: the same function.
-    'bce': Method(head='linear', loss=assume_negative),
-    'an': Method(head='linear', loss=assume_negative),
-    'bce_ls': Method(head='linear', loss=assume_negative_label_smoothing,
-                     hyperparameters=('ls_coef',)),
-    'an_ls': Method(head='linear', loss=assume_negative_label_smoothing,
-                    hyperparameters=('ls_coef',)),
-    'wan': Method(head='linear', loss=weak_assume_negative),
-    'epr': Method(head='linear', loss=expected_positive_regularization,
-                  hyperparameters=('expected_num_pos',)),
-    'role': Method(head='linear', loss=role, hyperparameters=('expected_num_pos',),
-                   label_estimator=True),
+    'bce':
+        Method(head='linear', loss=assume_negative),
+    'an':
+        Method(head='linear', loss=assume_negative),
+    'bce_ls':
+        Method(head='linear', loss=assume_negative_label_smoothing, hyperparameters=('ls_coef',)),
+    'an_ls':
+        Method(head='linear', loss=assume_negative_label_smoothing, hyperparameters=('ls_coef',)),
+    'wan':
+        Method(head='linear', loss=weak_assume_negative),
+    'epr':
+        Method(head='linear',
+               loss=expected_positive_regularization,
+               hyperparameters=('expected_num_pos',)),
+    'role':
+        Method(head='linear',
+               loss=role,
+               hyperparameters=('expected_num_pos',),
+               label_estimator=True),
     # Zhou et al. (ECCV 2022) and Ridnik et al. (ICCV 2021).
-    'em': Method(head='linear', loss=entropy_maximization, hyperparameters=('alpha',)),
-    'em_apl': Method(head='linear', loss=entropy_maximization_pseudo_labels,
-                     hyperparameters=('alpha', 'beta'), pseudo_labels=True),
-    'asl': Method(head='linear', loss=asymmetric_loss,
-                  hyperparameters=('gamma_neg', 'gamma_pos', 'clip')),
+    'em':
+        Method(head='linear', loss=entropy_maximization, hyperparameters=('alpha',)),
+    'em_apl':
+        Method(head='linear',
+               loss=entropy_maximization_pseudo_labels,
+               hyperparameters=('alpha', 'beta'),
+               pseudo_labels=True),
+    'asl':
+        Method(head='linear',
+               loss=asymmetric_loss,
+               hyperparameters=('gamma_neg', 'gamma_pos', 'clip')),
     # Kim et al. (CVPR 2022): Large Loss Matters.
-    'll_r': Method(head='linear', loss=large_loss_rejection, schedule=large_loss_schedule('ll_r')),
-    'll_ct': Method(head='linear', loss=large_loss_temporary_correction,
-                    schedule=large_loss_schedule('ll_ct')),
-    'll_cp': Method(head='linear', loss=large_loss_permanent_correction,
-                    schedule=large_loss_schedule('ll_cp'), updates_labels=True),
+    'll_r':
+        Method(head='linear', loss=large_loss_rejection, schedule=large_loss_schedule('ll_r')),
+    'll_ct':
+        Method(head='linear',
+               loss=large_loss_temporary_correction,
+               schedule=large_loss_schedule('ll_ct')),
+    'll_cp':
+        Method(head='linear',
+               loss=large_loss_permanent_correction,
+               schedule=large_loss_schedule('ll_cp'),
+               updates_labels=True),
     # HML (this paper) and its ablations.
-    'hml': Method(head='cosine', loss=hml, hyperparameters=('margin_on',),
-                  learns_scale_and_margin=True),
-    'hml_fixed': Method(head='cosine', loss=hml_fixed, hyperparameters=('margin_on',)),
+    'hml':
+        Method(head='cosine',
+               loss=hml,
+               hyperparameters=('margin_on',),
+               learns_scale_and_margin=True),
+    'hml_fixed':
+        Method(head='cosine', loss=hml_fixed, hyperparameters=('margin_on',)),
     # Eq. 3: the hyperspherical head without a margin (hml_fixed with m = 0).
-    'normalized_sigmoid': Method(head='cosine', loss=hml_fixed, fixed_margin=0.0),
+    'normalized_sigmoid':
+        Method(head='cosine', loss=hml_fixed, fixed_margin=0.0),
 }
 
 

@@ -24,17 +24,21 @@ from hml_jax import preemption
 from hml_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and '
-                    'results.json. Running again with the same workdir resumes the run.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file (train mode).',
+flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, TensorBoard logs and '
+    'results.json. Running again with the same workdir resumes the run.')
+config_flags.DEFINE_config_file('config',
+                                None,
+                                'Training configuration file (train mode).',
                                 lock_config=True)
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (or resume) a run, or evaluate '
                   'the checkpoint of a finished one.')
 flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval mode: the split.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'eval mode: which checkpoint.')
 flags.DEFINE_float('threshold', 0.5, 'eval mode: probability threshold of CP/CR/CF1/OP/OR/OF1.')
-flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0 (else '
-                    'JAX_COORDINATOR_ADDRESS); on a TPU pod set HML_MULTIHOST=1 instead.')
+flags.DEFINE_string(
+    'coordinator_address', '', 'Multi-process: HOST:PORT of process 0 (else '
+    'JAX_COORDINATOR_ADDRESS); on a TPU pod set HML_MULTIHOST=1 instead.')
 flags.DEFINE_integer('num_processes', 0, 'Multi-process: how many (else JAX_NUM_PROCESSES).')
 flags.DEFINE_integer('process_id', -1, 'Multi-process: this one, 0..N-1 (else JAX_PROCESS_ID).')
 flags.mark_flags_as_required(['workdir'])

@@ -67,9 +67,13 @@ def threshold_metrics(probabilities, labels, threshold: float = 0.5) -> dict:
   true_positives = np.sum(predicted & positive, axis=0).astype(np.float64)
   num_predicted = np.sum(predicted, axis=0)
   num_positive = np.sum(positive, axis=0)
-  per_class_precision = np.divide(true_positives, num_predicted, out=np.zeros_like(true_positives),
+  per_class_precision = np.divide(true_positives,
+                                  num_predicted,
+                                  out=np.zeros_like(true_positives),
                                   where=num_predicted > 0)
-  per_class_recall = np.divide(true_positives, num_positive, out=np.zeros_like(true_positives),
+  per_class_recall = np.divide(true_positives,
+                               num_positive,
+                               out=np.zeros_like(true_positives),
                                where=num_positive > 0)
 
   def f1(precision, recall):
@@ -78,8 +82,15 @@ def threshold_metrics(probabilities, labels, threshold: float = 0.5) -> dict:
   cp, cr = float(per_class_precision.mean()), float(per_class_recall.mean())
   op = float(true_positives.sum() / max(num_predicted.sum(), 1))
   o_r = float(true_positives.sum() / max(num_positive.sum(), 1))
-  return {'CP': cp, 'CR': cr, 'CF1': f1(cp, cr), 'OP': op, 'OR': o_r, 'OF1': f1(op, o_r),
-          'threshold': float(threshold)}
+  return {
+      'CP': cp,
+      'CR': cr,
+      'CF1': f1(cp, cr),
+      'OP': op,
+      'OR': o_r,
+      'OF1': f1(op, o_r),
+      'threshold': float(threshold)
+  }
 
 
 def top_k_metrics(scores, labels, k: int) -> dict:
@@ -93,6 +104,10 @@ def top_k_metrics(scores, labels, k: int) -> dict:
   hits = np.take_along_axis(labels == 1, top, axis=1).sum(axis=1)
   num_positive = labels.sum(axis=1)
   has_positive = num_positive > 0
-  return {f'precision@{k}': float(np.mean(hits / k)),
-          f'recall@{k}': float(np.mean(hits[has_positive] / num_positive[has_positive]))
-                         if has_positive.any() else float('nan')}
+  return {
+      f'precision@{k}':
+          float(np.mean(hits / k)),
+      f'recall@{k}':
+          float(np.mean(hits[has_positive] /
+                        num_positive[has_positive])) if has_positive.any() else float('nan')
+  }

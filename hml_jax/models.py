@@ -87,15 +87,22 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=conv_init, convolutions=self.convolutions)
+    conv = functools.partial(layers.Conv,
+                             use_bias=False,
+                             dtype=self.dtype,
+                             kernel_init=conv_init,
+                             convolutions=self.convolutions)
     # Activations are in the layout of the convolutions' implementation (layers.channel_axis).
-    norm = functools.partial(layers.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype,
+    norm = functools.partial(layers.BatchNorm,
+                             use_running_average=not train,
+                             momentum=0.9,
+                             epsilon=1e-5,
+                             dtype=self.dtype,
                              axis=layers.channel_axis(self.convolutions))
     x = layers.from_images(images.astype(self.dtype), self.convolutions)
     if self.small_inputs:
-      x = conv(self.stem_width, (3, 3), (self.small_stem_strides,) * 2, padding=_pad(3),
+      x = conv(self.stem_width, (3, 3), (self.small_stem_strides,) * 2,
+               padding=_pad(3),
                name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
     else:
@@ -105,8 +112,7 @@ class ResNet(nn.Module):
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
-        x = self.block(width, strides, conv=conv, norm=norm,
-                       name=f'layer{stage + 1}_{index}')(x)
+        x = self.block(width, strides, conv=conv, norm=norm, name=f'layer{stage + 1}_{index}')(x)
     return layers.global_average(x, self.convolutions).astype(jnp.float32)
 
 
@@ -122,19 +128,34 @@ class Identity(nn.Module):
 
 
 BACKBONES = {
-    'identity': Identity,
-    'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock),
-    'resnet34': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock),
-    'resnet50': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck),
-    'resnet101': functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=Bottleneck),
+    'identity':
+        Identity,
+    'resnet18':
+        functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock),
+    'resnet34':
+        functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock),
+    'resnet50':
+        functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck),
+    'resnet101':
+        functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=Bottleneck),
     # The embedded default dataset's model: ResNet-10-like, narrow, for 32-64 pixel images (one
     # 3x3/2 stem convolution: 48x48 images enter the first stage at 24x24).
-    'resnet_small': functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block=BasicBlock,
-                                      widths=(32, 64, 128, 256), stem_width=32, small_inputs=True,
-                                      small_stem_strides=2),
+    'resnet_small':
+        functools.partial(ResNet,
+                          stage_sizes=(1, 1, 1, 1),
+                          block=BasicBlock,
+                          widths=(32, 64, 128, 256),
+                          stem_width=32,
+                          small_inputs=True,
+                          small_stem_strides=2),
     # For tests only: the smallest network with every kind of layer.
-    'resnet_tiny': functools.partial(ResNet, stage_sizes=(1, 1), block=BasicBlock,
-                                     widths=(8, 16), stem_width=8, small_inputs=True),
+    'resnet_tiny':
+        functools.partial(ResNet,
+                          stage_sizes=(1, 1),
+                          block=BasicBlock,
+                          widths=(8, 16),
+                          stem_width=8,
+                          small_inputs=True),
 }
 
 
@@ -153,8 +174,12 @@ class MultiLabelClassifier(nn.Module):
     return self.head(self.backbone(images, train=train))
 
 
-def create_model(model_name: str, head_kind: str, num_labels: int, dtype=jnp.float32,
+def create_model(model_name: str,
+                 head_kind: str,
+                 num_labels: int,
+                 dtype=jnp.float32,
                  convolutions: str = 'auto'):
-  return MultiLabelClassifier(
-      backbone=get_backbone(model_name, dtype=dtype, convolutions=convolutions),
-      head=heads_lib.get_head(head_kind, num_labels))
+  return MultiLabelClassifier(backbone=get_backbone(model_name,
+                                                    dtype=dtype,
+                                                    convolutions=convolutions),
+                              head=heads_lib.get_head(head_kind, num_labels))

@@ -70,8 +70,8 @@ def load_image(path, image_size, channels, decoder):
       return None, str(error)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    return np.asarray(decoders.decode_and_resize_with_tensorflow(
-        encoded, image_size, channels)), None
+    return np.asarray(decoders.decode_and_resize_with_tensorflow(encoded, image_size,
+                                                                 channels)), None
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, ValueError) as error:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return None, f'not a readable image ({message})'
@@ -91,9 +91,11 @@ class Predictor:
     if len(self.example_shape) != 3:
       raise ValueError(f'{workdir} was trained on features (input shape {self.example_shape}), '
                        'not images: there is nothing to predict from an image file.')
-    _, self.eval_fn = steps.make_step_functions(
-        self.method, self.config, self.mesh,
-        state_shardings=train_state.train_state_shardings(self.config, self.state, self.mesh))
+    _, self.eval_fn = steps.make_step_functions(self.method,
+                                                self.config,
+                                                self.mesh,
+                                                state_shardings=train_state.train_state_shardings(
+                                                    self.config, self.state, self.mesh))
 
   def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
     """images (N, H, W, C) uint8 -> (N, num_labels); batches are padded to one shape."""
@@ -101,9 +103,10 @@ class Predictor:
     outputs = []
     for start in range(0, len(images), batch_size):
       batch = splits.pad_batch(
-          {'images': images[start:start + batch_size],
-           'indices': np.arange(start, min(start + batch_size, len(images)), dtype=np.int32)},
-          batch_size)
+          {
+              'images': images[start:start + batch_size],
+              'indices': np.arange(start, min(start + batch_size, len(images)), dtype=np.int32)
+          }, batch_size)
       result = self.eval_fn(self.state, sharding.shard_batch(batch, self.mesh))
       outputs.append(np.asarray(jax.device_get(result['scores']))[batch['mask']])
     scores = np.concatenate(outputs).astype(np.float64)
@@ -131,12 +134,21 @@ def predict_files(predictor, paths, threshold=0.5, top_k=5, batch_size=32):
       order = np.argsort(-row, kind='stable')
       predictions.append({
           'path': path,
-          'labels': [{'label': names[j], 'probability': float(row[j])}
-                     for j in order if row[j] >= threshold],
-          'top_k': [{'label': names[j], 'probability': float(row[j])} for j in order[:top_k]],
+          'labels': [{
+              'label': names[j],
+              'probability': float(row[j])
+          } for j in order if row[j] >= threshold],
+          'top_k': [{
+              'label': names[j],
+              'probability': float(row[j])
+          } for j in order[:top_k]],
       })
-  return {'workdir': predictor.workdir, 'threshold': threshold,
-          'predictions': predictions, 'errors': errors}
+  return {
+      'workdir': predictor.workdir,
+      'threshold': threshold,
+      'predictions': predictions,
+      'errors': errors
+  }
 
 
 def format_text(result) -> str:

@@ -59,24 +59,28 @@ class WeightsFile:
 # torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py, ResNet*_Weights), the files
 # the paper and its baselines start from (Cole et al. load resnet50(pretrained=True)).
 IMAGENET_WEIGHTS = {
-    'resnet18': WeightsFile(
-        'https://download.pytorch.org/models/resnet18-f37072fd.pth',
-        'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec'),
-    'resnet34': WeightsFile(
-        'https://download.pytorch.org/models/resnet34-b627a593.pth',
-        'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f'),
-    'resnet50': WeightsFile(
-        'https://download.pytorch.org/models/resnet50-0676ba61.pth',
-        '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a'),
-    'resnet101': WeightsFile(
-        'https://download.pytorch.org/models/resnet101-63fe2227.pth',
-        '63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a'),
+    'resnet18':
+        WeightsFile('https://download.pytorch.org/models/resnet18-f37072fd.pth',
+                    'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec'),
+    'resnet34':
+        WeightsFile('https://download.pytorch.org/models/resnet34-b627a593.pth',
+                    'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f'),
+    'resnet50':
+        WeightsFile('https://download.pytorch.org/models/resnet50-0676ba61.pth',
+                    '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a'),
+    'resnet101':
+        WeightsFile('https://download.pytorch.org/models/resnet101-63fe2227.pth',
+                    '63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a'),
 }
 
 Path = Tuple[str, ...]  # (collection, module..., variable), e.g. ('params', 'bn1', 'scale')
 
-_BN_VARIABLES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-                 'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+_BN_VARIABLES = {
+    'weight': ('params', 'scale'),
+    'bias': ('params', 'bias'),
+    'running_mean': ('batch_stats', 'mean'),
+    'running_var': ('batch_stats', 'var')
+}
 _DOWNSAMPLE = {'0': 'downsample_conv', '1': 'downsample_bn'}
 _CONV_NAME = re.compile(r'conv\d+$|downsample_conv$')
 _BN_NAME = re.compile(r'bn\d+$|downsample_bn$')
@@ -91,8 +95,8 @@ def _flax_path(name: str) -> Optional[Path]:
     modules, variable = [parts[0]], parts[1]
   elif len(parts) == 4 and re.fullmatch(r'layer\d+', parts[0]) and parts[1].isdigit():
     modules, variable = [f'{parts[0]}_{parts[1]}', parts[2]], parts[3]
-  elif (len(parts) == 5 and re.fullmatch(r'layer\d+', parts[0]) and parts[1].isdigit()
-        and parts[2] == 'downsample' and parts[3] in _DOWNSAMPLE):
+  elif (len(parts) == 5 and re.fullmatch(r'layer\d+', parts[0]) and parts[1].isdigit() and
+        parts[2] == 'downsample' and parts[3] in _DOWNSAMPLE):
     modules, variable = [f'{parts[0]}_{parts[1]}', _DOWNSAMPLE[parts[3]]], parts[4]
   else:
     return None
@@ -161,7 +165,8 @@ def expected_variables(backbone, image_shape: Sequence[int]) -> Dict[str, Any]:
   return jax.eval_shape(lambda x: backbone.init(jax.random.key(0), x), images)
 
 
-def from_torchvision(state_dict: Mapping[str, Any], backbone=None,
+def from_torchvision(state_dict: Mapping[str, Any],
+                     backbone=None,
                      image_shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
   """Converts a torchvision ResNet state dict to {'params': ..., 'batch_stats': ...} for our
   backbone (see the module docstring for the name and layout mapping).
@@ -318,8 +323,7 @@ def torch_hub_checkpoints() -> str:
   """Where torchvision caches its weights: $TORCH_HOME/hub/checkpoints (TORCH_HOME defaults to
   $XDG_CACHE_HOME/torch, else ~/.cache/torch)."""
   torch_home = os.environ.get('TORCH_HOME') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
-      'torch')
+      os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'torch')
   return os.path.join(torch_home, 'hub', 'checkpoints')
 
 
@@ -341,8 +345,11 @@ def weights_file(spec: str, progress: bool = True) -> str:
   key = (weights.url, weights.sha256)
   if key in _VERIFIED and _unchanged(_VERIFIED[key]):
     return _VERIFIED[key][0]
-  path = downloads.cached_or_download(weights.url, weights.sha256, weights.filename,
-                                      other_places=(torch_hub_checkpoints(),), progress=progress)
+  path = downloads.cached_or_download(weights.url,
+                                      weights.sha256,
+                                      weights.filename,
+                                      other_places=(torch_hub_checkpoints(),),
+                                      progress=progress)
   _VERIFIED[key] = (path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
   return path
 
@@ -367,5 +374,6 @@ def init_variables_from(spec: str, backbone, image_shape: Sequence[int]) -> Dict
   'torchvision:/path/to/file' (a .safetensors, .npz, .pth or .pt torchvision ResNet state dict),
   loaded, converted and checked against the backbone for images of image_shape, NHWC (batch,
   height, width, channels)."""
-  return from_torchvision(load_state_dict(weights_file(spec)), backbone=backbone,
+  return from_torchvision(load_state_dict(weights_file(spec)),
+                          backbone=backbone,
                           image_shape=image_shape)

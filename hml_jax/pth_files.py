@@ -31,9 +31,15 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 # torch.<Name>Storage -> the element type of its bytes.
 _STORAGE_DTYPES = {
-    'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfStorage': np.float16,
-    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
-    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
+    'DoubleStorage': np.float64,
+    'FloatStorage': np.float32,
+    'HalfStorage': np.float16,
+    'BFloat16Storage': ml_dtypes.bfloat16,
+    'LongStorage': np.int64,
+    'IntStorage': np.int32,
+    'ShortStorage': np.int16,
+    'CharStorage': np.int8,
+    'ByteStorage': np.uint8,
     'BoolStorage': np.bool_,
 }
 
@@ -50,13 +56,19 @@ class _StorageType:
   def __setattr__(self, key, value):
     raise UnsafePickleError(f'a pickle tried to set {key!r} of torch.{self.name}')
 
+
 # A tensor may not hold more elements than this (2**31, 8 GiB of float32): a few bytes of pickle
 # could otherwise ask for any amount of memory through zero strides.
 MAX_ELEMENTS = 2**31
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
-                    backward_hooks=None, metadata=None):
+def _rebuild_tensor(storage,
+                    storage_offset,
+                    size,
+                    stride,
+                    requires_grad=False,
+                    backward_hooks=None,
+                    metadata=None):
   """Stand-in for torch._utils._rebuild_tensor_v2: the strided view of a storage, copied."""
   del requires_grad, backward_hooks, metadata  # a state dict's tensors need none of them
   if not isinstance(storage, np.ndarray):
@@ -74,9 +86,10 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
     raise pickle.UnpicklingError(
         f'a tensor of size {size}, stride {stride} at offset {storage_offset} reaches element '
         f'{last} of a storage of {storage.size}')
-  view = np.lib.stride_tricks.as_strided(
-      storage[int(storage_offset):], shape=size,
-      strides=tuple(s * storage.itemsize for s in stride), writeable=False)
+  view = np.lib.stride_tricks.as_strided(storage[int(storage_offset):],
+                                         shape=size,
+                                         strides=tuple(s * storage.itemsize for s in stride),
+                                         writeable=False)
   return np.array(view)
 
 
@@ -100,7 +113,9 @@ def _allowed_names():
       ('collections', 'OrderedDict'): collections.OrderedDict,
       ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
       ('torch._utils', '_rebuild_parameter'): rebuild_parameter,
-      **{('torch', name): _StorageType(name) for name in _STORAGE_DTYPES},
+      **{
+          ('torch', name): _StorageType(name) for name in _STORAGE_DTYPES
+      },
   }
 
 
@@ -144,8 +159,9 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 
 def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
-  pickles = [name for name in archive.namelist()
-             if name.endswith('/data.pkl') and name.count('/') == 1]
+  pickles = [
+      name for name in archive.namelist() if name.endswith('/data.pkl') and name.count('/') == 1
+  ]
   if len(pickles) != 1:
     raise ValueError(f'{path}: not a torch.save archive (expected one <archive>/data.pkl, found '
                      f'{pickles[:5]}).')
@@ -174,8 +190,8 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
       loaded: Any = _StateDictUnpickler(file, archive, prefix, byteorder, path).load()
   if not isinstance(loaded, dict):
     raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state dict.')
-  not_tensors = sorted(str(name) for name, value in loaded.items()
-                       if not isinstance(value, np.ndarray))
+  not_tensors = sorted(
+      str(name) for name, value in loaded.items() if not isinstance(value, np.ndarray))
   if not_tensors:
     raise ValueError(f'{path} is not a flat state dict (name -> tensor): entries '
                      f'{not_tensors[:10]} are not tensors (a training checkpoint? save its '

@@ -59,12 +59,24 @@ _KIM = Recipe(head_learning_rate_multiplier=10.0, early_stopping_drop=3.0)
 _ZHOU = Recipe(early_stopping_patience=1)
 
 PUBLISHED = {
-    'an_ls': Recipe(linear_init_epochs=_COLE_LINEAR_INIT_EPOCHS, linear_init_learning_rate=1e-4,
-                    linear_init_batch_size=8),
-    'role': Recipe(linear_init_epochs=_COLE_LINEAR_INIT_EPOCHS, linear_init_learning_rate=1e-3,
-                   linear_init_batch_size=16),
-    'll_r': _KIM, 'll_ct': _KIM, 'll_cp': _KIM,
-    'em': _ZHOU, 'em_apl': _ZHOU,
+    'an_ls':
+        Recipe(linear_init_epochs=_COLE_LINEAR_INIT_EPOCHS,
+               linear_init_learning_rate=1e-4,
+               linear_init_batch_size=8),
+    'role':
+        Recipe(linear_init_epochs=_COLE_LINEAR_INIT_EPOCHS,
+               linear_init_learning_rate=1e-3,
+               linear_init_batch_size=16),
+    'll_r':
+        _KIM,
+    'll_ct':
+        _KIM,
+    'll_cp':
+        _KIM,
+    'em':
+        _ZHOU,
+    'em_apl':
+        _ZHOU,
 }
 
 # Cole et al.'s linear_init_params batch sizes where they differ from the defaults above.
@@ -85,8 +97,11 @@ def resolve(config) -> Recipe:
   batch_size = LINEAR_INIT_BATCH_SIZE_BY_DATASET.get((config.loss, config.dataset.name))
   if name == 'published' and batch_size:
     recipe = dataclasses.replace(recipe, linear_init_batch_size=batch_size)
-  overrides = {field: config[field] for field in FIELDS
-               if field in config and config[field] is not None and config[field] >= 0}
+  overrides = {
+      field: config[field]
+      for field in FIELDS
+      if field in config and config[field] is not None and config[field] >= 0
+  }
   recipe = dataclasses.replace(recipe, **overrides)
   if recipe.linear_init_epochs > 0 and (recipe.linear_init_learning_rate <= 0 or
                                         recipe.linear_init_batch_size <= 0):

@@ -46,8 +46,8 @@ def batch_sharding(mesh) -> NamedSharding:
 def shard_batch(batch, mesh):
   """Host NumPy arrays (this process's part of the batch) -> global arrays split over 'data'."""
   sharding = batch_sharding(mesh)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                                batch)
 
 
 def check_parameter_sharding(mode: str, min_size: int) -> None:
@@ -94,6 +94,7 @@ def state_shardings(state_or_shapes, mesh, mode: str, min_size: int):
     if mode == 'replicated':
       return PartitionSpec()
     return fsdp_spec(np.shape(leaf), num_shards, min_size)
+
   return jax.tree_util.tree_map(lambda leaf: NamedSharding(mesh, spec(leaf)), state_or_shapes)
 
 
@@ -102,9 +103,11 @@ def place(tree, shardings):
   of NamedSharding with tree's structure, e.g. from state_shardings). Unlike jax.device_put, this
   also works when the mesh spans several processes: each process builds only the shards of its
   own devices, slicing them from its copy of the value."""
+
   def place_one(value, target):
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
   return jax.tree_util.tree_map(place_one, jax.device_get(tree), shardings)
 
 

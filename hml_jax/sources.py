@@ -9,6 +9,7 @@ import numpy as np
 
 from hml_jax.splits import RecordReader
 
+
 @dataclasses.dataclass
 class Source:
   """What a dataset provides before the protocol: the official train and test label matrices
@@ -17,7 +18,7 @@ class Source:
   train_labels: np.ndarray
   test_labels: np.ndarray
   label_names: List[str]
-  train_examples: Optional[np.ndarray] = None   # in memory: (N, ...) by official row
+  train_examples: Optional[np.ndarray] = None  # in memory: (N, ...) by official row
   test_examples: Optional[np.ndarray] = None
   train_records: Optional[RecordReader] = None  # streamed
   test_records: Optional[RecordReader] = None

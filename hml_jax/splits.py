@@ -43,7 +43,11 @@ class Split(abc.ABC):
     return len(self) // batch_size
 
   @abc.abstractmethod
-  def train_batches(self, batch_size: int, seed: int, epoch: int, config,
+  def train_batches(self,
+                    batch_size: int,
+                    seed: int,
+                    epoch: int,
+                    config,
                     start_step: int = 0) -> Iterator[dict]:
     """num_train_steps(batch_size) batches, each this process's part of a global batch:
     {'images', 'labels' (observed), 'indices' (rows)}; from start_step on (the batches before it
@@ -82,15 +86,18 @@ def pad_batch(batch: dict, batch_size: int) -> dict:
   """batch (rows of equal-length arrays, with 'indices') padded with zeros to batch_size rows,
   plus 'mask': True for the real rows."""
   real = len(batch['indices'])
-  padded = {key: np.concatenate([value, np.zeros((batch_size - real,) + value.shape[1:],
-                                                  value.dtype)])
-            for key, value in batch.items()}
+  padded = {
+      key: np.concatenate([value,
+                           np.zeros((batch_size - real,) + value.shape[1:],
+                                    value.dtype)]) for key, value in batch.items()
+  }
   padded['mask'] = np.arange(batch_size) < real
   return padded
 
 
 # ------------------------------------------------------------------------------------------------
 # In memory.
+
 
 def random_shift(images: np.ndarray, max_shift: int, rng: np.random.RandomState) -> np.ndarray:
   """Translates each image by up to max_shift pixels in each direction (edge pixels repeat)."""
@@ -99,8 +106,8 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.RandomState)
   size_y, size_x = images.shape[1:3]
   padded = np.pad(images, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)), mode='edge')
   offsets = rng.randint(0, 2 * max_shift + 1, size=(len(images), 2))
-  return np.stack([image[dy:dy + size_y, dx:dx + size_x]
-                   for image, (dy, dx) in zip(padded, offsets)])
+  return np.stack(
+      [image[dy:dy + size_y, dx:dx + size_x] for image, (dy, dx) in zip(padded, offsets)])
 
 
 class ArraySplit(Split):
@@ -126,19 +133,26 @@ class ArraySplit(Split):
       if is_image:
         examples = random_shift(examples, max_shift, rng)
       # Every process draws the same global batch and keeps its share.
-      yield local_part({'images': examples, 'labels': self.observed[indices],
-                        'indices': indices.astype(np.int32)})
+      yield local_part({
+          'images': examples,
+          'labels': self.observed[indices],
+          'indices': indices.astype(np.int32)
+      })
 
   def eval_batches(self, batch_size):
     for start in range(0, len(self), batch_size):
       stop = min(start + batch_size, len(self))
-      yield local_part(pad_batch({'images': self.examples[start:stop],
-                                   'indices': np.arange(start, stop, dtype=np.int32)},
-                                  batch_size))
+      yield local_part(
+          pad_batch(
+              {
+                  'images': self.examples[start:stop],
+                  'indices': np.arange(start, stop, dtype=np.int32)
+              }, batch_size))
 
 
 # ------------------------------------------------------------------------------------------------
 # Streamed with tf.data.
+
 
 def part_bounds(num_records: int, process_index: int, process_count: int) -> Tuple[int, int]:
   """[start, stop): the storage positions of the records that process process_index of
@@ -197,8 +211,7 @@ class RecordReader:
   def __len__(self):
     return len(self.storage_indices)
 
-  def __call__(self, shuffle_seed: Optional[int], process_index: int = 0,
-               process_count: int = 1):
+  def __call__(self, shuffle_seed: Optional[int], process_index: int = 0, process_count: int = 1):
     start, stop = part_bounds(len(self), process_index, process_count)
     if process_count > 1:
       logging.info('Process %d of %d reads records [%d, %d) of the %d of %s.', process_index,
@@ -234,9 +247,17 @@ class ImageSplit(Split):
   a global batch depends on the number of processes (an ArraySplit's do not).
   """
 
-  def __init__(self, records: RecordReader, rows_of_index: np.ndarray, labels: np.ndarray,
-               observed: np.ndarray, image_size: int, flip: bool, shuffle_buffer: int,
-               decoder: str, parallel_calls: int = AUTOTUNE, exact_shuffle: bool = False):
+  def __init__(self,
+               records: RecordReader,
+               rows_of_index: np.ndarray,
+               labels: np.ndarray,
+               observed: np.ndarray,
+               image_size: int,
+               flip: bool,
+               shuffle_buffer: int,
+               decoder: str,
+               parallel_calls: int = AUTOTUNE,
+               exact_shuffle: bool = False):
     self.records, self.rows_of_index = records, rows_of_index.astype(np.int64)
     self.decoder = decoders.check_decoder(decoder)
     self.labels, self.observed = labels, observed
@@ -268,12 +289,17 @@ class ImageSplit(Split):
     """This split's records as {'image', 'row'}, of this process's part only."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     rows_of_index = tf.constant(self.rows_of_index)
-    dataset = self.records(shuffle_seed, process_index, process_count).map(
-        lambda record: {'image': record['image'],
-                        'row': tf.gather(rows_of_index, record['index'])})
+    dataset = self.records(shuffle_seed, process_index, process_count).map(lambda record: {
+        'image': record['image'],
+        'row': tf.gather(rows_of_index, record['index'])
+    })
     return dataset.filter(lambda record: record['row'] >= 0)
 
-  def dataset(self, batch_size: int, seed: int, epoch: int, start_step: int = 0,
+  def dataset(self,
+              batch_size: int,
+              seed: int,
+              epoch: int,
+              start_step: int = 0,
               process: Optional[Tuple[int, int]] = None):
     """The tf.data pipeline of one training epoch from start_step on (exposed for the throughput
     benchmark); process: (index, count), this process's by default."""
@@ -284,7 +310,8 @@ class ImageSplit(Split):
     if not self.exact_shuffle:
       # Files come in a seeded order; the buffer mixes examples across files. Its size bounds the
       # memory of encoded images held (about 150 kB each for COCO).
-      dataset = dataset.shuffle(min(self.shuffle_buffer, len(self)), seed=shuffle_seed,
+      dataset = dataset.shuffle(min(self.shuffle_buffer, len(self)),
+                                seed=shuffle_seed,
                                 reshuffle_each_iteration=False)
     local_batch = batch_size // process_count
     # Resuming mid-epoch: drop the records of the steps already done, before any decoding.
@@ -292,8 +319,8 @@ class ImageSplit(Split):
     seed = tf.constant(shuffle_seed, tf.int64)
     flip = self.flip
     dataset = dataset.map(lambda record: dict(
-        record,
-        mirror=decoders.mirror_decision(tf.stack([seed, record['row']])) if flip else False))
+        record, mirror=decoders.mirror_decision(tf.stack([seed, record['row']]))
+        if flip else False))
     # Every process runs the same number of steps (the parts differ by a few images).
     steps = self.num_train_steps(batch_size, (process_index, process_count))
     dataset = self._decoded_batches(dataset, local_batch, steps - start_step)
@@ -314,20 +341,23 @@ class ImageSplit(Split):
     # Parallel, but deterministic: the batch order must not depend on thread timing.
     parallel = dict(num_parallel_calls=self.parallel_calls, deterministic=True)
     if self.decoder == 'tensorflow':
+
       def decode(record):
         image = decoders.decode_and_resize_with_tensorflow(record['image'], image_size)
         image = tf.cond(record['mirror'], lambda: tf.reverse(image, [1]), lambda: image)
         return {'images': image, 'indices': tf.cast(record['row'], tf.int32)}
+
       batches = records.map(decode, **parallel).batch(batch_size, drop_remainder=full_batches)
       return batches.take(num_batches) if full_batches else batches
 
     def decode_batch(batch):
-      images = tf.numpy_function(
-          lambda encoded, mirror, rows: decoders.decode_batch_with_pil(encoded, mirror, rows,
-                                                                       image_size),
-          [batch['image'], batch['mirror'], batch['row']], tf.uint8, stateful=False)
+      images = tf.numpy_function(lambda encoded, mirror, rows: decoders.decode_batch_with_pil(
+          encoded, mirror, rows, image_size), [batch['image'], batch['mirror'], batch['row']],
+                                 tf.uint8,
+                                 stateful=False)
       images.set_shape((batch_size if full_batches else None, image_size, image_size, 3))
       return {'images': images, 'indices': tf.cast(batch['row'], tf.int32)}
+
     batches = records.batch(batch_size, drop_remainder=full_batches)
     if full_batches:
       batches = batches.take(num_batches)  # before decoding: none is decoded in vain
@@ -344,15 +374,17 @@ class ImageSplit(Split):
     every process (the eval step is collective): those of the largest part."""
     process_index, process_count = _process(process)
     local_batch = batch_size // process_count
-    records = self._rows(None, process_index, process_count).map(
-        lambda record: dict(record, mirror=False))
+    records = self._rows(None, process_index,
+                         process_count).map(lambda record: dict(record, mirror=False))
     num_batches = int(max(-(-size // local_batch) for size in self.part_sizes(process_count)))
     emitted = 0
     dataset = self._decoded_batches(records, local_batch, num_batches=None)
     for batch in dataset.prefetch(AUTOTUNE).as_numpy_iterator():
       emitted += 1
       yield pad_batch(batch, local_batch)
-    empty = {'images': np.zeros((0,) + self.example_shape, np.uint8),
-             'indices': np.zeros((0,), np.int32)}
+    empty = {
+        'images': np.zeros((0,) + self.example_shape, np.uint8),
+        'indices': np.zeros((0,), np.int32)
+    }
     for _ in range(num_batches - emitted):
       yield pad_batch(empty, local_batch)

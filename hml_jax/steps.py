@@ -43,11 +43,15 @@ def gradient_pulls(logits, observed_labels):
   observed positives, sum (1 - p), and over all other entries, sum p (paper Fig. 3)."""
   probabilities = jax.nn.sigmoid(logits)
   positive = (observed_labels > 0.5).astype(jnp.float32)
-  return (jnp.sum(positive * (1.0 - probabilities)),
-          jnp.sum((1.0 - positive) * probabilities))
+  return (jnp.sum(positive * (1.0 - probabilities)), jnp.sum((1.0 - positive) * probabilities))
 
 
-def compute_loss(method, outputs, observed_labels, params, config, hyperparameters,
+def compute_loss(method,
+                 outputs,
+                 observed_labels,
+                 params,
+                 config,
+                 hyperparameters,
                  original_labels=None):
   """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with, the
   accumulated positive and negative gradient (gradient_pulls) and, for cosine heads, the
@@ -69,11 +73,12 @@ def compute_loss(method, outputs, observed_labels, params, config, hyperparamete
   loss = method.loss(outputs, observed_labels, scale=scale, margin=margin, **hyperparameters)
   scale, margin = jax.lax.stop_gradient((scale, margin))
   margin_on = hyperparameters.get('margin_on', 'both')
-  parts = {'bce': losses.hml_fixed(outputs, observed_labels, scale, margin, margin_on),
-           'gradient_balance': losses.adaptive_loss(outputs, observed_labels, scale, margin,
-                                                    margin_on)}
-  margin_logits = heads.margin_logits(
-      outputs, scale, losses.entry_margins(labels_as_observed, margin, margin_on))
+  parts = {
+      'bce': losses.hml_fixed(outputs, observed_labels, scale, margin, margin_on),
+      'gradient_balance': losses.adaptive_loss(outputs, observed_labels, scale, margin, margin_on)
+  }
+  margin_logits = heads.margin_logits(outputs, scale,
+                                      losses.entry_margins(labels_as_observed, margin, margin_on))
   parts['positive_gradient'], parts['negative_gradient'] = gradient_pulls(
       margin_logits, labels_as_observed)
   return loss, jax.lax.stop_gradient(parts)
@@ -104,13 +109,22 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, config
     labels = batch['labels']
 
   def loss_fn(params):
-    outputs, updates = state.apply_fn(
-        {'params': params['model'], 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'])
+    outputs, updates = state.apply_fn({
+        'params': params['model'],
+        'batch_stats': state.batch_stats
+    },
+                                      images,
+                                      train=True,
+                                      mutable=['batch_stats'])
     arguments = {**hyperparameters, **schedule}
     if method.label_estimator:
       arguments['estimator_logits'] = params['estimator'][batch['indices']]
-    loss, parts = compute_loss(method, outputs, labels, params, config, arguments,
+    loss, parts = compute_loss(method,
+                               outputs,
+                               labels,
+                               params,
+                               config,
+                               arguments,
                                original_labels=batch['labels'])
     return loss, (updates, parts)
 
@@ -135,19 +149,22 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, config
   # One pass over the gradients gives both: a leaf is finite iff its sum of squares is (NaN and
   # Inf propagate; a sum that overflows float32, elements beyond ~1e19, counts as non-finite
   # too), and the global norm. A separate isfinite pass cost 6% of a ResNet-50 step on CPU.
-  squared_norms = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
-                             for g in jax.tree_util.tree_leaves(grads)])
+  squared_norms = jnp.stack(
+      [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)])
   finite_gradients = jnp.isfinite(squared_norms)
   is_finite = jnp.isfinite(loss) & jnp.all(finite_gradients)
   # A branch, not a select of new and old values: the select kept both states alive and made
   # ResNet-50's Adam update 2.3x slower on CPU (33.8 vs 14.7 ms; docs/performance_notes.md).
   state = jax.lax.cond(is_finite, apply_step, lambda state: state, state)
-  step_metrics = {'loss': loss, 'grad_norm': jnp.sqrt(jnp.sum(squared_norms)), **parts,
-                  'nonfinite': 1.0 - is_finite.astype(jnp.float32),
-                  # -1: the loss itself; else the first parameter (tree_leaves order) whose
-                  # gradient is not finite (only meaningful when 'nonfinite' is 1).
-                  'first_nonfinite_gradient': jnp.where(
-                      jnp.isfinite(loss), jnp.argmin(finite_gradients), -1)}
+  step_metrics = {
+      'loss': loss,
+      'grad_norm': jnp.sqrt(jnp.sum(squared_norms)),
+      **parts,
+      'nonfinite': 1.0 - is_finite.astype(jnp.float32),
+      # -1: the loss itself; else the first parameter (tree_leaves order) whose
+      # gradient is not finite (only meaningful when 'nonfinite' is 1).
+      'first_nonfinite_gradient': jnp.where(jnp.isfinite(loss), jnp.argmin(finite_gradients), -1)
+  }
   if method.has_scale_and_margin:
     step_metrics['scale'], step_metrics['margin'] = train_state.scale_and_margin(
         state.params, config, method)
@@ -163,8 +180,11 @@ def eval_step(state: train_state.TrainState, batch, forward_matrices, *, method,
   if forward_matrices:
     variables[layers.FORWARD_MATRICES] = forward_matrices
   outputs = state.apply_fn(variables, images, train=False)
-  return {'scores': scores_from_outputs(method, outputs, state.params, config),
-          'indices': batch['indices'], 'mask': batch['mask']}
+  return {
+      'scores': scores_from_outputs(method, outputs, state.params, config),
+      'indices': batch['indices'],
+      'mask': batch['mask']
+  }
 
 
 class EvalFunction:
@@ -208,10 +228,13 @@ def make_step_functions(method, config, mesh, hyperparameters=None, state_shardi
     state_shardings = sharding.replicated(mesh)
   replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, method=method, config=config,
+  train_fn = jax.jit(functools.partial(train_step,
+                                       method=method,
+                                       config=config,
                                        hyperparameters=hyperparameters or {}),
                      in_shardings=(state_shardings, data_sharding, replicated),
-                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                     out_shardings=(state_shardings, replicated),
+                     donate_argnums=(0,))
   # Scores come back replicated: small (batch x labels), and every process needs them all.
   step = jax.jit(functools.partial(eval_step, method=method, config=config),
                  in_shardings=(state_shardings, data_sharding, replicated),
@@ -221,7 +244,8 @@ def make_step_functions(method, config, mesh, hyperparameters=None, state_shardi
       train_state.parameter_layout(config)[0] == 'replicated'):
     # (With fsdp the parameters are split over the devices; replicated matrices would undo that.)
     prepare = jax.jit(lambda params: layers.forward_matrices(params['model']),
-                      in_shardings=replicated, out_shardings=replicated)
+                      in_shardings=replicated,
+                      out_shardings=replicated)
   return train_fn, EvalFunction(step, prepare)
 
 
@@ -251,8 +275,13 @@ def model_outputs(state, config, split, mesh, batch_size, method=None, max_image
 
   def forward(state, batch):
     images = normalize_images(batch['images'], config)
-    return state.apply_fn({'params': state.params['model'], 'batch_stats': state.batch_stats},
-                          images, train=False, method=method)
+    return state.apply_fn({
+        'params': state.params['model'],
+        'batch_stats': state.batch_stats
+    },
+                          images,
+                          train=False,
+                          method=method)
 
   step = jax.jit(forward,
                  in_shardings=(train_state.train_state_shardings(config, state, mesh),
@@ -261,8 +290,8 @@ def model_outputs(state, config, split, mesh, batch_size, method=None, max_image
   outputs, rows, count = [], [], 0
   for batch in split.eval_batches(batch_size):
     mask = batch['mask']
-    result = np.asarray(jax.device_get(step(state, sharding.shard_batch(
-        {'images': batch['images']}, mesh))))
+    result = np.asarray(
+        jax.device_get(step(state, sharding.shard_batch({'images': batch['images']}, mesh))))
     outputs.append(result[mask])
     rows.append(batch['indices'][mask])
     count += int(mask.sum())

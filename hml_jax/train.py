@@ -67,8 +67,8 @@ def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
   """EM + APL after an epoch: new pseudo-labels from the predictions on the training images."""
   if epoch < config.warmup_epoch or epoch >= config.num_epochs:
     return state
-  probabilities = np.asarray(jax.nn.sigmoid(
-      steps.predict(eval_fn, state, data.train, config, mesh)))
+  probabilities = np.asarray(jax.nn.sigmoid(steps.predict(eval_fn, state, data.train, config,
+                                                          mesh)))
   unknown_per_class = np.sum(data.train.observed == 0, axis=0)
   # The label state may be split over the devices (config.parameter_sharding='fsdp'): gathered
   # for the host computation, and put back in the same layout.
@@ -105,8 +105,9 @@ def write_results(workdir, config, recipe, history, label_names):
       'recipe': dataclasses.asdict(recipe),
       'stopped_early': len(history['epochs']) < config.num_epochs,
       'linear_init': history.get('linear_init'),
-      'epochs': [{k: v for k, v in e.items() if k != 'test_per_class_ap'}
-                 for e in history['epochs']],
+      'epochs': [{
+          k: v for k, v in e.items() if k != 'test_per_class_ap'
+      } for e in history['epochs']],
       'config': config.to_dict(),
   }
   if jax.process_index() == 0:  # one writer; every process returns the same results
@@ -130,7 +131,8 @@ def announce_initialization(config) -> None:
         '--config.init_from=torchvision:%s.', config.model, config.model)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str,
                        data: Optional[input_pipeline.Data] = None) -> Dict[str, Any]:
   """Trains config.loss on config.dataset, evaluates every epoch, writes workdir/results.json.
 
@@ -148,8 +150,9 @@ def _train_and_evaluate(config, workdir, data=None):
   start_time = time.time()
   method = losses.get_method(config.loss)
   # APL's pseudo-label counts depend on num_epochs, so it cannot change when resuming.
-  checkpoints.check_config(workdir, config, checkpoints.RESUMABLE_KEYS - (
-      {'num_epochs'} if method.pseudo_labels else set()))
+  checkpoints.check_config(
+      workdir, config,
+      checkpoints.RESUMABLE_KEYS - ({'num_epochs'} if method.pseudo_labels else set()))
   starts_afresh = not checkpoints.has_checkpoint(workdir)
   if starts_afresh:
     announce_initialization(config)
@@ -162,22 +165,31 @@ def _train_and_evaluate(config, workdir, data=None):
 
   mesh = sharding.create_mesh()
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  model = models.create_model(config.model, method.head, len(data.label_names), dtype=dtype,
+  model = models.create_model(config.model,
+                              method.head,
+                              len(data.label_names),
+                              dtype=dtype,
                               convolutions=config.convolutions)
   # The layout of the state (config.parameter_sharding) is known before the state exists: a
   # resumed run restores straight into it, without initializing (or gathering) anything first.
-  state_shapes = train_state.train_state_shapes(config, model, method,
+  state_shapes = train_state.train_state_shapes(config,
+                                                model,
+                                                method,
                                                 data.train.example_shape,
                                                 observed_labels=data.train.observed)
 
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
-  restored = manager.restore_latest(sharding.abstract_arrays(
-      state_shapes, train_state.train_state_shardings(config, state_shapes, mesh)))
+  restored = manager.restore_latest(
+      sharding.abstract_arrays(state_shapes,
+                               train_state.train_state_shardings(config, state_shapes, mesh)))
   partial = None
   data_fingerprint = input_pipeline.fingerprint(data)
   if restored is None:
-    state = train_state.create_train_state(config, model, method, jax.random.key(config.seed),
+    state = train_state.create_train_state(config,
+                                           model,
+                                           method,
+                                           jax.random.key(config.seed),
                                            data.train.example_shape,
                                            observed_labels=data.train.observed)
     state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
@@ -187,15 +199,17 @@ def _train_and_evaluate(config, workdir, data=None):
                                    len(data.train), data_fingerprint)
     if data.feature_statistics is not None:
       # What config.dataset.standardize did, for whoever applies the head to other features.
-      files.write_json(files.join(workdir, 'feature_statistics.json'),
-                       {key: value.tolist() for key, value in data.feature_statistics.items()})
+      files.write_json(files.join(workdir, 'feature_statistics.json'), {
+          key: value.tolist() for key, value in data.feature_statistics.items()
+      })
   elif restored is not None:
     checkpoints.check_dataset(workdir, data_fingerprint)
     state, history = restored
     partial = history.pop('partial', None)
-    logging.info('Resumed from epoch %d%s in %s.', len(history['epochs']),
-                 f" and {len(partial['step_metrics'])} steps of epoch {partial['epoch']}"
-                 if partial else '', workdir)
+    logging.info(
+        'Resumed from epoch %d%s in %s.', len(history['epochs']),
+        f" and {len(partial['step_metrics'])} steps of epoch {partial['epoch']}" if partial else '',
+        workdir)
   if restored is None and recipe.linear_init_epochs > 0:
     from hml_jax import linear_init  # pylint: disable=g-import-not-at-top
     state, history['linear_init'] = linear_init.train_head(config, recipe, workdir, data, state,
@@ -210,8 +224,7 @@ def _train_and_evaluate(config, workdir, data=None):
   # From the state itself: a pytree of shardings must match the state's tree, whose static part
   # (the optimizer's functions) differs between two create_train_state calls.
   train_fn, eval_fn = steps.make_step_functions(
-      method, config, mesh, hyperparameters,
-      train_state.train_state_shardings(config, state, mesh))
+      method, config, mesh, hyperparameters, train_state.train_state_shardings(config, state, mesh))
 
   steps_per_epoch = splits.num_train_steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
@@ -223,14 +236,25 @@ def _train_and_evaluate(config, workdir, data=None):
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   writer = metric_writer(workdir, metric_writers)
   if restored is None and jax.process_index() == 0:
-    writer.write_hparams({k: v for k, v in checkpoints.flatten(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=steps_per_epoch * config.num_epochs, writer=writer)
+    writer.write_hparams({
+        k: v
+        for k, v in checkpoints.flatten(config.to_dict()).items()
+        if isinstance(v, (int, float, str, bool))
+    })
+  report_progress = periodic_actions.ReportProgress(num_train_steps=steps_per_epoch *
+                                                    config.num_epochs,
+                                                    writer=writer)
 
-  loop = EpochLoop(method=method, config=config, data=data, mesh=mesh, train_fn=train_fn,
-                   eval_fn=eval_fn, manager=manager, writer=writer,
-                   report_progress=report_progress, steps_per_epoch=steps_per_epoch,
+  loop = EpochLoop(method=method,
+                   config=config,
+                   data=data,
+                   mesh=mesh,
+                   train_fn=train_fn,
+                   eval_fn=eval_fn,
+                   manager=manager,
+                   writer=writer,
+                   report_progress=report_progress,
+                   steps_per_epoch=steps_per_epoch,
                    progress_bar=console.ProgressBar(enabled=jax.process_index() == 0))
   with preemption.Guard() as loop.guard:
     for epoch in range(first_epoch, config.num_epochs + 1):
@@ -288,8 +312,12 @@ class EpochLoop:
     method, config, data, mesh = self.method, self.config, self.data, self.mesh
 
     def save_partial(state, step_metrics, step):
-      self.manager.save_preempted(step, state, {**history, 'partial': {
-          'epoch': epoch, 'step_metrics': step_metrics}})
+      self.manager.save_preempted(step, state, {
+          **history, 'partial': {
+              'epoch': epoch,
+              'step_metrics': step_metrics
+          }
+      })
 
     state, train_summary = self.train(epoch, state, partial, save_partial)
     seconds, images = train_summary.pop('seconds'), train_summary.pop('images')
@@ -303,26 +331,37 @@ class EpochLoop:
     # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none. Scalars,
     # so replicated and readable on every process (the other parameters may be split over
     # processes' devices, which jax.device_get of all of them would refuse).
-    scale, margin = ((float(x) for x in train_state.scale_and_margin(state.params, config,
-                                                                      method))
+    scale, margin = ((float(x) for x in train_state.scale_and_margin(state.params, config, method))
                      if method.has_scale_and_margin else (None, None))
     steps_per_epoch = self.steps_per_epoch
-    record = {'epoch': epoch, 'step': epoch * steps_per_epoch,
-              'train_loss': train_summary['loss'], 'train_bce': train_summary['bce'],
-              # Summed over the epoch's steps: paper Fig. 3's accumulated gradients.
-              'positive_gradient': train_summary['positive_gradient'] * steps_per_epoch,
-              'negative_gradient': train_summary['negative_gradient'] * steps_per_epoch,
-              'val_map': _as_percent(validation['map']), 'test_map': _as_percent(test['map']),
-              'scale': scale, 'margin': margin,
-              'skipped_steps': train_summary['skipped_steps'],
-              'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]}
-    self.writer.write_scalars(record['step'], {
-        'val_map': record['val_map'], 'test_map': record['test_map'], 'epoch': epoch,
-        'train_loss_epoch': record['train_loss']})
+    record = {
+        'epoch': epoch,
+        'step': epoch * steps_per_epoch,
+        'train_loss': train_summary['loss'],
+        'train_bce': train_summary['bce'],
+        # Summed over the epoch's steps: paper Fig. 3's accumulated gradients.
+        'positive_gradient': train_summary['positive_gradient'] * steps_per_epoch,
+        'negative_gradient': train_summary['negative_gradient'] * steps_per_epoch,
+        'val_map': _as_percent(validation['map']),
+        'test_map': _as_percent(test['map']),
+        'scale': scale,
+        'margin': margin,
+        'skipped_steps': train_summary['skipped_steps'],
+        'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]
+    }
+    self.writer.write_scalars(
+        record['step'], {
+            'val_map': record['val_map'],
+            'test_map': record['test_map'],
+            'epoch': epoch,
+            'train_loss_epoch': record['train_loss']
+        })
     elapsed = history['wall_seconds'] + time.time() - self.started
-    logging.info('%s', console.epoch_line(
-        epoch, config.num_epochs, record['train_loss'], record['val_map'], record['test_map'],
-        scale, margin, train_summary['images_per_second'], elapsed, config.num_epochs - epoch))
+    logging.info(
+        '%s',
+        console.epoch_line(epoch, config.num_epochs, record['train_loss'], record['val_map'],
+                           record['test_map'], scale, margin, train_summary['images_per_second'],
+                           elapsed, config.num_epochs - epoch))
     # Strictly better, so that a tie keeps the earlier epoch (as max() in write_results does).
     is_best = all(record['val_map'] > e['val_map'] for e in history['epochs'])
     history['epochs'].append(record)
@@ -353,13 +392,17 @@ class EpochLoop:
     def fetch():
       fetched = jax.device_get(pending)
       pending.clear()
-      fetched = [(step, {key: float(value) for key, value in metrics.items()})
-                 for step, metrics in fetched]
+      fetched = [(step, {
+          key: float(value) for key, value in metrics.items()
+      }) for step, metrics in fetched]
       check_finite(fetched, config, names)
       done.extend(metrics for _, metrics in fetched)
       return fetched
 
-    batches = split.train_batches(config.batch_size, config.seed, epoch, config,
+    batches = split.train_batches(config.batch_size,
+                                  config.seed,
+                                  epoch,
+                                  config,
                                   start_step=len(done))
     bar = self.progress_bar or console.ProgressBar(enabled=False)
     bar.start(f'Epoch {epoch}/{config.num_epochs}', steps_per_epoch)
@@ -382,8 +425,10 @@ class EpochLoop:
         raise preemption.Preempted(step, self.guard.signal_name)
     fetch()
     bar.clear()
-    summary = {key: float(np.mean([m[key] for m in done])) for key in done[0]
-               if key != 'first_nonfinite_gradient'}
+    summary = {
+        key: float(np.mean([m[key]
+                            for m in done])) for key in done[0] if key != 'first_nonfinite_gradient'
+    }
     summary['skipped_steps'] = int(sum(m['nonfinite'] for m in done))
     summary.update(seconds=time.time() - (timer_start or time.time()), images=timed_images)
     return state, summary
@@ -391,8 +436,11 @@ class EpochLoop:
 
 def parameter_names(params):
   """'model/backbone/conv1/kernel', ... in tree_leaves order (that of the gradients)."""
-  return ['/'.join(str(getattr(key, 'key', key)) for key in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [
+      '/'.join(str(getattr(key, 'key', key))
+               for key in path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
 
 
 def check_finite(fetched, config, names):
@@ -407,5 +455,3 @@ def check_finite(fetched, config, names):
           'was written after the last finished epoch, which the same command resumes from. '
           'Lower config.learning_rate, or set config.nonfinite=skip to skip such steps (they '
           'are counted as skipped_steps).')
-
-

@@ -49,9 +49,11 @@ def create_optimizer(config) -> optax.GradientTransformation:
     scale_margin_learning_rate = config.learning_rate
   else:
     scale_margin_learning_rate = config.adaptive_learning_rate
-  transforms = {'model': optax.adam(config.learning_rate),
-                'scale_margin': optax.adam(scale_margin_learning_rate),
-                'estimator': optax.adam(config.learning_rate * config.role_lr_mult)}
+  transforms = {
+      'model': optax.adam(config.learning_rate),
+      'scale_margin': optax.adam(scale_margin_learning_rate),
+      'estimator': optax.adam(config.learning_rate * config.role_lr_mult)
+  }
   head_multiplier = recipes.resolve(config).head_learning_rate_multiplier
   if head_multiplier != 1:
     transforms['head'] = optax.adam(config.learning_rate * head_multiplier)
@@ -98,11 +100,13 @@ def check_backbone_fits(loaded, model, image_shape, spec: str) -> None:
 def backbone_of_workdir(directory: str, model, image_shape):
   """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint, checked against model's
   backbone for inputs of image_shape (H, W, C)."""
-  check_backbone_workdir(directory, ml_collections.ConfigDict(
-      {'model': checkpoints.read_config(directory).model}))
+  check_backbone_workdir(
+      directory, ml_collections.ConfigDict({'model': checkpoints.read_config(directory).model}))
   _, _, state = load_trained_state(directory, 'best')
-  loaded = {'params': jax.device_get(state.params['model'].get('backbone', {})),
-            'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))}
+  loaded = {
+      'params': jax.device_get(state.params['model'].get('backbone', {})),
+      'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))
+  }
   check_backbone_fits(loaded, model, image_shape, f'workdir:{directory}')
   return loaded
 
@@ -110,8 +114,7 @@ def backbone_of_workdir(directory: str, model, image_shape):
 def _replace_backbone(variables, loaded):
   variables = flax.core.unfreeze(variables)
   variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
-  variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray,
-                                                                loaded['batch_stats'])
+  variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['batch_stats'])
   return variables
 
 
@@ -140,8 +143,7 @@ def with_pretrained_backbone(variables, model, init_from: str, image_shape):
   return _replace_backbone(variables, loaded)
 
 
-def create_train_state(config, model, method, rng, image_shape,
-                       observed_labels=None) -> TrainState:
+def create_train_state(config, model, method, rng, image_shape, observed_labels=None) -> TrainState:
   """observed_labels: the training split's observed labels, needed by methods that update or
   estimate them."""
   variables = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)
@@ -149,8 +151,10 @@ def create_train_state(config, model, method, rng, image_shape,
     variables = with_pretrained_backbone(variables, model, config.init_from, image_shape)
   params = {'model': variables['params']}
   if method.learns_scale_and_margin:
-    params['scale_margin'] = {'scale': jnp.float32(config.scale),
-                              'margin': jnp.float32(config.margin)}
+    params['scale_margin'] = {
+        'scale': jnp.float32(config.scale),
+        'margin': jnp.float32(config.margin)
+    }
   if method.label_estimator:
     if observed_labels is None:
       raise ValueError(f'config.loss={config.loss!r} estimates labels: pass the observed labels.')
@@ -160,7 +164,9 @@ def create_train_state(config, model, method, rng, image_shape,
     if observed_labels is None:
       raise ValueError(f'config.loss={config.loss!r} updates the observed labels: pass them.')
     label_state = jnp.asarray(observed_labels, jnp.float32)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
+  return TrainState.create(apply_fn=model.apply,
+                           params=params,
+                           tx=create_optimizer(config),
                            batch_stats=variables.get('batch_stats', {}),
                            observed_labels=label_state)
 
@@ -171,8 +177,11 @@ def train_state_shapes(config, model, method, image_shape, observed_labels=None)
   weights: they only replace values of the same shapes)."""
   template_config = ml_collections.ConfigDict(config.to_dict())
   template_config.init_from = ''
-  return jax.eval_shape(lambda: create_train_state(template_config, model, method,
-                                                   jax.random.key(0), image_shape,
+  return jax.eval_shape(lambda: create_train_state(template_config,
+                                                   model,
+                                                   method,
+                                                   jax.random.key(0),
+                                                   image_shape,
                                                    observed_labels=observed_labels))
 
 
@@ -205,18 +214,22 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   method = losses.get_method(config.loss)
   info = checkpoints.read_dataset_info(workdir)
   num_labels = len(info['label_names'])
-  model = models.create_model(config.model, method.head, num_labels,
+  model = models.create_model(config.model,
+                              method.head,
+                              num_labels,
                               convolutions=config.get('convolutions', 'auto'))
   # The template only gives shapes and layout: the checkpoint replaces every value, so
   # pretrained weights (which may have moved since) are not read.
   mesh = mesh or sharding.create_mesh()
-  shapes = train_state_shapes(config, model, method, tuple(info['example_shape']),
-                              observed_labels=np.zeros((info['num_train'], num_labels),
-                                                       np.float32))
+  shapes = train_state_shapes(config,
+                              model,
+                              method,
+                              tuple(info['example_shape']),
+                              observed_labels=np.zeros((info['num_train'], num_labels), np.float32))
   template = sharding.abstract_arrays(shapes, train_state_shardings(config, shapes, mesh))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
-  restored = (manager.restore_best(template) if which == 'best'
-              else manager.restore_latest(template))
+  restored = (manager.restore_best(template)
+              if which == 'best' else manager.restore_latest(template))
   if restored is None:
     raise FileNotFoundError(f'No {which} checkpoint in {workdir}.')
   return config, method, restored[0]

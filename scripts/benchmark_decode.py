@@ -67,8 +67,7 @@ def python_seconds_per_image(image_size: int, repeats: int = 2000) -> float:
       function()
     return (time.perf_counter() - start) / count
 
-  calls = timed(lambda: decoders.decode_batch_with_pil(tiny, mirror, rows, 8),
-                repeats // 16) / 16
+  calls = timed(lambda: decoders.decode_batch_with_pil(tiny, mirror, rows, 8), repeats // 16) / 16
   return calls + timed(lambda: np.asarray(result), repeats // 4)
 
 
@@ -76,9 +75,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--num_images', type=int, default=1024)
   parser.add_argument('--image_size', default='224,448', help='comma-separated sizes')
-  parser.add_argument('--batch_size', default='64,16',
+  parser.add_argument('--batch_size',
+                      default='64,16',
                       help='one batch size, or one per --image_size (comma-separated)')
-  parser.add_argument('--threads', default='',
+  parser.add_argument('--threads',
+                      default='',
                       help='comma-separated thread counts; default 1, 2, 4... up to the cores')
   parser.add_argument('--epochs', type=int, default=2, help='passes over the images per row')
   args = parser.parse_args()
@@ -93,13 +94,16 @@ def main():
     thread_counts = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t < cores] + [cores]
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, args.num_images)
-    encoded = [pathlib.Path(path).read_bytes()  # closes each file, unlike open().read()
-               for path in sorted(glob.glob(os.path.join(root, 'images', '*.jpg')))]
+    encoded = [
+        pathlib.Path(path).read_bytes()  # closes each file, unlike open().read()
+        for path in sorted(glob.glob(os.path.join(root, 'images', '*.jpg')))
+    ]
   mirror = np.arange(len(encoded)) % 2 == 1
   for image_size, batch_size in sizes:
-    batches = [(np.array(encoded[i:i + batch_size], dtype=object), mirror[i:i + batch_size],
-                np.arange(i, i + batch_size))
-               for i in range(0, len(encoded) - batch_size + 1, batch_size)]
+    batches = [(np.array(encoded[i:i + batch_size],
+                         dtype=object), mirror[i:i + batch_size], np.arange(i, i + batch_size))
+               for i in range(0,
+                              len(encoded) - batch_size + 1, batch_size)]
     print(f'{cores} CPU cores; {len(batches) * batch_size} JPEGs of 500x375 -> '
           f'{image_size}x{image_size}, batches of {batch_size}, decode_batch_with_pil')
     print('| threads | images/s | ideal (first row per thread x min(threads, cores)) '
@@ -112,9 +116,11 @@ def main():
       ideal = one_thread * min(num_threads, cores)
       print(f'| {num_threads} | {rate:.0f} | {ideal:.0f} | {rate / ideal:.0%} |', flush=True)
     seconds = python_seconds_per_image(image_size)
-    print(f'In Python, holding the GIL: about {seconds * 1e6:.0f} us per image, so one process '
-          f'decodes at most about {1 / seconds:.0f} images/s, less what handing the GIL from '
-          'thread to thread costs.', flush=True)
+    print(
+        f'In Python, holding the GIL: about {seconds * 1e6:.0f} us per image, so one process '
+        f'decodes at most about {1 / seconds:.0f} images/s, less what handing the GIL from '
+        'thread to thread costs.',
+        flush=True)
 
 
 if __name__ == '__main__':

@@ -40,16 +40,22 @@ def normalized_on_host(images):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--num_images', type=int, default=512)
-  parser.add_argument('--image_size', default='448',
+  parser.add_argument('--image_size',
+                      default='448',
                       help='comma-separated sizes, each timed on the same photos')
-  parser.add_argument('--batch_size', default='16',
+  parser.add_argument('--batch_size',
+                      default='16',
                       help='one batch size, or one per --image_size (comma-separated)')
-  parser.add_argument('--epochs', type=int, default=1,
+  parser.add_argument('--epochs',
+                      type=int,
+                      default=1,
                       help='timed epochs per value (their images/s together); more for a host '
                       'whose cores finish an epoch in well under a second')
-  parser.add_argument('--parallel_calls', default='1,2,-1',
+  parser.add_argument('--parallel_calls',
+                      default='1,2,-1',
                       help='config.dataset.parallel_calls values; -1 = AUTOTUNE')
-  parser.add_argument('--decoder', default=','.join(decoders.DECODERS),
+  parser.add_argument('--decoder',
+                      default=','.join(decoders.DECODERS),
                       help='config.dataset.decoder values (decoders.DECODERS)')
   args = parser.parse_args()
   try:
@@ -69,11 +75,13 @@ def main():
       print('|---|---|---|---|')
       for decoder in args.decoder.split(','):
         for parallel_calls in [int(p) for p in args.parallel_calls.split(',')]:
-          split = input_pipeline.load(photo_folder_config(
-              root, args.num_images, image_size, decoder, parallel_calls)).train
+          split = input_pipeline.load(
+              photo_folder_config(root, args.num_images, image_size, decoder, parallel_calls)).train
           epoch_images_per_sec(split, batch_size, [1])  # warm-up: tf.data graph, file cache
           plain = epoch_images_per_sec(split, batch_size, timed[:args.epochs])
-          normalized = epoch_images_per_sec(split, batch_size, timed[args.epochs:],
+          normalized = epoch_images_per_sec(split,
+                                            batch_size,
+                                            timed[args.epochs:],
                                             transform=normalized_on_host)
           label = 'AUTOTUNE' if parallel_calls == -1 else parallel_calls
           print(f'| {decoder} | {label} | {plain:.0f} | {normalized:.0f} |', flush=True)

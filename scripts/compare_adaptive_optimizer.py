@@ -31,9 +31,11 @@ def train(workdir, config, *flags):
   if os.path.exists(os.path.join(workdir, 'results.json')):
     return
   print(f'== {workdir}', flush=True)
-  subprocess.run([sys.executable, '-m', 'hml_jax.main', f'--config={config}',
-                  f'--workdir={workdir}', *flags], check=True, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.DEVNULL)
+  subprocess.run(
+      [sys.executable, '-m', 'hml_jax.main', f'--config={config}', f'--workdir={workdir}', *flags],
+      check=True,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
 
 
 def run_all(out, features_only):
@@ -43,7 +45,8 @@ def run_all(out, features_only):
     for rate in rates:
       for option in OPTIONS:
         rows[('fine-tuning', rate, option)] = [
-            os.path.join(out, f'finetune_lr{rate:g}_{option}_seed{seed}') for seed in SEEDS]
+            os.path.join(out, f'finetune_lr{rate:g}_{option}_seed{seed}') for seed in SEEDS
+        ]
         for workdir, seed in zip(rows[('fine-tuning', rate, option)], SEEDS):
           train(workdir, 'configs/default.py', '--config.loss=hml', f'--config.seed={seed}',
                 f'--config.learning_rate={rate}', f'--config.adaptive_optimizer={option}')
@@ -55,13 +58,18 @@ def run_all(out, features_only):
         '--config.seed=0')
   features = os.path.join(out, 'an_full_seed0_features.npz')
   if not os.path.exists(features):
-    subprocess.run([sys.executable, '-m', 'hml_jax.extract_features', f'--workdir={extractor}',
-                    f'--output={features}'], check=True, stdout=subprocess.DEVNULL,
+    subprocess.run([
+        sys.executable, '-m', 'hml_jax.extract_features', f'--workdir={extractor}',
+        f'--output={features}'
+    ],
+                   check=True,
+                   stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
   for rate in FEATURES_RATES:
     for option in OPTIONS:
       rows[('features', rate, option)] = [
-          os.path.join(out, f'features_lr{rate:g}_{option}_seed{seed}') for seed in SEEDS]
+          os.path.join(out, f'features_lr{rate:g}_{option}_seed{seed}') for seed in SEEDS
+      ]
       for workdir, seed in zip(rows[('features', rate, option)], SEEDS):
         train(workdir, 'configs/features.py', f'--config.dataset.path={features}',
               '--config.loss=hml', f'--config.seed={seed}', f'--config.learning_rate={rate}',

@@ -23,9 +23,13 @@ TIMINGS = ('train_images_per_sec', 'wall_seconds')
 
 def train(tree, workdir, config, extra, data_dir):
   environment = {**os.environ, 'PYTHONPATH': tree, 'TFDS_DATA_DIR': data_dir}
-  subprocess.run([sys.executable, '-m', 'hml_jax.main', f'--config={config}',
-                  f'--workdir={workdir}', *extra], cwd=tree, env=environment, check=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  subprocess.run(
+      [sys.executable, '-m', 'hml_jax.main', f'--config={config}', f'--workdir={workdir}', *extra],
+      cwd=tree,
+      env=environment,
+      check=True,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
   with open(os.path.join(workdir, 'results.json')) as f:
     return json.load(f)
 
@@ -63,8 +67,10 @@ def main():
   shutil.rmtree(args.out, ignore_errors=True)
   os.makedirs(args.out)
   base_tree = os.path.join(args.out, 'base_tree')
-  subprocess.run(['git', 'worktree', 'add', '--detach', base_tree, args.base], cwd=ROOT,
-                 check=True, stdout=subprocess.DEVNULL)
+  subprocess.run(['git', 'worktree', 'add', '--detach', base_tree, args.base],
+                 cwd=ROOT,
+                 check=True,
+                 stdout=subprocess.DEVNULL)
   try:
     data_dir = os.path.join(args.out, 'tensorflow_datasets')
     base = train(base_tree, os.path.join(args.out, 'base_run'), args.config, args.extra, data_dir)

@@ -39,8 +39,9 @@ def scaled_file(path):
 
 def oscillation(workdir):
   """Mean |epoch-to-epoch change| of validation mAP over epochs 6 .. last."""
-  val = [epoch['val_map'] for epoch in files.read_json(
-      files.join(workdir, 'results.json'))['epochs']]
+  val = [
+      epoch['val_map'] for epoch in files.read_json(files.join(workdir, 'results.json'))['epochs']
+  ]
   return float(np.mean(np.abs(np.diff(val[5:])))) if len(val) > 6 else float('nan')
 
 
@@ -58,9 +59,13 @@ def main():
   scaled, norm, factor = scaled_file(raw)
   print(f'Raw features: mean training row norm {norm:.2f}; scaled by {factor:.1f} to '
         f'{TARGET_ROW_NORM:.0f}.\n')
-  variants = {'raw': (raw, 'none'), f'x{factor:.0f}': (scaled, 'none'),
-              f'x{factor:.0f} + standardize': (scaled, 'standardize'),
-              f'x{factor:.0f} + l2': (scaled, 'l2'), 'raw + standardize': (raw, 'standardize')}
+  variants = {
+      'raw': (raw, 'none'),
+      f'x{factor:.0f}': (scaled, 'none'),
+      f'x{factor:.0f} + standardize': (scaled, 'standardize'),
+      f'x{factor:.0f} + l2': (scaled, 'l2'),
+      'raw + standardize': (raw, 'standardize')
+  }
   print('| method | ' + ' | '.join(variants) + ' |')
   print('|---|' + '---|' * len(variants))
   cells = {method: [] for method in METHODS}
@@ -72,8 +77,12 @@ def main():
     workdir = os.path.join(args.out, 'feature_scale', name)
     table, _ = compare.compare(config, workdir, METHODS, SEEDS, GRID, grid_seeds=GRID_SEEDS)
     for method, row in table.items():
-      moves = [oscillation(os.path.join(workdir, compare.run_name(
-          method, row['learning_rate'], row['batch_size'], seed))) for seed in range(SEEDS)]
+      moves = [
+          oscillation(
+              os.path.join(workdir,
+                           compare.run_name(method, row['learning_rate'], row['batch_size'], seed)))
+          for seed in range(SEEDS)
+      ]
       cells[method].append(f"{row['test_map_mean']:.2f} ± {row['test_map_std']:.2f} "
                            f"(val {row['val_map']:.2f}, lr {row['learning_rate']:g}, "
                            f"moves {np.mean(moves):.2f})")

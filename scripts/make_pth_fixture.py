@@ -20,12 +20,16 @@ PREFIX = 'state_dict/'
 
 def main():
   with np.load(os.path.join(FIXTURES, 'torchvision_resnet_small.npz')) as data:
-    state_dict = collections.OrderedDict(
-        (name[len(PREFIX):], torch.from_numpy(data[name].copy()))
-        for name in data.files if name.startswith(PREFIX))
+    state_dict = collections.OrderedDict((name[len(PREFIX):], torch.from_numpy(data[name].copy()))
+                                         for name in data.files
+                                         if name.startswith(PREFIX))
   # What nn.Module.state_dict() attaches: per-module versions, pickled with the dict.
   state_dict._metadata = collections.OrderedDict(  # pylint: disable=protected-access
-      [('', {'version': 1}), ('bn1', {'version': 2})])
+      [('', {
+          'version': 1
+      }), ('bn1', {
+          'version': 2
+      })])
   output = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')
   torch.save(state_dict, output)
   print(f'Wrote {output} ({os.path.getsize(output)} bytes, torch {torch.__version__}, '

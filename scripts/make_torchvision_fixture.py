@@ -46,7 +46,10 @@ def small_torchvision_resnet() -> tv_resnet.ResNet:
   model.bn1 = nn.BatchNorm2d(STEM_WIDTH)
   for stage, (num_blocks, width) in enumerate(zip(STAGE_SIZES, WIDTHS)):
     layer = model._make_layer(  # pylint: disable=protected-access
-        tv_resnet.Bottleneck, width, num_blocks, stride=1 if stage == 0 else 2)
+        tv_resnet.Bottleneck,
+        width,
+        num_blocks,
+        stride=1 if stage == 0 else 2)
     setattr(model, f'layer{stage + 1}', layer)
   # A small fc (its entries are in the state dict, which from_torchvision must drop).
   model.fc = nn.Linear(tv_resnet.Bottleneck.expansion * WIDTHS[-1], 3)
@@ -104,14 +107,24 @@ def make_fixture(output: str) -> None:
   state_dict = state_dict_numpy(model)
   features = torchvision_features(model, images)
   os.makedirs(os.path.dirname(output), exist_ok=True)
-  np.savez_compressed(
-      output, images=images, features=features, stage_sizes=np.array(STAGE_SIZES),
-      widths=np.array(WIDTHS), stem_width=np.array(STEM_WIDTH),
-      **{f'state_dict/{name}': value for name, value in state_dict.items()})
+  np.savez_compressed(output,
+                      images=images,
+                      features=features,
+                      stage_sizes=np.array(STAGE_SIZES),
+                      widths=np.array(WIDTHS),
+                      stem_width=np.array(STEM_WIDTH),
+                      **{
+                          f'state_dict/{name}': value for name, value in state_dict.items()
+                      })
   print(f'Wrote {output} ({os.path.getsize(output)} bytes, torchvision {torchvision.__version__},'
         f' {len(state_dict)} state-dict entries, features {features.shape})')
-  report('small ResNet', features, flax_features(state_dict, images, stage_sizes=STAGE_SIZES,
-                                                 widths=WIDTHS, stem_width=STEM_WIDTH))
+  report(
+      'small ResNet', features,
+      flax_features(state_dict,
+                    images,
+                    stage_sizes=STAGE_SIZES,
+                    widths=WIDTHS,
+                    stem_width=STEM_WIDTH))
 
 
 def check_resnet50() -> None:
@@ -126,7 +139,8 @@ def check_resnet50() -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--resnet50', action='store_true',
+  parser.add_argument('--resnet50',
+                      action='store_true',
                       help='compare a full-size random resnet50 instead; saves nothing')
   parser.add_argument('--output', default=OUTPUT)
   args = parser.parse_args()

@@ -30,9 +30,19 @@ FEATURE_METHODS = ('an', 'an_ls', 'wan', 'epr', 'role', 'em', 'em_apl', 'll_r', 
 FINETUNE_METHODS = ('an', 'an_ls', 'wan', 'epr', 'role', 'em', 'll_r', 'hml')
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # The paper's VOC12 numbers (mAP): Table 2 (single positive), 3 (full), 4 (ablation), 5 (margin).
-PAPER_SINGLE_POSITIVE = {'an': 85.1, 'an_ls': 86.7, 'wan': 86.5, 'epr': 85.5, 'role': 87.9,
-                         'hml': 89.1, 'em': 89.09, 'em_apl': 89.19, 'll_r': 89.2, 'll_ct': 89.0,
-                         'll_cp': 88.4}  # EM / LL: Zhou et al., Kim et al. (REFERENCES.md)
+PAPER_SINGLE_POSITIVE = {
+    'an': 85.1,
+    'an_ls': 86.7,
+    'wan': 86.5,
+    'epr': 85.5,
+    'role': 87.9,
+    'hml': 89.1,
+    'em': 89.09,
+    'em_apl': 89.19,
+    'll_r': 89.2,
+    'll_ct': 89.0,
+    'll_cp': 88.4
+}  # EM / LL: Zhou et al., Kim et al. (REFERENCES.md)
 PAPER_FULL = {'bce': 89.1, 'hml': 91.3}
 PAPER_ABLATION = {'an': 86.9, 'hml_fixed': 89.1, 'hml': 89.1}  # Table 4, single positive
 PAPER_MARGIN = {'none': 88.0, 'positives': 83.4, 'negatives': 88.2, 'both': 89.1}
@@ -78,7 +88,11 @@ def grid(config, out, name, methods, learning_rates=GRID, grid_seeds=None, **ove
   config.unlock()
   for key, value in overrides.items():
     config[key] = value
-  return compare.compare(config, os.path.join(out, name), methods, SEEDS, learning_rates,
+  return compare.compare(config,
+                         os.path.join(out, name),
+                         methods,
+                         SEEDS,
+                         learning_rates,
                          grid_seeds=grid_seeds)
 
 
@@ -124,8 +138,12 @@ def c2(config, out, mode):
   print('| positive labels kept | BCE | HML | HML − BCE |')
   print('|---|---|---|---|')
   for fraction in FRACTIONS:
-    rows = by_method_rate(config, out, mode, f'c2/{int(100 * fraction)}', ('bce', 'hml'),
-                          label_scenario='partial_positive', positive_fraction=fraction)
+    rows = by_method_rate(config,
+                          out,
+                          mode,
+                          f'c2/{int(100 * fraction)}', ('bce', 'hml'),
+                          label_scenario='partial_positive',
+                          positive_fraction=fraction)
     print(f"| {100 * fraction:.0f}% | {cell(rows['bce'])} | {cell(rows['hml'])} | "
           f"{rows['hml']['test_map_mean'] - rows['bce']['test_map_mean']:+.2f} |")
 
@@ -139,8 +157,7 @@ def c3(config, out, mode):
 
 
 def c4(config, out, mode):
-  rows = by_method_rate(config, out, mode, 'c4',
-                        ('an', 'normalized_sigmoid', 'hml_fixed', 'hml'))
+  rows = by_method_rate(config, out, mode, 'c4', ('an', 'normalized_sigmoid', 'hml_fixed', 'hml'))
   print('| variant | ours: test mAP | paper, VOC12 (Tables 4, 5) |')
   print('|---|---|---|')
   paper = {**PAPER_ABLATION, 'normalized_sigmoid': PAPER_MARGIN['none']}
@@ -159,8 +176,8 @@ def c5(config, out, mode):
 def planted_ranks(workdir):
   config, method, state = train_state.load_trained_state(workdir, 'best')
   scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
-  correlation = np.asarray(heads.label_correlation(
-      analyze.label_embeddings(state.params, method), scale, margin))
+  correlation = np.asarray(
+      heads.label_correlation(analyze.label_embeddings(state.params, method), scale, margin))
   return sorted(analyze.pair_ranks(correlation, glyphs.PARTNER_PAIRS).values())
 
 
@@ -172,8 +189,8 @@ def c6(config, out, mode):
   print('|---|---|---|')
   for labels, name in (('single positive', 'c1'), ('full', 'c3/hml')):
     for seed in range(SEEDS):
-      workdir = os.path.join(out, mode, name,
-                             compare.run_name('hml', rate, config.batch_size, seed))
+      workdir = os.path.join(out, mode, name, compare.run_name('hml', rate, config.batch_size,
+                                                               seed))
       if not files.exists(workdir):
         sys.exit(f'{workdir} is missing: run the c1 and c3 tables first.')
       print(f'| {labels} | {seed} | {planted_ranks(workdir)} |')

@@ -19,9 +19,10 @@ from hml_jax import losses
 
 def stat(runs, key):
   # A linear head has no s, m (older results.json files hold the unused config values).
-  if any(r[key] is None or (key.startswith('final_') and
-                            not losses.get_method(r['config']['loss']).has_scale_and_margin)
-         for r in runs):
+  if any(
+      r[key] is None or
+      (key.startswith('final_') and not losses.get_method(r['config']['loss']).has_scale_and_margin)
+      for r in runs):
     return '—'
   values = np.array([r[key] for r in runs], float)
   return f'{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}'
@@ -29,8 +30,10 @@ def stat(runs, key):
 
 def main(folders):
   groups = collections.defaultdict(list)
-  paths = [path for folder in folders
-           for path in sorted(glob.glob(os.path.join(folder, '*', 'results.json')))]
+  paths = [
+      path for folder in folders
+      for path in sorted(glob.glob(os.path.join(folder, '*', 'results.json')))
+  ]
   for path in paths:
     with open(path) as f:
       results = json.load(f)

@@ -11,3 +11,12 @@ import pytest  # pylint: disable=g-import-not-at-top
 def tfds_dir(tmp_path_factory):
   """One TFDS data_dir per test session; the tiny composite_digits is generated in it once."""
   return tmp_path_factory.mktemp('tensorflow_datasets')
+
+
+def pytest_runtest_logreport(report):
+  """HML_TEST_DURATIONS=FILE appends each test's call time to FILE as it finishes (so that an
+  interrupted run still tells which tests are slow; tests/README in docs/development.md)."""
+  path = os.environ.get('HML_TEST_DURATIONS')
+  if path and report.when in ('setup', 'call'):
+    with open(path, 'a') as f:
+      f.write(f'{report.duration:.2f}\t{report.when}\t{report.nodeid}\n')

@@ -11,11 +11,11 @@ import numpy as np
 from PIL import Image
 
 VOC_CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-               'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-               'sheep', 'sofa', 'train', 'tvmonitor')
+               'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep',
+               'sofa', 'train', 'tvmonitor')
 # The official COCO category ids: 1..90 without these ten.
-COCO_CATEGORY_IDS = tuple(i for i in range(1, 91)
-                          if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+COCO_CATEGORY_IDS = tuple(
+    i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 
 def write_jpeg(path, rng, mode='RGB'):
@@ -41,9 +41,13 @@ def write_voc2012(root, seed=0):
   split."""
   rng = np.random.RandomState(seed)
   voc = os.path.join(root, 'VOCdevkit', 'VOC2012')
-  ids = {'train': ['2008_000010', '2008_000002', '2009_000001', '2008_000007', '2010_000005',
-                   '2008_000003', '2011_000100'],
-         'val': ['2008_000009', '2012_000001', '2008_000004', '2010_000011', '2009_000020']}
+  ids = {
+      'train': [
+          '2008_000010', '2008_000002', '2009_000001', '2008_000007', '2010_000005', '2008_000003',
+          '2011_000100'
+      ],
+      'val': ['2008_000009', '2012_000001', '2008_000004', '2010_000011', '2009_000020']
+  }
   dropped = {'train': ['2008_000007'], 'val': ['2010_000011']}
   grayscale = '2009_000001'
   for split_ids in ids.values():
@@ -62,9 +66,9 @@ def write_voc2012(root, seed=0):
         table[row, rng.randint(len(VOC_CLASSES))] = 1
     values[split] = table
     for column, name in enumerate(VOC_CLASSES):
-      _write_lines(os.path.join(voc, 'ImageSets', 'Main', f'{name}_{split}.txt'),
-                   ['%s %2d' % (image_id, table[row, column])
-                    for row, image_id in enumerate(split_ids)])
+      _write_lines(
+          os.path.join(voc, 'ImageSets', 'Main', f'{name}_{split}.txt'),
+          ['%s %2d' % (image_id, table[row, column]) for row, image_id in enumerate(split_ids)])
   return {'ids': ids, 'values': values, 'dropped': dropped, 'grayscale': grayscale + '.jpg'}
 
 
@@ -78,8 +82,11 @@ def write_coco2014(root, seed=0):
   image_ids = {'train': [9, 10, 100, 25, 3, 42], 'val': [1, 11, 2, 20, 300]}
   unannotated = {'train': [42], 'val': [20]}
   grayscale, cmyk = ('train', 10), ('val', 2)
-  categories = [{'supercategory': 'thing', 'id': i, 'name': f'category {i}'}
-                for i in COCO_CATEGORY_IDS]
+  categories = [{
+      'supercategory': 'thing',
+      'id': i,
+      'name': f'category {i}'
+  } for i in COCO_CATEGORY_IDS]
   annotation_id = 1
   for split, ids in image_ids.items():
     images, annotations = [], []
@@ -88,24 +95,37 @@ def write_coco2014(root, seed=0):
       mode = 'L' if (split, image_id) == grayscale else 'CMYK' if (split, image_id) == cmyk \
           else 'RGB'
       write_jpeg(os.path.join(root, f'{split}2014', file_name), rng, mode)
-      images.append({'license': 1, 'file_name': file_name, 'height': 0, 'width': 0,
-                     'id': image_id})
+      images.append({'license': 1, 'file_name': file_name, 'height': 0, 'width': 0, 'id': image_id})
       if image_id in unannotated[split]:
         continue
       for _ in range(rng.randint(1, 5)):
-        annotations.append({'segmentation': [], 'area': 1.0, 'iscrowd': int(rng.rand() < 0.2),
-                            'image_id': image_id, 'bbox': [0, 0, 1, 1],
-                            'category_id': int(rng.choice(COCO_CATEGORY_IDS)),
-                            'id': annotation_id})
+        annotations.append({
+            'segmentation': [],
+            'area': 1.0,
+            'iscrowd': int(rng.rand() < 0.2),
+            'image_id': image_id,
+            'bbox': [0, 0, 1, 1],
+            'category_id': int(rng.choice(COCO_CATEGORY_IDS)),
+            'id': annotation_id
+        })
         annotation_id += 1
     annotations = [annotations[i] for i in rng.permutation(len(annotations))]
     os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
     with open(os.path.join(root, 'annotations', f'instances_{split}2014.json'), 'w') as f:
-      json.dump({'info': {}, 'images': images, 'licenses': [], 'annotations': annotations,
-                 'categories': categories}, f)
-  return {'image_ids': image_ids, 'unannotated': unannotated,
-          'grayscale': 'train2014/COCO_train2014_000000000010.jpg',
-          'cmyk': 'val2014/COCO_val2014_000000000002.jpg'}
+      json.dump(
+          {
+              'info': {},
+              'images': images,
+              'licenses': [],
+              'annotations': annotations,
+              'categories': categories
+          }, f)
+  return {
+      'image_ids': image_ids,
+      'unannotated': unannotated,
+      'grayscale': 'train2014/COCO_train2014_000000000010.jpg',
+      'cmyk': 'val2014/COCO_val2014_000000000002.jpg'
+  }
 
 
 def write_cub(root, seed=0, attributes_in_tgz_place=False):
@@ -115,14 +135,16 @@ def write_cub(root, seed=0, attributes_in_tgz_place=False):
   few lines of the real file do. One image is grayscale."""
   rng = np.random.RandomState(seed)
   base = os.path.join(root, 'CUB_200_2011')
-  paths = ['001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg',
-           '001.Black_footed_Albatross/Black_Footed_Albatross_0009_34.jpg',
-           '002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg',
-           '002.Laysan_Albatross/Laysan_Albatross_0082_524.jpg',
-           '014.Indigo_Bunting/Indigo_Bunting_0063_11820.jpg',
-           '014.Indigo_Bunting/Indigo_Bunting_0010_13000.jpg',
-           '200.Common_Yellowthroat/Common_Yellowthroat_0055_190967.jpg',
-           '200.Common_Yellowthroat/Common_Yellowthroat_0114_190501.jpg']
+  paths = [
+      '001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg',
+      '001.Black_footed_Albatross/Black_Footed_Albatross_0009_34.jpg',
+      '002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg',
+      '002.Laysan_Albatross/Laysan_Albatross_0082_524.jpg',
+      '014.Indigo_Bunting/Indigo_Bunting_0063_11820.jpg',
+      '014.Indigo_Bunting/Indigo_Bunting_0010_13000.jpg',
+      '200.Common_Yellowthroat/Common_Yellowthroat_0055_190967.jpg',
+      '200.Common_Yellowthroat/Common_Yellowthroat_0114_190501.jpg'
+  ]
   is_train = [1, 0, 1, 1, 0, 0, 1, 0]
   grayscale = paths[4]
   for path in paths:
@@ -132,8 +154,8 @@ def write_cub(root, seed=0, attributes_in_tgz_place=False):
   _write_lines(os.path.join(base, 'train_test_split.txt'),
                [f'{i + 1} {t}' for i, t in enumerate(is_train)])
   names = [f'has_part_{i // 8}::value_{i % 8}' for i in range(312)]
-  names_path = (os.path.join(base, 'attributes', 'attributes.txt') if attributes_in_tgz_place
-                else os.path.join(root, 'attributes.txt'))
+  names_path = (os.path.join(base, 'attributes', 'attributes.txt')
+                if attributes_in_tgz_place else os.path.join(root, 'attributes.txt'))
   _write_lines(names_path, [f'{i + 1} {name}' for i, name in enumerate(names)])
   present = (rng.rand(len(paths), 312) < 0.1).astype(int)
   lines = []
@@ -145,8 +167,14 @@ def write_cub(root, seed=0, attributes_in_tgz_place=False):
   fields = lines[extra_field_line].split()
   lines[extra_field_line] = ' '.join(fields[:4] + ['0'] + fields[4:])
   _write_lines(os.path.join(base, 'attributes', 'image_attribute_labels.txt'), lines)
-  return {'paths': paths, 'is_train': is_train, 'present': present, 'names': names,
-          'grayscale': grayscale, 'extra_field_line_number': extra_field_line + 1}
+  return {
+      'paths': paths,
+      'is_train': is_train,
+      'present': present,
+      'names': names,
+      'grayscale': grayscale,
+      'extra_field_line_number': extra_field_line + 1
+  }
 
 
 def write_nus_wide(root, seed=0, layout='formatted'):
@@ -161,9 +189,10 @@ def write_nus_wide(root, seed=0, layout='formatted'):
   concepts = [f'concept{i:02d}' for i in range(81)]
   _write_lines(os.path.join(root, 'Concepts81.txt'), concepts)
   folders = ['actor', 'airport', 'zebra']
-  paths = {split: [f'{folders[rng.randint(3)]}/{i:04d}_{rng.randint(10**9)}.jpg'
-                   for i in range(count)]
-           for split, count in (('train', 6), ('test', 5))}
+  paths = {
+      split: [f'{folders[rng.randint(3)]}/{i:04d}_{rng.randint(10**9)}.jpg' for i in range(count)]
+      for split, count in (('train', 6), ('test', 5))
+  }
   labels = {split: (rng.rand(len(p), 81) < 0.08).astype(np.float64) for split, p in paths.items()}
   for split_labels in labels.values():
     split_labels[~split_labels.any(1), 0] = 1

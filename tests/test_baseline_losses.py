@@ -40,8 +40,8 @@ def ref_wan(x, y):
 def ref_epr(x, y, expected_num_pos):
   num_labels = y.shape[1]
   matrix = np.where(y == 1, -log_p(x), 0.0)
-  regularizer = (sigmoid(x).sum(axis=1).mean(axis=0) - expected_num_pos) ** 2
-  return matrix.sum() / matrix.size + regularizer / num_labels ** 2
+  regularizer = (sigmoid(x).sum(axis=1).mean(axis=0) - expected_num_pos)**2
+  return matrix.sum() / matrix.size + regularizer / num_labels**2
 
 
 def ref_em(x, y, alpha):
@@ -54,7 +54,7 @@ def asl_weight(x, y, gamma_neg, gamma_pos, clip):
   xs_pos = sigmoid(x)
   xs_neg = np.minimum(1 - xs_pos + clip, 1.0)
   pt = xs_pos * y + xs_neg * (1 - y)
-  return (1 - pt) ** (gamma_pos * y + gamma_neg * (1 - y))
+  return (1 - pt)**(gamma_pos * y + gamma_neg * (1 - y))
 
 
 def ref_asl(x, y, gamma_neg, gamma_pos, clip, eps=1e-8, weight=None):
@@ -69,13 +69,26 @@ def ref_asl(x, y, gamma_neg, gamma_pos, clip, eps=1e-8, weight=None):
 
 CASES = {
     'an': (losses.assume_negative, ref_an, {}),
-    'an_ls': (losses.assume_negative_label_smoothing, ref_an_ls, {'ls_coef': 0.1}),
+    'an_ls': (losses.assume_negative_label_smoothing, ref_an_ls, {
+        'ls_coef': 0.1
+    }),
     'wan': (losses.weak_assume_negative, ref_wan, {}),
-    'epr': (losses.expected_positive_regularization, ref_epr, {'expected_num_pos': 2.9}),
-    'em': (losses.entropy_maximization, ref_em, {'alpha': 0.2}),
-    'asl': (losses.asymmetric_loss, ref_asl, {'gamma_neg': 4.0, 'gamma_pos': 0.0, 'clip': 0.05}),
-    'asl_gamma_pos': (losses.asymmetric_loss, ref_asl,
-                      {'gamma_neg': 2.0, 'gamma_pos': 1.0, 'clip': 0.0}),
+    'epr': (losses.expected_positive_regularization, ref_epr, {
+        'expected_num_pos': 2.9
+    }),
+    'em': (losses.entropy_maximization, ref_em, {
+        'alpha': 0.2
+    }),
+    'asl': (losses.asymmetric_loss, ref_asl, {
+        'gamma_neg': 4.0,
+        'gamma_pos': 0.0,
+        'clip': 0.05
+    }),
+    'asl_gamma_pos': (losses.asymmetric_loss, ref_asl, {
+        'gamma_neg': 2.0,
+        'gamma_pos': 1.0,
+        'clip': 0.0
+    }),
 }
 
 
@@ -83,10 +96,10 @@ def inputs(seed, saturate=False):
   rng = np.random.RandomState(seed)
   logits = rng.normal(0, 2, size=(8, 7))
   labels = (rng.uniform(size=logits.shape) < 0.3).astype(np.float64)
-  labels[0] = 0          # an image without an observed positive
-  labels[:, 3] = 0       # a label never observed
+  labels[0] = 0  # an image without an observed positive
+  labels[:, 3] = 0  # a label never observed
   labels[1, 1] = 1
-  if saturate:           # probabilities that float32 rounds to exactly 0 and 1
+  if saturate:  # probabilities that float32 rounds to exactly 0 and 1
     logits[1, 1], logits[2, 2], logits[3, 4], logits[4, 5] = -60.0, 60.0, 45.0, -45.0
   return logits, labels
 
@@ -97,7 +110,9 @@ def test_value_matches_the_published_formula(name, saturate):
   loss, reference, hyperparameters = CASES[name]
   logits, labels = inputs(0, saturate)
   got = float(loss(logits.astype(np.float32), labels.astype(np.int32), **hyperparameters))
-  np.testing.assert_allclose(got, reference(logits, labels, **hyperparameters), rtol=2e-5,
+  np.testing.assert_allclose(got,
+                             reference(logits, labels, **hyperparameters),
+                             rtol=2e-5,
                              atol=1e-6)
 
 
@@ -105,8 +120,8 @@ def test_value_matches_the_published_formula(name, saturate):
 def test_gradient_matches_finite_differences_of_the_formula(name):
   loss, reference, hyperparameters = CASES[name]
   logits, labels = inputs(1)
-  grad = np.asarray(jax.grad(lambda x: loss(x, labels, **hyperparameters))(
-      logits.astype(np.float32)))
+  grad = np.asarray(
+      jax.grad(lambda x: loss(x, labels, **hyperparameters))(logits.astype(np.float32)))
   if name.startswith('asl'):
     # ASL's focusing weight is a constant (no gradient through it), as in Ridnik et al.'s code.
     fixed = dict(hyperparameters, weight=asl_weight(logits, labels, **hyperparameters))
@@ -134,11 +149,12 @@ def test_saturated_probabilities_give_finite_gradients(name):
 def test_label_smoothing_and_weak_negatives_reduce_to_an():
   logits, labels = inputs(3)
   an = float(losses.assume_negative(logits, labels))
-  assert float(losses.assume_negative_label_smoothing(logits, labels, ls_coef=0.0)) == (
-      pytest.approx(an, rel=1e-6))
+  assert float(losses.assume_negative_label_smoothing(logits, labels,
+                                                      ls_coef=0.0)) == (pytest.approx(an, rel=1e-6))
   two_labels = labels[:, :2]
-  assert float(losses.weak_assume_negative(logits[:, :2], two_labels)) == pytest.approx(
-      float(losses.assume_negative(logits[:, :2], two_labels)), rel=1e-6)
+  assert float(losses.weak_assume_negative(logits[:, :2], two_labels)) == pytest.approx(float(
+      losses.assume_negative(logits[:, :2], two_labels)),
+                                                                                        rel=1e-6)
 
 
 def test_every_linear_method_is_callable_on_logits_through_the_registry():
@@ -146,8 +162,14 @@ def test_every_linear_method_is_callable_on_logits_through_the_registry():
   for name, method in losses.METHODS.items():
     if method.head != 'linear':
       continue
-    kwargs = {'ls_coef': 0.1, 'expected_num_pos': 2.0, 'alpha': 0.1, 'gamma_neg': 4.0,
-              'gamma_pos': 0.0, 'clip': 0.05}
+    kwargs = {
+        'ls_coef': 0.1,
+        'expected_num_pos': 2.0,
+        'alpha': 0.1,
+        'gamma_neg': 4.0,
+        'gamma_pos': 0.0,
+        'clip': 0.05
+    }
     arguments = {k: kwargs[k] for k in method.hyperparameters if k in kwargs}
     if method.schedule is not None:
       arguments['num_modified'] = 3
@@ -185,8 +207,8 @@ def test_large_loss_matches_kim_et_al(correct, num_modified):
   assert not np.any(np.asarray(modified) & (labels == 1))  # observed positives are never touched
   if num_modified:
     assert np.asarray(modified).sum() == num_modified  # no ties in continuous losses
-    grad = jax.grad(lambda x: losses.large_loss(x, labels, num_modified, correct)[0])(
-        logits.astype(np.float32))
+    grad = jax.grad(lambda x: losses.large_loss(x, labels, num_modified, correct)[0])(logits.astype(
+        np.float32))
     # The selection is piecewise constant: differentiate the formula with it held fixed.
     unobserved_loss = (labels == 0) * -(labels * log_p(logits) + (1 - labels) * log_not_p(logits))
     selected = unobserved_loss >= np.sort(unobserved_loss.ravel())[::-1][num_modified - 1]
@@ -234,8 +256,9 @@ def ref_role_parts(x, y, estimator, k):
     pos = np.where(y == 1, -log_p(x_value) - log_p(e_value), 0.0)
     cross1 = e_fixed * -log_p(x_value) + (1 - e_fixed) * -log_not_p(x_value)
     cross2 = p_fixed * -log_p(e_value) + (1 - p_fixed) * -log_not_p(e_value)
-    regularizer = 0.5 * (((p_value.sum(1).mean() - k) ** 2) + ((e_prob.sum(1).mean() - k) ** 2))
-    return (0.5 * pos + 0.5 * (cross1 + cross2)).mean() + regularizer / num_labels ** 2
+    regularizer = 0.5 * (((p_value.sum(1).mean() - k)**2) + ((e_prob.sum(1).mean() - k)**2))
+    return (0.5 * pos + 0.5 * (cross1 + cross2)).mean() + regularizer / num_labels**2
+
   del positives
   return total, p, e
 
@@ -246,8 +269,9 @@ def test_role_matches_cole_et_al_values_and_gradients():
   total, p, e = ref_role_parts(logits, labels, estimator, 2.9)
   value = losses.role(logits.astype(np.float32), labels, estimator.astype(np.float32), 2.9)
   np.testing.assert_allclose(float(value), total(logits, estimator, p, e), rtol=2e-5)
-  grad_logits, grad_estimator = jax.grad(losses.role, argnums=(0, 2))(
-      logits.astype(np.float32), labels, estimator.astype(np.float32), 2.9)
+  grad_logits, grad_estimator = jax.grad(losses.role,
+                                         argnums=(0, 2))(logits.astype(np.float32), labels,
+                                                         estimator.astype(np.float32), 2.9)
   step = 1e-6
   for argument, grad in ((0, grad_logits), (1, grad_estimator)):
     expected = np.zeros_like(logits)
@@ -284,8 +308,8 @@ def test_em_apl_loss_matches_zhou_et_al():
   state[2, 0], state[5, 6], state[6, 3] = -0.1, -0.03, -0.5  # pseudo-labels
   value = losses.entropy_maximization_pseudo_labels(logits.astype(np.float32), state, 0.2, 0.02)
   np.testing.assert_allclose(float(value), ref_em_apl(logits, state, 0.2, 0.02), rtol=2e-5)
-  grad = jax.grad(losses.entropy_maximization_pseudo_labels)(logits.astype(np.float32), state,
-                                                             0.2, 0.02)
+  grad = jax.grad(losses.entropy_maximization_pseudo_labels)(logits.astype(np.float32), state, 0.2,
+                                                             0.02)
   step, expected = 1e-6, np.zeros_like(logits)
   smooth = logits.copy()
   for index in np.ndindex(logits.shape):
@@ -296,9 +320,10 @@ def test_em_apl_loss_matches_zhou_et_al():
                        ref_em_apl(minus, state, 0.2, 0.02)) / (2 * step)
   np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-3, atol=1e-6)
   # Without pseudo-labels it is EM.
-  np.testing.assert_allclose(
-      float(losses.entropy_maximization_pseudo_labels(logits, labels, 0.2, 0.02)),
-      float(losses.entropy_maximization(logits, labels, alpha=0.2)), rtol=1e-6)
+  np.testing.assert_allclose(float(
+      losses.entropy_maximization_pseudo_labels(logits, labels, 0.2, 0.02)),
+                             float(losses.entropy_maximization(logits, labels, alpha=0.2)),
+                             rtol=1e-6)
 
 
 def test_asymmetric_pseudo_labels_is_zhou_et_al():
@@ -306,7 +331,10 @@ def test_asymmetric_pseudo_labels_is_zhou_et_al():
   state = (rng.uniform(size=(40, 4)) < 0.2).astype(np.float32)
   probabilities = rng.uniform(size=state.shape).astype(np.float32)
   unknown = (state == 0).sum(0)
-  first = losses.asymmetric_pseudo_labels(state, probabilities, unknown, num_epochs=10,
+  first = losses.asymmetric_pseudo_labels(state,
+                                          probabilities,
+                                          unknown,
+                                          num_epochs=10,
                                           warmup_epoch=5)
   for label in range(4):
     count = int(0.9 * unknown[label] / 5)
@@ -325,8 +353,7 @@ def test_large_loss_never_modifies_observed_positives_even_past_every_unobserved
   logits, labels = inputs(11)
   unobserved = int((labels == 0).sum())
   for correct in (False, True):
-    value, modified = losses.large_loss(logits.astype(np.float32), labels, unobserved + 7,
-                                        correct)
+    value, modified = losses.large_loss(logits.astype(np.float32), labels, unobserved + 7, correct)
     positives = -log_p(logits)
     expected = np.where(labels == 1, positives, positives if correct else 0.0).mean()
     np.testing.assert_allclose(float(value), expected, rtol=1e-5)

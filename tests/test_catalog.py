@@ -27,21 +27,39 @@ COCO_NAMES = [f'category_{i}' for i in range(80)]
 # Per split: key -> (label indices, distractor labels). VOC's distractor is `labels` (with the
 # difficult objects), which the adapter must not read: a difficult-only image has no positive.
 VOC_DATA = {
-    'train': {'2008_000008.jpg': ([14, 12], [14, 12]),
-              '2007_000032.jpg': ([0], [0, 14]),
-              '2008_000002.jpg': ([], [19]),          # only difficult objects: dropped
-              '2007_000027.jpg': ([14], [14]),
-              '2009_000001.jpg': ([], []),            # no object: dropped
-              '2007_000039.jpg': ([19, 4, 4], [19, 4])},
-    'validation': {'2007_000033.jpg': ([0], [0]),
-                   '2007_000042.jpg': ([18], [18, 1]),
-                   '2007_000061.jpg': ([], [3])},     # dropped
-    'test': {'2008_000001.jpg': ([], [])},            # VOC 2012's test: no annotations, unused
+    'train': {
+        '2008_000008.jpg': ([14, 12], [14, 12]),
+        '2007_000032.jpg': ([0], [0, 14]),
+        '2008_000002.jpg': ([], [19]),  # only difficult objects: dropped
+        '2007_000027.jpg': ([14], [14]),
+        '2009_000001.jpg': ([], []),  # no object: dropped
+        '2007_000039.jpg': ([19, 4, 4], [19, 4])
+    },
+    'validation': {
+        '2007_000033.jpg': ([0], [0]),
+        '2007_000042.jpg': ([18], [18, 1]),
+        '2007_000061.jpg': ([], [3])
+    },  # dropped
+    'test': {
+        '2008_000001.jpg': ([], [])
+    },  # VOC 2012's test: no annotations, unused
 }
 # Per split: image id -> object labels (repeats: several objects of a class).
 COCO_DATA = {
-    'train': {9: [1, 1, 79], 10: [0], 2: [5], 100: [3, 7], 25: [0, 3], 7: []},
-    'validation': {1: [60], 11: [2, 2], 3: [], 20: [79]},
+    'train': {
+        9: [1, 1, 79],
+        10: [0],
+        2: [5],
+        100: [3, 7],
+        25: [0, 3],
+        7: []
+    },
+    'validation': {
+        1: [60],
+        11: [2, 2],
+        3: [],
+        20: [79]
+    },
 }
 
 
@@ -63,21 +81,30 @@ class HmlTestCatalogVoc(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('5.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(),
-        'image/filename': tfds.features.Text(),
-        'labels': tfds.features.Sequence(tfds.features.ClassLabel(names=voc2012.LABEL_NAMES)),
-        'labels_no_difficult': tfds.features.Sequence(
-            tfds.features.ClassLabel(names=voc2012.LABEL_NAMES)),
-    }))
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image':
+                tfds.features.Image(),
+            'image/filename':
+                tfds.features.Text(),
+            'labels':
+                tfds.features.Sequence(tfds.features.ClassLabel(names=voc2012.LABEL_NAMES)),
+            'labels_no_difficult':
+                tfds.features.Sequence(tfds.features.ClassLabel(names=voc2012.LABEL_NAMES)),
+        }))
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in VOC_DATA}
 
   def _generate_examples(self, split):
     for filename, (no_difficult, with_difficult) in VOC_DATA[split].items():
-      yield filename, {'image': image_of(filename), 'image/filename': filename,
-                       'labels': with_difficult, 'labels_no_difficult': no_difficult}
+      yield filename, {
+          'image': image_of(filename),
+          'image/filename': filename,
+          'labels': with_difficult,
+          'labels_no_difficult': no_difficult
+      }
 
 
 class HmlTestCatalogCoco(tfds.core.GeneratorBasedBuilder):
@@ -86,30 +113,42 @@ class HmlTestCatalogCoco(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.1.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(encoding_format='jpeg'),
-        'image/filename': tfds.features.Text(),
-        'image/id': np.int64,
-        'objects': tfds.features.Sequence({
-            'label': tfds.features.ClassLabel(names=COCO_NAMES),
-            'is_crowd': np.bool_,
-        }),
-    }))
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=tfds.features.FeaturesDict({
+                                     'image':
+                                         tfds.features.Image(encoding_format='jpeg'),
+                                     'image/filename':
+                                         tfds.features.Text(),
+                                     'image/id':
+                                         np.int64,
+                                     'objects':
+                                         tfds.features.Sequence({
+                                             'label': tfds.features.ClassLabel(names=COCO_NAMES),
+                                             'is_crowd': np.bool_,
+                                         }),
+                                 }))
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in COCO_DATA}
 
   def _generate_examples(self, split):
     for image_id, labels in COCO_DATA[split].items():
-      yield image_id, {'image': image_of(image_id), 'image/filename': f'{image_id:012d}.jpg',
-                       'image/id': image_id,
-                       'objects': [{'label': label, 'is_crowd': False} for label in labels]}
+      yield image_id, {
+          'image': image_of(image_id),
+          'image/filename': f'{image_id:012d}.jpg',
+          'image/id': image_id,
+          'objects': [{
+              'label': label,
+              'is_crowd': False
+          } for label in labels]
+      }
 
 
 def expected_rows(data, num_labels, sort_key):
   """Cole et al.: keep the keys with a positive, sort them, one multi-hot row each."""
-  keys = sorted((key for key, value in data.items() if len(value[0] if isinstance(value, tuple)
-                                                          else value)), key=sort_key)
+  keys = sorted(
+      (key for key, value in data.items() if len(value[0] if isinstance(value, tuple) else value)),
+      key=sort_key)
   labels = np.zeros((len(keys), num_labels), np.uint8)
   for row, key in enumerate(keys):
     value = data[key]
@@ -131,14 +170,14 @@ def use_test_builder(monkeypatch, name, builder_name):
 
 
 def read_records(records, shuffle_seed):
-  return [(int(r['index']), bytes(r['image']))
-          for r in tfds.as_numpy(records(shuffle_seed))]
+  return [(int(r['index']), bytes(r['image'])) for r in tfds.as_numpy(records(shuffle_seed))]
 
 
 def check_source(source, data, splits, num_labels, sort_key):
-  for ours, theirs, labels, records in (
-      ('train', splits['train'], source.train_labels, source.train_records),
-      ('test', splits['test'], source.test_labels, source.test_records)):
+  for ours, theirs, labels, records in (('train', splits['train'], source.train_labels,
+                                         source.train_records),
+                                        ('test', splits['test'], source.test_labels,
+                                         source.test_records)):
     keys, expected = expected_rows(data[theirs], num_labels, sort_key)
     np.testing.assert_array_equal(labels, expected, err_msg=ours)
     assert labels.dtype == np.uint8
@@ -147,8 +186,9 @@ def check_source(source, data, splits, num_labels, sort_key):
     assert sorted(index for index, _ in stored) == list(range(len(keys)))
     for index, encoded in stored:
       assert encoded == image_of(keys[index])
-      np.testing.assert_array_equal(tf.io.decode_jpeg(encoded).numpy(),
-                                    tf.io.decode_jpeg(image_of(keys[index])).numpy())
+      np.testing.assert_array_equal(
+          tf.io.decode_jpeg(encoded).numpy(),
+          tf.io.decode_jpeg(image_of(keys[index])).numpy())
     # A seeded order is the same for the same seed, and holds the same records.
     shuffled = read_records(records, 7)
     assert shuffled == read_records(records, 7)
@@ -204,11 +244,13 @@ def test_not_prepared(tmp_path):
 @pytest.mark.parametrize('count', [2, 3, 5])
 def test_processes_read_disjoint_slices_of_the_stored_records(data_dir, monkeypatch, count):
   use_test_builder(monkeypatch, 'coco/2014', HmlTestCatalogCoco.name)
-  source = catalog.load_source(ml_collections.ConfigDict({'name': 'coco/2014',
-                                                          'data_dir': data_dir}))
+  source = catalog.load_source(
+      ml_collections.ConfigDict({
+          'name': 'coco/2014',
+          'data_dir': data_dir
+      }))
   for theirs, records, num_rows in (('train', source.train_records, len(source.train_labels)),
-                                    ('validation', source.test_records,
-                                     len(source.test_labels))):
+                                    ('validation', source.test_records, len(source.test_labels))):
     # Every stored record has its row, or -1 for an image without a positive (dropped).
     assert len(records) == len(COCO_DATA[theirs])
     assert sorted(records.storage_indices.tolist()) == [-1] + list(range(num_rows))

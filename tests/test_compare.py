@@ -33,7 +33,9 @@ def test_compare_trains_every_method_and_reuses_finished_runs(tfds_dir, tmp_path
 
 def test_sweep_picks_the_best_validation_point(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir, num_epochs=1)
-  table, _ = compare.compare(config, str(tmp_path), ['an'], seeds=1,
+  table, _ = compare.compare(config,
+                             str(tmp_path), ['an'],
+                             seeds=1,
                              learning_rates=['1e-2', '1e-4'])
   with open(tmp_path / 'table.json') as f:
     runs = json.load(f)['runs']
@@ -44,10 +46,13 @@ def test_sweep_picks_the_best_validation_point(tfds_dir, tmp_path):
 
 @pytest.mark.slow
 def test_compare_cli_rejects_an_unknown_method(tfds_dir, tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'hml_jax.compare', '--config=configs/tiny.py',
-       f'--workdir={tmp_path}', '--methods=an,hmll', '--seeds=1',
-       f'--config.dataset.data_dir={tfds_dir}'], cwd=ROOT, capture_output=True, text=True)
+  result = subprocess.run([
+      sys.executable, '-m', 'hml_jax.compare', '--config=configs/tiny.py', f'--workdir={tmp_path}',
+      '--methods=an,hmll', '--seeds=1', f'--config.dataset.data_dir={tfds_dir}'
+  ],
+                          cwd=ROOT,
+                          capture_output=True,
+                          text=True)
   assert result.returncode != 0 and "Unknown loss 'hmll'" in result.stderr
   assert not os.listdir(tmp_path)
 
@@ -61,11 +66,21 @@ def test_compare_refuses_to_reuse_a_run_made_with_another_config(tfds_dir, tmp_p
 
 def test_compare_table_names_the_scenario_and_its_fraction():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({'dataset': {'name': 'hml_voc2012'},
-                                      'label_scenario': 'partial_positive',
-                                      'positive_fraction': 0.3})
-  runs = [{'method': 'an', 'learning_rate': 1e-3, 'batch_size': 16, 'val_map': 80.0,
-           'test_map': 79.0 + seed, 'last_test_map': 78.0} for seed in range(2)]
+  config = ml_collections.ConfigDict({
+      'dataset': {
+          'name': 'hml_voc2012'
+      },
+      'label_scenario': 'partial_positive',
+      'positive_fraction': 0.3
+  })
+  runs = [{
+      'method': 'an',
+      'learning_rate': 1e-3,
+      'batch_size': 16,
+      'val_map': 80.0,
+      'test_map': 79.0 + seed,
+      'last_test_map': 78.0
+  } for seed in range(2)]
   table, markdown = compare.summarize(runs, config)
   assert markdown.splitlines()[0].startswith('| method | hml_voc2012 (partial_positive 0.3) |')
   assert table['an']['test_map_mean'] == 79.5 and table['an']['seeds'] == 2
@@ -82,12 +97,24 @@ def test_summarize_runs_groups_by_scenario_and_fraction(tmp_path, capsys):
     for seed, test_map in enumerate(maps):
       run = folder / f'an_partial_positive_seed{seed}'
       run.mkdir(parents=True)
-      (run / 'results.json').write_text(json.dumps({
-          'config': {'label_scenario': 'partial_positive', 'positive_fraction': fraction,
-                     'loss': 'an', 'learning_rate': 1e-3, 'num_epochs': 10},
-          'val_map': test_map, 'test_map': test_map, 'last_test_map': test_map,
-          'best_epoch': 10, 'final_scale': None, 'final_margin': None,
-          'train_images_per_sec': 600.0, 'wall_seconds': 160.0}))
+      (run / 'results.json').write_text(
+          json.dumps({
+              'config': {
+                  'label_scenario': 'partial_positive',
+                  'positive_fraction': fraction,
+                  'loss': 'an',
+                  'learning_rate': 1e-3,
+                  'num_epochs': 10
+              },
+              'val_map': test_map,
+              'test_map': test_map,
+              'last_test_map': test_map,
+              'best_epoch': 10,
+              'final_scale': None,
+              'final_margin': None,
+              'train_images_per_sec': 600.0,
+              'wall_seconds': 160.0
+          }))
     folders.append(str(folder))
   script = runpy.run_path(os.path.join(ROOT, 'scripts', 'summarize_runs.py'))
   script['main'](folders)
@@ -99,8 +126,11 @@ def test_summarize_runs_groups_by_scenario_and_fraction(tmp_path, capsys):
 
 def test_grid_seeds_choose_on_the_first_seeds_then_complete_the_chosen_point(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir, num_epochs=1)
-  table, _ = compare.compare(config, str(tmp_path), ['an'], seeds=2,
-                             learning_rates=['1e-2', '1e-4'], grid_seeds=1)
+  table, _ = compare.compare(config,
+                             str(tmp_path), ['an'],
+                             seeds=2,
+                             learning_rates=['1e-2', '1e-4'],
+                             grid_seeds=1)
   with open(tmp_path / 'table.json') as f:
     runs = json.load(f)['runs']
   first_seed = [run for run in runs if run['seed'] == 0]

@@ -110,22 +110,22 @@ def test_server_gone_is_a_clear_error(cache):
   url = f'http://127.0.0.1:{httpd.server_address[1]}/weights.pth'
   httpd.server_close()  # nothing listens there any more
   with pytest.raises(downloads.DownloadError,
-                     match=r'Could not download .*weights\.pth .*put it at .*weights\.pth .*'
-                     + DIGEST):
+                     match=r'Could not download .*weights\.pth .*put it at .*weights\.pth .*' +
+                     DIGEST):
     downloads.cached_or_download(url, DIGEST, progress=False)
   assert _leftovers(cache) == []
 
 
 def test_a_killed_download_leaves_no_file_that_a_later_run_trusts(server, cache):
   url, path = f'{server}/stall.pth', str(cache / 'weights.pth')
-  child = subprocess.Popen(
-      [sys.executable, '-c', 'import sys; from hml_jax import downloads; '
-       'downloads.download(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)',
-       url, path, DIGEST], cwd=os.path.dirname(FIXTURES) + '/..')
+  child = subprocess.Popen([
+      sys.executable, '-c', 'import sys; from hml_jax import downloads; '
+      'downloads.download(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)', url, path, DIGEST
+  ],
+                           cwd=os.path.dirname(FIXTURES) + '/..')
   deadline = time.time() + 60
   while time.time() < deadline and not any(
-      name.endswith('.part') and os.path.getsize(cache / name) > 0
-      for name in _leftovers(cache)):
+      name.endswith('.part') and os.path.getsize(cache / name) > 0 for name in _leftovers(cache)):
     time.sleep(0.05)
   child.send_signal(signal.SIGKILL)
   child.wait()
@@ -133,7 +133,9 @@ def test_a_killed_download_leaves_no_file_that_a_later_run_trusts(server, cache)
   (part,) = _leftovers(cache)
   old = time.time() - downloads.STALE_PART_SECONDS - 1
   os.utime(cache / part, (old, old))  # the next download removes it once it is stale
-  assert downloads.cached_or_download(f'{server}/weights.pth', DIGEST, 'weights.pth',
+  assert downloads.cached_or_download(f'{server}/weights.pth',
+                                      DIGEST,
+                                      'weights.pth',
                                       progress=False) == path
   with open(path, 'rb') as f:
     assert f.read() == CONTENT
@@ -151,15 +153,16 @@ def test_a_damaged_cached_file_is_an_error_and_is_kept(server, cache):
 @pytest.fixture
 def fake_imagenet_weights(server, monkeypatch):
   """'torchvision:resnet50' served by the local server: the fixture under torchvision's name."""
-  monkeypatch.setitem(pretrained.IMAGENET_WEIGHTS, 'resnet50', pretrained.WeightsFile(
-      f'{server}/resnet50-0676ba61.pth', DIGEST))
+  monkeypatch.setitem(pretrained.IMAGENET_WEIGHTS, 'resnet50',
+                      pretrained.WeightsFile(f'{server}/resnet50-0676ba61.pth', DIGEST))
 
 
 def _small_backbone_and_features():
   with np.load(os.path.join(FIXTURES, 'torchvision_resnet_small.npz')) as data:
-    backbone = models.get_backbone(
-        'resnet50', stage_sizes=tuple(int(n) for n in data['stage_sizes']),
-        widths=tuple(int(w) for w in data['widths']), stem_width=int(data['stem_width']))
+    backbone = models.get_backbone('resnet50',
+                                   stage_sizes=tuple(int(n) for n in data['stage_sizes']),
+                                   widths=tuple(int(w) for w in data['widths']),
+                                   stem_width=int(data['stem_width']))
     return backbone, data['images'].transpose(0, 2, 3, 1), data['features']
 
 
@@ -186,7 +189,8 @@ def test_torchvision_cache_is_used_without_download(fake_imagenet_weights, cache
 def test_spec_checks(cache):
   pretrained.check_spec('torchvision:resnet50', 'resnet50')
   pretrained.check_spec('torchvision:/x/weights.safetensors', 'resnet50')
-  with pytest.raises(ValueError, match=r"weights of resnet50, but config\.model is 'resnet18'.*"
+  with pytest.raises(ValueError,
+                     match=r"weights of resnet50, but config\.model is 'resnet18'.*"
                      r'init_from=torchvision:resnet18'):
     pretrained.check_spec('torchvision:resnet50', 'resnet18')
   with pytest.raises(ValueError, match=r"'resnet_tiny'.*no ImageNet weights.*init_from=''"):
@@ -199,13 +203,15 @@ def test_spec_checks(cache):
 
 
 def test_paper_config_offline_fails_at_once_before_any_other_work(server, cache, tmp_path,
-                                                                 monkeypatch):
+                                                                  monkeypatch):
   """configs/voc.py as shipped names ImageNet weights; with an empty cache and no network the run
   stops with the download error before reading any data (the manual_dir does not even exist)."""
   from configs import voc  # pylint: disable=g-import-not-at-top
   from hml_jax import train  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(pretrained.IMAGENET_WEIGHTS, 'resnet50', pretrained.WeightsFile(
-      f'{server}/gone/resnet50-0676ba61.pth', pretrained.IMAGENET_WEIGHTS['resnet50'].sha256))
+  monkeypatch.setitem(
+      pretrained.IMAGENET_WEIGHTS, 'resnet50',
+      pretrained.WeightsFile(f'{server}/gone/resnet50-0676ba61.pth',
+                             pretrained.IMAGENET_WEIGHTS['resnet50'].sha256))
   config = voc.get_config()
   assert config.init_from == 'torchvision:resnet50'
   config.dataset.manual_dir = str(tmp_path / 'no_such_dir')

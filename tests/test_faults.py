@@ -37,9 +37,12 @@ def reference(tfds_dir, tmp_path_factory):
 def final_state(workdir):
   """The newest checkpoint's train state, every array as bytes (for exact comparison)."""
   _, _, state = train_state.load_trained_state(str(workdir), 'latest')
-  return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
-                                {'params': state.params, 'stats': state.batch_stats,
-                                 'opt': state.opt_state, 'step': state.step})
+  return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(), {
+      'params': state.params,
+      'stats': state.batch_stats,
+      'opt': state.opt_state,
+      'step': state.step
+  })
 
 
 def comparable_results(workdir):
@@ -54,15 +57,20 @@ def assert_equal_runs(workdir, reference_workdir):
 
 
 def cli(workdir, tfds_dir, *extra):
-  return [sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py',
-          f'--workdir={workdir}', f'--config.dataset.data_dir={tfds_dir}',
-          '--config.num_epochs=3', '--config.log_every_steps=1', *extra]
+  return [
+      sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+      f'--config.dataset.data_dir={tfds_dir}', '--config.num_epochs=3',
+      '--config.log_every_steps=1', *extra
+  ]
 
 
 def start_and_wait_for_epoch_2(command):
   """Starts the CLI; returns it once it is inside epoch 2 (epoch 1's checkpoint exists)."""
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True,
+  process = subprocess.Popen(command,
+                             cwd=ROOT,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE,
+                             text=True,
                              env=dict(os.environ, PYTHONPATH=ROOT))
   workdir = command[4].split('=', 1)[1]
   deadline = time.time() + 300
@@ -77,23 +85,26 @@ def test_sigkill_at_a_random_step_resumes_bitwise(tfds_dir, tmp_path, reference)
   workdir = tmp_path / 'killed'
   command = cli(workdir, tfds_dir)
   target = random.Random().randint(STEPS_PER_EPOCH + 1, 3 * STEPS_PER_EPOCH - 1)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True,
+  process = subprocess.Popen(command,
+                             cwd=ROOT,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE,
+                             text=True,
                              env=dict(os.environ, PYTHONPATH=ROOT))
   for line in process.stderr:  # every step's metrics are logged as "[step] ..."
     if f'] [{target}] ' in line:
       process.send_signal(signal.SIGKILL)
       break
   process.wait()
-  assert process.returncode == -signal.SIGKILL, f'never reached step {target}' 
+  assert process.returncode == -signal.SIGKILL, f'never reached step {target}'
   assert not (workdir / 'results.json').exists()
   subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
   assert_equal_runs(workdir, reference)
 
 
 @pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_preemption_signal_saves_the_current_step_and_resumes_bitwise(tfds_dir, tmp_path,
-                                                                      reference, signum, code):
+def test_preemption_signal_saves_the_current_step_and_resumes_bitwise(tfds_dir, tmp_path, reference,
+                                                                      signum, code):
   workdir = tmp_path / signal.Signals(signum).name
   command = cli(workdir, tfds_dir)
   process = start_and_wait_for_epoch_2(command)
@@ -126,14 +137,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tfds_dir, tmp_path
 
 def test_best_checkpoint_survives_retention(tfds_dir, tmp_path):
   workdir = tmp_path / 'run'
-  results = train.train_and_evaluate(
-      tiny_config(tfds_dir, num_epochs=3, checkpoints_to_keep=1), str(workdir))
+  results = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3, checkpoints_to_keep=1),
+                                     str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
   assert os.listdir(workdir / 'best') == [str(results['best_epoch'])]
 
 
-def test_failed_save_is_clear_and_the_previous_checkpoint_restores(tfds_dir, tmp_path,
-                                                                   reference, monkeypatch):
+def test_failed_save_is_clear_and_the_previous_checkpoint_restores(tfds_dir, tmp_path, reference,
+                                                                   monkeypatch):
   workdir = tmp_path / 'run'
   original = ocp.CheckpointManager.save
 
@@ -143,7 +154,8 @@ def test_failed_save_is_clear_and_the_previous_checkpoint_restores(tfds_dir, tmp
     return original(manager, step, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, 'save', failing_save)
-  with pytest.raises(RuntimeError, match=r'checkpoint of epoch 2 .*No space left on device.*'
+  with pytest.raises(RuntimeError,
+                     match=r'checkpoint of epoch 2 .*No space left on device.*'
                      r'epoch 1 .* is intact'):
     train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
   monkeypatch.setattr(ocp.CheckpointManager, 'save', original)
@@ -159,12 +171,13 @@ def nan_method(kind):
     if kind == 'loss':
       return jnp.mean(logits) * jnp.nan
     return jnp.sqrt(jnp.abs(logits[0, 0] - jax.lax.stop_gradient(logits[0, 0])))
+
   return dataclasses.replace(method, loss=loss, hyperparameters=())
 
 
-@pytest.mark.parametrize('kind, message', [
-    ('loss', r'Step 1: the loss is NaN or Inf'),
-    ('gradient', r'Step 1: the gradient of model/backbone/\S+ is NaN or Inf')])
+@pytest.mark.parametrize(
+    'kind, message', [('loss', r'Step 1: the loss is NaN or Inf'),
+                      ('gradient', r'Step 1: the gradient of model/backbone/\S+ is NaN or Inf')])
 def test_nonfinite_step_stops_naming_it(tfds_dir, tmp_path, monkeypatch, kind, message):
   monkeypatch.setitem(losses.METHODS, 'an', nan_method(kind))
   with pytest.raises(FloatingPointError, match=message):
@@ -180,7 +193,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tfds_dir, tmp_path, monkeypa
   _, _, state = train_state.load_trained_state(str(tmp_path / 'run'), 'latest')
   model = train.models.create_model(config.model, 'linear', 10)
   initial = train_state.create_train_state(config, model, losses.get_method('an'),
-                                     jax.random.key(config.seed), (32, 32, 1))
+                                           jax.random.key(config.seed), (32, 32, 1))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params),
                          jax.device_get(initial.params))  # no step was applied
 

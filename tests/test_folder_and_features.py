@@ -133,15 +133,19 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
   assert arrays['train_features'].shape == (24, 16) and arrays['test_features'].shape == (8, 16)
   assert np.all(np.isfinite(arrays['train_features']))
   # Another decoder (also for a run saved before config.dataset.decoder existed): other pixels.
-  other = extract_features.extract_to_file(str(workdir), str(tmp_path / 'tensorflow.npz'),
+  other = extract_features.extract_to_file(str(workdir),
+                                           str(tmp_path / 'tensorflow.npz'),
                                            dataset_overrides=('decoder=tensorflow',))
   assert other['train_features'].shape == arrays['train_features'].shape
   assert not np.array_equal(other['train_features'], arrays['train_features'])
   with pytest.raises(ValueError, match="config.dataset.decoder='opencv'"):
-    extract_features.extract_to_file(str(workdir), str(tmp_path / 'x.npz'),
+    extract_features.extract_to_file(str(workdir),
+                                     str(tmp_path / 'x.npz'),
                                      dataset_overrides=('decoder=opencv',))
-  written = {split: [labels for _, labels in rows]
-             for split, rows in write_folder(tmp_path / 'again').items()}
+  written = {
+      split: [labels for _, labels in rows]
+      for split, rows in write_folder(tmp_path / 'again').items()
+  }
   np.testing.assert_array_equal(arrays['train_labels'],
                                 folder.label_matrix(written['train'], sorted(NAMES)))
   head = train.train_and_evaluate(
@@ -150,8 +154,10 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
   assert set(head['per_class_ap']) == set(NAMES)
 
   # The same through the command line.
-  command = [sys.executable, '-m', 'hml_jax.extract_features', f'--workdir={workdir}',
-             f'--output={tmp_path / "cli.npz"}', '--which=latest']
+  command = [
+      sys.executable, '-m', 'hml_jax.extract_features', f'--workdir={workdir}',
+      f'--output={tmp_path / "cli.npz"}', '--which=latest'
+  ]
   subprocess.run(command, check=True, capture_output=True, env=CLI_ENV, cwd=PROJECT_ROOT)
   with np.load(tmp_path / 'cli.npz') as cli:
     np.testing.assert_array_equal(cli['train_labels'], arrays['train_labels'])
@@ -168,25 +174,38 @@ def test_stats_prints_the_table_1_row(tmp_path):
       np.mean([len(labels) for _, labels in written['train']]))
   assert (row['train_split'], row['validation_split']) == (19, 5)
   assert '| 4 | 24 | 8 |' in stats.format_row(row)
-  output = subprocess.run(
-      [sys.executable, '-m', 'hml_jax.datasets.stats', '--config=configs/folder.py',
-       f'--config.dataset.path={tmp_path}'], check=True, capture_output=True, text=True,
-      env=CLI_ENV, cwd=PROJECT_ROOT).stdout
+  output = subprocess.run([
+      sys.executable, '-m', 'hml_jax.datasets.stats', '--config=configs/folder.py',
+      f'--config.dataset.path={tmp_path}'
+  ],
+                          check=True,
+                          capture_output=True,
+                          text=True,
+                          env=CLI_ENV,
+                          cwd=PROJECT_ROOT).stdout
   assert '| 4 | 24 | 8 |' in output
 
 
-@pytest.mark.parametrize('problem', ['missing_csv', 'missing_image', 'bad_header', 'commas',
-                                     'empty', 'corrupt', 'semicolons', 'vector', 'duplicate',
-                                     'leak', 'one_bit_bmp'])
+@pytest.mark.parametrize('problem', [
+    'missing_csv', 'missing_image', 'bad_header', 'commas', 'empty', 'corrupt', 'semicolons',
+    'vector', 'duplicate', 'leak', 'one_bit_bmp'
+])
 def test_folder_errors_name_the_file(tmp_path, problem):
   write_folder(tmp_path)
   train_csv = tmp_path / 'train.csv'
-  expected = {'missing_csv': 'train.csv does not exist', 'missing_image': 'train_3.jpg',
-              'bad_header': 'line 1 must be the header', 'commas': 'line 2 has 4 columns',
-              'empty': 'no rows after its header', 'corrupt': 'train_0.jpg',
-              'semicolons': 'train.csv line 3: labels field', 'vector': 'looks like a 0/1 vector',
-              'duplicate': 'lists images/train_0.jpg twice', 'leak': 'in both',
-              'one_bit_bmp': 'train_1.bmp'}[problem]
+  expected = {
+      'missing_csv': 'train.csv does not exist',
+      'missing_image': 'train_3.jpg',
+      'bad_header': 'line 1 must be the header',
+      'commas': 'line 2 has 4 columns',
+      'empty': 'no rows after its header',
+      'corrupt': 'train_0.jpg',
+      'semicolons': 'train.csv line 3: labels field',
+      'vector': 'looks like a 0/1 vector',
+      'duplicate': 'lists images/train_0.jpg twice',
+      'leak': 'in both',
+      'one_bit_bmp': 'train_1.bmp'
+  }[problem]
   rows = train_csv.read_text().split('\n')
   if problem == 'missing_csv':
     os.remove(train_csv)
@@ -204,7 +223,8 @@ def test_folder_errors_name_the_file(tmp_path, problem):
     rows[2] = rows[2].split(',')[0] + ',cat;dog'
     train_csv.write_text('\n'.join(rows))
   elif problem == 'vector':
-    train_csv.write_text('filename,labels\nimages/train_0.jpg,0 1 0 1\nimages/train_1.jpg,1 0 0 0\n')
+    train_csv.write_text(
+        'filename,labels\nimages/train_0.jpg,0 1 0 1\nimages/train_1.jpg,1 0 0 0\n')
   elif problem == 'duplicate':
     train_csv.write_text('\n'.join(rows[:3] + [rows[1]] + rows[3:]))
   elif problem == 'leak':
@@ -223,9 +243,10 @@ def test_folder_errors_name_the_file(tmp_path, problem):
 def test_folder_label_separators_and_spreadsheet_bom(tmp_path):
   write_folder(tmp_path)
   (tmp_path / 'train.csv').write_text(
-      '\ufefffilename,labels\n' + ''.join(f'images/train_{i}.jpg,traffic light|stop sign\n'
-                                          for i in range(0, 24, 3)) +
-      ''.join(f'images/train_{i}.png,cat  dog\n' for i in range(2, 24, 3)), encoding='utf-8')
+      '\ufefffilename,labels\n' +
+      ''.join(f'images/train_{i}.jpg,traffic light|stop sign\n' for i in range(0, 24, 3)) +
+      ''.join(f'images/train_{i}.png,cat  dog\n' for i in range(2, 24, 3)),
+      encoding='utf-8')
   data = input_pipeline.load(tiny_image_config(tmp_path))
   assert 'traffic light' in data.label_names and 'stop sign' in data.label_names
   assert 'cat' in data.label_names and 'traffic' not in data.label_names
@@ -264,7 +285,12 @@ def test_folder_skip_corrupt_skips_and_counts(tmp_path, caplog):
   assert 'Skipped 2 corrupt image(s)' in caplog.text
 
 
-def write_features(path, num_train=400, num_test=200, dimensions=32, num_labels=5, seed=0,
+def write_features(path,
+                   num_train=400,
+                   num_test=200,
+                   dimensions=32,
+                   num_labels=5,
+                   seed=0,
                    validation=False):
   """Features where each label is a direction: learnable, so training must beat chance."""
   rng = np.random.RandomState(seed)
@@ -274,8 +300,8 @@ def write_features(path, num_train=400, num_test=200, dimensions=32, num_labels=
   for split, count in splits:
     labels = (rng.rand(count, num_labels) < 0.3).astype(np.int32)
     labels[np.arange(count), rng.randint(0, num_labels, count)] = 1
-    arrays[f'{split}_features'] = (labels @ directions + 0.3 * rng.randn(count, dimensions)
-                                   ).astype(np.float32)
+    arrays[f'{split}_features'] = (labels @ directions + 0.3 * rng.randn(count, dimensions)).astype(
+        np.float32)
     arrays[f'{split}_labels'] = labels
   arrays['label_names'] = np.array([f'label{j}' for j in range(num_labels)])
   np.savez(path, **arrays)
@@ -328,9 +354,9 @@ def test_features_standardization_uses_training_rows_only(tmp_path):
   np.testing.assert_allclose(data.feature_statistics['std'], std, rtol=1e-5)
   np.testing.assert_allclose(data.train.examples, (training - mean) / std, atol=1e-4)
   np.testing.assert_allclose(data.validation.examples,
-                             (arrays['train_features'][validation_rows] - mean) / std, atol=1e-4)
-  np.testing.assert_allclose(data.test.examples, (arrays['test_features'] - mean) / std,
+                             (arrays['train_features'][validation_rows] - mean) / std,
                              atol=1e-4)
+  np.testing.assert_allclose(data.test.examples, (arrays['test_features'] - mean) / std, atol=1e-4)
   np.testing.assert_allclose(data.train.examples.mean(0), 0, atol=1e-4)
   config.dataset.standardize = 'l2'
   data = input_pipeline.load(config)
@@ -384,8 +410,8 @@ def test_features_errors(tmp_path, problem, expected):
     arrays['val_features'] = np.zeros((0, 32), np.float32)
     arrays['val_labels'] = np.zeros((0, 5), np.int32)
   np.savez(path, **arrays)
-  config = features_config_for('' if problem == 'no_path' else
-                               tmp_path / 'nope.npz' if problem == 'missing' else path)
+  config = features_config_for('' if problem == 'no_path' else tmp_path /
+                               'nope.npz' if problem == 'missing' else path)
   with pytest.raises((ValueError, FileNotFoundError), match=expected):
     input_pipeline.load(config)
 

@@ -22,17 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MIN_SIZE = 128
 
 
-@pytest.mark.parametrize('shape, expected', [
-    ((2048, 5000), P(None, 'data')),             # a 5,000-label head: split along the labels
-    ((2048, 81), P('data', None)),                 # NUS-WIDE's head: 81 is not divisible by 8
-    ((3, 3, 512, 512), P(None, None, None, 'data')),  # a tie: the later (output) dimension
-    ((1, 1, 1024, 2048), P(None, None, None, 'data')),
-    ((2048, 20), P()),                             # VOC's head: 40,960 elements, below 2**16
-    ((81, 1025), P()),                             # large, but 8 divides none of its dimensions
-    ((1000, 1024, 9), P(None, 'data', None)),      # the largest divisible one, not the largest
-    ((2048,), P()),                                # BatchNorm vectors and scalars
-    ((), P()),
-])
+@pytest.mark.parametrize(
+    'shape, expected',
+    [
+        ((2048, 5000), P(None, 'data')),  # a 5,000-label head: split along the labels
+        ((2048, 81), P('data', None)),  # NUS-WIDE's head: 81 is not divisible by 8
+        ((3, 3, 512, 512), P(None, None, None, 'data')),  # a tie: the later (output) dimension
+        ((1, 1, 1024, 2048), P(None, None, None, 'data')),
+        ((2048, 20), P()),  # VOC's head: 40,960 elements, below 2**16
+        ((81, 1025), P()),  # large, but 8 divides none of its dimensions
+        ((1000, 1024, 9), P(None, 'data', None)),  # the largest divisible one, not the largest
+        ((2048,), P()),  # BatchNorm vectors and scalars
+        ((), P()),
+    ])
 def test_fsdp_spec_splits_the_largest_dimension_the_devices_divide(shape, expected):
   assert sharding.fsdp_spec(shape, 8, min_size=2**16) == expected
 
@@ -50,13 +52,17 @@ def tiny_state_shapes(loss, num_train=40):
   config.loss = loss
   method = losses.get_method(loss)
   model = models.create_model(config.model, method.head, num_labels=10)
-  return train_state.train_state_shapes(config, model, method, (32, 32, 1),
-                                  observed_labels=np.zeros((num_train, 10), np.int32))
+  return train_state.train_state_shapes(config,
+                                        model,
+                                        method, (32, 32, 1),
+                                        observed_labels=np.zeros((num_train, 10), np.int32))
 
 
 def specs_by_name(shardings):
-  return {jax.tree_util.keystr(path): target.spec
-          for path, target in jax.tree_util.tree_leaves_with_path(shardings)}
+  return {
+      jax.tree_util.keystr(path): target.spec
+      for path, target in jax.tree_util.tree_leaves_with_path(shardings)
+  }
 
 
 def test_state_shardings_of_the_tiny_state():
@@ -81,12 +87,12 @@ def test_state_shardings_of_the_tiny_state():
 
   def label_state_spec(num_train):
     shapes = tiny_state_shapes('ll_cp', num_train)
-    return specs_by_name(sharding.state_shardings(shapes, mesh, 'fsdp', TINY_MIN_SIZE))[
-        '.observed_labels']
+    return specs_by_name(sharding.state_shardings(shapes, mesh, 'fsdp',
+                                                  TINY_MIN_SIZE))['.observed_labels']
+
   assert label_state_spec(40) == P('data', None)  # (40 images, 10 labels)
   assert label_state_spec(44) == P()  # 8 divides neither 44 nor 10
-  replicated = specs_by_name(sharding.state_shardings(shapes, mesh, 'replicated',
-                                                      TINY_MIN_SIZE))
+  replicated = specs_by_name(sharding.state_shardings(shapes, mesh, 'replicated', TINY_MIN_SIZE))
   assert set(replicated.values()) == {P()} and replicated.keys() == fsdp.keys()
 
 
@@ -112,7 +118,8 @@ def test_the_layout_is_resumable_and_older_workdirs_are_refused(tmp_path):
   older = config.to_dict()
   del older['parameter_sharding'], older['fsdp_min_size']
   (tmp_path / 'config.json').write_text(json.dumps(older))
-  with pytest.raises(ValueError, match=r'made by an older version of hml_jax \(workdir format 1;'
+  with pytest.raises(ValueError,
+                     match=r'made by an older version of hml_jax \(workdir format 1;'
                      r' this version reads format 2.*another --workdir; nothing was changed'):
     checkpoints.check_config(str(tmp_path), config)
   assert (tmp_path / 'config.json').read_text() == json.dumps(older)
@@ -120,8 +127,11 @@ def test_the_layout_is_resumable_and_older_workdirs_are_refused(tmp_path):
 
 def run_on_8_devices(script, *arguments):
   """Runs a script in a fresh Python with 8 virtual CPU devices; its last line, as JSON."""
-  result = subprocess.run([sys.executable, '-c', script, *arguments], cwd=ROOT,
-                          env=environment(8), capture_output=True, text=True)
+  result = subprocess.run([sys.executable, '-c', script, *arguments],
+                          cwd=ROOT,
+                          env=environment(8),
+                          capture_output=True,
+                          text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -200,8 +210,9 @@ def test_fsdp_trains_as_replicated(loss):
   perturbed = runs['perturbed']
 
   def largest_difference(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
-               for x, y in zip(a, b))
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0)) for x, y in zip(a, b))
+
   np.testing.assert_allclose(fsdp['losses'], replicated['losses'], rtol=1e-5)
   assert len(fsdp['leaves']) == len(replicated['leaves'])
   for key in ('scores', 'leaves'):  # leaves: parameters, Adam's moments, label state
@@ -213,8 +224,11 @@ def test_fsdp_trains_as_replicated(loss):
 def replicated_run(tfds_dir, tmp_path_factory):
   """The workdir of 2 epochs of the tiny config on 8 devices, replicated (the CLI)."""
   workdir = tmp_path_factory.mktemp('replicated_run')
-  subprocess.run(command(workdir, tfds_dir, '--config.num_epochs=2'), cwd=ROOT,
-                 env=environment(8), check=True, capture_output=True)
+  subprocess.run(command(workdir, tfds_dir, '--config.num_epochs=2'),
+                 cwd=ROOT,
+                 env=environment(8),
+                 check=True,
+                 capture_output=True)
   return workdir
 
 
@@ -258,8 +272,8 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_resume_in_the_other_layout(tfds_dir, tmp_path, replicated_run):
-  result = run_on_8_devices(RESUME, str(tfds_dir), str(tmp_path / 'switched'),
-                            str(replicated_run), str(TINY_MIN_SIZE))
+  result = run_on_8_devices(RESUME, str(tfds_dir), str(tmp_path / 'switched'), str(replicated_run),
+                            str(TINY_MIN_SIZE))
   # 24 steps, 12 of which reduce in another order (fsdp): per-epoch losses as
   # tests/test_multihost.py allows between device counts, parameters (of magnitude up to 0.6)
   # within 1e-3. Seen on this CPU: 6e-5 relative and 1.5e-4.
@@ -283,12 +297,18 @@ def test_two_processes_in_fsdp(tfds_dir, tmp_path, replicated_run):
   2 rows to a device), each process saves its own shards; the run equals the replicated one."""
   workdir = tmp_path / 'two_processes'
   port = free_port()
-  processes = [subprocess.Popen(
-      command(workdir, tfds_dir, '--config.num_epochs=2', '--config.parameter_sharding=fsdp',
-              f'--config.fsdp_min_size={TINY_MIN_SIZE}',
-              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-              f'--process_id={i}'), cwd=ROOT, env=environment(4), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = [
+      subprocess.Popen(command(workdir, tfds_dir, '--config.num_epochs=2',
+                               '--config.parameter_sharding=fsdp',
+                               f'--config.fsdp_min_size={TINY_MIN_SIZE}',
+                               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                               f'--process_id={i}'),
+                       cwd=ROOT,
+                       env=environment(4),
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300) for p in processes]
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]

@@ -35,7 +35,10 @@ def test_target_has_voc_like_label_statistics_and_planted_pairs():
 
 
 def test_generation_is_deterministic():
-  config = glyphs.GlyphConfig(image_size=32, num_train=20, num_test=10, min_glyph_size=9,
+  config = glyphs.GlyphConfig(image_size=32,
+                              num_train=20,
+                              num_test=10,
+                              min_glyph_size=9,
                               max_glyph_size=14)
   for generator in (glyphs.generate_target, glyphs.generate_pretraining):
     first, second = _examples(generator, 'test', config), _examples(generator, 'test', config)
@@ -53,7 +56,10 @@ def test_pretraining_never_sees_the_target_or_its_sources(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError('pretraining read the target\'s source digits')
 
-  config = glyphs.GlyphConfig(image_size=32, num_train=300, num_test=50, min_glyph_size=9,
+  config = glyphs.GlyphConfig(image_size=32,
+                              num_train=300,
+                              num_test=50,
+                              min_glyph_size=9,
                               max_glyph_size=14)
   target = {split: _examples(glyphs.generate_target, split, config) for split in ('train', 'test')}
   monkeypatch.setattr(sklearn.datasets, 'load_digits', refuse)
@@ -62,9 +68,11 @@ def test_pretraining_never_sees_the_target_or_its_sources(monkeypatch):
                  _examples(glyphs.generate_pretraining, 'test', config))
   assert not set(glyphs.PRETRAINING_CLASSES) & set(glyphs.TARGET_LABELS)
   assert not set(glyphs.PRETRAINING_CLASSES) & set('0123456789')
-  rendered = {character for character, _ in glyphs.glyph_bank(glyphs.PRETRAINING_CLASSES,
-                                                              glyphs.FONT_FILES)}
+  rendered = {
+      character for character, _ in glyphs.glyph_bank(glyphs.PRETRAINING_CLASSES, glyphs.FONT_FILES)
+  }
   assert rendered == set(glyphs.PRETRAINING_CLASSES)
+
   def digest(image):
     return hashlib.sha256(image.tobytes()).hexdigest()
 
@@ -78,7 +86,9 @@ def test_target_train_and_test_use_disjoint_fonts_and_digits():
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top
   train_sources, test_sources = composite_digits.split_sources(
-      load_digits().target, glyphs.GlyphConfig().test_source_fraction, glyphs.GlyphConfig().seed)
+      load_digits().target,
+      glyphs.GlyphConfig().test_source_fraction,
+      glyphs.GlyphConfig().seed)
   assert not set(train_sources) & set(test_sources)
 
 
@@ -91,7 +101,10 @@ def _glyph_config(tfds_dir, name, **overrides):
 @pytest.fixture(scope='module')
 def pretrained_workdir(tfds_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('glyph_pretraining'))
-  config = _glyph_config(tfds_dir, 'glyph_pretraining', loss='bce', label_scenario='full',
+  config = _glyph_config(tfds_dir,
+                         'glyph_pretraining',
+                         loss='bce',
+                         label_scenario='full',
                          num_epochs=1)
   results = train.train_and_evaluate(config, workdir)
   assert len(results['per_class_ap']) == 32
@@ -122,13 +135,13 @@ def test_init_from_workdir_errors(tfds_dir, pretrained_workdir, tmp_path):
   config.init_from = f'workdir:{pretrained_workdir}'
   config.model = 'resnet_small'
   config.image_size = 32
-  with pytest.raises(ValueError, match=r"backbone is 'resnet_tiny', but config.model is "
+  with pytest.raises(ValueError,
+                     match=r"backbone is 'resnet_tiny', but config.model is "
                      r"'resnet_small'"):
     train.train_and_evaluate(config, str(tmp_path / 'run2'))
   empty = tmp_path / 'unfinished'
   os.makedirs(empty / 'best')
-  (empty / 'config.json').write_text(open(os.path.join(pretrained_workdir,
-                                                       'config.json')).read())
+  (empty / 'config.json').write_text(open(os.path.join(pretrained_workdir, 'config.json')).read())
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{empty}')
   with pytest.raises(FileNotFoundError, match=r'has not finished \(no results.json\)'):
     train.train_and_evaluate(config, str(tmp_path / 'run3'))
@@ -136,17 +149,18 @@ def test_init_from_workdir_errors(tfds_dir, pretrained_workdir, tmp_path):
 
 
 def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_workdir, tmp_path,
-                                                         monkeypatch):
+                                                        monkeypatch):
   """embedded_backbones.export_workdir writes the best checkpoint's backbone; init_from=
   'embedded:NAME' gives exactly those arrays, after checking the file's SHA-256."""
   path = tmp_path / 'weights' / 'tiny_backbone.safetensors'
   metadata = embedded_backbones.export_workdir(pretrained_workdir, str(path))
   assert metadata['model'] == 'resnet_tiny' and json.loads(metadata['image_shape']) == [32, 32, 1]
   monkeypatch.setattr(embedded_backbones, 'DIRECTORY', str(tmp_path / 'weights'))
-  monkeypatch.setitem(embedded_backbones.BACKBONES, 'tiny_backbone',
-                      embedded_backbones.EmbeddedBackbone(
-                          'tiny_backbone.safetensors', 'resnet_tiny', 'glyph_pretraining',
-                          embedded_backbones.sha256_of(str(path)), 'the test'))
+  monkeypatch.setitem(
+      embedded_backbones.BACKBONES, 'tiny_backbone',
+      embedded_backbones.EmbeddedBackbone('tiny_backbone.safetensors', 'resnet_tiny',
+                                          'glyph_pretraining',
+                                          embedded_backbones.sha256_of(str(path)), 'the test'))
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from='embedded:tiny_backbone')
   method = losses.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
@@ -161,16 +175,19 @@ def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_wor
   with open(path, 'r+b') as f:
     f.seek(-4, os.SEEK_END)
     f.write(b'\0\0\0\1')
-  with pytest.raises(ValueError, match=r'tiny_backbone.safetensors has SHA-256 .* rebuild it '
+  with pytest.raises(ValueError,
+                     match=r'tiny_backbone.safetensors has SHA-256 .* rebuild it '
                      r'with: the test'):
     train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
 
 
 def test_embedded_backbone_errors():
-  with pytest.raises(ValueError, match=r"no embedded backbone 'nope'; hml_jax ships "
+  with pytest.raises(ValueError,
+                     match=r"no embedded backbone 'nope'; hml_jax ships "
                      r'embedded:glyph_resnet_small'):
     pretrained.check_spec('embedded:nope', 'resnet_small')
-  with pytest.raises(ValueError, match=r"is a resnet_small backbone, but config.model is "
+  with pytest.raises(ValueError,
+                     match=r"is a resnet_small backbone, but config.model is "
                      r"'resnet50': set --config.model=resnet_small"):
     pretrained.check_spec('embedded:glyph_resnet_small', 'resnet50')
 
@@ -203,12 +220,17 @@ def test_committed_glyph_backbone_is_what_its_command_makes():
 def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   command = embedded_backbones.BACKBONES['glyph_resnet_small'].regenerate.replace(
-      'runs/regime', str(tmp_path)).replace(
-          'hml_jax/weights/glyph_resnet_small.safetensors', str(tmp_path / 'out.safetensors'))
-  subprocess.run(command, shell=True, cwd=root, check=True,
-                 env={**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
-  assert (embedded_backbones.sha256_of(str(tmp_path / 'out.safetensors')) ==
-          embedded_backbones.BACKBONES['glyph_resnet_small'].sha256)
+      'runs/regime', str(tmp_path)).replace('hml_jax/weights/glyph_resnet_small.safetensors',
+                                            str(tmp_path / 'out.safetensors'))
+  subprocess.run(command,
+                 shell=True,
+                 cwd=root,
+                 check=True,
+                 env={
+                     **os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')
+                 })
+  assert (embedded_backbones.sha256_of(str(
+      tmp_path / 'out.safetensors')) == embedded_backbones.BACKBONES['glyph_resnet_small'].sha256)
 
 
 @pytest.mark.slow
@@ -229,5 +251,7 @@ def test_features_of_the_embedded_backbone(tfds_dir, tmp_path):
   model = models.create_model(config.model, 'cosine', 20)
   images = (source.test_examples[:16].astype(np.float32) / 255.0 - 0.5) / 0.5
   expected = model.backbone.apply(variables, images, train=False)
-  np.testing.assert_allclose(arrays['test_features'][:16], np.asarray(expected), rtol=1e-4,
+  np.testing.assert_allclose(arrays['test_features'][:16],
+                             np.asarray(expected),
+                             rtol=1e-4,
                              atol=1e-4)

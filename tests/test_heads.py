@@ -25,7 +25,9 @@ def test_margin_logits_matches_numpy_reference(scale, margin):
   cos = np.random.RandomState(0).uniform(-1, 1, size=(64, 7)).astype(np.float32)
   cos = np.concatenate([cos.ravel(), BOUNDARY_COSINES])
   got = np.asarray(heads.margin_logits(cos, scale, margin))
-  np.testing.assert_allclose(got, reference_margin_logits(cos, scale, margin), atol=2e-5 * scale,
+  np.testing.assert_allclose(got,
+                             reference_margin_logits(cos, scale, margin),
+                             atol=2e-5 * scale,
                              rtol=1e-5)
 
 
@@ -37,8 +39,9 @@ def test_margin_zero_is_the_normalized_sigmoid_of_eq3():
 @pytest.mark.parametrize('margin', [0.3, 0.0, 1.0, -0.3])
 def test_margin_logits_has_finite_gradients_at_the_boundaries(margin):
   for argument in (0, 1, 2):
-    grad = jax.vmap(jax.grad(heads.margin_logits, argnums=argument), in_axes=(0, None, None))(
-        jnp.asarray(BOUNDARY_COSINES), jnp.float32(20.0), jnp.float32(margin))
+    grad = jax.vmap(jax.grad(heads.margin_logits, argnums=argument),
+                    in_axes=(0, None, None))(jnp.asarray(BOUNDARY_COSINES), jnp.float32(20.0),
+                                             jnp.float32(margin))
     assert np.all(np.isfinite(np.asarray(grad))), (argument, margin, grad)
   values = heads.margin_logits(BOUNDARY_COSINES, 20.0, margin)
   assert np.all(np.isfinite(np.asarray(values)))
@@ -55,8 +58,9 @@ def test_margin_logits_is_increasing_in_cos_even_past_pi(margin):
   if abs(margin) <= np.pi / 2:
     # (For |m| > pi/2 the derivative at exactly |c| = 1, where sin(theta) = 0 is not
     # differentiable, is taken as cos(m) < 0; the values above stay increasing.)
-    grads = np.asarray(jax.vmap(jax.grad(heads.margin_logits), in_axes=(0, None, None))(
-        jnp.asarray(cos), 1.0, margin))
+    grads = np.asarray(
+        jax.vmap(jax.grad(heads.margin_logits), in_axes=(0, None, None))(jnp.asarray(cos), 1.0,
+                                                                         margin))
     assert np.all(grads >= 0)
 
 
@@ -77,7 +81,7 @@ def test_gradient_in_cos_matches_analytic_derivative():
   cos = np.linspace(-0.9, 0.9, 19).astype(np.float32)
   margin = 0.3
   grads = jax.vmap(jax.grad(heads.margin_logits), in_axes=(0, None, None))(cos, 1.0, margin)
-  expected = np.cos(margin) + cos * np.sin(margin) / np.sqrt(1 - cos.astype(np.float64) ** 2)
+  expected = np.cos(margin) + cos * np.sin(margin) / np.sqrt(1 - cos.astype(np.float64)**2)
   np.testing.assert_allclose(grads, expected, rtol=1e-4)
 
 
@@ -93,8 +97,7 @@ def test_cosine_similarity_is_float32_bounded_and_safe_for_zero_vectors():
   np.testing.assert_allclose(cos[1, 1], 1.0, atol=1e-2)
   exact = (features[2:] @ embeddings.T) / np.outer(np.linalg.norm(features[2:], axis=1),
                                                    np.linalg.norm(embeddings, axis=1))
-  np.testing.assert_allclose(
-      heads.cosine_similarity(features, embeddings)[2:], exact, atol=1e-6)
+  np.testing.assert_allclose(heads.cosine_similarity(features, embeddings)[2:], exact, atol=1e-6)
 
 
 def test_cosine_head_stores_embeddings_without_bias():

@@ -40,6 +40,9 @@ def test_a_preloaded_tcmalloc_is_detected():
     pytest.skip('tcmalloc is not installed here')
   completed = subprocess.run(
       [sys.executable, '-c', 'from hml_jax import host; print(host.memory_allocator())'],
-      cwd=ROOT, env=dict(os.environ, LD_PRELOAD=path, PYTHONPATH=ROOT), capture_output=True,
-      text=True, check=True)
+      cwd=ROOT,
+      env=dict(os.environ, LD_PRELOAD=path, PYTHONPATH=ROOT),
+      capture_output=True,
+      text=True,
+      check=True)
   assert completed.stdout.strip() == 'tcmalloc'

@@ -41,18 +41,17 @@ def test_pil_decoder_is_torchvisions_resize_exactly(name):
   encoded, expected = CASES[name]
   assert sorted(expected) == [16, 30, 48]  # shrink, mixed, enlarge (the images are 35x25)
   for size, torchvision_output in expected.items():
-    np.testing.assert_array_equal(
-        decoders.decode_and_resize_with_pil(encoded, size), torchvision_output)
+    np.testing.assert_array_equal(decoders.decode_and_resize_with_pil(encoded, size),
+                                  torchvision_output)
     # Through the batch function that tf.data's threads call, mirrored or not.
-    batch = decoders.decode_batch_with_pil(
-        np.array([encoded, encoded], dtype=object), np.array([False, True]), np.array([0, 1]),
-        size)
+    batch = decoders.decode_batch_with_pil(np.array([encoded, encoded], dtype=object),
+                                           np.array([False, True]), np.array([0, 1]), size)
     np.testing.assert_array_equal(batch[0], torchvision_output)
     np.testing.assert_array_equal(batch[1], torchvision_output[:, ::-1])
 
 
-@pytest.mark.parametrize('name', ['rgb_jpeg', 'gray_jpeg', 'cmyk_jpeg', 'rgb_png', 'rgba_png',
-                                  'palette_gif'])
+@pytest.mark.parametrize(
+    'name', ['rgb_jpeg', 'gray_jpeg', 'cmyk_jpeg', 'rgb_png', 'rgba_png', 'palette_gif'])
 def test_tensorflow_decoder_is_close_to_torchvision(name):
   encoded, expected = CASES[name]
   for size, torchvision_output in expected.items():
@@ -108,8 +107,8 @@ def test_unreadable_bytes_and_unknown_decoder_are_named(tmp_path):
 def test_an_image_that_breaks_after_loading_stops_the_pipeline_with_its_row(tmp_path, decoder):
   written, _, data = load_folder(tmp_path, decoder)
   (tmp_path / written['test'][5][0]).write_bytes(b'garbage')  # after the load-time check
-  expected = (r'Image of row 5 of this split: not a readable image' if decoder == 'pil'
-              else 'Unknown image file format')  # TensorFlow's words: no row
+  expected = (r'Image of row 5 of this split: not a readable image'
+              if decoder == 'pil' else 'Unknown image file format')  # TensorFlow's words: no row
   with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
     list(data.test.eval_batches(4))
 
@@ -187,8 +186,8 @@ def test_both_decoders_give_the_same_batches_of_the_same_images(tmp_path):
   for split, other_split in ((data.train, other.train), (data.test, other.test)):
     if split is data.train:
       batches = list(split.train_batches(4, seed=0, epoch=2, config=config, start_step=1))
-      other_batches = list(other_split.train_batches(4, seed=0, epoch=2, config=config,
-                                                     start_step=1))
+      other_batches = list(
+          other_split.train_batches(4, seed=0, epoch=2, config=config, start_step=1))
     else:
       batches, other_batches = list(split.eval_batches(3)), list(other_split.eval_batches(3))
     assert len(batches) == len(other_batches) > 1

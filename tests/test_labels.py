@@ -55,14 +55,15 @@ def test_partial_positive_keeps_a_uniform_fraction_of_all_positives():
   assert np.sum((labels.sum(1) > 0) & (observed.sum(1) == 0)) > len(labels) // 2
   np.testing.assert_array_equal(
       observed, labels_lib.observe(labels, 'partial_positive', seed=1200, fraction=0.1))
-  assert not np.array_equal(
-      observed, labels_lib.observe(labels, 'partial_positive', seed=1201, fraction=0.1))
-  np.testing.assert_array_equal(
-      labels_lib.observe(labels, 'partial_positive', 0, fraction=1.0), labels)
+  assert not np.array_equal(observed,
+                            labels_lib.observe(labels, 'partial_positive', seed=1201, fraction=0.1))
+  np.testing.assert_array_equal(labels_lib.observe(labels, 'partial_positive', 0, fraction=1.0),
+                                labels)
   # Uniform: over 300 seeds each positive entry is kept about 30% of the time (binomial std
   # 0.026; 0.12 is 4.5 of them), and no negative ever.
-  kept = np.mean([labels_lib.observe(labels, 'partial_positive', seed, fraction=0.3)
-                  for seed in range(300)], axis=0)
+  kept = np.mean(
+      [labels_lib.observe(labels, 'partial_positive', seed, fraction=0.3) for seed in range(300)],
+      axis=0)
   assert np.all(np.abs(kept[labels == 1] - 0.3) < 0.12) and np.all(kept[labels == 0] == 0)
   # Unlike 'partial', which keeps at least one positive of every image.
   per_image = labels_lib.observe(labels, 'partial', seed=1200, fraction=0.1)

@@ -14,8 +14,14 @@ SCRIPTS = ['launch/local.sh', 'launch/gpu.sh', 'launch/tpu_vm.sh']
 
 
 def run(*command, **environment):
-  return subprocess.run(list(command), cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, **environment})
+  return subprocess.run(list(command),
+                        cwd=ROOT,
+                        capture_output=True,
+                        text=True,
+                        env={
+                            **os.environ,
+                            **environment
+                        })
 
 
 def test_shellcheck_is_clean():
@@ -43,12 +49,14 @@ def test_local_dry_run():
   assert result.returncode == 0
   assert result.stdout.splitlines() == [
       '+ .venv/bin/python -m hml_jax.main --config=configs/tiny.py --workdir=runs/x '
-      '--config.loss=an']
+      '--config.loss=an'
+  ]
   # With tcmalloc installed (here: named), it is preloaded; a user's own LD_PRELOAD wins.
   result = run(*arguments, HML_TCMALLOC='/lib/libtcmalloc_minimal.so.4', LD_PRELOAD='')
   assert result.stdout.splitlines() == [
       '+ env LD_PRELOAD=/lib/libtcmalloc_minimal.so.4 .venv/bin/python -m hml_jax.main '
-      '--config=configs/tiny.py --workdir=runs/x --config.loss=an']
+      '--config=configs/tiny.py --workdir=runs/x --config.loss=an'
+  ]
   result = run(*arguments, HML_TCMALLOC='/lib/libtcmalloc_minimal.so.4', LD_PRELOAD='/my.so')
   assert result.stdout.splitlines()[0].startswith('+ .venv/bin/python')
 

@@ -12,7 +12,10 @@ from hml_jax import models
 
 
 def native(x, kernel, strides, padding):
-  return lax.conv_general_dilated(x, kernel, strides, padding,
+  return lax.conv_general_dilated(x,
+                                  kernel,
+                                  strides,
+                                  padding,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
@@ -40,14 +43,14 @@ def random_inputs(shape, kernel_shape, seed=0):
 # (input shape, kernel shape, strides, padding): every kind of convolution of a ResNet (1x1 as a
 # channel matmul, the others as patch_matmul), on maps down to 2x2.
 CASES = [
-    ((2, 6, 6, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))),     # 1x1, more out than in
-    ((2, 6, 6, 16), (1, 1, 16, 4), (1, 1), ((0, 0), (0, 0))),    # 1x1, fewer out than in
-    ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), 'VALID'),              # strided 1x1 (downsample)
-    ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),      # 3x3 on a 2x2 map
-    ((2, 4, 4, 8), (3, 3, 8, 6), (2, 2), ((1, 1), (1, 1))),      # strided 3x3 on a 4x4 map
-    ((2, 3, 3, 5), (3, 3, 5, 7), (1, 1), ((1, 1), (1, 1))),      # odd sizes
-    ((2, 9, 9, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),      # strided 3x3, odd map
-    ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),    # the 7x7/2 stem
+    ((2, 6, 6, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))),  # 1x1, more out than in
+    ((2, 6, 6, 16), (1, 1, 16, 4), (1, 1), ((0, 0), (0, 0))),  # 1x1, fewer out than in
+    ((2, 7, 7, 8), (1, 1, 8, 12), (2, 2), 'VALID'),  # strided 1x1 (downsample)
+    ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),  # 3x3 on a 2x2 map
+    ((2, 4, 4, 8), (3, 3, 8, 6), (2, 2), ((1, 1), (1, 1))),  # strided 3x3 on a 4x4 map
+    ((2, 3, 3, 5), (3, 3, 5, 7), (1, 1), ((1, 1), (1, 1))),  # odd sizes
+    ((2, 9, 9, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),  # strided 3x3, odd map
+    ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),  # the 7x7/2 stem
 ]
 
 
@@ -62,6 +65,7 @@ def test_matmul_equals_native_values_and_gradients(shape, kernel_shape, strides,
 
   def loss(function):
     return lambda x, kernel: jnp.sum(function(x, kernel) * weights)
+
   expected_grads = jax.grad(loss(lambda x, k: native(x, k, strides, padding)), (0, 1))(x, kernel)
   grads = jax.grad(loss(lambda x, k: matmul_convolve(x, k, strides, padding)), (0, 1))(x, kernel)
   for grad, expected_grad in zip(grads, expected_grads):
@@ -79,12 +83,15 @@ def test_channel_matmul_backward_is_the_analytic_gradient(in_channels, out_chann
   result, vjp = jax.vjp(layers.channel_matmul, x, matrix)
   np.testing.assert_allclose(result, np.einsum('io,i...->o...', matrix, x), rtol=1e-5, atol=1e-5)
   input_gradient, matrix_gradient = vjp(output_gradient)
-  np.testing.assert_allclose(input_gradient, np.einsum('io,o...->i...', matrix, output_gradient),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(input_gradient,
+                             np.einsum('io,o...->i...', matrix, output_gradient),
+                             rtol=1e-5,
+                             atol=1e-5)
   np.testing.assert_allclose(
       matrix_gradient,
       x.reshape(in_channels, -1) @ output_gradient.reshape(out_channels, -1).T,
-      rtol=1e-5, atol=1e-5)
+      rtol=1e-5,
+      atol=1e-5)
 
 
 def test_conv_module_has_flax_conv_parameters_and_outputs():
@@ -99,10 +106,12 @@ def test_conv_module_has_flax_conv_parameters_and_outputs():
                                                    ('native', lambda x: x, lambda x: x)):
       ours = layers.Conv(6, kernel_size, strides, padding, convolutions=implementation)
       variables = ours.init(jax.random.key(1), to_layout(x))
-      assert jax.tree_util.tree_map(jnp.shape, variables) == jax.tree_util.tree_map(
-          jnp.shape, flax_variables)
-      np.testing.assert_allclose(from_layout(ours.apply(flax_variables, to_layout(x))), expected,
-                                 rtol=1e-5, atol=1e-5)
+      assert jax.tree_util.tree_map(jnp.shape,
+                                    variables) == jax.tree_util.tree_map(jnp.shape, flax_variables)
+      np.testing.assert_allclose(from_layout(ours.apply(flax_variables, to_layout(x))),
+                                 expected,
+                                 rtol=1e-5,
+                                 atol=1e-5)
 
 
 @pytest.mark.parametrize('shape,kernel_shape,strides,padding', CASES)
@@ -126,8 +135,10 @@ def test_resnet_eval_with_forward_matrices_gives_the_same_features(monkeypatch):
   network = models.get_backbone('resnet18', convolutions='matmul')
   variables = network.init(jax.random.key(1), images)
   matrices = layers.forward_matrices(variables['params'])
-  kernels = [path for path, leaf in jax.tree_util.tree_leaves_with_path(variables['params'])
-             if leaf.ndim == 4]
+  kernels = [
+      path for path, leaf in jax.tree_util.tree_leaves_with_path(variables['params'])
+      if leaf.ndim == 4
+  ]
   assert len(jax.tree_util.tree_leaves(matrices)) == len(kernels) == 20
   assert matrices['layer2_0']['downsample_conv']['matrix'].shape == (128, 64)
   expected = network.apply(variables, images)
@@ -137,8 +148,9 @@ def test_resnet_eval_with_forward_matrices_gives_the_same_features(monkeypatch):
   np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
   # The matrices are what the forward pass multiplies by: changed matrices change the features.
   doubled = jax.tree_util.tree_map(lambda matrix: 2 * matrix, matrices)
-  assert not np.allclose(network.apply({**variables, layers.FORWARD_MATRICES: doubled}, images),
-                         expected)
+  assert not np.allclose(network.apply({
+      **variables, layers.FORWARD_MATRICES: doubled
+  }, images), expected)
 
 
 def test_resnet_is_the_same_network_under_every_implementation():
@@ -146,20 +158,31 @@ def test_resnet_is_the_same_network_under_every_implementation():
   gradients. (A batch of 8: BatchNorm over very few values per channel amplifies
   float rounding, which is not what this compares.)"""
   images = jax.random.uniform(jax.random.key(0), (8, 64, 64, 3))
-  networks = {name: models.get_backbone('resnet18', convolutions=name)
-              for name in ('native', 'matmul')}
+  networks = {
+      name: models.get_backbone('resnet18', convolutions=name) for name in ('native', 'matmul')
+  }
   variables = networks['native'].init(jax.random.key(1), images)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
       networks['matmul'].init(jax.random.key(1), images))
 
   def loss(network):
+
     def function(params):
-      features, _ = network.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                                  images, train=True, mutable=['batch_stats'])
-      return jnp.sum(features ** 2), features
+      features, _ = network.apply({
+          'params': params,
+          'batch_stats': variables['batch_stats']
+      },
+                                  images,
+                                  train=True,
+                                  mutable=['batch_stats'])
+      return jnp.sum(features**2), features
+
     return function
-  results = {name: jax.value_and_grad(loss(network), has_aux=True)(variables['params'])
-             for name, network in networks.items()}
+
+  results = {
+      name: jax.value_and_grad(loss(network), has_aux=True)(variables['params'])
+      for name, network in networks.items()
+  }
   (_, native_features), native_grads = results['native']
   (_, matmul_features), matmul_grads = results['matmul']
   np.testing.assert_allclose(matmul_features, native_features, rtol=1e-4, atol=1e-5)
@@ -174,17 +197,19 @@ def test_half_precision_runs_in_bfloat16():
   x, kernel = random_inputs((2, 4, 4, 8), (1, 1, 8, 16))
   result = matmul_convolve(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1), 'VALID')
   assert result.dtype == jnp.bfloat16
-  np.testing.assert_allclose(result.astype(np.float32), native(x, kernel, (1, 1), 'VALID'),
-                             rtol=5e-2, atol=5e-2)
-  grads = jax.grad(lambda k: jnp.sum(matmul_convolve(
-      x.astype(jnp.bfloat16), k, (1, 1), 'VALID').astype(jnp.float32)))(
+  np.testing.assert_allclose(result.astype(np.float32),
+                             native(x, kernel, (1, 1), 'VALID'),
+                             rtol=5e-2,
+                             atol=5e-2)
+  grads = jax.grad(lambda k: jnp.sum(
+      matmul_convolve(x.astype(jnp.bfloat16), k, (1, 1), 'VALID').astype(jnp.float32)))(
           kernel.astype(jnp.bfloat16))
   assert grads.dtype == jnp.bfloat16
 
 
 def test_auto_and_unknown_implementations():
-  assert layers.resolve_convolutions('auto') == (
-      'matmul' if jax.default_backend() == 'cpu' else 'native')
+  assert layers.resolve_convolutions('auto') == ('matmul'
+                                                 if jax.default_backend() == 'cpu' else 'native')
   with pytest.raises(ValueError, match=r"'fast'.*config.convolutions"):
     layers.resolve_convolutions('fast')
   with pytest.raises(ValueError, match='no bias'):
@@ -203,43 +228,66 @@ def test_batch_norm_equals_flax_batch_norm(dtype, axis):
   if axis == 0:
     x = channel_major(x)
   variables = theirs.init(jax.random.key(0), x, use_running_average=False)
-  assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) == (
-      jax.tree_util.tree_structure(variables))
-  variables = {'params': {'scale': jnp.linspace(0.5, 2.0, 6), 'bias': jnp.linspace(-1, 1, 6)},
-               'batch_stats': {'mean': jnp.linspace(0, 1, 6), 'var': jnp.linspace(1, 3, 6)}}
+  assert jax.tree_util.tree_structure(ours.init(jax.random.key(0),
+                                                x)) == (jax.tree_util.tree_structure(variables))
+  variables = {
+      'params': {
+          'scale': jnp.linspace(0.5, 2.0, 6),
+          'bias': jnp.linspace(-1, 1, 6)
+      },
+      'batch_stats': {
+          'mean': jnp.linspace(0, 1, 6),
+          'var': jnp.linspace(1, 3, 6)
+      }
+  }
   tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
   y_ours, stats_ours = ours.apply(variables, x, mutable=['batch_stats'])
-  y_theirs, stats_theirs = theirs.apply(variables, x, use_running_average=False,
+  y_theirs, stats_theirs = theirs.apply(variables,
+                                        x,
+                                        use_running_average=False,
                                         mutable=['batch_stats'])
   assert y_ours.dtype == dtype
-  np.testing.assert_allclose(y_ours.astype(np.float32), y_theirs.astype(np.float32),
-                             rtol=tolerance, atol=tolerance)
+  np.testing.assert_allclose(y_ours.astype(np.float32),
+                             y_theirs.astype(np.float32),
+                             rtol=tolerance,
+                             atol=tolerance)
   for key in ('mean', 'var'):
-    np.testing.assert_allclose(stats_ours['batch_stats'][key], stats_theirs['batch_stats'][key],
-                               rtol=1e-5, atol=1e-6)
-  evaluation = layers.BatchNorm(use_running_average=True, axis=axis, **settings).apply(
-      variables, x)
-  np.testing.assert_allclose(
-      evaluation.astype(np.float32),
-      theirs.apply(variables, x, use_running_average=True).astype(np.float32),
-      rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(stats_ours['batch_stats'][key],
+                               stats_theirs['batch_stats'][key],
+                               rtol=1e-5,
+                               atol=1e-6)
+  evaluation = layers.BatchNorm(use_running_average=True, axis=axis, **settings).apply(variables, x)
+  np.testing.assert_allclose(evaluation.astype(np.float32),
+                             theirs.apply(variables, x,
+                                          use_running_average=True).astype(np.float32),
+                             rtol=tolerance,
+                             atol=tolerance)
 
   weights = jax.random.normal(jax.random.key(3), x.shape)
 
   def loss(apply):
     return lambda params, x: jnp.sum(apply(params, x).astype(jnp.float32) * weights)
-  grads_ours = jax.grad(loss(lambda p, x: ours.apply(
-      {'params': p, 'batch_stats': variables['batch_stats']}, x, mutable=['batch_stats'])[0]),
-                        (0, 1))(variables['params'], x)
-  grads_theirs = jax.grad(loss(lambda p, x: theirs.apply(
-      {'params': p, 'batch_stats': variables['batch_stats']}, x, use_running_average=False,
-      mutable=['batch_stats'])[0]), (0, 1))(variables['params'], x)
+
+  grads_ours = jax.grad(
+      loss(lambda p, x: ours.apply(
+          {
+              'params': p,
+              'batch_stats': variables['batch_stats']
+          }, x, mutable=['batch_stats'])[0]), (0, 1))(variables['params'], x)
+  grads_theirs = jax.grad(
+      loss(lambda p, x: theirs.apply({
+          'params': p,
+          'batch_stats': variables['batch_stats']
+      },
+                                     x,
+                                     use_running_average=False,
+                                     mutable=['batch_stats'])[0]), (0, 1))(variables['params'], x)
   for ours_leaf, theirs_leaf in zip(jax.tree_util.tree_leaves(grads_ours),
                                     jax.tree_util.tree_leaves(grads_theirs)):
     assert ours_leaf.dtype == theirs_leaf.dtype
     scale = float(jnp.max(jnp.abs(theirs_leaf.astype(jnp.float32))))
-    assert float(jnp.max(jnp.abs((ours_leaf - theirs_leaf).astype(jnp.float32)))) <= (
-        tolerance * scale)
+    assert float(jnp.max(jnp.abs(
+        (ours_leaf - theirs_leaf).astype(jnp.float32)))) <= (tolerance * scale)
 
 
 @pytest.mark.parametrize('axis', [-1, 0])
@@ -251,8 +299,8 @@ def test_batch_norm_gradient_is_the_analytic_one(axis):
   weights = jax.random.normal(jax.random.key(1), x.shape)
 
   def loss(x, scale, bias):
-    return jnp.sum(layers.batch_norm_training(x, scale, bias, 1e-5, jnp.float32, axis)[0] *
-                   weights)
+    return jnp.sum(layers.batch_norm_training(x, scale, bias, 1e-5, jnp.float32, axis)[0] * weights)
+
   grads = jax.grad(loss, (0, 1, 2))(x, scale, bias)
   for argument, direction_seed in ((0, 5), (1, 6), (2, 7)):
     arguments = [x, scale, bias]

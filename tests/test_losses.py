@@ -28,7 +28,8 @@ def test_bce_matches_numpy_and_is_stable_for_huge_logits():
   cos, labels = random_batch()
   logits = 5 * cos
   np.testing.assert_allclose(losses.binary_cross_entropy(logits, labels),
-                             numpy_bce(logits, labels), rtol=1e-5)
+                             numpy_bce(logits, labels),
+                             rtol=1e-5)
   huge = np.array([[100.0, -100.0]], np.float32)
   value = losses.binary_cross_entropy(huge, np.array([[0.0, 1.0]]))
   np.testing.assert_allclose(value, 100.0, rtol=1e-5)
@@ -37,13 +38,16 @@ def test_bce_matches_numpy_and_is_stable_for_huge_logits():
 def test_adaptive_loss_matches_numpy():
   cos, labels = random_batch(1)
   np.testing.assert_allclose(losses.adaptive_loss(cos, labels, 20.0, 0.3),
-                             numpy_adaptive(cos, labels, 20.0, 0.3), rtol=1e-4)
+                             numpy_adaptive(cos, labels, 20.0, 0.3),
+                             rtol=1e-4)
 
 
 def test_adaptive_loss_gradients_reach_only_scale_and_margin():
   cos, labels = random_batch(2)
-  grad_cos, grad_scale, grad_margin = jax.grad(losses.adaptive_loss, argnums=(0, 2, 3))(
-      jnp.asarray(cos), labels, jnp.float32(20.0), jnp.float32(0.3))
+  grad_cos, grad_scale, grad_margin = jax.grad(losses.adaptive_loss,
+                                               argnums=(0, 2, 3))(jnp.asarray(cos), labels,
+                                                                  jnp.float32(20.0),
+                                                                  jnp.float32(0.3))
   assert np.all(np.asarray(grad_cos) == 0.0)
   assert float(grad_scale) != 0.0 and float(grad_margin) != 0.0
   # Against central finite differences of the NumPy transcription.
@@ -59,10 +63,13 @@ def test_adaptive_loss_gradients_reach_only_scale_and_margin():
 
 def test_hml_bce_gradient_never_reaches_scale_and_margin():
   cos, labels = random_batch(3)
-  grad_cos, grad_scale, grad_margin = jax.grad(losses.hml, argnums=(0, 2, 3))(
-      jnp.asarray(cos), labels, jnp.float32(20.0), jnp.float32(0.3))
-  adaptive_scale, adaptive_margin = jax.grad(losses.adaptive_loss, argnums=(2, 3))(
-      jnp.asarray(cos), labels, jnp.float32(20.0), jnp.float32(0.3))
+  grad_cos, grad_scale, grad_margin = jax.grad(losses.hml, argnums=(0, 2, 3))(jnp.asarray(cos),
+                                                                              labels,
+                                                                              jnp.float32(20.0),
+                                                                              jnp.float32(0.3))
+  adaptive_scale, adaptive_margin = jax.grad(losses.adaptive_loss,
+                                             argnums=(2, 3))(jnp.asarray(cos), labels,
+                                                             jnp.float32(20.0), jnp.float32(0.3))
   # s*, m* get exactly the adaptive term's gradient; the cosines exactly the BCE's.
   np.testing.assert_allclose(grad_scale, adaptive_scale, rtol=1e-6)
   np.testing.assert_allclose(grad_margin, adaptive_margin, rtol=1e-6)

@@ -31,8 +31,9 @@ def test_resnet50_uses_torchvision_names():
   params = variables['params']
   assert params['conv1']['kernel'].shape == (7, 7, 3, 64)
   block = params['layer2_0']
-  assert set(block) == {'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3', 'downsample_conv',
-                        'downsample_bn'}
+  assert set(block) == {
+      'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3', 'downsample_conv', 'downsample_bn'
+  }
   assert block['conv2']['kernel'].shape == (3, 3, 128, 128)  # stride on the 3x3 conv (v1.5)
   assert 'layer4_2' in params and 'layer4_3' not in params
   assert set(variables['batch_stats']['bn1']) == {'mean', 'var'}

@@ -35,12 +35,16 @@ def free_port():
 
 
 def command(workdir, tfds_dir, *extra, config='configs/tiny.py'):
-  return [sys.executable, '-m', 'hml_jax.main', f'--config={config}', f'--workdir={workdir}',
-          f'--config.dataset.data_dir={tfds_dir}', *extra]
+  return [
+      sys.executable, '-m', 'hml_jax.main', f'--config={config}', f'--workdir={workdir}',
+      f'--config.dataset.data_dir={tfds_dir}', *extra
+  ]
 
 
 def environment(devices):
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+  return dict(os.environ,
+              PYTHONPATH=ROOT,
+              JAX_PLATFORMS='cpu',
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
 
@@ -59,19 +63,30 @@ def assert_same_run(got, expected):
 
 def test_one_eight_devices_and_two_processes_agree(tfds_dir, tmp_path):
   single = tmp_path / 'one_device'
-  subprocess.run(command(single, tfds_dir), cwd=ROOT, env=environment(1), check=True,
+  subprocess.run(command(single, tfds_dir),
+                 cwd=ROOT,
+                 env=environment(1),
+                 check=True,
                  capture_output=True)
   eight = tmp_path / 'eight_devices'
-  subprocess.run(command(eight, tfds_dir), cwd=ROOT, env=environment(8), check=True,
+  subprocess.run(command(eight, tfds_dir),
+                 cwd=ROOT,
+                 env=environment(8),
+                 check=True,
                  capture_output=True)
   assert_same_run(results(eight), results(single))
 
   two = tmp_path / 'two_processes'
   port = free_port()
-  processes = [subprocess.Popen(
-      command(two, tfds_dir, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-              f'--process_id={i}'), cwd=ROOT, env=environment(4), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = [
+      subprocess.Popen(command(two, tfds_dir, f'--coordinator_address=127.0.0.1:{port}',
+                               '--num_processes=2', f'--process_id={i}'),
+                       cwd=ROOT,
+                       env=environment(4),
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300) for p in processes]
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
@@ -105,10 +120,19 @@ def test_two_processes_stream_their_own_parts(tfds_dir, tmp_path):
   config_file.write_text(STREAMED_CONFIG)
   workdir = tmp_path / 'streamed'
   port = free_port()
-  processes = [subprocess.Popen(
-      command(workdir, tfds_dir, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-              f'--process_id={i}', config=config_file), cwd=ROOT, env=environment(2),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = [
+      subprocess.Popen(command(workdir,
+                               tfds_dir,
+                               f'--coordinator_address=127.0.0.1:{port}',
+                               '--num_processes=2',
+                               f'--process_id={i}',
+                               config=config_file),
+                       cwd=ROOT,
+                       env=environment(2),
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300) for p in processes]
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]

@@ -21,35 +21,40 @@ def _requirements():
 def test_pyproject_dependencies_equal_requirements():
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
+
   def normalize(requirement):
     return re.sub(r'\s+', '', requirement.replace("'", '"'))
 
-  assert sorted(map(normalize, project['dependencies'])) == sorted(map(normalize,
-                                                                        _requirements()))
+  assert sorted(map(normalize, project['dependencies'])) == sorted(map(normalize, _requirements()))
 
 
 def test_every_python_package_is_listed():
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     packages = set(tomllib.load(f)['tool']['setuptools']['packages'])
-  found = {os.path.relpath(directory, ROOT).replace(os.sep, '.')
-           for directory, _, names in os.walk(ROOT)
-           if '__init__.py' in names and not any(part.startswith('.') or part == 'tests'
-                                                  for part in os.path.relpath(directory,
-                                                                              ROOT).split(os.sep))}
+  found = {
+      os.path.relpath(directory, ROOT).replace(os.sep, '.')
+      for directory, _, names in os.walk(ROOT)
+      if '__init__.py' in names and not any(
+          part.startswith('.') or part == 'tests'
+          for part in os.path.relpath(directory, ROOT).split(os.sep))
+  }
   assert found == packages
 
 
 def test_installed_configs_are_found_from_any_directory(tmp_path, monkeypatch):
   from hml_jax import files  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
-  argv = files.installed_config_argv(['main', '--config=configs/tiny.py:x', '--workdir=w',
-                                      '--config.loss=an', '--config=configs/absent.py'])
+  argv = files.installed_config_argv([
+      'main', '--config=configs/tiny.py:x', '--workdir=w', '--config.loss=an',
+      '--config=configs/absent.py'
+  ])
   assert argv[1] == f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}:x"
   assert argv[2:] == ['--workdir=w', '--config.loss=an', '--config=configs/absent.py']
   (tmp_path / 'configs').mkdir()
   (tmp_path / 'configs' / 'tiny.py').write_text('# a user\'s own')
-  assert files.installed_config_argv(['main', '--config=configs/tiny.py'])[1] == (
-      '--config=configs/tiny.py')  # a file that exists here is the user's
+  assert files.installed_config_argv(['main', '--config=configs/tiny.py'
+                                     ])[1] == ('--config=configs/tiny.py'
+                                              )  # a file that exists here is the user's
 
 
 @pytest.mark.slow
@@ -58,17 +63,28 @@ def test_pip_installed_package_trains_from_another_directory(tmp_path, tfds_dir)
   started elsewhere, with the config named as the docs say."""
   target, source = tmp_path / 'site', tmp_path / 'source'
   # A copy, so that the build's own files (build/, *.egg-info) never land in the repository.
-  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns('.venv', '.git', 'runs', 'build',
-                                                              '*.egg-info', '__pycache__'))
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
-                  '--no-build-isolation', '--target', str(target), str(source)], check=True,
+  shutil.copytree(ROOT,
+                  source,
+                  ignore=shutil.ignore_patterns('.venv', '.git', 'runs', 'build', '*.egg-info',
+                                                '__pycache__'))
+  subprocess.run([
+      sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation', '--target',
+      str(target),
+      str(source)
+  ],
+                 check=True,
                  cwd=tmp_path)
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
   environment = {**os.environ, 'PYTHONPATH': str(target)}
-  result = subprocess.run(
-      [sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py', '--workdir=run',
-       f'--config.dataset.data_dir={tfds_dir}', '--config.num_epochs=1'],
-      cwd=elsewhere, env=environment, capture_output=True, text=True, check=False)
+  result = subprocess.run([
+      sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py', '--workdir=run',
+      f'--config.dataset.data_dir={tfds_dir}', '--config.num_epochs=1'
+  ],
+                          cwd=elsewhere,
+                          env=environment,
+                          capture_output=True,
+                          text=True,
+                          check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (elsewhere / 'run' / 'results.json').exists()

@@ -32,9 +32,11 @@ from tests import dataset_fixtures
 # Cole et al.'s procedures, transcribed.
 
 # format_pascal.py's catName_to_catID, in its (alphabetical) order.
-COLE_PASCAL_CLASSES = ['aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
-                       'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person',
-                       'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor']
+COLE_PASCAL_CLASSES = [
+    'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
+    'tvmonitor'
+]
 
 
 def cole_pascal(root, phase):
@@ -84,8 +86,10 @@ def cole_cub(root, names_path):
   names = column(names_path, 1)
   is_present = column(os.path.join(base, 'attributes', 'image_attribute_labels.txt'), 2)
   matrix = is_present.astype(int).reshape(len(files), 312)
-  return {'train': (list(files[is_train == 1]), matrix[is_train == 1]),
-          'val': (list(files[is_train != 1]), matrix[is_train != 1])}, list(names)
+  return {
+      'train': (list(files[is_train == 1]), matrix[is_train == 1]),
+      'val': (list(files[is_train != 1]), matrix[is_train != 1])
+  }, list(names)
 
 
 def official_nus_wide(root, split):
@@ -95,10 +99,10 @@ def official_nus_wide(root, split):
   with open(os.path.join(root, 'ImageList', f'{split}Imagelist.txt')) as f:
     paths = [p.replace('\\', '/') for p in f.read().split()]
   matrix = np.stack([
-      np.loadtxt(os.path.join(root, 'Groundtruth', 'TrainTestLabels',
-                              f'Labels_{c}_{split}.txt'), dtype=int) for c in concepts], 1)
-  keep = matrix.any(1) & np.array([os.path.exists(os.path.join(root, 'Flickr', p))
-                                   for p in paths])
+      np.loadtxt(os.path.join(root, 'Groundtruth', 'TrainTestLabels', f'Labels_{c}_{split}.txt'),
+                 dtype=int) for c in concepts
+  ], 1)
+  keep = matrix.any(1) & np.array([os.path.exists(os.path.join(root, 'Flickr', p)) for p in paths])
   return [p for p, k in zip(paths, keep) if k], matrix[keep], concepts
 
 
@@ -141,8 +145,14 @@ CASES = {
     'nus_official': (lambda root: dataset_fixtures.write_nus_wide(root, layout='official'),
                      nus_wide, 'hml_nus_wide', 'Flickr'),
 }
-NUM_LABELS = {'voc': 20, 'coco': 80, 'cub': 312, 'cub_tgz_layout': 312, 'nus_formatted': 81,
-              'nus_official': 81}
+NUM_LABELS = {
+    'voc': 20,
+    'coco': 80,
+    'cub': 312,
+    'cub_tgz_layout': 312,
+    'nus_formatted': 81,
+    'nus_official': 81
+}
 
 
 def image_path(case, root, filename):
@@ -155,8 +165,8 @@ def image_path(case, root, filename):
 
 def prepare(name, data_dir, manual_dir):
   builder = tfds.builder(name, data_dir=str(data_dir))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(manual_dir)))
   return builder
 
 
@@ -199,8 +209,11 @@ def test_builder_stores_read_split_offline(case, tmp_path):
     assert builder.info.metadata['label_names'] == names
     assert builder.info.splits[split].num_examples == len(filenames)
     examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
-    raw = list(tfds.as_numpy(builder.as_dataset(
-        split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})))
+    raw = list(
+        tfds.as_numpy(
+            builder.as_dataset(split=split,
+                               shuffle_files=False,
+                               decoders={'image': tfds.decode.SkipDecoding()})))
     examples.sort(key=lambda e: e['index'])
     raw.sort(key=lambda e: e['index'])
     assert [e['index'] for e in examples] == list(range(len(filenames)))
@@ -352,10 +365,12 @@ def test_coco_labels_follow_category_ids_whatever_the_file_order(tmp_path, caplo
 # ------------------------------------------------------------------------------------------------
 # From the prepared TFDS data through Cole et al.'s protocol to one training epoch.
 
-PAPER_CONFIGS = {'voc2012': ('configs.voc', dataset_fixtures.write_voc2012, voc2012),
-                 'coco2014': ('configs.coco', dataset_fixtures.write_coco2014, coco2014),
-                 'cub': ('configs.cub', dataset_fixtures.write_cub, cub),
-                 'nus_wide': ('configs.nus', dataset_fixtures.write_nus_wide, nus_wide)}
+PAPER_CONFIGS = {
+    'voc2012': ('configs.voc', dataset_fixtures.write_voc2012, voc2012),
+    'coco2014': ('configs.coco', dataset_fixtures.write_coco2014, coco2014),
+    'cub': ('configs.cub', dataset_fixtures.write_cub, cub),
+    'nus_wide': ('configs.nus', dataset_fixtures.write_nus_wide, nus_wide)
+}
 
 
 def tiny_paper_config(name, manual_dir, data_dir, **overrides):
@@ -404,8 +419,8 @@ def test_protocol_and_one_training_epoch_from_each_fixture(tmp_path, name):
   assert list(results['per_class_ap']) == list(names)
 
 
-def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(tmp_path, monkeypatch,
-                                                                          caplog):
+def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(
+    tmp_path, monkeypatch, caplog):
   """configs/voc.py without any init_from flag: the ResNet-50 weights placed in the cache (here a
   random torchvision-layout ResNet-50 saved by torch under the real file's name, its digest
   patched in; the real file is checked the same way) initialize the backbone, with no network."""
@@ -428,8 +443,9 @@ def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(tmp_pat
   weights = pretrained.IMAGENET_WEIGHTS['resnet50']
   torch.save(state_dict, cache / weights.filename)
   digest = hashlib.sha256((cache / weights.filename).read_bytes()).hexdigest()
-  monkeypatch.setitem(pretrained.IMAGENET_WEIGHTS, 'resnet50', pretrained.WeightsFile(
-      'http://127.0.0.1:9/unreachable/' + weights.filename, digest))
+  monkeypatch.setitem(
+      pretrained.IMAGENET_WEIGHTS, 'resnet50',
+      pretrained.WeightsFile('http://127.0.0.1:9/unreachable/' + weights.filename, digest))
 
   dataset_fixtures.write_voc2012(tmp_path / 'manual')
   config = importlib.import_module('configs.voc').get_config()
@@ -447,4 +463,5 @@ def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(tmp_pat
   _, _, state = train_state.load_trained_state(str(tmp_path / 'run'))
   # Two Adam steps at 1e-5 move a weight by at most about 2e-5.
   np.testing.assert_allclose(np.asarray(state.params['model']['backbone']['conv1']['kernel']),
-                             state_dict['conv1.weight'].numpy().transpose(2, 3, 1, 0), atol=1e-4)
+                             state_dict['conv1.weight'].numpy().transpose(2, 3, 1, 0),
+                             atol=1e-4)

@@ -43,8 +43,11 @@ def test_eval_mode_reproduces_the_reported_map(trained):
   assert '| label | AP |' in evaluate.format_results(evaluated)
 
   output = subprocess.run(
-      [sys.executable, '-m', 'hml_jax.main', '--mode=eval', f'--workdir={workdir}',
-       '--split=test'], check=True, capture_output=True, text=True, env=CLI_ENV,
+      [sys.executable, '-m', 'hml_jax.main', '--mode=eval', f'--workdir={workdir}', '--split=test'],
+      check=True,
+      capture_output=True,
+      text=True,
+      env=CLI_ENV,
       cwd=PROJECT_ROOT).stdout
   assert f"mAP {results['test_map']:.2f}" in output
 
@@ -57,16 +60,18 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
   folder = tmp_path / 'images'
   (folder / 'sub').mkdir(parents=True)
   for i in range(4):
-    Image.fromarray(batch['images'][i, ..., 0]).save(folder / ('sub' if i % 2 else '.') /
-                                                     f'{i}.png')
+    Image.fromarray(batch['images'][i, ...,
+                                    0]).save(folder / ('sub' if i % 2 else '.') / f'{i}.png')
   (folder / 'notes.txt').write_text('not an image')
   (folder / '.hidden.png').write_bytes(b'ignored')
 
   predictor = predict.Predictor(workdir)
-  result = predict.predict_files(predictor, [str(folder), str(tmp_path / 'missing.jpg')],
-                                 threshold=0.5, top_k=3)
-  assert [os.path.basename(p['path']) for p in result['predictions']] == [
-      '0.png', '2.png', '1.png', '3.png']
+  result = predict.predict_files(predictor,
+                                 [str(folder), str(tmp_path / 'missing.jpg')],
+                                 threshold=0.5,
+                                 top_k=3)
+  assert [os.path.basename(p['path']) for p in result['predictions']
+         ] == ['0.png', '2.png', '1.png', '3.png']
   assert {os.path.basename(e['path']) for e in result['errors']} == {'notes.txt', 'missing.jpg'}
   # The same probabilities as the evaluation step on the same pixels.
   _, method, state = train_state.load_trained_state(workdir)
@@ -78,13 +83,19 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
     top = [p['label'] for p in prediction['top_k']]
     assert top == [str(j) for j in np.argsort(-row, kind='stable')[:3]]
     np.testing.assert_allclose([p['probability'] for p in prediction['top_k']],
-                               np.sort(row)[::-1][:3], rtol=1e-5)
-    assert [p['label'] for p in prediction['labels']] == [
-        str(j) for j in np.argsort(-row, kind='stable') if row[j] >= 0.5]
+                               np.sort(row)[::-1][:3],
+                               rtol=1e-5)
+    assert [p['label'] for p in prediction['labels']
+           ] == [str(j) for j in np.argsort(-row, kind='stable') if row[j] >= 0.5]
 
-  completed = subprocess.run(
-      [sys.executable, '-m', 'hml_jax.predict', f'--workdir={workdir}', '--json', '--top_k=2',
-       str(folder)], capture_output=True, text=True, env=CLI_ENV, cwd=PROJECT_ROOT)
+  completed = subprocess.run([
+      sys.executable, '-m', 'hml_jax.predict', f'--workdir={workdir}', '--json', '--top_k=2',
+      str(folder)
+  ],
+                             capture_output=True,
+                             text=True,
+                             env=CLI_ENV,
+                             cwd=PROJECT_ROOT)
   assert completed.returncode == 0, completed.stderr
   document = json.loads(completed.stdout)
   assert len(document['predictions']) == 4 and len(document['predictions'][0]['top_k']) == 2
@@ -106,7 +117,8 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
   scale, margin = train_state.scale_and_margin(state.params, config, method)
   embeddings = np.asarray(state.params['model']['head']['label_embeddings']).T
   np.testing.assert_allclose(saved['correlation'],
-                             heads.label_correlation(embeddings, scale, margin), rtol=1e-6)
+                             heads.label_correlation(embeddings, scale, margin),
+                             rtol=1e-6)
   assert sorted(saved['planted_pair_ranks'].values()) == sorted(
       analyze.pair_ranks(np.asarray(saved['correlation']), [(0, 6), (1, 7), (2, 5), (3, 8),
                                                             (4, 9)]).values())
@@ -129,8 +141,9 @@ def test_gradient_magnitudes_match_the_analytic_derivative():
   # d/dc of BCE(sigmoid(s cos(arccos c + m)), y) = s (p - y) (cos m + c sin m / sqrt(1 - c^2)).
   theta = np.arccos(cos.astype(np.float64))
   p = 1 / (1 + np.exp(-scale * np.cos(theta + margin)))
-  expected = np.abs(scale * (p - observed) *
-                    (np.cos(margin) + cos * np.sin(margin) / np.sqrt(1 - cos.astype(np.float64) ** 2)))
+  expected = np.abs(
+      scale * (p - observed) *
+      (np.cos(margin) + cos * np.sin(margin) / np.sqrt(1 - cos.astype(np.float64)**2)))
   np.testing.assert_allclose(got, expected, rtol=1e-4)
   linear = analyze.gradient_magnitudes(losses.get_method('an'), cos, observed, scale, margin)
   np.testing.assert_allclose(linear, np.abs(1 / (1 + np.exp(-cos)) - observed), rtol=1e-5)
@@ -148,22 +161,29 @@ def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   assert eval_fn.prepare is not None
   every_call = steps.EvalFunction(eval_fn.step)  # no prepare: the kernels transposed per call
   batch = sharding.shard_batch(next(input_pipeline.load(config).test.eval_batches(16)), mesh)
-  np.testing.assert_allclose(eval_fn(state, batch)['scores'], every_call(state, batch)['scores'],
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(eval_fn(state, batch)['scores'],
+                             every_call(state, batch)['scores'],
+                             rtol=1e-6,
+                             atol=1e-6)
   first = eval_fn.forward_matrices(state.params)
   assert eval_fn.forward_matrices(state.params) is first  # cached for the same parameters
   assert len(jax.tree_util.tree_leaves(first)) == sum(
       leaf.ndim == 4 for leaf in jax.tree_util.tree_leaves(state.params))
   changed = state.replace(params=jax.tree_util.tree_map(lambda leaf: leaf * 1.5, state.params))
   np.testing.assert_allclose(eval_fn(changed, batch)['scores'],
-                             every_call(changed, batch)['scores'], rtol=1e-6, atol=1e-6)
+                             every_call(changed, batch)['scores'],
+                             rtol=1e-6,
+                             atol=1e-6)
   assert not np.allclose(eval_fn(changed, batch)['scores'], eval_fn(state, batch)['scores'])
   # A kernel replaced inside the same params dict counts as new parameters too.
-  kernel_path, kernel = next((path, leaf) for path, leaf in
-                             jax.tree_util.tree_leaves_with_path(changed.params) if leaf.ndim == 4)
+  kernel_path, kernel = next((path, leaf)
+                             for path, leaf in jax.tree_util.tree_leaves_with_path(changed.params)
+                             if leaf.ndim == 4)
   container = changed.params
   for key in kernel_path[:-1]:
     container = container[key.key]
   container[kernel_path[-1].key] = -kernel
   np.testing.assert_allclose(eval_fn(changed, batch)['scores'],
-                             every_call(changed, batch)['scores'], rtol=1e-6, atol=1e-6)
+                             every_call(changed, batch)['scores'],
+                             rtol=1e-6,
+                             atol=1e-6)

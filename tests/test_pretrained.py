@@ -17,11 +17,13 @@ def fixture():
   with np.load(FIXTURE, allow_pickle=False) as data:
     arrays = {name: data[name] for name in data.files}
   prefix = 'state_dict/'
-  state_dict = {name[len(prefix):]: value for name, value in arrays.items()
-                if name.startswith(prefix)}
-  backbone = models.get_backbone(
-      'resnet50', stage_sizes=tuple(int(n) for n in arrays['stage_sizes']),
-      widths=tuple(int(w) for w in arrays['widths']), stem_width=int(arrays['stem_width']))
+  state_dict = {
+      name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)
+  }
+  backbone = models.get_backbone('resnet50',
+                                 stage_sizes=tuple(int(n) for n in arrays['stage_sizes']),
+                                 widths=tuple(int(w) for w in arrays['widths']),
+                                 stem_width=int(arrays['stem_width']))
   images = np.ascontiguousarray(arrays['images'].transpose(0, 2, 3, 1))  # NCHW -> NHWC
   return state_dict, backbone, images, arrays['features']
 
@@ -52,7 +54,8 @@ def test_conversion_without_backbone_and_default_image_shape(fixture):
 def test_missing_key_is_named(fixture):
   state_dict, backbone, _, _ = fixture
   state_dict = {k: v for k, v in state_dict.items() if k != 'layer3.0.downsample.1.running_mean'}
-  with pytest.raises(ValueError, match=r"1 missing: batch_stats/layer3_0/downsample_bn/mean "
+  with pytest.raises(ValueError,
+                     match=r"1 missing: batch_stats/layer3_0/downsample_bn/mean "
                      r"\(torchvision 'layer3\.0\.downsample\.1\.running_mean'\) of shape \(128,\)"):
     pretrained.from_torchvision(state_dict, backbone)
 
@@ -62,8 +65,10 @@ def test_extra_key_is_named(fixture):
   extra = {**state_dict, 'layer4.1.conv1.weight': np.zeros((64, 256, 1, 1), np.float32)}
   with pytest.raises(ValueError, match=r"unexpected.*'layer4\.1\.conv1\.weight'"):
     pretrained.from_torchvision(extra, backbone)
-  unknown = {**state_dict, 'module.conv1.weight': state_dict['conv1.weight'],
-             'layer1.0.conv1.bias': np.zeros(8, np.float32)}
+  unknown = {
+      **state_dict, 'module.conv1.weight': state_dict['conv1.weight'],
+      'layer1.0.conv1.bias': np.zeros(8, np.float32)
+  }
   with pytest.raises(ValueError, match=r"\['layer1\.0\.conv1\.bias', 'module\.conv1\.weight'\]"):
     pretrained.from_torchvision(unknown)
 
@@ -71,7 +76,8 @@ def test_extra_key_is_named(fixture):
 def test_wrong_shape_is_named(fixture):
   state_dict, backbone, _, _ = fixture
   wrong = {**state_dict, 'layer2.0.conv2.weight': np.zeros((16, 16, 1, 3), np.float32)}
-  with pytest.raises(ValueError, match=r"'layer2\.0\.conv2\.weight' of shape \(16, 16, 1, 3\) "
+  with pytest.raises(ValueError,
+                     match=r"'layer2\.0\.conv2\.weight' of shape \(16, 16, 1, 3\) "
                      r'gives params/layer2_0/conv2/kernel of shape \(1, 3, 16, 16\), the '
                      r'backbone expects \(3, 3, 16, 16\)'):
     pretrained.from_torchvision(wrong, backbone)
@@ -116,8 +122,8 @@ def test_load_errors(tmp_path):
 
 def test_pth_is_read_without_torch(fixture, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` would now raise ImportError
-  loaded = pretrained.load_state_dict(os.path.join(os.path.dirname(FIXTURE),
-                                                   'torchvision_resnet_small.pth'))
+  loaded = pretrained.load_state_dict(
+      os.path.join(os.path.dirname(FIXTURE), 'torchvision_resnet_small.pth'))
   np.testing.assert_array_equal(loaded['layer4.0.conv3.weight'],
                                 fixture[0]['layer4.0.conv3.weight'])
 
@@ -143,12 +149,17 @@ def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   config.init_from = f'torchvision:{path}'
   model = models.MultiLabelClassifier(backbone=backbone, head=heads.get_head('cosine', 5))
   state = train_state.create_train_state(config, model, losses.get_method('hml'), jax.random.key(0),
-                                   images.shape[1:])
-  features = backbone.apply({'params': state.params['model']['backbone'],
-                             'batch_stats': state.batch_stats['backbone']}, images, train=False)
+                                         images.shape[1:])
+  features = backbone.apply(
+      {
+          'params': state.params['model']['backbone'],
+          'batch_stats': state.batch_stats['backbone']
+      },
+      images,
+      train=False)
   np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
   assert state.params['model']['head']['label_embeddings'].shape == (256, 5)
   config.init_from = 'imagenet:/somewhere'
   with pytest.raises(ValueError, match='torchvision:'):
     train_state.create_train_state(config, model, losses.get_method('hml'), jax.random.key(0),
-                             images.shape[1:])
+                                   images.shape[1:])

@@ -46,9 +46,9 @@ def test_part_bounds_refuse_a_process_outside_the_count():
 @pytest.mark.parametrize('count', [1, 2, 3])
 def test_part_sizes_count_the_split_rows_of_each_part(count):
   rng = np.random.RandomState(count)
-  storage = rng.permutation(50)                       # official index of each stored record
-  storage[rng.choice(50, 5, replace=False)] = -1      # records the reader drops
-  rows_of_index = np.full(50, -1, np.int64)           # another split's images: -1
+  storage = rng.permutation(50)  # official index of each stored record
+  storage[rng.choice(50, 5, replace=False)] = -1  # records the reader drops
+  rows_of_index = np.full(50, -1, np.int64)  # another split's images: -1
   members = rng.choice(50, 30, replace=False)
   rows_of_index[members] = np.arange(30)
   sizes = splits.part_sizes(storage, rows_of_index, count)
@@ -94,6 +94,7 @@ def test_folder_reader_opens_only_the_files_of_its_part(tmp_path, count):
 # ------------------------------------------------------------------------------------------------
 # A TFDS builder stored in several files.
 
+
 @pytest.fixture(scope='module')
 def sharded_dir(tmp_path_factory):
   """A data_dir with the tiny embedded dataset written in NUM_SHARDS files per split."""
@@ -137,18 +138,17 @@ def test_tfds_processes_read_disjoint_slices_from_their_own_files(sharded_dir, c
       # ... the same (shuffled: other order) records ...
       assert sorted(read_part(records, 11, p, count)[0]) == sorted(indices)
       # ... from the files and ranges that tfds.even_splits would read, a subset of the files.
-      instructions = builder.info.splits[
-          splits.tfds_subsplit(split, start, stop, num_records)].file_instructions
-      assert instructions == builder.info.splits[
-          tfds.even_splits(split, count)[p]].file_instructions
+      instructions = builder.info.splits[splits.tfds_subsplit(split, start, stop,
+                                                              num_records)].file_instructions
+      assert instructions == builder.info.splits[tfds.even_splits(split,
+                                                                  count)[p]].file_instructions
       assert len({i.filename for i in instructions}) < NUM_SHARDS
       seen.extend(indices)
     assert sorted(seen) == list(range(num_records))  # disjoint and covering
 
 
 @pytest.mark.parametrize('count,decoder', [(2, 'tensorflow'), (3, 'tensorflow'), (3, 'pil')])
-def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_dir, count,
-                                                                      decoder):
+def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_dir, count, decoder):
   config = streamed_config(sharded_dir)
   config.dataset.decoder = decoder
   data = input_pipeline.load(config)
@@ -161,8 +161,7 @@ def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_di
   for p in range(count):
     start, stop = splits.part_bounds(len(data.train.records), p, count)
     part_rows = data.train.rows_of_index[data.train.records.storage_indices[start:stop]]
-    batches = list(data.train.train_batches(batch_size, config.seed, 1, config,
-                                            process=(p, count)))
+    batches = list(data.train.train_batches(batch_size, config.seed, 1, config, process=(p, count)))
     assert len(batches) == steps[p]
     rows = np.concatenate([b['indices'] for b in batches])
     assert all(len(b['indices']) == 6 for b in batches)
@@ -171,8 +170,13 @@ def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_di
     for batch in batches:
       np.testing.assert_array_equal(batch['labels'], data.train.observed[batch['indices']])
     # Resuming mid-epoch gives the rest of the same epoch.
-    resumed = list(data.train.train_batches(batch_size, config.seed, 1, config, start_step=2,
-                                            process=(p, count)))
+    resumed = list(
+        data.train.train_batches(batch_size,
+                                 config.seed,
+                                 1,
+                                 config,
+                                 start_step=2,
+                                 process=(p, count)))
     assert len(resumed) == len(batches) - 2
     for got, expected in zip(resumed, batches[2:]):
       for key in expected:
@@ -181,8 +185,7 @@ def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_di
   assert len(set(seen)) == len(seen)  # no image twice in an epoch across processes
 
   for split in (data.validation, data.test):
-    per_process = [list(split.eval_batches(4 * count, process=(p, count)))
-                   for p in range(count)]
+    per_process = [list(split.eval_batches(4 * count, process=(p, count))) for p in range(count)]
     assert len({len(batches) for batches in per_process}) == 1  # collective steps
     assert len(per_process[0]) == max(-(-s // 4) for s in split.part_sizes(count))
     times = np.zeros(len(split), np.int64)
@@ -200,10 +203,10 @@ def test_a_process_needs_only_the_files_of_its_part(sharded_dir, tmp_path):
   needed = set()
   for split in ('train', 'test'):
     num_records = builder.info.splits[split].num_examples
-    subsplit = splits.tfds_subsplit(
-        split, *splits.part_bounds(num_records, 0, 2), num_records)
-    needed |= {os.path.basename(i.filename)
-               for i in builder.info.splits[subsplit].file_instructions}
+    subsplit = splits.tfds_subsplit(split, *splits.part_bounds(num_records, 0, 2), num_records)
+    needed |= {
+        os.path.basename(i.filename) for i in builder.info.splits[subsplit].file_instructions
+    }
   removed = [f for f in os.listdir(builder.data_dir) if '.tfrecord-' in f and f not in needed]
   assert len(removed) == NUM_SHARDS  # half the files of each split
   for name in removed:

@@ -18,8 +18,11 @@ NPZ = os.path.join(FIXTURES, 'torchvision_resnet_small.npz')
 def test_torch_saved_fixture_reads_as_the_arrays_it_was_saved_from():
   loaded = pth_files.read_state_dict(PTH)
   with np.load(NPZ) as data:
-    expected = {name[len('state_dict/'):]: data[name] for name in data.files
-                if name.startswith('state_dict/')}
+    expected = {
+        name[len('state_dict/'):]: data[name]
+        for name in data.files
+        if name.startswith('state_dict/')
+    }
   assert sorted(loaded) == sorted(expected) and len(loaded) == 104
   for name, array in expected.items():
     assert loaded[name].dtype == array.dtype, name
@@ -48,6 +51,7 @@ class _RunsCode:
 
 
 class _Evaluates:
+
   def __reduce__(self):
     return (eval, ("__import__('os').mkdir('should_not_exist')",))
 
@@ -75,6 +79,7 @@ def test_a_persistent_id_that_is_not_a_storage_is_refused(tmp_path):
   buffer = io.BytesIO()
 
   class Pickler(pickle.Pickler):
+
     def persistent_id(self, obj):
       return ('module', 'os') if obj == 'x' else None
 
@@ -109,8 +114,9 @@ def test_a_storage_shorter_than_its_tensor_is_an_error(tmp_path):
     pth_files.read_state_dict(good)
   pickled = pickled.replace(b'K\x04tq\x07', b'K\x06tq\x07')
   good = _archive(tmp_path / 'good6.pth', pickled, {'0': np.arange(6, dtype='<f4').tobytes()})
-  np.testing.assert_array_equal(pth_files.read_state_dict(good)['w'],
-                                np.arange(6, dtype=np.float32).reshape(3, 2))
+  np.testing.assert_array_equal(
+      pth_files.read_state_dict(good)['w'],
+      np.arange(6, dtype=np.float32).reshape(3, 2))
   pickled = pickled.replace(b'K\x03K\x02\x86q\x08', b'K\x04K\x02\x86q\x08')
   short = _archive(tmp_path / 'short.pth', pickled, {'0': np.arange(6, dtype='<f4').tobytes()})
   with pytest.raises(pickle.UnpicklingError, match='reaches element 7 of a storage of 6'):
@@ -130,8 +136,8 @@ def test_same_arrays_as_torch_load_weights_only(tmp_path):
       'bool': torch.tensor([True, False, True]),
       'scalar': torch.tensor(3.5),
       'empty': torch.zeros(0, 4),
-      'transposed': base.t(),            # non-contiguous strides
-      'rows_2_to_4': base[2:5],          # a view at an offset into a shared storage
+      'transposed': base.t(),  # non-contiguous strides
+      'rows_2_to_4': base[2:5],  # a view at an offset into a shared storage
       'every_other': base[:, ::2],
   }
   path = tmp_path / 'mixed.pth'
@@ -156,10 +162,12 @@ def test_real_torchvision_weights_when_present():
   """Where a torchvision ImageNet file is in a cache (never downloaded by the tests), the
   restricted reader gives exactly torch.load(weights_only=True)'s arrays."""
   torch = pytest.importorskip('torch')
-  candidates = [os.path.join(place, weights.filename)
-                for weights in pretrained.IMAGENET_WEIGHTS.values()
-                for place in (os.environ.get('HML_JAX_CACHE', os.path.expanduser(
-                    '~/.cache/hml_jax')), pretrained.torch_hub_checkpoints())]
+  candidates = [
+      os.path.join(place, weights.filename)
+      for weights in pretrained.IMAGENET_WEIGHTS.values()
+      for place in (os.environ.get('HML_JAX_CACHE', os.path.expanduser('~/.cache/hml_jax')),
+                    pretrained.torch_hub_checkpoints())
+  ]
   present = [path for path in candidates if os.path.isfile(path)]
   if not present:
     pytest.skip('no torchvision ImageNet weights file in the caches')

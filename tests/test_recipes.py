@@ -12,27 +12,36 @@ from hml_jax import input_pipeline, linear_init, losses, models, recipes, shardi
 from helpers import tiny_config
 
 
-@pytest.mark.parametrize('config_name,loss,expected', [
-    ('voc', 'role', recipes.Recipe(linear_init_epochs=25, linear_init_learning_rate=1e-3,
-                                   linear_init_batch_size=16)),
-    ('coco', 'an_ls', recipes.Recipe(linear_init_epochs=25, linear_init_learning_rate=1e-4,
-                                     linear_init_batch_size=8)),
-    ('cub', 'role', recipes.Recipe(linear_init_epochs=25, linear_init_learning_rate=1e-3,
-                                   linear_init_batch_size=8)),
-    ('cub', 'an_ls', recipes.Recipe(linear_init_epochs=25, linear_init_learning_rate=1e-4,
-                                    linear_init_batch_size=8)),
-    ('nus', 'role', recipes.Recipe(linear_init_epochs=25, linear_init_learning_rate=1e-3,
-                                   linear_init_batch_size=16)),
-    ('nus', 'an_ls', recipes.Recipe(linear_init_epochs=25, linear_init_learning_rate=1e-4,
-                                    linear_init_batch_size=16)),
-    ('voc', 'll_cp', recipes.Recipe(head_learning_rate_multiplier=10.0, early_stopping_drop=3.0)),
-    ('coco', 'em_apl', recipes.Recipe(early_stopping_patience=1)),
-    ('voc', 'em', recipes.Recipe(early_stopping_patience=1)),
-    ('voc', 'hml', recipes.Recipe()),
-    ('voc', 'an', recipes.Recipe()),
-    ('default', 'role', recipes.Recipe()),   # the embedded default: one shared loop
-    ('default', 'll_r', recipes.Recipe()),
-])
+@pytest.mark.parametrize(
+    'config_name,loss,expected',
+    [
+        ('voc', 'role',
+         recipes.Recipe(
+             linear_init_epochs=25, linear_init_learning_rate=1e-3, linear_init_batch_size=16)),
+        ('coco', 'an_ls',
+         recipes.Recipe(
+             linear_init_epochs=25, linear_init_learning_rate=1e-4, linear_init_batch_size=8)),
+        ('cub', 'role',
+         recipes.Recipe(
+             linear_init_epochs=25, linear_init_learning_rate=1e-3, linear_init_batch_size=8)),
+        ('cub', 'an_ls',
+         recipes.Recipe(
+             linear_init_epochs=25, linear_init_learning_rate=1e-4, linear_init_batch_size=8)),
+        ('nus', 'role',
+         recipes.Recipe(
+             linear_init_epochs=25, linear_init_learning_rate=1e-3, linear_init_batch_size=16)),
+        ('nus', 'an_ls',
+         recipes.Recipe(
+             linear_init_epochs=25, linear_init_learning_rate=1e-4, linear_init_batch_size=16)),
+        ('voc', 'll_cp', recipes.Recipe(head_learning_rate_multiplier=10.0,
+                                        early_stopping_drop=3.0)),
+        ('coco', 'em_apl', recipes.Recipe(early_stopping_patience=1)),
+        ('voc', 'em', recipes.Recipe(early_stopping_patience=1)),
+        ('voc', 'hml', recipes.Recipe()),
+        ('voc', 'an', recipes.Recipe()),
+        ('default', 'role', recipes.Recipe()),  # the embedded default: one shared loop
+        ('default', 'll_r', recipes.Recipe()),
+    ])
 def test_paper_configs_use_the_published_recipes(config_name, loss, expected):
   config = importlib.import_module(f'configs.{config_name}').get_config()
   config.loss = loss
@@ -48,7 +57,8 @@ def test_recipe_keys_override_and_bad_values_are_named():
                                                    early_stopping_drop=3.0)
   config.recipe = 'shared'
   config.linear_init_epochs = 5
-  with pytest.raises(ValueError, match=r'linear_init_epochs=5 needs a positive '
+  with pytest.raises(ValueError,
+                     match=r'linear_init_epochs=5 needs a positive '
                      r'config.linear_init_learning_rate'):
     recipes.resolve(config)
   config.recipe = 'authors'
@@ -56,17 +66,19 @@ def test_recipe_keys_override_and_bad_values_are_named():
     recipes.resolve(config)
 
 
-@pytest.mark.parametrize('maps,patience,drop,stops', [
-    ([50.0], 1, 0.0, False),
-    ([50.0, 51.0], 1, 0.0, False),
-    ([50.0, 49.0], 1, 0.0, True),        # Zhou et al.: the first epoch that is not a new best
-    ([50.0, 50.0], 1, 0.0, True),        # a tie is not a new best
-    ([50.0, 49.0], 2, 0.0, False),
-    ([50.0, 49.0, 49.5], 2, 0.0, True),
-    ([60.0, 58.0], 0, 3.0, False),       # Kim et al.: more than 3 points below the best
-    ([60.0, 56.9], 0, 3.0, True),
-    ([60.0, 40.0], 0, 0.0, False),       # the shared loop never stops
-])
+@pytest.mark.parametrize(
+    'maps,patience,drop,stops',
+    [
+        ([50.0], 1, 0.0, False),
+        ([50.0, 51.0], 1, 0.0, False),
+        ([50.0, 49.0], 1, 0.0, True),  # Zhou et al.: the first epoch that is not a new best
+        ([50.0, 50.0], 1, 0.0, True),  # a tie is not a new best
+        ([50.0, 49.0], 2, 0.0, False),
+        ([50.0, 49.0, 49.5], 2, 0.0, True),
+        ([60.0, 58.0], 0, 3.0, False),  # Kim et al.: more than 3 points below the best
+        ([60.0, 56.9], 0, 3.0, True),
+        ([60.0, 40.0], 0, 0.0, False),  # the shared loop never stops
+    ])
 def test_should_stop(maps, patience, drop, stops):
   recipe = recipes.Recipe(early_stopping_patience=patience, early_stopping_drop=drop)
   assert recipes.should_stop(recipe, maps) == stops
@@ -90,8 +102,7 @@ def test_kim_head_learning_rate_is_ten_times_the_backbone_one():
   np.testing.assert_allclose(moved['model']['head']['classifier']['kernel'], 1e-3, rtol=1e-3)
 
 
-def test_early_stopping_keeps_the_best_epoch_and_resumes_finished(tfds_dir, tmp_path,
-                                                                 monkeypatch):
+def test_early_stopping_keeps_the_best_epoch_and_resumes_finished(tfds_dir, tmp_path, monkeypatch):
   """EM under Zhou et al.'s recipe stops at the first epoch whose validation mAP is no new best;
   the scores are scripted (evaluate is called for validation, then test, each epoch)."""
   scripted = iter([0.30, 0.29, 0.32, 0.31, 0.31, 0.30, 0.20, 0.20])
@@ -116,15 +127,22 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
   """ROLE under Cole et al.'s recipe: the head phase sees the backbone's inference-mode features
   of the run's own splits and observed labels; its best head and label estimates start the
   end-to-end phase; a second call reuses the finished phase."""
-  config = tiny_config(tfds_dir, loss='role', recipe='published', linear_init_epochs=2,
+  config = tiny_config(tfds_dir,
+                       loss='role',
+                       recipe='published',
+                       linear_init_epochs=2,
                        linear_init_batch_size=32)
   recipe = recipes.resolve(config)
   method = losses.get_method('role')
   data = input_pipeline.load(config)
   mesh = sharding.create_mesh()
   model = models.create_model(config.model, method.head, len(data.label_names))
-  state = train_state.create_train_state(config, model, method, jax.random.key(0),
-                                   data.train.example_shape, observed_labels=data.train.observed)
+  state = train_state.create_train_state(config,
+                                         model,
+                                         method,
+                                         jax.random.key(0),
+                                         data.train.example_shape,
+                                         observed_labels=data.train.observed)
   state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   backbone_before = jax.device_get(state.params['model']['backbone'])
   workdir = str(tmp_path / 'run')
@@ -142,9 +160,12 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
   # The features: the frozen backbone in inference mode on the validation images.
   with np.load(os.path.join(subdirectory, 'features.npz')) as features:
     images = data.validation.examples[:8]
-    expected = model.apply({'params': state.params['model'],
-                            'batch_stats': state.batch_stats},
-                           steps.normalize_images(images, config), train=False,
+    expected = model.apply({
+        'params': state.params['model'],
+        'batch_stats': state.batch_stats
+    },
+                           steps.normalize_images(images, config),
+                           train=False,
                            method=lambda module, x, train: module.backbone(x, train=train))
     np.testing.assert_allclose(features['validation'][:8], expected, rtol=1e-5, atol=1e-5)
     assert features['train'].shape == (len(data.train), expected.shape[1])
@@ -165,7 +186,10 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
 
 
 def test_linear_init_run_end_to_end_reports_both_phases(tfds_dir, tmp_path):
-  config = tiny_config(tfds_dir, loss='an_ls', recipe='published', linear_init_epochs=1,
+  config = tiny_config(tfds_dir,
+                       loss='an_ls',
+                       recipe='published',
+                       linear_init_epochs=1,
                        num_epochs=1)
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['linear_init']['best_epoch'] == 1 and len(results['epochs']) == 1

@@ -51,10 +51,15 @@ print(json.dumps({'devices': jax.device_count(), 'losses': losses_seen,
 
 
 def run(num_devices, loss):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+  env = dict(os.environ,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
              PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, '-c', SCRIPT, loss], cwd=ROOT, env=env, check=True,
-                          capture_output=True, text=True)
+  result = subprocess.run([sys.executable, '-c', SCRIPT, loss],
+                          cwd=ROOT,
+                          env=env,
+                          check=True,
+                          capture_output=True,
+                          text=True)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -21,16 +21,21 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
   method = losses.get_method(loss)
   model = models.create_model('resnet_tiny', method.head, num_labels=10)
   rng = np.random.RandomState(0)
-  batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
-           'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
-           'indices': np.arange(16, dtype=np.int32)}
-  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
-                                   observed_labels=batch['labels'])
+  batch = {
+      'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
+      'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
+      'indices': np.arange(16, dtype=np.int32)
+  }
+  state = train_state.create_train_state(config,
+                                         model,
+                                         method,
+                                         jax.random.key(0), (32, 32, 1),
+                                         observed_labels=batch['labels'])
   hyperparameters = steps.loss_hyperparameters(method, config, batch['labels'])
   # Epoch 3, so that schedules that start at epoch 2 (Large Loss) act.
   schedule = method.schedule(3, batch['labels'].size, config) if method.schedule else {}
-  step = jax.jit(lambda s, b: steps.train_step(s, b, schedule, method=method, config=config,
-                                               hyperparameters=hyperparameters))
+  step = jax.jit(lambda s, b: steps.train_step(
+      s, b, schedule, method=method, config=config, hyperparameters=hyperparameters))
   state, first = step(state, batch)
   for _ in range(20):
     state, last = step(state, batch)
@@ -58,18 +63,23 @@ def _hml_steps(config, num_steps, margin_push=0.0):
   margin_push: added to the loss times m*, a gradient that drives m* upwards."""
   method = losses.get_method('hml')
   if margin_push:
-    pushed = losses.Method(**{**method.__dict__, 'loss': lambda cos, labels, scale, margin,
-                              **kwargs: losses.hml(cos, labels, scale, margin, **kwargs)
-                              - margin_push * margin})
+    pushed = losses.Method(
+        **{
+            **method.__dict__, 'loss':
+                lambda cos, labels, scale, margin, **kwargs: losses.hml(
+                    cos, labels, scale, margin, **kwargs) - margin_push * margin
+        })
     method = pushed
   model = models.create_model('resnet_tiny', method.head, num_labels=10)
   rng = np.random.RandomState(0)
-  batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
-           'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
-           'indices': np.arange(16, dtype=np.int32)}
+  batch = {
+      'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
+      'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
+      'indices': np.arange(16, dtype=np.int32)
+  }
   state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
-  step = jax.jit(lambda s, b: steps.train_step(s, b, {}, method=method, config=config,
-                                               hyperparameters={'margin_on': 'both'}))
+  step = jax.jit(lambda s, b: steps.train_step(
+      s, b, {}, method=method, config=config, hyperparameters={'margin_on': 'both'}))
   for _ in range(num_steps):
     state, metrics = step(state, batch)
   return state, metrics
@@ -89,8 +99,10 @@ def test_adaptive_optimizer_shared_uses_the_network_learning_rate():
   separate, _ = _hml_steps(config, 5)
   config.adaptive_optimizer = 'shared'
   shared, _ = _hml_steps(config, 5)
-  moved = {name: abs(float(state.params['scale_margin']['margin']) - np.float32(0.3))
-           for name, state in (('separate', separate), ('shared', shared))}
+  moved = {
+      name: abs(float(state.params['scale_margin']['margin']) - np.float32(0.3))
+      for name, state in (('separate', separate), ('shared', shared))
+  }
   assert 1e-3 < moved['separate'] <= 5.01e-3 and 1e-5 < moved['shared'] <= 5.01e-5, moved
 
 
@@ -177,15 +189,21 @@ def test_method_state_survives_resuming(tfds_dir, tmp_path, monkeypatch, loss):
 def final_state(workdir):
   """The newest checkpoint's train state, every array as bytes (for exact comparison)."""
   _, _, state = train_state.load_trained_state(str(workdir), 'latest')
-  return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
-                                {'params': state.params, 'stats': state.batch_stats,
-                                 'opt': state.opt_state, 'step': state.step,
-                                 'labels': state.observed_labels})
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x).tobytes(), {
+          'params': state.params,
+          'stats': state.batch_stats,
+          'opt': state.opt_state,
+          'step': state.step,
+          'labels': state.observed_labels
+      })
 
 
 def run_cli(workdir, tfds_dir, *extra):
-  return [sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py',
-          f'--workdir={workdir}', f'--config.dataset.data_dir={tfds_dir}', *extra]
+  return [
+      sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+      f'--config.dataset.data_dir={tfds_dir}', *extra
+  ]
 
 
 @pytest.mark.slow
@@ -194,7 +212,9 @@ def test_sigkilled_cli_run_resumes_to_the_same_results(tfds_dir, tmp_path):
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(reference))
   workdir = tmp_path / 'killed'
   command = run_cli(workdir, tfds_dir, '--config.num_epochs=3')
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+  process = subprocess.Popen(command,
+                             cwd=ROOT,
+                             stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not (workdir / 'checkpoints' / '1').exists():
@@ -213,7 +233,10 @@ def test_cli_output_is_one_line_per_epoch(tfds_dir, tmp_path):
   """Redirected to a file: a line per epoch, no per-step metric dump, no library banner;
   --verbosity=1 adds the per-step metrics (they always go to TensorBoard)."""
   quiet = subprocess.run(run_cli(tmp_path / 'quiet', tfds_dir, '--config.num_epochs=2'),
-                         cwd=ROOT, check=True, capture_output=True, text=True)
+                         cwd=ROOT,
+                         check=True,
+                         capture_output=True,
+                         text=True)
   output = quiet.stdout + quiet.stderr
   epochs = [line for line in output.splitlines() if '] Epoch ' in line]
   assert len(epochs) == 2 and 'Epoch 2/2: loss ' in epochs[1] and 'img/s' in epochs[1]
@@ -224,7 +247,10 @@ def test_cli_output_is_one_line_per_epoch(tfds_dir, tmp_path):
   assert list((tmp_path / 'quiet').glob('events.out.tfevents.*'))
   verbose = subprocess.run(run_cli(tmp_path / 'verbose', tfds_dir, '--config.num_epochs=1',
                                    '--config.log_every_steps=1', '--verbosity=1'),
-                           cwd=ROOT, check=True, capture_output=True, text=True)
+                           cwd=ROOT,
+                           check=True,
+                           capture_output=True,
+                           text=True)
   assert 'positive_gradient' in verbose.stdout + verbose.stderr
 
 
@@ -232,7 +258,8 @@ def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
   before = {path: os.path.getmtime(path) for path in workdir.rglob('*')}
-  with pytest.raises(ValueError, match=r"(?s)different config.*loss: 'hml' in the workdir, "
+  with pytest.raises(ValueError,
+                     match=r"(?s)different config.*loss: 'hml' in the workdir, "
                      r"'an' now"):
     train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1, loss='an'), str(workdir))
   assert {path: os.path.getmtime(path) for path in workdir.rglob('*')} == before
@@ -268,7 +295,9 @@ def test_bad_config_values_are_named(tfds_dir, tmp_path, key, value, message):
 @pytest.mark.slow
 def test_unknown_config_key_is_rejected_by_the_cli(tfds_dir, tmp_path):
   result = subprocess.run(run_cli(tmp_path / 'run', tfds_dir, '--config.lerning_rate=0.1'),
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT,
+                          capture_output=True,
+                          text=True)
   assert result.returncode != 0
   assert 'lerning_rate' in result.stderr
   assert not (tmp_path / 'run').exists()

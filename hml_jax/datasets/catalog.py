@@ -44,40 +44,50 @@ _CACHE_VERSION = 2
 @dataclasses.dataclass(frozen=True)
 class CatalogSpec:
   """How to turn one catalog dataset into Cole et al.'s format."""
-  builder_name: str             # what tfds.builder loads
-  splits: Dict[str, str]        # our split ('train', 'test') -> the TFDS split
-  key: str                      # feature that identifies an example (a scalar string or int)
+  builder_name: str  # what tfds.builder loads
+  splits: Dict[str, str]  # our split ('train', 'test') -> the TFDS split
+  key: str  # feature that identifies an example (a scalar string or int)
   label_decoding: Dict[str, Any]  # PartialDecoding spec of the label feature(s)
   # decoded example (key and label features only) -> 1-D tensor of label indices (may repeat)
   label_indices: Callable[[dict], Any]
   # the builder's FeaturesDict -> the ClassLabel whose names are the label names
   label_feature: Callable[[Any], Any]
   sort_key: Callable[[Any], Any]  # one key (str or int) -> what rows are sorted by
-  manual_builder: str           # our manual_dir builder of the same data
+  manual_builder: str  # our manual_dir builder of the same data
   manual_config: str
 
 
 SPECS: Dict[str, CatalogSpec] = {
-    'voc/2012': CatalogSpec(
-        builder_name='voc/2012',
-        splits={'train': 'train', 'test': 'validation'},
-        key='image/filename',
-        label_decoding={'labels_no_difficult': True},
-        label_indices=lambda example: example['labels_no_difficult'],
-        label_feature=lambda features: features['labels_no_difficult'].feature,
-        sort_key=str,  # Cole et al.: sorted(file names)
-        manual_builder='hml_voc2012',
-        manual_config='configs/voc.py'),
-    'coco/2014': CatalogSpec(
-        builder_name='coco/2014',
-        splits={'train': 'train', 'test': 'validation'},
-        key='image/id',
-        label_decoding={'objects': {'label': True}},
-        label_indices=lambda example: example['objects']['label'],
-        label_feature=lambda features: features['objects']['label'],
-        sort_key=lambda image_id: str(int(image_id)),  # Cole et al.: ids sorted as strings
-        manual_builder='hml_coco2014',
-        manual_config='configs/coco.py'),
+    'voc/2012':
+        CatalogSpec(
+            builder_name='voc/2012',
+            splits={
+                'train': 'train',
+                'test': 'validation'
+            },
+            key='image/filename',
+            label_decoding={'labels_no_difficult': True},
+            label_indices=lambda example: example['labels_no_difficult'],
+            label_feature=lambda features: features['labels_no_difficult'].feature,
+            sort_key=str,  # Cole et al.: sorted(file names)
+            manual_builder='hml_voc2012',
+            manual_config='configs/voc.py'),
+    'coco/2014':
+        CatalogSpec(
+            builder_name='coco/2014',
+            splits={
+                'train': 'train',
+                'test': 'validation'
+            },
+            key='image/id',
+            label_decoding={'objects': {
+                'label': True
+            }},
+            label_indices=lambda example: example['objects']['label'],
+            label_feature=lambda features: features['objects']['label'],
+            sort_key=lambda image_id: str(int(image_id)),  # Cole et al.: ids sorted as strings
+            manual_builder='hml_coco2014',
+            manual_config='configs/coco.py'),
 }
 
 
@@ -107,7 +117,9 @@ def _read_keys_and_labels(builder, spec: CatalogSpec, tfds_split: str,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   decoding = tfds.decode.PartialDecoding({spec.key: True, **spec.label_decoding})
-  dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, decoders=decoding,
+  dataset = builder.as_dataset(split=tfds_split,
+                               shuffle_files=False,
+                               decoders=decoding,
                                read_config=tfds.ReadConfig(interleave_cycle_length=1))
 
   def keys_and_labels(example):
@@ -174,13 +186,12 @@ def _split_rows(builder, spec: CatalogSpec, tfds_split: str,
   except OSError:
     pass
   logging.info('Read the labels of %s %s in %.1f s: kept %d of %d images (with a positive).',
-               builder.info.full_name, tfds_split, time.time() - start, len(keys),
-               len(stored_keys))
+               builder.info.full_name, tfds_split,
+               time.time() - start, len(keys), len(stored_keys))
   return keys, labels, rows
 
 
-def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray,
-             rows: np.ndarray):
+def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray, rows: np.ndarray):
   """The split's splits.RecordReader: {'image': encoded bytes, 'index': row} of the kept
   images; rows: the row of each stored record (-1: dropped). A process reads only its slice of
   the stored records (see registry._tfds_records for why a slice)."""
@@ -190,23 +201,29 @@ def _records(builder, spec: CatalogSpec, tfds_split: str, keys: np.ndarray,
 
   def row_table():
     if not table:
-      table.append(tf.lookup.StaticHashTable(
-          tf.lookup.KeyValueTensorInitializer(tf.constant(keys),
-                                              tf.range(len(keys), dtype=tf.int64)),
-          default_value=tf.constant(-1, tf.int64)))
+      table.append(
+          tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+              tf.constant(keys), tf.range(len(keys), dtype=tf.int64)),
+                                    default_value=tf.constant(-1, tf.int64)))
     return table[0]
 
   def read(shuffle_seed: Optional[int], start: int, stop: int):
     row_of_key = row_table()
-    decoding = tfds.decode.PartialDecoding(
-        {'image': True, spec.key: True}, decoders={'image': tfds.decode.SkipDecoding()})
-    dataset = builder.as_dataset(
-        split=splits.tfds_subsplit(tfds_split, start, stop, len(rows)),
-        shuffle_files=shuffle_seed is not None,
-        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed), decoders=decoding)
-    dataset = dataset.map(lambda example: {'image': example['image'],
-                                           'index': row_of_key.lookup(example[spec.key])})
+    decoding = tfds.decode.PartialDecoding({
+        'image': True,
+        spec.key: True
+    },
+                                           decoders={'image': tfds.decode.SkipDecoding()})
+    dataset = builder.as_dataset(split=splits.tfds_subsplit(tfds_split, start, stop, len(rows)),
+                                 shuffle_files=shuffle_seed is not None,
+                                 read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+                                 decoders=decoding)
+    dataset = dataset.map(lambda example: {
+        'image': example['image'],
+        'index': row_of_key.lookup(example[spec.key])
+    })
     return dataset.filter(lambda record: record['index'] >= 0)  # images Cole et al. drop
+
   return splits.RecordReader(f'{builder.info.full_name} {tfds_split}', read, rows)
 
 
@@ -220,11 +237,14 @@ def load_source(dataset_config):
   builder = _builder(name, spec, dataset_config)
   label_names = [str(n) for n in spec.label_feature(builder.info.features).names]
   num_labels = len(label_names)
-  splits = {ours: _split_rows(builder, spec, theirs, num_labels)
-            for ours, theirs in spec.splits.items()}
-  return sources.Source(
-      builder.info.full_name, splits['train'][1], splits['test'][1], label_names,
-      train_records=_records(builder, spec, spec.splits['train'], splits['train'][0],
-                             splits['train'][2]),
-      test_records=_records(builder, spec, spec.splits['test'], splits['test'][0],
-                            splits['test'][2]))
+  splits = {
+      ours: _split_rows(builder, spec, theirs, num_labels) for ours, theirs in spec.splits.items()
+  }
+  return sources.Source(builder.info.full_name,
+                        splits['train'][1],
+                        splits['test'][1],
+                        label_names,
+                        train_records=_records(builder, spec, spec.splits['train'],
+                                               splits['train'][0], splits['train'][2]),
+                        test_records=_records(builder, spec, spec.splits['test'], splits['test'][0],
+                                              splits['test'][2]))

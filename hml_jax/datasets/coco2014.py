@@ -44,8 +44,8 @@ def read_instances(root, split: str) -> Tuple[List[str], np.ndarray, List[Tuple[
   common.check_split(split)
   official = OFFICIAL_SPLITS[split]
   path = common.require_path(
-      os.path.join(os.fspath(root), 'annotations', f'instances_{official}2014.json'),
-      Coco2014.name, MANUAL_DOWNLOAD_INSTRUCTIONS)
+      os.path.join(os.fspath(root), 'annotations', f'instances_{official}2014.json'), Coco2014.name,
+      MANUAL_DOWNLOAD_INSTRUCTIONS)
   with open(path) as f:
     data = json.load(f)
   try:
@@ -57,8 +57,9 @@ def read_instances(root, split: str) -> Tuple[List[str], np.ndarray, List[Tuple[
     raise ValueError(f'{path}: expected {NUM_LABELS} categories with distinct ids, got '
                      f'{len(categories)} with ids {sorted(i for i, _ in categories)}')
   if categories != sorted(categories):
-    logging.warning('%s lists its categories out of id order; Cole et al. index them in file '
-                    'order, this module in id order.', path)
+    logging.warning(
+        '%s lists its categories out of id order; Cole et al. index them in file '
+        'order, this module in id order.', path)
   categories = sorted(categories)
   category_index = {category_id: i for i, (category_id, _) in enumerate(categories)}
 
@@ -105,8 +106,10 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
           f'{Coco2014.name}: instances_train2014.json and instances_val2014.json in {root} '
           f'list different categories: {splits["train"][2]} vs {splits["test"][2]}')
     self.info.metadata['label_names'] = [name for _, name in splits['train'][2]]
-    return {split: self._generate_examples(filenames, labels, root)
-            for split, (filenames, labels, _) in splits.items()}
+    return {
+        split: self._generate_examples(filenames, labels, root)
+        for split, (filenames, labels, _) in splits.items()
+    }
 
   def _generate_examples(self, filenames, labels, root):
     return common.generate_examples(filenames, labels, lambda f: os.path.join(root, f))

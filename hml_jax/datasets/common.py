@@ -71,5 +71,9 @@ def generate_examples(filenames: Sequence[str], labels: np.ndarray,
                       resolve: Callable[[str], str]) -> Iterator[Tuple[int, dict]]:
   """Yields (index, example) in row order; resolve maps a stored filename to the file to read."""
   for index, (filename, row) in enumerate(zip(filenames, labels)):
-    yield index, {'image': read_image(resolve(filename)), 'labels': row, 'index': index,
-                  'filename': filename}
+    yield index, {
+        'image': read_image(resolve(filename)),
+        'labels': row,
+        'index': index,
+        'filename': filename
+    }

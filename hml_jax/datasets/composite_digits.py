@@ -33,19 +33,19 @@ class GeneratorConfig:
   (no clutter, noise or occlusion) is too easy to tell methods apart, and twice this clutter
   left the small ResNet near 40 mAP."""
   image_size: int = 48
-  num_train: int = 10000              # official "train" split; 20% of it becomes validation
+  num_train: int = 10000  # official "train" split; 20% of it becomes validation
   num_test: int = 2000
   seed: int = 0
-  test_source_fraction: float = 0.4   # share of each digit class's source images kept for test
+  test_source_fraction: float = 0.4  # share of each digit class's source images kept for test
   seed_digit_probabilities: tuple = (0.35, 0.4, 0.25)  # P(1, 2 or 3 seed digits)
-  partner_probability: float = 0.6    # a seed digit brings its partner along
-  min_digit_size: int = 12            # pixels; the 8x8 source digits are rescaled to this range
+  partner_probability: float = 0.6  # a seed digit brings its partner along
+  min_digit_size: int = 12  # pixels; the 8x8 source digits are rescaled to this range
   max_digit_size: int = 20
-  max_distractor_strokes: int = 2     # random line segments, 0..max per image
-  max_fragments: int = 1              # halves of non-label digits pasted as clutter, 0..max
+  max_distractor_strokes: int = 2  # random line segments, 0..max per image
+  max_fragments: int = 1  # halves of non-label digits pasted as clutter, 0..max
   occlusion_probability: float = 0.2  # per digit: a background strip hides 1/4-1/2 of it
-  noise_std: float = 0.05             # Gaussian pixel noise (intensities in [0, 1])
-  background_gradient: float = 0.15   # amplitude of a random linear background ramp
+  noise_std: float = 0.05  # Gaussian pixel noise (intensities in [0, 1])
+  background_gradient: float = 0.15  # amplitude of a random linear background ramp
 
 
 def split_sources(digit_labels: np.ndarray, test_fraction: float, seed: int):
@@ -61,8 +61,8 @@ def split_sources(digit_labels: np.ndarray, test_fraction: float, seed: int):
   return np.sort(train), np.sort(test)
 
 
-def sample_with_partners(rng: np.random.RandomState, num_labels: int, pairs,
-                         seed_probabilities, partner_probability: float) -> np.ndarray:
+def sample_with_partners(rng: np.random.RandomState, num_labels: int, pairs, seed_probabilities,
+                         partner_probability: float) -> np.ndarray:
   """Labels present in one image: 1, 2, ... seed labels drawn uniformly (with
   seed_probabilities), each bringing its partner of pairs along with partner_probability."""
   partner = {}
@@ -101,8 +101,9 @@ def _stroke(canvas, rng, size):
   width = rng.choice([1, 2])
   for t in np.linspace(0, 1, 2 * size):
     y, x = (start + t * (end - start)).astype(int)
-    canvas[max(0, y):y + width, max(0, x):x + width] = np.maximum(
-        canvas[max(0, y):y + width, max(0, x):x + width], ink)
+    canvas[max(0, y):y + width,
+           max(0, x):x + width] = np.maximum(canvas[max(0, y):y + width,
+                                                    max(0, x):x + width], ink)
 
 
 def render(rng, digits_present, source_images, source_labels, config):
@@ -185,11 +186,16 @@ class CompositeDigits(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = [
-      CompositeDigitsConfig(name='default', description='48x48, 10,000 train / 2,000 test.',
+      CompositeDigitsConfig(name='default',
+                            description='48x48, 10,000 train / 2,000 test.',
                             generator=GeneratorConfig()),
-      CompositeDigitsConfig(name='tiny', description='32x32, 240 train / 80 test, for tests.',
-                            generator=GeneratorConfig(image_size=32, num_train=240, num_test=80,
-                                                      min_digit_size=9, max_digit_size=14)),
+      CompositeDigitsConfig(name='tiny',
+                            description='32x32, 240 train / 80 test, for tests.',
+                            generator=GeneratorConfig(image_size=32,
+                                                      num_train=240,
+                                                      num_test=80,
+                                                      min_digit_size=9,
+                                                      max_digit_size=14)),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -201,7 +207,8 @@ class CompositeDigits(tfds.core.GeneratorBasedBuilder):
             'index': tfds.features.Scalar(dtype=np.int64),
         }),
         supervised_keys=None,
-        homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html',
+        homepage=
+        'https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html',
         metadata=tfds.core.MetadataDict(label_names=list(LABEL_NAMES),
                                         partner_pairs=[list(p) for p in PARTNER_PAIRS]),
     )

@@ -51,18 +51,20 @@ def _read_id_table(path: str, value_name: str, allowed=None) -> Dict[int, str]:
       fields = line.split()
       if not fields:
         continue
-      if (len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) != len(table) + 1
-          or (allowed is not None and fields[1] not in allowed)):
+      if (len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) != len(table) + 1 or
+          (allowed is not None and fields[1] not in allowed)):
         raise common.line_error(path, line_number, line,
-                                 f'"<id> <{value_name}>" with id {len(table) + 1}')
+                                f'"<id> <{value_name}>" with id {len(table) + 1}')
       table[int(fields[0])] = fields[1]
   return table
 
 
 def attribute_names_path(root) -> str:
   """attributes.txt: at the manual_dir level (Cole et al.'s layout) or under the attributes/."""
-  candidates = [os.path.join(os.fspath(root), 'attributes.txt'),
-                os.path.join(os.fspath(root), 'CUB_200_2011', 'attributes', 'attributes.txt')]
+  candidates = [
+      os.path.join(os.fspath(root), 'attributes.txt'),
+      os.path.join(os.fspath(root), 'CUB_200_2011', 'attributes', 'attributes.txt')
+  ]
   for path in candidates:
     if os.path.exists(path):
       return path
@@ -81,18 +83,18 @@ def read_attribute_labels(path: str, num_images: int) -> np.ndarray:
       fields = line.split()
       if not fields:
         continue
-      if (len(fields) < 3 or not fields[0].isdigit() or not fields[1].isdigit()
-          or fields[2] not in ('0', '1')):
+      if (len(fields) < 3 or not fields[0].isdigit() or not fields[1].isdigit() or
+          fields[2] not in ('0', '1')):
         raise common.line_error(path, line_number, line,
-                                 '"<image_id> <attribute_id> <is_present 0 or 1> ..."')
+                                '"<image_id> <attribute_id> <is_present 0 or 1> ..."')
       image_ids.append(int(fields[0]))
       attribute_ids.append(int(fields[1]))
       present.append(fields[2] == '1')
       line_numbers.append(line_number)
   image_ids, attribute_ids, present, line_numbers = (
       np.asarray(a, np.int64) for a in (image_ids, attribute_ids, present, line_numbers))
-  bad = np.nonzero((image_ids < 1) | (image_ids > num_images)
-                   | (attribute_ids < 1) | (attribute_ids > NUM_LABELS))[0]
+  bad = np.nonzero((image_ids < 1) | (image_ids > num_images) | (attribute_ids < 1) |
+                   (attribute_ids > NUM_LABELS))[0]
   if len(bad):
     raise ValueError(f'{path}, line {line_numbers[bad[0]]}: image_id {image_ids[bad[0]]} or '
                      f'attribute_id {attribute_ids[bad[0]]} outside 1..{num_images} / '
@@ -167,8 +169,10 @@ class Cub(tfds.core.GeneratorBasedBuilder):
     splits = read_splits(root)
     self.info.metadata['label_names'] = splits['train'][2]
     image_dir = os.path.join(root, 'CUB_200_2011', 'images')
-    return {split: self._generate_examples(filenames, labels, image_dir)
-            for split, (filenames, labels, _) in splits.items()}
+    return {
+        split: self._generate_examples(filenames, labels, image_dir)
+        for split, (filenames, labels, _) in splits.items()
+    }
 
   def _generate_examples(self, filenames, labels, image_dir):
     return common.generate_examples(filenames, labels, lambda f: os.path.join(image_dir, f))

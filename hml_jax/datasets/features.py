@@ -64,13 +64,16 @@ def load_source(dataset_config):
     if len(features[split]) != len(labels[split]):
       raise ValueError(f'{path}: {split}_features has {len(features[split])} rows but '
                        f'{split}_labels has {len(labels[split])}.')
-  label_names = [str(n) for n in arrays['label_names']] if 'label_names' in arrays else [
-      str(i) for i in range(labels['train'].shape[1])]
+  label_names = [str(n) for n in arrays['label_names']
+                ] if 'label_names' in arrays else [str(i) for i in range(labels['train'].shape[1])]
   if len(label_names) != labels['train'].shape[1]:
     raise ValueError(f'{path}: {len(label_names)} label_names for {labels["train"].shape[1]} '
                      'labels.')
-  return sources.Source(
-      name=path, train_labels=labels['train'], test_labels=labels['test'],
-      label_names=label_names, train_examples=features['train'],
-      test_examples=features['test'],
-      validation_labels=labels.get('val'), validation_examples=features.get('val'))
+  return sources.Source(name=path,
+                        train_labels=labels['train'],
+                        test_labels=labels['test'],
+                        label_names=label_names,
+                        train_examples=features['train'],
+                        test_examples=features['test'],
+                        validation_labels=labels.get('val'),
+                        validation_examples=features.get('val'))

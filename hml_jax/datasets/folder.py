@@ -121,8 +121,8 @@ def _check_images(root, filenames, csv_path, skip_corrupt, decoder, parallelism=
     raise ValueError(f'{len(bad)} corrupt image(s) in {csv_path}: {shown}. Fix or remove them, '
                      'or set config.dataset.skip_corrupt=True to skip them.')
   if bad:
-    logging.warning('Skipped %d corrupt image(s) of %s (config.dataset.skip_corrupt): %s',
-                    len(bad), csv_path, ', '.join(p for _, p, _ in bad[:10]))
+    logging.warning('Skipped %d corrupt image(s) of %s (config.dataset.skip_corrupt): %s', len(bad),
+                    csv_path, ', '.join(p for _, p, _ in bad[:10]))
   keep = np.ones(len(paths), bool)
   keep[[i for i, _, _ in bad]] = False
   return keep, len(bad)
@@ -159,8 +159,8 @@ def read_folder(dataset_config):
                        f'test split must be unseen), e.g. {in_both[:3]}.')
   else:
     fraction = dataset_config.get('test_fraction', 0.2)
-    permutation = np.random.RandomState(dataset_config.get('test_seed', 0)).permutation(
-        len(filenames))
+    permutation = np.random.RandomState(dataset_config.get('test_seed',
+                                                           0)).permutation(len(filenames))
     num_test = int(np.round(fraction * len(filenames)))
     if not 0 < num_test < len(filenames):
       raise ValueError(f'{train_csv} has {len(filenames)} rows; a test fraction of {fraction} '
@@ -170,8 +170,8 @@ def read_folder(dataset_config):
                        [labels[i] for i in train_rows])
     splits['test'] = (train_csv + ' (held-out test rows)', [filenames[i] for i in test_rows],
                       [labels[i] for i in test_rows])
-  label_names = sorted({name for _, _, lists in splits.values() for names in lists
-                        for name in names})
+  label_names = sorted(
+      {name for _, _, lists in splits.values() for names in lists for name in names})
   if not label_names:
     raise ValueError(f'{train_csv}: no image has a label.')
   result, skipped = {}, 0
@@ -200,10 +200,17 @@ def file_reader(name: str, paths):
     if shuffle_seed is not None:  # a list of files can be permuted exactly, like in memory
       order = np.random.RandomState(shuffle_seed % 2**32).permutation(stop - start)
     index = start + order
-    dataset = tf.data.Dataset.from_tensor_slices({'path': paths[index],
-                                                  'index': index.astype(np.int64)})
-    return dataset.map(lambda x: {'image': tf.io.read_file(x['path']), 'index': x['index']},
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = tf.data.Dataset.from_tensor_slices({
+        'path': paths[index],
+        'index': index.astype(np.int64)
+    })
+    return dataset.map(lambda x: {
+        'image': tf.io.read_file(x['path']),
+        'index': x['index']
+    },
+                       num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
+
   return splits.RecordReader(name, read, np.arange(len(paths), dtype=np.int64))
 
 
@@ -212,13 +219,14 @@ def load_source(dataset_config):
   splits, label_names, skipped = read_folder(dataset_config)
 
   if skipped:
-    logging.warning('Folder dataset %s: %d corrupt image(s) skipped in all.',
-                    dataset_config.path, skipped)
-  return sources.Source(
-      name=f'folder {dataset_config.path}',
-      train_labels=label_matrix(splits['train'][1], label_names),
-      test_labels=label_matrix(splits['test'][1], label_names),
-      label_names=label_names,
-      train_records=file_reader(f'folder {dataset_config.path} train', splits['train'][0]),
-      test_records=file_reader(f'folder {dataset_config.path} test', splits['test'][0]),
-      exact_shuffle=True)
+    logging.warning('Folder dataset %s: %d corrupt image(s) skipped in all.', dataset_config.path,
+                    skipped)
+  return sources.Source(name=f'folder {dataset_config.path}',
+                        train_labels=label_matrix(splits['train'][1], label_names),
+                        test_labels=label_matrix(splits['test'][1], label_names),
+                        label_names=label_names,
+                        train_records=file_reader(f'folder {dataset_config.path} train',
+                                                  splits['train'][0]),
+                        test_records=file_reader(f'folder {dataset_config.path} test',
+                                                 splits['test'][0]),
+                        exact_shuffle=True)

@@ -39,15 +39,15 @@ TARGET_LABELS = tuple(str(d) for d in range(10)) + GREEK_LETTERS
 PARTNER_PAIRS = tuple((d, 10 + d) for d in range(10))  # digit d with the d-th Greek letter
 
 # matplotlib's fonts that hold every glyph above, by family (serif, sans, mono, STIX).
-FONT_FILES = (
-    'DejaVuSans.ttf', 'DejaVuSans-Bold.ttf', 'DejaVuSans-Oblique.ttf',
-    'DejaVuSans-BoldOblique.ttf', 'DejaVuSansMono.ttf', 'DejaVuSansMono-Bold.ttf',
-    'DejaVuSansMono-Oblique.ttf', 'DejaVuSansMono-BoldOblique.ttf', 'DejaVuSerif.ttf',
-    'DejaVuSerif-Bold.ttf', 'DejaVuSerif-Italic.ttf', 'DejaVuSerif-BoldItalic.ttf',
-    'STIXGeneral.ttf', 'STIXGeneralBol.ttf', 'STIXGeneralItalic.ttf', 'STIXGeneralBolIta.ttf')
+FONT_FILES = ('DejaVuSans.ttf', 'DejaVuSans-Bold.ttf', 'DejaVuSans-Oblique.ttf',
+              'DejaVuSans-BoldOblique.ttf', 'DejaVuSansMono.ttf', 'DejaVuSansMono-Bold.ttf',
+              'DejaVuSansMono-Oblique.ttf', 'DejaVuSansMono-BoldOblique.ttf', 'DejaVuSerif.ttf',
+              'DejaVuSerif-Bold.ttf', 'DejaVuSerif-Italic.ttf', 'DejaVuSerif-BoldItalic.ttf',
+              'STIXGeneral.ttf', 'STIXGeneralBol.ttf', 'STIXGeneralItalic.ttf',
+              'STIXGeneralBolIta.ttf')
 # The target's test glyphs come from these fonts only, its train glyphs from the others.
-TEST_FONTS = ('DejaVuSans-BoldOblique.ttf', 'DejaVuSansMono-Oblique.ttf',
-              'DejaVuSerif-Italic.ttf', 'STIXGeneralBol.ttf')
+TEST_FONTS = ('DejaVuSans-BoldOblique.ttf', 'DejaVuSansMono-Oblique.ttf', 'DejaVuSerif-Italic.ttf',
+              'STIXGeneralBol.ttf')
 GLYPH_RENDER_SIZE = 40  # points; each glyph is rendered once, then rescaled per use
 
 
@@ -57,8 +57,8 @@ def font_path(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def glyph_bank(characters: Tuple[str, ...], fonts: Tuple[str, ...]) -> Dict[Tuple[str, str],
-                                                                           np.ndarray]:
+def glyph_bank(characters: Tuple[str, ...], fonts: Tuple[str,
+                                                         ...]) -> Dict[Tuple[str, str], np.ndarray]:
   """{(character, font): float32 ink image in [0, 1], cropped to the glyph}, rendered once."""
   from matplotlib import ft2font  # pylint: disable=g-import-not-at-top
   bank = {}
@@ -73,8 +73,10 @@ def glyph_bank(characters: Tuple[str, ...], fonts: Tuple[str, ...]) -> Dict[Tupl
       if face.get_char_index(ord(character)) == 0:
         raise ValueError(f'{path} has no glyph for {character!r}.')
       canvas = Image.new('L', (3 * GLYPH_RENDER_SIZE, 3 * GLYPH_RENDER_SIZE))
-      ImageDraw.Draw(canvas).text((GLYPH_RENDER_SIZE // 2, GLYPH_RENDER_SIZE // 2), character,
-                                  font=font, fill=255)
+      ImageDraw.Draw(canvas).text((GLYPH_RENDER_SIZE // 2, GLYPH_RENDER_SIZE // 2),
+                                  character,
+                                  font=font,
+                                  fill=255)
       bank[(character, name)] = np.asarray(canvas.crop(canvas.getbbox()), np.float32) / 255.0
   return bank
 
@@ -84,8 +86,8 @@ def _fit(ink: np.ndarray, size: int, rng: np.random.RandomState) -> np.ndarray:
   image = Image.fromarray((ink * 255).astype(np.uint8))
   shear = rng.uniform(-0.25, 0.25)
   width, height = image.size
-  image = image.transform((width + int(abs(shear) * height), height), Image.AFFINE,
-                          (1, shear, -shear * height if shear > 0 else 0, 0, 1, 0),
+  image = image.transform((width + int(abs(shear) * height), height),
+                          Image.AFFINE, (1, shear, -shear * height if shear > 0 else 0, 0, 1, 0),
                           resample=Image.BILINEAR)
   image = image.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, expand=True)
   width, height = image.size
@@ -130,7 +132,7 @@ class GlyphConfig:
   seed: int = 0
   seed_label_probabilities: Sequence[float] = (0.75, 0.25)  # P(1 or 2 seed labels)
   partner_probability: float = 0.35
-  min_glyph_size: int = 9      # pixels, the longer side
+  min_glyph_size: int = 9  # pixels, the longer side
   max_glyph_size: int = 14
   max_distractor_strokes: int = 2
   occlusion_probability: float = 0.15
@@ -150,8 +152,9 @@ def generate_target(split: str, config: GlyphConfig):
   """Yields (index, image (size, size, 1) uint8, labels (20,) uint8) of glyph_digits' split."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
-  train_sources, test_sources = composite_digits.split_sources(
-      digits.target, config.test_source_fraction, config.seed)
+  train_sources, test_sources = composite_digits.split_sources(digits.target,
+                                                               config.test_source_fraction,
+                                                               config.seed)
   sources = {'train': train_sources, 'test': test_sources}[split]
   source_images, source_labels = digits.images[sources], digits.target[sources]
   fonts = TEST_FONTS if split == 'test' else tuple(f for f in FONT_FILES if f not in TEST_FONTS)
@@ -207,8 +210,10 @@ class GlyphBuilderConfig(tfds.core.BuilderConfig):
 class _GlyphBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared TFDS plumbing: 'image', 'labels', 'index' features, train and test splits."""
   VERSION = tfds.core.Version('2.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release: 48x48; glyph_digits 4,000 train / 2,000 test.',
-                   '2.0.0': '32x32, glyphs 9-14 px; glyph_digits 2,000 train / 1,000 test.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'First release: 48x48; glyph_digits 4,000 train / 2,000 test.',
+      '2.0.0': '32x32, glyphs 9-14 px; glyph_digits 2,000 train / 1,000 test.'
+  }
   LABEL_NAMES: Tuple[str, ...] = ()
   PAIRS: Tuple[Tuple[int, int], ...] = ()
   GENERATE = None  # generate(split, GlyphConfig) -> (index, image, labels), set by each builder
@@ -242,12 +247,13 @@ class GlyphDigits(_GlyphBuilder):
   PAIRS = PARTNER_PAIRS
   GENERATE = staticmethod(generate_target)
   BUILDER_CONFIGS = [
-      GlyphBuilderConfig(name='default', description='32x32, 2,000 train / 1,000 test.',
+      GlyphBuilderConfig(name='default',
+                         description='32x32, 2,000 train / 1,000 test.',
                          generator=GlyphConfig()),
-      GlyphBuilderConfig(name='tiny', description='32x32, 200 train / 80 test, for tests.',
+      GlyphBuilderConfig(name='tiny',
+                         description='32x32, 200 train / 80 test, for tests.',
                          generator=GlyphConfig(num_train=200, num_test=80)),
   ]
-
 
 
 class GlyphPretraining(_GlyphBuilder):
@@ -255,9 +261,10 @@ class GlyphPretraining(_GlyphBuilder):
   LABEL_NAMES = PRETRAINING_CLASSES
   GENERATE = staticmethod(generate_pretraining)
   BUILDER_CONFIGS = [
-      GlyphBuilderConfig(name='default', description='32x32, 12,000 train / 1,000 test.',
+      GlyphBuilderConfig(name='default',
+                         description='32x32, 12,000 train / 1,000 test.',
                          generator=GlyphConfig(num_train=12000, num_test=1000)),
-      GlyphBuilderConfig(name='tiny', description='32x32, 200 train / 80 test, for tests.',
+      GlyphBuilderConfig(name='tiny',
+                         description='32x32, 200 train / 80 test, for tests.',
                          generator=GlyphConfig(num_train=200, num_test=80)),
   ]
-

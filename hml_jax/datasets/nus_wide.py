@@ -126,8 +126,8 @@ def read_official(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
     paths = [line.strip().replace('\\', '/') for line in f if line.strip()]
   labels = np.zeros((len(paths), NUM_LABELS), np.uint8)
   for column, name in enumerate(names):
-    path = _require(os.path.join(root, 'Groundtruth', 'TrainTestLabels',
-                                 f'Labels_{name}_{official}.txt'))
+    path = _require(
+        os.path.join(root, 'Groundtruth', 'TrainTestLabels', f'Labels_{name}_{official}.txt'))
     values = []
     with open(path) as f:
       for line_number, line in enumerate(f, 1):
@@ -143,9 +143,10 @@ def read_official(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
   flickr = os.path.join(root, 'Flickr')
   exists = np.array([os.path.exists(os.path.join(flickr, p)) for p in paths], bool)
   keep = exists & labels.any(1)
-  logging.info('%s %s: %d of the %d images in %s are missing under %s; %d of the rest have no '
-               'positive label. Keeping %d.', NusWide.name, split, np.sum(~exists), len(paths),
-               list_path, flickr, np.sum(exists & ~labels.any(1)), np.sum(keep))
+  logging.info(
+      '%s %s: %d of the %d images in %s are missing under %s; %d of the rest have no '
+      'positive label. Keeping %d.', NusWide.name, split, np.sum(~exists), len(paths), list_path,
+      flickr, np.sum(exists & ~labels.any(1)), np.sum(keep))
   return [p for p, k in zip(paths, keep) if k], labels[keep], names
 
 
@@ -160,8 +161,10 @@ def read_split(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
 
 def resolve_image(root, filename: str) -> str:
   """root/filename if it exists, else root/Flickr/filename; ValueError naming both if neither."""
-  candidates = [os.path.join(os.fspath(root), filename),
-                os.path.join(os.fspath(root), 'Flickr', filename)]
+  candidates = [
+      os.path.join(os.fspath(root), filename),
+      os.path.join(os.fspath(root), 'Flickr', filename)
+  ]
   for path in candidates:
     if os.path.isfile(path):
       return path
@@ -191,8 +194,10 @@ class NusWide(tfds.core.GeneratorBasedBuilder):
     root = os.fspath(dl_manager.manual_dir)
     splits = {split: read_split(root, split) for split in ('train', 'test')}
     self.info.metadata['label_names'] = splits['train'][2]
-    return {split: self._generate_examples(filenames, labels, root)
-            for split, (filenames, labels, _) in splits.items()}
+    return {
+        split: self._generate_examples(filenames, labels, root)
+        for split, (filenames, labels, _) in splits.items()
+    }
 
   def _generate_examples(self, filenames, labels, root):
     return common.generate_examples(filenames, labels, lambda f: resolve_image(root, f))

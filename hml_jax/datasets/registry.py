@@ -70,7 +70,8 @@ def _tfds_label_matrix(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
   start = time.time()
   # One file after the other (no interleaving): the records then come in storage order, the
   # positions a process's slice 'train[a:b]' (_tfds_records) selects.
-  dataset = builder.as_dataset(split=split, shuffle_files=False,
+  dataset = builder.as_dataset(split=split,
+                               shuffle_files=False,
                                read_config=tfds.ReadConfig(interleave_cycle_length=1),
                                decoders={'image': tfds.decode.SkipDecoding()})
   dataset = dataset.map(lambda x: {'labels': x['labels'], 'index': x['index']})
@@ -118,6 +119,7 @@ def _tfds_records(builder, split: str, storage_index: np.ndarray) -> splits.Reco
                                  read_config=read_config,
                                  decoders={'image': tfds.decode.SkipDecoding()})
     return dataset.map(lambda x: {'image': x['image'], 'index': x['index']})
+
   return splits.RecordReader(f'{builder.info.full_name} {split}', read, storage_index)
 
 
@@ -132,15 +134,20 @@ def tfds_source(dataset_config, in_memory: bool) -> sources.Source:
       # TFDS stores examples in hashed-key order; restore the official order.
       order = np.argsort(data['index'], kind='stable')
       arrays[split] = data['image'][order], data['labels'][order].astype(np.int32)
-    return sources.Source(builder.info.full_name, arrays['train'][1], arrays['test'][1],
-                  list(label_names or range(arrays['train'][1].shape[1])),
-                  train_examples=arrays['train'][0], test_examples=arrays['test'][0])
+    return sources.Source(builder.info.full_name,
+                          arrays['train'][1],
+                          arrays['test'][1],
+                          list(label_names or range(arrays['train'][1].shape[1])),
+                          train_examples=arrays['train'][0],
+                          test_examples=arrays['test'][0])
   train_labels, train_storage = _tfds_label_matrix(builder, 'train')
   test_labels, test_storage = _tfds_label_matrix(builder, 'test')
-  return sources.Source(builder.info.full_name, train_labels, test_labels,
-                list(label_names or range(train_labels.shape[1])),
-                train_records=_tfds_records(builder, 'train', train_storage),
-                test_records=_tfds_records(builder, 'test', test_storage))
+  return sources.Source(builder.info.full_name,
+                        train_labels,
+                        test_labels,
+                        list(label_names or range(train_labels.shape[1])),
+                        train_records=_tfds_records(builder, 'train', train_storage),
+                        test_records=_tfds_records(builder, 'test', test_storage))
 
 
 def load_source(config) -> sources.Source:

@@ -18,8 +18,8 @@ from hml_jax.datasets import common
 
 NUM_LABELS = 20
 LABEL_NAMES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-               'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-               'sheep', 'sofa', 'train', 'tvmonitor')
+               'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep',
+               'sofa', 'train', 'tvmonitor')
 OFFICIAL_SPLITS = {'train': 'train', 'test': 'val'}
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -30,7 +30,6 @@ so that these exist:
   <manual_dir>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg
   <manual_dir>/VOCdevkit/VOC2012/ImageSets/Main/<class>_train.txt and <class>_val.txt
 """
-
 
 # VOC 2012.
 
@@ -44,7 +43,7 @@ def read_split(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
   positives = {}  # filename -> label indices
   for label_index, name in enumerate(LABEL_NAMES):
     path = common.require_path(os.path.join(main, f'{name}_{OFFICIAL_SPLITS[split]}.txt'),
-                        Voc2012.name, MANUAL_DOWNLOAD_INSTRUCTIONS)
+                               Voc2012.name, MANUAL_DOWNLOAD_INSTRUCTIONS)
     with open(path) as f:
       for line_number, line in enumerate(f, 1):
         fields = line.split()
@@ -82,8 +81,10 @@ class Voc2012(tfds.core.GeneratorBasedBuilder):
     # Parse every label file before any image is read, so label errors come first.
     splits = {split: read_split(root, split) for split in ('train', 'test')}
     image_dir = os.path.join(root, 'VOCdevkit', 'VOC2012', 'JPEGImages')
-    return {split: self._generate_examples(filenames, labels, image_dir)
-            for split, (filenames, labels, _) in splits.items()}
+    return {
+        split: self._generate_examples(filenames, labels, image_dir)
+        for split, (filenames, labels, _) in splits.items()
+    }
 
   def _generate_examples(self, filenames, labels, image_dir):
     return common.generate_examples(filenames, labels, lambda f: os.path.join(image_dir, f))
