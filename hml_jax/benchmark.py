@@ -264,22 +264,34 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
 
   input_rate = (input_pipeline_rate(config, input_images, batch_size) if input_images else None)
   return {
-      'framework': 'jax',
-      'train_images_per_sec': None if train_rate is None else round(train_rate, 2),
-      'compile_seconds': round(compile_seconds, 2),
-      'eval_images_per_sec': None if eval_rate is None else round(eval_rate, 2),
-      'input_images_per_sec': None if input_rate is None else round(input_rate, 1),
+      'framework':
+          'jax',
+      'train_images_per_sec':
+          None if train_rate is None else round(train_rate, 2),
+      'compile_seconds':
+          round(compile_seconds, 2),
+      'eval_images_per_sec':
+          None if eval_rate is None else round(eval_rate, 2),
+      'input_images_per_sec':
+          None if input_rate is None else round(input_rate, 1),
       # XLA's count of the step's floating-point operations (forward, backward, optimizer), per
       # image: with train_images_per_sec and the peak of all devices this gives the MFU.
-      'train_flops_per_image': None if not flops_per_image else round(flops_per_image),
+      'train_flops_per_image':
+          None if not flops_per_image else round(flops_per_image),
       'train_tflops_per_sec': (None if not flops_per_image or train_rate is None else round(
           flops_per_image * train_rate / 1e12, 3)),
-      'step_memory_mb': None if step_memory_mb is None else round(step_memory_mb, 1),
-      'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'step_memory_mb':
+          None if step_memory_mb is None else round(step_memory_mb, 1),
+      'peak_host_memory_mb':
+          round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      'device':
+          f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       # On CPU the allocator changes the train step's speed by about 1.4x (host.allocator_advice).
-      'memory_allocator': host.memory_allocator(),
-      'jax': jax.__version__,
+      'memory_allocator':
+          host.memory_allocator() +
+          (' (keeps freed memory)' if host.malloc_keeps_freed_memory else ''),
+      'jax':
+          jax.__version__,
       'config': {
           'model': config.model,
           'loss': config.loss,
