@@ -21,6 +21,7 @@ import numpy as np
 from hml_jax import files
 from hml_jax import input_pipeline
 from hml_jax import sharding
+from hml_jax import splits
 from hml_jax import train_state
 
 SUBDIRECTORY = 'linear_init'
@@ -64,16 +65,16 @@ def features_data(config, state, data, mesh, path) -> input_pipeline.Data:
       buffer = io.BytesIO()
       np.savez(buffer, **features)
       files.write_bytes(path, buffer.getvalue())  # atomic on a local disk, whole on a bucket
-  splits = {}
+  feature_splits = {}
   for name in SPLITS:
     split = getattr(data, name)
     if len(features[name]) != len(split):
       raise ValueError(f'{path} holds {len(features[name])} {name} features for a split of '
                        f'{len(split)}: it belongs to another dataset; remove it.')
-    splits[name] = splits.ArraySplit(features[name], split.labels, split.observed)
-  return input_pipeline.Data(train=splits['train'],
-                             validation=splits['validation'],
-                             test=splits['test'],
+    feature_splits[name] = splits.ArraySplit(features[name], split.labels, split.observed)
+  return input_pipeline.Data(train=feature_splits['train'],
+                             validation=feature_splits['validation'],
+                             test=feature_splits['test'],
                              label_names=data.label_names)
 
 
