@@ -59,7 +59,9 @@ def allocator_advice() -> str:
 # glibc's mallopt() parameters (<malloc.h>).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _KEEP = 2**31 - 1  # mallopt takes an int: trim only when 2 GB lie free at the heap's top
-# HML_JAX_MALLOC=system leaves glibc's malloc as it is (to measure what the tuning buys).
+# HML_JAX_MALLOC=keep tunes glibc's malloc to keep freed memory (keep_freed_memory). Opt-in and
+# experimental: on a jitted matmul it removes every page fault, on the ResNet-50 train step it
+# has not yet been shown to help (docs/performance_notes.md).
 MALLOC_ENVIRONMENT_VARIABLE = 'HML_JAX_MALLOC'
 
 
@@ -69,11 +71,8 @@ def keep_freed_memory() -> bool:
   large blocks with mmap and trims freed memory, so every step page-faults them in again (ResNet-50
   at 224x224, batch 16: 2.3 GB and 0.9 s of kernel time per step). With mmap off (M_MMAP_MAX=0)
   and trimming only beyond 2 GB, a freed block is reused by the next step. Returns whether it
-  applied: glibc's own malloc on Linux (not tcmalloc or jemalloc preloaded), and
-  HML_JAX_MALLOC != 'system'. Affects allocations from now on; call it before the first step.
-  docs/performance.md, "Speed on CPU", has the measurements."""
-  if os.environ.get(MALLOC_ENVIRONMENT_VARIABLE, '') == 'system':
-    return False
+  applied: glibc's own malloc on Linux (not tcmalloc or jemalloc preloaded). Affects allocations
+  from now on; call it before the first step. setup() calls it with HML_JAX_MALLOC=keep."""
   if not os.path.exists('/proc/self/maps') or memory_allocator() != 'system':
     return False
   try:
@@ -94,12 +93,14 @@ malloc_keeps_freed_memory = False  # set by keep_freed_memory()
 
 def setup():
   """Process setup shared by the command-line tools: quiet library logs, TensorFlow off the
-  accelerator, glibc's malloc tuned (or advice on the allocator) when training on CPU."""
+  accelerator, advice on the allocator when training on CPU (or, with HML_JAX_MALLOC=keep,
+  glibc's malloc tuned instead)."""
   # ABSLHandler passes records straight to its python_handler, so the filter goes there.
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
-  if not _has_accelerator() and not keep_freed_memory():
-    advice = allocator_advice()
-    if advice and os.environ.get(MALLOC_ENVIRONMENT_VARIABLE, '') != 'system':
+  if not _has_accelerator():
+    tuned = (os.environ.get(MALLOC_ENVIRONMENT_VARIABLE, '') == 'keep' and keep_freed_memory())
+    advice = '' if tuned else allocator_advice()
+    if advice:
       logging.warning(advice)
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -90,7 +90,7 @@ def start_and_wait_for_epoch_2(command):
 
 def test_sigkill_at_a_random_step_resumes_bitwise(tfds_dir, tmp_path, reference):
   workdir = tmp_path / 'killed'
-  command = cli(workdir, tfds_dir)
+  command = cli(workdir, tfds_dir, '--verbosity=1')  # per-step lines on stderr
   target = random.Random().randint(STEPS_PER_EPOCH + 1, 3 * STEPS_PER_EPOCH - 1)
   process = subprocess.Popen(command,
                              cwd=ROOT,
