@@ -13,10 +13,15 @@ def tfds_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('tensorflow_datasets')
 
 
+# Absolute, as tests may change the working directory.
+DURATIONS_FILE = os.path.abspath(
+    os.environ['HML_TEST_DURATIONS']) if os.environ.get('HML_TEST_DURATIONS') else ''
+
+
 def pytest_runtest_logreport(report):
   """HML_TEST_DURATIONS=FILE appends each test's call time to FILE as it finishes (so that an
   interrupted run still tells which tests are slow; tests/README in docs/development.md)."""
-  path = os.environ.get('HML_TEST_DURATIONS')
+  path = DURATIONS_FILE
   if path and report.when in ('setup', 'call'):
     with open(path, 'a') as f:
       f.write(f'{report.duration:.2f}\t{report.when}\t{report.nodeid}\n')

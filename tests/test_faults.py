@@ -58,16 +58,9 @@ def assert_equal_runs(workdir, reference_workdir):
 
 def cli(workdir, tfds_dir, *extra):
   return [
-      sys.executable,
-      '-m',
-      'hml_jax.main',
-      '--config=configs/tiny.py',
-      f'--workdir={workdir}',
-      f'--config.dataset.data_dir={tfds_dir}',
-      '--config.num_epochs=3',
-      '--config.log_every_steps=1',
-      '--verbosity=1',
-      *extra  # per-step lines on stderr
+      sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+      f'--config.dataset.data_dir={tfds_dir}', '--config.num_epochs=3',
+      '--config.log_every_steps=1', *extra
   ]
 
 
