@@ -106,8 +106,9 @@ def apply_dataset_overrides(config, dataset_overrides):
   return config
 
 
-def _write(state, config, mesh, output, batch_size):
-  source = registry.load_source(config)
+def _write(state, config, mesh, output, batch_size, source=None):
+  """source: config's, if already loaded (else it is loaded here)."""
+  source = source or registry.load_source(config)
   arrays = {'label_names': np.array(source.label_names, dtype=str)}
   for name, split in zip(('train', 'test'), official_splits(source, config)):
     arrays[f'{name}_features'] = extract(state, config, split, batch_size, mesh)
@@ -145,7 +146,7 @@ def extract_initial_to_file(config, output, batch_size=64):
   state = train_state.create_train_state(config, model, losses.get_method('an'), jax.random.key(0),
                                          train.example_shape)
   state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
-  return _write(state, config, mesh, output, batch_size)
+  return _write(state, config, mesh, output, batch_size, source)
 
 
 def main(argv):
