@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hml_jax import initializers
+
 Array = jax.Array
 # Largest |m| for which cos_with_margin is strictly increasing in c: the root of
 # cos(m) + m*sin(m) = 1 (see cos_with_margin).
@@ -97,7 +99,7 @@ class CosineHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Array) -> Array:
-    embeddings = self.param('label_embeddings', nn.initializers.lecun_normal(),
+    embeddings = self.param('label_embeddings', initializers.lecun_normal(),
                             (features.shape[-1], self.num_labels))
     # Stored (feature_dim, num_labels) like a Dense kernel; the paper's W is its transpose.
     return cosine_similarity(features, embeddings.T)
@@ -109,7 +111,9 @@ class LinearHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Array) -> Array:
-    return nn.Dense(self.num_labels, dtype=jnp.float32,
+    return nn.Dense(self.num_labels,
+                    dtype=jnp.float32,
+                    kernel_init=initializers.lecun_normal(),
                     name='classifier')(features.astype(jnp.float32))
 
 

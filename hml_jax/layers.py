@@ -36,6 +36,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from hml_jax import initializers
+
 CONVOLUTIONS = ('auto', 'native', 'matmul')
 
 # The flax variable collection of the matrices that 'matmul' convolutions multiply by in their
@@ -260,7 +262,7 @@ class Conv(nn.Module):
   padding: Padding = 'VALID'
   use_bias: bool = False
   dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
+  kernel_init: Any = initializers.lecun_normal()
   convolutions: str = 'auto'
 
   @nn.compact

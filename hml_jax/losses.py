@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from hml_jax import heads
+from hml_jax import initializers
 
 Array = jax.Array
 
@@ -232,7 +233,9 @@ def role_estimator_init(observed_labels, rng: Array) -> Array:
   """Cole et al.'s initial estimator logits: logit(0.995) for observed positives, uniform in
   [-logit(0.6), logit(0.6)] for unknown labels. (num_images, num_labels) float32."""
   bound = float(np.log(0.6 / 0.4))
-  unknown = jax.random.uniform(rng, np.shape(observed_labels), jnp.float32, -bound, bound)
+  # Drawn flat: the same numbers, compiled in a fraction of the time (hml_jax/initializers.py).
+  unknown = initializers.flat_draw(jax.random.uniform, rng, np.shape(observed_labels), jnp.float32,
+                                   -bound, bound)
   return jnp.where(jnp.asarray(observed_labels) == 1, jnp.float32(np.log(0.995 / 0.005)), unknown)
 
 

@@ -16,10 +16,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from hml_jax import heads as heads_lib
+from hml_jax import initializers
 from hml_jax import layers
 
 # torchvision's init: kaiming_normal_(mode='fan_out', nonlinearity='relu') for convolutions.
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+conv_init = initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _pad(size: int):

@@ -3,18 +3,22 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from hml_jax import compare, losses
+from hml_jax import compare
 
 from helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_compare_trains_every_method_and_reuses_finished_runs(tfds_dir, tmp_path):
+def test_compare_trains_each_method_and_reuses_finished_runs(tfds_dir, tmp_path):
+  """Real training through compare: a cosine-head and a linear-head method (every method's step
+  is tested in test_train.py, the pseudo-label methods' epochs in test_method_state_survives_
+  resuming; compare itself does not depend on the method)."""
   config = tiny_config(tfds_dir, num_epochs=1)
-  methods = sorted(losses.METHODS)
+  methods = ['an', 'hml']
   table, markdown = compare.compare(config, str(tmp_path), methods, seeds=1)
   assert list(table) == methods
   for method in methods:
@@ -31,17 +35,44 @@ def test_compare_trains_every_method_and_reuses_finished_runs(tfds_dir, tmp_path
   assert [os.path.getmtime(path) for path in results] == before
 
 
-def test_sweep_picks_the_best_validation_point(tfds_dir, tmp_path):
-  config = tiny_config(tfds_dir, num_epochs=1)
+def fake_training(monkeypatch):
+  """Replaces training by a function of the run's learning rate and seed, so that the choice of
+  a sweep point can be checked exactly: validation mAP peaks at lr 1e-3, test mAP is 10 points
+  under it, and the seed adds 0.1 per seed. Returns the list of trained (lr, seed)."""
+  trained = []
+
+  def train_and_evaluate(config, workdir):
+    trained.append((config.learning_rate, config.seed))
+    val_map = 60.0 - 10 * abs(np.log10(config.learning_rate) + 3) + 0.1 * config.seed
+    results = {
+        'val_map': val_map,
+        'test_map': val_map - 10,
+        'last_test_map': val_map - 11,
+        'best_epoch': 1,
+        'epochs': [{}] * config.num_epochs
+    }
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f)
+    return results
+
+  monkeypatch.setattr(compare.train, 'train_and_evaluate', train_and_evaluate)
+  monkeypatch.setattr(compare.checkpoints, 'check_config', lambda workdir, config: None)
+  return trained
+
+
+def test_sweep_picks_the_best_validation_point(tmp_path, monkeypatch):
+  trained = fake_training(monkeypatch)
+  config = tiny_config('unused', num_epochs=1)
   table, _ = compare.compare(config,
                              str(tmp_path), ['an'],
-                             seeds=1,
-                             learning_rates=['1e-2', '1e-4'])
-  with open(tmp_path / 'table.json') as f:
-    runs = json.load(f)['runs']
-  best = max(runs, key=lambda run: run['val_map'])
-  assert table['an']['learning_rate'] == best['learning_rate']
-  assert table['an']['test_map_mean'] == best['test_map']
+                             seeds=2,
+                             learning_rates=['1e-2', '1e-3', '1e-4'])
+  assert sorted(trained) == [(lr, seed) for lr in (1e-4, 1e-3, 1e-2) for seed in (0, 1)]
+  assert table['an']['learning_rate'] == 1e-3 and table['an']['seeds'] == 2
+  assert table['an']['test_map_mean'] == pytest.approx(50.05)
+  compare.compare(config, str(tmp_path), ['an'], seeds=2, learning_rates=['1e-2', '1e-3', '1e-4'])
+  assert len(trained) == 6  # every run reused
 
 
 @pytest.mark.slow
@@ -124,21 +155,17 @@ def test_summarize_runs_groups_by_scenario_and_fraction(tmp_path, capsys):
   assert '| 52.00 ± 2.83 |' in rows[0] and '| 70.00 ± 0.00 |' in rows[1]
 
 
-def test_grid_seeds_choose_on_the_first_seeds_then_complete_the_chosen_point(tfds_dir, tmp_path):
-  config = tiny_config(tfds_dir, num_epochs=1)
-  table, _ = compare.compare(config,
+def test_grid_seeds_choose_on_the_first_seeds_then_complete_the_chosen_point(tmp_path, monkeypatch):
+  trained = fake_training(monkeypatch)
+  table, _ = compare.compare(tiny_config('unused', num_epochs=1),
                              str(tmp_path), ['an'],
-                             seeds=2,
-                             learning_rates=['1e-2', '1e-4'],
+                             seeds=3,
+                             learning_rates=['1e-2', '1e-3', '1e-4'],
                              grid_seeds=1)
+  # The grid on seed 0, then seeds 1 and 2 at the chosen point only.
+  assert trained == [(1e-2, 0), (1e-3, 0), (1e-4, 0), (1e-3, 1), (1e-3, 2)]
   with open(tmp_path / 'table.json') as f:
-    runs = json.load(f)['runs']
-  first_seed = [run for run in runs if run['seed'] == 0]
-  assert len(first_seed) == 2 and len(runs) == 3  # the other point never trains seed 1
-  chosen = max(first_seed, key=lambda run: run['val_map'])
-  assert table['an']['learning_rate'] == chosen['learning_rate']
-  at_chosen = [run for run in runs if run['learning_rate'] == chosen['learning_rate']]
-  assert [run['seed'] for run in at_chosen] == [0, 1]
-  assert table['an']['seeds'] == 2
-  assert table['an']['test_map_mean'] == pytest.approx(
-      sum(run['test_map'] for run in at_chosen) / 2)
+    saved = json.load(f)
+  assert saved['grid_seeds'] == 1 and len(saved['runs']) == 5
+  assert table['an']['learning_rate'] == 1e-3 and table['an']['seeds'] == 3
+  assert table['an']['test_map_mean'] == pytest.approx(50.1)

@@ -46,3 +46,47 @@ def test_a_preloaded_tcmalloc_is_detected():
       text=True,
       check=True)
   assert completed.stdout.strip() == 'tcmalloc'
+
+
+def test_compilation_cache_follows_jax_then_the_environment_then_the_default(monkeypatch, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'jax_own'))
+    assert host.use_compilation_cache() == str(tmp_path / 'jax_own')
+    jax.config.update('jax_compilation_cache_dir', None)
+    monkeypatch.setenv(host.COMPILATION_CACHE_ENVIRONMENT_VARIABLE, 'off')
+    assert host.use_compilation_cache() == '' and not jax.config.jax_compilation_cache_dir
+    chosen = tmp_path / 'chosen' / 'xla'
+    monkeypatch.setenv(host.COMPILATION_CACHE_ENVIRONMENT_VARIABLE, str(chosen))
+    assert host.use_compilation_cache() == str(chosen) and chosen.is_dir()
+    jax.config.update('jax_compilation_cache_dir', None)
+    monkeypatch.delenv(host.COMPILATION_CACHE_ENVIRONMENT_VARIABLE)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert host.use_compilation_cache() == str(tmp_path / 'xdg' / 'hml_jax' / 'xla')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
+
+
+@pytest.mark.slow
+def test_a_second_run_reads_its_programs_from_the_compilation_cache(tfds_dir, tmp_path):
+  """The CLI's default cache: the first run of the tiny config writes compiled programs, a second
+  run of the same shapes adds none (every program came from the cache)."""
+  cache = tmp_path / 'cache'
+  environment = dict(os.environ, PYTHONPATH=ROOT, HML_JAX_COMPILATION_CACHE=str(cache))
+  environment.pop('JAX_COMPILATION_CACHE_DIR')
+  environment.pop('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', None)
+  for run in ('first', 'second'):
+    subprocess.run([
+        sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py',
+        f'--workdir={tmp_path / run}', f'--config.dataset.data_dir={tfds_dir}',
+        '--config.num_epochs=1'
+    ],
+                   cwd=ROOT,
+                   env=environment,
+                   check=True,
+                   capture_output=True)
+    if run == 'first':
+      written = sorted(os.listdir(cache))
+      assert any(name.startswith('jit_train_step') for name in written), written
+  assert sorted(os.listdir(cache)) == written
