@@ -32,7 +32,8 @@ def pytest_runtest_logreport(report):
   """HML_TEST_DURATIONS=FILE appends each test's call time to FILE as it finishes (so that an
   interrupted run still tells which tests are slow; tests/README in docs/development.md)."""
   path = DURATIONS_FILE
-  if path and report.when in ('setup', 'call'):
+  # Under pytest-xdist the controller receives every worker's reports: it alone writes.
+  if path and report.when in ('setup', 'call') and 'PYTEST_XDIST_WORKER' not in os.environ:
     with open(path, 'a') as f:
       f.write(f'{report.duration:.2f}\t{report.when}\t{report.nodeid}\n')
 
@@ -40,7 +41,9 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
   """Removes the session's compilation cache (made above; a user's JAX_COMPILATION_CACHE_DIR is
   theirs and stays)."""
-  del session, exitstatus
+  del exitstatus
+  if hasattr(session.config, 'workerinput'):
+    return  # a pytest-xdist worker: the controller removes the cache the workers share
   directory = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
   if os.path.basename(directory).startswith('hml_jax_test_xla_cache_'):
     import shutil  # pylint: disable=g-import-not-at-top

@@ -13,6 +13,7 @@ from helpers import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_compare_trains_each_method_and_reuses_finished_runs(tfds_dir, tmp_path):
   """Real training through compare: a cosine-head and a linear-head method (every method's step
   is tested in test_train.py, the pseudo-label methods' epochs in test_method_state_survives_
@@ -88,6 +89,7 @@ def test_compare_cli_rejects_an_unknown_method(tfds_dir, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_compare_refuses_to_reuse_a_run_made_with_another_config(tfds_dir, tmp_path):
   compare.compare(tiny_config(tfds_dir, num_epochs=1), str(tmp_path), ['an'], seeds=1)
   changed = tiny_config(tfds_dir, num_epochs=1, label_scenario='full')

@@ -166,6 +166,7 @@ def _small_backbone_and_features():
     return backbone, data['images'].transpose(0, 2, 3, 1), data['features']
 
 
+@pytest.mark.slow
 def test_named_weights_download_load_and_give_torchvision_features(fake_imagenet_weights, cache):
   del fake_imagenet_weights
   backbone, images, expected = _small_backbone_and_features()

@@ -252,6 +252,7 @@ def test_folder_label_separators_and_spreadsheet_bom(tmp_path):
   assert 'cat' in data.label_names and 'traffic' not in data.label_names
 
 
+@pytest.mark.slow
 def test_resuming_on_other_data_is_refused(tmp_path):
   write_folder(tmp_path / 'data')
   config = tiny_image_config(tmp_path / 'data')

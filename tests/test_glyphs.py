@@ -111,6 +111,7 @@ def pretrained_workdir(tfds_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdir):
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{pretrained_workdir}')
   method = losses.get_method('hml')

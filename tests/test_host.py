@@ -66,27 +66,3 @@ def test_compilation_cache_follows_jax_then_the_environment_then_the_default(mon
     assert host.use_compilation_cache() == str(tmp_path / 'xdg' / 'hml_jax' / 'xla')
   finally:
     jax.config.update('jax_compilation_cache_dir', before)
-
-
-@pytest.mark.slow
-def test_a_second_run_reads_its_programs_from_the_compilation_cache(tfds_dir, tmp_path):
-  """The CLI's default cache: the first run of the tiny config writes compiled programs, a second
-  run of the same shapes adds none (every program came from the cache)."""
-  cache = tmp_path / 'cache'
-  environment = dict(os.environ, PYTHONPATH=ROOT, HML_JAX_COMPILATION_CACHE=str(cache))
-  environment.pop('JAX_COMPILATION_CACHE_DIR')
-  environment.pop('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', None)
-  for run in ('first', 'second'):
-    subprocess.run([
-        sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py',
-        f'--workdir={tmp_path / run}', f'--config.dataset.data_dir={tfds_dir}',
-        '--config.num_epochs=1'
-    ],
-                   cwd=ROOT,
-                   env=environment,
-                   check=True,
-                   capture_output=True)
-    if run == 'first':
-      written = sorted(os.listdir(cache))
-      assert any(name.startswith('jit_train_step') for name in written), written
-  assert sorted(os.listdir(cache)) == written

@@ -49,7 +49,9 @@ def test_bad_arguments_are_named():
     initializers.lecun_normal()(jax.random.key(0), (5,))
 
 
-@pytest.mark.parametrize('model_name,head', [('resnet_small', 'cosine'), ('resnet_tiny', 'linear')])
+@pytest.mark.parametrize(
+    'model_name,head',
+    [pytest.param('resnet_small', 'cosine', marks=pytest.mark.slow), ('resnet_tiny', 'linear')])
 def test_compiled_model_init_is_the_eager_one_bitwise(model_name, head):
   """create_train_state's compiled init gives the parameters an eager model.init gives (the
   values every run before the compiled init started from)."""

@@ -7,8 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hml_jax import initializers
 from hml_jax import layers
 from hml_jax import models
+
+
+def random_normal(key, shape):
+  """jax.random.normal(key, shape), drawn flat: the same numbers, compiled in a fraction of the
+  time (hml_jax/initializers.py)."""
+  return initializers.flat_draw(jax.random.normal, key, shape)
+
+
+def random_uniform(key, shape):
+  return initializers.flat_draw(jax.random.uniform, key, shape)
 
 
 def native(x, kernel, strides, padding):
@@ -34,9 +45,9 @@ def matmul_convolve(x, kernel, strides, padding):
 
 
 def random_inputs(shape, kernel_shape, seed=0):
-  x = jax.random.normal(jax.random.key(seed), shape)
-  kernel = jax.random.normal(jax.random.key(seed + 1), kernel_shape) / np.sqrt(
-      np.prod(kernel_shape[:3]))
+  x = random_normal(jax.random.key(seed), shape)
+  kernel = random_normal(jax.random.key(seed + 1), kernel_shape) / np.sqrt(np.prod(
+      kernel_shape[:3]))
   return x, kernel
 
 
@@ -62,7 +73,7 @@ def test_matmul_equals_native_values_and_gradients(shape, kernel_shape, strides,
   result = jax.jit(matmul_convolve, static_argnums=(2, 3))(x, kernel, strides, padding)
   np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
 
-  weights = jax.random.normal(jax.random.key(7), expected.shape)
+  weights = random_normal(jax.random.key(7), expected.shape)
 
   def loss(function):
     return lambda x, kernel: jnp.sum(function(x, kernel) * weights)
@@ -101,7 +112,7 @@ def test_channel_matmul_backward_is_the_analytic_gradient(in_channels, out_chann
 def test_conv_module_has_flax_conv_parameters_and_outputs():
   """The same parameters (shapes included) as nn.Conv under both implementations, and the same
   outputs, each in its own layout."""
-  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+  x = random_normal(jax.random.key(0), (2, 5, 5, 4))
   for kernel_size, strides, padding in [((1, 1), (1, 1), 'VALID'), ((3, 3), (2, 2), ((1, 1),) * 2)]:
     flax_conv = nn.Conv(6, kernel_size, strides, padding, use_bias=False)
     flax_variables = flax_conv.init(jax.random.key(1), x)
@@ -135,7 +146,7 @@ def test_forward_with_a_given_matrix_is_the_matmul_convolution(shape, kernel_sha
 def test_resnet_eval_with_forward_matrices_gives_the_same_features(monkeypatch):
   """A whole ResNet in evaluation with the FORWARD_MATRICES collection (one matrix per Conv, at
   the kernels' paths) gives the features of the plain forward pass."""
-  images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  images = random_uniform(jax.random.key(0), (4, 32, 32, 3))
   network = models.get_backbone('resnet18', convolutions='matmul')
   variables = network.init(jax.random.key(1), images)
   matrices = layers.forward_matrices(variables['params'])
@@ -167,11 +178,12 @@ def narrow_resnet(convolutions):
                        convolutions=convolutions)
 
 
+@pytest.mark.slow
 def test_resnet_is_the_same_network_under_every_implementation():
   """A bottleneck ResNet at 64x64 (maps from 32x32 down to 2x2): same parameters, same features,
   same gradients. (A batch of 8: BatchNorm over very few values per channel amplifies
   float rounding, which is not what this compares.)"""
-  images = jax.random.uniform(jax.random.key(0), (8, 64, 64, 3))
+  images = random_uniform(jax.random.key(0), (8, 64, 64, 3))
   networks = {name: narrow_resnet(name) for name in ('native', 'matmul')}
   variables = jax.jit(networks['native'].init)(jax.random.key(1), images)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
@@ -234,7 +246,7 @@ def test_batch_norm_equals_flax_batch_norm(dtype, axis):
   """Same variables, outputs, running statistics and gradients as flax.linen.BatchNorm, in
   training and in evaluation mode, with the channels last (as flax) or first (as the 'matmul'
   implementation's activations)."""
-  x = (jax.random.normal(jax.random.key(1), (4, 5, 5, 6)) * 3 + 1).astype(dtype)
+  x = (random_normal(jax.random.key(1), (4, 5, 5, 6)) * 3 + 1).astype(dtype)
   settings = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
   ours, theirs = layers.BatchNorm(axis=axis, **settings), nn.BatchNorm(axis=axis, **settings)
   if axis == 0:
@@ -275,7 +287,7 @@ def test_batch_norm_equals_flax_batch_norm(dtype, axis):
                              rtol=tolerance,
                              atol=tolerance)
 
-  weights = jax.random.normal(jax.random.key(3), x.shape)
+  weights = random_normal(jax.random.key(3), x.shape)
 
   def loss(apply):
     return lambda params, x: jnp.sum(apply(params, x).astype(jnp.float32) * weights)
@@ -306,9 +318,9 @@ def test_batch_norm_equals_flax_batch_norm(dtype, axis):
 def test_batch_norm_gradient_is_the_analytic_one(axis):
   """The hand-written backward pass against central finite differences of the loss along random
   directions (float32, so a loose tolerance)."""
-  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 4) if axis == -1 else (4, 3, 2, 2))
+  x = random_normal(jax.random.key(0), (3, 2, 2, 4) if axis == -1 else (4, 3, 2, 2))
   scale, bias = jnp.array([1.0, 2.0, 0.5, -1.0]), jnp.array([0.1, 0.0, -0.2, 0.3])
-  weights = jax.random.normal(jax.random.key(1), x.shape)
+  weights = random_normal(jax.random.key(1), x.shape)
 
   def loss(x, scale, bias):
     return jnp.sum(layers.batch_norm_training(x, scale, bias, 1e-5, jnp.float32, axis)[0] * weights)
@@ -316,7 +328,7 @@ def test_batch_norm_gradient_is_the_analytic_one(axis):
   grads = jax.grad(loss, (0, 1, 2))(x, scale, bias)
   for argument, direction_seed in ((0, 5), (1, 6), (2, 7)):
     arguments = [x, scale, bias]
-    direction = jax.random.normal(jax.random.key(direction_seed), arguments[argument].shape)
+    direction = random_normal(jax.random.key(direction_seed), arguments[argument].shape)
     step = 1e-2
     plus, minus = list(arguments), list(arguments)
     plus[argument] = arguments[argument] + step * direction

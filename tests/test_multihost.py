@@ -35,9 +35,10 @@ def free_port():
 
 
 def command(workdir, tfds_dir, *extra, config='configs/tiny.py'):
+  # One epoch: a training epoch, a validation and a test evaluation and a checkpoint each way.
   return [
       sys.executable, '-m', 'hml_jax.main', f'--config={config}', f'--workdir={workdir}',
-      f'--config.dataset.data_dir={tfds_dir}', *extra
+      f'--config.dataset.data_dir={tfds_dir}', '--config.num_epochs=1', *extra
   ]
 
 
@@ -96,7 +97,7 @@ def test_one_eight_devices_and_two_processes_agree(tfds_dir, tmp_path):
   assert 'Process 1 of 2' in outputs[1][1]
   assert_same_run(results(two), results(eight))
   # One writer: process 0 wrote results.json; both saved the collective checkpoints.
-  assert sorted(os.listdir(two / 'checkpoints')) == ['1', '2']
+  assert sorted(os.listdir(two / 'checkpoints')) == ['1']
 
 
 STREAMED_CONFIG = """from configs import tiny

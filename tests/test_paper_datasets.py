@@ -386,7 +386,8 @@ def tiny_paper_config(name, manual_dir, data_dir, **overrides):
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_CONFIGS))
-def test_protocol_and_one_training_epoch_from_each_fixture(tmp_path, name):
+@pytest.mark.slow
+def test_protocol_of_each_fixture(tmp_path, name):
   _, write, module = PAPER_CONFIGS[name]
   write(tmp_path / 'manual')
   config = tiny_paper_config(name, tmp_path / 'manual', tmp_path / 'tfds')
@@ -414,11 +415,20 @@ def test_protocol_and_one_training_epoch_from_each_fixture(tmp_path, name):
   np.testing.assert_array_equal(data.test.labels, test_labels)
   assert data.label_names == list(names)
 
+
+@pytest.mark.slow
+def test_one_training_epoch_from_a_fixture(tmp_path):
+  """After input_pipeline.load the four datasets take the same path: one of them trains."""
+  _, write, module = PAPER_CONFIGS['voc2012']
+  write(tmp_path / 'manual')
+  config = tiny_paper_config('voc2012', tmp_path / 'manual', tmp_path / 'tfds')
+  _, _, names = module.read_split(str(tmp_path / 'manual'), 'train')
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert len(results['epochs']) == 1 and 0.0 <= results['test_map'] <= 100.0
   assert list(results['per_class_ap']) == list(names)
 
 
+@pytest.mark.slow
 def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(
     tmp_path, monkeypatch, caplog):
   """configs/voc.py without any init_from flag: the ResNet-50 weights placed in the cache (here a

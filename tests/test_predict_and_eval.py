@@ -102,6 +102,7 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
   assert 'notes.txt: skipped, not a readable image' in completed.stderr
 
 
+@pytest.mark.slow
 def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
   from hml_jax import analyze, heads  # pylint: disable=g-import-not-at-top
   workdir, _, results = trained
@@ -149,6 +150,7 @@ def test_gradient_magnitudes_match_the_analytic_derivative():
   np.testing.assert_allclose(linear, np.abs(1 / (1 + np.exp(-cos)) - observed), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   """On CPU ('matmul' convolutions) the eval step takes the transposed kernels, computed once per
   parameters object: the same scores as transposing them in every call, and new parameters (as

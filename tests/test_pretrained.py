@@ -137,6 +137,7 @@ def test_pth_with_torch(fixture, tmp_path):
                                 fixture[0]['layer4.0.conv3.weight'])
 
 
+@pytest.mark.slow
 def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   """config.init_from puts the converted weights into the model's backbone; the head is fresh and
   the classifier's features equal torchvision's."""

@@ -84,6 +84,7 @@ def test_should_stop(maps, patience, drop, stops):
   assert recipes.should_stop(recipe, maps) == stops
 
 
+@pytest.mark.slow
 def test_kim_head_learning_rate_is_ten_times_the_backbone_one():
   """Adam's first step moves every parameter by its learning rate (times the gradient's sign)."""
   config = tiny_config('unused', loss='ll_r', recipe='published', learning_rate=1e-3)
@@ -102,6 +103,7 @@ def test_kim_head_learning_rate_is_ten_times_the_backbone_one():
   np.testing.assert_allclose(moved['model']['head']['classifier']['kernel'], 1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epoch_and_resumes_finished(tfds_dir, tmp_path, monkeypatch):
   """EM under Zhou et al.'s recipe stops at the first epoch whose validation mAP is no new best;
   the scores are scripted (evaluate is called for validation, then test, each epoch)."""
@@ -123,6 +125,7 @@ def test_early_stopping_keeps_the_best_epoch_and_resumes_finished(tfds_dir, tmp_
   assert len(again['epochs']) == 3
 
 
+@pytest.mark.slow
 def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir, tmp_path):
   """ROLE under Cole et al.'s recipe: the head phase sees the backbone's inference-mode features
   of the run's own splits and observed labels; its best head and label estimates start the
@@ -185,6 +188,7 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
                                 np.asarray(new_state.params['estimator']))
 
 
+@pytest.mark.slow
 def test_linear_init_run_end_to_end_reports_both_phases(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir,
                        loss='an_ls',

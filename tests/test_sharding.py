@@ -13,48 +13,55 @@ SCRIPT = """
 import json, sys, jax, numpy as np
 from hml_jax import losses, models, sharding, steps, train, train_state
 from configs import tiny
-config = tiny.get_config()
-config.learning_rate = 1e-2
-config.loss = sys.argv[1]
-config.delta_rel = 50.0  # LL-Cp: ceil(160 * 0.5) = 80 corrections per step
-method = losses.get_method(config.loss)
-model = models.create_model(config.model, method.head, num_labels=10)
-mesh = sharding.create_mesh()
-rng = np.random.RandomState(0)
-observed = (rng.uniform(size=(40, 10)) < 0.3).astype(np.int32)
-state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
-                                 observed_labels=observed)
-state = jax.device_put(state, sharding.replicated(mesh))
-hyperparameters = steps.loss_hyperparameters(method, config, observed)
-train_fn, eval_fn = steps.make_step_functions(method, config, mesh, hyperparameters)
-indices = np.sort(rng.permutation(40)[:16]).astype(np.int32)
-batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
-         'labels': observed[indices], 'indices': indices}
-schedule = method.schedule(2, 160, config) if method.schedule else {}
-losses_seen = []
-for _ in range(3):
-  state, metrics = train_fn(state, sharding.shard_batch(batch, mesh),
-                            {k: np.asarray(v) for k, v in schedule.items()})
-  losses_seen.append(float(metrics['loss']))
-scores = eval_fn(state, sharding.shard_batch(
-    {'images': batch['images'], 'indices': np.arange(16, dtype=np.int32),
-     'mask': np.ones(16, bool)}, mesh))['scores']
-label_state = state.observed_labels
-print(json.dumps({'devices': jax.device_count(), 'losses': losses_seen,
-                  'initial_positives': int(observed.sum()),
-                  'scores': np.asarray(scores).tolist(),
-                  'labels': None if label_state is None else np.asarray(label_state).tolist(),
-                  'estimator': (np.asarray(state.params['estimator']).tolist()
-                                if 'estimator' in state.params else None),
-                  'mean': float(np.asarray(state.batch_stats['backbone']['bn1']['mean']).sum())}))
+results = {}
+for loss in sys.argv[1].split(','):
+  config = tiny.get_config()
+  config.learning_rate = 1e-2
+  config.loss = loss
+  config.delta_rel = 50.0  # LL-Cp: ceil(160 * 0.5) = 80 corrections per step
+  method = losses.get_method(config.loss)
+  model = models.create_model(config.model, method.head, num_labels=10)
+  mesh = sharding.create_mesh()
+  rng = np.random.RandomState(0)
+  observed = (rng.uniform(size=(40, 10)) < 0.3).astype(np.int32)
+  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
+                                   observed_labels=observed)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  hyperparameters = steps.loss_hyperparameters(method, config, observed)
+  train_fn, eval_fn = steps.make_step_functions(method, config, mesh, hyperparameters)
+  indices = np.sort(rng.permutation(40)[:16]).astype(np.int32)
+  batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
+           'labels': observed[indices], 'indices': indices}
+  schedule = method.schedule(2, 160, config) if method.schedule else {}
+  losses_seen = []
+  for _ in range(3):
+    state, metrics = train_fn(state, sharding.shard_batch(batch, mesh),
+                              {k: np.asarray(v) for k, v in schedule.items()})
+    losses_seen.append(float(metrics['loss']))
+  scores = eval_fn(state, sharding.shard_batch(
+      {'images': batch['images'], 'indices': np.arange(16, dtype=np.int32),
+       'mask': np.ones(16, bool)}, mesh))['scores']
+  label_state = state.observed_labels
+  results[loss] = {
+      'devices': jax.device_count(), 'losses': losses_seen,
+      'initial_positives': int(observed.sum()),
+      'scores': np.asarray(scores).tolist(),
+      'labels': None if label_state is None else np.asarray(label_state).tolist(),
+      'estimator': (np.asarray(state.params['estimator']).tolist()
+                    if 'estimator' in state.params else None),
+      'mean': float(np.asarray(state.batch_stats['backbone']['bn1']['mean']).sum())}
+print(json.dumps(results))
 """
 
+LOSSES = ('hml', 'll_cp', 'role')
 
-def run(num_devices, loss):
+
+def run(num_devices):
+  """Every loss of LOSSES in one process of num_devices devices (one import and start-up)."""
   env = dict(os.environ,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
              PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, '-c', SCRIPT, loss],
+  result = subprocess.run([sys.executable, '-c', SCRIPT, ','.join(LOSSES)],
                           cwd=ROOT,
                           env=env,
                           check=True,
@@ -64,17 +71,18 @@ def run(num_devices, loss):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('loss', ['hml', 'll_cp', 'role'])
-def test_one_and_two_devices_agree(loss):
-  """Also for LL-Cp's label state (gathered and scattered by row) and ROLE's estimator."""
-  one, two = run(1, loss), run(2, loss)
-  assert (one['devices'], two['devices']) == (1, 2)
-  # Same global batch, so the same BatchNorm statistics and updates, up to reduction order.
-  np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-4)
-  np.testing.assert_allclose(two['mean'], one['mean'], rtol=1e-4)
-  np.testing.assert_allclose(two['scores'], one['scores'], rtol=1e-3, atol=1e-3)
-  if loss == 'll_cp':
-    assert np.sum(one['labels']) > one['initial_positives']  # corrections were made
-    np.testing.assert_array_equal(two['labels'], one['labels'])
-  if loss == 'role':
-    np.testing.assert_allclose(two['estimator'], one['estimator'], rtol=1e-4, atol=1e-6)
+def test_one_and_two_devices_agree():
+  """HML, and LL-Cp's label state (gathered and scattered by row) and ROLE's estimator."""
+  runs_on_one, runs_on_two = run(1), run(2)
+  for loss in LOSSES:
+    one, two = runs_on_one[loss], runs_on_two[loss]
+    assert (one['devices'], two['devices']) == (1, 2)
+    # Same global batch, so the same BatchNorm statistics and updates, up to reduction order.
+    np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-4, err_msg=loss)
+    np.testing.assert_allclose(two['mean'], one['mean'], rtol=1e-4, err_msg=loss)
+    np.testing.assert_allclose(two['scores'], one['scores'], rtol=1e-3, atol=1e-3, err_msg=loss)
+    if loss == 'll_cp':
+      assert np.sum(one['labels']) > one['initial_positives']  # corrections were made
+      np.testing.assert_array_equal(two['labels'], one['labels'])
+    if loss == 'role':
+      np.testing.assert_allclose(two['estimator'], one['estimator'], rtol=1e-4, atol=1e-6)

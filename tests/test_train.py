@@ -90,14 +90,16 @@ def _hml_steps(config, num_steps, margin_push=0.0):
                     cos, labels, scale, margin, **kwargs) - margin_push * margin
         })
     method = pushed
-  model = models.create_model('resnet_tiny', method.head, num_labels=10)
+  # On features (the identity backbone): s* and m* see only the cosines, and a ResNet would add
+  # seconds of compile time per call.
+  model = models.create_model('identity', method.head, num_labels=10)
   rng = np.random.RandomState(0)
   batch = {
-      'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
+      'images': rng.normal(size=(16, 32)).astype(np.float32),
       'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
       'indices': np.arange(16, dtype=np.int32)
   }
-  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32,))
   step = jax.jit(lambda s, b: steps.train_step(
       s, b, {}, method=method, config=config, hyperparameters={'margin_on': 'both'}))
   for _ in range(num_steps):
@@ -139,6 +141,7 @@ def test_learned_margin_stays_where_the_margin_map_increases():
   assert float(state.params['scale_margin']['margin']) == -float(np.float32(2.3311))
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_results_and_resumes_exactly(tfds_dir, tmp_path):
   uninterrupted = tmp_path / 'uninterrupted'
   results = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(uninterrupted))
@@ -171,6 +174,7 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize('loss', ['ll_cp', 'role', 'em_apl'])
+@pytest.mark.slow
 def test_method_state_survives_resuming(tfds_dir, tmp_path, monkeypatch, loss):
   """LL-Cp's corrected labels, ROLE's label estimator and APL's pseudo-labels are state: a run
   killed right after its epoch-2 checkpoint resumes to the same end as an uninterrupted run."""
@@ -274,6 +278,7 @@ def test_cli_output_is_one_line_per_epoch(tfds_dir, tmp_path):
   assert 'positive_gradient' in verbose.stdout + verbose.stderr
 
 
+@pytest.mark.slow
 def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
@@ -323,6 +328,7 @@ def test_unknown_config_key_is_rejected_by_the_cli(tfds_dir, tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_pseudo_label_runs_cannot_change_num_epochs_on_resume(tfds_dir, tmp_path):
   train.train_and_evaluate(tiny_config(tfds_dir, loss='em_apl', num_epochs=1), str(tmp_path))
   with pytest.raises(ValueError, match='num_epochs: 1 in the workdir, 2 now'):
