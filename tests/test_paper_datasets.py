@@ -10,12 +10,14 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
 from hml_jax import input_pipeline
+from hml_jax import losses
 from hml_jax import models
 from hml_jax import pretrained
 from hml_jax import train
@@ -429,7 +431,7 @@ def test_one_training_epoch_from_a_fixture(tmp_path):
 
 
 @pytest.mark.slow
-def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(
+def test_voc_config_as_shipped_starts_from_imagenet_weights_in_the_cache(
     tmp_path, monkeypatch, caplog):
   """configs/voc.py without any init_from flag: the ResNet-50 weights placed in the cache (here a
   random torchvision-layout ResNet-50 saved by torch under the real file's name, its digest
@@ -462,16 +464,17 @@ def test_voc_config_as_shipped_trains_from_imagenet_weights_in_the_cache(
   assert config.init_from == 'torchvision:resnet50' and config.model == 'resnet50'
   config.dataset.manual_dir = str(tmp_path / 'manual')
   config.dataset.data_dir = str(tmp_path / 'tfds')
-  config.image_size, config.batch_size, config.eval_batch_size, config.num_epochs = 64, 2, 4, 1
-  config.dataset.shuffle_buffer, config.log_every_steps = 8, 1
+  config.image_size = 64
   caplog.set_level('INFO')
-  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert len(results['epochs']) == 1
+  # What train_and_evaluate does before its first step (training a ResNet-50 here would add a
+  # minute of compile time and test nothing more about the weights).
+  train.announce_initialization(config)
+  method = losses.get_method(config.loss)
+  model = models.create_model(config.model, method.head, 20)
+  state = train_state.create_train_state(config, model, method, jax.random.key(0), (64, 64, 3),
+                                         np.zeros((4, 20), np.float32))
   initialized = f'Backbone initialized from torchvision:resnet50 ({cache / weights.filename})'
   assert initialized in caplog.text
   assert 'starts from random weights' not in caplog.text
-  _, _, state = train_state.load_trained_state(str(tmp_path / 'run'))
-  # Two Adam steps at 1e-5 move a weight by at most about 2e-5.
-  np.testing.assert_allclose(np.asarray(state.params['model']['backbone']['conv1']['kernel']),
-                             state_dict['conv1.weight'].numpy().transpose(2, 3, 1, 0),
-                             atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(state.params['model']['backbone']['conv1']['kernel']),
+                                state_dict['conv1.weight'].numpy().transpose(2, 3, 1, 0))

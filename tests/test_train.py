@@ -1,8 +1,6 @@
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -228,28 +226,6 @@ def run_cli(workdir, tfds_dir, *extra):
       sys.executable, '-m', 'hml_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
       f'--config.dataset.data_dir={tfds_dir}', *extra
   ]
-
-
-@pytest.mark.slow
-def test_sigkilled_cli_run_resumes_to_the_same_results(tfds_dir, tmp_path):
-  reference = tmp_path / 'reference'
-  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(reference))
-  workdir = tmp_path / 'killed'
-  command = run_cli(workdir, tfds_dir, '--config.num_epochs=3')
-  process = subprocess.Popen(command,
-                             cwd=ROOT,
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / '1').exists():
-    assert process.poll() is None, 'the run ended before its first checkpoint'
-    assert time.time() < deadline
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert not (workdir / 'results.json').exists()
-  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-  assert read_results(workdir) == read_results(reference)
 
 
 @pytest.mark.slow
