@@ -143,6 +143,7 @@ def test_forward_with_a_given_matrix_is_the_matmul_convolution(shape, kernel_sha
   np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resnet_eval_with_forward_matrices_gives_the_same_features(monkeypatch):
   """A whole ResNet in evaluation with the FORWARD_MATRICES collection (one matrix per Conv, at
   the kernels' paths) gives the features of the plain forward pass."""

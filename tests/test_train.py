@@ -42,6 +42,7 @@ def _train_steps(loss, model_name, inputs, num_steps=20):
   return first, last, state, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss', ['an', 'hml'])
 def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
   first, last, _, _ = _train_steps(
