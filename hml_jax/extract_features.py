@@ -108,7 +108,8 @@ def apply_dataset_overrides(config, dataset_overrides):
 
 def _write(state, config, mesh, output, batch_size, source=None):
   """source: config's, if already loaded (else it is loaded here)."""
-  source = source or registry.load_source(config)
+  if source is None:
+    source = registry.load_source(config)
   arrays = {'label_names': np.array(source.label_names, dtype=str)}
   for name, split in zip(('train', 'test'), official_splits(source, config)):
     arrays[f'{name}_features'] = extract(state, config, split, batch_size, mesh)

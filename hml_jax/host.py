@@ -105,7 +105,7 @@ def use_compilation_cache() -> str:
   evaluation steps, the initializers) is read back by every later run of the same shapes:
   resuming, the seeds and methods of a comparison, predict after train. On 2 CPU cores the tiny
   test config's run takes 39 s cold and 16 s warm, most of the difference XLA's compile time
-  (docs/performance.md "Compilation cache"). JAX's own setting (JAX_COMPILATION_CACHE_DIR) wins;
+  (docs/performance.md "Compile time and the compilation cache"). JAX's own setting (JAX_COMPILATION_CACHE_DIR) wins;
   else HML_JAX_COMPILATION_CACHE=DIR, or 'off'; else default_compilation_cache(). Returns the
   directory in use, or ''."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -6,7 +6,7 @@ is the shaped draw. What differs is the compile time: XLA on CPU compiles the ra
 small 4-d kernel in seconds (jax 0.10 on 2 cores: 4.6 s for a 3x3x8x6 kernel, 7.0 s for
 3x3x8x7) and of the same numbers drawn flat in 0.3 s. A ResNet's initialization draws one kernel
 per shape, so the shaped draws cost a tiny model's run about 12 s of its 39 s
-(docs/performance.md "Compile time").
+(docs/performance.md "Compile time and the compilation cache").
 """
 import math
 from typing import Sequence
@@ -32,7 +32,7 @@ def _fans(shape):
   if len(shape) < 2:
     raise ValueError(f'Variance scaling needs a kernel of at least 2 dimensions, got {shape}.')
   in_size, out_size = shape[-2], shape[-1]
-  receptive_field_size = math.prod(shape) / in_size / out_size / 1
+  receptive_field_size = math.prod(shape) / in_size / out_size
   return in_size * receptive_field_size, out_size * receptive_field_size
 
 
@@ -52,16 +52,22 @@ def variance_scaling(scale: float, mode: str, distribution: str):
     denominator = {'fan_in': fan_in, 'fan_out': fan_out, 'fan_avg': (fan_in + fan_out) / 2}[mode]
     variance = jnp.array(scale / denominator, dtype=dtype)
     if distribution == 'truncated_normal':
+      draw = flat_draw(jax.random.truncated_normal,
+                       key,
+                       shape,
+                       -2,
+                       2,
+                       dtype=dtype,
+                       shape_first=False)
       # The standard deviation of a standard normal truncated to (-2, 2).
-      stddev = jnp.sqrt(variance) / jnp.array(.87962566103423978, dtype)
-      draw = jax.lax.optimization_barrier(
-          flat_draw(jax.random.truncated_normal, key, shape, -2, 2, dtype=dtype, shape_first=False))
-      return draw * stddev
-    if distribution == 'normal':
-      return jax.lax.optimization_barrier(flat_draw(jax.random.normal, key, shape,
-                                                    dtype=dtype)) * jnp.sqrt(variance)
-    return jax.lax.optimization_barrier(flat_draw(jax.random.uniform, key, shape, dtype,
-                                                  -1)) * jnp.sqrt(3 * variance)
+      factor = jnp.sqrt(variance) / jnp.array(.87962566103423978, dtype)
+    elif distribution == 'normal':
+      draw, factor = flat_draw(jax.random.normal, key, shape, dtype=dtype), jnp.sqrt(variance)
+    else:
+      draw, factor = flat_draw(jax.random.uniform, key, shape, dtype, -1), jnp.sqrt(3 * variance)
+    # The barrier keeps XLA from fusing the scaling into the draw when init runs under jax.jit
+    # (fused, it rounds differently from the eager values).
+    return jax.lax.optimization_barrier(draw) * factor
 
   return init
 

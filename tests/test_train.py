@@ -13,18 +13,28 @@ from helpers import read_results, tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train_steps(loss, model_name, inputs, num_steps=20):
-  """(first, last) metrics of num_steps jitted train steps of config.loss=loss on one batch of
-  random inputs and labels (16 images, 10 labels), and the final state."""
-  config = tiny_config('unused', loss=loss, learning_rate=1e-2)
-  method = losses.get_method(loss)
-  model = models.create_model(model_name, method.head, num_labels=10)
+def features(rng):
+  """Inputs of the identity backbone: 16 random feature vectors of 32 dimensions."""
+  return rng.normal(size=(16, 32)).astype(np.float32)
+
+
+def random_batch(inputs):
+  """One batch of inputs(rng) and random labels (16 images, 10 labels), from RandomState(0)."""
   rng = np.random.RandomState(0)
-  batch = {
+  return {
       'images': inputs(rng),
       'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
       'indices': np.arange(16, dtype=np.int32)
   }
+
+
+def _train_steps(loss, model_name, inputs, num_steps=20):
+  """(first, last) metrics of num_steps jitted train steps of config.loss=loss on
+  random_batch(inputs), the final state and the batch."""
+  config = tiny_config('unused', loss=loss, learning_rate=1e-2)
+  method = losses.get_method(loss)
+  model = models.create_model(model_name, method.head, num_labels=10)
+  batch = random_batch(inputs)
   state = train_state.create_train_state(config,
                                          model,
                                          method,
@@ -56,8 +66,7 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
 def test_train_step_of_every_method_lowers_the_loss(loss):
   """Every method's step on features (the identity backbone: the methods differ in their head and
   loss only, and a ResNet would add seconds of compile time per method)."""
-  first, last, state, batch = _train_steps(loss, 'identity',
-                                           lambda rng: rng.normal(size=(16, 32)).astype(np.float32))
+  first, last, state, batch = _train_steps(loss, 'identity', features)
   assert np.isfinite(float(last['loss'])) and np.isfinite(float(last['grad_norm']))
   if loss == 'hml':
     # The total also holds the adaptive term, which trains only s* and m* and may rise while the
@@ -92,12 +101,7 @@ def _hml_steps(config, num_steps, margin_push=0.0):
   # On features (the identity backbone): s* and m* see only the cosines, and a ResNet would add
   # seconds of compile time per call.
   model = models.create_model('identity', method.head, num_labels=10)
-  rng = np.random.RandomState(0)
-  batch = {
-      'images': rng.normal(size=(16, 32)).astype(np.float32),
-      'labels': (rng.uniform(size=(16, 10)) < 0.3).astype(np.int32),
-      'indices': np.arange(16, dtype=np.int32)
-  }
+  batch = random_batch(features)
   state = train_state.create_train_state(config, model, method, jax.random.key(0), (32,))
   step = jax.jit(lambda s, b: steps.train_step(
       s, b, {}, method=method, config=config, hyperparameters={'margin_on': 'both'}))
