@@ -27,7 +27,7 @@ def get_config():
 
   # 'hml' (adaptive s*, m*), 'hml_fixed' (config.scale, config.margin), 'normalized_sigmoid'
   # (Eq. 3), and the baselines 'an' (linear head + BCE), 'bce', 'an_ls', 'bce_ls', 'wan', 'epr',
-  # 'em', 'asl' (hml_jax.losses.METHODS).
+  # 'em', 'asl' (hml_jax.methods.METHODS).
   config.loss = 'hml'
   config.scale = 20.0  # s: the paper's best fixed pair, Sec. 4.5 / Fig. 5 (VOC, single pos.)
   config.margin = 0.3  # m: idem; for 'hml' the initial values of s*, m*
@@ -42,7 +42,7 @@ def get_config():
   # 'none'. With one group only, test scores have no margin (labels are unknown at test time).
   config.margin_on = 'both'
 
-  # Hyperparameters of the baselines (config.loss in hml_jax.losses.METHODS), named as in their
+  # Hyperparameters of the baselines (config.loss in hml_jax.methods.METHODS), named as in their
   # published code.
   config.ls_coef = 0.1  # an_ls / bce_ls: Cole et al. (CVPR 2021)
   config.expected_num_pos = -1.0  # epr: k; Cole et al. use VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4.

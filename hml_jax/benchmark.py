@@ -34,7 +34,7 @@ from hml_jax import files
 from hml_jax import host
 from hml_jax import input_pipeline
 from hml_jax import layers
-from hml_jax import losses
+from hml_jax import methods
 from hml_jax import models
 from hml_jax import sharding
 from hml_jax import steps
@@ -176,7 +176,7 @@ def synthetic_train_step(config, num_labels=20):
   """The config's real jitted train and eval steps, an initial state and one synthetic batch of
   the config's shape on every device: (train_fn, eval_fn, state, batch, schedule, mesh). Also
   used by scripts/profile_train_step.py."""
-  method = losses.get_method(config.loss)
+  method = methods.get_method(config.loss)
   mesh = sharding.create_mesh()
   dtype = jax.numpy.bfloat16 if config.half_precision else jax.numpy.float32
   model = models.create_model(config.model,

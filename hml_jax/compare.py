@@ -23,7 +23,6 @@ from hml_jax import checkpoints
 from hml_jax import files
 from hml_jax import host
 from hml_jax import labels as labels_lib
-from hml_jax import losses
 from hml_jax import train
 from ml_collections import config_flags
 
@@ -104,15 +103,15 @@ def summarize(runs, config, chosen_points=None):
   return table, '\n'.join(lines) + '\n'
 
 
-def compare(config, workdir, methods, seeds, learning_rates=(), batch_sizes=(), grid_seeds=None):
+def compare(config, workdir, method_names, seeds, learning_rates=(), batch_sizes=(), grid_seeds=None):
   """Trains every combination (reusing finished runs), writes table.md / table.json.
 
   grid_seeds: if set, every sweep point trains seeds 0 .. grid_seeds-1 only, the point is chosen
   by their mean validation mAP, and seeds grid_seeds .. seeds-1 then train at the chosen point
   alone (a cheaper protocol for large sweeps; the choice still sees validation mAP only).
   """
-  for method in methods:
-    losses.get_method(method)  # unknown names fail before any training
+  for method in method_names:
+    methods.get_method(method)  # unknown names fail before any training
   learning_rates = [float(x) for x in learning_rates] or [config.learning_rate]
   batch_sizes = [int(x) for x in batch_sizes] or [config.batch_size]
   grid_seeds = seeds if grid_seeds is None else min(grid_seeds, seeds)
@@ -137,13 +136,13 @@ def compare(config, workdir, methods, seeds, learning_rates=(), batch_sizes=(), 
 
   runs = [
       run(method, learning_rate, batch_size, seed)
-      for method in methods
+      for method in method_names
       for learning_rate in learning_rates
       for batch_size in batch_sizes
       for seed in range(grid_seeds)
   ]
   chosen_points = best_points(runs)
-  for method in methods:
+  for method in method_names:
     runs.extend(run(method, *chosen_points[method], seed) for seed in range(grid_seeds, seeds))
   table, markdown = summarize(runs, config, chosen_points)
   files.write_text(files.join(workdir, 'table.md'), markdown)

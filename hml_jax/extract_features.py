@@ -27,7 +27,7 @@ import numpy as np
 from hml_jax import decoders
 from hml_jax import files
 from hml_jax import host
-from hml_jax import losses
+from hml_jax import methods
 from hml_jax import models
 from hml_jax import sharding
 from hml_jax import splits
@@ -133,7 +133,7 @@ def extract_initial_to_file(config, output, batch_size=64):
   """Features of the backbone a run of config starts from (config.init_from: ImageNet weights, an
   embedded backbone or another run's), on config.dataset, before any training."""
   mesh = sharding.create_mesh()
-  method = losses.get_method(config.loss)
+  method = methods.get_method(config.loss)
   source = registry.load_source(config)
   model = models.create_model(config.model,
                               method.head,
@@ -144,7 +144,7 @@ def extract_initial_to_file(config, output, batch_size=64):
   config = config.copy_and_resolve_references()
   config.unlock()
   config.loss = 'an'
-  state = train_state.create_train_state(config, model, losses.get_method('an'), jax.random.key(0),
+  state = train_state.create_train_state(config, model, methods.get_method('an'), jax.random.key(0),
                                          train.example_shape)
   state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   return _write(state, config, mesh, output, batch_size, source)

@@ -18,6 +18,7 @@ from hml_jax import input_pipeline
 from hml_jax import labels as labels_lib
 from hml_jax import layers
 from hml_jax import losses
+from hml_jax import methods
 from hml_jax import models
 from hml_jax import preemption
 from hml_jax import pretrained
@@ -30,7 +31,7 @@ from hml_jax import train_state
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Reject unknown names before any work is done, naming the key and the choices."""
-  losses.get_method(config.loss)
+  methods.get_method(config.loss)
   models.get_backbone(config.model)
   layers.resolve_convolutions(config.convolutions)
   if config.label_scenario not in labels_lib.SCENARIOS:
@@ -49,7 +50,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
     raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
-  if (losses.get_method(config.loss).has_scale_and_margin and
+  if (methods.get_method(config.loss).has_scale_and_margin and
       abs(config.margin) > heads.MONOTONIC_MARGIN_LIMIT):
     raise ValueError(f'config.margin={config.margin}: beyond |m| = '
                      f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
@@ -148,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def _train_and_evaluate(config, workdir, data=None):
   start_time = time.time()
-  method = losses.get_method(config.loss)
+  method = methods.get_method(config.loss)
   # APL's pseudo-label counts depend on num_epochs, so it cannot change when resuming.
   checkpoints.check_config(
       workdir, config,

@@ -18,6 +18,7 @@ from hml_jax import checkpoints
 from hml_jax import embedded_backbones
 from hml_jax import files
 from hml_jax import losses
+from hml_jax import methods
 from hml_jax import models
 from hml_jax import pretrained
 from hml_jax import recipes
@@ -221,7 +222,7 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   state, mesh)) and model_outputs.
   """
   config = checkpoints.read_config(workdir)
-  method = losses.get_method(config.loss)
+  method = methods.get_method(config.loss)
   info = checkpoints.read_dataset_info(workdir)
   num_labels = len(info['label_names'])
   model = models.create_model(config.model,

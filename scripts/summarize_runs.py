@@ -14,15 +14,14 @@ import sys
 import numpy as np
 
 from hml_jax import labels
-from hml_jax import losses
+from hml_jax import methods
 
 
 def stat(runs, key):
   # A linear head has no s, m (older results.json files hold the unused config values).
-  if any(
-      r[key] is None or
-      (key.startswith('final_') and not losses.get_method(r['config']['loss']).has_scale_and_margin)
-      for r in runs):
+  if any(r[key] is None or (
+      key.startswith('final_') and not methods.get_method(r['config']['loss']).has_scale_and_margin)
+         for r in runs):
     return '—'
   values = np.array([r[key] for r in runs], float)
   return f'{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}'

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hml_jax import losses
+from hml_jax import methods
 
 
 def log_p(x):
@@ -159,7 +160,7 @@ def test_label_smoothing_and_weak_negatives_reduce_to_an():
 
 def test_every_linear_method_is_callable_on_logits_through_the_registry():
   logits, labels = inputs(4)
-  for name, method in losses.METHODS.items():
+  for name, method in methods.METHODS.items():
     if method.head != 'linear':
       continue
     kwargs = {
@@ -177,7 +178,7 @@ def test_every_linear_method_is_callable_on_logits_through_the_registry():
       arguments['estimator_logits'] = -logits
     if method.pseudo_labels:
       arguments['beta'] = 0.02
-    value = losses.get_loss(name)(logits, labels, **arguments)
+    value = methods.get_loss(name)(logits, labels, **arguments)
     if method.updates_labels:
       value, modified = value
       assert modified.shape == labels.shape

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hml_jax import checkpoints, losses, train, train_state
+from hml_jax import checkpoints, methods, train, train_state
 from tests.helpers import read_results, tiny_config
 
 # Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
@@ -167,7 +167,7 @@ def test_failed_save_is_clear_and_the_previous_checkpoint_restores(tfds_dir, tmp
 
 def nan_method(kind):
   """'an' whose loss is NaN, or finite with NaN gradients (sqrt at 0)."""
-  method = losses.get_method('an')
+  method = methods.get_method('an')
 
   def loss(logits, observed_labels):
     if kind == 'loss':
@@ -181,20 +181,20 @@ def nan_method(kind):
     'kind, message', [('loss', r'Step 1: the loss is NaN or Inf'),
                       ('gradient', r'Step 1: the gradient of model/backbone/\S+ is NaN or Inf')])
 def test_nonfinite_step_stops_naming_it(tfds_dir, tmp_path, monkeypatch, kind, message):
-  monkeypatch.setitem(losses.METHODS, 'an', nan_method(kind))
+  monkeypatch.setitem(methods.METHODS, 'an', nan_method(kind))
   with pytest.raises(FloatingPointError, match=message):
     train.train_and_evaluate(tiny_config(tfds_dir, loss='an', num_epochs=1), str(tmp_path / kind))
   assert not os.path.exists(tmp_path / kind / 'checkpoints' / '1')
 
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tfds_dir, tmp_path, monkeypatch):
-  monkeypatch.setitem(losses.METHODS, 'an', nan_method('loss'))
+  monkeypatch.setitem(methods.METHODS, 'an', nan_method('loss'))
   config = tiny_config(tfds_dir, loss='an', num_epochs=1, nonfinite='skip')
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['epochs'][0]['skipped_steps'] == STEPS_PER_EPOCH
   _, _, state = train_state.load_trained_state(str(tmp_path / 'run'), 'latest')
   model = train.models.create_model(config.model, 'linear', 10)
-  initial = train_state.create_train_state(config, model, losses.get_method('an'),
+  initial = train_state.create_train_state(config, model, methods.get_method('an'),
                                            jax.random.key(config.seed), (32, 32, 1))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params),
                          jax.device_get(initial.params))  # no step was applied

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from hml_jax import checkpoints, losses, models, sharding, train, train_state
+from hml_jax import checkpoints, methods, models, sharding, train, train_state
 from tests.test_multihost import assert_same_run, command, environment, free_port, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def tiny_state_shapes(loss, num_train=40):
   m*; 'll_cp': a linear head and a label state (num_train, 10)."""
   config = tiny.get_config()
   config.loss = loss
-  method = losses.get_method(loss)
+  method = methods.get_method(loss)
   model = models.create_model(config.model, method.head, num_labels=10)
   return train_state.train_state_shapes(config,
                                         model,
@@ -139,13 +139,13 @@ def run_on_8_devices(script, *arguments):
 # The same 3 train steps and an eval step, from the same initial values, in both layouts.
 STEPS = """
 import json, sys, jax, numpy as np
-from hml_jax import losses, models, sharding, steps, train_state
+from hml_jax import losses, methods, models, sharding, steps, train_state
 from configs import tiny
 config = tiny.get_config()
 config.learning_rate = 1e-2
 config.loss = sys.argv[1]
 config.fsdp_min_size = int(sys.argv[2])
-method = losses.get_method(config.loss)
+method = methods.get_method(config.loss)
 model = models.create_model(config.model, method.head, num_labels=10)
 mesh = sharding.create_mesh()
 rng = np.random.RandomState(0)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import embedded_backbones, losses, models, pretrained, train, train_state
+from hml_jax import embedded_backbones, methods, models, pretrained, train, train_state
 from hml_jax.datasets import glyphs
 
 from helpers import tiny_config
@@ -114,7 +114,7 @@ def pretrained_workdir(tfds_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdir):
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{pretrained_workdir}')
-  method = losses.get_method('hml')
+  method = methods.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
   state = train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
   _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')
@@ -163,7 +163,7 @@ def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_wor
                                           'glyph_pretraining',
                                           embedded_backbones.sha256_of(str(path)), 'the test'))
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from='embedded:tiny_backbone')
-  method = losses.get_method('hml')
+  method = methods.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
   state = train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
   _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')

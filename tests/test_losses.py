@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hml_jax import heads, losses
+from hml_jax import heads, losses, methods
 
 
 def numpy_bce(logits, labels):
@@ -86,8 +86,8 @@ def test_hml_value_is_bce_of_margin_sigmoid_plus_adaptive_term():
 
 
 def test_registry_and_errors():
-  assert losses.get_loss('an') is losses.assume_negative
-  assert losses.get_method('hml').learns_scale_and_margin
-  assert losses.get_method('hml').head == 'cosine' and losses.get_method('an').head == 'linear'
+  assert methods.get_loss('an') is losses.assume_negative
+  assert methods.get_method('hml').learns_scale_and_margin
+  assert methods.get_method('hml').head == 'cosine' and methods.get_method('an').head == 'linear'
   with pytest.raises(ValueError, match="'nope'.*choose one of"):
-    losses.get_loss('nope')
+    methods.get_loss('nope')

@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hml_jax import input_pipeline
-from hml_jax import losses
+from hml_jax import methods
 from hml_jax import models
 from hml_jax import pretrained
 from hml_jax import train
@@ -469,7 +469,7 @@ def test_voc_config_as_shipped_starts_from_imagenet_weights_in_the_cache(
   # What train_and_evaluate does before its first step (training a ResNet-50 here would add a
   # minute of compile time and test nothing more about the weights).
   train.announce_initialization(config)
-  method = losses.get_method(config.loss)
+  method = methods.get_method(config.loss)
   model = models.create_model(config.model, method.head, 20)
   state = train_state.create_train_state(config, model, method, jax.random.key(0), (64, 64, 3),
                                          np.zeros((4, 20), np.float32))

@@ -133,12 +133,12 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
 
 
 def test_gradient_magnitudes_match_the_analytic_derivative():
-  from hml_jax import analyze, losses  # pylint: disable=g-import-not-at-top
+  from hml_jax import analyze, methods  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   cos = rng.uniform(-0.9, 0.9, size=(6, 4)).astype(np.float32)
   observed = (rng.uniform(size=(6, 4)) < 0.3).astype(np.float32)
   scale, margin = 20.0, 0.3
-  got = analyze.gradient_magnitudes(losses.get_method('hml'), cos, observed, scale, margin)
+  got = analyze.gradient_magnitudes(methods.get_method('hml'), cos, observed, scale, margin)
   # d/dc of BCE(sigmoid(s cos(arccos c + m)), y) = s (p - y) (cos m + c sin m / sqrt(1 - c^2)).
   theta = np.arccos(cos.astype(np.float64))
   p = 1 / (1 + np.exp(-scale * np.cos(theta + margin)))
@@ -146,7 +146,7 @@ def test_gradient_magnitudes_match_the_analytic_derivative():
       scale * (p - observed) *
       (np.cos(margin) + cos * np.sin(margin) / np.sqrt(1 - cos.astype(np.float64)**2)))
   np.testing.assert_allclose(got, expected, rtol=1e-4)
-  linear = analyze.gradient_magnitudes(losses.get_method('an'), cos, observed, scale, margin)
+  linear = analyze.gradient_magnitudes(methods.get_method('an'), cos, observed, scale, margin)
   np.testing.assert_allclose(linear, np.abs(1 / (1 + np.exp(-cos)) - observed), rtol=1e-5)
 
 

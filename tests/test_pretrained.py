@@ -142,15 +142,15 @@ def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   """config.init_from puts the converted weights into the model's backbone; the head is fresh and
   the classifier's features equal torchvision's."""
   from configs import paper  # pylint: disable=g-import-not-at-top
-  from hml_jax import heads, losses, train_state  # pylint: disable=g-import-not-at-top
+  from hml_jax import heads, methods, train_state  # pylint: disable=g-import-not-at-top
   state_dict, backbone, images, expected = fixture
   path = tmp_path / 'weights.npz'
   np.savez(path, **state_dict)
   config = paper.get_config('hml_voc2012')
   config.init_from = f'torchvision:{path}'
   model = models.MultiLabelClassifier(backbone=backbone, head=heads.get_head('cosine', 5))
-  state = train_state.create_train_state(config, model, losses.get_method('hml'), jax.random.key(0),
-                                         images.shape[1:])
+  state = train_state.create_train_state(config, model, methods.get_method('hml'),
+                                         jax.random.key(0), images.shape[1:])
   features = backbone.apply(
       {
           'params': state.params['model']['backbone'],
@@ -162,5 +162,5 @@ def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   assert state.params['model']['head']['label_embeddings'].shape == (256, 5)
   config.init_from = 'imagenet:/somewhere'
   with pytest.raises(ValueError, match='torchvision:'):
-    train_state.create_train_state(config, model, losses.get_method('hml'), jax.random.key(0),
+    train_state.create_train_state(config, model, methods.get_method('hml'), jax.random.key(0),
                                    images.shape[1:])

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import input_pipeline, linear_init, losses, models, recipes, sharding, steps, train, train_state
+from hml_jax import input_pipeline, linear_init, methods, models, recipes, sharding, steps, train, train_state
 
 from helpers import tiny_config
 
@@ -88,7 +88,7 @@ def test_should_stop(maps, patience, drop, stops):
 def test_kim_head_learning_rate_is_ten_times_the_backbone_one():
   """Adam's first step moves every parameter by its learning rate (times the gradient's sign)."""
   config = tiny_config('unused', loss='ll_r', recipe='published', learning_rate=1e-3)
-  method = losses.get_method('ll_r')
+  method = methods.get_method('ll_r')
   model = models.create_model('resnet_tiny', method.head, num_labels=10)
   state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
   gradients = jax.tree_util.tree_map(np.ones_like, state.params)
@@ -136,7 +136,7 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
                        linear_init_epochs=2,
                        linear_init_batch_size=32)
   recipe = recipes.resolve(config)
-  method = losses.get_method('role')
+  method = methods.get_method('role')
   data = input_pipeline.load(config)
   mesh = sharding.create_mesh()
   model = models.create_model(config.model, method.head, len(data.label_names))

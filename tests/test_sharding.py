@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
 import json, sys, jax, numpy as np
-from hml_jax import losses, models, sharding, steps, train, train_state
+from hml_jax import losses, methods, models, sharding, steps, train, train_state
 from configs import tiny
 results = {}
 for loss in sys.argv[1].split(','):
@@ -19,7 +19,7 @@ for loss in sys.argv[1].split(','):
   config.learning_rate = 1e-2
   config.loss = loss
   config.delta_rel = 50.0  # LL-Cp: ceil(160 * 0.5) = 80 corrections per step
-  method = losses.get_method(config.loss)
+  method = methods.get_method(config.loss)
   model = models.create_model(config.model, method.head, num_labels=10)
   mesh = sharding.create_mesh()
   rng = np.random.RandomState(0)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import checkpoints, losses, models, steps, train, train_state
+from hml_jax import checkpoints, losses, methods, models, steps, train, train_state
 
 from helpers import read_results, tiny_config
 
@@ -32,7 +32,7 @@ def _train_steps(loss, model_name, inputs, num_steps=20):
   """(first, last) metrics of num_steps jitted train steps of config.loss=loss on
   random_batch(inputs), the final state and the batch."""
   config = tiny_config('unused', loss=loss, learning_rate=1e-2)
-  method = losses.get_method(loss)
+  method = methods.get_method(loss)
   model = models.create_model(model_name, method.head, num_labels=10)
   batch = random_batch(inputs)
   state = train_state.create_train_state(config,
@@ -62,7 +62,7 @@ def test_train_step_on_tiny_resnet_lowers_the_loss(loss):
   assert float(last[key]) < 0.7 * float(first[key])
 
 
-@pytest.mark.parametrize('loss', sorted(losses.METHODS))
+@pytest.mark.parametrize('loss', sorted(methods.METHODS))
 def test_train_step_of_every_method_lowers_the_loss(loss):
   """Every method's step on features (the identity backbone: the methods differ in their head and
   loss only, and a ResNet would add seconds of compile time per method)."""
@@ -79,9 +79,9 @@ def test_train_step_of_every_method_lowers_the_loss(loss):
   if loss in ('hml_fixed', 'normalized_sigmoid'):
     assert float(last['scale']) == 20.0
     assert float(last['margin']) == (0.0 if loss == 'normalized_sigmoid' else np.float32(0.3))
-  if losses.get_method(loss).head == 'linear':
+  if methods.get_method(loss).head == 'linear':
     assert 'scale' not in last
-  if losses.get_method(loss).updates_labels:  # LL-Cp turned some unobserved labels positive
+  if methods.get_method(loss).updates_labels:  # LL-Cp turned some unobserved labels positive
     assert int(np.asarray(state.observed_labels).sum()) > int(batch['labels'].sum())
     assert np.all(np.asarray(state.observed_labels) >= batch['labels'])
 
@@ -89,9 +89,9 @@ def test_train_step_of_every_method_lowers_the_loss(loss):
 def _hml_steps(config, num_steps, margin_push=0.0):
   """(state, metrics) after num_steps train steps of adaptive HML on one fixed random batch.
   margin_push: added to the loss times m*, a gradient that drives m* upwards."""
-  method = losses.get_method('hml')
+  method = methods.get_method('hml')
   if margin_push:
-    pushed = losses.Method(
+    pushed = methods.Method(
         **{
             **method.__dict__, 'loss':
                 lambda cos, labels, scale, margin, **kwargs: losses.hml(
