@@ -43,10 +43,13 @@ def command(workdir, tfds_dir, *extra, config='configs/tiny.py'):
 
 
 def environment(devices):
-  return dict(os.environ,
-              PYTHONPATH=ROOT,
-              JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return dict(
+      os.environ,
+      PYTHONPATH=ROOT,
+      JAX_PLATFORMS='cpu',
+      # conftest's XLA flags (the optimization level) and the device count.
+      XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+      f'--xla_force_host_platform_device_count={devices}')
 
 
 def results(workdir):

@@ -58,9 +58,12 @@ LOSSES = ('hml', 'll_cp', 'role')
 
 def run(num_devices):
   """Every loss of LOSSES in one process of num_devices devices (one import and start-up)."""
-  env = dict(os.environ,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
-             PYTHONPATH=ROOT)
+  env = dict(
+      os.environ,
+      # conftest's XLA flags (the optimization level) and the device count.
+      XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+      f'--xla_force_host_platform_device_count={num_devices}',
+      PYTHONPATH=ROOT)
   result = subprocess.run([sys.executable, '-c', SCRIPT, ','.join(LOSSES)],
                           cwd=ROOT,
                           env=env,
