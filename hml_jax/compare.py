@@ -23,6 +23,7 @@ from hml_jax import checkpoints
 from hml_jax import files
 from hml_jax import host
 from hml_jax import labels as labels_lib
+from hml_jax import methods
 from hml_jax import train
 from ml_collections import config_flags
 
@@ -103,7 +104,13 @@ def summarize(runs, config, chosen_points=None):
   return table, '\n'.join(lines) + '\n'
 
 
-def compare(config, workdir, method_names, seeds, learning_rates=(), batch_sizes=(), grid_seeds=None):
+def compare(config,
+            workdir,
+            method_names,
+            seeds,
+            learning_rates=(),
+            batch_sizes=(),
+            grid_seeds=None):
   """Trains every combination (reusing finished runs), writes table.md / table.json.
 
   grid_seeds: if set, every sweep point trains seeds 0 .. grid_seeds-1 only, the point is chosen
