@@ -147,11 +147,28 @@ def c1(config, out, mode, methods_flag=''):
   if methods_flag:
     methods = [method for method in methods_flag.split(',') if method]
   table = c1_table(config, out, mode, methods)
-  print('| method | ours: test mAP | seeds | lr (by val) | val mAP | paper, VOC12 |')
-  print('|---|---|---|---|---|---|')
+  runs = files.read_json(os.path.join(out, mode, 'c1', 'table.json'))['runs']
+  grid_seeds = range(GRID_SEEDS[mode])
+
+  def grid_column(method):
+    """Mean validation mAP at each rate of the grid, over the seeds the choice saw."""
+    means = []
+    for rate in GRID:
+      chosen_from = [
+          run['val_map']
+          for run in runs
+          if run['method'] == method and run['learning_rate'] == rate and run['seed'] in grid_seeds
+      ]
+      means.append(f'{np.mean(chosen_from):.2f}')
+    return ' / '.join(means)
+
+  print('| method | ours: test mAP | seeds | lr (by val) | val mAP | val mAP at '
+        f"{' / '.join(f'{rate:g}' for rate in GRID)} | paper, VOC12 |")
+  print('|---|---|---|---|---|---|---|')
   for method, row in table.items():
     print(f"| {method} | {cell(row)} | {row['seeds']} | {row['learning_rate']:g} | "
-          f"{row['val_map']:.2f} | {PAPER_SINGLE_POSITIVE.get(method, '—')} |")
+          f"{row['val_map']:.2f} | {grid_column(method)} | "
+          f"{PAPER_SINGLE_POSITIVE.get(method, '—')} |")
 
 
 def c1_rows(out, mode):
