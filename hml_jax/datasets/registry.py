@@ -7,6 +7,8 @@
   - 'features': precomputed features in an .npz (features.py);
   - 'voc/2012', 'coco/2014': TFDS's catalog datasets, prepared by the user (catalog.py).
 """
+import contextlib
+import io
 import logging
 import os
 import time
@@ -39,7 +41,14 @@ def load_tfds_builder(dataset_config):
   builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
   manual_dir = dataset_config.get('manual_dir') or None
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-  builder.download_and_prepare(download_config=download_config)
+  # TFDS prints its "Downloading and preparing dataset Unknown size ..." lines to stdout, though
+  # nothing is downloaded here: one log line says what happens instead. Errors still raise.
+  preparing = not builder.is_prepared()
+  if preparing:
+    logging.info('Preparing %s in %s (once; later runs read it).', builder.info.full_name,
+                 builder.data_dir)
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare(download_config=download_config)
   return builder
 
 
