@@ -186,7 +186,7 @@ def by_method_rate(config, out, mode, name, methods, **overrides):
   """One compare per method at its c1 learning rate (AN's for BCE). A method that c1 ran with
   the same config (no overrides) is read from c1's table: the same runs, not trained twice."""
   c1_table_rows = c1_rows(out, mode)
-  rates = chosen_rates(out, mode)
+  rates = {method: row['learning_rate'] for method, row in c1_table_rows.items()}
   rows = {}
   for method in methods:
     if not overrides and method in c1_table_rows:
