@@ -10,8 +10,9 @@ Adam), each run in its own process, so one framework's memory does not slow the 
 - gpu: hml_jax in float32 and bfloat16; PyTorch eager float32, channels_last + bf16 autocast, and
   the same under torch.compile (its best configuration is the one to beat). 9 minutes on an
   H200; benchmarks/gpu_session.sh runs it with a smoke run first and a deadline.
-- cpu: both frameworks with the system malloc and with tcmalloc preloaded (when installed):
-  the allocator matters on CPU (docs/performance.md "Speed on CPU").
+- cpu: hml_jax as installed (its command restarts itself with TBB's malloc from the `tbb` wheel,
+  hml_jax/allocator.py), both frameworks with the system malloc, and both with tcmalloc preloaded
+  (when installed): the allocator matters on CPU (docs/performance.md "Speed on CPU").
 Each command runs --repeats times, interleaved, and its fastest run counts (all are kept).
 Prints a table and writes every JSON line, a log and the table to --out: images/s, the ratio to
 PyTorch's best run of that size, and on GPUs MFU = XLA's count of the lowered step's FLOPs (the
@@ -80,7 +81,8 @@ def commands(device,
         ('torch eager float32', torch_run),
         ('hml_jax float32', jax_run + ['--config.half_precision=False']),
     ]
-  runs = [('hml_jax float32, system malloc', jax_run),
+  runs = [('hml_jax float32, as installed (tbbmalloc)', jax_run),
+          ('hml_jax float32, system malloc', ['env', 'HML_JAX_MALLOC=system'] + jax_run),
           ('torch eager float32, system malloc', torch_run)]
   if tcmalloc:
     preload = ['env', f'LD_PRELOAD={tcmalloc}']
@@ -208,8 +210,8 @@ def main():
       tuple(int(n) for n in pair.split('x')) for pair in (args.sizes or preset['sizes']).split(',')
   ]
   sys.path.insert(0, ROOT)
-  from hml_jax import host  # pylint: disable=g-import-not-at-top
-  tcmalloc = host.installed_tcmalloc() if args.device == 'cpu' else ''
+  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  tcmalloc = allocator.installed_tcmalloc() if args.device == 'cpu' else ''
 
   def size_commands(image_size, batch_size):
     return commands(args.device,

@@ -40,14 +40,16 @@ class CosineClassifier(nn.Module):
 
 
 def memory_allocator():
-  """'tcmalloc', 'jemalloc' or 'system' (as hml_jax.host.memory_allocator, without importing
-  hml_jax): compare both frameworks with the same one."""
+  """'tcmalloc', 'jemalloc', 'tbbmalloc' or 'system' (as hml_jax.allocator.memory_allocator,
+  without importing hml_jax): compare both frameworks with the same one."""
   try:
     with open('/proc/self/maps') as f:
       maps = f.read()
   except OSError:
     return 'system'
-  return next((name for name in ('tcmalloc', 'jemalloc') if f'lib{name}' in maps), 'system')
+  return next((name for library, name in (('libtcmalloc', 'tcmalloc'), ('libjemalloc', 'jemalloc'),
+                                          ('libtbbmalloc_proxy', 'tbbmalloc')) if library in maps),
+              'system')
 
 
 def margin_logits(cos, scale, margin):

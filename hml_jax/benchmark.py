@@ -11,8 +11,8 @@ resized to config.image_size). Keys: train_images_per_sec, compile_seconds,
 eval_images_per_sec, input_images_per_sec, train_flops_per_image and train_tflops_per_sec (XLA's
 count of the step's operations before the backend rewrites them, all devices together, for
 MFU), step_memory_mb (XLA's estimate of the train step's memory on each device: arguments,
-outputs and temporaries), peak_host_memory_mb, device, memory_allocator (tcmalloc or the
-system's: on CPU it matters, docs/performance.md "Speed on CPU"), jax, config.
+outputs and temporaries), peak_host_memory_mb, device, memory_allocator (tbbmalloc, tcmalloc or
+the system's: on CPU it matters, docs/performance.md "Speed on CPU"), jax, config.
 benchmarks/torch_reference.py prints the same keys for PyTorch.
 """
 import json
@@ -23,6 +23,10 @@ import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
+if __name__ == '__main__':
+  # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
+  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.restart_with_fast_allocator()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -30,6 +34,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from hml_jax import allocator
 from hml_jax import files
 from hml_jax import host
 from hml_jax import input_pipeline
@@ -264,34 +269,22 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
 
   input_rate = (input_pipeline_rate(config, input_images, batch_size) if input_images else None)
   return {
-      'framework':
-          'jax',
-      'train_images_per_sec':
-          None if train_rate is None else round(train_rate, 2),
-      'compile_seconds':
-          round(compile_seconds, 2),
-      'eval_images_per_sec':
-          None if eval_rate is None else round(eval_rate, 2),
-      'input_images_per_sec':
-          None if input_rate is None else round(input_rate, 1),
+      'framework': 'jax',
+      'train_images_per_sec': None if train_rate is None else round(train_rate, 2),
+      'compile_seconds': round(compile_seconds, 2),
+      'eval_images_per_sec': None if eval_rate is None else round(eval_rate, 2),
+      'input_images_per_sec': None if input_rate is None else round(input_rate, 1),
       # XLA's count of the step's floating-point operations (forward, backward, optimizer), per
       # image: with train_images_per_sec and the peak of all devices this gives the MFU.
-      'train_flops_per_image':
-          None if not flops_per_image else round(flops_per_image),
+      'train_flops_per_image': None if not flops_per_image else round(flops_per_image),
       'train_tflops_per_sec': (None if not flops_per_image or train_rate is None else round(
           flops_per_image * train_rate / 1e12, 3)),
-      'step_memory_mb':
-          None if step_memory_mb is None else round(step_memory_mb, 1),
-      'peak_host_memory_mb':
-          round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      'device':
-          f'{jax.device_count()} x {jax.devices()[0].device_kind}',
-      # On CPU the allocator changes the train step's speed by about 1.4x (host.allocator_advice).
-      'memory_allocator':
-          host.memory_allocator() +
-          (' (keeps freed memory)' if host.malloc_keeps_freed_memory else ''),
-      'jax':
-          jax.__version__,
+      'step_memory_mb': None if step_memory_mb is None else round(step_memory_mb, 1),
+      'peak_host_memory_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      # On CPU the allocator changes the train step's speed by 1.1-1.4x (allocator.py).
+      'memory_allocator': allocator.memory_allocator(),
+      'jax': jax.__version__,
       'config': {
           'model': config.model,
           'loss': config.loss,

@@ -13,6 +13,10 @@ import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
+if __name__ == '__main__':
+  # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
+  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.restart_with_fast_allocator()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

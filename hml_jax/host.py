@@ -3,6 +3,8 @@ import os
 
 from absl import logging
 
+from hml_jax import allocator
+
 
 class _QuietLibraries:
   """Drops orbax's and TFDS's INFO lines (dozens per checkpoint), clu's progress notes (the epoch
@@ -14,81 +16,6 @@ class _QuietLibraries:
                                                      '/clu/platform/', '/jax/_src/xla_bridge.py'))
     return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
 
-
-# Where Linux distributions put tcmalloc (Debian/Ubuntu: apt install libtcmalloc-minimal4;
-# Fedora/RHEL: gperftools-libs). launch/common.sh searches the same list.
-TCMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
-                  '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4',
-                  '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
-                  '/usr/lib64/libtcmalloc_minimal.so.4', '/usr/lib/libtcmalloc_minimal.so.4')
-
-
-def memory_allocator(maps_path: str = '/proc/self/maps') -> str:
-  """'tcmalloc', 'jemalloc' or 'system': the malloc this process runs with (from its mapped
-  libraries; 'system' where /proc is missing)."""
-  try:
-    with open(maps_path) as f:
-      maps = f.read()
-  except OSError:
-    return 'system'
-  for name in ('tcmalloc', 'jemalloc'):
-    if f'lib{name}' in maps:
-      return name
-  return 'system'
-
-
-def installed_tcmalloc() -> str:
-  """The path of an installed tcmalloc, or ''."""
-  return next((path for path in TCMALLOC_PATHS if os.path.exists(path)), '')
-
-
-def allocator_advice() -> str:
-  """Why and how to run with tcmalloc, or '' when this process already does (or cannot: not
-  Linux). XLA on CPU allocates the train step's temporaries afresh at every step; glibc's malloc
-  hands large blocks back to the kernel, so every step page-faults gigabytes in again (ResNet-50
-  at 224x224, batch 16: 2.3 GB and 0.9 s of kernel time per step; docs/performance.md "Speed on CPU")."""
-  if not os.path.exists('/proc/self/maps') or memory_allocator() != 'system':
-    return ''
-  path = installed_tcmalloc()
-  how = (f'run with LD_PRELOAD={path}' if path else
-         'install tcmalloc (apt install libtcmalloc-minimal4) and run with LD_PRELOAD set to it')
-  return ('Training on CPU with the system malloc: every step page-faults its temporaries in '
-          f'again, about 1.4x slower. For full speed {how} (launch/local.sh does this).')
-
-
-# glibc's mallopt() parameters (<malloc.h>).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_KEEP = 2**31 - 1  # mallopt takes an int: trim only when 2 GB lie free at the heap's top
-# HML_JAX_MALLOC=keep tunes glibc's malloc to keep freed memory (keep_freed_memory). Opt-in and
-# experimental: on a jitted matmul it removes every page fault, on the ResNet-50 train step it
-# has not yet been shown to help (docs/performance_notes.md).
-MALLOC_ENVIRONMENT_VARIABLE = 'HML_JAX_MALLOC'
-
-
-def keep_freed_memory() -> bool:
-  """Makes glibc's malloc keep the memory a process frees, the fast path of tcmalloc without
-  installing it. XLA on CPU allocates a step's temporaries afresh at every step; glibc serves
-  large blocks with mmap and trims freed memory, so every step page-faults them in again (ResNet-50
-  at 224x224, batch 16: 2.3 GB and 0.9 s of kernel time per step). With mmap off (M_MMAP_MAX=0)
-  and trimming only beyond 2 GB, a freed block is reused by the next step. Returns whether it
-  applied: glibc's own malloc on Linux (not tcmalloc or jemalloc preloaded). Affects allocations
-  from now on; call it before the first step. setup() calls it with HML_JAX_MALLOC=keep."""
-  if not os.path.exists('/proc/self/maps') or memory_allocator() != 'system':
-    return False
-  try:
-    import ctypes  # pylint: disable=g-import-not-at-top
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, 'mallopt') or not hasattr(libc, 'gnu_get_libc_version'):
-      return False  # musl and other libcs: their own malloc
-    global malloc_keeps_freed_memory
-    malloc_keeps_freed_memory = (bool(libc.mallopt(_M_MMAP_MAX, 0)) and
-                                 bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP)))
-    return malloc_keeps_freed_memory
-  except OSError:
-    return False
-
-
-malloc_keeps_freed_memory = False  # set by keep_freed_memory()
 
 # HML_JAX_COMPILATION_CACHE=DIR (or 'off'): where compiled programs are kept between runs.
 COMPILATION_CACHE_ENVIRONMENT_VARIABLE = 'HML_JAX_COMPILATION_CACHE'
@@ -126,15 +53,14 @@ def use_compilation_cache() -> str:
 def setup(compilation_cache: bool = True):
   """Process setup shared by the command-line tools: quiet library logs, TensorFlow off the
   accelerator, the persistent compilation cache (use_compilation_cache; benchmarks that time
-  the compiler pass False), advice on the allocator when training on CPU (or, with
-  HML_JAX_MALLOC=keep, glibc's malloc tuned instead)."""
+  the compiler pass False), advice on the allocator on CPU where the process runs with the
+  system's malloc (allocator.py: the command-line tools restart themselves with a fast one)."""
   # ABSLHandler passes records straight to its python_handler, so the filter goes there.
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   if compilation_cache:
     use_compilation_cache()
-  if not _has_accelerator():
-    tuned = (os.environ.get(MALLOC_ENVIRONMENT_VARIABLE, '') == 'keep' and keep_freed_memory())
-    advice = '' if tuned else allocator_advice()
+  if not allocator.has_accelerator():
+    advice = allocator.advice()
     if advice:
       logging.warning(advice)
   try:
@@ -174,17 +100,9 @@ def initialize_distributed(coordinator_address: str = '',
         'Multi-process training needs --coordinator_address=HOST:PORT, --num_processes=N > 1 '
         f'and --process_id in [0, N) (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, '
         f'JAX_PROCESS_ID); got {coordinator_address!r}, {num_processes}, {process_id}.')
-  if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or not _has_accelerator():
+  if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or not allocator.has_accelerator():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes,
                              process_id=process_id)
   logging.info('Process %d of %d (coordinator %s).', process_id, num_processes, coordinator_address)
-
-
-def _has_accelerator() -> bool:
-  """Whether a GPU or TPU backend is installed, judged without initializing JAX's backends."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  return any(
-      importlib.util.find_spec(name) is not None
-      for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu'))

@@ -37,7 +37,9 @@ print(
     json.dumps({
         'tunables': os.environ.get('GLIBC_TUNABLES', ''),
         'preload': os.environ.get('LD_PRELOAD', ''),
+        'tbb_huge_threshold': os.environ.get('TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD', ''),
         'faults_per_step': (after.ru_minflt - before.ru_minflt) / steps,
         'sys_s_per_step': (after.ru_stime - before.ru_stime) / steps,
-        'images_per_s': steps * batch / seconds
+        'images_per_s': steps * batch / seconds,
+        'max_rss_gib': after.ru_maxrss / 2**20,
     }))

@@ -15,6 +15,11 @@ import argparse
 import os
 import sys
 
+if __name__ == '__main__':
+  # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
+  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.restart_with_fast_allocator()
+
 import numpy as np
 
 from hml_jax import analyze, compare, embedded_backbones, extract_features, files, heads

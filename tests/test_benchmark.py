@@ -106,10 +106,13 @@ def test_side_by_side_table_ratios_and_mfu():
   assert '--config.image_size=448 --config.batch_size=16' in completed.stdout
   cpu = gpu_check.commands('cpu', 64, 32, 6, python='python', tcmalloc='/lib/libtcmalloc.so.4')
   assert [label for label, _ in cpu] == [
-      'hml_jax float32, system malloc', 'torch eager float32, system malloc',
-      'hml_jax float32, tcmalloc', 'torch eager float32, tcmalloc'
+      'hml_jax float32, as installed (tbbmalloc)', 'hml_jax float32, system malloc',
+      'torch eager float32, system malloc', 'hml_jax float32, tcmalloc',
+      'torch eager float32, tcmalloc'
   ]
-  assert cpu[2][1][:2] == ['env', 'LD_PRELOAD=/lib/libtcmalloc.so.4']
+  assert cpu[0][1][:3] == ['python', '-m', 'hml_jax.benchmark']
+  assert cpu[1][1][:2] == ['env', 'HML_JAX_MALLOC=system']
+  assert cpu[3][1][:2] == ['env', 'LD_PRELOAD=/lib/libtcmalloc.so.4']
   # A run past its deadline is stopped with its children (torch.compile's workers).
   log = io.StringIO()
   start = time.perf_counter()

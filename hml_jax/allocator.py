@@ -1,0 +1,148 @@
+"""The malloc a process runs with, and the restart that gives the command-line tools a fast one.
+
+XLA on CPU allocates a train step's temporaries afresh at every step. glibc's malloc hands large
+freed blocks back to the kernel, so every step page-faults them in again: ResNet-50 at 224x224,
+batch 16, 720k faults and 1.3 s of kernel time per step (docs/performance_notes.md, "glibc's
+malloc keeping freed memory"). tcmalloc and TBB's scalable malloc keep freed blocks for the next
+step. A malloc replacement must be in place before the process allocates anything, that is in
+LD_PRELOAD when the process starts; so the command-line tools (`python -m hml_jax.main`, ...) call
+restart_with_fast_allocator() first thing, which starts the same command again, once, with
+LD_PRELOAD set to TBB's malloc from the `tbb` wheel that requirements.txt installs (or to an
+installed tcmalloc where that wheel is missing). HML_JAX_MALLOC=system turns the restart off.
+
+Nothing here imports more than the standard library: it runs before JAX and TensorFlow load.
+"""
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+ENVIRONMENT_VARIABLE = 'HML_JAX_MALLOC'  # 'system': keep the process's malloc, no restart
+# Set in the restarted process, so that it never restarts again (even if the preload failed).
+RESTARTED_ENVIRONMENT_VARIABLE = 'HML_JAX_MALLOC_RESTARTED'
+
+# TBB's malloc caches a freed large block only if it counts as "huge" (by default only above
+# 64 MB); smaller large blocks go back to the kernel as glibc's do. At 1 MiB every block of a
+# step's temporaries is kept: 2.8 faults per step instead of 129k at 64x64 batch 32, 27.2 img/s
+# against tcmalloc's 26.4-27.0 and glibc's 24.0 (docs/performance_notes.md, measured 2026-12-03).
+TBB_HUGE_SIZE_THRESHOLD_BYTES = 2**20
+TBB_LIBRARIES = ('libtbbmalloc.so.2', 'libtbbmalloc_proxy.so.2')  # the malloc, then its proxy
+
+# Where Linux distributions put tcmalloc (Debian/Ubuntu: apt install libtcmalloc-minimal4;
+# Fedora/RHEL: gperftools-libs). launch/common.sh searches the same list.
+TCMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
+                  '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4',
+                  '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
+                  '/usr/lib64/libtcmalloc_minimal.so.4', '/usr/lib/libtcmalloc_minimal.so.4')
+
+# Accelerator backends: host memory is not a step's bottleneck there, so no restart.
+ACCELERATOR_PACKAGES = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')
+
+
+def memory_allocator(maps_path: str = '/proc/self/maps') -> str:
+  """'tcmalloc', 'jemalloc', 'tbbmalloc' or 'system': the malloc this process runs with (from its
+  mapped libraries; 'system' where /proc is missing)."""
+  try:
+    with open(maps_path) as f:
+      maps = f.read()
+  except OSError:
+    return 'system'
+  for library, name in (('libtcmalloc', 'tcmalloc'), ('libjemalloc', 'jemalloc'),
+                        ('libtbbmalloc_proxy', 'tbbmalloc')):
+    if library in maps:
+      return name
+  return 'system'
+
+
+def installed_tcmalloc() -> str:
+  """The path of an installed tcmalloc, or ''."""
+  return next((path for path in TCMALLOC_PATHS if os.path.exists(path)), '')
+
+
+def tbb_malloc_libraries() -> tuple[str, ...]:
+  """The paths of TBB's malloc and its malloc-replacing proxy from the installed `tbb` wheel (it
+  puts them in <prefix>/lib), or () where the wheel or either file is missing."""
+  try:
+    files = importlib.metadata.distribution('tbb').files or ()
+  except importlib.metadata.PackageNotFoundError:
+    return ()
+  found = {}
+  for file in files:
+    if file.name in TBB_LIBRARIES:
+      found[file.name] = os.path.realpath(file.locate())
+  paths = tuple(found.get(name, '') for name in TBB_LIBRARIES)
+  return paths if all(path and os.path.exists(path) for path in paths) else ()
+
+
+def has_accelerator() -> bool:
+  """Whether a GPU or TPU backend is installed, judged without importing JAX."""
+  return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PACKAGES)
+
+
+def restart_environment(environ, allocator: str, accelerator: bool, tbb_libraries,
+                        tcmalloc: str) -> dict | None:
+  """The environment to start this command again with a fast malloc, or None when it should
+  run as it is: turned off (HML_JAX_MALLOC=system), already restarted, not Linux, a fast malloc
+  already loaded, an accelerator that will run the steps (unless JAX_PLATFORMS picks the CPU),
+  or no fast malloc to load. Prefers TBB's from the wheel, else the installed tcmalloc."""
+  if environ.get(ENVIRONMENT_VARIABLE, '').lower() == 'system':
+    return None
+  if environ.get(RESTARTED_ENVIRONMENT_VARIABLE) or allocator != 'system':
+    return None
+  if accelerator and not environ.get('JAX_PLATFORMS', '').startswith('cpu'):
+    return None
+  preload = list(tbb_libraries) or ([tcmalloc] if tcmalloc else [])
+  if not preload:
+    return None
+  environment = dict(environ)
+  if environ.get('LD_PRELOAD'):
+    preload.append(environ['LD_PRELOAD'])
+  environment['LD_PRELOAD'] = ' '.join(preload)
+  if tbb_libraries:
+    environment.setdefault('TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD', str(TBB_HUGE_SIZE_THRESHOLD_BYTES))
+  environment[RESTARTED_ENVIRONMENT_VARIABLE] = '1'
+  return environment
+
+
+def restart_with_fast_allocator() -> None:
+  """Starts this command again with LD_PRELOAD set to a fast malloc (restart_environment says
+  when); returns only where it does not restart. Call it first thing in a command-line tool,
+  before JAX or TensorFlow are imported: the process is replaced, and what it had done is lost."""
+  if not sys.platform.startswith('linux') or not os.path.exists('/proc/self/maps'):
+    return
+  environment = restart_environment(os.environ, memory_allocator(), has_accelerator(),
+                                    tbb_malloc_libraries(), installed_tcmalloc())
+  if environment is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # orig_argv is the command as typed, interpreter options and `-m module` included.
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], environment)
+
+
+def advice() -> str:
+  """What to do on a CPU run with the system malloc (a notebook, or a process that could not
+  restart), or '' when this process runs with a fast one (or is not on Linux, or was told
+  HML_JAX_MALLOC=system)."""
+  if (not os.path.exists('/proc/self/maps') or memory_allocator() != 'system' or
+      os.environ.get(ENVIRONMENT_VARIABLE, '').lower() == 'system'):
+    return ''
+  environment = restart_environment({}, 'system', False, tbb_malloc_libraries(),
+                                    installed_tcmalloc())
+  if environment:
+    settings = [f"LD_PRELOAD='{environment['LD_PRELOAD']}'"]
+    if 'TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD' in environment:
+      settings.append(
+          f"TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD={environment['TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD']}")
+    how = (f'start Python (or Jupyter) with {" ".join(settings)}; the command-line tools '
+           '(python -m hml_jax.main ...) do this themselves')
+  else:
+    how = 'pip install tbb (or apt install libtcmalloc-minimal4) and run the command again'
+  return ('Training on CPU with the system malloc: every step page-faults its temporaries in '
+          f'again, 1.1-1.4x slower. For full speed {how}. HML_JAX_MALLOC=system silences this.')
+
+
+if __name__ == '__main__':
+  # python -m hml_jax.allocator: which malloc a command-line tool ends up with here.
+  restart_with_fast_allocator()
+  print(memory_allocator())
