@@ -1,7 +1,8 @@
 """Where the time of one train step goes, per XLA operation (docs/performance_notes.md).
 
   PYTHONPATH=. python scripts/profile_train_step.py --config=configs/paper.py \
-      --config.image_size=224 --config.batch_size=16 [--config.convolutions=native] [--top=25]
+      --config.image_size=224 --config.batch_size=16 [--config.convolutions=native] [--top=25] \
+      [--step=eval --config.eval_batch_size=16]
 
 Compiles the config's real train step on synthetic data (hml_jax.benchmark), records one step
 with jax.profiler (a Perfetto trace, kept in --trace_dir for ui.perfetto.dev or TensorBoard), and
@@ -24,14 +25,20 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+import numpy as np
+
 from hml_jax import benchmark
 from hml_jax import host
+from hml_jax import sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
 flags.DEFINE_string('trace_dir', '/tmp/hml_jax_profile', 'Where the trace and HLO go.')
 flags.DEFINE_integer('top', 25, 'How many of the slowest operations to list.')
 flags.DEFINE_integer('num_labels', 20, 'Labels of the synthetic data.')
+flags.DEFINE_enum(
+    'step', 'train', ['train', 'eval'], 'Which step: train, or eval (the forward '
+    'pass of evaluation and prediction, with the kernels transposed beforehand).')
 flags.mark_flags_as_required(['config'])
 
 _INSTRUCTION = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w\-]+\(')
@@ -71,29 +78,51 @@ def main(argv):
   del argv
   host.setup()
   config = FLAGS.config
-  train_fn, _, state, batch, schedule, _ = benchmark.synthetic_train_step(config, FLAGS.num_labels)
+  train_fn, eval_fn, state, batch, schedule, mesh = benchmark.synthetic_train_step(
+      config, FLAGS.num_labels)
+  if FLAGS.step == 'eval':
+    batch_size = config.eval_batch_size
+    images = np.random.RandomState(1).randint(
+        0, 256, (batch_size, config.image_size, config.image_size, 3)).astype(np.uint8)
+    batch = sharding.shard_batch(
+        {
+            'images': images,
+            'indices': np.arange(batch_size, dtype=np.int32),
+            'mask': np.ones(batch_size, bool)
+        }, mesh)
+    # The eval step's third argument takes the role of the schedule: the transposed kernels.
+    train_fn, schedule = eval_fn.step, eval_fn.forward_matrices(state.params)
+  else:
+    batch_size = config.batch_size
   compiled = train_fn.lower(state, batch, schedule).compile()
+
+  def run(state, batch, third):
+    """(state, outputs) of one step: the train step returns both, the eval step scores only."""
+    if FLAGS.step == 'eval':
+      return state, compiled(state, batch, third)
+    return compiled(state, batch, third)
+
   os.makedirs(FLAGS.trace_dir, exist_ok=True)
   hlo_text = compiled.as_text()
-  with open(os.path.join(FLAGS.trace_dir, 'train_step.hlo.txt'), 'w') as f:
+  with open(os.path.join(FLAGS.trace_dir, f'{FLAGS.step}_step.hlo.txt'), 'w') as f:
     f.write(hlo_text)
   for _ in range(2):  # warm-up
-    state, metrics = compiled(state, batch, schedule)
+    state, metrics = run(state, batch, schedule)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(3):
-    state, metrics = compiled(state, batch, schedule)
+    state, metrics = run(state, batch, schedule)
   jax.block_until_ready(metrics)
   step_seconds = (time.perf_counter() - start) / 3
   jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
-  state, metrics = compiled(state, batch, schedule)
+  state, metrics = run(state, batch, schedule)
   jax.block_until_ready(metrics)
   jax.profiler.stop_trace()
 
   instructions = instructions_of(hlo_text)
   durations = traced_durations(FLAGS.trace_dir, instructions)
   total = sum(durations.values())
-  print(f'step {step_seconds * 1e3:.0f} ms ({config.batch_size / step_seconds:.2f} img/s); '
+  print(f'step {step_seconds * 1e3:.0f} ms ({batch_size / step_seconds:.2f} img/s); '
         f'traced operations {total / 1e3:.0f} ms (operations may overlap on several threads)')
   by_kind, by_direction = collections.Counter(), collections.Counter()
   for name, micros in durations.items():
