@@ -46,7 +46,7 @@ BACKBONES = {
             filename='glyph_resnet_small.safetensors',
             model='resnet_small',
             source_config='glyph_pretraining',
-            sha256='aec7dd4b74d26be6a266abf75c8aeed3dcb17aed4247af3146282662ef40019e',
+            sha256='d5bb59b311d64e5c9844815cb9ea64e622fa00f6c8296c5944d7f1cf38b7f6c7',
             regenerate='PYTHONPATH=. python scripts/paper_regime.py pretraining --out=runs/regime '
             '&& python -m hml_jax.embedded_backbones --workdir=runs/regime/pretraining '
             '--output=hml_jax/weights/glyph_resnet_small.safetensors'),
@@ -114,7 +114,24 @@ def save(variables: Mapping[str, Any], path: str, metadata: Mapping[str, str]) -
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   temporary = path + '.tmp'
   save_file(flat, temporary, metadata={key: str(value) for key, value in metadata.items()})
+  with open(temporary, 'rb') as f:
+    serialized = f.read()
+  with open(temporary, 'wb') as f:
+    f.write(canonical_safetensors(serialized))
   os.replace(temporary, path)
+
+
+def canonical_safetensors(serialized: bytes) -> bytes:
+  """The same .safetensors file with its JSON header's keys sorted. safetensors writes the
+  metadata in the order of a Rust HashMap, which changes from process to process, so the same
+  tensors and metadata gave files with different bytes (and SHA-256s). Layout: an 8-byte
+  little-endian header length, the header (JSON, padded with spaces to a multiple of 8 bytes),
+  then the tensors' bytes, at offsets relative to their start (so they do not move)."""
+  length = int.from_bytes(serialized[:8], 'little')
+  header = json.loads(serialized[8:8 + length])
+  text = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)
+  return len(text).to_bytes(8, 'little') + text + serialized[8 + length:]
 
 
 def load(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:

@@ -215,14 +215,45 @@ def test_committed_glyph_backbone_is_what_its_command_makes():
                                   config.init_from)
 
 
+def test_saved_backbone_files_are_the_same_bytes_whatever_the_metadata_order(tmp_path):
+  """safetensors writes metadata in a Rust HashMap's order, which varies between processes;
+  save() sorts the header, so that equal tensors and metadata make one file (one SHA-256)."""
+  variables = {
+      'params': {
+          'conv': {
+              'kernel': np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+          }
+      },
+      'batch_stats': {
+          'bn': {
+              'mean': np.ones(3, np.float32)
+          }
+      }
+  }
+  metadata = {f'key{index}': str(index) for index in range(12)}
+  embedded_backbones.save(variables, str(tmp_path / 'a.safetensors'), metadata)
+  embedded_backbones.save(variables, str(tmp_path / 'b.safetensors'),
+                          dict(reversed(list(metadata.items()))))
+  assert (tmp_path / 'a.safetensors').read_bytes() == (tmp_path / 'b.safetensors').read_bytes()
+  header_length = int.from_bytes((tmp_path / 'a.safetensors').read_bytes()[:8], 'little')
+  assert header_length % 8 == 0
+  loaded, loaded_metadata = embedded_backbones.load(str(tmp_path / 'a.safetensors'))
+  assert loaded_metadata == metadata
+  np.testing.assert_array_equal(loaded['params']['conv']['kernel'],
+                                variables['params']['conv']['kernel'])
+  np.testing.assert_array_equal(loaded['batch_stats']['bn']['mean'], np.ones(3, np.float32))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get('HML_JAX_REGENERATE_BACKBONE') != '1',
                     reason='about 15 minutes on 2 cores: set HML_JAX_REGENERATE_BACKBONE=1')
 def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # The committed file's name, so that the export writes the same metadata (its 'regenerate').
+  regenerated = tmp_path / 'export' / 'glyph_resnet_small.safetensors'
   command = embedded_backbones.BACKBONES['glyph_resnet_small'].regenerate.replace(
       'runs/regime', str(tmp_path)).replace('hml_jax/weights/glyph_resnet_small.safetensors',
-                                            str(tmp_path / 'out.safetensors'))
+                                            str(regenerated))
   # The command as a user runs it: XLA's default optimization level, not the suite's level 0
   # (tests/conftest.py), which rounds differently and made a backbone 0.2 points apart.
   xla_flags = ' '.join(flag for flag in os.environ.get('XLA_FLAGS', '').split()
@@ -236,8 +267,8 @@ def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path):
                      'XLA_FLAGS': xla_flags,
                      'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')
                  })
-  assert (embedded_backbones.sha256_of(str(
-      tmp_path / 'out.safetensors')) == embedded_backbones.BACKBONES['glyph_resnet_small'].sha256)
+  assert (embedded_backbones.sha256_of(
+      str(regenerated)) == embedded_backbones.BACKBONES['glyph_resnet_small'].sha256)
 
 
 @pytest.mark.slow
