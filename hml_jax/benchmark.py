@@ -224,11 +224,21 @@ def synthetic_train_step(config, num_labels=20):
   return train_fn, eval_fn, state, batch, schedule, mesh
 
 
+def synthetic_eval_batch(config, mesh, rng):
+  """An evaluation batch of config.eval_batch_size random uint8 images, laid out on the mesh."""
+  images = rng.randint(0, 256, (config.eval_batch_size, config.image_size, config.image_size, 3))
+  return sharding.shard_batch(
+      {
+          'images': images.astype(np.uint8),
+          'indices': np.arange(config.eval_batch_size, dtype=np.int32),
+          'mask': np.ones(config.eval_batch_size, bool)
+      }, mesh)
+
+
 def benchmark(config, steps=20, num_labels=20, input_images=256):
   check_input_images(input_images)  # before minutes of compiling and timing, not after
   train_fn, eval_fn, state, batch, schedule, mesh = synthetic_train_step(config, num_labels)
   batch_size = config.batch_size
-  image_shape = (config.image_size, config.image_size, 3)
   rng = np.random.RandomState(1)
 
   start = time.perf_counter()
@@ -253,12 +263,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
     jax.block_until_ready(metrics)
     train_rate = steps * batch_size / (time.perf_counter() - start)
 
-    eval_batch = sharding.shard_batch(
-        {
-            'images': rng.randint(0, 256, (config.eval_batch_size,) + image_shape).astype(np.uint8),
-            'indices': np.arange(config.eval_batch_size, dtype=np.int32),
-            'mask': np.ones(config.eval_batch_size, bool)
-        }, mesh)
+    eval_batch = synthetic_eval_batch(config, mesh, rng)
     jax.block_until_ready(eval_fn(state, eval_batch))
     eval_steps = max(2, steps // 4)
     start = time.perf_counter()

@@ -106,16 +106,14 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
 
 def save(variables: Mapping[str, Any], path: str, metadata: Mapping[str, str]) -> None:
   """Writes {'params', 'batch_stats'} of a backbone to path (.safetensors), atomically."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save as serialize  # pylint: disable=g-import-not-at-top
   flat = {
       **_flatten(variables['params'], 'params'),
       **_flatten(variables.get('batch_stats', {}), 'batch_stats')
   }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   temporary = path + '.tmp'
-  save_file(flat, temporary, metadata={key: str(value) for key, value in metadata.items()})
-  with open(temporary, 'rb') as f:
-    serialized = f.read()
+  serialized = serialize(flat, metadata={key: str(value) for key, value in metadata.items()})
   with open(temporary, 'wb') as f:
     f.write(canonical_safetensors(serialized))
   os.replace(temporary, path)

@@ -29,7 +29,6 @@ import numpy as np
 
 from hml_jax import benchmark
 from hml_jax import host
-from hml_jax import sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
@@ -78,23 +77,15 @@ def main(argv):
   del argv
   host.setup()
   config = FLAGS.config
-  train_fn, eval_fn, state, batch, schedule, mesh = benchmark.synthetic_train_step(
+  step, eval_fn, state, batch, schedule, mesh = benchmark.synthetic_train_step(
       config, FLAGS.num_labels)
+  batch_size = config.batch_size
   if FLAGS.step == 'eval':
     batch_size = config.eval_batch_size
-    images = np.random.RandomState(1).randint(
-        0, 256, (batch_size, config.image_size, config.image_size, 3)).astype(np.uint8)
-    batch = sharding.shard_batch(
-        {
-            'images': images,
-            'indices': np.arange(batch_size, dtype=np.int32),
-            'mask': np.ones(batch_size, bool)
-        }, mesh)
+    batch = benchmark.synthetic_eval_batch(config, mesh, np.random.RandomState(1))
     # The eval step's third argument takes the role of the schedule: the transposed kernels.
-    train_fn, schedule = eval_fn.step, eval_fn.forward_matrices(state.params)
-  else:
-    batch_size = config.batch_size
-  compiled = train_fn.lower(state, batch, schedule).compile()
+    step, schedule = eval_fn.step, eval_fn.forward_matrices(state.params)
+  compiled = step.lower(state, batch, schedule).compile()
 
   def run(state, batch, third):
     """(state, outputs) of one step: the train step returns both, the eval step scores only."""
