@@ -82,8 +82,8 @@ def has_accelerator() -> bool:
 def restart_environment(environ, allocator: str, accelerator: bool, tbb_libraries,
                         tcmalloc: str) -> dict | None:
   """The environment to start this command again with a fast malloc, or None when it should
-  run as it is: turned off (HML_JAX_MALLOC=system), already restarted, not Linux, a fast malloc
-  already loaded, an accelerator that will run the steps (unless JAX_PLATFORMS picks the CPU),
+  run as it is: turned off (HML_JAX_MALLOC=system), already restarted, a fast malloc already
+  loaded, an accelerator that will run the steps (unless JAX_PLATFORMS picks the CPU),
   or no fast malloc to load. Prefers TBB's from the wheel, else the installed tcmalloc."""
   if environ.get(ENVIRONMENT_VARIABLE, '').lower() == 'system':
     return None
@@ -106,7 +106,7 @@ def restart_environment(environ, allocator: str, accelerator: bool, tbb_librarie
 
 def restart_with_fast_allocator() -> None:
   """Starts this command again with LD_PRELOAD set to a fast malloc (restart_environment says
-  when); returns only where it does not restart. Call it first thing in a command-line tool,
+  when; never off Linux); returns only where it does not restart. Call it first thing in a command-line tool,
   before JAX or TensorFlow are imported: the process is replaced, and what it had done is lost."""
   if not sys.platform.startswith('linux') or not os.path.exists('/proc/self/maps'):
     return
