@@ -18,6 +18,8 @@ choice also fixes the layout of the activations between layers (`channel_axis`):
     convolution with the kernel and the image swapped, a form its fast path does not take
     (three fifths of the step at 64x64); on larger maps the GEMM on patches is as fast as the
     native convolution with glibc's malloc and 8% faster with tcmalloc.
+  Evaluation (`convolve_forward`) computes the stride-1 3x3 convolutions of the first two
+  stages without the patch matrix (`shifted_products`): faster there, not in training.
   The images are transposed once into this layout (`from_images`) and the pooled features back
   (`global_average`); `max_pool` pools either layout.
 - 'auto': 'matmul' on CPU, 'native' elsewhere.
@@ -223,13 +225,70 @@ def forward_matrices(params):
 def convolve_forward(x, matrix, kernel_size: Tuple[int, int], strides: Tuple[int, int],
                      padding: Padding):
   """A 'matmul' convolution's forward pass with its forward_matrix given: x (in, N, H, W) ->
-  (out, N, out_H, out_W), the numbers of convolve(x, kernel, ..., 'matmul'). Not
-  differentiable by design: training goes through convolve's hand-written backward passes."""
+  (out, N, out_H, out_W), the numbers of convolve(x, kernel, ..., 'matmul') up to float
+  rounding (stride-1 kxk convolutions over at most SHIFTED_PRODUCTS_MAX_CHANNELS channels go
+  through shifted_products, which sums the taps in another order). Not differentiable by
+  design: training goes through convolve's hand-written backward passes."""
   padding = _explicit_padding(padding)
   strides = tuple(int(stride) for stride in strides)
   if tuple(kernel_size) == (1, 1):
     return _contract_rows(matrix, _subsample(x, strides, padding))
+  if strides == (1, 1) and x.shape[0] <= SHIFTED_PRODUCTS_MAX_CHANNELS:
+    return shifted_products(x, matrix, tuple(kernel_size), padding)
   return _contract_rows(matrix, im2col(x, tuple(kernel_size), strides, padding))
+
+
+# The most input channels for which convolve_forward computes a stride-1 kxk convolution as
+# shifted_products rather than im2col: measured on ResNet-50's evaluation on CPU
+# (docs/performance_notes.md, "Evaluation without the patch matrix"), where it made the forward
+# pass 4-8% faster with 64 and 128 channels and changed nothing measurable above.
+SHIFTED_PRODUCTS_MAX_CHANNELS = 128
+
+
+def shifted_products(x, matrix, kernel_size: Tuple[int, int], padding):
+  """A stride-1 convolution without a patch matrix: x (in, N, H, W) and its forward_matrix
+  (out, kh * kw * in) -> (out, N, out_H, out_W).
+
+  One matmul multiplies x by every tap of the kernel at once, (kh * kw * out, in) @ (in, pixels),
+  and the output sums the kh * kw products, each shifted by its tap's offset (zero where the tap
+  falls on the padding). That reads x once where im2col writes and copies kh * kw shifted copies
+  of it; the matmul's FLOPs are the same.
+  """
+  kernel_height, kernel_width = kernel_size
+  out_channels = matrix.shape[0]
+  in_channels = x.shape[0]
+  if matrix.shape[1] != kernel_height * kernel_width * in_channels:
+    raise ValueError(f'A forward matrix of shape {matrix.shape} does not fit a {kernel_size} '
+                     f'kernel over {in_channels} channels.')
+  # (out, taps * in) -> (taps * out, in); the barrier keeps XLA from folding the transpose into
+  # the matmul (see _contract_channels).
+  taps = jnp.transpose(matrix.reshape(out_channels, kernel_height * kernel_width, in_channels),
+                       (1, 0, 2)).reshape(-1, in_channels)
+  products = _contract_rows(lax.optimization_barrier(taps),
+                            x).reshape((kernel_height, kernel_width, out_channels) + x.shape[1:])
+  (top, bottom), (left, right) = padding
+  height, width = x.shape[2:]
+  out_height = height + top + bottom - kernel_height + 1
+  out_width = width + left + right - kernel_width + 1
+  total = None
+  for i in range(kernel_height):
+    for j in range(kernel_width):
+      # Output (h, w) takes tap (i, j) at input (h + i - top, w + j - left): rows [first, last)
+      # of the products, zero-padded where they run off the map. A pad of a slice, not a slice
+      # of a padded copy, so that XLA fuses every tap into one pass.
+      first_row, first_column = i - top, j - left
+      last_row, last_column = first_row + out_height, first_column + out_width
+      rows = slice(max(first_row, 0), min(last_row, height))
+      columns = slice(max(first_column, 0), min(last_column, width))
+      if rows.start >= rows.stop or columns.start >= columns.stop:
+        continue  # this tap only ever sees padding
+      term = jnp.pad(products[i, j, :, :, rows, columns],
+                     ((0, 0), (0, 0), (max(-first_row, 0), max(last_row - height, 0)),
+                      (max(-first_column, 0), max(last_column - width, 0))))
+      total = term if total is None else total + term
+  if total is None:
+    return jnp.zeros((out_channels, x.shape[1], out_height, out_width), x.dtype)
+  return total
 
 
 def convolve(x, kernel, strides: Tuple[int, int], padding: Padding, convolutions: str):

@@ -20,6 +20,12 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+if __name__ == '__main__':
+  # First thing, before JAX allocates: the malloc users get (allocator.py), so that the profile
+  # is of the step they run and not of page faults.
+  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.restart_with_fast_allocator()
+
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
