@@ -127,13 +127,15 @@ def main():
 
   model.eval()
   with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-    model(images)
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(max(2, args.steps // 4)):
+    for _ in range(2):  # two warm-ups and max(3, steps // 2) timed batches, as hml_jax.benchmark
       model(images)
     synchronize()
-    eval_rate = max(2, args.steps // 4) * args.batch_size / (time.perf_counter() - start)
+    eval_steps = max(3, args.steps // 2)
+    start = time.perf_counter()
+    for _ in range(eval_steps):
+      model(images)
+    synchronize()
+    eval_rate = eval_steps * args.batch_size / (time.perf_counter() - start)
   print(
       json.dumps({
           'framework':

@@ -125,7 +125,10 @@ def main(argv):
   for name, micros in durations.items():
     by_kind[re.sub(r'[.\d]+$', '', name)] += micros
     name_of_op = op_name(instructions[name][1])
-    library = 'matmul/conv' if name.startswith(('ynn', 'xnn', 'onednn', 'conv', 'dot')) else 'other'
+    # CPU: YNNPACK/XNNPACK/oneDNN fusions and plain dots; GPU: cuDNN convolutions, cuBLAS and
+    # Triton GEMMs (custom calls that XLA names after their target).
+    library = 'matmul/conv' if name.startswith(
+        ('ynn', 'xnn', 'onednn', 'conv', 'dot', 'cudnn', 'cublas', 'gemm', 'triton')) else 'other'
     direction = ('backward' if 'transpose(' in name_of_op else
                  'forward' if name_of_op else 'unnamed (mostly kernel gradients)')
     by_direction[(library, direction)] += micros
