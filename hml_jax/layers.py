@@ -18,7 +18,7 @@ choice also fixes the layout of the activations between layers (`channel_axis`):
     convolution with the kernel and the image swapped, a form its fast path does not take
     (three fifths of the step at 64x64); on larger maps the GEMM on patches is as fast as the
     native convolution with glibc's malloc and 8% faster with tcmalloc.
-  Evaluation (`convolve_forward`) computes the stride-1 3x3 convolutions of the first two
+  Evaluation (`convolve_forward`) computes the stride-1 3x3 convolutions of the first three
   stages without the patch matrix (`shifted_products`): faster there, not in training.
   The images are transposed once into this layout (`from_images`) and the pooled features back
   (`global_average`); `max_pool` pools either layout.
@@ -240,9 +240,10 @@ def convolve_forward(x, matrix, kernel_size: Tuple[int, int], strides: Tuple[int
 
 # The most input channels for which convolve_forward computes a stride-1 kxk convolution as
 # shifted_products rather than im2col: measured on ResNet-50's evaluation on CPU
-# (docs/performance_notes.md, "Evaluation without the patch matrix"), where it made the forward
-# pass 4-8% faster with 64 and 128 channels and changed nothing measurable above.
-SHIFTED_PRODUCTS_MAX_CHANNELS = 128
+# (docs/performance_notes.md, "Evaluation without the patch matrix"). Up to 128 channels (the
+# first two stages) it made the forward pass 7% faster at 224x224; taking the third stage's 256
+# too added 1.5%; the fourth's 512 nothing but noise.
+SHIFTED_PRODUCTS_MAX_CHANNELS = 256
 
 
 def shifted_products(x, matrix, kernel_size: Tuple[int, int], padding):
