@@ -163,10 +163,13 @@ def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   assert eval_fn.prepare is not None
   every_call = steps.EvalFunction(eval_fn.step)  # no prepare: the kernels transposed per call
   batch = sharding.shard_batch(next(input_pipeline.load(config).test.eval_batches(16)), mesh)
+  # Up to float rounding: with the matrices given, stride-1 3x3 convolutions sum their taps in
+  # another order (layers.shifted_products), and the scores (logits up to about 20) differ by
+  # a few 1e-6.
   np.testing.assert_allclose(eval_fn(state, batch)['scores'],
                              every_call(state, batch)['scores'],
                              rtol=1e-6,
-                             atol=1e-6)
+                             atol=1e-5)
   first = eval_fn.forward_matrices(state.params)
   assert eval_fn.forward_matrices(state.params) is first  # cached for the same parameters
   assert len(jax.tree_util.tree_leaves(first)) == sum(
@@ -175,7 +178,7 @@ def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   np.testing.assert_allclose(eval_fn(changed, batch)['scores'],
                              every_call(changed, batch)['scores'],
                              rtol=1e-6,
-                             atol=1e-6)
+                             atol=1e-5)
   assert not np.allclose(eval_fn(changed, batch)['scores'], eval_fn(state, batch)['scores'])
   # A kernel replaced inside the same params dict counts as new parameters too.
   kernel_path, kernel = next((path, leaf)
@@ -188,4 +191,4 @@ def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   np.testing.assert_allclose(eval_fn(changed, batch)['scores'],
                              every_call(changed, batch)['scores'],
                              rtol=1e-6,
-                             atol=1e-6)
+                             atol=1e-5)
