@@ -26,7 +26,7 @@
 # pillow; TensorFlow only for the second half of step 3. Errors of steps 2 and 3 go to
 # OUT_DIR/session.log.
 set -u
-usage='usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS] [all|input]'
+usage='usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS] [all|input|profile]'
 out=${1:?$usage}
 budget=${2:-540}
 parts=${3:-all}

@@ -106,8 +106,9 @@ def restart_environment(environ, allocator: str, accelerator: bool, tbb_librarie
 
 def restart_with_fast_allocator() -> None:
   """Starts this command again with LD_PRELOAD set to a fast malloc (restart_environment says
-  when; never off Linux); returns only where it does not restart. Call it first thing in a command-line tool,
-  before JAX or TensorFlow are imported: the process is replaced, and what it had done is lost."""
+  when; never off Linux); returns only where it does not restart. Call it first thing in a
+  command-line tool, before JAX or TensorFlow are imported: the process is replaced, and what it
+  had done is lost."""
   if not sys.platform.startswith('linux') or not os.path.exists('/proc/self/maps'):
     return
   environment = restart_environment(os.environ, memory_allocator(), has_accelerator(),
