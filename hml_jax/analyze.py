@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hml_jax import cli
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import host
@@ -358,4 +359,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, installed_configs=False)

@@ -18,7 +18,6 @@ benchmarks/torch_reference.py prints the same keys for PyTorch.
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
@@ -35,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from hml_jax import allocator
-from hml_jax import files
+from hml_jax import cli
+from hml_jax import errors
 from hml_jax import host
 from hml_jax import input_pipeline
 from hml_jax import layers
@@ -70,8 +70,9 @@ def image_and_batch_sizes(image_size: str, batch_size: str):
   if len(batch_sizes) == 1:
     batch_sizes *= len(image_sizes)
   if len(batch_sizes) != len(image_sizes):
-    raise ValueError(f'--batch_size={batch_size} gives {len(batch_sizes)} batch sizes for '
-                     f'{len(image_sizes)} image sizes (--image_size={image_size})')
+    raise errors.InvalidInputError(
+        f'--batch_size={batch_size} gives {len(batch_sizes)} batch sizes for '
+        f'{len(image_sizes)} image sizes (--image_size={image_size})')
   return list(zip(image_sizes, batch_sizes))
 
 
@@ -137,8 +138,9 @@ def check_input_images(num_images, allow_zero=True):
   """Raises ValueError unless num_images photos are enough for a pipeline measurement (0: none
   is made, where allowed)."""
   if not (num_images >= MIN_PHOTOS or (allow_zero and num_images == 0)):
-    raise ValueError(f'input_images={num_images}: the input pipeline needs at least '
-                     f'{MIN_PHOTOS} photos (one test, one validation, one training), or 0 to skip')
+    raise errors.InvalidInputError(
+        f'input_images={num_images}: the input pipeline needs at least '
+        f'{MIN_PHOTOS} photos (one test, one validation, one training), or 0 to skip')
 
 
 def input_pipeline_rate(config, num_images, batch_size):
@@ -317,4 +319,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, argv=files.installed_config_argv(sys.argv))
+  cli.run(main)

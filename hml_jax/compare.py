@@ -10,7 +10,6 @@ search, and its test mAP is reported: workdir/table.md (method x dataset, mean Â
 shaped like the paper's Table 2) and workdir/table.json (every run).
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
 if __name__ == '__main__':
@@ -24,6 +23,7 @@ from absl import logging
 import numpy as np
 
 from hml_jax import checkpoints
+from hml_jax import cli
 from hml_jax import files
 from hml_jax import host
 from hml_jax import labels as labels_lib
@@ -177,4 +177,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, argv=files.installed_config_argv(sys.argv))
+  cli.run(main)

@@ -25,6 +25,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from hml_jax import errors
+
 PREFIX = 'embedded:'
 DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 
@@ -62,12 +64,14 @@ def check_spec(spec: str, model_name: Optional[str] = None) -> None:
   """Rejects an unknown name, or a backbone of another architecture than config.model."""
   name = name_of(spec)
   if name not in BACKBONES:
-    raise ValueError(f'config.init_from={spec!r}: no embedded backbone {name!r}; hml_jax ships '
-                     f'{", ".join(PREFIX + known for known in BACKBONES)}.')
+    raise errors.InvalidInputError(
+        f'config.init_from={spec!r}: no embedded backbone {name!r}; hml_jax ships '
+        f'{", ".join(PREFIX + known for known in BACKBONES)}.')
   if model_name is not None and BACKBONES[name].model != model_name:
-    raise ValueError(f'config.init_from={spec!r} is a {BACKBONES[name].model} backbone, but '
-                     f'config.model is {model_name!r}: set --config.model='
-                     f"{BACKBONES[name].model} or another init_from.")
+    raise errors.InvalidInputError(
+        f'config.init_from={spec!r} is a {BACKBONES[name].model} backbone, but '
+        f'config.model is {model_name!r}: set --config.model='
+        f"{BACKBONES[name].model} or another init_from.")
 
 
 def path_of(name: str) -> str:
@@ -140,8 +144,9 @@ def load(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
     flat = {key: f.get_tensor(key) for key in f.keys()}
   unknown = sorted(key for key in flat if key.split('/')[0] not in ('params', 'batch_stats'))
   if unknown:
-    raise ValueError(f'{path}: not an hml_jax backbone file (tensors {unknown[:3]} are neither '
-                     "under 'params/' nor 'batch_stats/').")
+    raise errors.InvalidInputError(
+        f'{path}: not an hml_jax backbone file (tensors {unknown[:3]} are neither '
+        "under 'params/' nor 'batch_stats/').")
   return _unflatten(flat), metadata
 
 
@@ -151,13 +156,15 @@ def load_named(spec: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
   name = name_of(spec)
   path = path_of(name)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.init_from={spec!r}: {path} is missing from this install of '
-                            f'hml_jax. Rebuild it with: {BACKBONES[name].regenerate}')
+    raise errors.MissingInputError(
+        f'config.init_from={spec!r}: {path} is missing from this install of '
+        f'hml_jax. Rebuild it with: {BACKBONES[name].regenerate}')
   digest = sha256_of(path)
   if BACKBONES[name].sha256 and digest != BACKBONES[name].sha256:
-    raise ValueError(f'config.init_from={spec!r}: {path} has SHA-256 {digest}, not the '
-                     f'{BACKBONES[name].sha256} this version of hml_jax ships; restore it (git '
-                     f'checkout) or rebuild it with: {BACKBONES[name].regenerate}')
+    raise errors.InvalidInputError(
+        f'config.init_from={spec!r}: {path} has SHA-256 {digest}, not the '
+        f'{BACKBONES[name].sha256} this version of hml_jax ships; restore it (git '
+        f'checkout) or rebuild it with: {BACKBONES[name].regenerate}')
   return load(path)
 
 
@@ -192,7 +199,7 @@ def export_workdir(workdir: str, output: str) -> Dict[str, str]:
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
-    raise ValueError(f'Unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metadata = export_workdir(flags.FLAGS.workdir, flags.FLAGS.output)
   print(f'Wrote {flags.FLAGS.output} (best epoch {metadata["best_epoch"]}, source val mAP '
         f'{metadata["source_val_map"]}), SHA-256 {sha256_of(flags.FLAGS.output)}')
@@ -200,7 +207,8 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from hml_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'A finished hml_jax run whose best backbone is exported.')
   flags.DEFINE_string('output', None, 'The .safetensors file to write.')
   flags.mark_flags_as_required(['workdir', 'output'])
-  app.run(main)
+  cli.run(main, installed_configs=False)

@@ -8,6 +8,7 @@ from typing import Dict, Sequence
 import jax
 import numpy as np
 
+from hml_jax import errors
 from hml_jax import files
 from hml_jax import input_pipeline
 from hml_jax import metrics as metrics_lib
@@ -26,7 +27,7 @@ def evaluate_workdir(workdir: str,
   """Every metric of one split, scored with the full (true) labels, for the best or latest
   checkpoint of workdir; also writes workdir/eval_<split>.json."""
   if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r}; choose one of {list(SPLITS)}.')
+    raise errors.InvalidInputError(f'Unknown split {split!r}; choose one of {list(SPLITS)}.')
   mesh = sharding.create_mesh()
   config, method, state = train_state.load_trained_state(workdir, which, mesh)
   data = input_pipeline.load(config)

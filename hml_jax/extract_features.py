@@ -14,7 +14,6 @@ manual_dir) go through --dataset_override=key=value with --workdir, or --config.
 with --config.
 """
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow
 if __name__ == '__main__':
@@ -28,8 +27,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from hml_jax import cli
 from hml_jax import decoders
-from hml_jax import files
 from hml_jax import host
 from hml_jax import methods
 from hml_jax import models
@@ -171,4 +170,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, argv=files.installed_config_argv(sys.argv))
+  cli.run(main)

@@ -4,6 +4,7 @@ import os
 from absl import logging
 
 from hml_jax import allocator
+from hml_jax import errors
 
 
 class _QuietLibraries:
@@ -96,7 +97,7 @@ def initialize_distributed(coordinator_address: str = '',
   if not coordinator_address and num_processes <= 1:
     return
   if not coordinator_address or num_processes <= 1 or not 0 <= process_id < num_processes:
-    raise ValueError(
+    raise errors.InvalidInputError(
         'Multi-process training needs --coordinator_address=HOST:PORT, --num_processes=N > 1 '
         f'and --process_id in [0, N) (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, '
         f'JAX_PROCESS_ID); got {coordinator_address!r}, {num_processes}, {process_id}.')

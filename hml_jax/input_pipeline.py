@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from hml_jax import decoders
+from hml_jax import errors
 from hml_jax import labels as labels_lib
 from hml_jax import sources
 from hml_jax import splits
@@ -43,24 +44,26 @@ def _check_source(source: sources.Source, config):
   labels_lib.check_binary(source.train_labels, f'{source.name} train labels')
   labels_lib.check_binary(source.test_labels, f'{source.name} test labels')
   if source.train_labels.shape[1] != source.test_labels.shape[1]:
-    raise ValueError(f'{source.name}: train has {source.train_labels.shape[1]} labels, test '
-                     f'{source.test_labels.shape[1]}.')
+    raise errors.InvalidInputError(
+        f'{source.name}: train has {source.train_labels.shape[1]} labels, test '
+        f'{source.test_labels.shape[1]}.')
   for split, labels in (('train', source.train_labels), ('test', source.test_labels)):
     if not len(labels):
-      raise ValueError(f'{source.name}: the {split} split is empty.')
+      raise errors.InvalidInputError(f'{source.name}: the {split} split is empty.')
   if source.train_examples is None or source.train_examples.ndim != 4:
     return
   for split, images in (('train', source.train_examples), ('test', source.test_examples)):
     expected = (config.image_size, config.image_size)
     if images.shape[1:3] != expected:
-      raise ValueError(
+      raise errors.InvalidInputError(
           f'Images of {source.name} split {split!r} are {images.shape[1:3]}, but '
           f'config.image_size is {config.image_size}: set config.image_size={images.shape[1]}.')
   channels = source.train_examples.shape[-1]
   for key in ('mean', 'std'):
     if len(config.dataset[key]) not in (1, channels):
-      raise ValueError(f'config.dataset.{key} has {len(config.dataset[key])} values but the images '
-                       f'of {source.name} have {channels} channel(s).')
+      raise errors.InvalidInputError(
+          f'config.dataset.{key} has {len(config.dataset[key])} values but the images '
+          f'of {source.name} have {channels} channel(s).')
 
 
 def protocol_indices(train_labels: np.ndarray, config):
@@ -165,8 +168,8 @@ def standardize_features(source: sources.Source, train_rows: np.ndarray, how: st
   row to unit L2 norm (no statistics). A linear head trained by Adam is sensitive to the features'
   scale (docs/results.md, "Features mode and feature scale")."""
   if how not in FEATURE_STANDARDIZATIONS:
-    raise ValueError(f'config.dataset.standardize={how!r}: choose one of '
-                     f'{list(FEATURE_STANDARDIZATIONS)}.')
+    raise errors.InvalidInputError(f'config.dataset.standardize={how!r}: choose one of '
+                                   f'{list(FEATURE_STANDARDIZATIONS)}.')
   if how == 'none':
     return source, None
   if how == 'l2':

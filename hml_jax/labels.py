@@ -4,6 +4,8 @@ Shapes: labels (num_images, num_labels) of 0/1.
 """
 import numpy as np
 
+from hml_jax import errors
+
 SCENARIOS = ('full', 'partial', 'partial_positive', 'single_positive')
 # Scenarios that keep config.positive_fraction of the positives.
 FRACTION_SCENARIOS = ('partial', 'partial_positive')
@@ -12,12 +14,14 @@ FRACTION_SCENARIOS = ('partial', 'partial_positive')
 def check_binary(labels, name: str = 'labels') -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 2:
-    raise ValueError(f'{name} must be (num_images, num_labels), got shape {labels.shape}.')
+    raise errors.InvalidInputError(
+        f'{name} must be (num_images, num_labels), got shape {labels.shape}.')
   bad = ~np.isin(labels, (0, 1))
   if bad.any():
     row, column = np.argwhere(bad)[0]
-    raise ValueError(f'{name} must hold only 0 and 1; found {labels[row, column]!r} at image '
-                     f'{row}, label {column}.')
+    raise errors.InvalidInputError(
+        f'{name} must hold only 0 and 1; found {labels[row, column]!r} at image '
+        f'{row}, label {column}.')
   return labels
 
 
@@ -43,8 +47,9 @@ def check_fraction(scenario: str, fraction) -> None:
   """Raises ValueError naming config.positive_fraction unless a scenario that keeps a fraction
   of the positives (FRACTION_SCENARIOS) has one in (0, 1]; other scenarios ignore it."""
   if scenario in FRACTION_SCENARIOS and (fraction is None or not 0.0 < float(fraction) <= 1.0):
-    raise ValueError(f'config.positive_fraction={fraction!r}: scenario {scenario!r} keeps this '
-                     'fraction of the positives; give one in (0, 1].')
+    raise errors.InvalidInputError(
+        f'config.positive_fraction={fraction!r}: scenario {scenario!r} keeps this '
+        'fraction of the positives; give one in (0, 1].')
 
 
 def _keep_random_positive_entries(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -54,9 +59,10 @@ def _keep_random_positive_entries(labels: np.ndarray, fraction: float, seed: int
   positives = np.flatnonzero(labels == 1)
   num_kept = int(np.round(fraction * len(positives)))
   if num_kept == 0 and len(positives):
-    raise ValueError(f'A positive_fraction of {fraction} keeps none of the {len(positives)} '
-                     "positive labels (scenario 'partial_positive'); raise "
-                     'config.positive_fraction.')
+    raise errors.InvalidInputError(
+        f'A positive_fraction of {fraction} keeps none of the {len(positives)} '
+        "positive labels (scenario 'partial_positive'); raise "
+        'config.positive_fraction.')
   kept = positives[np.random.RandomState(seed).permutation(len(positives))[:num_kept]]
   observed = np.zeros_like(labels)
   observed.flat[kept] = 1
@@ -89,8 +95,9 @@ def observe(labels, scenario: str, seed: int, fraction=None) -> np.ndarray:
       return _keep_random_positive_entries(labels, float(fraction), seed)
     return _keep_random_positives(labels, lambda n: max(1, int(np.round(float(fraction) * n))),
                                   seed)
-  raise ValueError(f'Unknown label scenario {scenario!r} (config.label_scenario); choose one of '
-                   f'{list(SCENARIOS)}.')
+  raise errors.InvalidInputError(
+      f'Unknown label scenario {scenario!r} (config.label_scenario); choose one of '
+      f'{list(SCENARIOS)}.')
 
 
 def scenario_name(scenario: str, fraction=None) -> str:
@@ -107,7 +114,8 @@ def validation_split(num_images: int, seed: int = 1200, fraction: float = 0.2):
   permutation = np.random.RandomState(seed).permutation(num_images)
   num_validation = int(np.round(fraction * num_images))
   if num_validation == 0 or num_validation == num_images:
-    raise ValueError(f'A validation fraction of {fraction} of {num_images} images leaves an empty '
-                     'split.')
+    raise errors.InvalidInputError(
+        f'A validation fraction of {fraction} of {num_images} images leaves an empty '
+        'split.')
   return (np.sort(permutation[:num_images - num_validation]),
           np.sort(permutation[-num_validation:]))

@@ -38,6 +38,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from hml_jax import errors
 from hml_jax import initializers
 
 CONVOLUTIONS = ('auto', 'native', 'matmul')
@@ -54,8 +55,8 @@ Padding = Union[str, Sequence[Tuple[int, int]]]
 def resolve_convolutions(convolutions: str) -> str:
   """'auto' -> 'matmul' on CPU, 'native' on GPU and TPU; checks the name."""
   if convolutions not in CONVOLUTIONS:
-    raise ValueError(f'Unknown convolutions {convolutions!r} '
-                     f'(config.convolutions); choose one of {list(CONVOLUTIONS)}.')
+    raise errors.InvalidInputError(f'Unknown convolutions {convolutions!r} '
+                                   f'(config.convolutions); choose one of {list(CONVOLUTIONS)}.')
   if convolutions == 'auto':
     return 'matmul' if jax.default_backend() == 'cpu' else 'native'
   return convolutions

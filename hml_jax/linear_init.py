@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hml_jax import errors
 from hml_jax import files
 from hml_jax import input_pipeline
 from hml_jax import sharding
@@ -69,8 +70,9 @@ def features_data(config, state, data, mesh, path) -> input_pipeline.Data:
   for name in SPLITS:
     split = getattr(data, name)
     if len(features[name]) != len(split):
-      raise ValueError(f'{path} holds {len(features[name])} {name} features for a split of '
-                       f'{len(split)}: it belongs to another dataset; remove it.')
+      raise errors.InvalidInputError(
+          f'{path} holds {len(features[name])} {name} features for a split of '
+          f'{len(split)}: it belongs to another dataset; remove it.')
     feature_splits[name] = splits.ArraySplit(features[name], split.labels, split.observed)
   return input_pipeline.Data(train=feature_splits['train'],
                              validation=feature_splits['validation'],
@@ -82,7 +84,7 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
   """(state with the head phase's best head, {'best_epoch', 'val_map', 'test_map'} of it)."""
   from hml_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
   if jax.process_count() > 1:
-    raise ValueError(
+    raise errors.InvalidInputError(
         'config.linear_init_epochs > 0 (Cole et al.\'s linear init, the published recipe of '
         f'{config.loss!r}) runs in one process for now; set --config.linear_init_epochs=0 or '
         "--config.recipe=shared to train end to end on many hosts.")

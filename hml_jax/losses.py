@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hml_jax import errors
 from hml_jax import heads
 from hml_jax import initializers
 
@@ -285,8 +286,9 @@ MARGIN_PLACEMENTS = ('both', 'positives', 'negatives', 'none')
 def entry_margins(labels: Array, margin: Array, margin_on: str = 'both') -> Array:
   """The margin of each entry (batch, num_labels) for a placement of paper Table 5."""
   if margin_on not in MARGIN_PLACEMENTS:
-    raise ValueError(f'Unknown margin placement {margin_on!r} (config.margin_on); choose one of '
-                     f'{list(MARGIN_PLACEMENTS)}.')
+    raise errors.InvalidInputError(
+        f'Unknown margin placement {margin_on!r} (config.margin_on); choose one of '
+        f'{list(MARGIN_PLACEMENTS)}.')
   on_positives = margin_on in ('both', 'positives')
   on_negatives = margin_on in ('both', 'negatives')
   labels = labels.astype(jnp.float32)

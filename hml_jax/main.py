@@ -21,8 +21,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hml_jax import cli
 from hml_jax import evaluate
-from hml_jax import files
 from hml_jax import host
 from hml_jax import preemption
 from hml_jax import train
@@ -73,4 +73,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, argv=files.installed_config_argv(sys.argv))
+  cli.run(main)

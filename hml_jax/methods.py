@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Tuple
 import jax
 import numpy as np
 
+from hml_jax import errors
 from hml_jax import heads
 from hml_jax import losses
 
@@ -138,7 +139,8 @@ METHODS = {
 
 def get_method(name: str) -> Method:
   if name not in METHODS:
-    raise ValueError(f'Unknown loss {name!r} (config.loss); choose one of {sorted(METHODS)}.')
+    raise errors.InvalidInputError(
+        f'Unknown loss {name!r} (config.loss); choose one of {sorted(METHODS)}.')
   return METHODS[name]
 
 

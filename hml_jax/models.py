@@ -15,6 +15,7 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hml_jax import errors
 from hml_jax import heads as heads_lib
 from hml_jax import initializers
 from hml_jax import layers
@@ -162,7 +163,8 @@ BACKBONES = {
 
 def get_backbone(name: str, **overrides) -> nn.Module:
   if name not in BACKBONES:
-    raise ValueError(f'Unknown model {name!r} (config.model); choose one of {sorted(BACKBONES)}.')
+    raise errors.InvalidInputError(
+        f'Unknown model {name!r} (config.model); choose one of {sorted(BACKBONES)}.')
   return BACKBONES[name](**overrides)
 
 

@@ -20,6 +20,8 @@ Sources (read at their public code, 2026-11-30; docs/methods.md has the table):
 """
 import dataclasses
 
+from hml_jax import errors
+
 RECIPES = ('published', 'shared')
 
 
@@ -90,9 +92,10 @@ def resolve(config) -> Recipe:
   (>= 0) taken from the config."""
   name = config.get('recipe', 'shared')
   if name not in RECIPES:
-    raise ValueError(f"Unknown config.recipe={name!r}; choose one of {list(RECIPES)} "
-                     "('published': each method as its authors trained it; 'shared': one loop "
-                     'for all).')
+    raise errors.InvalidInputError(
+        f"Unknown config.recipe={name!r}; choose one of {list(RECIPES)} "
+        "('published': each method as its authors trained it; 'shared': one loop "
+        'for all).')
   recipe = PUBLISHED.get(config.loss, Recipe()) if name == 'published' else Recipe()
   batch_size = LINEAR_INIT_BATCH_SIZE_BY_DATASET.get((config.loss, config.dataset.name))
   if name == 'published' and batch_size:
@@ -105,12 +108,13 @@ def resolve(config) -> Recipe:
   recipe = dataclasses.replace(recipe, **overrides)
   if recipe.linear_init_epochs > 0 and (recipe.linear_init_learning_rate <= 0 or
                                         recipe.linear_init_batch_size <= 0):
-    raise ValueError(f'config.linear_init_epochs={recipe.linear_init_epochs} needs a positive '
-                     'config.linear_init_learning_rate and config.linear_init_batch_size (got '
-                     f'{recipe.linear_init_learning_rate}, {recipe.linear_init_batch_size}).')
+    raise errors.InvalidInputError(
+        f'config.linear_init_epochs={recipe.linear_init_epochs} needs a positive '
+        'config.linear_init_learning_rate and config.linear_init_batch_size (got '
+        f'{recipe.linear_init_learning_rate}, {recipe.linear_init_batch_size}).')
   if recipe.head_learning_rate_multiplier <= 0:
-    raise ValueError('config.head_learning_rate_multiplier must be positive, got '
-                     f'{recipe.head_learning_rate_multiplier}.')
+    raise errors.InvalidInputError('config.head_learning_rate_multiplier must be positive, got '
+                                   f'{recipe.head_learning_rate_multiplier}.')
   return recipe
 
 

@@ -22,6 +22,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
+from hml_jax import errors
+
 DATA_AXIS = 'data'
 
 # config.parameter_sharding values (see the module docstring).
@@ -53,11 +55,12 @@ def shard_batch(batch, mesh):
 def check_parameter_sharding(mode: str, min_size: int) -> None:
   """Raises ValueError for an unknown config.parameter_sharding or a bad config.fsdp_min_size."""
   if mode not in PARAMETER_SHARDING_MODES:
-    raise ValueError(f'Unknown config.parameter_sharding={mode!r}; choose one of '
-                     f'{list(PARAMETER_SHARDING_MODES)}.')
+    raise errors.InvalidInputError(f'Unknown config.parameter_sharding={mode!r}; choose one of '
+                                   f'{list(PARAMETER_SHARDING_MODES)}.')
   if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-    raise ValueError(f'config.fsdp_min_size must be a non-negative integer (a number of array '
-                     f'elements), got {min_size!r}.')
+    raise errors.InvalidInputError(
+        f'config.fsdp_min_size must be a non-negative integer (a number of array '
+        f'elements), got {min_size!r}.')
 
 
 def fsdp_spec(shape, num_shards: int, min_size: int) -> PartitionSpec:

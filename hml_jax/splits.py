@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 import numpy as np
 
 from hml_jax import decoders
+from hml_jax import errors
 
 # tf.data's "let the runtime pick" value for parallelism and prefetch (tf.data.AUTOTUNE).
 AUTOTUNE = -1
@@ -273,7 +274,7 @@ class ImageSplit(Split):
     if process_count not in self._part_sizes:
       sizes = part_sizes(self.records.storage_indices, self.rows_of_index, process_count)
       if sizes.sum() != len(self):
-        raise ValueError(
+        raise errors.InvalidInputError(
             f'The records of {self.records.name} hold {sizes.sum()} of the {len(self)} images '
             'of this split: the stored record order and the label matrix disagree. Delete the '
             "cached labels next to the prepared data (hml_*) so that they are read again.")

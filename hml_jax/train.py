@@ -12,6 +12,7 @@ import numpy as np
 from hml_jax import checkpoints
 from hml_jax import console
 from hml_jax import embedded_backbones
+from hml_jax import errors
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import input_pipeline
@@ -35,29 +36,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.get_backbone(config.model)
   layers.resolve_convolutions(config.convolutions)
   if config.label_scenario not in labels_lib.SCENARIOS:
-    raise ValueError(f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
-                     f'choose one of {list(labels_lib.SCENARIOS)}.')
+    raise errors.InvalidInputError(
+        f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
+        f'choose one of {list(labels_lib.SCENARIOS)}.')
   labels_lib.check_fraction(config.label_scenario, config.get('positive_fraction'))
   if config.optimizer != 'adam':
-    raise ValueError(f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
-                     '(the paper\'s) is implemented.')
+    raise errors.InvalidInputError(
+        f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
+        '(the paper\'s) is implemented.')
   num_devices = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] <= 0 or config[key] % num_devices:
-      raise ValueError(f'config.{key}={config[key]} must be a positive multiple of the '
-                       f'{num_devices} devices it is split over.')
+      raise errors.InvalidInputError(
+          f'config.{key}={config[key]} must be a positive multiple of the '
+          f'{num_devices} devices it is split over.')
   if config.nonfinite not in ('stop', 'skip'):
-    raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
+    raise errors.InvalidInputError(
+        f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
-    raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
+    raise errors.InvalidInputError(f'config.num_epochs must be positive, got {config.num_epochs}.')
   if (methods.get_method(config.loss).has_scale_and_margin and
       abs(config.margin) > heads.MONOTONIC_MARGIN_LIMIT):
-    raise ValueError(f'config.margin={config.margin}: beyond |m| = '
-                     f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
-                     'increasing in the cosine (heads.cos_with_margin); the paper uses 0-0.4.')
+    raise errors.InvalidInputError(
+        f'config.margin={config.margin}: beyond |m| = '
+        f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
+        'increasing in the cosine (heads.cos_with_margin); the paper uses 0-0.4.')
   if config.get('adaptive_optimizer', 'separate') not in train_state.ADAPTIVE_OPTIMIZERS:
-    raise ValueError(f'Unknown config.adaptive_optimizer={config.adaptive_optimizer!r}; choose '
-                     f'one of {list(train_state.ADAPTIVE_OPTIMIZERS)}.')
+    raise errors.InvalidInputError(
+        f'Unknown config.adaptive_optimizer={config.adaptive_optimizer!r}; choose '
+        f'one of {list(train_state.ADAPTIVE_OPTIMIZERS)}.')
   if config.get('init_from'):
     pretrained.check_spec(config.init_from, config.model)
   recipes.resolve(config)
@@ -229,8 +236,8 @@ def _train_and_evaluate(config, workdir, data=None):
 
   steps_per_epoch = splits.num_train_steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
-    raise ValueError(f'The training split has {len(data.train)} images, fewer than '
-                     f'config.batch_size={config.batch_size}.')
+    raise errors.InvalidInputError(f'The training split has {len(data.train)} images, fewer than '
+                                   f'config.batch_size={config.batch_size}.')
   # Imported here, not at the top: clu's writers import TensorFlow, which the step functions
   # (benchmark, predict, a GPU machine without TensorFlow) do not need.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -451,7 +458,7 @@ def check_finite(fetched, config, names):
     if metrics['nonfinite'] and config.nonfinite == 'stop':
       leaf = int(metrics['first_nonfinite_gradient'])
       quantity = 'the loss' if leaf < 0 else f'the gradient of {names[leaf]}'
-      raise FloatingPointError(
+      raise errors.TrainingDivergedError(
           f'Step {step}: {quantity} is NaN or Inf. The step was not applied and no checkpoint '
           'was written after the last finished epoch, which the same command resumes from. '
           'Lower config.learning_rate, or set config.nonfinite=skip to skip such steps (they '

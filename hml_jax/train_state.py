@@ -16,6 +16,7 @@ import optax
 
 from hml_jax import checkpoints
 from hml_jax import embedded_backbones
+from hml_jax import errors
 from hml_jax import files
 from hml_jax import losses
 from hml_jax import methods
@@ -74,16 +75,19 @@ def check_backbone_workdir(directory: str, config) -> None:
   model and input channels; errors name what differs."""
   spec = f'{pretrained.WORKDIR_PREFIX}{directory}'
   if not files.exists(checkpoints.config_path(directory)):
-    raise FileNotFoundError(f'config.init_from={spec!r}: {directory} holds no hml_jax run (no '
-                            'config.json). Train the source run there first.')
+    raise errors.MissingInputError(
+        f'config.init_from={spec!r}: {directory} holds no hml_jax run (no '
+        'config.json). Train the source run there first.')
   source = checkpoints.read_config(directory)
   if source.model != config.model:
-    raise ValueError(f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
-                     f'config.model is {config.model!r}.')
+    raise errors.InvalidInputError(
+        f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
+        f'config.model is {config.model!r}.')
   if not files.exists(files.join(directory, 'results.json')):
-    raise FileNotFoundError(f'config.init_from={spec!r}: the run in {directory} has not finished '
-                            '(no results.json): its best checkpoint may still change. Finish '
-                            'that run first (the same command resumes it).')
+    raise errors.MissingInputError(
+        f'config.init_from={spec!r}: the run in {directory} has not finished '
+        '(no results.json): its best checkpoint may still change. Finish '
+        'that run first (the same command resumes it).')
 
 
 def check_backbone_fits(loaded, model, image_shape, spec: str) -> None:
@@ -93,10 +97,11 @@ def check_backbone_fits(loaded, model, image_shape, spec: str) -> None:
   got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), loaded)
   wanted = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
   if got != wanted:
-    raise ValueError(f'config.init_from={spec}: its backbone does not fit this model for inputs '
-                     f'{tuple(image_shape)} (another number of channels or layers): '
-                     f'{jax.tree_util.tree_leaves(got)[:3]}... against '
-                     f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
+    raise errors.InvalidInputError(
+        f'config.init_from={spec}: its backbone does not fit this model for inputs '
+        f'{tuple(image_shape)} (another number of channels or layers): '
+        f'{jax.tree_util.tree_leaves(got)[:3]}... against '
+        f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
 
 
 def backbone_of_workdir(directory: str, model, image_shape):
@@ -242,5 +247,5 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   restored = (manager.restore_best(template)
               if which == 'best' else manager.restore_latest(template))
   if restored is None:
-    raise FileNotFoundError(f'No {which} checkpoint in {workdir}.')
+    raise errors.MissingInputError(f'No {which} checkpoint in {workdir}.')
   return config, method, restored[0]

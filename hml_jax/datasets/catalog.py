@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from hml_jax import errors
 from hml_jax import sources
 from hml_jax import splits
 
@@ -105,7 +106,7 @@ def _builder(name: str, spec: CatalogSpec, dataset_config):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(spec.builder_name, data_dir=dataset_config.get('data_dir') or None)
   if not builder.is_prepared():
-    raise FileNotFoundError(not_prepared_message(name, spec, builder.data_dir))
+    raise errors.MissingInputError(not_prepared_message(name, spec, builder.data_dir))
   return builder
 
 
@@ -131,7 +132,7 @@ def _read_keys_and_labels(builder, spec: CatalogSpec, tfds_split: str,
   dataset = dataset.map(keys_and_labels, num_parallel_calls=tf.data.AUTOTUNE)
   parts = list(tfds.as_numpy(dataset.batch(4096)))
   if not parts:
-    raise ValueError(f'{builder.info.full_name}: split {tfds_split!r} is empty.')
+    raise errors.InvalidInputError(f'{builder.info.full_name}: split {tfds_split!r} is empty.')
   keys = np.concatenate([part['key'] for part in parts])
   labels = np.concatenate([part['labels'] for part in parts])
   if keys.dtype.kind in 'OS':  # tf.string -> bytes -> str
@@ -145,7 +146,8 @@ def cole_rows(keys: np.ndarray, labels: np.ndarray,
               sort_key: Callable[[Any], Any]) -> Tuple[np.ndarray, np.ndarray]:
   """Cole et al.'s rows: the examples with at least one positive, sorted by sort_key(key)."""
   if len(set(keys.tolist())) != len(keys):
-    raise ValueError('The catalog dataset has duplicate example keys; cannot order its rows.')
+    raise errors.InvalidInputError(
+        'The catalog dataset has duplicate example keys; cannot order its rows.')
   kept = np.flatnonzero(labels.sum(axis=1) > 0)
   order = sorted(kept.tolist(), key=lambda i: sort_key(keys[i].item()))
   order = np.array(order, np.int64)
@@ -232,7 +234,8 @@ def load_source(dataset_config):
   sources.Source in Cole et al.'s format (see the module docstring)."""
   name = dataset_config.name
   if name not in SPECS:
-    raise ValueError(f'Unknown catalog dataset {name!r}; expected one of {sorted(SPECS)}.')
+    raise errors.InvalidInputError(
+        f'Unknown catalog dataset {name!r}; expected one of {sorted(SPECS)}.')
   spec = SPECS[name]
   builder = _builder(name, spec, dataset_config)
   label_names = [str(n) for n in spec.label_feature(builder.info.features).names]

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hml_jax.datasets import common
+from hml_jax import errors
 
 NUM_LABELS = 80
 OFFICIAL_SPLITS = {'train': 'train', 'test': 'val'}
@@ -52,10 +53,12 @@ def read_instances(root, split: str) -> Tuple[List[str], np.ndarray, List[Tuple[
     categories = [(int(c['id']), str(c['name'])) for c in data['categories']]
     annotations = [(int(a['image_id']), int(a['category_id'])) for a in data['annotations']]
   except (KeyError, TypeError, ValueError) as error:
-    raise ValueError(f'{path}: malformed categories or annotations ({error!r})') from error
+    raise errors.InvalidInputError(
+        f'{path}: malformed categories or annotations ({error!r})') from error
   if len(categories) != NUM_LABELS or len({i for i, _ in categories}) != NUM_LABELS:
-    raise ValueError(f'{path}: expected {NUM_LABELS} categories with distinct ids, got '
-                     f'{len(categories)} with ids {sorted(i for i, _ in categories)}')
+    raise errors.InvalidInputError(
+        f'{path}: expected {NUM_LABELS} categories with distinct ids, got '
+        f'{len(categories)} with ids {sorted(i for i, _ in categories)}')
   if categories != sorted(categories):
     logging.warning(
         '%s lists its categories out of id order; Cole et al. index them in file '
@@ -68,8 +71,9 @@ def read_instances(root, split: str) -> Tuple[List[str], np.ndarray, List[Tuple[
   labels = np.zeros((len(image_ids), NUM_LABELS), np.uint8)
   for number, (image_id, category_id) in enumerate(annotations):
     if category_id not in category_index:
-      raise ValueError(f'{path}: annotation {number} (image {image_id}) has category_id '
-                       f'{category_id}, which is not in the categories list')
+      raise errors.InvalidInputError(
+          f'{path}: annotation {number} (image {image_id}) has category_id '
+          f'{category_id}, which is not in the categories list')
     labels[row_of[image_id], category_index[category_id]] = 1
   filenames = [f'{official}2014/COCO_{official}2014_{int(i):012d}.jpg' for i in image_ids]
   return filenames, labels, categories
@@ -102,7 +106,7 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
     root = os.fspath(dl_manager.manual_dir)
     splits = {split: read_instances(root, split) for split in ('train', 'test')}
     if splits['train'][2] != splits['test'][2]:
-      raise ValueError(
+      raise errors.InvalidInputError(
           f'{Coco2014.name}: instances_train2014.json and instances_val2014.json in {root} '
           f'list different categories: {splits["train"][2]} vs {splits["test"][2]}')
     self.info.metadata['label_names'] = [name for _, name in splits['train'][2]]

@@ -8,6 +8,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from hml_jax import errors
+
 
 def features(num_labels: int) -> tfds.features.FeaturesDict:
   """The feature spec every paper-dataset builder uses."""
@@ -27,7 +29,7 @@ def check_split(split: str) -> None:
 def require_path(path: str, builder_name: str, instructions: str) -> str:
   """Returns path; raises FileNotFoundError naming it and the instructions if it does not exist."""
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f'{builder_name}: expected {path}, which does not exist. Place the dataset in the '
         f'manual_dir as its MANUAL_DOWNLOAD_INSTRUCTIONS say:\n{instructions}')
   return path
@@ -50,7 +52,7 @@ def read_image(path: str) -> bytes:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError as error:
-    raise ValueError(f'Cannot read image {path}: {error}') from error
+    raise errors.InvalidInputError(f'Cannot read image {path}: {error}') from error
   try:
     with Image.open(io.BytesIO(data)) as image:
       if image.format == 'JPEG' and image.mode == 'RGB':
@@ -61,7 +63,7 @@ def read_image(path: str) -> bytes:
         return data
       rgb = image.convert('RGB')
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-    raise ValueError(f'Cannot decode image {path}: {error}') from error
+    raise errors.InvalidInputError(f'Cannot decode image {path}: {error}') from error
   buffer = io.BytesIO()
   rgb.save(buffer, format='JPEG', quality=95)
   return buffer.getvalue()

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from hml_jax.datasets import common
+from hml_jax import errors
 
 NUM_LABELS = 312
 
@@ -68,7 +69,7 @@ def attribute_names_path(root) -> str:
   for path in candidates:
     if os.path.exists(path):
       return path
-  raise FileNotFoundError(
+  raise errors.MissingInputError(
       f'{Cub.name}: expected attributes.txt at {candidates[0]} or {candidates[1]}; neither '
       f'exists. Place the dataset in the manual_dir as its MANUAL_DOWNLOAD_INSTRUCTIONS say:\n'
       f'{MANUAL_DOWNLOAD_INSTRUCTIONS}')
@@ -96,20 +97,23 @@ def read_attribute_labels(path: str, num_images: int) -> np.ndarray:
   bad = np.nonzero((image_ids < 1) | (image_ids > num_images) | (attribute_ids < 1) |
                    (attribute_ids > NUM_LABELS))[0]
   if len(bad):
-    raise ValueError(f'{path}, line {line_numbers[bad[0]]}: image_id {image_ids[bad[0]]} or '
-                     f'attribute_id {attribute_ids[bad[0]]} outside 1..{num_images} / '
-                     f'1..{NUM_LABELS}')
+    raise errors.InvalidInputError(
+        f'{path}, line {line_numbers[bad[0]]}: image_id {image_ids[bad[0]]} or '
+        f'attribute_id {attribute_ids[bad[0]]} outside 1..{num_images} / '
+        f'1..{NUM_LABELS}')
   counts = np.zeros((num_images, NUM_LABELS), np.int64)
   np.add.at(counts, (image_ids - 1, attribute_ids - 1), 1)
   if np.any(counts > 1):
     image, attribute = np.argwhere(counts > 1)[0] + 1
     lines = line_numbers[(image_ids == image) & (attribute_ids == attribute)]
-    raise ValueError(f'{path}: (image_id {image}, attribute_id {attribute}) appears more than '
-                     f'once, on lines {list(lines)}')
+    raise errors.InvalidInputError(
+        f'{path}: (image_id {image}, attribute_id {attribute}) appears more than '
+        f'once, on lines {list(lines)}')
   if np.any(counts == 0):
     image, attribute = np.argwhere(counts == 0)[0] + 1
-    raise ValueError(f'{path}: no line for (image_id {image}, attribute_id {attribute}); '
-                     f'expected one line per image and attribute')
+    raise errors.InvalidInputError(
+        f'{path}: no line for (image_id {image}, attribute_id {attribute}); '
+        f'expected one line per image and attribute')
   labels = np.zeros((num_images, NUM_LABELS), np.uint8)
   labels[image_ids - 1, attribute_ids - 1] = present
   return labels
@@ -127,10 +131,12 @@ def read_splits(root) -> Dict[str, Tuple[List[str], np.ndarray, List[str]]]:
   images = _read_id_table(images_path, 'image path')
   is_train = _read_id_table(split_path, 'is_training_image 0 or 1', allowed=('0', '1'))
   if len(is_train) != len(images):
-    raise ValueError(f'{split_path} lists {len(is_train)} images, {images_path} {len(images)}')
+    raise errors.InvalidInputError(
+        f'{split_path} lists {len(is_train)} images, {images_path} {len(images)}')
   names = list(_read_id_table(names_path, 'attribute name').values())
   if len(names) != NUM_LABELS:
-    raise ValueError(f'{names_path}: expected {NUM_LABELS} attributes, got {len(names)}')
+    raise errors.InvalidInputError(
+        f'{names_path}: expected {NUM_LABELS} attributes, got {len(names)}')
   labels = read_attribute_labels(labels_path, len(images))
   splits = {}
   for split, keep in (('train', '1'), ('test', '0')):

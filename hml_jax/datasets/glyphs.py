@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFont
 
 from hml_jax.datasets import composite_digits
+from hml_jax import errors
 
 PRETRAINING_CLASSES = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') + ('&', '@', '#', '%', '?', '$')
 GREEK_LETTERS = ('α', 'β', 'γ', 'δ', 'ε', 'ζ', 'θ', 'λ', 'π', 'ω')
@@ -65,13 +66,13 @@ def glyph_bank(characters: Tuple[str, ...], fonts: Tuple[str,
   for name in fonts:
     path = font_path(name)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path}: a font of the glyph datasets is missing (matplotlib '
-                              'ships it; is matplotlib installed whole?).')
+      raise errors.MissingInputError(f'{path}: a font of the glyph datasets is missing (matplotlib '
+                                     'ships it; is matplotlib installed whole?).')
     face = ft2font.FT2Font(path)
     font = ImageFont.truetype(path, GLYPH_RENDER_SIZE)
     for character in characters:
       if face.get_char_index(ord(character)) == 0:
-        raise ValueError(f'{path} has no glyph for {character!r}.')
+        raise errors.InvalidInputError(f'{path} has no glyph for {character!r}.')
       canvas = Image.new('L', (3 * GLYPH_RENDER_SIZE, 3 * GLYPH_RENDER_SIZE))
       ImageDraw.Draw(canvas).text((GLYPH_RENDER_SIZE // 2, GLYPH_RENDER_SIZE // 2),
                                   character,

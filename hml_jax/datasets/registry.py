@@ -16,6 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
+from hml_jax import errors
 from hml_jax import sources
 from hml_jax import splits
 from hml_jax.datasets import register_all
@@ -35,7 +36,7 @@ def load_tfds_builder(dataset_config):
     name = f'{name}/{dataset_config.builder_config}'
   if dataset_config.name not in OUR_BUILDERS:
     # Anything else would be a TFDS catalog name, which download_and_prepare would download.
-    raise ValueError(
+    raise errors.InvalidInputError(
         f'Unknown dataset {dataset_config.name!r} (config.dataset.name); choose one of '
         f"{sorted(OUR_BUILDERS) + ['folder', 'features', 'voc/2012', 'coco/2014']}.")
   builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
@@ -88,9 +89,10 @@ def _tfds_label_matrix(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
   index = np.concatenate([p['index'] for p in parts]).astype(np.int64)
   labels = np.concatenate([p['labels'] for p in parts])
   if not np.array_equal(np.sort(index), np.arange(len(index))):
-    raise ValueError(f'{builder.info.full_name} split {split!r}: the "index" feature is not a '
-                     'permutation of 0..N-1; the prepared data is damaged. Delete '
-                     f'{builder.data_dir} and prepare it again.')
+    raise errors.InvalidInputError(
+        f'{builder.info.full_name} split {split!r}: the "index" feature is not a '
+        'permutation of 0..N-1; the prepared data is damaged. Delete '
+        f'{builder.data_dir} and prepare it again.')
   labels = labels[np.argsort(index)].astype(np.uint8)
   try:
     # Never a half-written cache, even with several processes writing it at once.

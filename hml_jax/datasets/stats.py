@@ -18,6 +18,7 @@ from absl import flags
 import numpy as np
 from ml_collections import config_flags
 
+from hml_jax import cli
 from hml_jax import host
 from hml_jax.datasets import registry
 
@@ -64,4 +65,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, installed_configs=False)
