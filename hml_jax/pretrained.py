@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hml_jax import downloads
+from hml_jax import errors
 from hml_jax import pth_files
 
 PREFIX = 'torchvision:'
@@ -197,14 +198,15 @@ def from_torchvision(state_dict: Mapping[str, Any],
       array = array.astype(np.float32)
     if path[-1] == 'kernel':
       if array.ndim != 4:
-        raise ValueError(f'{name!r}: a convolution kernel must be 4-D OIHW, got shape '
-                         f'{array.shape}.')
+        raise errors.InvalidInputError(
+            f'{name!r}: a convolution kernel must be 4-D OIHW, got shape '
+            f'{array.shape}.')
       array = np.ascontiguousarray(array.transpose(2, 3, 1, 0))  # OIHW -> HWIO
     flat[path] = array
     sources[path] = (name, tuple(np.shape(value)))
   if unknown:
     more = f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''
-    raise ValueError(
+    raise errors.InvalidInputError(
         f'{len(unknown)} state-dict entries are not parameters of a torchvision ResNet (a '
         f'backbone conv*/bn*/layer*/downsample or fc): {sorted(unknown)[:20]}{more}. Is this a '
         "ResNet checkpoint, with names as torchvision's ResNet.state_dict() gives them (no "
@@ -232,7 +234,7 @@ def from_torchvision(state_dict: Mapping[str, Any],
           f'{flat[path].shape}, the backbone expects {tuple(expected[path].shape)}'
           for path in mismatched))
     if problems:
-      raise ValueError(
+      raise errors.InvalidInputError(
           f'The torchvision state dict does not fit the backbone {type(backbone).__name__} '
           f"(kernels compared in Flax's HWIO layout; is it the same architecture, e.g. "
           f"resnet50 weights for model 'resnet50'?):\n  " + '\n  '.join(problems))
@@ -249,7 +251,7 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No state-dict file {path!r}.')
+    raise errors.MissingInputError(f'No state-dict file {path!r}.')
   extension = os.path.splitext(path)[1].lower()
   if extension == '.safetensors':
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -259,8 +261,9 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
       return {name: data[name] for name in data.files}
   if extension in ('.pth', '.pt'):
     return pth_files.read_state_dict(path)
-  raise ValueError(f'Unsupported state-dict file {path!r}: the extension must be one of '
-                   f'{", ".join(SUPPORTED_EXTENSIONS)}.')
+  raise errors.InvalidInputError(
+      f'Unsupported state-dict file {path!r}: the extension must be one of '
+      f'{", ".join(SUPPORTED_EXTENSIONS)}.')
 
 
 def named_weights(spec: str) -> Optional[str]:
@@ -287,27 +290,29 @@ def check_spec(spec: str, model_name: Optional[str] = None) -> None:
     return
   if spec.startswith(WORKDIR_PREFIX):
     if not workdir_of(spec):
-      raise ValueError(f'No directory in config.init_from={spec!r}: expected '
-                       f"'{WORKDIR_PREFIX}/path/to/a/run'.")
+      raise errors.InvalidInputError(f'No directory in config.init_from={spec!r}: expected '
+                                     f"'{WORKDIR_PREFIX}/path/to/a/run'.")
     return
   if not spec.startswith(PREFIX):
-    raise ValueError(f'Unsupported pretrained-weights spec {spec!r} (config.init_from): expected '
-                     f"'{PREFIX}resnet50' (torchvision's ImageNet weights; also "
-                     f"{', '.join(n for n in IMAGENET_WEIGHTS if n != 'resnet50')}), "
-                     f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), "
-                     f"'{WORKDIR_PREFIX}/path/to/a/run' (the backbone of an hml_jax run), "
-                     f"'{EMBEDDED_PREFIX}glyph_resnet_small' (a backbone shipped with hml_jax), "
-                     "or '' "
-                     'to train from scratch.')
+    raise errors.InvalidInputError(
+        f'Unsupported pretrained-weights spec {spec!r} (config.init_from): expected '
+        f"'{PREFIX}resnet50' (torchvision's ImageNet weights; also "
+        f"{', '.join(n for n in IMAGENET_WEIGHTS if n != 'resnet50')}), "
+        f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), "
+        f"'{WORKDIR_PREFIX}/path/to/a/run' (the backbone of an hml_jax run), "
+        f"'{EMBEDDED_PREFIX}glyph_resnet_small' (a backbone shipped with hml_jax), "
+        "or '' "
+        'to train from scratch.')
   rest = spec[len(PREFIX):]
   if not rest:
-    raise ValueError(f'No file or name in the pretrained-weights spec {spec!r}.')
+    raise errors.InvalidInputError(f'No file or name in the pretrained-weights spec {spec!r}.')
   name = named_weights(spec)
   if name is None and not (os.sep in rest or '/' in rest or
                            os.path.splitext(rest)[1].lower() in SUPPORTED_EXTENSIONS):
-    raise ValueError(f'config.init_from={spec!r}: {rest!r} is neither one of torchvision\'s '
-                     f'ImageNet weights ({", ".join(IMAGENET_WEIGHTS)}) nor a path to a weights '
-                     f'file ({", ".join(SUPPORTED_EXTENSIONS)}).')
+    raise errors.InvalidInputError(
+        f'config.init_from={spec!r}: {rest!r} is neither one of torchvision\'s '
+        f'ImageNet weights ({", ".join(IMAGENET_WEIGHTS)}) nor a path to a weights '
+        f'file ({", ".join(SUPPORTED_EXTENSIONS)}).')
   if name is not None and model_name is not None and name != model_name:
     if model_name in IMAGENET_WEIGHTS:
       advice = (f'Set --config.init_from={PREFIX}{model_name}, a weights file of that '
@@ -315,8 +320,9 @@ def check_spec(spec: str, model_name: Optional[str] = None) -> None:
     else:
       advice = ("torchvision has no ImageNet weights for it: set --config.init_from='' to train "
                 f"from scratch, or use one of {', '.join(IMAGENET_WEIGHTS)}.")
-    raise ValueError(f'config.init_from={spec!r} holds the weights of {name}, but config.model is '
-                     f'{model_name!r}. {advice}')
+    raise errors.InvalidInputError(
+        f'config.init_from={spec!r} holds the weights of {name}, but config.model is '
+        f'{model_name!r}. {advice}')
 
 
 def torch_hub_checkpoints() -> str:
@@ -333,13 +339,13 @@ def weights_file(spec: str, progress: bool = True) -> str:
   URL, the path to put the file at and its digest, if that fails); else the path itself."""
   check_spec(spec)
   if workdir_of(spec) is not None:
-    raise ValueError(f'{spec!r} names a run, not a weights file '
-                     '(train_state.backbone_of_workdir).')
+    raise errors.InvalidInputError(f'{spec!r} names a run, not a weights file '
+                                   '(train_state.backbone_of_workdir).')
   name = named_weights(spec)
   if name is None:
     path = spec[len(PREFIX):]
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'config.init_from={spec!r}: no file {path}.')
+      raise errors.MissingInputError(f'config.init_from={spec!r}: no file {path}.')
     return path
   weights = IMAGENET_WEIGHTS[name]
   key = (weights.url, weights.sha256)

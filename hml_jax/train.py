@@ -28,6 +28,7 @@ from hml_jax import sharding
 from hml_jax import splits
 from hml_jax import steps
 from hml_jax import train_state
+from hml_jax.datasets import registry
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -68,6 +69,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.get('init_from'):
     pretrained.check_spec(config.init_from, config.model)
   recipes.resolve(config)
+  registry.check_inputs(config.dataset)
   sharding.check_parameter_sharding(*train_state.parameter_layout(config))
 
 

@@ -226,6 +226,10 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   config.parameter_sharding, ready for make_step_functions(..., train_state_shardings(config,
   state, mesh)) and model_outputs.
   """
+  if not files.exists(checkpoints.config_path(workdir)):
+    raise errors.MissingInputError(
+        f'{workdir} holds no hml_jax run (no config.json): give the --workdir of a run trained by '
+        '`python -m hml_jax.main --config=... --workdir=...`.')
   config = checkpoints.read_config(workdir)
   method = methods.get_method(config.loss)
   info = checkpoints.read_dataset_info(workdir)
@@ -247,5 +251,7 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   restored = (manager.restore_best(template)
               if which == 'best' else manager.restore_latest(template))
   if restored is None:
-    raise errors.MissingInputError(f'No {which} checkpoint in {workdir}.')
+    raise errors.MissingInputError(
+        f'No {which} checkpoint in {workdir}: the run has not finished an epoch yet'
+        f"{'' if which == 'latest' else ' (--checkpoint=latest reads the newest one)'}.")
   return config, method, restored[0]

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import time
+import zipfile
 from typing import Tuple
 
 import numpy as np
@@ -26,9 +27,46 @@ OUR_BUILDERS = ('composite_digits', 'glyph_digits', 'glyph_pretraining', 'hml_vo
                 'hml_coco2014', 'hml_cub', 'hml_nus_wide')
 
 
-def load_tfds_builder(dataset_config):
-  """The TFDS builder of config.dataset, prepared: generated offline for the embedded dataset,
-  from the original files in config.dataset.manual_dir for the paper's datasets."""
+def check_inputs(dataset_config) -> None:
+  """Cheap checks of the files config.dataset names (they exist; a CSV header parses; a features
+  file is a zip archive), so that a mistyped path is reported in a second, before any weights are
+  downloaded or any dataset prepared. The loaders check the contents in full later."""
+  name = dataset_config.name
+  path = dataset_config.get('path') or ''
+  if name in ('folder', 'features') and not path:
+    what = 'the folder holding train.csv' if name == 'folder' else 'an .npz file of features'
+    raise errors.InvalidInputError(
+        f'config.dataset.path is empty: dataset {name!r} needs {what} '
+        f'(--config.dataset.path={"DIR" if name == "folder" else "FILE.npz"}).')
+  if name == 'folder':
+    from hml_jax.datasets import folder  # pylint: disable=g-import-not-at-top
+    if not os.path.isdir(path):
+      raise errors.MissingInputError(
+          f'Dataset folder {path} (config.dataset.path) does not exist or is not a folder.')
+    train_csv = os.path.join(path, 'train.csv')
+    if not os.path.isfile(train_csv):
+      raise errors.MissingInputError(
+          f'{train_csv} does not exist: a folder dataset needs train.csv (lines '
+          '`filename,labels`, docs/datasets.md) in config.dataset.path.')
+    folder.read_csv(train_csv)
+  elif name == 'features':
+    if not os.path.isfile(path):
+      raise errors.MissingInputError(f'Features file {path} (config.dataset.path) does not exist.')
+    if not zipfile.is_zipfile(path):
+      raise errors.InvalidInputError(
+          f'{path} (config.dataset.path) is not an .npz file (a zip archive), or it is truncated: '
+          'write it again with numpy.savez (docs/datasets.md, features mode).')
+  elif name in OUR_BUILDERS:
+    manual_dir = dataset_config.get('manual_dir') or ''
+    if (manual_dir and '://' not in manual_dir and not os.path.isdir(manual_dir) and
+        not _tfds_builder(dataset_config).is_prepared()):
+      raise errors.MissingInputError(
+          f'config.dataset.manual_dir={manual_dir} does not exist: put the original files of '
+          f'{name} there (docs/datasets.md says which), or point manual_dir at them.')
+
+
+def _tfds_builder(dataset_config):
+  """The TFDS builder of one of OUR_BUILDERS (not prepared yet)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   register_all()
   name = dataset_config.name
@@ -39,7 +77,14 @@ def load_tfds_builder(dataset_config):
     raise errors.InvalidInputError(
         f'Unknown dataset {dataset_config.name!r} (config.dataset.name); choose one of '
         f"{sorted(OUR_BUILDERS) + ['folder', 'features', 'voc/2012', 'coco/2014']}.")
-  builder = tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
+  return tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
+
+
+def load_tfds_builder(dataset_config):
+  """The TFDS builder of config.dataset, prepared: generated offline for the embedded dataset,
+  from the original files in config.dataset.manual_dir for the paper's datasets."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = _tfds_builder(dataset_config)
   manual_dir = dataset_config.get('manual_dir') or None
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   # TFDS prints its "Downloading and preparing dataset Unknown size ..." lines to stdout, though
