@@ -2,11 +2,19 @@
 
 Used by splits.ImageSplit (streamed images) and the folder loader; the same numerics as Cole et
 al.'s loader (PIL + torchvision's Resize).
+
+Every image PIL opens here is refused above config.dataset.max_image_pixels before it is decoded
+(open_image): its size comes from the header, which is all Image.open reads. A few kilobytes of
+PNG can declare 130 million pixels, which PIL's own check only warns about (it refuses above
+twice its Image.MAX_IMAGE_PIXELS) and which then cost seconds and hundreds of MiB per decode.
 """
 import io
+import re
 
 import numpy as np
 from PIL import Image
+
+from hml_jax import errors
 
 # How encoded images become (image_size, image_size, 3) uint8 arrays (config.dataset.decoder):
 #   'pil': PIL's decode and resize, exactly what Cole et al.'s loader and torchvision's
@@ -23,6 +31,79 @@ DECODERS = ('pil', 'tensorflow')
 # scaled to 8 bits first, as TensorFlow's decoder does.
 SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
+# PIL's default Image.MAX_IMAGE_PIXELS (1024 * 1024 * 1024 // 4 // 3, about 256 MiB of RGB), as a
+# fixed number: the limit does not change with what other code sets in PIL.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+MAX_PIXELS_KEY = 'config.dataset.max_image_pixels'
+
+
+class ImageTooLargeError(errors.InvalidInputError):
+  """An image whose header declares more pixels than config.dataset.max_image_pixels."""
+
+  def __init__(self, name: str, problem: str):
+    super().__init__(f'{name} {problem}')
+    self.problem = problem  # the message without the name, for lists of files
+
+
+def max_image_pixels(dataset_config) -> int:
+  """config.dataset.max_image_pixels, checked (a config without the key: the default)."""
+  value = dataset_config.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise errors.InvalidInputError(
+        f'{MAX_PIXELS_KEY}={value!r} must be a positive whole number of pixels (default '
+        f'{DEFAULT_MAX_IMAGE_PIXELS}).')
+  return value
+
+
+def _allow_in_pil(max_pixels: int) -> None:
+  """Lifts PIL's own limit to max_pixels where the user set ours above it (PIL warns above its
+  Image.MAX_IMAGE_PIXELS and refuses above twice it); open_image enforces max_pixels. Only ever
+  raised, and only to a limit the user asked for."""
+  if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def too_large_problem(pixels: int, max_pixels: int, size=None) -> str:
+  """Why an image of `pixels` (width x height `size`, if known) is refused, and what to do."""
+  dimensions = f'{size[0]}x{size[1]} = ' if size else ''
+  return (f'is {dimensions}{pixels:,} pixels, more than {MAX_PIXELS_KEY}={max_pixels:,}: '
+          f'decoding it would take {pixels * 3 / 2**20:,.0f} MiB, and a few kilobytes of '
+          'compressed file can declare that many (a decompression bomb). If the image is genuine, '
+          f'shrink it or raise the limit (--{MAX_PIXELS_KEY}={pixels}); else remove it.')
+
+
+def open_image(source, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, name: str = 'the image'):
+  """Image.open(source) (a path or a file object: only the header is read), refused with
+  ImageTooLargeError naming `name` if it declares more than max_pixels pixels. Use as a context
+  manager, like Image.open."""
+  _allow_in_pil(max_pixels)
+  try:
+    image = Image.open(source)
+  except Image.DecompressionBombError as error:  # above twice PIL's limit: PIL refuses first
+    found = re.search(r'\((\d+) pixels\)', str(error))
+    pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+    raise ImageTooLargeError(name, too_large_problem(pixels, max_pixels)) from None
+  width, height = image.size
+  if width * height > max_pixels:
+    image.close()
+    raise ImageTooLargeError(name, too_large_problem(width * height, max_pixels, (width, height)))
+  return image
+
+
+def check_encoded_size(encoded: bytes,
+                       max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                       name: str = 'the image') -> None:
+  """ImageTooLargeError if the encoded image's header declares more than max_pixels pixels; for
+  bytes that another decoder reads (TensorFlow's). Bytes PIL cannot identify pass: the decoder
+  that follows says why they do not decode."""
+  try:
+    with open_image(io.BytesIO(encoded), max_pixels, name):
+      pass
+  except ImageTooLargeError:
+    raise
+  except (OSError, SyntaxError, ValueError):
+    pass
+
 
 def check_decoder(decoder: str) -> str:
   if decoder not in DECODERS:
@@ -36,38 +117,49 @@ def image_decoder(dataset_config) -> str:
   return check_decoder(dataset_config.get('decoder', 'pil'))
 
 
-def decode_and_resize_with_pil(encoded: bytes, image_size: int, channels: int = 3) -> np.ndarray:
+def decode_and_resize_with_pil(encoded: bytes,
+                               image_size: int,
+                               channels: int = 3,
+                               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                               name: str = 'the image') -> np.ndarray:
   """Encoded image bytes (any format PIL reads) -> (image_size, image_size, channels) uint8.
 
   Exactly torchvision's `Resize((image_size, image_size))(Image.open(f).convert('RGB'))`, Cole et
   al.'s preprocessing: PIL's bilinear filter, which widens with the scale factor when shrinking
   (antialiasing). 16-bit images are scaled to 8 bits first (SIXTEEN_BIT_MODES). channels=1
   converts to PIL's 'L' (ITU-R 601-2 luma) instead of 'RGB'. Raises ValueError for bytes that
-  do not decode."""
+  do not decode, ImageTooLargeError (a ValueError) naming `name` before decoding an image of
+  more than max_pixels pixels."""
   mode = {1: 'L', 3: 'RGB'}[channels]
   try:
-    with Image.open(io.BytesIO(encoded)) as image:
+    with open_image(io.BytesIO(encoded), max_pixels, name) as image:
       if image.mode in SIXTEEN_BIT_MODES:
         sixteen_bit = np.asarray(image, np.float64)
         image = Image.fromarray(np.round(sixteen_bit * (255.0 / 65535.0)).astype(np.uint8))
       if image.mode != mode:  # convert() copies even when the mode is already right
         image = image.convert(mode)
       image = image.resize((image_size, image_size), Image.BILINEAR)
+  except ImageTooLargeError:
+    raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     raise ValueError(f'not a readable image ({type(error).__name__}: {error})') from error
   array = np.asarray(image)
   return array[:, :, None] if channels == 1 else array
 
 
-def decode_batch_with_pil(encoded: np.ndarray, mirror: np.ndarray, rows: np.ndarray,
-                          image_size: int) -> np.ndarray:
+def decode_batch_with_pil(encoded: np.ndarray,
+                          mirror: np.ndarray,
+                          rows: np.ndarray,
+                          image_size: int,
+                          max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
   """(B,) encoded images (bytes), (B,) bool, (B,) their rows in the split -> (B, image_size,
   image_size, 3) uint8: each image through decode_and_resize_with_pil, mirrored left-right
-  where `mirror`. An image that does not decode raises ValueError naming its row."""
+  where `mirror`. An image that does not decode, or declares more than max_pixels pixels,
+  raises ValueError naming its row."""
   images = np.empty((len(encoded), image_size, image_size, 3), np.uint8)
   for i, (image_bytes, mirrored) in enumerate(zip(encoded, mirror)):
     try:
-      image = decode_and_resize_with_pil(image_bytes, image_size)
+      image = decode_and_resize_with_pil(image_bytes, image_size, max_pixels=max_pixels)
     except ValueError as error:
       raise ValueError(f'Image of row {rows[i]} of this split: {error}') from error
     images[i] = image[:, ::-1] if mirrored else image

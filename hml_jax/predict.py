@@ -57,9 +57,11 @@ def list_files(paths):
   return files
 
 
-def load_image(path, image_size, channels, decoder):
+def load_image(path, image_size, channels, decoder, max_pixels=decoders.DEFAULT_MAX_IMAGE_PIXELS):
   """(image uint8 (size, size, channels), None) or (None, why it cannot be read); decoder: the
-  run's config.dataset.decoder, so that images are prepared as in training."""
+  run's config.dataset.decoder, so that images are prepared as in training. An image whose header
+  declares more than max_pixels pixels (the run's config.dataset.max_image_pixels) is refused
+  before it is decoded, whichever the decoder."""
   try:
     with open(path, 'rb') as f:
       encoded = f.read()
@@ -67,11 +69,16 @@ def load_image(path, image_size, channels, decoder):
     return None, 'no such file'
   except IsADirectoryError:
     return None, 'is a directory'
-  if decoder == 'pil':
-    try:
-      return decoders.decode_and_resize_with_pil(encoded, image_size, channels), None
-    except ValueError as error:  # 'not a readable image (...)'
-      return None, str(error)
+  except OSError as error:
+    return None, f'cannot be read ({error.strerror or error})'
+  try:
+    if decoder == 'pil':
+      return decoders.decode_and_resize_with_pil(encoded, image_size, channels, max_pixels), None
+    decoders.check_encoded_size(encoded, max_pixels)
+  except decoders.ImageTooLargeError as error:
+    return None, f'the image {error.problem}'
+  except ValueError as error:  # 'not a readable image (...)'
+    return None, str(error)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     return np.asarray(decoders.decode_and_resize_with_tensorflow(encoded, image_size,
@@ -121,9 +128,10 @@ def predict_files(predictor, paths, threshold=0.5, top_k=5, batch_size=32):
   """{'predictions': [{'path', 'labels': [{'label', 'probability'}], 'top_k': [...]}],
   'errors': [{'path', 'error'}]}."""
   image_size, channels = predictor.example_shape[0], predictor.example_shape[2]
+  max_pixels = decoders.max_image_pixels(predictor.config.dataset)
   images, readable, errors = [], [], []
   for path in list_files(paths):
-    image, error = load_image(path, image_size, channels, predictor.decoder)
+    image, error = load_image(path, image_size, channels, predictor.decoder, max_pixels)
     if error:
       errors.append({'path': path, 'error': error})
     else:

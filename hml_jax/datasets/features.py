@@ -6,9 +6,12 @@ optional label_names (L,) strings. `python -m hml_jax.extract_features` writes s
 Select it with configs/features.py and --config.dataset.path=FILE.npz.
 """
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
+from hml_jax import errors
 from hml_jax import sources
 
 REQUIRED_KEYS = ('train_features', 'train_labels', 'test_features', 'test_labels')
@@ -17,58 +20,107 @@ REQUIRED_KEYS = ('train_features', 'train_labels', 'test_features', 'test_labels
 def _matrix(arrays, key, path, dtype):
   value = np.asarray(arrays[key])
   if value.ndim != 2:
-    raise ValueError(f'{path}: {key!r} must be a 2-D array (one row per example), got shape '
-                     f'{value.shape}.')
+    raise errors.InvalidInputError(
+        f'{path}: {key!r} must be a 2-D array (one row per example), got shape {value.shape}.')
   if not len(value):
-    raise ValueError(f'{path}: {key!r} is empty: the split has no example.')
-  if dtype == np.float32 and not np.all(np.isfinite(value)):
-    row = int(np.argwhere(~np.isfinite(value))[0, 0])
-    raise ValueError(f'{path}: {key!r} has a non-finite value in row {row}.')
+    raise errors.InvalidInputError(f'{path}: {key!r} is empty: the split has no example.')
   if dtype != np.float32:  # labels: check the stored values, before any cast
     bad = ~np.isin(value, (0, 1))
     if bad.any():
       row, column = np.argwhere(bad)[0]
-      raise ValueError(f'{path}: {key!r} must hold only 0 and 1; found '
-                       f'{value[row, column].item()!r} at row {row}, label {column}.')
-  return value.astype(dtype)
+      raise errors.InvalidInputError(f'{path}: {key!r} must hold only 0 and 1; found '
+                                     f'{value[row, column].item()!r} at row {row}, label {column}.')
+    return value.astype(dtype)
+  if value.dtype.kind not in 'biuf':
+    raise errors.InvalidInputError(
+        f'{path}: {key!r} has dtype {value.dtype}; features must be numbers.')
+  # Finite after the cast: a float64 1e300 is finite as stored and inf in float32.
+  with np.errstate(over='ignore', invalid='ignore'):
+    cast = value.astype(np.float32)
+  bad = ~np.isfinite(cast)
+  if bad.any():
+    row, column = np.argwhere(bad)[0]
+    stored = value[row, column].item()
+    overflow = ('' if not np.isfinite(stored) else
+                f', which float32 (what training uses, at most {np.finfo(np.float32).max:.4g}) '
+                'cannot hold: it becomes inf')
+    raise errors.InvalidInputError(
+        f'{path}: {key!r} has a non-finite value in row {row}, column {column}: {stored!r}'
+        f'{overflow}. Fix or drop that row, or rescale the features.')
+  return cast
+
+
+def _read_npz(path: str) -> dict:
+  """Every array of the .npz at path, without pickles; errors naming the file (and the key)."""
+  try:
+    archive = np.load(path, allow_pickle=False)
+  except (zipfile.BadZipFile, EOFError) as error:
+    raise errors.InvalidInputError(
+        f'{path} (config.dataset.path) is truncated or not an .npz file ({error}): write it '
+        'again with numpy.savez, or copy it again if it was cut short.') from None
+  except (ValueError, OSError) as error:
+    raise errors.InvalidInputError(
+        f'{path} (config.dataset.path) is not a readable .npz file ({type(error).__name__}: '
+        f'{error}); features mode reads an .npz written by numpy.savez.') from None
+  if not isinstance(archive, np.lib.npyio.NpzFile):
+    raise errors.InvalidInputError(
+        f'{path} (config.dataset.path) is a single .npy array, not an .npz of named arrays: '
+        f'write it with numpy.savez(path, {", ".join(f"{k}=..." for k in REQUIRED_KEYS)}).')
+  arrays = {}
+  with archive:
+    for key in archive.files:
+      try:
+        arrays[key] = archive[key]
+      except ValueError as error:
+        if 'allow_pickle' in str(error):
+          error = ('it is an object array, which only unpickling could read (a pickle can run '
+                   'any code, so hml_jax never unpickles a data file); store it as a numeric '
+                   'array, or label_names as strings (dtype str)')
+        raise errors.InvalidInputError(f'{path}: key {key!r} cannot be read: {error}.') from None
+      except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
+        raise errors.InvalidInputError(
+            f'{path}: key {key!r} cannot be read ({type(error).__name__}: {error}): the file is '
+            'damaged or truncated; write it again with numpy.savez.') from None
+  return arrays
 
 
 def load_source(dataset_config):
   """The sources.Source of an .npz of features (held in memory)."""
   path = dataset_config.get('path') or ''
   if not path:
-    raise ValueError("config.dataset.path is empty: features mode needs an .npz file "
-                     "(--config.dataset.path=FILE.npz).")
+    raise errors.InvalidInputError("config.dataset.path is empty: features mode needs an .npz file "
+                                   "(--config.dataset.path=FILE.npz).")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'Features file {path} (config.dataset.path) does not exist.')
-  try:
-    arrays = dict(np.load(path, allow_pickle=False))
-  except (ValueError, OSError) as error:
-    raise ValueError(f'{path} is not a readable .npz file: {error}') from None
+    raise errors.MissingInputError(f'Features file {path} (config.dataset.path) does not exist.')
+  arrays = _read_npz(path)
   missing = [key for key in REQUIRED_KEYS if key not in arrays]
   has_validation = 'val_features' in arrays or 'val_labels' in arrays
   if has_validation and not ('val_features' in arrays and 'val_labels' in arrays):
     missing.append('val_labels' if 'val_features' in arrays else 'val_features')
   if missing:
-    raise ValueError(f'{path} lacks {missing}; it has {sorted(arrays)}. Expected '
-                     f'{list(REQUIRED_KEYS)} and optionally val_features, val_labels, label_names.')
+    raise errors.InvalidInputError(
+        f'{path} lacks {missing}; it has {sorted(arrays)}. Expected '
+        f'{list(REQUIRED_KEYS)} and optionally val_features, val_labels, label_names.')
   splits = ('train', 'test') + (('val',) if has_validation else ())
   features = {split: _matrix(arrays, f'{split}_features', path, np.float32) for split in splits}
   labels = {split: _matrix(arrays, f'{split}_labels', path, np.int32) for split in splits}
   dimensions = {f.shape[1] for f in features.values()}
   num_labels = {matrix.shape[1] for matrix in labels.values()}
   if len(dimensions) > 1 or len(num_labels) > 1:
-    raise ValueError(f'{path}: the splits disagree on the feature dimension {sorted(dimensions)} '
-                     f'or the number of labels {sorted(num_labels)}.')
+    raise errors.InvalidInputError(
+        f'{path}: the splits disagree on the feature dimension {sorted(dimensions)} '
+        f'or the number of labels {sorted(num_labels)}.')
   for split in splits:
     if len(features[split]) != len(labels[split]):
-      raise ValueError(f'{path}: {split}_features has {len(features[split])} rows but '
-                       f'{split}_labels has {len(labels[split])}.')
+      raise errors.InvalidInputError(
+          f'{path}: {split}_features has {len(features[split])} rows but '
+          f'{split}_labels has {len(labels[split])}.')
   label_names = [str(n) for n in arrays['label_names']
                 ] if 'label_names' in arrays else [str(i) for i in range(labels['train'].shape[1])]
   if len(label_names) != labels['train'].shape[1]:
-    raise ValueError(f'{path}: {len(label_names)} label_names for {labels["train"].shape[1]} '
-                     'labels.')
+    raise errors.InvalidInputError(
+        f'{path}: {len(label_names)} label_names for {labels["train"].shape[1]} '
+        'labels.')
   return sources.Source(name=path,
                         train_labels=labels['train'],
                         test_labels=labels['test'],

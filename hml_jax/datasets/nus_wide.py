@@ -8,7 +8,11 @@ Two on-disk formats, tried in this order:
    their 0/1 float matrix; filenames are the stored paths. Each image path is resolved relative to
    the manual_dir, or to manual_dir/Flickr if it is not there (Cole et al.'s loader reads
    Flickr/<path>). Label names come from `Concepts81.txt` in the manual_dir if present (one name
-   per line, in label order), else 'concept_0'..'concept_80'.
+   per line, in label order), else 'concept_0'..'concept_80'. No file is unpickled: these files
+   circulate through file-sharing links, and a pickle can run any code. An images file that is
+   an object array of str (its elements pickled) is read by a restricted unpickler that admits
+   only the three names of numpy's pickle of such an array, with their exact arguments
+   (load_npy); anything else is refused, naming the file.
 2. The official NUS-WIDE lists, used when no formatted_*.npy file is present:
    `ImageList/{Train,Test}Imagelist.txt` (paths such as `actor\\0001_2124494179.jpg`, relative
    to `Flickr/`), `Groundtruth/TrainTestLabels/Labels_<concept>_{Train,Test}.txt` (one 0/1 per
@@ -19,12 +23,14 @@ Two on-disk formats, tried in this order:
    their rows are not reproducible from the official files.
 """
 import os
+import pickle
 from typing import List, Tuple
 
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hml_jax import errors
 from hml_jax.datasets import common
 
 NUM_LABELS = 81
@@ -90,21 +96,185 @@ def read_concepts(root, required: bool) -> List[str]:
   return names
 
 
-def _load_npy(path: str) -> np.ndarray:
+# A one-line conversion of an object array of paths to a unicode ('U') array, which loads without
+# pickle: for the user to run where they trust the file (it unpickles it).
+CONVERT_COMMAND = ('python -c "import numpy as np; np.save({path!r}, '
+                   'np.load({path!r}, allow_pickle=True).astype(str))"')
+# What numpy's pickle of a 1-D object array names (numpy 1.x: numpy.core, 2.x: numpy._core).
+RECONSTRUCT = {('numpy.core.multiarray', '_reconstruct'),
+               ('numpy._core.multiarray', '_reconstruct')}
+
+
+class UnsafeNpyError(errors.InvalidInputError):
+  """A .npy file that could only be read by running code it names (a pickle)."""
+
+
+class _Refused(Exception):
+  """Inside the restricted unpickler: the pickle is not numpy's of a flat array of str."""
+
+
+class _ObjectDtype:
+  """Stands for numpy.dtype('O'), the one dtype the pickle of an object array may build."""
+
+  def __setstate__(self, state):
+    if state != (3, '|', None, None, None, -1, -1, 63):
+      raise _Refused(f'a dtype state {state!r} (expected that of dtype object)')
+
+
+class _ObjectArray:
+  """Stands for the ndarray that numpy's _reconstruct makes; its state must be a 1-D object
+  array's: (1, (n,), dtype object, False, [n str])."""
+
+  def __init__(self):
+    self.strings = None
+
+  def __setstate__(self, state):
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+      raise _Refused('an ndarray state that is not (1, shape, dtype, fortran, data)')
+    _, shape, dtype, fortran, data = state
+    if not (isinstance(shape, tuple) and len(shape) == 1 and type(shape[0]) is int):
+      raise _Refused(f'an array of shape {shape!r} (expected 1-D)')
+    if not isinstance(dtype, _ObjectDtype) or fortran is not False or type(data) is not list:
+      raise _Refused('an array that is not a plain object array')
+    if len(data) != shape[0]:
+      raise _Refused(f'{len(data)} elements for shape {shape!r}')
+    bad = next((x for x in data if type(x) is not str), None)
+    if bad is not None:
+      raise _Refused(f'an element of type {type(bad).__name__} (only str is read)')
+    self.strings = data
+
+
+class _Ndarray:
+  """Stands for numpy.ndarray as _reconstruct's first argument. Like the two below it has no
+  attribute a pickle could set (empty __slots__, no __setstate__): BUILD on it fails."""
+  __slots__ = ()
+
+
+class _Reconstruct:
+  """Stands for numpy's _reconstruct(ndarray, (0,), b'b'): an empty _ObjectArray to BUILD."""
+  __slots__ = ()
+
+  def __call__(self, cls, shape, typecode):
+    if type(cls) is not _Ndarray or shape != (0,) or typecode != b'b':
+      raise _Refused(f'_reconstruct called with {shape!r}, {typecode!r}')
+    return _ObjectArray()
+
+
+class _Dtype:
+  """Stands for numpy.dtype('O8', False, True), the object dtype, and no other."""
+  __slots__ = ()
+
+  def __call__(self, name, align, copy):
+    if (name, align, copy) != ('O8', False, True):
+      raise _Refused(f'dtype{(name, align, copy)!r} (only object is read)')
+    return _ObjectDtype()
+
+
+class _StringArrayUnpickler(pickle.Unpickler):
+  """Reads numpy's pickle of a 1-D object array of str, and nothing else.
+
+  Every global the pickle names is answered by find_class: the three names of such a pickle
+  (_reconstruct, ndarray, dtype) by stand-ins defined above, which check their arguments and
+  build no numpy object; any other name raises, so nothing a pickle names ever runs."""
+
+  def find_class(self, module, name):
+    if (module, name) in RECONSTRUCT:
+      return _Reconstruct()
+    if (module, name) == ('numpy', 'ndarray'):
+      return _Ndarray()
+    if (module, name) == ('numpy', 'dtype'):
+      return _Dtype()
+    if name == 'scalar' and module in {m for m, _ in RECONSTRUCT}:
+      # numpy.str_ elements: an honest file, but reading them would need numpy's scalar().
+      raise _Refused('its elements are numpy scalars, not str')
+    raise _NamesCode(f'names {module}.{name}')
+
+  def persistent_load(self, pid):
+    raise _NamesCode('holds a persistent id')
+
+
+class _NamesCode(_Refused):
+  """The pickle names a global other than the three of numpy's object-array pickle."""
+
+
+def _refusal(path: str, why: str, convertible: bool) -> UnsafeNpyError:
+  """The error for a file that only unpickling could read. convertible: it looks like an honest
+  object array, so the conversion command is offered; else it is to be replaced, not loaded."""
+  message = (f'{path}: refused to read it: {why}. hml_jax never unpickles a data file (a pickle '
+             'can run any code).')
+  if convertible:
+    return UnsafeNpyError(message +
+                          ' If this is the published file and you trust it, convert it once to a '
+                          'unicode array, which loads without pickle: ' +
+                          CONVERT_COMMAND.format(path=path))
+  return UnsafeNpyError(message + ' It is not a file of the published release: delete it and '
+                        'download the release again; do not load it with allow_pickle=True.')
+
+
+def read_object_strings(path: str, file) -> np.ndarray:
+  """The str elements of the pickled 1-D object array that follows an .npy header in file, as a
+  unicode array; UnsafeNpyError naming path for anything else."""
   try:
-    return np.load(path, allow_pickle=False)
-  except ValueError:
-    # An object array (e.g. of Python strings) needs pickle; these are the published files the
-    # user placed in the manual_dir.
-    return np.load(path, allow_pickle=True)
+    array = _StringArrayUnpickler(file).load()
+  except _NamesCode as error:
+    raise _refusal(path,
+                   f'its pickle {error}, which an array of paths never needs',
+                   convertible=False) from None
+  except _Refused as error:
+    raise _refusal(path, f'its pickle is not a plain array of strings ({error})',
+                   convertible=True) from None
+  except Exception as error:  # pylint: disable=broad-except  (a malformed pickle raises anything)
+    raise _refusal(path,
+                   f'its pickle is malformed ({type(error).__name__}: {error})',
+                   convertible=False) from None
+  if type(array) is not _ObjectArray or array.strings is None:
+    raise _refusal(path, 'its pickle is not an array', convertible=False)
+  return np.array(array.strings, dtype=str).reshape(len(array.strings))
+
+
+def load_npy(path: str, strings: bool = False) -> np.ndarray:
+  """The array in the .npy file at path, never unpickled.
+
+  Numeric and unicode arrays load with allow_pickle=False. With strings=True a 1-D object array
+  of str (how Cole et al. stored image paths) is read by _StringArrayUnpickler; any other object
+  array, and any file that is not an .npy (a bare pickle), is refused with UnsafeNpyError."""
+  with open(path, 'rb') as f:
+    try:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+      elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        raise ValueError(f'.npy format version {version} (1.0 and 2.0 are read)')
+    except ValueError as error:
+      raise _refusal(path, f'it is not an .npy file ({error})', convertible=False) from None
+    if dtype.hasobject:
+      if not strings or dtype != np.dtype(object) or fortran or len(shape) != 1:
+        kind = 'a 1-D array of path strings' if strings else 'a numeric array'
+        raise _refusal(path, f'it holds an object array (shape {shape}, dtype {dtype}) where '
+                       f'{kind} belongs, and only unpickling could read it',
+                       convertible=strings)
+      return read_object_strings(path, f)
+    f.seek(0)
+    try:
+      return np.load(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+      raise errors.InvalidInputError(
+          f'{path} is not a readable .npy file ({type(error).__name__}: {error}); it may be '
+          'truncated: copy it again from the published release.') from None
 
 
 def read_formatted(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
   images_path, labels_path = formatted_paths(root, split)
-  images = _load_npy(_require(images_path))
-  labels = _load_npy(_require(labels_path))
-  if images.ndim != 1:
-    raise ValueError(f'{images_path}: expected a 1-D array of paths, got shape {images.shape}')
+  images = load_npy(_require(images_path), strings=True)
+  labels = load_npy(_require(labels_path))
+  if images.ndim != 1 or images.dtype.kind not in 'US':
+    raise errors.InvalidInputError(f'{images_path}: expected a 1-D array of path strings, got '
+                                   f'shape {images.shape}, dtype {images.dtype}')
+  if labels.dtype.kind not in 'biuf':
+    raise errors.InvalidInputError(f'{labels_path}: expected a numeric 0/1 matrix, got dtype '
+                                   f'{labels.dtype}')
   if labels.shape != (len(images), NUM_LABELS):
     raise ValueError(f'{labels_path}: expected shape ({len(images)}, {NUM_LABELS}) to match '
                      f'{images_path}, got {labels.shape}')
