@@ -51,28 +51,41 @@ SUPPORTED_EXTENSIONS = ('.safetensors', '.npz', '.pth', '.pt')
 class WeightsFile:
   url: str
   sha256: str  # of the whole file; torchvision's file name carries its first 8 hex digits
+  max_bytes: Optional[int] = None  # a download stops here (downloads.download); None: no bound
 
   @property
   def filename(self) -> str:
     return os.path.basename(self.url)
 
 
+def _mib(count: int) -> int:
+  return count * 2**20
+
+
 # torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py, ResNet*_Weights), the files
-# the paper and its baselines start from (Cole et al. load resnet50(pretrained=True)).
+# the paper and its baselines start from (Cole et al. load resnet50(pretrained=True)). Each bound
+# is 1.1 times the file size torchvision documents (meta['_file_size'], "MB": 44.661, 83.275,
+# 97.781, 170.511), read as MiB (the larger reading), rounded up to a whole MiB.
 IMAGENET_WEIGHTS = {
     'resnet18':
         WeightsFile('https://download.pytorch.org/models/resnet18-f37072fd.pth',
-                    'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec'),
+                    'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec',
+                    max_bytes=_mib(50)),
     'resnet34':
         WeightsFile('https://download.pytorch.org/models/resnet34-b627a593.pth',
-                    'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f'),
+                    'b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f',
+                    max_bytes=_mib(92)),
     'resnet50':
         WeightsFile('https://download.pytorch.org/models/resnet50-0676ba61.pth',
-                    '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a'),
+                    '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a',
+                    max_bytes=_mib(108)),
     'resnet101':
         WeightsFile('https://download.pytorch.org/models/resnet101-63fe2227.pth',
-                    '63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a'),
+                    '63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a',
+                    max_bytes=_mib(188)),
 }
+# What a user can do when a download fails, besides putting the file in place by hand.
+DOWNLOAD_ADVICE = "Or train from scratch with --config.init_from=''."
 
 Path = Tuple[str, ...]  # (collection, module..., variable), e.g. ('params', 'bn1', 'scale')
 
@@ -355,7 +368,9 @@ def weights_file(spec: str, progress: bool = True) -> str:
                                       weights.sha256,
                                       weights.filename,
                                       other_places=(torch_hub_checkpoints(),),
-                                      progress=progress)
+                                      progress=progress,
+                                      max_bytes=weights.max_bytes,
+                                      advice=DOWNLOAD_ADVICE)
   _VERIFIED[key] = (path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
   return path
 

@@ -3,6 +3,7 @@ the test starts on 127.0.0.1; no test touches the internet."""
 import hashlib
 import http.server
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from hml_jax import downloads, models, pretrained
+from hml_jax import downloads, errors, models, pretrained
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')
@@ -23,27 +24,69 @@ DIGEST = hashlib.sha256(CONTENT).hexdigest()
 
 class _Handler(http.server.BaseHTTPRequestHandler):
   """/weights.pth: the fixture; /truncated.pth: half of it, then the connection closes;
-  /stall.pth: half of it, then nothing until the test ends; anything else: 404."""
+  /stall.pth: half of it, then nothing until the test ends; /announced_too_large.pth: a
+  Content-Length of ten fixtures, then nothing; /endless.pth: fixture after fixture without a
+  Content-Length; /short_length.pth: the fixture under a Content-Length of half of it;
+  /long_length.pth: the fixture under a Content-Length of twice it; /trickle.pth: the fixture a
+  byte every 20 ms; /slow_headers.pth: a header a byte every 20 ms; /hang_up.pth: the connection
+  closed without a response; anything else (under /gone/ too): 404."""
   requests = []
   release = threading.Event()
 
   def do_GET(self):  # pylint: disable=invalid-name
     type(self).requests.append(self.path)
     name = self.path.rsplit('/', 1)[-1]
-    if name not in ('weights.pth', 'truncated.pth', 'stall.pth', 'resnet50-0676ba61.pth'):
+    lengths = {
+        'announced_too_large.pth': 10 * len(CONTENT),
+        'endless.pth': None,
+        'short_length.pth': len(CONTENT) // 2,
+        'long_length.pth': 2 * len(CONTENT)
+    }
+    if name == 'hang_up.pth':
+      self.close_connection = True
+      return
+    if name == 'slow_headers.pth':
+      self.wfile.write(b'HTTP/1.0 200 OK\r\n')
+      self._trickle(b'X-Slow: ' + b'a' * 1000)
+      return
+    if self.path.startswith('/gone/') or name not in ('weights.pth', 'truncated.pth', 'stall.pth',
+                                                      'resnet50-0676ba61.pth', 'trickle.pth',
+                                                      *lengths):
       self.send_error(404)
       return
     self.send_response(200)
-    self.send_header('Content-Length', str(len(CONTENT)))
+    length = lengths.get(name, len(CONTENT))
+    if length is not None:
+      self.send_header('Content-Length', str(length))
     self.end_headers()
-    if name in ('weights.pth', 'resnet50-0676ba61.pth'):
-      self.wfile.write(CONTENT)
-      return
-    self.wfile.write(CONTENT[:len(CONTENT) // 2])
-    self.wfile.flush()
-    if name == 'stall.pth':
-      type(self).release.wait(60)
     self.close_connection = True
+    if name == 'announced_too_large.pth':
+      type(self).release.wait(60)
+    elif name == 'endless.pth':
+      for _ in range(64):  # 64 fixtures, or until the client hangs up
+        if not self._write(CONTENT):
+          return
+    elif name == 'trickle.pth':
+      self._trickle(CONTENT)
+    elif name in ('truncated.pth', 'stall.pth'):
+      self._write(CONTENT[:len(CONTENT) // 2])
+      if name == 'stall.pth':
+        type(self).release.wait(60)
+    else:
+      self._write(CONTENT)
+
+  def _write(self, data) -> bool:
+    try:
+      self.wfile.write(data)
+      self.wfile.flush()
+      return True
+    except OSError:  # the client hung up
+      return False
+
+  def _trickle(self, data):
+    for i in range(len(data)):
+      if type(self).release.wait(0.02) or not self._write(data[i:i + 1]):
+        return
 
   def log_message(self, *args):
     pass
@@ -54,7 +97,7 @@ def server():
   _Handler.requests = []
   _Handler.release = threading.Event()
   httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
   thread.start()
   yield f'http://127.0.0.1:{httpd.server_address[1]}'
   _Handler.release.set()
@@ -150,6 +193,115 @@ def test_a_damaged_cached_file_is_an_error_and_is_kept(server, cache):
   assert (cache / 'weights.pth').read_bytes() == b'damaged' and _Handler.requests == []
 
 
+def test_a_download_error_is_a_users_error():
+  assert issubclass(downloads.DownloadError, errors.UserError)
+  assert issubclass(downloads.DownloadError, RuntimeError)  # what callers caught before
+
+
+def _failed_download(url, path, **bounds):
+  """The message of the DownloadError that downloads.download(url, path, ...) raises."""
+  with pytest.raises(downloads.DownloadError) as error:
+    downloads.download(url, str(path), DIGEST, progress=False, advice='Or else.', **bounds)
+  message = str(error.value)
+  assert message.startswith(f'Could not download {url} (')  # as README's troubleshooting says
+  assert f'put it at {path} (its SHA-256 must be {DIGEST}); nothing was written there.' in message
+  assert message.endswith(' Or else.')
+  return message
+
+
+def test_a_content_length_above_the_bound_is_refused_before_reading(server, cache):
+  start = time.monotonic()
+  message = _failed_download(f'{server}/announced_too_large.pth',
+                             cache / 'weights.pth',
+                             max_bytes=len(CONTENT),
+                             deadline_seconds=30)
+  # Reading would have waited for the stalled body until the 30 s deadline.
+  assert time.monotonic() - start < 10
+  assert f'announces {10 * len(CONTENT)} bytes, more than the {len(CONTENT)}' in message
+  assert _leftovers(cache) == []
+
+
+def test_reading_stops_past_the_bound(server, cache):
+  message = _failed_download(f'{server}/endless.pth',
+                             cache / 'weights.pth',
+                             max_bytes=len(CONTENT) + 10)
+  assert f'sent more than the {len(CONTENT) + 10} bytes' in message
+  assert _leftovers(cache) == []
+
+
+def test_a_file_of_exactly_the_bound_is_accepted(server, cache):
+  path = downloads.download(f'{server}/weights.pth',
+                            str(cache / 'weights.pth'),
+                            DIGEST,
+                            progress=False,
+                            max_bytes=len(CONTENT))
+  with open(path, 'rb') as f:
+    assert f.read() == CONTENT
+
+
+@pytest.mark.parametrize('name, why', [
+    ('short_length.pth', f'SHA-256 {hashlib.sha256(CONTENT[:len(CONTENT) // 2]).hexdigest()}, '
+     f'not the expected {DIGEST}'),
+    ('long_length.pth', f'stopped after {len(CONTENT)} of {2 * len(CONTENT)} bytes'),
+    ('truncated.pth', f'stopped after {len(CONTENT) // 2} of {len(CONTENT)} bytes'),
+    ('hang_up.pth', 'Remote end closed connection without response'),
+])
+def test_a_lying_or_closing_server_leaves_the_cached_file_alone(server, cache, name, why):
+  """A Content-Length shorter or longer than the body, or a connection closed early: the error
+  says which, and the file already at the target (another version) is not replaced."""
+  os.makedirs(cache)
+  (cache / 'weights.pth').write_bytes(b'the previous file')
+  message = _failed_download(f'{server}/{name}', cache / 'weights.pth', max_bytes=10 * len(CONTENT))
+  assert why in message
+  assert (cache / 'weights.pth').read_bytes() == b'the previous file'
+  assert _leftovers(cache) == ['weights.pth']
+
+
+@pytest.mark.parametrize('name', ['trickle.pth', 'slow_headers.pth'])
+def test_a_trickling_server_is_stopped_at_the_deadline(server, cache, name):
+  """A byte every 20 ms never trips the per-read timeout (60 s) but passes the overall deadline,
+  in the body and in the headers alike."""
+  start = time.monotonic()
+  message = _failed_download(f'{server}/{name}', cache / 'weights.pth', deadline_seconds=0.5)
+  elapsed = time.monotonic() - start
+  assert 0.5 <= elapsed < 5
+  assert 'not complete after the deadline of 0.5 s' in message
+  assert downloads.DEADLINE_ENVIRONMENT_VARIABLE in message
+  assert _leftovers(cache) == []
+
+
+def test_the_default_deadline(monkeypatch):
+  monkeypatch.delenv(downloads.DEADLINE_ENVIRONMENT_VARIABLE, raising=False)
+  resnet50 = pretrained.IMAGENET_WEIGHTS['resnet50'].max_bytes
+  # 108 MiB at 100 kB/s: 19 minutes; a small file still gets the minimum.
+  assert downloads.default_deadline(resnet50) == pytest.approx(108 * 2**20 / 1e5)
+  assert downloads.default_deadline(1000) == downloads.MINIMUM_DEADLINE_SECONDS
+  assert downloads.default_deadline(None) == downloads.UNBOUNDED_DEADLINE_SECONDS
+  monkeypatch.setenv(downloads.DEADLINE_ENVIRONMENT_VARIABLE, '3600')
+  assert downloads.default_deadline(resnet50) == 3600
+  for value in ('soon', '0', '-5', 'inf', 'nan'):
+    monkeypatch.setenv(downloads.DEADLINE_ENVIRONMENT_VARIABLE, value)
+    with pytest.raises(errors.InvalidInputError, match=f'HML_JAX_DOWNLOAD_DEADLINE={value!r}'):
+      downloads.default_deadline(resnet50)
+
+
+def test_every_named_weights_file_has_a_size_bound():
+  for weights in pretrained.IMAGENET_WEIGHTS.values():
+    # torchvision's documented sizes are 44.7-170.5 MB; each bound is about 1.1 times that.
+    assert 40 * 2**20 < weights.max_bytes < 200 * 2**20
+
+
+def test_named_weights_are_downloaded_within_their_bound(server, cache, monkeypatch):
+  monkeypatch.setitem(
+      pretrained.IMAGENET_WEIGHTS, 'resnet50',
+      pretrained.WeightsFile(f'{server}/endless.pth', DIGEST, max_bytes=len(CONTENT)))
+  with pytest.raises(downloads.DownloadError,
+                     match=f'sent more than the {len(CONTENT)} bytes.*' +
+                     re.escape(pretrained.DOWNLOAD_ADVICE)):
+    pretrained.weights_file('torchvision:resnet50', progress=False)
+  assert _leftovers(cache) == []
+
+
 @pytest.fixture
 def fake_imagenet_weights(server, monkeypatch):
   """'torchvision:resnet50' served by the local server: the fixture under torchvision's name."""
@@ -215,12 +367,15 @@ def test_paper_config_offline_fails_at_once_before_any_other_work(server, cache,
                              pretrained.IMAGENET_WEIGHTS['resnet50'].sha256))
   config = voc.get_config()
   assert config.init_from == 'torchvision:resnet50'
-  config.dataset.manual_dir = str(tmp_path / 'no_such_dir')
+  config.dataset.manual_dir = str(tmp_path / 'manual')  # present (checked first) and empty
+  os.makedirs(config.dataset.manual_dir)
   config.dataset.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(downloads.DownloadError) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   message = str(error.value)
-  assert 'resnet50-0676ba61.pth' in message and str(cache) in message
+  assert message.startswith(f'Could not download {server}/gone/resnet50-0676ba61.pth (HTTP 404 ')
+  assert str(cache / 'resnet50-0676ba61.pth') in message and message.endswith(
+      pretrained.DOWNLOAD_ADVICE)
   assert '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a' in message
   assert not os.path.exists(tmp_path / 'tfds') and _leftovers(cache) == []
 
@@ -230,7 +385,8 @@ def test_a_missing_weights_path_fails_before_any_other_work(tmp_path):
   from hml_jax import train  # pylint: disable=g-import-not-at-top
   config = voc.get_config()
   config.init_from = f'torchvision:{tmp_path}/resnet50.safetensors'
-  config.dataset.manual_dir = str(tmp_path / 'no_such_dir')
+  config.dataset.manual_dir = str(tmp_path / 'manual')
+  os.makedirs(config.dataset.manual_dir)
   config.dataset.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(FileNotFoundError, match=r'no file .*resnet50\.safetensors'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
