@@ -110,7 +110,7 @@ def test_a_storage_shorter_than_its_tensor_is_an_error(tmp_path):
              b'X\x03\x00\x00\x00cpuq\x06K\x04tq\x07QK\x00K\x03K\x02\x86q\x08K\x02K\x01\x86q\t'
              b'\x89ccollections\nOrderedDict\nq\n)Rq\x0btq\x0cRq\rs.')
   good = _archive(tmp_path / 'good.pth', pickled, {'0': np.arange(6, dtype='<f4').tobytes()})
-  with pytest.raises(pickle.UnpicklingError, match='holds 24 bytes, not 4 elements'):
+  with pytest.raises(pth_files.PthFileError, match='holds 24 bytes, not 4 elements'):
     pth_files.read_state_dict(good)
   pickled = pickled.replace(b'K\x04tq\x07', b'K\x06tq\x07')
   good = _archive(tmp_path / 'good6.pth', pickled, {'0': np.arange(6, dtype='<f4').tobytes()})
@@ -119,7 +119,7 @@ def test_a_storage_shorter_than_its_tensor_is_an_error(tmp_path):
       np.arange(6, dtype=np.float32).reshape(3, 2))
   pickled = pickled.replace(b'K\x03K\x02\x86q\x08', b'K\x04K\x02\x86q\x08')
   short = _archive(tmp_path / 'short.pth', pickled, {'0': np.arange(6, dtype='<f4').tobytes()})
-  with pytest.raises(pickle.UnpicklingError, match='reaches element 7 of a storage of 6'):
+  with pytest.raises(pth_files.PthFileError, match='reaches element 7 of a storage of 6'):
     pth_files.read_state_dict(short)
 
 
@@ -184,17 +184,43 @@ def test_a_pickle_cannot_change_the_stand_ins_for_later_loads(tmp_path):
   neither succeed nor leave anything behind for the next file."""
   pickled = (b'\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeX\x01\x00\x00\x00xs\x86b.')
   path = _archive(tmp_path / 'mutating.pth', pickled)
-  with pytest.raises(pth_files.UnsafePickleError, match="tried to set 'dtype'"):
+  with pytest.raises(pth_files.UnsafePickleError,
+                     match=r'mutating\.pth: its pickle applies BUILD .* to torch\.FloatStorage'):
     pth_files.read_state_dict(path)
   assert len(pth_files.read_state_dict(PTH)) == 104
+  # The scan refuses it before unpickling; the stand-in itself is immutable too.
+  with zipfile.ZipFile(path) as archive:
+    loader = pth_files._Loader(archive, {}, 'archive', 'little', path)  # pylint: disable=protected-access
+    with pytest.raises(pth_files.UnsafePickleError, match="tried to set 'dtype'"):
+      pth_files._StateDictUnpickler(io.BytesIO(pickled), loader).load()  # pylint: disable=protected-access
 
 
 def test_a_tensor_asking_for_huge_memory_is_refused(tmp_path):
-  """Zero strides over a one-element storage could ask for any size; it is refused."""
+  """Zero strides over a one-element storage could ask for any size; it is refused before any
+  memory is taken: beyond MAX_BYTES, and beyond MAX_VIEW_FACTOR times the storages."""
   pickled = (b'\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02('
              b'(X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x000q\x05'
              b'X\x03\x00\x00\x00cpuq\x06K\x01tq\x07QK\x00J\x00\x00\x10\x00J\x00\x00\x10\x00'
              b'\x86q\x08K\x00K\x00\x86q\t\x89ccollections\nOrderedDict\nq\n)Rq\x0btq\x0cRq\rs.')
   path = _archive(tmp_path / 'huge.pth', pickled, {'0': np.ones(1, '<f4').tobytes()})
-  with pytest.raises(pickle.UnpicklingError, match='more than 2147483648 elements'):
+  with pytest.raises(pth_files.PthFileError,
+                     match=r'huge\.pth: a tensor of size \(1048576, '
+                     r'1048576\), stride \(0, 0\).*more than MAX_BYTES=17179869184 bytes'):
     pth_files.read_state_dict(path)
+  # 2**14 x 2**13 float32 (512 MiB) from 4 bytes: within MAX_BYTES, not within 4x the storage.
+  pickled = pickled.replace(b'J\x00\x00\x10\x00J\x00\x00\x10\x00',
+                            b'J\x00\x40\x00\x00J\x00\x20\x00\x00')
+  path = _archive(tmp_path / 'zeros.pth', pickled, {'0': np.ones(1, '<f4').tobytes()})
+  with pytest.raises(pth_files.PthFileError,
+                     match=r'zeros\.pth: its tensors would take 536870912 bytes .* more than 4x '
+                     'the 4 bytes of the storages they view'):
+    pth_files.read_state_dict(path)
+  # Two views of one storage (tied weights) are within the bound, and equal.
+  pickled = (b'\x80\x02}q\x00(X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02('
+             b'(X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x000q\x05'
+             b'X\x03\x00\x00\x00cpuq\x06K\x06tq\x07QK\x00K\x03K\x02\x86q\x08K\x02K\x01\x86q\t'
+             b'\x89ccollections\nOrderedDict\nq\n)Rq\x0btq\x0cRq\rX\x01\x00\x00\x00vh\ru.')
+  path = _archive(tmp_path / 'tied.pth', pickled, {'0': np.arange(6, dtype='<f4').tobytes()})
+  loaded = pth_files.read_state_dict(path)
+  np.testing.assert_array_equal(loaded['w'], np.arange(6, dtype=np.float32).reshape(3, 2))
+  np.testing.assert_array_equal(loaded['v'], loaded['w'])
