@@ -170,11 +170,22 @@ class _Dtype:
     return _ObjectDtype()
 
 
+class _Encode:
+  """Stands for _codecs.encode('b', 'latin1'), how pickle protocol 2 (numpy before 1.17) writes
+  _reconstruct's b'b'; any other call is refused."""
+  __slots__ = ()
+
+  def __call__(self, text, encoding):
+    if (text, encoding) != ('b', 'latin1'):
+      raise _Refused(f'_codecs.encode{(text, encoding)!r}')
+    return b'b'
+
+
 class _StringArrayUnpickler(pickle.Unpickler):
   """Reads numpy's pickle of a 1-D object array of str, and nothing else.
 
-  Every global the pickle names is answered by find_class: the three names of such a pickle
-  (_reconstruct, ndarray, dtype) by stand-ins defined above, which check their arguments and
+  Every global the pickle names is answered by find_class: the names of such a pickle
+  (_reconstruct, ndarray, dtype; _codecs.encode in protocol 2) by stand-ins defined above, which check their arguments and
   build no numpy object; any other name raises, so nothing a pickle names ever runs."""
 
   def find_class(self, module, name):
@@ -184,6 +195,8 @@ class _StringArrayUnpickler(pickle.Unpickler):
       return _Ndarray()
     if (module, name) == ('numpy', 'dtype'):
       return _Dtype()
+    if (module, name) == ('_codecs', 'encode'):
+      return _Encode()
     if name == 'scalar' and module in {m for m, _ in RECONSTRUCT}:
       # numpy.str_ elements: an honest file, but reading them would need numpy's scalar().
       raise _Refused('its elements are numpy scalars, not str')
