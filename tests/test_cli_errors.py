@@ -3,7 +3,6 @@ line: exit status 2, one `error: ...` line that names what is wrong, no tracebac
 few lines of hml_jax's own output (library banners aside)."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -97,19 +96,19 @@ MAIN_CASES = [
     ('extra_argument', lambda t: [TINY, 'configs/tiny.py'], 'Unexpected arguments'),
     ('batch_size_zero', lambda t: [TINY, '--config.batch_size=0'], 'config.batch_size=0'),
     ('no_epochs', lambda t: [TINY, '--config.num_epochs=0'], 'config.num_epochs must be positive'),
-    ('margin_too_large', lambda t: [TINY, '--config.margin=2.0'], 'config.margin=2.0'),
-    ('fraction_out_of_range', lambda t: [
-        TINY, '--config.label_scenario=partial_positive', '--config.positive_fraction=1.5'
-    ], 'config.positive_fraction=1.5'),
+    ('margin_too_large', lambda t: [TINY, '--config.margin=2.5'], 'config.margin=2.5'),
+    ('fraction_out_of_range',
+     lambda t: [TINY, '--config.label_scenario=partial_positive', '--config.positive_fraction=1.5'],
+     'config.positive_fraction=1.5'),
     ('unknown_dataset', lambda t: [TINY, '--config.dataset.name=voc'], "Unknown dataset 'voc'"),
     ('folder_config_without_path', lambda t: ['--config=configs/folder.py'],
      'config.dataset.path is empty'),
     ('folder_that_does_not_exist',
      lambda t: ['--config=configs/folder.py', f'--config.dataset.path={t}/nowhere'],
-     f'nowhere (config.dataset.path) does not exist'),
-    ('folder_without_train_csv', lambda t: [
-        '--config=configs/folder.py', f'--config.dataset.path={(t / "empty").mkdir() or t}/empty'
-    ], 'train.csv does not exist'),
+     'nowhere (config.dataset.path) does not exist'),
+    ('folder_without_train_csv', lambda t:
+     ['--config=configs/folder.py', f'--config.dataset.path={(t / "empty").mkdir() or t}/empty'],
+     'train.csv does not exist'),
     ('csv_with_wrong_header', lambda t: [
         '--config=configs/folder.py',
         f'--config.dataset.path={_folder(t, b"file,label" + bytes([10]) + b"a.png,cat")}'
@@ -128,12 +127,16 @@ MAIN_CASES = [
      lambda t: ['--config=configs/voc.py', f'--config.dataset.manual_dir={t}/VOCdevkit'],
      'VOCdevkit does not exist'),
     ('weights_file_missing', lambda t: [
-        TINY, '--config.model=resnet18', f'--config.init_from=torchvision:{t}/resnet18.pth'
-    ], 'resnet18.pth'),
-    ('init_from_unknown_spec', lambda t: [TINY, '--config.init_from=imagenet'],
+        '--config=configs/folder.py', f'--config.dataset.path={_folder(t)}',
+        '--config.model=resnet18', f'--config.init_from=torchvision:{t}/resnet18.pth'
+    ], "resnet18.pth': no file"),
+    ('init_from_unknown_spec',
+     lambda t: ['--config=configs/folder.py', '--config.init_from=imagenet'],
      "Unsupported pretrained-weights spec 'imagenet'"),
-    ('init_from_workdir_without_run', lambda t: [TINY, f'--config.init_from=workdir:{t}'],
-     'holds no hml_jax run'),
+    ('init_from_workdir_without_run', lambda t: [
+        '--config=configs/folder.py', f'--config.dataset.path={_folder(t)}',
+        f'--config.init_from=workdir:{t}'
+    ], 'holds no hml_jax run'),
     ('image_size_of_another_dataset', lambda t: [TINY, '--config.image_size=48'],
      'config.image_size is 48'),
 ]
@@ -157,7 +160,7 @@ def test_missing_workdir_flag_is_one_line():
 
 
 @pytest.mark.slow
-def test_offline_without_the_weights_names_the_url_and_where_to_put_the_file(tmp_path, tfds_dir):
+def test_offline_without_the_weights_names_the_url_and_where_to_put_the_file(tmp_path):
   # A proxy on a closed port: the download fails at once, as without a network.
   env = {
       'HML_JAX_CACHE': str(tmp_path / 'cache'),
@@ -166,13 +169,11 @@ def test_offline_without_the_weights_names_the_url_and_where_to_put_the_file(tmp
       'HTTPS_PROXY': 'http://127.0.0.1:9',
   }
   result = run_tool('hml_jax.main',
-                    TINY,
+                    '--config=configs/folder.py',
+                    f'--config.dataset.path={_folder(tmp_path)}',
                     f'--workdir={tmp_path / "run"}',
-                    '--config.model=resnet18',
-                    '--config.init_from=torchvision:resnet18',
-                    f'--config.dataset.data_dir={tfds_dir}',
                     env=env)
-  assert_user_error(result, 'Could not download https://download.pytorch.org/models/resnet18')
+  assert_user_error(result, 'Could not download https://download.pytorch.org/models/resnet50')
 
 
 @pytest.mark.slow
@@ -200,11 +201,24 @@ def test_a_truncated_config_json_is_one_line_naming_it(trained, tmp_path, tfds_d
 def test_a_workdir_in_use_is_one_line(tmp_path, tfds_dir):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  # Held by a process that runs: this test's own.
-  (workdir / 'lock').write_text(f'{socket.gethostname()} {os.getpid()}\n')
-  result = run_tool('hml_jax.main', TINY, f'--workdir={workdir}',
-                    f'--config.dataset.data_dir={tfds_dir}')
-  assert_user_error(result, 'is in use by process')
+  holder = subprocess.Popen([
+      sys.executable, '-c', 'import sys, time\n'
+      'from hml_jax import checkpoints\n'
+      'with checkpoints.WorkdirLock(sys.argv[1]):\n'
+      '  print("held", flush=True)\n'
+      '  time.sleep(120)\n', workdir
+  ],
+                            cwd=ROOT,
+                            stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    result = run_tool('hml_jax.main', TINY, f'--workdir={workdir}',
+                      f'--config.dataset.data_dir={tfds_dir}')
+  finally:
+    holder.kill()
+    holder.wait()
+  assert_user_error(result, f'is in use by process {holder.pid}')
 
 
 @pytest.mark.slow
