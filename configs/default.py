@@ -16,11 +16,6 @@ def get_config():
   # Pixel normalization: (x / 255 - mean) / std. ImageNet's for photos; the digits are grayscale.
   config.dataset.mean = (0.5,)
   config.dataset.std = (0.5,)
-  # Images whose header declares more pixels are refused before they are decoded (a few KB of
-  # PNG can declare 130 million): PIL's default Image.MAX_IMAGE_PIXELS, ~256 MiB of RGB.
-  config.dataset.max_image_pixels = 89_478_485
-  # Folder datasets: True lets CSV filenames leave config.dataset.path ('../x.png', '/abs/x.png').
-  config.dataset.allow_outside_paths = False
 
   config.model = 'resnet_small'
   config.image_size = 48

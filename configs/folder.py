@@ -9,4 +9,6 @@ def get_config():
   config.dataset.skip_corrupt = False  # True: skip images that do not decode, and count them
   config.dataset.test_fraction = 0.2  # without test.csv: this share of train.csv is the test
   config.dataset.test_seed = 0
+  # True lets CSV filenames leave config.dataset.path ('../x.png', '/abs/x.png').
+  config.dataset.allow_outside_paths = False
   return config

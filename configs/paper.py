@@ -26,6 +26,10 @@ def get_config(dataset_name: str):
   # per core; 'tensorflow' (TF's C++ ops, no GIL) for a host with many cores per process.
   # hml_jax/input_pipeline.py DECODERS; docs/datasets.md "The input pipeline".
   config.dataset.decoder = 'pil'
+  # Images whose header declares more pixels are refused before they are decoded (a few KB of
+  # PNG can declare 130 million): PIL's default Image.MAX_IMAGE_PIXELS, ~256 MiB of RGB.
+  # (The embedded datasets are generated here and need no limit; predict applies it too.)
+  config.dataset.max_image_pixels = 89_478_485
   config.dataset.mean = (0.485, 0.456, 0.406)  # ImageNet statistics (Cole et al.)
   config.dataset.std = (0.229, 0.224, 0.225)
 
