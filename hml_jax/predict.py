@@ -22,6 +22,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from hml_jax import cli
 from hml_jax import checkpoints
 from hml_jax import decoders
 from hml_jax import host
@@ -192,4 +193,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, installed_configs=False)
