@@ -142,7 +142,9 @@ def decode_and_resize_with_pil(encoded: bytes,
   except ImageTooLargeError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-    raise ValueError(f'not a readable image ({type(error).__name__}: {error})') from error
+    # PIL names the stream it was given ('<_io.BytesIO object at 0x...>'), not the file.
+    detail = re.sub(r' <_io\.BytesIO object at 0x[0-9a-f]+>', '', str(error))
+    raise ValueError(f'not a readable image ({type(error).__name__}: {detail})') from error
   array = np.asarray(image)
   return array[:, :, None] if channels == 1 else array
 

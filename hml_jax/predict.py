@@ -25,6 +25,7 @@ import numpy as np
 from hml_jax import cli
 from hml_jax import checkpoints
 from hml_jax import decoders
+from hml_jax import errors
 from hml_jax import host
 from hml_jax import sharding
 from hml_jax import splits
@@ -181,14 +182,17 @@ def main(argv):
   host.setup()
   predictor = Predictor(FLAGS.workdir, FLAGS.checkpoint)
   result = predict_files(predictor, paths, FLAGS.threshold, FLAGS.top_k, FLAGS.batch_size)
+  if not result['predictions']:
+    skipped = '; '.join(f"{error['path']}: {error['error']}" for error in result['errors'][:3])
+    more = f' (and {len(result["errors"]) - 3} more)' if len(result['errors']) > 3 else ''
+    raise errors.InvalidInputError(
+        f'No image to predict from: {skipped or "the folders hold no files"}{more}.')
   for error in result['errors']:
     print(f"{error['path']}: skipped, {error['error']}", file=sys.stderr)
   if FLAGS.json:
     print(json.dumps(result, indent=2))
   else:
     print(format_text(result))
-  if not result['predictions']:
-    sys.exit(1)
 
 
 if __name__ == '__main__':
