@@ -8,6 +8,9 @@ workdir/best/<epoch>: the epoch with the best validation mAP so far, never delet
   retention of the latest ones.
 workdir/config.json: the config of the run, checked when the same workdir is used again.
 """
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -19,6 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from hml_jax import errors
 from hml_jax import files
 
 # Keys that may change when a run is resumed: they do not change what has been computed.
@@ -36,6 +40,10 @@ RESUMABLE_KEYS = frozenset({
 # this version does not guess what older runs meant by keys they lacked.
 FORMAT_KEY = 'hml_jax_workdir_format'
 FORMAT_VERSION = 2
+
+# What to do about a config.json or dataset.json that does not parse.
+_DAMAGED_WORKDIR_FILE = ('Restore it from a copy, or train anew in another --workdir; nothing was '
+                         'changed.')
 
 
 def flatten(tree, prefix=''):
@@ -66,12 +74,12 @@ def has_checkpoint(workdir: str) -> bool:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the run in workdir (its config.json), after checking that this version of
-  hml_jax made it: an older or newer workdir format is a ValueError that says what to do."""
+  hml_jax made it: an older or newer workdir format is an errors.InvalidInputError that says what to do."""
   path = config_path(workdir)
-  saved = files.read_json(path)
+  saved = files.read_json(path, _DAMAGED_WORKDIR_FILE)
   version = saved.pop(FORMAT_KEY, 1)
   if version != FORMAT_VERSION:
-    raise ValueError(
+    raise errors.InvalidInputError(
         f'{workdir} was made by {"an older" if version < FORMAT_VERSION else "a newer"} version '
         f'of hml_jax (workdir format {version}; this version reads format {FORMAT_VERSION}, '
         f'{FORMAT_KEY} in {path}). Resume or read it with the version that made it, or train '
@@ -87,8 +95,9 @@ def check_config(workdir: str,
   path = config_path(workdir)
   if not files.exists(path):
     if has_checkpoint(workdir):
-      raise ValueError(f'{workdir} holds checkpoints but no config.json: it was not made by this '
-                       'version of hml_jax. Use another --workdir.')
+      raise errors.InvalidInputError(
+          f'{workdir} holds checkpoints but no config.json: it was not made by this '
+          'version of hml_jax. Use another --workdir.')
     return
   saved = flatten(read_config(workdir).to_dict())
   current = flatten(json.loads(config.to_json()))
@@ -99,9 +108,10 @@ def check_config(workdir: str,
       if key not in resumable_keys and saved.get(key) != current.get(key)
   ]
   if differences:
-    raise ValueError(f'{workdir} holds a run made with a different config, so it cannot be '
-                     'resumed; use another --workdir (nothing was changed). Differences:\n  ' +
-                     '\n  '.join(differences))
+    raise errors.InvalidInputError(
+        f'{workdir} holds a run made with a different config, so it cannot be '
+        'resumed; use another --workdir (nothing was changed). Differences:\n  ' +
+        '\n  '.join(differences))
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -139,64 +149,187 @@ def check_dataset(workdir: str, fingerprint: str) -> None:
   path = dataset_info_path(workdir)
   if not files.exists(path):
     return
-  saved = files.read_json(path).get('fingerprint')
+  saved = files.read_json(path, _DAMAGED_WORKDIR_FILE).get('fingerprint')
   if saved and saved != fingerprint:
-    raise ValueError(f'The data differs from the data {workdir} was trained on (label '
-                     f'fingerprint {fingerprint[:12]} now, {saved[:12]} in {path}), so the run '
-                     'cannot be resumed; restore that data or use another --workdir.')
+    raise errors.InvalidInputError(
+        f'The data differs from the data {workdir} was trained on (label '
+        f'fingerprint {fingerprint[:12]} now, {saved[:12]} in {path}), so the run '
+        'cannot be resumed; restore that data or use another --workdir.')
 
 
 def read_dataset_info(workdir: str):
   """dataset.json of a run: label names, input shape, training-split size, data fingerprint."""
   read_config(workdir)  # the same format
-  return files.read_json(dataset_info_path(workdir))
+  return files.read_json(dataset_info_path(workdir), _DAMAGED_WORKDIR_FILE)
+
+
+class WorkdirInUseError(errors.UserError, RuntimeError):
+  """Another run holds the workdir's lock (or left it on another host)."""
+
+
+# flock(2) fails with these where the filesystem has no file locks (some NFS, FUSE, SMB mounts).
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
 
 class WorkdirLock:
   """workdir/lock while a run trains there: a second run on the same workdir is refused instead
-  of both writing. A lock left by a process that no longer runs (killed) on this host is taken
-  over with a warning; one from another host must be removed by hand after checking."""
+  of both writing.
+
+  The lock is an flock(2) on the file, held for the run's lifetime; the file names the holder's
+  host and process for the message. The kernel releases the flock of a process that ends in any
+  way, so taking over the lock of a killed run is the same atomic flock call (of two runs racing
+  for it exactly one gets it), whatever the file holds: a name, nothing (a run killed between
+  creating and writing it) or garbage. A lock file that names another host is not taken over:
+  where a filesystem keeps flocks per host, that run may still be alive; its lock is removed by
+  hand after checking. Where the filesystem has no flocks at all, creating the file is the lock
+  (with a warning) and a lock left behind is removed by hand too.
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'lock')
-    self.owner = f'{socket.gethostname()} {os.getpid()}'
+    self.host = socket.gethostname()
+    self.owner = f'{self.host} {os.getpid()}'
+    self._descriptor = None
 
   def _holder(self):
+    """(host, pid) that the lock file names, or None (absent, empty, garbage)."""
     try:
-      with open(self.path) as f:
-        host, pid = f.read().split()[:2]
+      with open(self.path, 'rb') as f:
+        host, pid = f.read(4096).decode('utf-8').split()[:2]
       return host, int(pid)
     except (OSError, ValueError):
       return None
+
+  def _holder_soon(self, seconds: float = 2.0):
+    """The holder that the lock file names, waiting a moment for a run that has just taken the
+    flock to write its name over the name of the dead run it took it from (or into an empty
+    file)."""
+    deadline = time.monotonic() + seconds
+    while True:
+      holder = self._holder()
+      if (holder and (holder[0] != self.host or _process_alive(holder[1])) or
+          time.monotonic() > deadline):
+        return holder
+      time.sleep(0.02)
+
+  def _in_use(self, holder, note=''):
+    who = f'process {holder[1]} on {holder[0]}' if holder else 'another run'
+    return WorkdirInUseError(f'{os.path.dirname(self.path)} is in use by {who} ({self.path}); '
+                             f'two runs must not share a workdir.{note} Wait for it, use another '
+                             '--workdir, or delete the lock file if that run is gone.')
+
+  def _open(self):
+    """(descriptor, whether this call created the file); None if it vanished meanwhile."""
+    try:
+      try:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+      except FileExistsError:
+        return os.open(self.path, os.O_RDWR), False
+    except FileNotFoundError:
+      return None  # removed by the run that held it, between the two opens
+    except OSError as error:
+      raise errors.InvalidInputError(f'Cannot open the lock file {self.path} ({error}); make it '
+                                     'and the workdir writable for this user, or use another '
+                                     '--workdir.') from None
 
   def __enter__(self):
     if not files.is_local(self.path):
       # Object stores have no exclusive create here: one run per bucket workdir is up to you.
       logging.warning('No lock on %s: make sure no other run uses this workdir.', self.path)
       return self
-    for _ in range(2):
+    for _ in range(100):  # a retry only when the file was removed or replaced meanwhile
+      opened = self._open()
+      if opened is None:
+        continue
+      descriptor, created = opened
       try:
-        descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        holder = self._holder()
-        if holder and holder[0] == socket.gethostname() and not _process_alive(holder[1]):
-          logging.warning('Taking over %s, left by process %d, which is no longer running.',
-                          self.path, holder[1])
-          os.remove(self.path)
-          continue
-        who = f'process {holder[1]} on {holder[0]}' if holder else 'another run'
-        raise RuntimeError(f'{os.path.dirname(self.path)} is in use by {who} ({self.path}); '
-                           'two runs must not share a workdir. Wait for it, use another '
-                           '--workdir, or delete the lock file if that run is gone.') from None
-      with os.fdopen(descriptor, 'w') as f:
-        f.write(self.owner + '\n')
-      return self
-    raise RuntimeError(f'Could not take {self.path}.')
+        if self._lock(descriptor, created):
+          self._descriptor = descriptor
+          return self
+      except BaseException:
+        os.close(descriptor)
+        raise
+      os.close(descriptor)
+    raise RuntimeError(f'Could not take {self.path}: it kept being replaced.')
+
+  def _lock(self, descriptor, created) -> bool:
+    """Takes the lock through descriptor (True), or False to start again (the file was replaced
+    meanwhile); raises WorkdirInUseError if another run holds it."""
+    try:
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise self._in_use(self._holder_soon()) from None
+    except OSError as error:
+      if error.errno not in _NO_FLOCK:
+        raise
+      return self._lock_without_flock(descriptor, created, error)
+    if not _same_file(descriptor, self.path):
+      return False  # its holder removed it after we opened it: that inode locks nothing
+    content = os.pread(descriptor, 4096, 0)
+    if content or not created:
+      self._take_over(content)
+    _write_owner(descriptor, self.owner)
+    return True
+
+  def _take_over(self, content: bytes) -> None:
+    """Logs whose lock is taken over; refuses (raises) one that names another host."""
+    holder = self._holder_from(content)
+    if holder is None:
+      logging.warning('Taking over %s, which names no run (%r): a run stopped while taking it.',
+                      self.path, content[:60])
+    elif holder[0] != self.host:
+      raise self._in_use(
+          holder, f' It may run on {holder[0]} (a lock on another host cannot be '
+          'checked from here).')
+    else:  # the kernel says no process holds it: a live process of that number is another one
+      logging.warning('Taking over %s, left by process %d, which is no longer %s.', self.path,
+                      holder[1], 'holding it' if _process_alive(holder[1]) else 'running')
+
+  @staticmethod
+  def _holder_from(content: bytes):
+    try:
+      host, pid = content.decode('utf-8').split()[:2]
+      return host, int(pid)
+    except ValueError:  # also UnicodeDecodeError
+      return None
+
+  def _lock_without_flock(self, descriptor, created, error) -> bool:
+    """No flocks on this filesystem: the exclusive create is the lock, and a lock file left by
+    another run is never taken over (its run cannot be told dead from alive safely)."""
+    logging.warning(
+        '%s has no file locks (flock: %s): the lock is the file itself, and a lock '
+        'left by a run that stopped must be deleted by hand.', os.path.dirname(self.path), error)
+    if not created:
+      raise self._in_use(self._holder(), ' (This filesystem has no file locks.)')
+    _write_owner(descriptor, self.owner)
+    return True
 
   def __exit__(self, *exc):
-    if files.is_local(self.path) and self._holder() == (socket.gethostname(), os.getpid()):
-      os.remove(self.path)
+    if self._descriptor is None:
+      return False
+    try:
+      if _same_file(self._descriptor, self.path):
+        os.remove(self.path)  # while still holding the flock, so that no one takes this inode
+    finally:
+      os.close(self._descriptor)
+      self._descriptor = None
     return False
+
+
+def _write_owner(descriptor, owner: str) -> None:
+  os.ftruncate(descriptor, 0)
+  os.pwrite(descriptor, (owner + '\n').encode('utf-8'), 0)
+  os.fsync(descriptor)
+
+
+def _same_file(descriptor, path) -> bool:
+  """Whether descriptor is still the file at path (not removed or replaced since it was opened)."""
+  try:
+    here = os.stat(path)
+  except FileNotFoundError:
+    return False
+  there = os.fstat(descriptor)
+  return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _process_alive(pid: int) -> bool:
@@ -206,6 +339,71 @@ def _process_alive(pid: int) -> bool:
     return False
   except PermissionError:
     return True
+  except OverflowError:
+    return False
+  return True
+
+
+# Each checkpoint's own files, with their SHA-256 and size, in a file inside the checkpoint (orbax
+# ignores files it did not write there): moved aside, deleted or copied with it.
+MANIFEST = 'sha256_manifest.json'
+
+
+class CorruptCheckpointError(errors.InvalidInputError):
+  """A checkpoint's files differ from what its manifest recorded when it was saved."""
+
+
+def _digest_of(entries) -> str:
+  """SHA-256 of the manifest's entries, so that a damaged manifest is told from damaged files."""
+  return hashlib.sha256(json.dumps(entries, sort_keys=True).encode('utf-8')).hexdigest()
+
+
+def write_manifest(step_dir) -> None:
+  """step_dir/MANIFEST: each file's relative path, SHA-256 and size. Written (atomically) only
+  once the checkpoint is complete, so that it describes what orbax finished writing."""
+  entries = {}
+  for relative, path in files.tree_files(step_dir).items():
+    if relative != MANIFEST:
+      digest, size = files.sha256_and_size(path)
+      entries[relative] = {'sha256': digest, 'size': size}
+  files.write_json(files.join(step_dir, MANIFEST), {
+      'files': entries,
+      'sha256_of_files': _digest_of(entries)
+  })
+
+
+def verify_manifest(step_dir) -> bool:
+  """Checks step_dir's files against its manifest: True if they match, False if it has none (a
+  checkpoint of an older hml_jax, or of a run stopped just before writing it); a
+  CorruptCheckpointError naming the first file that differs (missing, other size, other bytes)
+  otherwise. Files the manifest does not list are ignored."""
+  path = files.join(step_dir, MANIFEST)
+  if not files.exists(path):
+    return False
+  try:
+    manifest = files.read_json(path)
+    entries = manifest['files']
+    intact = manifest['sha256_of_files'] == _digest_of(entries)
+  except (errors.InvalidInputError, KeyError, TypeError):
+    intact = False
+  if not intact:
+    raise CorruptCheckpointError(f'{path} is damaged, so the checkpoint cannot be checked.')
+  present = files.tree_files(step_dir)
+  # Sizes first: they need no reading, and a cut-short file (a crash mid-write) shows at once.
+  for relative, entry in entries.items():
+    if relative not in present:
+      raise CorruptCheckpointError(f'{files.join(step_dir, relative)} is missing ({MANIFEST} '
+                                   'lists it).')
+    size = files.size(present[relative])
+    if size != entry['size']:
+      raise CorruptCheckpointError(f'{present[relative]} has {size} bytes, not the '
+                                   f'{entry["size"]} it was saved with.')
+  for relative, entry in entries.items():
+    digest, _ = files.sha256_and_size(present[relative])
+    if digest != entry['sha256']:
+      raise CorruptCheckpointError(f'{present[relative]} has SHA-256 {digest[:16]}..., not the '
+                                   f'{entry["sha256"][:16]}... it was saved with: its bytes '
+                                   'changed on disk.')
   return True
 
 
@@ -234,15 +432,25 @@ class Checkpointer:
     return ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
                               history=ocp.args.JsonSave(history))
 
+  def _save(self, manager, step, state, history, **options) -> None:
+    """Saves, waits until orbax has finalized the checkpoint (also were saves asynchronous), then
+    writes its manifest: a manifest only ever describes a complete checkpoint."""
+    if manager.save(step, args=self._args(state, history), **options):
+      manager.wait_until_finished()
+      # Every process's files are there once save returns (orbax's barrier before finalizing).
+      if jax.process_index() == 0:
+        write_manifest(files.join(manager.directory, str(step)))
+
   def save(self, epoch: int, state, history, is_best: bool) -> None:
     # Best first: a crash between the two saves then repeats this epoch on resume (and replaces
     # its best checkpoint) instead of resuming past an epoch whose best checkpoint is missing.
+    # best/ keeps one checkpoint: saving a new best removes the previous one, damaged or not.
     try:
       if is_best:
         if epoch in self.best.all_steps():
           self.best.delete(epoch)
-        self.best.save(epoch, args=self._args(state, history))
-      self.latest.save(epoch, args=self._args(state, history))
+        self._save(self.best, epoch, state, history)
+      self._save(self.latest, epoch, state, history)
     except OSError as error:
       raise _save_error(f'epoch {epoch}', self.latest, error) from error
     for step in self.preempted.all_steps():
@@ -251,8 +459,7 @@ class Checkpointer:
   def save_preempted(self, step: int, state, history) -> None:
     """A mid-epoch checkpoint (history['partial'] says how far the epoch got)."""
     try:
-      self.preempted.save(step, args=self._args(state, history), force=True)
-      self.preempted.wait_until_finished()
+      self._save(self.preempted, step, state, history, force=True)
     except OSError as error:
       raise _save_error(f'step {step}', self.latest, error) from error
 
@@ -260,7 +467,13 @@ class Checkpointer:
     """state: a template giving the tree, shapes and shardings; its leaves may be arrays or
     jax.ShapeDtypeStruct with a sharding (sharding.abstract_arrays). Orbax reads each array
     straight into that sharding, whatever layout it was saved in (each process reads only its
-    own devices' shards)."""
+    own devices' shards). The checkpoint's files are checked against its manifest first (by every
+    process, which so decide alike): a CorruptCheckpointError if they differ."""
+    step_dir = files.join(manager.directory, str(step))
+    if not verify_manifest(step_dir):
+      logging.warning(
+          'Checkpoint %s has no %s (an older hml_jax wrote it, or the run stopped just '
+          'before writing it): restored without checking its files.', step_dir, MANIFEST)
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                     flax.serialization.to_state_dict(state))
     restored = manager.restore(step,
@@ -291,12 +504,14 @@ class Checkpointer:
           'epoch', 0) <= epochs_done:
         continue  # an epoch finished after it was written
       self._set_aside(unreadable)
+      self._warn_if_best_is_corrupt()
       return state_and_history
     if any(manager is self.latest for manager, _ in candidates):
       # Starting over would overwrite them: refuse instead.
-      raise RuntimeError(f'No checkpoint in {self.latest.directory} restores (see the warnings '
-                         'above); nothing was changed. Use another --workdir, or remove the '
-                         'damaged checkpoints to start over.')
+      raise UnreadableCheckpointsError(
+          f'No checkpoint in {self.latest.directory} restores (see the warnings '
+          'above); nothing was changed. Use another --workdir, or remove the '
+          'damaged checkpoints to start over.')
     return None
 
   def _set_aside(self, unreadable):
@@ -316,20 +531,53 @@ class Checkpointer:
       manager.reload()
 
   def restore_best(self, state):
+    """(state, history) of the best epoch, or None if there is none. best/ holds one
+    checkpoint, so a damaged one has nothing to fall back to: a CorruptCheckpointError naming
+    the file and what to do."""
     step = self.best.latest_step()
     if step is None:
       return None
-    return self._restore(self.best, step, state)
+    try:
+      return self._restore(self.best, step, state)
+    except CorruptCheckpointError as error:
+      raise CorruptCheckpointError(_corrupt_best_message(self.best, step, error)) from None
+
+  def _warn_if_best_is_corrupt(self) -> None:
+    """A warning when resuming (or reading the newest epoch) if best/ is damaged: training
+    replaces it at the next epoch that beats its validation mAP; until then eval and predict
+    with the best checkpoint refuse it."""
+    step = self.best.latest_step()
+    if step is None or jax.process_index() > 0:
+      return
+    try:
+      verify_manifest(files.join(self.best.directory, str(step)))
+    except CorruptCheckpointError as error:
+      logging.warning('%s It is replaced when an epoch beats its validation mAP.',
+                      _corrupt_best_message(self.best, step, error))
 
   def wait(self):
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
 
 
+class UnreadableCheckpointsError(errors.UserError, RuntimeError):
+  """No checkpoint of a workdir that has some restores."""
+
+
+class SaveError(errors.UserError, RuntimeError):
+  """A checkpoint could not be written (disk full, workdir not writable)."""
+
+
+def _corrupt_best_message(manager, step, error) -> str:
+  return (f'The best checkpoint {files.join(manager.directory, str(step))} is damaged: {error} '
+          'best/ keeps only this one: train again (in another --workdir), or use the newest '
+          "epoch's checkpoint instead (--checkpoint=latest).")
+
+
 def _save_error(what, manager, error):
   steps = manager.all_steps()
   kept = (f'the checkpoint of epoch {max(steps)} in {manager.directory} is intact and the run '
           'resumes from it' if steps else 'no earlier checkpoint exists')
-  return RuntimeError(f'Could not save the checkpoint of {what} ({type(error).__name__}: '
-                      f'{error}); {kept}. Free disk space or make the workdir writable, then run '
-                      'the same command again.')
+  return SaveError(f'Could not save the checkpoint of {what} ({type(error).__name__}: '
+                   f'{error}); {kept}. Free disk space or make the workdir writable, then run '
+                   'the same command again.')

@@ -107,7 +107,7 @@ def check_encoded_size(encoded: bytes,
 
 def check_decoder(decoder: str) -> str:
   if decoder not in DECODERS:
-    raise ValueError(f'config.dataset.decoder={decoder!r} is not one of {DECODERS}.')
+    raise errors.InvalidInputError(f'config.dataset.decoder={decoder!r} is not one of {DECODERS}.')
   return decoder
 
 
@@ -144,7 +144,8 @@ def decode_and_resize_with_pil(encoded: bytes,
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     # PIL names the stream it was given ('<_io.BytesIO object at 0x...>'), not the file.
     detail = re.sub(r' <_io\.BytesIO object at 0x[0-9a-f]+>', '', str(error))
-    raise ValueError(f'not a readable image ({type(error).__name__}: {detail})') from error
+    raise errors.InvalidInputError(
+        f'not a readable image ({type(error).__name__}: {detail})') from error
   array = np.asarray(image)
   return array[:, :, None] if channels == 1 else array
 
@@ -163,7 +164,7 @@ def decode_batch_with_pil(encoded: np.ndarray,
     try:
       image = decode_and_resize_with_pil(image_bytes, image_size, max_pixels=max_pixels)
     except ValueError as error:
-      raise ValueError(f'Image of row {rows[i]} of this split: {error}') from error
+      raise errors.InvalidInputError(f'Image of row {rows[i]} of this split: {error}') from error
     images[i] = image[:, ::-1] if mirrored else image
   return images
 

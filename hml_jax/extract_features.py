@@ -29,6 +29,7 @@ import numpy as np
 
 from hml_jax import cli
 from hml_jax import decoders
+from hml_jax import errors
 from hml_jax import host
 from hml_jax import methods
 from hml_jax import models
@@ -96,12 +97,14 @@ def apply_dataset_overrides(config, dataset_overrides):
       config.dataset[key] = decoders.check_decoder(value)
       continue
     if key not in config.dataset:
-      raise ValueError(f'--dataset_override {override!r}: config.dataset has no key {key!r}; it '
-                       f'has {sorted(config.dataset)}.')
+      raise errors.InvalidInputError(
+          f'--dataset_override {override!r}: config.dataset has no key {key!r}; it '
+          f'has {sorted(config.dataset)}.')
     current = config.dataset[key]
     if isinstance(current, bool):
       if value.lower() not in ('true', 'false'):
-        raise ValueError(f'--dataset_override {override!r}: {key} takes true or false.')
+        raise errors.InvalidInputError(
+            f'--dataset_override {override!r}: {key} takes true or false.')
       value = value.lower() == 'true'
     elif isinstance(current, (int, float)):
       value = type(current)(value)

@@ -102,8 +102,9 @@ class Predictor:
     self.decoder = decoders.image_decoder(self.config.dataset)
     self.example_shape = tuple(info['example_shape'])
     if len(self.example_shape) != 3:
-      raise ValueError(f'{workdir} was trained on features (input shape {self.example_shape}), '
-                       'not images: there is nothing to predict from an image file.')
+      raise errors.InvalidInputError(
+          f'{workdir} was trained on features (input shape {self.example_shape}), '
+          'not images: there is nothing to predict from an image file.')
     _, self.eval_fn = steps.make_step_functions(self.method,
                                                 self.config,
                                                 self.mesh,

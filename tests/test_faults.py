@@ -5,6 +5,7 @@ CPU)."""
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hml_jax import checkpoints, methods, train, train_state
+from hml_jax import checkpoints, errors, methods, train, train_state
 from tests.helpers import read_results, tiny_config
 
 # Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
@@ -211,3 +212,55 @@ def test_a_second_run_on_the_same_workdir_is_refused(tfds_dir, tmp_path, caplog)
   with caplog.at_level('WARNING'):
     train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
   assert 'no longer running' in caplog.text and not (workdir / 'lock').exists()
+
+
+def largest_file(step_dir):
+  return max((p for p in step_dir.rglob('*') if p.is_file() and p.name != checkpoints.MANIFEST),
+             key=lambda p: p.stat().st_size)
+
+
+def flip_a_bit(path):
+  """One bit flipped in the middle: the size stays, as after a disk or memory error."""
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_the_newest_checkpoint_falls_back_to_the_previous(
+    tfds_dir, tmp_path, reference, caplog):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  newest = workdir / 'checkpoints' / '3'
+  damaged = largest_file(newest)
+  flip_a_bit(damaged)
+  os.remove(workdir / 'results.json')
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  assert f'Checkpoint {newest} is unreadable (CorruptCheckpointError: {damaged} has SHA-256' in (
+      caplog.text)
+  assert [name.split('_')[:2] for name in os.listdir(workdir / 'unreadable_checkpoints')
+         ] == [['checkpoints', '3']]
+  assert_equal_runs(workdir, reference)  # epoch 3 trained again from epoch 2, bitwise
+
+
+def test_a_corrupt_best_checkpoint_is_refused_then_replaced_by_a_better_epoch(
+    tfds_dir, tmp_path, reference, caplog):
+  best_epoch = read_results(reference)['best_epoch']
+  assert best_epoch > 1  # the tiny run improves after its first epoch
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
+  damaged = largest_file(workdir / 'best' / '1')
+  flip_a_bit(damaged)
+  with pytest.raises(errors.UserError, match=f'{damaged} has SHA-256 .*--checkpoint=latest'):
+    train_state.load_trained_state(str(workdir), 'best')
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  assert f"The best checkpoint {workdir / 'best' / '1'} is damaged" in caplog.text
+  assert os.listdir(workdir / 'best') == [str(best_epoch)]
+  assert_equal_runs(workdir, reference)
+
+  def best_state(workdir):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).tobytes(),
+                                  train_state.load_trained_state(str(workdir), 'best')[2].params)
+
+  assert best_state(workdir) == best_state(reference)

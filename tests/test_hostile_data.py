@@ -82,10 +82,15 @@ def test_a_planted_nus_wide_pickle_is_refused_and_runs_nothing(tmp_path, planted
   assert expected in message and 'do not load it with allow_pickle=True' in message
   assert isinstance(error.value, errors.UserError)
   assert not marker.exists()
-  # The same payload unpickled as numpy would with allow_pickle=True does run: the test's bait is
-  # real (run in a child, so that nothing in this process is touched).
+
+
+@pytest.mark.slow
+def test_the_planted_pickle_does_run_code_when_unpickled(tmp_path):
+  """The reference for the test above: the payload, unpickled as np.load(allow_pickle=True)
+  would, creates the marker (in a child process, so that nothing here is touched)."""
+  marker = tmp_path / 'marker'
   subprocess.run([sys.executable, '-c', 'import pickle,sys; pickle.loads(sys.stdin.buffer.read())'],
-                 input=payload,
+                 input=pickle.dumps(_RunsCode(f'touch {marker}')),
                  check=True)
   assert marker.exists()
 

@@ -77,7 +77,7 @@ def detect_format(root) -> str:
   image_list = os.path.join(root, 'ImageList')
   if os.path.exists(image_list):
     return 'official'
-  raise FileNotFoundError(
+  raise errors.MissingInputError(
       f'{NusWide.name}: expected {formatted[0]} (and the other formatted_*.npy files) or '
       f'{image_list}; neither exists. Place the dataset in the manual_dir as its '
       f'MANUAL_DOWNLOAD_INSTRUCTIONS say:\n{MANUAL_DOWNLOAD_INSTRUCTIONS}')
@@ -91,8 +91,9 @@ def read_concepts(root, required: bool) -> List[str]:
   with open(_require(path)) as f:
     names = [line.strip() for line in f if line.strip()]
   if len(names) != NUM_LABELS or len(set(names)) != NUM_LABELS:
-    raise ValueError(f'{path}: expected {NUM_LABELS} distinct concept names, one per line, got '
-                     f'{len(names)} ({len(set(names))} distinct)')
+    raise errors.InvalidInputError(
+        f'{path}: expected {NUM_LABELS} distinct concept names, one per line, got '
+        f'{len(names)} ({len(set(names))} distinct)')
   return names
 
 
@@ -259,7 +260,7 @@ def load_npy(path: str, strings: bool = False) -> np.ndarray:
       elif version == (2, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
       else:
-        raise ValueError(f'.npy format version {version} (1.0 and 2.0 are read)')
+        raise errors.InvalidInputError(f'.npy format version {version} (1.0 and 2.0 are read)')
     except ValueError as error:
       raise _refusal(path, f'it is not an .npy file ({error})', convertible=False) from None
     if dtype.hasobject:
@@ -289,13 +290,15 @@ def read_formatted(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
     raise errors.InvalidInputError(f'{labels_path}: expected a numeric 0/1 matrix, got dtype '
                                    f'{labels.dtype}')
   if labels.shape != (len(images), NUM_LABELS):
-    raise ValueError(f'{labels_path}: expected shape ({len(images)}, {NUM_LABELS}) to match '
-                     f'{images_path}, got {labels.shape}')
+    raise errors.InvalidInputError(
+        f'{labels_path}: expected shape ({len(images)}, {NUM_LABELS}) to match '
+        f'{images_path}, got {labels.shape}')
   not_binary = np.argwhere((labels != 0) & (labels != 1))
   if len(not_binary):
     row, column = not_binary[0]
-    raise ValueError(f'{labels_path}: labels must be 0 or 1, row {row} column {column} is '
-                     f'{labels[row, column]!r}')
+    raise errors.InvalidInputError(
+        f'{labels_path}: labels must be 0 or 1, row {row} column {column} is '
+        f'{labels[row, column]!r}')
   filenames = [x.decode() if isinstance(x, bytes) else str(x) for x in images]
   return filenames, labels.astype(np.uint8), read_concepts(root, required=False)
 
@@ -321,7 +324,8 @@ def read_official(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
           raise common.line_error(path, line_number, line, '0 or 1')
         values.append(value == '1')
     if len(values) != len(paths):
-      raise ValueError(f'{path} has {len(values)} labels, {list_path} {len(paths)} images')
+      raise errors.InvalidInputError(
+          f'{path} has {len(values)} labels, {list_path} {len(paths)} images')
     labels[:, column] = values
   flickr = os.path.join(root, 'Flickr')
   exists = np.array([os.path.exists(os.path.join(flickr, p)) for p in paths], bool)
@@ -351,8 +355,9 @@ def resolve_image(root, filename: str) -> str:
   for path in candidates:
     if os.path.isfile(path):
       return path
-  raise ValueError(f'{NusWide.name}: image {filename!r} found neither at {candidates[0]} nor '
-                   f'at {candidates[1]}')
+  raise errors.InvalidInputError(
+      f'{NusWide.name}: image {filename!r} found neither at {candidates[0]} nor '
+      f'at {candidates[1]}')
 
 
 class NusWide(tfds.core.GeneratorBasedBuilder):
