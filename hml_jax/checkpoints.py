@@ -28,11 +28,12 @@ from hml_jax import files
 # Keys that may change when a run is resumed: they do not change what has been computed.
 # Where the data lives and how many threads read it are not part of what is computed either.
 # How the train state is laid out over the devices (parameter_sharding, fsdp_min_size) is not
-# either: the same arrays are computed, split or not.
+# either: the same arrays are computed, split or not. The input guards (max_image_pixels,
+# allow_outside_paths) only refuse or admit files; the images a run reads are decoded alike.
 RESUMABLE_KEYS = frozenset({
     'num_epochs', 'log_every_steps', 'checkpoints_to_keep', 'eval_batch_size', 'dataset.data_dir',
     'dataset.manual_dir', 'dataset.parallel_calls', 'convolutions', 'parameter_sharding',
-    'fsdp_min_size'
+    'fsdp_min_size', 'dataset.max_image_pixels', 'dataset.allow_outside_paths'
 })
 
 # The version of what a workdir holds (config.json, dataset.json, the checkpoints' tree), written

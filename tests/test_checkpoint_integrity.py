@@ -186,3 +186,21 @@ def test_damaged_workdir_json_names_the_file(tmp_path):
                      match=f'{tmp_path / "config.json"} is not valid JSON .truncated.*'
                      'another --workdir'):
     checkpoints.read_config(str(tmp_path))
+
+
+def test_a_workdir_from_before_the_input_guards_resumes(tmp_path):
+  """config.json of a run made before dataset.max_image_pixels and dataset.allow_outside_paths
+  existed: resuming with the current folder config is allowed (they only admit or refuse files),
+  while a key that changes what is computed still refuses."""
+  from configs import folder  # pylint: disable=import-outside-toplevel
+  config = folder.get_config()
+  config.dataset.path = str(tmp_path / 'data')
+  old = json.loads(config.to_json())
+  for key in ('max_image_pixels', 'allow_outside_paths'):
+    old['dataset'].pop(key, None)
+  (tmp_path / 'config.json').write_text(
+      json.dumps({checkpoints.FORMAT_KEY: checkpoints.FORMAT_VERSION, **old}))
+  checkpoints.check_config(str(tmp_path), config)
+  config.learning_rate = config.learning_rate * 2
+  with pytest.raises(errors.InvalidInputError, match='learning_rate: '):
+    checkpoints.check_config(str(tmp_path), config)
