@@ -82,7 +82,7 @@ def _parse_flags(argv: Sequence[str]) -> List[str]:
     for name in list(flags.FLAGS):
       getattr(getattr(flags.FLAGS, name), 'to_dict', None)
   except flags.Error as error:
-    fail(f'{error}. `--helpfull` lists the flags.')
+    fail(f"{str(error).rstrip('.')}. `--helpfull` lists the flags.")
   except Exception as error:  # pylint: disable=broad-except; the user's config file or override
     if _verbose(argv):
       raise
