@@ -199,7 +199,10 @@ def test_a_workdir_from_before_the_input_guards_resumes(tmp_path):
   for key in ('max_image_pixels', 'allow_outside_paths'):
     old['dataset'].pop(key, None)
   (tmp_path / 'config.json').write_text(
-      json.dumps({checkpoints.FORMAT_KEY: checkpoints.FORMAT_VERSION, **old}))
+      json.dumps({
+          checkpoints.FORMAT_KEY: checkpoints.FORMAT_VERSION,
+          **old
+      }))
   checkpoints.check_config(str(tmp_path), config)
   config.learning_rate = config.learning_rate * 2
   with pytest.raises(errors.InvalidInputError, match='learning_rate: '):
