@@ -41,6 +41,7 @@ import numpy as np
 
 from hml_jax import downloads
 from hml_jax import errors
+from hml_jax import npz_files
 from hml_jax import pth_files
 
 PREFIX = 'torchvision:'
@@ -254,11 +255,23 @@ def from_torchvision(state_dict: Mapping[str, Any],
   return _unflatten(flat)
 
 
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """The safetensors package checks the header against the file (offsets inside it, each
+  tensor's bytes its shape's) before it reads anything; any failure is one user error."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return dict(load_file(path))
+  except Exception as error:  # pylint: disable=broad-except  (SafetensorError, and others)
+    raise errors.InvalidInputError(
+        f'{path} is not a readable .safetensors file ({type(error).__name__}: '
+        f'{str(error)[:300]}); use a state dict file you trust.') from None
+
+
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a state dict (name -> NumPy array, PyTorch layouts) from a file, by its extension.
 
   .safetensors: the `safetensors` package's NumPy API.
-  .npz: np.load without pickles.
+  .npz: without pickles, in memory bounded by the file (hml_jax.npz_files).
   .pth / .pt: the zip archive that torch.save writes, read by hml_jax.pth_files without torch;
     a pickle that names anything but tensors is refused (pth_files.UnsafePickleError).
   """
@@ -267,11 +280,9 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     raise errors.MissingInputError(f'No state-dict file {path!r}.')
   extension = os.path.splitext(path)[1].lower()
   if extension == '.safetensors':
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return dict(load_file(path))
+    return _read_safetensors(path)
   if extension == '.npz':
-    with np.load(path, allow_pickle=False) as data:
-      return {name: data[name] for name in data.files}
+    return npz_files.read_arrays(path, remedy='use a state dict file you trust')
   if extension in ('.pth', '.pt'):
     return pth_files.read_state_dict(path)
   raise errors.InvalidInputError(

@@ -6,12 +6,11 @@ optional label_names (L,) strings. `python -m hml_jax.extract_features` writes s
 Select it with configs/features.py and --config.dataset.path=FILE.npz.
 """
 import os
-import zipfile
-import zlib
 
 import numpy as np
 
 from hml_jax import errors
+from hml_jax import npz_files
 from hml_jax import sources
 
 REQUIRED_KEYS = ('train_features', 'train_labels', 'test_features', 'test_labels')
@@ -51,37 +50,10 @@ def _matrix(arrays, key, path, dtype):
 
 
 def _read_npz(path: str) -> dict:
-  """Every array of the .npz at path, without pickles; errors naming the file (and the key)."""
-  try:
-    archive = np.load(path, allow_pickle=False)
-  except (zipfile.BadZipFile, EOFError) as error:
-    raise errors.InvalidInputError(
-        f'{path} (config.dataset.path) is truncated or not an .npz file ({error}): write it '
-        'again with numpy.savez, or copy it again if it was cut short.') from None
-  except (ValueError, OSError) as error:
-    raise errors.InvalidInputError(
-        f'{path} (config.dataset.path) is not a readable .npz file ({type(error).__name__}: '
-        f'{error}); features mode reads an .npz written by numpy.savez.') from None
-  if not isinstance(archive, np.lib.npyio.NpzFile):
-    raise errors.InvalidInputError(
-        f'{path} (config.dataset.path) is a single .npy array, not an .npz of named arrays: '
-        f'write it with numpy.savez(path, {", ".join(f"{k}=..." for k in REQUIRED_KEYS)}).')
-  arrays = {}
-  with archive:
-    for key in archive.files:
-      try:
-        arrays[key] = archive[key]
-      except ValueError as error:
-        if 'allow_pickle' in str(error):
-          error = ('it is an object array, which only unpickling could read (a pickle can run '
-                   'any code, so hml_jax never unpickles a data file); store it as a numeric '
-                   'array, or label_names as strings (dtype str)')
-        raise errors.InvalidInputError(f'{path}: key {key!r} cannot be read: {error}.') from None
-      except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
-        raise errors.InvalidInputError(
-            f'{path}: key {key!r} cannot be read ({type(error).__name__}: {error}): the file is '
-            'damaged or truncated; write it again with numpy.savez.') from None
-  return arrays
+  """Every array of the .npz at path, without pickles, in memory bounded by the file
+  (hml_jax.npz_files); errors naming the file (and the key)."""
+  return npz_files.read_arrays(path, ' (config.dataset.path)',
+                               'write it again with numpy.savez (docs/datasets.md, features mode)')
 
 
 def load_source(dataset_config):
