@@ -167,8 +167,21 @@ def test_object_labels_and_truncated_npy_name_the_file(tmp_path):
   truncated = tmp_path / 'truncated.npy'
   np.save(truncated, np.zeros((100, 81)))
   truncated.write_bytes(truncated.read_bytes()[:1000])
-  with pytest.raises(errors.InvalidInputError, match=re.escape(f'{truncated} is not a readable')):
+  with pytest.raises(errors.InvalidInputError,
+                     match=re.escape(f'{truncated} declares a (100, 81) float64 array (64,800 '
+                                     'bytes) but holds 872 bytes of data: it is truncated')):
     nus_wide.load_npy(str(truncated))
+  # A header asking for 40 GB over 4 bytes: refused before numpy would allocate it.
+  huge = tmp_path / 'huge.npy'
+  with open(huge, 'wb') as f:
+    np.lib.format.write_array_header_1_0(f, {
+        'descr': '<f4',
+        'fortran_order': False,
+        'shape': (10**5, 10**5)
+    })
+    f.write(bytes(4))
+  with pytest.raises(errors.InvalidInputError, match=r'\(100000, 100000\) float32 array'):
+    nus_wide.load_npy(str(huge))
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

@@ -270,6 +270,14 @@ def load_npy(path: str, strings: bool = False) -> np.ndarray:
                        f'{kind} belongs, and only unpickling could read it',
                        convertible=strings)
       return read_object_strings(path, f)
+    # Checked before np.load, which allocates the declared shape before it reads the data.
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = os.path.getsize(path) - f.tell()
+    if declared != held:
+      raise errors.InvalidInputError(
+          f'{path} declares a {shape} {dtype} array ({declared:,} bytes) but holds {held:,} '
+          'bytes of data: it is truncated or damaged; copy it again from the published '
+          'release.')
     f.seek(0)
     try:
       return np.load(f, allow_pickle=False)
