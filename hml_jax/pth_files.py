@@ -276,8 +276,8 @@ class _Scan:
     self.path, self.size = path, size
     self.stack: List[Any] = []  # _Node, or the str of a string opcode
     self.marks: List[List[Any]] = []
-    self.memo: Dict[int, Any] = {}
-    self.puts = self.objects = self.height = 0
+    self.memo: List[Any] = []  # a list: 8 bytes an entry (MEMOIZE is one byte of pickle)
+    self.objects = self.height = 0
 
   def refuse(self, reason: str):
     raise _unsafe(self.path, f'its pickle {reason}')
@@ -351,12 +351,14 @@ class _Scan:
       if not self.stack:
         self.refuse('memoizes an item its stack does not have')
       index = len(self.memo) if op == 'MEMOIZE' else arg
-      if index > self.puts:  # Python's pickler numbers them 0, 1, 2, ...
-        self.refuse(f'memoizes at index {index} after {self.puts} items')
-      self.puts += 1
-      self.memo[index] = self.stack[-1]
+      if index > len(self.memo):  # Python's pickler numbers them 0, 1, 2, ...
+        self.refuse(f'memoizes at index {index} after {len(self.memo)} items')
+      if index == len(self.memo):
+        self.memo.append(self.stack[-1])
+      else:
+        self.memo[index] = self.stack[-1]
     elif op in _GETS:
-      if arg not in self.memo:
+      if arg >= len(self.memo):
         self.refuse(f'reads memo index {arg}, which it has not set')
       self.push(self.memo[arg])
     elif op in _TUPLES:

@@ -755,6 +755,39 @@ def test_a_deflate_stream_longer_than_its_entry_gives_only_the_declared_bytes(tm
   assert peak < 4 * 2**20, peak
 
 
+def _deflated_pickle(pickled: bytes) -> bytes:
+  return _zip([('archive/data.pkl', pickled, zipfile.ZIP_DEFLATED)])
+
+
+def test_a_pickle_that_only_memoizes_takes_memory_bounded_by_its_pickle(tmp_path):
+  """A file of 1 KB whose pickle (deflated) memoizes one object 2**17 times: the scan keeps 8
+  bytes per memo entry, as the unpickler does (a dict of int keys took 80: 10 MiB here)."""
+  path = _write(tmp_path, 'memo', _deflated_pickle(b'\x80\x04}' + b'\x94' * 2**17 + b'.'))
+  assert os.path.getsize(path) < 2**10
+  loaded, peak = _traced_peak(lambda: pth_files.read_state_dict(path))
+  assert loaded == {} and peak < 3 * 2**20, (loaded, peak)
+  # LONG_BINPUT at every index: the same.
+  pickled = b'\x80\x02}' + b''.join(b'r' + struct.pack('<I', i) for i in range(2**17)) + b'.'
+  path = _write(tmp_path, 'long_binput', _deflated_pickle(pickled))
+  loaded, peak = _traced_peak(lambda: pth_files.read_state_dict(path))
+  assert loaded == {} and peak < 4 * 2**20, (loaded, peak)
+
+
+def test_a_pickle_of_many_objects_takes_memory_bounded_by_max_objects(tmp_path, monkeypatch):
+  """2**17 empty dicts from a file of 1 KB take what the unpickler makes of them (about 70 bytes
+  each: MAX_OBJECTS bounds it), and one more than MAX_OBJECTS is refused before any is made."""
+  path = _write(tmp_path, 'objects',
+                _deflated_pickle(b'\x80\x02]' + (b'(' + b'}' * 2**14 + b'e') * 8 + b'.'))
+  assert os.path.getsize(path) < 2**10
+  raised, peak = _traced_peak(lambda: pth_files.read_state_dict(path))
+  assert isinstance(raised, pth_files.PthFileError) and 'holds a list' in str(raised), raised
+  assert peak < 16 * 2**20, peak
+  monkeypatch.setattr(pth_files, 'MAX_OBJECTS', 2**17)
+  raised, peak = _traced_peak(lambda: pth_files.read_state_dict(path))
+  assert isinstance(raised, pth_files.UnsafePickleError), raised
+  assert 'makes more than 131072 objects (MAX_OBJECTS)' in str(raised) and peak < 2**22, peak
+
+
 def test_tensor_as_storage_through_the_pretrained_loader(tmp_path):
   data, match = _CASES['tensor_as_storage']
   path = _write(tmp_path, 'views_a_tensor', data)
