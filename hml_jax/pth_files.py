@@ -694,6 +694,9 @@ def _read(path: str) -> Dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise PthFileError(f'{path}: no such file.')
   if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as file:
+      if file.read(4) == b'PK\x03\x04':  # a zip's first entry, but no end of its directory
+        raise _damaged(path, 'its zip archive is cut short or damaged (no end of directory)')
     raise PthFileError(
         f'{path}: not a zip archive. PyTorch writes .pth files as zip archives since 1.6; an '
         'older file (or one made with _use_new_zipfile_serialization=False) is read only by '

@@ -413,9 +413,10 @@ def hostile_archives(marker: str) -> Dict[str, Tuple[bytes, str]]:
   cases['lzma'] = (_archive({'w': _Tensor(s0, 0, (4,), (1,))}, [s0],
                             compression=zipfile.ZIP_LZMA), 'zip method 14')
   cases['unknown_method'] = (_patch_entry(good, 'archive/data/0', method=99), 'zip method 99')
-  cases['truncated_end'] = (good[:-10], 'not a zip archive')
-  cases['truncated_half'] = (good[:len(good) // 2], 'not a zip archive')
-  cases['truncated_one_byte'] = (good[:-1], 'not a zip archive')
+  cases['truncated_end'] = (good[:-10], 'cut short or damaged')
+  cases['truncated_half'] = (good[:len(good) // 2], 'cut short or damaged')
+  cases['truncated_one_byte'] = (good[:-1], 'cut short or damaged')
+  cases['truncated_to_magic'] = (good[:4], 'cut short or damaged')
   cut = good.index(f32.tobytes())
   cases['spliced_out_storage'] = (good[:cut] + good[cut + 32:], 'damaged')
   cases['bad_crc_storage'] = (_patch_entry(good, 'archive/data/0', crc=0), 'Bad CRC-32')
