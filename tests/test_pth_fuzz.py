@@ -178,7 +178,7 @@ def _archive(state,
   return _zip(entries, compression)
 
 
-def _valid_state(byteorder='little'):
+def _valid_state():
   """A state dict as a module's state_dict(): every storage type, views at offsets, transposes,
   strided and overlapping views, a scalar, an empty tensor, tied names, _metadata."""
   rng = np.random.default_rng(0)
@@ -382,7 +382,7 @@ def hostile_archives(marker: str) -> Dict[str, Tuple[bytes, str]]:
   cases['nested_tuple1'] = (b'\x80\x02]' + b'\x85' * n + b'.', 'MAX_NESTING')
   cases['nested_lists'] = (b'\x80\x02' + b']' * 60000 + b'a' * 59999 + b'.', 'MAX_NESTING')
   cases['nested_dicts'] = (b'\x80\x02}' + b'K\x00}' * 30000 + b's' * 30000 + b'.', 'MAX_NESTING')
-  cases['nested_dicts_in_state'] = (_pickle({'w': functools_reduce_nest(200)}), 'MAX_NESTING')
+  cases['nested_dicts_in_state'] = (_pickle({'w': _nested_dicts(200)}), 'MAX_NESTING')
   cases['many_marks'] = (b'\x80\x02' + b'(' * n + b'.', 'MAX_STACK')
   # The zip archive.
   good = _archive({'w': _Tensor(s0, 0, (4, 4), (4, 1))}, [s0])
@@ -628,7 +628,7 @@ class _Rebuild:
     return (self.function, self.args)
 
 
-def functools_reduce_nest(depth: int):
+def _nested_dicts(depth: int):
   """{'a': {'a': ... {}}} nested `depth` deep."""
   value = {}
   for _ in range(depth):
