@@ -37,6 +37,7 @@ Every failure, of whatever kind, is a PthFileError naming the file and the reaso
 UserError: the command line prints it as one line).
 """
 import collections
+import copy
 import io
 import math
 import os
@@ -194,8 +195,12 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> b
   buffer = bytearray(size)
   view = memoryview(buffer)
   done = 0
+  # zipfile stops at file_size: one byte more, so that a deflate stream longer than its entry
+  # gives that byte (and the end of a stream of the right length is reached, its CRC checked).
+  beyond = copy.copy(info)
+  beyond.file_size = size + 1
   try:
-    with archive.open(info) as entry:
+    with archive.open(beyond) as entry:
       while done < size:
         chunk = entry.read(min(_CHUNK, size - done))
         if not chunk:

@@ -746,13 +746,15 @@ def test_a_deflate_bomb_is_refused_before_decompressing(tmp_path, deflate_bomb):
     pretrained.load_state_dict(path)
 
 
-def test_a_deflate_stream_longer_than_its_entry_gives_only_the_declared_bytes(tmp_path):
-  """A directory that declares 64 bytes for a 320 MiB stream: the bounded read decompresses 64
-  bytes and no more (zipfile stops at the declared size, whose CRC matches)."""
+def test_a_deflate_stream_longer_than_its_entry_is_refused_after_its_declared_bytes(tmp_path):
+  """A directory that declares 64 bytes (and their CRC) for a 320 MiB stream: the bounded read
+  decompresses 65 bytes and refuses the entry (zipfile alone stops at the declared size)."""
   path = _write(tmp_path, 'lying', _deflate_bomb(320, declared=64))
-  loaded, peak = _traced_peak(lambda: pth_files.read_state_dict(path))
-  assert not isinstance(loaded, Exception), loaded
-  np.testing.assert_array_equal(loaded['w'], np.zeros(16, np.float32))
+  raised, peak = _traced_peak(lambda: pth_files.read_state_dict(path))
+  assert isinstance(raised, pth_files.PthFileError), raised
+  # The 65th byte ends what the directory declares: its CRC no longer matches.
+  assert str(raised).startswith(f"{path}: entry 'archive/data/0' cannot be read (BadZipFile: Bad "
+                                "CRC-32 for file 'archive/data/0')")
   assert peak < 4 * 2**20, peak
 
 
