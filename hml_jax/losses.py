@@ -316,6 +316,32 @@ def adaptive_loss(cos: Array,
   return jnp.abs(positive_pull - negative_pull)
 
 
+def spread_log_scale(cos: Array,
+                     labels: Array,
+                     margin: Array,
+                     logit_spread: float,
+                     margin_on: str = 'both') -> Array:
+  """log of the scale at which the batch's margin logits s cos(arccos(c) + m) have standard
+  deviation logit_spread (over all batch x num_labels entries): log(tau) - log(std(cos(theta+m))).
+  cos, labels: (batch, num_labels); a scalar."""
+  adjusted = heads.cos_with_margin(cos, entry_margins(labels.astype(jnp.float32), margin,
+                                                      margin_on))
+  return jnp.log(logit_spread) - jnp.log(jnp.std(adjusted) + 1e-6)
+
+
+def scale_spread_loss(cos: Array,
+                      labels: Array,
+                      scale: Array,
+                      margin: Array,
+                      logit_spread: float,
+                      margin_on: str = 'both') -> Array:
+  """0.5 (log s* - B(spread_log_scale))^2: pulls s* towards the scale of logit spread tau; with
+  B = stop_gradient on the cosines and m*, it trains s* alone."""
+  target = spread_log_scale(jax.lax.stop_gradient(cos), labels, jax.lax.stop_gradient(margin),
+                            logit_spread, margin_on)
+  return 0.5 * jnp.square(jnp.log(scale) - jax.lax.stop_gradient(target))
+
+
 def hml_fixed(cos: Array,
               observed_labels: Array,
               scale: float,
@@ -328,16 +354,40 @@ def hml_fixed(cos: Array,
   return binary_cross_entropy(heads.margin_logits(cos, scale, margins), observed_labels)
 
 
+# How s* is learned (config.adaptive_scale; docs/methods.md, "How s* and m* are learned").
+ADAPTIVE_SCALES = ('spread', 'balance', 'likelihood')
+
+
 def hml(cos: Array,
         observed_labels: Array,
         scale: Array,
         margin: Array,
-        margin_on: str = 'both') -> Array:
-  """Adaptive HML, Eq. 5: L_BCE(p^m) + L_adpt(p^a).
+        margin_on: str = 'both',
+        adaptive_scale: str = 'spread',
+        logit_spread: float = 1.1) -> Array:
+  """Adaptive HML, Eq. 5: L_BCE(p^m) + L_adpt(p^a), and for adaptive_scale='spread' a term that
+  sets s*.
 
-  The BCE sees the current s*, m* through stop_gradient (so it trains only the embeddings and the
-  backbone); the adaptive term sees the cosines through stop_gradient (so it trains only s*, m*).
+  The BCE sees s*, m* through stop_gradient (it trains the embeddings and the backbone); every
+  other term sees the cosines through stop_gradient (it trains s*, m* only). Which term trains
+  which of s*, m*:
+    'spread' (default): m* by Eq. 6; s* by scale_spread_loss (the scale at which the batch's
+      margin logits have standard deviation logit_spread). Eq. 6 alone is satisfied by a whole
+      curve of (s, m); this picks one point on it.
+    'balance' (the paper's literal reading): both by Eq. 6.
+    'likelihood': m* by Eq. 6; s* by the BCE's own gradient (the scale the likelihood prefers).
+  cos, observed_labels: (batch, num_labels); scale, margin: scalars. Returns a scalar.
   """
-  bce = hml_fixed(cos, observed_labels, jax.lax.stop_gradient(scale), jax.lax.stop_gradient(margin),
-                  margin_on)
-  return bce + adaptive_loss(cos, observed_labels, scale, margin, margin_on)
+  sg = jax.lax.stop_gradient
+  if adaptive_scale == 'balance':
+    bce = hml_fixed(cos, observed_labels, sg(scale), sg(margin), margin_on)
+    return bce + adaptive_loss(cos, observed_labels, scale, margin, margin_on)
+  if adaptive_scale == 'spread':
+    bce = hml_fixed(cos, observed_labels, sg(scale), sg(margin), margin_on)
+    return (bce + adaptive_loss(cos, observed_labels, sg(scale), margin, margin_on) +
+            scale_spread_loss(cos, observed_labels, scale, margin, logit_spread, margin_on))
+  if adaptive_scale == 'likelihood':
+    bce = hml_fixed(cos, observed_labels, scale, sg(margin), margin_on)
+    return bce + adaptive_loss(cos, observed_labels, sg(scale), margin, margin_on)
+  raise errors.InvalidInputError(f'Unknown config.adaptive_scale={adaptive_scale!r}; choose one of '
+                                 f'{list(ADAPTIVE_SCALES)}.')

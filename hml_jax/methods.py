@@ -127,7 +127,7 @@ METHODS = {
     'hml':
         Method(head='cosine',
                loss=losses.hml,
-               hyperparameters=('margin_on',),
+               hyperparameters=('margin_on', 'adaptive_scale', 'logit_spread'),
                learns_scale_and_margin=True),
     'hml_fixed':
         Method(head='cosine', loss=losses.hml_fixed, hyperparameters=('margin_on',)),

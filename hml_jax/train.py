@@ -62,10 +62,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.margin={config.margin}: beyond |m| = '
         f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
         'increasing in the cosine (heads.cos_with_margin); the paper uses 0-0.4.')
-  if config.get('adaptive_optimizer', 'separate') not in train_state.ADAPTIVE_OPTIMIZERS:
+  if config.get('adaptive_optimizer', 'log') not in train_state.ADAPTIVE_OPTIMIZERS:
     raise errors.InvalidInputError(
         f'Unknown config.adaptive_optimizer={config.adaptive_optimizer!r}; choose '
         f'one of {list(train_state.ADAPTIVE_OPTIMIZERS)}.')
+  if config.get('adaptive_scale', 'spread') not in losses.ADAPTIVE_SCALES:
+    raise errors.InvalidInputError(
+        f'Unknown config.adaptive_scale={config.adaptive_scale!r}; choose '
+        f'one of {list(losses.ADAPTIVE_SCALES)}.')
+  if not config.get('logit_spread', 1.1) > 0:
+    raise errors.InvalidInputError(
+        f'config.logit_spread={config.logit_spread} must be positive: it is the standard '
+        'deviation of the margin logits that s* is set to give (1.1 by default).')
   if config.get('init_from'):
     pretrained.check_spec(config.init_from, config.model)
   recipes.resolve(config)

@@ -61,16 +61,24 @@ def test_adaptive_loss_gradients_reach_only_scale_and_margin():
                                rtol=2e-3)
 
 
+def _hml_gradients(cos, labels, scale=20.0, margin=0.3, **kwargs):
+  return jax.grad(losses.hml, argnums=(0, 2, 3))(jnp.asarray(cos), labels, jnp.float32(scale),
+                                                 jnp.float32(margin), **kwargs)
+
+
+def numpy_spread_log_scale(cos, labels, margin, spread):
+  theta = np.arccos(np.clip(np.asarray(cos, np.float64), -1, 1))
+  return np.log(spread) - np.log(np.std(np.cos(theta + margin)))
+
+
 def test_hml_bce_gradient_never_reaches_scale_and_margin():
+  """The paper's reading ('balance'): s*, m* get exactly Eq. 6's gradient; the cosines exactly
+  the BCE's."""
   cos, labels = random_batch(3)
-  grad_cos, grad_scale, grad_margin = jax.grad(losses.hml, argnums=(0, 2, 3))(jnp.asarray(cos),
-                                                                              labels,
-                                                                              jnp.float32(20.0),
-                                                                              jnp.float32(0.3))
+  grad_cos, grad_scale, grad_margin = _hml_gradients(cos, labels, adaptive_scale='balance')
   adaptive_scale, adaptive_margin = jax.grad(losses.adaptive_loss,
                                              argnums=(2, 3))(jnp.asarray(cos), labels,
                                                              jnp.float32(20.0), jnp.float32(0.3))
-  # s*, m* get exactly the adaptive term's gradient; the cosines exactly the BCE's.
   np.testing.assert_allclose(grad_scale, adaptive_scale, rtol=1e-6)
   np.testing.assert_allclose(grad_margin, adaptive_margin, rtol=1e-6)
   bce_grad_cos = jax.grad(losses.hml_fixed)(jnp.asarray(cos), labels, 20.0, 0.3)
@@ -82,7 +90,62 @@ def test_hml_value_is_bce_of_margin_sigmoid_plus_adaptive_term():
   cos, labels = random_batch(4)
   logits = heads.margin_logits(cos, 20.0, 0.3)
   expected = numpy_bce(np.asarray(logits), labels) + numpy_adaptive(cos, labels, 20.0, 0.3)
-  np.testing.assert_allclose(losses.hml(cos, labels, 20.0, 0.3), expected, rtol=1e-4)
+  np.testing.assert_allclose(losses.hml(cos, labels, 20.0, 0.3, adaptive_scale='balance'),
+                             expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize('scale,margin', [(5.0, 0.0), (20.0, 0.3), (40.0, 0.5)])
+def test_spread_reading_value_and_gradients_against_numpy(scale, margin):
+  """'spread' (the default): value = BCE + Eq. 6 + 0.5 (log s - log(tau / std cos(theta+m)))^2;
+  the cosines get the BCE's gradient only, m* Eq. 6's only, s* the pull's only:
+  (log s - target) / s."""
+  cos, labels = random_batch(5, shape=(16, 10))
+  cos = np.maximum(cos, -0.85)  # theta + m < pi: on the curve cos(theta + m), no straight line
+  target = numpy_spread_log_scale(cos, labels, margin, 1.1)
+  np.testing.assert_allclose(losses.spread_log_scale(cos, labels, margin, 1.1), target, rtol=1e-5)
+  logits = heads.margin_logits(cos, scale, margin)
+  expected = (numpy_bce(np.asarray(logits), labels) + numpy_adaptive(cos, labels, scale, margin) +
+              0.5 * (np.log(scale) - target)**2)
+  np.testing.assert_allclose(losses.hml(cos, labels, scale, margin, logit_spread=1.1), expected,
+                             rtol=1e-4)
+  grad_cos, grad_scale, grad_margin = _hml_gradients(cos, labels, scale, margin, logit_spread=1.1)
+  np.testing.assert_allclose(grad_cos, jax.grad(losses.hml_fixed)(jnp.asarray(cos), labels, scale,
+                                                                  margin), rtol=1e-6)
+  np.testing.assert_allclose(grad_scale, (np.log(scale) - target) / scale, rtol=1e-4)
+  step = 1e-5
+  numeric = (numpy_adaptive(cos, labels, scale, margin + step) -
+             numpy_adaptive(cos, labels, scale, margin - step)) / (2 * step)
+  np.testing.assert_allclose(grad_margin, numeric, rtol=2e-3)
+
+
+def test_spread_target_is_the_scale_of_the_wanted_logit_spread():
+  """At s = exp(spread_log_scale) the margin logits' std is tau, and the pull on s vanishes."""
+  cos, labels = random_batch(6, shape=(32, 20))
+  for spread in (0.5, 1.1, 3.0):
+    scale = float(jnp.exp(losses.spread_log_scale(cos, labels, 0.2, spread)))
+    np.testing.assert_allclose(np.std(heads.margin_logits(cos, scale, 0.2)), spread, rtol=1e-4)
+    pull = jax.grad(losses.scale_spread_loss, argnums=2)(cos, labels, jnp.float32(scale), 0.2,
+                                                         spread)
+    assert abs(float(pull)) < 1e-4
+
+
+def test_likelihood_reading_trains_scale_by_the_bce():
+  cos, labels = random_batch(7)
+  _, grad_scale, grad_margin = _hml_gradients(cos, labels, adaptive_scale='likelihood')
+  step = 1e-3
+  numeric = (numpy_bce(np.asarray(heads.margin_logits(cos, 20.0 + step, 0.3)), labels) -
+             numpy_bce(np.asarray(heads.margin_logits(cos, 20.0 - step, 0.3)), labels)) / (2 * step)
+  np.testing.assert_allclose(grad_scale, numeric, rtol=2e-3)
+  np.testing.assert_allclose(
+      grad_margin,
+      jax.grad(losses.adaptive_loss, argnums=3)(jnp.asarray(cos), labels, 20.0, jnp.float32(0.3)),
+      rtol=1e-6)
+
+
+def test_unknown_adaptive_scale_names_the_choices():
+  cos, labels = random_batch(8)
+  with pytest.raises(ValueError, match=r"config.adaptive_scale='nope'.*'spread', 'balance'"):
+    losses.hml(cos, labels, 20.0, 0.3, adaptive_scale='nope')
 
 
 def test_registry_and_errors():

@@ -113,14 +113,17 @@ def _hml_steps(config, num_steps, margin_push=0.0):
 def test_adaptive_optimizer_shared_uses_the_network_learning_rate():
   """'shared' gives s*, m* the network's Adam step; 'separate' its own rate, so that at equal
   rates (the default config: 1e-3 and 1e-3) the two are the same optimizer, bit for bit."""
-  separate, _ = _hml_steps(tiny_config('unused', learning_rate=1e-3), 5)
+  separate, _ = _hml_steps(
+      tiny_config('unused', learning_rate=1e-3, adaptive_optimizer='separate',
+                  adaptive_learning_rate=1e-3), 5)
   shared, _ = _hml_steps(tiny_config('unused', learning_rate=1e-3, adaptive_optimizer='shared'), 5)
   for a, b in zip(jax.tree_util.tree_leaves(separate.params),
                   jax.tree_util.tree_leaves(shared.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # At the paper configs' 1e-5, 'shared' moves m* about 1e-5 per step (Adam's step is about the
   # learning rate), 'separate' about 1e-3.
-  config = tiny_config('unused', learning_rate=1e-5, adaptive_learning_rate=1e-3)
+  config = tiny_config('unused', learning_rate=1e-5, adaptive_learning_rate=1e-3,
+                       adaptive_optimizer='separate')
   separate, _ = _hml_steps(config, 5)
   config.adaptive_optimizer = 'shared'
   shared, _ = _hml_steps(config, 5)
@@ -129,6 +132,21 @@ def test_adaptive_optimizer_shared_uses_the_network_learning_rate():
       for name, state in (('separate', separate), ('shared', shared))
   }
   assert 1e-3 < moved['separate'] <= 5.01e-3 and 1e-5 < moved['shared'] <= 5.01e-5, moved
+
+
+@pytest.mark.parametrize('scale', [5.0, 40.0])
+def test_log_optimizer_moves_the_scale_by_a_factor_whatever_its_size(scale):
+  """'log' (the default): Adam in log s, so each step multiplies s* by about exp(+-lr) from a
+  small or a large start alike (plain Adam moves it by about lr, 1e-2 of 40 is 0.03%), and m* by
+  plain Adam steps of about lr."""
+  config = tiny_config('unused', learning_rate=1e-3, adaptive_learning_rate=1e-2, scale=scale)
+  state, _ = _hml_steps(config, 5)
+  factor = float(state.params['scale_margin']['scale']) / scale
+  assert 0.02 < abs(np.log(factor)) <= 0.06, factor  # Adam: about lr per step, a little more
+  assert abs(float(state.params['scale_margin']['margin']) - np.float32(0.3)) <= 0.06
+  config.adaptive_optimizer = 'separate'
+  plain, _ = _hml_steps(config, 5)
+  assert abs(float(plain.params['scale_margin']['scale']) - scale) <= 0.06
 
 
 def test_learned_margin_stays_where_the_margin_map_increases():
@@ -278,7 +296,9 @@ def test_incompatible_workdir_is_refused_and_left_untouched(tfds_dir, tmp_path):
     ('batch_size', 0, 'config.batch_size=0'),
     ('positive_fraction', 0.0, r"config.positive_fraction=0.0: scenario 'partial_positive'"),
     ('margin', 2.5, r'config.margin=2.5: beyond \|m\| = 2.3311 rad'),
-    ('adaptive_optimizer', 'joint', r"config.adaptive_optimizer='joint'.*'separate', 'shared'"),
+    ('adaptive_optimizer', 'joint', r"config.adaptive_optimizer='joint'.*'log', 'separate'"),
+    ('adaptive_scale', 'ratio', r"config.adaptive_scale='ratio'.*'spread', 'balance'"),
+    ('logit_spread', 0.0, r'config.logit_spread=0.0 must be positive'),
     ('init_from', 'torchvision:resnet50', r"weights of resnet50, but config.model is "
      r"'resnet_tiny'"),
     ('image_size', 48, 'config.image_size is 48'),
