@@ -27,7 +27,14 @@ FINE_TUNING_RATES = (1e-2, 1e-4)
 FEATURES_RATES = (1e-2, 1e-3, 1e-4, 1e-5)
 
 
+# The readings this table compares: s*, m* both by Eq. 6 on a plain Adam at 1e-3 ('separate') or
+# on the network's ('shared'), whatever configs/default.py's reading is.
+PAPER_READING = ('--config.adaptive_scale=balance', '--config.adaptive_learning_rate=0.001')
+
+
 def train(workdir, config, *flags):
+  if any(flag.startswith('--config.adaptive_optimizer=') for flag in flags):
+    flags += PAPER_READING
   if os.path.exists(os.path.join(workdir, 'results.json')):
     return
   print(f'== {workdir}', flush=True)
