@@ -110,7 +110,7 @@ def fig5_rows(config, out, mode, data):
   first = SEEDS if (mode, data) == ('features', 'glyph') else 1
   rows = {(s, m): runs(config, cell_dir(out, mode, data, s, m), 'hml_fixed', rate, first,
                        scale=s, margin=m) for s, m in grid_cells(mode)}
-  if first < SEEDS:
+  if mode == 'finetune':
     best = max(rows, key=lambda c: rows[c]['val_map_mean'])
     for s, m in {best, PAPER_CELL}:
       rows[(s, m)] = runs(config, cell_dir(out, mode, data, s, m), 'hml_fixed', rate, SEEDS,
