@@ -26,7 +26,6 @@ OPTIONS = ('separate', 'shared')
 FINE_TUNING_RATES = (1e-2, 1e-4)
 FEATURES_RATES = (1e-2, 1e-3, 1e-4, 1e-5)
 
-
 # The readings this table compares: s*, m* both by Eq. 6 on a plain Adam at 1e-3 ('separate') or
 # on the network's ('shared'), whatever configs/default.py's reading is.
 PAPER_READING = ('--config.adaptive_scale=balance', '--config.adaptive_learning_rate=0.001')

@@ -39,9 +39,14 @@ C1_RATES = {'features': {'hml': 1e-2, 'an': 1e-3}, 'finetune': {'hml': 1e-3, 'an
 # the paper's literal reading.
 READINGS = {
     'default': {},
-    'log_balance': {'adaptive_scale': 'balance'},
-    'paper': {'adaptive_scale': 'balance', 'adaptive_optimizer': 'separate',
-              'adaptive_learning_rate': 1e-3},
+    'log_balance': {
+        'adaptive_scale': 'balance'
+    },
+    'paper': {
+        'adaptive_scale': 'balance',
+        'adaptive_optimizer': 'separate',
+        'adaptive_learning_rate': 1e-3
+    },
 }
 EPOCHS_SHOWN = (1, 2, 5, 10, 25)
 HEATMAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs',
@@ -108,13 +113,21 @@ def fig5_rows(config, out, mode, data):
   PAPER_CELL."""
   rate = C1_RATES[mode]['hml']
   first = SEEDS if (mode, data) == ('features', 'glyph') else 1
-  rows = {(s, m): runs(config, cell_dir(out, mode, data, s, m), 'hml_fixed', rate, first,
-                       scale=s, margin=m) for s, m in grid_cells(mode)}
+  rows = {
+      (s, m):
+          runs(config, cell_dir(out, mode, data, s, m), 'hml_fixed', rate, first, scale=s, margin=m)
+      for s, m in grid_cells(mode)
+  }
   if mode == 'finetune':
     best = max(rows, key=lambda c: rows[c]['val_map_mean'])
     for s, m in {best, PAPER_CELL}:
-      rows[(s, m)] = runs(config, cell_dir(out, mode, data, s, m), 'hml_fixed', rate, SEEDS,
-                          scale=s, margin=m)
+      rows[(s, m)] = runs(config,
+                          cell_dir(out, mode, data, s, m),
+                          'hml_fixed',
+                          rate,
+                          SEEDS,
+                          scale=s,
+                          margin=m)
   return rows
 
 
@@ -128,10 +141,17 @@ def start_seeds(mode, reading, start):
 
 def adaptive_rows(config, out, mode, data, reading):
   rate = C1_RATES[mode]['hml']
-  return {(s, m): runs(config, os.path.join(out, mode, f'adaptive_{data}', reading,
-                                            f's{s:g}_m{m:g}'), 'hml', rate,
-                       start_seeds(mode, reading, (s, m)), scale=s, margin=m,
-                       **READINGS[reading]) for s, m in STARTS}
+  return {
+      (s, m):
+          runs(config,
+               os.path.join(out, mode, f'adaptive_{data}', reading, f's{s:g}_m{m:g}'),
+               'hml',
+               rate,
+               start_seeds(mode, reading, (s, m)),
+               scale=s,
+               margin=m,
+               **READINGS[reading]) for s, m in STARTS
+  }
 
 
 def mean_std(row, key='test_map'):
@@ -171,12 +191,14 @@ def fig5(config, out, mode, data):
   print(f'| AN (lr {C1_RATES[mode]["an"]:g}, {SEEDS} seeds) | {mean_std(an)} | |')
   for (s, m), row in adaptive_rows(config, out, mode, data, 'default').items():
     scale, margin = final_scale_margin(row)
-    print(f'| adaptive HML (default) from ({s:g}, {m:g}), {row["seeds"]} seed(s) | {mean_std(row)} | '
-          f'{scale:.2f}, {margin:.3f} |')
+    print(
+        f'| adaptive HML (default) from ({s:g}, {m:g}), {row["seeds"]} seed(s) | {mean_std(row)} | '
+        f'{scale:.2f}, {margin:.3f} |')
   files.write_json(
       os.path.join(out, mode, f'fig5_{data}', 'fig5.json'), {
-          f'{s:g},{m:g}': {k: row[k] for k in ('test_map_mean', 'test_map_std', 'val_map_mean',
-                                               'seeds')} for (s, m), row in rows.items()
+          f'{s:g},{m:g}': {
+              k: row[k] for k in ('test_map_mean', 'test_map_std', 'val_map_mean', 'seeds')
+          } for (s, m), row in rows.items()
       })
 
 
@@ -225,14 +247,21 @@ def heatmap(out):
     for i in range(len(SCALES)):
       for j in range(len(MARGINS)):
         if not np.isnan(grid[i, j]):
-          axis.text(j, i, f'{grid[i, j]:.1f}', ha='center', va='center', fontsize=8,
+          axis.text(j,
+                    i,
+                    f'{grid[i, j]:.1f}',
+                    ha='center',
+                    va='center',
+                    fontsize=8,
                     color='white' if grid[i, j] < np.nanmean(grid) else 'black')
     axis.set_xticks(range(len(MARGINS)), [f'{m:g}' for m in MARGINS])
     axis.set_yticks(range(len(SCALES)), [f'{s:g}' for s in SCALES])
     axis.set_xlabel('margin m')
     axis.set_ylabel('scale s')
-    axis.set_title(f'hml_fixed, {"features" if mode == "features" else "fine-tuning"}, {data}\n'
-                   'test mAP, single positive labels', fontsize=9)
+    axis.set_title(
+        f'hml_fixed, {"features" if mode == "features" else "fine-tuning"}, {data}\n'
+        'test mAP, single positive labels',
+        fontsize=9)
     figure.colorbar(image, ax=axis, shrink=0.8)
   figure.tight_layout()
   figure.savefig(HEATMAP, dpi=110)

@@ -91,7 +91,8 @@ def test_hml_value_is_bce_of_margin_sigmoid_plus_adaptive_term():
   logits = heads.margin_logits(cos, 20.0, 0.3)
   expected = numpy_bce(np.asarray(logits), labels) + numpy_adaptive(cos, labels, 20.0, 0.3)
   np.testing.assert_allclose(losses.hml(cos, labels, 20.0, 0.3, adaptive_scale='balance'),
-                             expected, rtol=1e-4)
+                             expected,
+                             rtol=1e-4)
 
 
 @pytest.mark.parametrize('scale,margin', [(5.0, 0.0), (20.0, 0.3), (40.0, 0.5)])
@@ -106,11 +107,13 @@ def test_spread_reading_value_and_gradients_against_numpy(scale, margin):
   logits = heads.margin_logits(cos, scale, margin)
   expected = (numpy_bce(np.asarray(logits), labels) + numpy_adaptive(cos, labels, scale, margin) +
               0.5 * (np.log(scale) - target)**2)
-  np.testing.assert_allclose(losses.hml(cos, labels, scale, margin, logit_spread=1.1), expected,
+  np.testing.assert_allclose(losses.hml(cos, labels, scale, margin, logit_spread=1.1),
+                             expected,
                              rtol=1e-4)
   grad_cos, grad_scale, grad_margin = _hml_gradients(cos, labels, scale, margin, logit_spread=1.1)
-  np.testing.assert_allclose(grad_cos, jax.grad(losses.hml_fixed)(jnp.asarray(cos), labels, scale,
-                                                                  margin), rtol=1e-6)
+  np.testing.assert_allclose(grad_cos,
+                             jax.grad(losses.hml_fixed)(jnp.asarray(cos), labels, scale, margin),
+                             rtol=1e-6)
   np.testing.assert_allclose(grad_scale, (np.log(scale) - target) / scale, rtol=1e-4)
   step = 1e-5
   numeric = (numpy_adaptive(cos, labels, scale, margin + step) -
@@ -136,10 +139,10 @@ def test_likelihood_reading_trains_scale_by_the_bce():
   numeric = (numpy_bce(np.asarray(heads.margin_logits(cos, 20.0 + step, 0.3)), labels) -
              numpy_bce(np.asarray(heads.margin_logits(cos, 20.0 - step, 0.3)), labels)) / (2 * step)
   np.testing.assert_allclose(grad_scale, numeric, rtol=2e-3)
-  np.testing.assert_allclose(
-      grad_margin,
-      jax.grad(losses.adaptive_loss, argnums=3)(jnp.asarray(cos), labels, 20.0, jnp.float32(0.3)),
-      rtol=1e-6)
+  np.testing.assert_allclose(grad_margin,
+                             jax.grad(losses.adaptive_loss, argnums=3)(jnp.asarray(cos), labels,
+                                                                       20.0, jnp.float32(0.3)),
+                             rtol=1e-6)
 
 
 def test_unknown_adaptive_scale_names_the_choices():

@@ -26,9 +26,18 @@ def _fake_runs(calls, val_of):
   def runs(config, workdir, method, rate, seeds, **overrides):
     calls.append((method, rate, seeds, overrides.get('scale'), overrides.get('margin')))
     value = val_of(overrides.get('scale'), overrides.get('margin'))
-    return {'seeds': seeds, 'val_map_mean': value, 'val_map_std': 0.0, 'test_map_mean': value + 1,
-            'test_map_std': 0.1 if seeds > 1 else 0.0,
-            'results': [{'final_scale': 9.0, 'final_margin': 0.7, 'epochs': []}] * seeds}
+    return {
+        'seeds': seeds,
+        'val_map_mean': value,
+        'val_map_std': 0.0,
+        'test_map_mean': value + 1,
+        'test_map_std': 0.1 if seeds > 1 else 0.0,
+        'results': [{
+            'final_scale': 9.0,
+            'final_margin': 0.7,
+            'epochs': []
+        }] * seeds
+    }
 
   return runs
 
@@ -66,8 +75,12 @@ def test_fine_tuning_seeds_of_the_adaptive_starts(reading, start, seeds):
 def test_heatmap_from_fig5_json(tmp_path, monkeypatch):
   out = tmp_path / 'runs'
   cells = {
-      f'{s:g},{m:g}': {'test_map_mean': 50 + s / 10 - m, 'test_map_std': 0.1, 'val_map_mean': 50,
-                       'seeds': 3} for s in scale_margin.SCALES for m in scale_margin.MARGINS
+      f'{s:g},{m:g}': {
+          'test_map_mean': 50 + s / 10 - m,
+          'test_map_std': 0.1,
+          'val_map_mean': 50,
+          'seeds': 3
+      } for s in scale_margin.SCALES for m in scale_margin.MARGINS
   }
   os.makedirs(out / 'features' / 'fig5_glyph')
   (out / 'features' / 'fig5_glyph' / 'fig5.json').write_text(json.dumps(cells))

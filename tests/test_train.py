@@ -114,7 +114,9 @@ def test_adaptive_optimizer_shared_uses_the_network_learning_rate():
   """'shared' gives s*, m* the network's Adam step; 'separate' its own rate, so that at equal
   rates (the default config: 1e-3 and 1e-3) the two are the same optimizer, bit for bit."""
   separate, _ = _hml_steps(
-      tiny_config('unused', learning_rate=1e-3, adaptive_optimizer='separate',
+      tiny_config('unused',
+                  learning_rate=1e-3,
+                  adaptive_optimizer='separate',
                   adaptive_learning_rate=1e-3), 5)
   shared, _ = _hml_steps(tiny_config('unused', learning_rate=1e-3, adaptive_optimizer='shared'), 5)
   for a, b in zip(jax.tree_util.tree_leaves(separate.params),
@@ -122,7 +124,9 @@ def test_adaptive_optimizer_shared_uses_the_network_learning_rate():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # At the paper configs' 1e-5, 'shared' moves m* about 1e-5 per step (Adam's step is about the
   # learning rate), 'separate' about 1e-3.
-  config = tiny_config('unused', learning_rate=1e-5, adaptive_learning_rate=1e-3,
+  config = tiny_config('unused',
+                       learning_rate=1e-5,
+                       adaptive_learning_rate=1e-3,
                        adaptive_optimizer='separate')
   separate, _ = _hml_steps(config, 5)
   config.adaptive_optimizer = 'shared'
