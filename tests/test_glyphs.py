@@ -81,6 +81,67 @@ def test_pretraining_never_sees_the_target_or_its_sources(monkeypatch):
   assert not target_images & {digest(image) for _, image, _ in pretraining}
 
 
+def test_strong_source_never_sees_the_target_or_its_sources(monkeypatch):
+  """glyph_source (docs/results.md, "When HML helps"): hundreds of classes, none a target label
+  or the capital of one, every class rendered from a font that has it, no scikit-learn digit
+  read, and none of its images one of the target's."""
+  import sklearn.datasets  # pylint: disable=g-import-not-at-top
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('the source read the target\'s source digits')
+
+  config = glyphs.GlyphConfig(num_train=400, num_test=50)
+  target = [
+      e for split in ('train', 'test') for e in _examples(glyphs.generate_target, split, config)
+  ]
+  monkeypatch.setattr(sklearn.datasets, 'load_digits', refuse)
+  source = (_examples(glyphs.generate_source, 'train', config) +
+            _examples(glyphs.generate_source, 'test', config))
+  classes = set(glyphs.SOURCE_CLASSES)
+  assert len(glyphs.SOURCE_CLASSES) == len(classes) == 190
+  assert not classes & set(glyphs.TARGET_LABELS)
+  assert not classes & set('0123456789') and not classes & set('ΑΒΓΔΕΖΘΛΠΩ')
+  bank = glyphs.source_bank()
+  assert set(bank) == classes and all(inks for inks in bank.values())
+  labels = np.stack([e[2] for e in source])
+  assert labels.shape[1] == 190 and 1 <= labels.sum(1).min() and labels.sum(1).max() <= 3
+
+  def digest(image):
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+  assert not {digest(e[1]) for e in target} & {digest(e[1]) for e in source}
+
+
+def test_blocky_glyphs_are_made_as_the_targets_digits(monkeypatch):
+  """A blocky glyph is an 8x8 image of 17 grey levels (0..16, as scikit-learn's digits) enlarged
+  by the very function that enlarges the target's digits."""
+  from hml_jax.datasets import composite_digits  # pylint: disable=g-import-not-at-top
+  enlarged = []
+  enlarge = composite_digits._digit_patch  # pylint: disable=protected-access
+
+  def record(levels, size):
+    enlarged.append(levels)
+    return enlarge(levels, size)
+
+  monkeypatch.setattr(composite_digits, '_digit_patch', record)
+  ink = glyphs.source_bank()['ж'][0]
+  patch = glyphs._blocky(ink, 12, np.random.RandomState(0))  # pylint: disable=protected-access
+  (levels,) = enlarged
+  assert levels.shape == (8, 8) and levels.max() == 16 and levels.min() == 0
+  np.testing.assert_array_equal(levels, np.round(levels))
+  np.testing.assert_array_equal(patch, enlarge(levels, 12))
+  monkeypatch.undo()
+  config = glyphs.GlyphConfig(num_train=30, num_test=10)
+  first = _examples(glyphs.generate_source, 'train', config)
+  second = _examples(glyphs.generate_source, 'train', config)
+  for (_, image, labels), (_, image2, labels2) in zip(first, second):
+    np.testing.assert_array_equal(image, image2)
+    np.testing.assert_array_equal(labels, labels2)
+  never = glyphs.GlyphConfig(num_train=30, num_test=10, blocky_probability=0.0)
+  assert any((a[1] != b[1]).any()
+             for a, b in zip(first, _examples(glyphs.generate_source, 'train', never)))
+
+
 def test_target_train_and_test_use_disjoint_fonts_and_digits():
   assert set(glyphs.TEST_FONTS) < set(glyphs.FONT_FILES)
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top

@@ -29,13 +29,20 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from hml_jax.datasets import composite_digits
 from hml_jax import errors
 
 PRETRAINING_CLASSES = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') + ('&', '@', '#', '%', '?', '$')
 GREEK_LETTERS = ('α', 'β', 'γ', 'δ', 'ε', 'ζ', 'θ', 'λ', 'π', 'ω')
+# glyph_source, the strong source (docs/results.md, "When HML helps"): hundreds of glyph classes
+# as ImageNet has a thousand, none of them a target label, nor the capital of one (Γ Δ Θ Λ Π Ω);
+# similar-looking classes (Cyrillic Д, ∂) are allowed, as ImageNet's classes overlap VOC's.
+SOURCE_CLASSES = (tuple('abcdefghijklmnopqrstuvwxyz') + tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') +
+                  tuple('ηικμνξορστυφχψΞΣΦΨ') +
+                  tuple('бвгджзийклмнптфцчшщъыьэюяБГДЖЗИЙЛПФЦЧШЩЪЫЬЭЮЯ') +
+                  tuple('+−×÷=≠≈≤≥∞∑∫√∂∇∈∩∪⊂⊃∧∨¬∀∃∅←→↑↓↔⇒♠♣♥♦★☆●○■□▲△§¶†‡©®€£¥¢&@#%?$!*~^{}[]()<>/\\|'))
 TARGET_LABELS = tuple(str(d) for d in range(10)) + GREEK_LETTERS
 PARTNER_PAIRS = tuple((d, 10 + d) for d in range(10))  # digit d with the d-th Greek letter
 
@@ -49,6 +56,8 @@ FONT_FILES = ('DejaVuSans.ttf', 'DejaVuSans-Bold.ttf', 'DejaVuSans-Oblique.ttf',
 # The target's test glyphs come from these fonts only, its train glyphs from the others.
 TEST_FONTS = ('DejaVuSans-BoldOblique.ttf', 'DejaVuSansMono-Oblique.ttf', 'DejaVuSerif-Italic.ttf',
               'STIXGeneralBol.ttf')
+# Computer Modern, for glyph_source's Latin letters only (its other code points are TeX's).
+LATIN_ONLY_FONTS = ('cmr10.ttf', 'cmss10.ttf', 'cmtt10.ttf', 'cmti10.ttf', 'cmb10.ttf')
 GLYPH_RENDER_SIZE = 40  # points; each glyph is rendered once, then rescaled per use
 
 
@@ -140,6 +149,7 @@ class GlyphConfig:
   noise_std: float = 0.05
   background_gradient: float = 0.15
   test_source_fraction: float = 0.4  # share of each digit class's sklearn images kept for test
+  blocky_probability: float = 0.5  # glyph_source only: share of glyphs drawn as 8x8 blocks
 
 
 def sample_target_labels(rng: np.random.RandomState, config: GlyphConfig) -> np.ndarray:
@@ -197,6 +207,60 @@ def generate_pretraining(split: str, config: GlyphConfig):
       top, left = _paste(canvas, patch * rng.uniform(0.6, 1.0), rng)
       _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
     labels = np.zeros(len(PRETRAINING_CLASSES), np.uint8)
+    labels[present] = 1
+    yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
+
+
+@functools.lru_cache(maxsize=None)
+def source_bank() -> Dict[str, Tuple[np.ndarray, ...]]:
+  """{class: its ink images, one per font that has the glyph} for glyph_source."""
+  from matplotlib import ft2font  # pylint: disable=g-import-not-at-top
+  latin = set('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ')
+  bank = {}
+  for character in SOURCE_CLASSES:
+    fonts = FONT_FILES + (LATIN_ONLY_FONTS if character in latin else ())
+    present = tuple(f for f in fonts
+                    if ft2font.FT2Font(font_path(f)).get_char_index(ord(character)) != 0)
+    if not present:
+      raise errors.InvalidInputError(f'No font of {fonts} has a glyph for {character!r}.')
+    inks = glyph_bank((character,), present)
+    bank[character] = tuple(inks[(character, f)] for f in present)
+  return bank
+
+
+def _blocky(ink: np.ndarray, size: int, rng: np.random.RandomState) -> np.ndarray:
+  """The glyph as the target's handwritten digits are made: thickened, centred in a square,
+  reduced to 8x8 pixels of 17 grey levels (scikit-learn's digits), enlarged bilinearly."""
+  image = Image.fromarray((_fit(ink, 24, rng) * 255).astype(np.uint8))
+  image = image.filter(ImageFilter.MaxFilter(3))
+  side = max(image.size) + 4
+  square = Image.new('L', (side, side))
+  square.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
+  small = np.asarray(square.resize((8, 8), Image.BOX), np.float32) / 255.0
+  levels = np.round(np.clip(small / max(float(small.max()), 1e-6), 0, 1) * 16)
+  return composite_digits._digit_patch(levels, size)  # pylint: disable=protected-access
+
+
+def generate_source(split: str, config: GlyphConfig):
+  """Yields (index, image, labels (190,) uint8) of glyph_source: 1-3 glyphs drawn uniformly from
+  SOURCE_CLASSES, a font that has each, printed or (config.blocky_probability) blocky."""
+  bank = source_bank()
+  count = {'train': config.num_train, 'test': config.num_test}[split]
+  rng = np.random.RandomState([config.seed, {'train': 31, 'test': 32}[split]])
+  for index in range(count):
+    present = np.sort(rng.permutation(len(SOURCE_CLASSES))[:rng.randint(1, 4)])
+    canvas = np.zeros((config.image_size,) * 2, np.float32)
+    for label in present:
+      inks = bank[SOURCE_CLASSES[label]]
+      ink = inks[rng.randint(len(inks))]
+      size = rng.randint(config.min_glyph_size, config.max_glyph_size + 1)
+      if rng.uniform() < config.blocky_probability:
+        patch = _blocky(ink, size, rng)
+      else:
+        patch = _fit(ink, size, rng)
+      top, left = _paste(canvas, patch * rng.uniform(0.6, 1.0), rng)
+      _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
+    labels = np.zeros(len(SOURCE_CLASSES), np.uint8)
     labels[present] = 1
     yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
 
@@ -265,6 +329,21 @@ class GlyphPretraining(_GlyphBuilder):
       GlyphBuilderConfig(name='default',
                          description='32x32, 12,000 train / 1,000 test.',
                          generator=GlyphConfig(num_train=12000, num_test=1000)),
+      GlyphBuilderConfig(name='tiny',
+                         description='32x32, 200 train / 80 test, for tests.',
+                         generator=GlyphConfig(num_train=200, num_test=80)),
+  ]
+
+
+class GlyphSource(_GlyphBuilder):
+  """The strong source: 190 glyph classes (none a target label), printed or blocky, 1-3 per
+  image, full labels (docs/results.md, "When HML helps")."""
+  LABEL_NAMES = SOURCE_CLASSES
+  GENERATE = staticmethod(generate_source)
+  BUILDER_CONFIGS = [
+      GlyphBuilderConfig(name='default',
+                         description='32x32, 40,000 train / 2,000 test.',
+                         generator=GlyphConfig(num_train=40000, num_test=2000)),
       GlyphBuilderConfig(name='tiny',
                          description='32x32, 200 train / 80 test, for tests.',
                          generator=GlyphConfig(num_train=200, num_test=80)),

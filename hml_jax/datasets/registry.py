@@ -1,7 +1,7 @@
 """The source registry: config.dataset.name -> the loader that returns its sources.Source.
 
-  - our TFDS builders (OUR_BUILDERS): the embedded composite_digits, glyph_pretraining and
-    glyph_digits, and the paper's hml_voc2012 / hml_coco2014 / hml_cub / hml_nus_wide (from the
+  - our TFDS builders (OUR_BUILDERS): the embedded composite_digits, glyph_pretraining,
+    glyph_source and glyph_digits, and the paper's hml_voc2012 / hml_coco2014 / hml_cub / hml_nus_wide (from the
     original files in TFDS's manual_dir);
   - 'folder': your own images plus CSV files (folder.py);
   - 'features': precomputed features in an .npz (features.py);
@@ -23,8 +23,8 @@ from hml_jax import splits
 from hml_jax.datasets import register_all
 
 # The TFDS builders of hml_jax/datasets: prepared offline (generated or from manual_dir files).
-OUR_BUILDERS = ('composite_digits', 'glyph_digits', 'glyph_pretraining', 'hml_voc2012',
-                'hml_coco2014', 'hml_cub', 'hml_nus_wide')
+OUR_BUILDERS = ('composite_digits', 'glyph_digits', 'glyph_pretraining', 'glyph_source',
+                'hml_voc2012', 'hml_coco2014', 'hml_cub', 'hml_nus_wide')
 
 
 def check_inputs(dataset_config) -> None:

@@ -1,0 +1,172 @@
+"""When HML helps: the strong source backbone's criterion and HML - AN under one change at a time,
+the runs and tables of docs/results.md, section "When HML helps".
+
+  PYTHONPATH=. python scripts/when_hml_helps.py criterion [--out=$PWD/runs/regime]
+  PYTHONPATH=. python scripts/when_hml_helps.py conditions [--only=base,e_no_shift,...]
+      [--out=$PWD/runs/regime]
+
+criterion: on glyph_digits, the linear probe (features mode, BCE, full labels, lr by validation)
+against full-label fine-tuning (BCE, lr 1e-3) from embedded:glyph_source_resnet_small, 3 seeds
+each. conditions: HML and AN fine-tuned on glyph_digits with single positive labels, 3 seeds,
+under the base setup (the C1 table's, HML under the paper's reading of s*, m*) and each change of
+CONDITIONS on its own. Finished runs are reused (hml_jax.compare), so a table is printed again
+without training; AN's runs and those of condition f are the C1 rerun's (paper_regime.py c1,
+--methods=hml,an: the same configs).
+"""
+import argparse
+import os
+import sys
+
+if __name__ == '__main__':
+  # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
+  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.restart_with_fast_allocator()
+
+import numpy as np
+
+from hml_jax import compare, extract_features, files
+
+SEEDS = 3
+STRONG = 'embedded:glyph_source_resnet_small'
+# HML as the C1 table measured it: s*, m* by Eq. 6 on their own Adam at 1e-3 (docs/methods.md).
+PAPER_READING = {
+    'adaptive_scale': 'balance',
+    'adaptive_optimizer': 'separate',
+    'adaptive_learning_rate': 1e-3
+}
+# Each change on its own, over the base (configs/glyph_digits.py, lr 1e-3, batch 32, 10 epochs,
+# shift augmentation of 4 px, the shipped backbone). 'hml' keys apply to HML only.
+CONDITIONS = {
+    'base': {},
+    'a_strong_backbone': {
+        'init_from': STRONG
+    },
+    'f_default_reading': {
+        'hml': {}
+    },
+    'e_no_shift': {
+        'augment_max_shift': 0
+    },
+    'd1_lr_1e-4_head_x10': {
+        'learning_rate': 1e-4,
+        'head_learning_rate_multiplier': 10.0
+    },
+    # ROLE's published head phase (hml_jax/recipes.py, Cole et al.).
+    'd2_linear_init': {
+        'linear_init_epochs': 25,
+        'linear_init_learning_rate': 1e-3,
+        'linear_init_batch_size': 16
+    },
+    'b_batch_8': {
+        'batch_size': 8
+    },
+    'c_30_epochs': {
+        'num_epochs': 30
+    },
+}
+METHODS = {'a_strong_backbone': ('hml', 'an', 'wan')}
+
+
+def condition_config(name, method):
+  from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  config = glyph_digits.get_config()
+  overrides = dict(CONDITIONS[name])
+  hml_overrides = overrides.pop('hml', PAPER_READING)
+  if method == 'hml':
+    overrides = {**overrides, **hml_overrides}
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def mean_of_runs(config, workdir, method, seeds=SEEDS):
+  """compare.compare of one method at config's rate (finished runs reused): the seeds' test mAPs
+  and their results.json."""
+  compare.compare(config, workdir, [method], seeds)
+  results = [
+      files.read_json(
+          files.join(workdir, compare.run_name(method, config.learning_rate, config.batch_size,
+                                               seed), 'results.json')) for seed in range(seeds)
+  ]
+  return np.array([r['test_map'] for r in results]), results
+
+
+def condition_workdir(out, name, method):
+  if (name, method) in (('base', 'an'), ('f_default_reading', 'an'), ('f_default_reading', 'hml')):
+    # The C1 rerun under today's default (paper_regime.py c1): the very configs.
+    return os.path.join(out, 'finetune', 'c1')
+  return os.path.join(out, 'finetune', 'when', name)
+
+
+def mean_std(values):
+  return f'{values.mean():.2f} ± {values.std(ddof=1):.2f}'
+
+
+def difference(a, b):
+  """Mean difference of two seed sets and the std of that difference of means."""
+  spread = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+  return f'{a.mean() - b.mean():+.2f} ± {spread:.2f}'
+
+
+def conditions(out, only):
+  names = [n for n in CONDITIONS if not only or n in only]
+  rows = []
+  for name in names:
+    values = {}
+    for method in METHODS.get(name, ('hml', 'an')):
+      config = condition_config(name, method)
+      values[method], _ = mean_of_runs(config, condition_workdir(out, name, method), method)
+    rows.append((name, values))
+  print('HML - AN on glyph_digits, fine-tuning, single positive labels, 3 seeds (test mAP at the '
+        'best validation epoch; ± of the difference: std of the difference of the means)\n')
+  print('| condition | HML | AN | HML − AN | beside |')
+  print('|---|---|---|---|---|')
+  for name, values in rows:
+    beside = (f"WAN {mean_std(values['wan'])}, HML − WAN {difference(values['hml'], values['wan'])}"
+              if 'wan' in values else '')
+    print(f"| {name} | {mean_std(values['hml'])} | {mean_std(values['an'])} | "
+          f"{difference(values['hml'], values['an'])} | {beside} |")
+
+
+def criterion(out):
+  from configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
+  source = glyph_digits.get_config()
+  source.init_from = STRONG
+  path = os.path.join(out, 'strong_features.npz')
+  if not os.path.exists(path):
+    files.makedirs(out)
+    extract_features.extract_initial_to_file(source, path)
+  probe = features.get_config()
+  probe.dataset.path = path
+  probe.label_scenario = 'full'
+  probe_dir = os.path.join(out, 'features', 'strong_criterion')
+  compare.compare(probe, probe_dir, ['bce'], SEEDS, (1e-2, 1e-3, 1e-4))
+  table = files.read_json(os.path.join(probe_dir, 'table.json'))
+  print(f'Linear probe (features mode, BCE, full labels): {table}')
+  fine = glyph_digits.get_config()
+  fine.init_from, fine.label_scenario = STRONG, 'full'
+  tuned, _ = mean_of_runs(fine, os.path.join(out, 'finetune', 'strong_criterion'), 'bce')
+  print(f'Fine-tuning (BCE, full labels, lr 1e-3): {mean_std(tuned)}')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('table', choices=['criterion', 'conditions'])
+  parser.add_argument('--only', default='', help='comma-separated condition names')
+  parser.add_argument('--out', default=os.path.abspath('runs/regime'))
+  args = parser.parse_args()
+  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  host.setup()
+  out = os.path.abspath(args.out)
+  if args.table == 'criterion':
+    criterion(out)
+  else:
+    only = [n for n in args.only.split(',') if n]
+    unknown = sorted(set(only) - set(CONDITIONS))
+    if unknown:
+      sys.exit(f'Unknown condition(s) {unknown}; choose from {list(CONDITIONS)}.')
+    conditions(out, only)
+
+
+if __name__ == '__main__':
+  main()
