@@ -39,10 +39,10 @@ GREEK_LETTERS = ('α', 'β', 'γ', 'δ', 'ε', 'ζ', 'θ', 'λ', 'π', 'ω')
 # glyph_source, the strong source (docs/results.md, "When HML helps"): hundreds of glyph classes
 # as ImageNet has a thousand, none of them a target label, nor the capital of one (Γ Δ Θ Λ Π Ω);
 # similar-looking classes (Cyrillic Д, ∂) are allowed, as ImageNet's classes overlap VOC's.
-SOURCE_CLASSES = (tuple('abcdefghijklmnopqrstuvwxyz') + tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') +
-                  tuple('ηικμνξορστυφχψΞΣΦΨ') +
-                  tuple('бвгджзийклмнптфцчшщъыьэюяБГДЖЗИЙЛПФЦЧШЩЪЫЬЭЮЯ') +
-                  tuple('+−×÷=≠≈≤≥∞∑∫√∂∇∈∩∪⊂⊃∧∨¬∀∃∅←→↑↓↔⇒♠♣♥♦★☆●○■□▲△§¶†‡©®€£¥¢&@#%?$!*~^{}[]()<>/\\|'))
+SOURCE_CLASSES = (
+    tuple('abcdefghijklmnopqrstuvwxyz') + tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') +
+    tuple('ηικμνξορστυφχψΞΣΦΨ') + tuple('бвгджзийклмнптфцчшщъыьэюяБГДЖЗИЙЛПФЦЧШЩЪЫЬЭЮЯ') +
+    tuple('+−×÷=≠≈≤≥∞∑∫√∂∇∈∩∪⊂⊃∧∨¬∀∃∅←→↑↓↔⇒♠♣♥♦★☆●○■□▲△§¶†‡©®€£¥¢&@#%?$!*~^{}[]()<>/\\|'))
 TARGET_LABELS = tuple(str(d) for d in range(10)) + GREEK_LETTERS
 PARTNER_PAIRS = tuple((d, 10 + d) for d in range(10))  # digit d with the d-th Greek letter
 
@@ -219,8 +219,8 @@ def source_bank() -> Dict[str, Tuple[np.ndarray, ...]]:
   bank = {}
   for character in SOURCE_CLASSES:
     fonts = FONT_FILES + (LATIN_ONLY_FONTS if character in latin else ())
-    present = tuple(f for f in fonts
-                    if ft2font.FT2Font(font_path(f)).get_char_index(ord(character)) != 0)
+    present = tuple(
+        f for f in fonts if ft2font.FT2Font(font_path(f)).get_char_index(ord(character)) != 0)
     if not present:
       raise errors.InvalidInputError(f'No font of {fonts} has a glyph for {character!r}.')
     inks = glyph_bank((character,), present)
