@@ -2,16 +2,17 @@
 the runs and tables of docs/results.md, section "When HML helps".
 
   PYTHONPATH=. python scripts/when_hml_helps.py criterion [--out=$PWD/runs/regime]
-  PYTHONPATH=. python scripts/when_hml_helps.py conditions [--only=base,e_no_shift,...]
+  PYTHONPATH=. python scripts/when_hml_helps.py conditions|fig2 [--only=base,e_no_shift,...]
       [--out=$PWD/runs/regime]
 
 criterion: on glyph_digits, the linear probe (features mode, BCE, full labels, lr by validation)
 against full-label fine-tuning (BCE, lr 1e-3) from embedded:glyph_source_resnet_small, 3 seeds
 each. conditions: HML and AN fine-tuned on glyph_digits with single positive labels, 3 seeds,
 under the base setup (the C1 table's, HML under the paper's reading of s*, m*) and each change of
-CONDITIONS on its own. Finished runs are reused (hml_jax.compare), so a table is printed again
-without training; AN's runs and those of condition f are the C1 rerun's (paper_regime.py c1,
---methods=hml,an: the same configs).
+CONDITIONS on its own. fig2: the false negatives' share of the gradient (paper Fig. 2) at seed
+0's best checkpoint under each finished condition. Finished runs are reused (hml_jax.compare), so
+a table is printed again without training; AN's runs and those of condition f are the C1 rerun's
+(paper_regime.py c1 --methods=hml,an: the same configs).
 """
 import argparse
 import os
@@ -128,6 +129,35 @@ def conditions(out, only):
           f"{difference(values['hml'], values['an'])} | {beside} |")
 
 
+def false_negative_share(workdir):
+  """The paper's Fig. 2 quantity at the best checkpoint (hml_jax.analyze, training images): the
+  false negatives' share of the negative-side gradient |dL/d output| (false + true negatives)
+  and their mean output (logit for AN, cosine for HML)."""
+  from hml_jax import analyze  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'analysis', 'analysis.json')
+  report = files.read_json(path) if os.path.exists(path) else analyze.analyze(workdir)
+  groups = report['densities']['groups']
+  mass = {g: groups[g]['count'] * groups[g]['mean_gradient'] for g in groups}
+  share = mass['false negatives'] / (mass['false negatives'] + mass['true negatives'])
+  return share, groups['false negatives']['mean_output']
+
+
+def fig2(out, only):
+  """Seed 0 of HML and AN under each finished condition: the false negatives' gradient share."""
+  print('| condition | method | false negatives: share of the negative-side gradient | '
+        'their mean output |')
+  print('|---|---|---|---|')
+  for name in [n for n in CONDITIONS if not only or n in only]:
+    for method in METHODS.get(name, ('hml', 'an')):
+      config = condition_config(name, method)
+      workdir = files.join(condition_workdir(out, name, method),
+                           compare.run_name(method, config.learning_rate, config.batch_size, 0))
+      if not os.path.exists(os.path.join(workdir, 'results.json')):
+        continue
+      share, output = false_negative_share(workdir)
+      print(f'| {name} | {method} | {100 * share:.1f}% | {output:.3f} |')
+
+
 def criterion(out):
   from configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   source = glyph_digits.get_config()
@@ -151,7 +181,7 @@ def criterion(out):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('table', choices=['criterion', 'conditions'])
+  parser.add_argument('table', choices=['criterion', 'conditions', 'fig2'])
   parser.add_argument('--only', default='', help='comma-separated condition names')
   parser.add_argument('--out', default=os.path.abspath('runs/regime'))
   args = parser.parse_args()
@@ -160,12 +190,12 @@ def main():
   out = os.path.abspath(args.out)
   if args.table == 'criterion':
     criterion(out)
-  else:
-    only = [n for n in args.only.split(',') if n]
-    unknown = sorted(set(only) - set(CONDITIONS))
-    if unknown:
-      sys.exit(f'Unknown condition(s) {unknown}; choose from {list(CONDITIONS)}.')
-    conditions(out, only)
+    return
+  only = [n for n in args.only.split(',') if n]
+  unknown = sorted(set(only) - set(CONDITIONS))
+  if unknown:
+    sys.exit(f'Unknown condition(s) {unknown}; choose from {list(CONDITIONS)}.')
+  (conditions if args.table == 'conditions' else fig2)(out, only)
 
 
 if __name__ == '__main__':
