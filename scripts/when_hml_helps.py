@@ -64,6 +64,11 @@ CONDITIONS = {
     'c_30_epochs': {
         'num_epochs': 30
     },
+    # Not a single change: (a) and (f) together, the regime a user gets from both defaults.
+    'a_and_f_strong_default_reading': {
+        'init_from': STRONG,
+        'hml': {}
+    },
 }
 METHODS = {'a_strong_backbone': ('hml', 'an', 'wan')}
 
@@ -96,6 +101,8 @@ def condition_workdir(out, name, method):
   if (name, method) in (('base', 'an'), ('f_default_reading', 'an'), ('f_default_reading', 'hml')):
     # The C1 rerun under today's default (paper_regime.py c1): the very configs.
     return os.path.join(out, 'finetune', 'c1')
+  if (name, method) == ('a_and_f_strong_default_reading', 'an'):
+    name = 'a_strong_backbone'  # AN reads no adaptive key: the same runs
   return os.path.join(out, 'finetune', 'when', name)
 
 
