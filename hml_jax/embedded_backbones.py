@@ -52,6 +52,19 @@ BACKBONES = {
             regenerate='PYTHONPATH=. python scripts/paper_regime.py pretraining --out=runs/regime '
             '&& python -m hml_jax.embedded_backbones --workdir=runs/regime/pretraining '
             '--output=hml_jax/weights/glyph_resnet_small.safetensors'),
+    # The strong source (docs/results.md, "When HML helps"): resnet_small pretrained with full
+    # labels on glyph_source (190 glyph classes, printed or blocky), the best epoch of 40 by
+    # source validation mAP.
+    'glyph_source_resnet_small':
+        EmbeddedBackbone(
+            filename='glyph_source_resnet_small.safetensors',
+            model='resnet_small',
+            source_config='glyph_source_pretraining',
+            sha256='',
+            regenerate='python -m hml_jax.main --config=configs/glyph_source_pretraining.py '
+            '--workdir=runs/regime/source_pretraining && python -m hml_jax.embedded_backbones '
+            '--workdir=runs/regime/source_pretraining '
+            '--output=hml_jax/weights/glyph_source_resnet_small.safetensors'),
 }
 
 

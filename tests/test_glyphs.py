@@ -254,26 +254,30 @@ def test_embedded_backbone_errors():
     pretrained.check_spec('embedded:glyph_resnet_small', 'resnet50')
 
 
-def test_committed_glyph_backbone_is_what_its_command_makes():
-  """The shipped file: pinned by its SHA-256, shaped for glyph_digits' resnet_small, and made by
-  configs/glyph_pretraining.py as it is now (a changed config would not regenerate it). The
-  bitwise regeneration itself (about 15 minutes) runs with HML_JAX_REGENERATE_BACKBONE=1:
+@pytest.mark.parametrize('name', ['glyph_resnet_small', 'glyph_source_resnet_small'])
+def test_committed_glyph_backbone_is_what_its_command_makes(name):
+  """The shipped files: pinned by their SHA-256, shaped for glyph_digits' resnet_small, and made
+  by their source config as it is now (a changed config would not regenerate them). The bitwise
+  regeneration itself (15 minutes to an hour) runs with HML_JAX_REGENERATE_BACKBONE=1:
   test_regenerating_the_glyph_backbone_is_bitwise."""
-  from configs import glyph_digits, glyph_pretraining  # pylint: disable=g-import-not-at-top
-  backbone = embedded_backbones.BACKBONES['glyph_resnet_small']
-  path = embedded_backbones.path_of('glyph_resnet_small')
-  assert embedded_backbones.sha256_of(path) == backbone.sha256
+  import importlib  # pylint: disable=g-import-not-at-top
+  from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  backbone = embedded_backbones.BACKBONES[name]
+  path = embedded_backbones.path_of(name)
+  assert backbone.sha256 and embedded_backbones.sha256_of(path) == backbone.sha256
   variables, metadata = embedded_backbones.load(path)
   source = json.loads(metadata['source_config'])
   source.pop('hml_jax_workdir_format', None)
-  assert source == json.loads(json.dumps(glyph_pretraining.get_config().to_dict()))
+  source_config = importlib.import_module(f'configs.{backbone.source_config}').get_config()
+  assert source == json.loads(json.dumps(source_config.to_dict()))
   assert metadata['regenerate'] == backbone.regenerate
-  assert metadata['source_dataset'] == 'glyph_pretraining/default'
+  assert metadata['source_dataset'] == f'{source_config.dataset.name}/default'
   config = glyph_digits.get_config()
-  assert config.init_from == 'embedded:glyph_resnet_small' and config.model == backbone.model
+  assert config.model == backbone.model
+  assert glyph_digits.get_config().init_from == 'embedded:glyph_resnet_small'
   model = models.create_model(config.model, 'cosine', 20)
   train_state.check_backbone_fits(variables, model, (config.image_size,) * 2 + (1,),
-                                  config.init_from)
+                                  f'embedded:{name}')
 
 
 def test_saved_backbone_files_are_the_same_bytes_whatever_the_metadata_order(tmp_path):
@@ -307,18 +311,20 @@ def test_saved_backbone_files_are_the_same_bytes_whatever_the_metadata_order(tmp
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get('HML_JAX_REGENERATE_BACKBONE') != '1',
-                    reason='about 15 minutes on 2 cores: set HML_JAX_REGENERATE_BACKBONE=1')
-def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path):
+                    reason='15 minutes to an hour on 2 cores: set HML_JAX_REGENERATE_BACKBONE=1')
+@pytest.mark.parametrize('name', ['glyph_resnet_small', 'glyph_source_resnet_small'])
+def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path, name):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  backbone = embedded_backbones.BACKBONES[name]
   # The committed file's name, so that the export writes the same metadata (its 'regenerate').
-  regenerated = tmp_path / 'export' / 'glyph_resnet_small.safetensors'
-  command = embedded_backbones.BACKBONES['glyph_resnet_small'].regenerate.replace(
-      'runs/regime', str(tmp_path)).replace('hml_jax/weights/glyph_resnet_small.safetensors',
-                                            str(regenerated))
+  regenerated = tmp_path / 'export' / backbone.filename
+  command = backbone.regenerate.replace('runs/regime', str(tmp_path)).replace(
+      f'hml_jax/weights/{backbone.filename}', str(regenerated))
   # The command as a user runs it: XLA's default optimization level, not the suite's level 0
   # (tests/conftest.py), which rounds differently and made a backbone 0.2 points apart.
   xla_flags = ' '.join(flag for flag in os.environ.get('XLA_FLAGS', '').split()
                        if not flag.startswith('--xla_backend_optimization_level'))
+  (tmp_path / 'export').mkdir()
   subprocess.run(command,
                  shell=True,
                  cwd=root,
@@ -328,8 +334,7 @@ def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path):
                      'XLA_FLAGS': xla_flags,
                      'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')
                  })
-  assert (embedded_backbones.sha256_of(
-      str(regenerated)) == embedded_backbones.BACKBONES['glyph_resnet_small'].sha256)
+  assert embedded_backbones.sha256_of(str(regenerated)) == backbone.sha256
 
 
 @pytest.mark.slow
