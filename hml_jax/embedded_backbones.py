@@ -60,7 +60,7 @@ BACKBONES = {
             filename='glyph_source_resnet_small.safetensors',
             model='resnet_small',
             source_config='glyph_source_pretraining',
-            sha256='',
+            sha256='0a8f869a6857ff0ecd73066525cd9bdf1634acf77a72dd3bf7eac34ba3d0d003',
             regenerate='python -m hml_jax.main --config=configs/glyph_source_pretraining.py '
             '--workdir=runs/regime/source_pretraining && python -m hml_jax.embedded_backbones '
             '--workdir=runs/regime/source_pretraining '

@@ -124,6 +124,17 @@ def test_preemption_signal_saves_the_current_step_and_resumes_bitwise(tfds_dir, 
   assert not os.listdir(workdir / 'preempted')  # removed once epoch 2 was saved
 
 
+def test_a_finished_run_extended_by_more_epochs_is_the_longer_run(tfds_dir, tmp_path, reference):
+  """num_epochs is resumable: a finished 2-epoch run continued to 3 is bitwise the 3-epoch run,
+  and its config.json then records 3 (what an exported backbone names as its source config)."""
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2), str(workdir))
+  assert checkpoints.read_config(str(workdir)).num_epochs == 2
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+  assert checkpoints.read_config(str(workdir)).num_epochs == 3
+  assert_equal_runs(workdir, reference)
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tfds_dir, tmp_path, reference,
                                                               caplog):
   workdir = tmp_path / 'run'
