@@ -123,6 +123,13 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   })
 
 
+def record_num_epochs(workdir: str, num_epochs: int) -> None:
+  """config.json's num_epochs set to a resumed run's (never half-written)."""
+  saved = files.read_json(config_path(workdir))
+  if saved.get('num_epochs') != num_epochs:
+    files.write_json(config_path(workdir), {**saved, 'num_epochs': num_epochs})
+
+
 def dataset_info_path(workdir):
   return files.join(workdir, 'dataset.json')
 

@@ -212,9 +212,10 @@ def _train_and_evaluate(config, workdir, data=None):
                                            observed_labels=data.train.observed)
     state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   if restored is not None and jax.process_index() == 0:
-    # A resumed run may change a resumable key (num_epochs raised, another data_dir): config.json
-    # then says what the run is now, so that an export of it names the config that makes it.
-    checkpoints.write_config(workdir, config)
+    # A resumed run may be made longer (num_epochs is resumable): config.json then records the
+    # run's length as it is now, so that an export of it names the config that makes it. The
+    # other resumable keys (paths, layout) keep the first run's record.
+    checkpoints.record_num_epochs(workdir, config.num_epochs)
   if restored is None and jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
     checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
