@@ -79,6 +79,12 @@ def pair_ranks(correlation: np.ndarray, pairs: Sequence[Tuple[int, int]]) -> Dic
   return {f'{min(i, j)}-{max(i, j)}': rank[(min(i, j), max(i, j))] for i, j in pairs}
 
 
+def pair_label(key: str, label_names: Sequence[str]) -> str:
+  """'3-13' (pair_ranks' key) -> '3-δ': the pair by its labels' names."""
+  i, j = (int(index) for index in key.split('-'))
+  return f'{label_names[i]}-{label_names[j]}'
+
+
 def planted_pairs(dataset_name: str) -> Sequence[Tuple[int, int]]:
   """The label pairs a generated dataset plants (ground truth of Eq. 8); () for other data."""
   if dataset_name == 'composite_digits':
@@ -348,8 +354,9 @@ def main(argv):
   print('Most correlated pairs: ' + ', '.join(
       f"{p['labels'][0]}-{p['labels'][1]} {p['correlation']:.3f}" for p in report['top_pairs']))
   if 'planted_pair_ranks' in report:
-    print(f"Planted partner pairs rank (of {report['num_pairs']}): "
-          f"{report['planted_pair_ranks']}")
+    print(f"Planted partner pairs, rank of {report['num_pairs']}: " +
+          ', '.join(f'{pair_label(key, report["label_names"])} #{rank}'
+                    for key, rank in report['planted_pair_ranks'].items()))
   for name, group in report['densities']['groups'].items():
     if group['count']:
       print(f"{name}: {group['count']:,} entries, mean output {group['mean_output']:.3f}, "

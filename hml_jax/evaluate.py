@@ -84,3 +84,10 @@ def format_results(results: Dict) -> str:
       for name, ap in results['per_class_ap'].items()
   ]
   return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  # A library module; evaluation from the command line is the trainer's mode (one entry point).
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.exit('hml_jax.evaluate is a library module. Evaluate a run with: python -m hml_jax.main '
+           '--mode=eval --workdir=DIR [--split=test]')

@@ -132,6 +132,22 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
   assert report['top_pairs'][0]['correlation'] >= report['top_pairs'][-1]['correlation']
 
 
+def test_pairs_are_printed_by_their_labels_names():
+  from hml_jax import analyze  # pylint: disable=g-import-not-at-top
+  assert analyze.pair_label('3-13', [str(d) for d in range(10)] + list('αβγδεζθλπω')) == '3-δ'
+
+
+def test_evaluate_as_a_command_names_the_one_that_evaluates():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, '-m', 'hml_jax.evaluate', '--workdir=x'],
+                          capture_output=True,
+                          text=True,
+                          check=False)
+  assert result.returncode == 1
+  assert 'python -m hml_jax.main --mode=eval --workdir=DIR' in result.stderr
+
+
 def test_gradient_magnitudes_match_the_analytic_derivative():
   from hml_jax import analyze, methods  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
