@@ -39,9 +39,10 @@ GREEK_LETTERS = ('α', 'β', 'γ', 'δ', 'ε', 'ζ', 'θ', 'λ', 'π', 'ω')
 # glyph_source, the strong source (docs/results.md, "When HML helps"): hundreds of glyph classes
 # as ImageNet has a thousand, none of them a target label, nor the capital of one (Γ Δ Θ Λ Π Ω);
 # similar-looking classes (Cyrillic Д, ∂) are allowed, as ImageNet's classes overlap VOC's.
+LATIN_LETTERS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
 SOURCE_CLASSES = (
-    tuple('abcdefghijklmnopqrstuvwxyz') + tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') +
-    tuple('ηικμνξορστυφχψΞΣΦΨ') + tuple('бвгджзийклмнптфцчшщъыьэюяБГДЖЗИЙЛПФЦЧШЩЪЫЬЭЮЯ') +
+    tuple(LATIN_LETTERS) + tuple('ηικμνξορστυφχψΞΣΦΨ') +
+    tuple('бвгджзийклмнптфцчшщъыьэюяБГДЖЗИЙЛПФЦЧШЩЪЫЬЭЮЯ') +
     tuple('+−×÷=≠≈≤≥∞∑∫√∂∇∈∩∪⊂⊃∧∨¬∀∃∅←→↑↓↔⇒♠♣♥♦★☆●○■□▲△§¶†‡©®€£¥¢&@#%?$!*~^{}[]()<>/\\|'))
 TARGET_LABELS = tuple(str(d) for d in range(10)) + GREEK_LETTERS
 PARTNER_PAIRS = tuple((d, 10 + d) for d in range(10))  # digit d with the d-th Greek letter
@@ -192,35 +193,46 @@ def generate_target(split: str, config: GlyphConfig):
     yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
 
 
+def _compose(split: str, config: GlyphConfig, classes: Sequence[str], stream: int, draw):
+  """Yields (index, image, labels (len(classes),) uint8) of a source task: 1-3 labels drawn
+  uniformly from classes, each label's patch from draw(label, rng), pasted at a random place
+  with a random ink, sometimes occluded, then the clutter of composite_digits.finish. stream
+  (the split's random stream is [seed, stream + (0 train, 1 test)]) keeps the sources apart."""
+  count = {'train': config.num_train, 'test': config.num_test}[split]
+  rng = np.random.RandomState([config.seed, stream + {'train': 0, 'test': 1}[split]])
+  for index in range(count):
+    present = np.sort(rng.permutation(len(classes))[:rng.randint(1, 4)])
+    canvas = np.zeros((config.image_size,) * 2, np.float32)
+    for label in present:
+      patch = draw(label, rng)
+      top, left = _paste(canvas, patch * rng.uniform(0.6, 1.0), rng)
+      _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
+    labels = np.zeros(len(classes), np.uint8)
+    labels[present] = 1
+    yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
+
+
 def generate_pretraining(split: str, config: GlyphConfig):
   """Yields (index, image, labels (32,) uint8) of glyph_pretraining: 1-3 glyphs drawn uniformly
   from PRETRAINING_CLASSES, every font (no digit, no Greek letter, no sklearn image)."""
   bank = glyph_bank(PRETRAINING_CLASSES, FONT_FILES)
-  count = {'train': config.num_train, 'test': config.num_test}[split]
-  rng = np.random.RandomState([config.seed, {'train': 21, 'test': 22}[split]])
-  for index in range(count):
-    present = np.sort(rng.permutation(len(PRETRAINING_CLASSES))[:rng.randint(1, 4)])
-    canvas = np.zeros((config.image_size,) * 2, np.float32)
-    for label in present:
-      ink = bank[(PRETRAINING_CLASSES[label], FONT_FILES[rng.randint(len(FONT_FILES))])]
-      patch = _fit(ink, rng.randint(config.min_glyph_size, config.max_glyph_size + 1), rng)
-      top, left = _paste(canvas, patch * rng.uniform(0.6, 1.0), rng)
-      _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
-    labels = np.zeros(len(PRETRAINING_CLASSES), np.uint8)
-    labels[present] = 1
-    yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
+
+  def draw(label, rng):
+    ink = bank[(PRETRAINING_CLASSES[label], FONT_FILES[rng.randint(len(FONT_FILES))])]
+    return _fit(ink, rng.randint(config.min_glyph_size, config.max_glyph_size + 1), rng)
+
+  return _compose(split, config, PRETRAINING_CLASSES, 21, draw)
 
 
 @functools.lru_cache(maxsize=None)
 def source_bank() -> Dict[str, Tuple[np.ndarray, ...]]:
   """{class: its ink images, one per font that has the glyph} for glyph_source."""
   from matplotlib import ft2font  # pylint: disable=g-import-not-at-top
-  latin = set('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ')
+  faces = {name: ft2font.FT2Font(font_path(name)) for name in FONT_FILES + LATIN_ONLY_FONTS}
   bank = {}
   for character in SOURCE_CLASSES:
-    fonts = FONT_FILES + (LATIN_ONLY_FONTS if character in latin else ())
-    present = tuple(
-        f for f in fonts if ft2font.FT2Font(font_path(f)).get_char_index(ord(character)) != 0)
+    fonts = FONT_FILES + (LATIN_ONLY_FONTS if character in LATIN_LETTERS else ())
+    present = tuple(f for f in fonts if faces[f].get_char_index(ord(character)) != 0)
     if not present:
       raise errors.InvalidInputError(f'No font of {fonts} has a glyph for {character!r}.')
     inks = glyph_bank((character,), present)
@@ -245,24 +257,16 @@ def generate_source(split: str, config: GlyphConfig):
   """Yields (index, image, labels (190,) uint8) of glyph_source: 1-3 glyphs drawn uniformly from
   SOURCE_CLASSES, a font that has each, printed or (config.blocky_probability) blocky."""
   bank = source_bank()
-  count = {'train': config.num_train, 'test': config.num_test}[split]
-  rng = np.random.RandomState([config.seed, {'train': 31, 'test': 32}[split]])
-  for index in range(count):
-    present = np.sort(rng.permutation(len(SOURCE_CLASSES))[:rng.randint(1, 4)])
-    canvas = np.zeros((config.image_size,) * 2, np.float32)
-    for label in present:
-      inks = bank[SOURCE_CLASSES[label]]
-      ink = inks[rng.randint(len(inks))]
-      size = rng.randint(config.min_glyph_size, config.max_glyph_size + 1)
-      if rng.uniform() < config.blocky_probability:
-        patch = _blocky(ink, size, rng)
-      else:
-        patch = _fit(ink, size, rng)
-      top, left = _paste(canvas, patch * rng.uniform(0.6, 1.0), rng)
-      _occlude(canvas, top, left, patch.shape, rng, config.occlusion_probability)
-    labels = np.zeros(len(SOURCE_CLASSES), np.uint8)
-    labels[present] = 1
-    yield index, composite_digits.finish(canvas, rng, config)[:, :, None], labels
+
+  def draw(label, rng):
+    inks = bank[SOURCE_CLASSES[label]]
+    ink = inks[rng.randint(len(inks))]
+    size = rng.randint(config.min_glyph_size, config.max_glyph_size + 1)
+    if rng.uniform() < config.blocky_probability:
+      return _blocky(ink, size, rng)
+    return _fit(ink, size, rng)
+
+  return _compose(split, config, SOURCE_CLASSES, 31, draw)
 
 
 class GlyphBuilderConfig(tfds.core.BuilderConfig):
@@ -270,6 +274,19 @@ class GlyphBuilderConfig(tfds.core.BuilderConfig):
   def __init__(self, *, generator: GlyphConfig, **kwargs):
     super().__init__(**kwargs)
     self.generator = generator
+
+
+def _default_and_tiny(num_train: int, num_test: int):
+  """Each glyph builder's two configs: 'default' (num_train / num_test images) and 'tiny' (200 /
+  80, for tests), 32x32."""
+  return [
+      GlyphBuilderConfig(name='default',
+                         description=f'32x32, {num_train:,} train / {num_test:,} test.',
+                         generator=GlyphConfig(num_train=num_train, num_test=num_test)),
+      GlyphBuilderConfig(name='tiny',
+                         description='32x32, 200 train / 80 test, for tests.',
+                         generator=GlyphConfig(num_train=200, num_test=80)),
+  ]
 
 
 class _GlyphBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -311,28 +328,14 @@ class GlyphDigits(_GlyphBuilder):
   LABEL_NAMES = TARGET_LABELS
   PAIRS = PARTNER_PAIRS
   GENERATE = staticmethod(generate_target)
-  BUILDER_CONFIGS = [
-      GlyphBuilderConfig(name='default',
-                         description='32x32, 2,000 train / 1,000 test.',
-                         generator=GlyphConfig()),
-      GlyphBuilderConfig(name='tiny',
-                         description='32x32, 200 train / 80 test, for tests.',
-                         generator=GlyphConfig(num_train=200, num_test=80)),
-  ]
+  BUILDER_CONFIGS = _default_and_tiny(2000, 1000)
 
 
 class GlyphPretraining(_GlyphBuilder):
   """The source task: 32 printed glyph classes, 1-3 per image, full labels."""
   LABEL_NAMES = PRETRAINING_CLASSES
   GENERATE = staticmethod(generate_pretraining)
-  BUILDER_CONFIGS = [
-      GlyphBuilderConfig(name='default',
-                         description='32x32, 12,000 train / 1,000 test.',
-                         generator=GlyphConfig(num_train=12000, num_test=1000)),
-      GlyphBuilderConfig(name='tiny',
-                         description='32x32, 200 train / 80 test, for tests.',
-                         generator=GlyphConfig(num_train=200, num_test=80)),
-  ]
+  BUILDER_CONFIGS = _default_and_tiny(12000, 1000)
 
 
 class GlyphSource(_GlyphBuilder):
@@ -340,11 +343,4 @@ class GlyphSource(_GlyphBuilder):
   image, full labels (docs/results.md, "When HML helps")."""
   LABEL_NAMES = SOURCE_CLASSES
   GENERATE = staticmethod(generate_source)
-  BUILDER_CONFIGS = [
-      GlyphBuilderConfig(name='default',
-                         description='32x32, 40,000 train / 2,000 test.',
-                         generator=GlyphConfig(num_train=40000, num_test=2000)),
-      GlyphBuilderConfig(name='tiny',
-                         description='32x32, 200 train / 80 test, for tests.',
-                         generator=GlyphConfig(num_train=200, num_test=80)),
-  ]
+  BUILDER_CONFIGS = _default_and_tiny(40000, 2000)
