@@ -167,6 +167,17 @@ def compare(config,
   return table, markdown
 
 
+def seed_results(config, workdir, method, seeds):
+  """compare() of one method at config's learning rate and batch size (finished runs reused):
+  the results.json of seeds 0 .. seeds-1, in order."""
+  compare(config, workdir, [method], seeds)
+  return [
+      files.read_json(
+          files.join(workdir, run_name(method, config.learning_rate, config.batch_size, seed),
+                     'results.json')) for seed in range(seeds)
+  ]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')

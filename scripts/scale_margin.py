@@ -79,14 +79,9 @@ def runs(config, workdir, method, rate, seeds, **overrides):
   validation mAP (mean, std over seeds) and each seed's results.json."""
   config = config.copy_and_resolve_references()
   config.unlock()
-  for key, value in overrides.items():
+  for key, value in {**overrides, 'learning_rate': rate}.items():
     config[key] = value
-  compare.compare(config, workdir, [method], seeds, (rate,))
-  results = [
-      files.read_json(
-          files.join(workdir, compare.run_name(method, rate, config.batch_size, seed),
-                     'results.json')) for seed in range(seeds)
-  ]
+  results = compare.seed_results(config, workdir, method, seeds)
   row = {'seeds': seeds, 'results': results}
   for key in ('test_map', 'val_map'):
     values = np.array([r[key] for r in results])

@@ -85,16 +85,9 @@ def condition_config(name, method):
   return config
 
 
-def mean_of_runs(config, workdir, method, seeds=SEEDS):
-  """compare.compare of one method at config's rate (finished runs reused): the seeds' test mAPs
-  and their results.json."""
-  compare.compare(config, workdir, [method], seeds)
-  results = [
-      files.read_json(
-          files.join(workdir, compare.run_name(method, config.learning_rate, config.batch_size,
-                                               seed), 'results.json')) for seed in range(seeds)
-  ]
-  return np.array([r['test_map'] for r in results]), results
+def test_maps(config, workdir, method, seeds=SEEDS):
+  """The seeds' test mAPs of one method at config's rate (finished runs reused)."""
+  return np.array([r['test_map'] for r in compare.seed_results(config, workdir, method, seeds)])
 
 
 def condition_workdir(out, name, method):
@@ -123,7 +116,7 @@ def conditions(out, only):
     values = {}
     for method in METHODS.get(name, ('hml', 'an')):
       config = condition_config(name, method)
-      values[method], _ = mean_of_runs(config, condition_workdir(out, name, method), method)
+      values[method] = test_maps(config, condition_workdir(out, name, method), method)
     rows.append((name, values))
   print('HML - AN on glyph_digits, fine-tuning, single positive labels, 3 seeds (test mAP at the '
         'best validation epoch; ± of the difference: std of the difference of the means)\n')
@@ -182,7 +175,7 @@ def criterion(out):
   print(f'Linear probe (features mode, BCE, full labels): {table}')
   fine = glyph_digits.get_config()
   fine.init_from, fine.label_scenario = STRONG, 'full'
-  tuned, _ = mean_of_runs(fine, os.path.join(out, 'finetune', 'strong_criterion'), 'bce')
+  tuned = test_maps(fine, os.path.join(out, 'finetune', 'strong_criterion'), 'bce')
   print(f'Fine-tuning (BCE, full labels, lr 1e-3): {mean_std(tuned)}')
 
 
