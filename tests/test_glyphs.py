@@ -254,7 +254,7 @@ def test_embedded_backbone_errors():
     pretrained.check_spec('embedded:glyph_resnet_small', 'resnet50')
 
 
-@pytest.mark.parametrize('name', ['glyph_resnet_small', 'glyph_source_resnet_small'])
+@pytest.mark.parametrize('name', sorted(embedded_backbones.BACKBONES))
 def test_committed_glyph_backbone_is_what_its_command_makes(name):
   """The shipped files: pinned by their SHA-256, shaped for glyph_digits' resnet_small, and made
   by their source config as it is now (a changed config would not regenerate them). The bitwise
@@ -312,7 +312,7 @@ def test_saved_backbone_files_are_the_same_bytes_whatever_the_metadata_order(tmp
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get('HML_JAX_REGENERATE_BACKBONE') != '1',
                     reason='15 minutes to an hour on 2 cores: set HML_JAX_REGENERATE_BACKBONE=1')
-@pytest.mark.parametrize('name', ['glyph_resnet_small', 'glyph_source_resnet_small'])
+@pytest.mark.parametrize('name', sorted(embedded_backbones.BACKBONES))
 def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path, name):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   backbone = embedded_backbones.BACKBONES[name]

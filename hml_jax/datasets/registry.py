@@ -1,8 +1,8 @@
 """The source registry: config.dataset.name -> the loader that returns its sources.Source.
 
   - our TFDS builders (OUR_BUILDERS): the embedded composite_digits, glyph_pretraining,
-    glyph_source and glyph_digits, and the paper's hml_voc2012 / hml_coco2014 / hml_cub / hml_nus_wide (from the
-    original files in TFDS's manual_dir);
+    glyph_source and glyph_digits, and the paper's hml_voc2012 / hml_coco2014 / hml_cub /
+    hml_nus_wide (from the original files in TFDS's manual_dir);
   - 'folder': your own images plus CSV files (folder.py);
   - 'features': precomputed features in an .npz (features.py);
   - 'voc/2012', 'coco/2014': TFDS's catalog datasets, prepared by the user (catalog.py).
