@@ -211,11 +211,6 @@ def _train_and_evaluate(config, workdir, data=None):
                                            data.train.example_shape,
                                            observed_labels=data.train.observed)
     state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
-  if restored is not None and jax.process_index() == 0:
-    # A resumed run may be made longer (num_epochs is resumable): config.json then records the
-    # run's length as it is now, so that an export of it names the config that makes it. The
-    # other resumable keys (paths, layout) keep the first run's record.
-    checkpoints.record_num_epochs(workdir, config.num_epochs)
   if restored is None and jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
     checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
@@ -227,6 +222,11 @@ def _train_and_evaluate(config, workdir, data=None):
       })
   elif restored is not None:
     checkpoints.check_dataset(workdir, data_fingerprint)
+    if jax.process_index() == 0:
+      # A resumed run may be made longer (num_epochs is resumable): config.json then records the
+      # run's length as it is now, so that an export of it names the config that makes it. The
+      # other resumable keys (paths, layout) keep the first run's record.
+      checkpoints.record_num_epochs(workdir, config.num_epochs)
     state, history = restored
     partial = history.pop('partial', None)
     logging.info(
