@@ -96,6 +96,10 @@ def get_config():
 
   config.optimizer = 'adam'  # the paper's optimizer (Sec. 4.1)
   config.learning_rate = 1e-3
+  # The step schedule of He et al.'s ResNet: after each of these (1-based) epochs the learning
+  # rate is multiplied by learning_rate_decay_factor. () keeps it constant, as the paper does.
+  config.learning_rate_decay_epochs = ()
+  config.learning_rate_decay_factor = 0.1
   config.batch_size = 32
   config.eval_batch_size = 256
   config.num_epochs = 10  # the paper trains 10 epochs and keeps the best by validation

@@ -36,6 +36,10 @@ RESUMABLE_KEYS = frozenset({
     'fsdp_min_size', 'dataset.max_image_pixels', 'dataset.allow_outside_paths'
 })
 
+# Keys added to configs/default.py within this workdir format, with the value that a workdir
+# written before them ran as (so such a workdir is still resumed and reused, not refused).
+KEYS_ADDED_LATER = {'learning_rate_decay_epochs': [], 'learning_rate_decay_factor': 0.1}
+
 # The version of what a workdir holds (config.json, dataset.json, the checkpoints' tree), written
 # into config.json as FORMAT_KEY. A workdir of another version is refused with a clear error:
 # this version does not guess what older runs meant by keys they lacked.
@@ -100,7 +104,7 @@ def check_config(workdir: str,
           f'{workdir} holds checkpoints but no config.json: it was not made by this '
           'version of hml_jax. Use another --workdir.')
     return
-  saved = flatten(read_config(workdir).to_dict())
+  saved = {**KEYS_ADDED_LATER, **flatten(read_config(workdir).to_dict())}
   current = flatten(json.loads(config.to_json()))
   differences = [
       f'{key}: {saved.get(key, "<absent>")!r} in the workdir, '

@@ -99,9 +99,29 @@ def scores_from_outputs(method, outputs, params, config):
   return outputs
 
 
+# The key of train_step's schedule that scales the epoch's learning rate (not a loss argument).
+LEARNING_RATE_FACTOR = 'learning_rate_factor'
+
+
+def learning_rate_factor(epoch: int, decay_epochs, decay_factor: float) -> float:
+  """The step schedule: decay_factor ** (how many of decay_epochs are before this 1-based epoch),
+  so decay_epochs=(25,) trains epochs 1-25 at the learning rate and 26 on at a tenth of it."""
+  return float(decay_factor**sum(epoch > decay_epoch for decay_epoch in decay_epochs))
+
+
+def scale_step(old, new, factor):
+  """old + factor * (new - old) on every leaf: Adam's step is linear in its learning rate, so
+  this is the step of an Adam at factor times the rate (its moments are the same)."""
+  return jax.tree_util.tree_map(lambda a, b: a + factor * (b - a), old, new)
+
+
 def train_step(state: train_state.TrainState, batch, schedule, *, method, config, hyperparameters):
   """One optimizer step. batch: images, labels and indices (rows of the training split);
-  schedule: the loss's per-epoch keyword arguments (method.schedule), as arrays."""
+  schedule: the loss's per-epoch keyword arguments (method.schedule), as arrays, and with
+  config.learning_rate_decay_epochs LEARNING_RATE_FACTOR, the epoch's factor on the network's
+  learning rate (learning_rate_factor)."""
+  schedule = dict(schedule)
+  rate_factor = schedule.pop(LEARNING_RATE_FACTOR, None)
   images = normalize_images(batch['images'], config)
   if method.labels_in_state:
     labels = state.observed_labels[batch['indices']]
@@ -135,6 +155,12 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, config
 
   def apply_step(state):
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
+    if rate_factor is not None:  # the network's parameters (head included); not s*, m*
+      new_state = new_state.replace(
+          params={
+              **new_state.params, 'model':
+                  scale_step(state.params['model'], new_state.params['model'], rate_factor)
+          })
     if method.learns_scale_and_margin:
       scale_margin = dict(new_state.params['scale_margin'])
       scale_margin['margin'] = heads.bound_learned_margin(scale_margin['margin'])

@@ -407,6 +407,10 @@ class EpochLoop:
     if method.schedule is not None:
       schedule = method.schedule(epoch, config.batch_size * split.labels.shape[1], config)
       logging.info('Epoch %d loss schedule: %s', epoch, schedule)
+    if config.learning_rate_decay_epochs:
+      schedule[steps.LEARNING_RATE_FACTOR] = steps.learning_rate_factor(
+          epoch, config.learning_rate_decay_epochs, config.learning_rate_decay_factor)
+      logging.info('Epoch %d learning rate x%g', epoch, schedule[steps.LEARNING_RATE_FACTOR])
     schedule = {key: jnp.asarray(value) for key, value in schedule.items()}
     names = parameter_names(state.params)
     done = list(partial['step_metrics']) if partial else []

@@ -338,3 +338,45 @@ def test_pseudo_label_runs_cannot_change_num_epochs_on_resume(tfds_dir, tmp_path
   train.train_and_evaluate(tiny_config(tfds_dir, loss='em_apl', num_epochs=1), str(tmp_path))
   with pytest.raises(ValueError, match='num_epochs: 1 in the workdir, 2 now'):
     train.train_and_evaluate(tiny_config(tfds_dir, loss='em_apl', num_epochs=2), str(tmp_path))
+
+
+def test_learning_rate_factor_is_the_step_schedule():
+  assert [steps.learning_rate_factor(epoch, (2, 4), 0.1) for epoch in range(1, 7)
+         ] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+  assert steps.learning_rate_factor(9, (), 0.1) == 1.0
+
+
+def test_learning_rate_factor_steps_as_adam_at_that_rate():
+  """Three steps with the factor 0.1 on the network are three steps of Adam at a tenth of the
+  rate (an independent run at that rate), and the factor applies to the network only."""
+  batch = random_batch(features)
+  method = methods.get_method('hml')
+  model = models.create_model('identity', method.head, num_labels=10)
+
+  def run(learning_rate, schedule):
+    config = tiny_config('unused', loss='hml', learning_rate=learning_rate)
+    state = train_state.create_train_state(config, model, method, jax.random.key(0), (32,))
+    hyperparameters = steps.loss_hyperparameters(method, config, batch['labels'])
+    step = jax.jit(lambda s, b: steps.train_step(
+        s, b, schedule, method=method, config=config, hyperparameters=hyperparameters))
+    for _ in range(3):
+      state, _ = step(state, batch)
+    return state.params
+
+  scaled = run(1e-2, {steps.LEARNING_RATE_FACTOR: np.float32(0.1)})
+  slower = run(1e-3, {})
+  faster = run(1e-2, {})
+  for a, b in zip(jax.tree_util.tree_leaves(scaled['model']),
+                  jax.tree_util.tree_leaves(slower['model'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(
+      jax.tree_util.tree_leaves(scaled['model'])[0],
+      jax.tree_util.tree_leaves(faster['model'])[0])
+  # The factor 0 freezes the network only: s* still moves at its own rate.
+  frozen = run(1e-2, {steps.LEARNING_RATE_FACTOR: np.float32(0.0)})
+  initial = train_state.create_train_state(tiny_config('unused', loss='hml'), model, method,
+                                           jax.random.key(0), (32,)).params
+  for a, b in zip(jax.tree_util.tree_leaves(frozen['model']),
+                  jax.tree_util.tree_leaves(initial['model'])):
+    np.testing.assert_array_equal(a, b)
+  assert float(frozen['scale_margin']['scale']) != float(initial['scale_margin']['scale'])
