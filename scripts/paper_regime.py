@@ -1,6 +1,7 @@
 """The paper's claims in its regime, offline: one command per table of docs/results.md.
 
   PYTHONPATH=. python scripts/paper_regime.py TABLE [--mode=features|finetune] [--out=runs/regime]
+      [--backbone=embedded:NAME] [--fractions=0.1,0.5,0.9] [--methods=hml,an,...]
 
 TABLE: pretraining (the source run of the embedded backbone, checked against the committed file), c1 (single positive labels: every
 method, learning rate from the paper's grid by validation mAP), c2 (partial positive labels),
@@ -58,17 +59,22 @@ PAPER_ABLATION = {'an': 86.9, 'hml_fixed': 89.1, 'hml': 89.1}  # Table 4, single
 PAPER_MARGIN = {'none': 88.0, 'positives': 83.4, 'negatives': 88.2, 'both': 89.1}
 
 
-def base_config(mode, out):
-  """configs/features.py on the embedded backbone's features of glyph_digits (extracted once into
-  OUT/features.npz), or configs/glyph_digits.py (fine-tuning from that backbone)."""
+def base_config(mode, out, backbone=''):
+  """configs/features.py on the backbone's features of glyph_digits (extracted once into
+  OUT/features.npz), or configs/glyph_digits.py (fine-tuning from that backbone). backbone: an
+  init_from spec ('' for glyph_digits's own, the shipped glyph backbone)."""
   from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  target = glyph_digits.get_config()
+  if backbone:
+    target.init_from = backbone
   if mode == 'finetune':
-    return glyph_digits.get_config()
+    return target
   from configs import features  # pylint: disable=g-import-not-at-top
   config = features.get_config()
   config.dataset.path = os.path.join(out, 'features.npz')
   if not os.path.exists(config.dataset.path):
-    extract_features.extract_initial_to_file(glyph_digits.get_config(), config.dataset.path)
+    files.makedirs(out)
+    extract_features.extract_initial_to_file(target, config.dataset.path)
   return config
 
 
@@ -204,10 +210,10 @@ def by_method_rate(config, out, mode, name, methods, **overrides):
   return rows
 
 
-def c2(config, out, mode):
+def c2(config, out, mode, fractions=FRACTIONS):
   print('| positive labels kept | BCE | HML | HML − BCE |')
   print('|---|---|---|---|')
-  for fraction in FRACTIONS:
+  for fraction in fractions:
     rows = by_method_rate(config,
                           out,
                           mode,
@@ -276,6 +282,13 @@ def main():
   parser.add_argument('table', choices=['pretraining', *TABLES])
   parser.add_argument('--mode', choices=['features', 'finetune'], default='features')
   parser.add_argument('--out', default='runs/regime')
+  parser.add_argument('--backbone',
+                      default='',
+                      help="init_from of the target's backbone (default: glyph_digits's, "
+                      'embedded:glyph_resnet_small); use one --out per backbone')
+  parser.add_argument('--fractions',
+                      default=','.join(f'{f:g}' for f in FRACTIONS),
+                      help='c2 only: the kept fractions of positive labels')
   parser.add_argument('--methods',
                       default='',
                       help='c1 only: a comma-separated subset, run in '
@@ -285,10 +298,14 @@ def main():
   host.setup()
   if args.table == 'pretraining':
     pretraining(args.out)
-  elif args.table == 'c1':
-    c1(base_config(args.mode, args.out), args.out, args.mode, args.methods)
+    return
+  config = base_config(args.mode, args.out, args.backbone)
+  if args.table == 'c1':
+    c1(config, args.out, args.mode, args.methods)
+  elif args.table == 'c2':
+    c2(config, args.out, args.mode, [float(f) for f in args.fractions.split(',') if f])
   else:
-    TABLES[args.table](base_config(args.mode, args.out), args.out, args.mode)
+    TABLES[args.table](config, args.out, args.mode)
 
 
 if __name__ == '__main__':

@@ -1,13 +1,14 @@
 """When HML helps: the strong source backbone's criterion and HML - AN under one change at a time,
 the runs and tables of docs/results.md, section "When HML helps".
 
-  PYTHONPATH=. python scripts/when_hml_helps.py criterion [--out=$PWD/runs/regime]
+  PYTHONPATH=. python scripts/when_hml_helps.py criterion [--backbone=embedded:NAME]
+      [--out=$PWD/runs/regime]
   PYTHONPATH=. python scripts/when_hml_helps.py conditions|fig2 [--only=base,e_no_shift,...]
       [--out=$PWD/runs/regime]
 
 criterion: on glyph_digits, the linear probe (features mode, BCE, full labels, lr by validation)
-against full-label fine-tuning (BCE, lr 1e-3) from embedded:glyph_source_resnet_small, 3 seeds
-each. conditions: HML and AN fine-tuned on glyph_digits with single positive labels, 3 seeds,
+against full-label fine-tuning (BCE, lr 1e-3) from a candidate backbone (the first,
+embedded:glyph_source_resnet_small, by default), 3 seeds each. conditions: HML and AN fine-tuned on glyph_digits with single positive labels, 3 seeds,
 under the base setup (the C1 table's, HML under the paper's reading of s*, m*) and each change of
 CONDITIONS on its own. fig2: the false negatives' share of the gradient (paper Fig. 2) at seed
 0's best checkpoint under each finished condition. Finished runs are reused (hml_jax.compare), so
@@ -158,24 +159,27 @@ def fig2(out, only):
       print(f'| {name} | {method} | {100 * share:.1f}% | {output:.3f} |')
 
 
-def criterion(out):
+def criterion(out, backbone=STRONG):
+  """The probe and fine-tuning runs of the criterion from backbone; the first candidate's under
+  'strong_*' names, another's under its own name."""
   from configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
+  prefix = 'strong' if backbone == STRONG else backbone.split(':')[-1]
   source = glyph_digits.get_config()
-  source.init_from = STRONG
-  path = os.path.join(out, 'strong_features.npz')
+  source.init_from = backbone
+  path = os.path.join(out, f'{prefix}_features.npz')
   if not os.path.exists(path):
     files.makedirs(out)
     extract_features.extract_initial_to_file(source, path)
   probe = features.get_config()
   probe.dataset.path = path
   probe.label_scenario = 'full'
-  probe_dir = os.path.join(out, 'features', 'strong_criterion')
+  probe_dir = os.path.join(out, 'features', f'{prefix}_criterion')
   compare.compare(probe, probe_dir, ['bce'], SEEDS, (1e-2, 1e-3, 1e-4))
   table = files.read_json(os.path.join(probe_dir, 'table.json'))
   print(f'Linear probe (features mode, BCE, full labels): {table}')
   fine = glyph_digits.get_config()
-  fine.init_from, fine.label_scenario = STRONG, 'full'
-  tuned = test_maps(fine, os.path.join(out, 'finetune', 'strong_criterion'), 'bce')
+  fine.init_from, fine.label_scenario = backbone, 'full'
+  tuned = test_maps(fine, os.path.join(out, 'finetune', f'{prefix}_criterion'), 'bce')
   print(f'Fine-tuning (BCE, full labels, lr 1e-3): {mean_std(tuned)}')
 
 
@@ -183,13 +187,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('table', choices=['criterion', 'conditions', 'fig2'])
   parser.add_argument('--only', default='', help='comma-separated condition names')
+  parser.add_argument('--backbone', default=STRONG, help='criterion only: the candidate backbone')
   parser.add_argument('--out', default=os.path.abspath('runs/regime'))
   args = parser.parse_args()
   from hml_jax import host  # pylint: disable=g-import-not-at-top
   host.setup()
   out = os.path.abspath(args.out)
   if args.table == 'criterion':
-    criterion(out)
+    criterion(out, args.backbone)
     return
   only = [n for n in args.only.split(',') if n]
   unknown = sorted(set(only) - set(CONDITIONS))
