@@ -24,22 +24,20 @@ if __name__ == '__main__':
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hml_jax import cli
+from hml_jax import false_negatives
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import host
 from hml_jax import input_pipeline
-from hml_jax import losses
 from hml_jax import sharding
 from hml_jax import train_state
 from hml_jax import steps
 
 FLAGS = flags.FLAGS
-GROUPS = ('positives', 'true negatives', 'false negatives')
+GROUPS = false_negatives.GROUPS
 GROUP_COLORS = {
     'positives': 'tab:green',
     'true negatives': 'tab:blue',
@@ -94,30 +92,6 @@ def planted_pairs(dataset_name: str) -> Sequence[Tuple[int, int]]:
     from hml_jax.datasets import glyphs  # pylint: disable=g-import-not-at-top
     return glyphs.PARTNER_PAIRS
   return ()
-
-
-def entry_groups(true_labels: np.ndarray, observed_labels: np.ndarray) -> Dict[str, np.ndarray]:
-  """Boolean masks: observed positives, true negatives, false negatives (true positives that
-  training saw as unknown = negative)."""
-  true_labels, observed = true_labels == 1, observed_labels == 1
-  return {
-      'positives': observed,
-      'true negatives': ~true_labels,
-      'false negatives': true_labels & ~observed
-  }
-
-
-def gradient_magnitudes(method, outputs, observed_labels, scale, margin, margin_on='both'):
-  """|d BCE / d output| of each entry (num_images, num_labels), with unknown labels as
-  negatives: through the margin sigmoid of Eq. 4 for a cosine head, the logit for a linear one."""
-  observed_labels = jnp.asarray(observed_labels, jnp.float32)
-
-  def total_loss(outputs):
-    logits = method.logits(outputs, scale, losses.entry_margins(observed_labels, margin, margin_on))
-    return jnp.sum(observed_labels * jax.nn.softplus(-logits) +
-                   (1.0 - observed_labels) * jax.nn.softplus(logits))
-
-  return np.abs(np.asarray(jax.grad(total_loss)(jnp.asarray(outputs, jnp.float32))))
 
 
 def densities(outputs, groups, gradients, bins=60):
@@ -321,9 +295,9 @@ def analyze(workdir: str,
 
   # 2. Outputs and gradient magnitudes on training images (Fig. 2).
   outputs, true_labels, observed = training_outputs(state, config, data.train, max_images, mesh)
-  groups = entry_groups(true_labels, observed)
-  gradients = gradient_magnitudes(method, outputs, observed, scale, margin,
-                                  config.get('margin_on', 'both'))
+  groups = false_negatives.entry_groups(true_labels, observed)
+  gradients = false_negatives.gradient_magnitudes(method, outputs, observed, scale, margin,
+                                                  config.get('margin_on', 'both'))
   report['densities'] = densities(outputs, groups, gradients)
   report['densities']['num_images'] = int(len(outputs))
   xlabel = 'cos(x, w_j)' if method.has_scale_and_margin else 'logit'

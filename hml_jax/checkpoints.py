@@ -29,16 +29,33 @@ from hml_jax import files
 # Where the data lives and how many threads read it are not part of what is computed either.
 # How the train state is laid out over the devices (parameter_sharding, fsdp_min_size) is not
 # either: the same arrays are computed, split or not. The input guards (max_image_pixels,
-# allow_outside_paths) only refuse or admit files; the images a run reads are decoded alike.
+# allow_outside_paths) only refuse or admit files; the images a run reads are decoded alike. And
+# false_negative_images only measures.
 RESUMABLE_KEYS = frozenset({
     'num_epochs', 'log_every_steps', 'checkpoints_to_keep', 'eval_batch_size', 'dataset.data_dir',
     'dataset.manual_dir', 'dataset.parallel_calls', 'convolutions', 'parameter_sharding',
-    'fsdp_min_size', 'dataset.max_image_pixels', 'dataset.allow_outside_paths'
+    'fsdp_min_size', 'dataset.max_image_pixels', 'dataset.allow_outside_paths',
+    'false_negative_images'
 })
 
 # Keys added to configs/default.py within this workdir format, with the value that a workdir
 # written before them ran as (so such a workdir is still resumed and reused, not refused).
-KEYS_ADDED_LATER = {'learning_rate_decay_epochs': [], 'learning_rate_decay_factor': 0.1}
+KEYS_ADDED_LATER = {
+    'learning_rate_decay_epochs': [],
+    'learning_rate_decay_factor': 0.1,
+    'false_negative_images': 0
+}
+
+
+def without_later_defaults(config_dict: dict) -> dict:
+  """config_dict (a config as a dict) without the KEYS_ADDED_LATER at the value they mean when
+  absent: what a config of the same run written before them holds (so exported files and
+  results stay byte for byte those of before)."""
+  return {
+      key: value for key, value in config_dict.items() if key not in KEYS_ADDED_LATER or
+      flatten({key: value})[key] != KEYS_ADDED_LATER[key]
+  }
+
 
 # The version of what a workdir holds (config.json, dataset.json, the checkpoints' tree), written
 # into config.json as FORMAT_KEY. A workdir of another version is refused with a clear error:

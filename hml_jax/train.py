@@ -13,6 +13,7 @@ from hml_jax import checkpoints
 from hml_jax import console
 from hml_jax import embedded_backbones
 from hml_jax import errors
+from hml_jax import false_negatives
 from hml_jax import files
 from hml_jax import heads
 from hml_jax import input_pipeline
@@ -56,6 +57,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}.")
   if config.num_epochs <= 0:
     raise errors.InvalidInputError(f'config.num_epochs must be positive, got {config.num_epochs}.')
+  if config.false_negative_images and jax.process_count() > 1:
+    raise errors.InvalidInputError(
+        'config.false_negative_images is measured on one process only; set it to 0.')
   if (methods.get_method(config.loss).has_scale_and_margin and
       abs(config.margin) > heads.MONOTONIC_MARGIN_LIMIT):
     raise errors.InvalidInputError(
@@ -372,12 +376,17 @@ class EpochLoop:
         'skipped_steps': train_summary['skipped_steps'],
         'test_per_class_ap': [_as_percent(v) for v in test['per_class_ap']]
     }
+    if config.false_negative_images:
+      record.update(self.false_negatives(state, scale, margin))
     self.writer.write_scalars(
         record['step'], {
             'val_map': record['val_map'],
             'test_map': record['test_map'],
             'epoch': epoch,
-            'train_loss_epoch': record['train_loss']
+            'train_loss_epoch': record['train_loss'],
+            **{
+                key: record[key] for key in record if key.startswith('false_negative')
+            }
         })
     elapsed = history['wall_seconds'] + time.time() - self.started
     logging.info(
@@ -390,6 +399,21 @@ class EpochLoop:
     history['epochs'].append(record)
     self.manager.save(epoch, state, history, is_best=is_best)
     return state, history
+
+  def false_negatives(self, state, scale, margin):
+    """false_negatives.summary on the first config.false_negative_images training images
+    (in evaluation order, unaugmented): paper Fig. 2's quantities, per epoch."""
+    config, split = self.config, self.data.train
+    outputs, rows = steps.model_outputs(state,
+                                        config,
+                                        split,
+                                        self.mesh,
+                                        config.eval_batch_size,
+                                        max_images=config.false_negative_images)
+    linear = scale is None  # a linear head: its outputs are the logits
+    return false_negatives.summary(self.method, outputs, split.labels[rows], split.observed[rows],
+                                   1.0 if linear else scale, 0.0 if linear else margin,
+                                   config.get('margin_on', 'both'))
 
   def train(self, epoch, state, partial=None, save_partial=None):
     """Runs one epoch of train steps; returns (state, summary of the epoch's mean metrics, plus

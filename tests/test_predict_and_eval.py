@@ -149,12 +149,12 @@ def test_evaluate_as_a_command_names_the_one_that_evaluates():
 
 
 def test_gradient_magnitudes_match_the_analytic_derivative():
-  from hml_jax import analyze, methods  # pylint: disable=g-import-not-at-top
+  from hml_jax import false_negatives, methods  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   cos = rng.uniform(-0.9, 0.9, size=(6, 4)).astype(np.float32)
   observed = (rng.uniform(size=(6, 4)) < 0.3).astype(np.float32)
   scale, margin = 20.0, 0.3
-  got = analyze.gradient_magnitudes(methods.get_method('hml'), cos, observed, scale, margin)
+  got = false_negatives.gradient_magnitudes(methods.get_method('hml'), cos, observed, scale, margin)
   # d/dc of BCE(sigmoid(s cos(arccos c + m)), y) = s (p - y) (cos m + c sin m / sqrt(1 - c^2)).
   theta = np.arccos(cos.astype(np.float64))
   p = 1 / (1 + np.exp(-scale * np.cos(theta + margin)))
@@ -162,8 +162,19 @@ def test_gradient_magnitudes_match_the_analytic_derivative():
       scale * (p - observed) *
       (np.cos(margin) + cos * np.sin(margin) / np.sqrt(1 - cos.astype(np.float64)**2)))
   np.testing.assert_allclose(got, expected, rtol=1e-4)
-  linear = analyze.gradient_magnitudes(methods.get_method('an'), cos, observed, scale, margin)
+  linear = false_negatives.gradient_magnitudes(methods.get_method('an'), cos, observed, scale,
+                                               margin)
   np.testing.assert_allclose(linear, np.abs(1 / (1 + np.exp(-cos)) - observed), rtol=1e-5)
+  # The per-epoch summary: the false negatives' mean probability and share of the gradient over
+  # all unobserved entries, against the NumPy transcription above.
+  true = np.maximum(observed, (rng.uniform(size=(6, 4)) < 0.4)).astype(np.float32)
+  summary = false_negatives.summary(methods.get_method('hml'), cos, true, observed, scale, margin)
+  false, negative = (true == 1) & (observed == 0), true == 0
+  assert summary['false_negative_probability'] == pytest.approx(p[false].mean(), rel=1e-4)
+  assert summary['false_negative_gradient_share'] == pytest.approx(
+      expected[false].sum() / (expected[false].sum() + expected[negative].sum()), rel=1e-4)
+  full = false_negatives.summary(methods.get_method('an'), cos, observed, observed, scale, margin)
+  assert np.isnan(full['false_negative_gradient_share'])
 
 
 @pytest.mark.slow

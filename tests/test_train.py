@@ -380,3 +380,28 @@ def test_learning_rate_factor_steps_as_adam_at_that_rate():
                   jax.tree_util.tree_leaves(initial['model'])):
     np.testing.assert_array_equal(a, b)
   assert float(frozen['scale_margin']['scale']) != float(initial['scale_margin']['scale'])
+
+
+@pytest.mark.slow
+def test_false_negatives_are_measured_per_epoch_without_changing_training(tfds_dir, tmp_path):
+  """config.false_negative_images: paper Fig. 2's two numbers in every epoch's record, measured
+  only (the run is bitwise the one without them), and the last epoch's equal to
+  false_negatives.summary of the final state recomputed here."""
+  from hml_jax import false_negatives, input_pipeline, sharding  # pylint: disable=g-import-not-at-top
+  plain, measured = tmp_path / 'plain', tmp_path / 'measured'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2), str(plain))
+  results = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2, false_negative_images=64),
+                                     str(measured))
+  assert final_state(measured) == final_state(plain)
+  for epoch in results['epochs']:
+    assert 0 < epoch['false_negative_probability'] < 1
+    assert 0 < epoch['false_negative_gradient_share'] < 1
+  mesh = sharding.create_mesh()
+  config, method, state = train_state.load_trained_state(str(measured), 'latest', mesh)
+  data = input_pipeline.load(config)
+  outputs, rows = steps.model_outputs(state, config, data.train, mesh, 64, max_images=64)
+  scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
+  expected = false_negatives.summary(method, outputs, data.train.labels[rows],
+                                     data.train.observed[rows], scale, margin)
+  for key, value in expected.items():
+    assert results['epochs'][-1][key] == pytest.approx(value, rel=1e-5)
