@@ -2,7 +2,7 @@
 the tables and the heatmap of docs/results.md, section "s* and m* from any start".
 
   PYTHONPATH=. python scripts/scale_margin.py TABLE [--mode=features|finetune]
-      [--data=glyph|composite] [--out=$PWD/runs/regime]
+      [--data=glyph|composite] [--backbone=embedded:NAME] [--out=$PWD/runs/regime]
 
 TABLE: fig5 (hml_fixed on the scale x margin grid, AN and the default adaptive HML from every start
 beside), adaptive (adaptive HML from the starts (5, 0), (10, 0.1), (20, 0.3), (40, 0.5) under
@@ -35,6 +35,8 @@ PAPER_CELL = (20.0, 0.3)  # the paper's chosen pair (Sec. 4.5, VOC12)
 SEEDS = 3
 # The learning rates that C1 chose on validation (docs/results.md, "Results of version 2.0.0").
 C1_RATES = {'features': {'hml': 1e-2, 'an': 1e-3}, 'finetune': {'hml': 1e-3, 'an': 1e-3}}
+# The rates in use: C1_RATES, or with --backbone those of paper_regime.py's c1 table in --out.
+RATES = dict(C1_RATES)
 # The readings of s*, m* (configs/default.py): the default, log-space s* under Eq. 6 alone, and
 # the paper's literal reading.
 READINGS = {
@@ -53,16 +55,22 @@ HEATMAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        'fig5_scale_margin.png')
 
 
-def base_config(mode, data, out):
+def base_config(mode, data, out, backbone=''):
   """configs/features.py on the glyph backbone's features of DATA (extracted once into OUT), or
-  configs/glyph_digits.py (fine-tuning from that backbone)."""
+  configs/glyph_digits.py (fine-tuning from that backbone). backbone: an init_from spec for
+  glyph_digits ('' for its own, the shipped glyph backbone)."""
   from configs import default, features, glyph_digits  # pylint: disable=g-import-not-at-top
+  target = glyph_digits.get_config()
+  if backbone:
+    if data != 'glyph':
+      sys.exit('--backbone applies to glyph_digits only (--data=glyph).')
+    target.init_from = backbone
   if mode == 'finetune':
     if data != 'glyph':
       sys.exit('Fine-tuning runs on glyph_digits only (--data=glyph).')
-    return glyph_digits.get_config()
+    return target
   if data == 'glyph':
-    source, path = glyph_digits.get_config(), os.path.join(out, 'features.npz')
+    source, path = target, os.path.join(out, 'features.npz')
   else:
     source, path = default.get_config(), os.path.join(out, 'composite_features.npz')
     source.init_from = 'embedded:glyph_resnet_small'
@@ -106,7 +114,7 @@ def fig5_rows(config, out, mode, data):
   """{(s, m): row} of hml_fixed. Features mode: SEEDS seeds everywhere (one on composite, the
   second data set). Fine-tuning: seed 0, then SEEDS at the best cell by validation and at
   PAPER_CELL."""
-  rate = C1_RATES[mode]['hml']
+  rate = RATES[mode]['hml']
   first = SEEDS if (mode, data) == ('features', 'glyph') else 1
   rows = {
       (s, m):
@@ -135,7 +143,7 @@ def start_seeds(mode, reading, start):
 
 
 def adaptive_rows(config, out, mode, data, reading):
-  rate = C1_RATES[mode]['hml']
+  rate = RATES[mode]['hml']
   return {
       (s, m):
           runs(config,
@@ -161,7 +169,7 @@ def final_scale_margin(row):
 
 def fig5(config, out, mode, data):
   rows = fig5_rows(config, out, mode, data)
-  print(f'hml_fixed, {mode}, {data}, single positive labels, lr {C1_RATES[mode]["hml"]:g}: '
+  print(f'hml_fixed, {mode}, {data}, single positive labels, lr {RATES[mode]["hml"]:g}: '
         'test mAP (mean ± std over seeds; seeds in brackets where not 1), best validation epoch\n')
   print('| s \\ m | ' + ' | '.join(f'{m:g}' for m in MARGINS) + ' |')
   print('|---' * (len(MARGINS) + 1) + '|')
@@ -179,11 +187,10 @@ def fig5(config, out, mode, data):
     print(f'| {s:g} | ' + ' | '.join(cells) + ' |')
   print(f'\nBest cell by validation mAP: (s, m) = ({best[0]:g}, {best[1]:g}), validation '
         f"{rows[best]['val_map_mean']:.2f}.\n")
-  an = runs(config, os.path.join(out, mode, f'fig5_{data}', 'an'), 'an', C1_RATES[mode]['an'],
-            SEEDS)
+  an = runs(config, os.path.join(out, mode, f'fig5_{data}', 'an'), 'an', RATES[mode]['an'], SEEDS)
   print('| beside | test mAP | final s\\*, m\\* |')
   print('|---|---|---|')
-  print(f'| AN (lr {C1_RATES[mode]["an"]:g}, {SEEDS} seeds) | {mean_std(an)} | |')
+  print(f'| AN (lr {RATES[mode]["an"]:g}, {SEEDS} seeds) | {mean_std(an)} | |')
   for (s, m), row in adaptive_rows(config, out, mode, data, 'default').items():
     scale, margin = final_scale_margin(row)
     print(
@@ -199,7 +206,7 @@ def fig5(config, out, mode, data):
 
 def adaptive(config, out, mode, data):
   readings = list(READINGS) if mode == 'features' else ['default', 'paper']
-  print(f'Adaptive HML, {mode}, {data}, single positive labels, lr {C1_RATES[mode]["hml"]:g}: '
+  print(f'Adaptive HML, {mode}, {data}, single positive labels, lr {RATES[mode]["hml"]:g}: '
         'test mAP (mean ± std), validation mAP, final s\\*, m\\* (mean over seeds)\n')
   print('| reading | start (s, m) | seeds | test mAP | val mAP | final s\\* | final m\\* |')
   print('|---|---|---|---|---|---|---|')
@@ -272,14 +279,27 @@ def main():
   parser.add_argument('--mode', choices=['features', 'finetune'], default='features')
   parser.add_argument('--data', choices=['glyph', 'composite'], default='glyph')
   parser.add_argument('--out', default=os.path.abspath('runs/regime'))
+  parser.add_argument('--backbone',
+                      default='',
+                      help="init_from of glyph_digits's backbone; the rates are then those of "
+                      "paper_regime.py c1 --backbone=... in the same --out")
   args = parser.parse_args()
   from hml_jax import host  # pylint: disable=g-import-not-at-top
   host.setup()
   out = os.path.abspath(args.out)
+  if args.backbone:
+    table = os.path.join(out, args.mode, 'c1', 'table.json')
+    if not os.path.exists(table):
+      sys.exit(f'{table} is missing: run paper_regime.py c1 --mode={args.mode} '
+               f'--backbone={args.backbone} --out={out} first.')
+    RATES[args.mode] = {
+        m: files.read_json(table)['table'][m]['learning_rate'] for m in ('hml', 'an')
+    }
   if args.table == 'heatmap':
     heatmap(out)
   else:
-    TABLES[args.table](base_config(args.mode, args.data, out), out, args.mode, args.data)
+    TABLES[args.table](base_config(args.mode, args.data, out, args.backbone), out, args.mode,
+                       args.data)
 
 
 if __name__ == '__main__':
