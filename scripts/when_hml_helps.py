@@ -3,7 +3,7 @@ the runs and tables of docs/results.md, section "When HML helps".
 
   PYTHONPATH=. python scripts/when_hml_helps.py criterion [--backbone=embedded:NAME]
       [--out=$PWD/runs/regime]
-  PYTHONPATH=. python scripts/when_hml_helps.py conditions|fig2 [--only=base,e_no_shift,...]
+  PYTHONPATH=. python scripts/when_hml_helps.py conditions|fig2|per_epoch [--only=base,...]
       [--out=$PWD/runs/regime]
 
 criterion: on glyph_digits, the linear probe (features mode, BCE, full labels, lr by validation)
@@ -11,7 +11,8 @@ against full-label fine-tuning (BCE, lr 1e-3) from a candidate backbone (the fir
 embedded:glyph_source_resnet_small, by default), 3 seeds each. conditions: HML and AN fine-tuned on glyph_digits with single positive labels, 3 seeds,
 under the base setup (the C1 table's, HML under the paper's reading of s*, m*) and each change of
 CONDITIONS on its own. fig2: the false negatives' share of the gradient (paper Fig. 2) at seed
-0's best checkpoint under each finished condition. Finished runs are reused (hml_jax.compare), so
+0's best checkpoint under each finished condition; per_epoch: the same quantity and the false
+negatives' mean probability after every epoch (seed 0 of HML and AN, PER_EPOCH_CONDITIONS). Finished runs are reused (hml_jax.compare), so
 a table is printed again without training; AN's runs and those of condition f are the C1 rerun's
 (paper_regime.py c1 --methods=hml,an: the same configs).
 """
@@ -159,6 +160,36 @@ def fig2(out, only):
       print(f'| {name} | {method} | {100 * share:.1f}% | {output:.3f} |')
 
 
+# Per epoch (paper Fig. 2 over training): seed 0 of AN and HML in these conditions, measured on
+# the first PER_EPOCH_IMAGES training images after every epoch (config.false_negative_images).
+PER_EPOCH_CONDITIONS = ('base', 'f_default_reading', 'a_strong_backbone',
+                        'a_and_f_strong_default_reading')
+PER_EPOCH_IMAGES = 2000
+
+
+def per_epoch(out, only):
+  """The false negatives' mean probability and gradient share after each epoch (a run of its own
+  per condition and method: the measurement does not change the training, so each is the seed-0
+  run of the conditions table, bitwise)."""
+  print('| condition | method | epoch: false negatives\' mean probability / share of the '
+        'negative-side gradient |')
+  print('|---|---|---|')
+  for name in [n for n in PER_EPOCH_CONDITIONS if not only or n in only]:
+    for method in ('hml', 'an'):
+      if method == 'an' and name.startswith('f_'):
+        continue  # AN reads no adaptive key: base's AN run
+      if method == 'an' and name.startswith('a_and_f'):
+        continue  # idem: a_strong_backbone's
+      config = condition_config(name, method)
+      config.false_negative_images = PER_EPOCH_IMAGES
+      results = compare.seed_results(config, os.path.join(out, 'finetune', 'when_per_epoch', name),
+                                     method, 1)[0]
+      cells = ', '.join(f"{e['epoch']}: {e['false_negative_probability']:.3f} / "
+                        f"{100 * e['false_negative_gradient_share']:.1f}%"
+                        for e in results['epochs'])
+      print(f'| {name} | {method} | {cells} |')
+
+
 def criterion(out, backbone=STRONG):
   """The probe and fine-tuning runs of the criterion from backbone; the first candidate's under
   'strong_*' names, another's under its own name."""
@@ -185,7 +216,7 @@ def criterion(out, backbone=STRONG):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('table', choices=['criterion', 'conditions', 'fig2'])
+  parser.add_argument('table', choices=['criterion', 'conditions', 'fig2', 'per_epoch'])
   parser.add_argument('--only', default='', help='comma-separated condition names')
   parser.add_argument('--backbone', default=STRONG, help='criterion only: the candidate backbone')
   parser.add_argument('--out', default=os.path.abspath('runs/regime'))
@@ -200,7 +231,7 @@ def main():
   unknown = sorted(set(only) - set(CONDITIONS))
   if unknown:
     sys.exit(f'Unknown condition(s) {unknown}; choose from {list(CONDITIONS)}.')
-  (conditions if args.table == 'conditions' else fig2)(out, only)
+  {'conditions': conditions, 'fig2': fig2, 'per_epoch': per_epoch}[args.table](out, only)
 
 
 if __name__ == '__main__':
