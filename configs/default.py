@@ -9,15 +9,48 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
 
+  # Every dataset key any dataset reads (one union; each comment says which read it). The paper's
+  # four set theirs in configs/paper.py, a folder in configs/folder.py, features in
+  # configs/features.py.
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'composite_digits'  # hml_jax/datasets/composite_digits.py
-  config.dataset.builder_config = 'default'  # 'tiny' for tests
-  config.dataset.data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)
+  config.dataset.name = 'composite_digits'  # all: hml_jax/datasets/registry.py
+  config.dataset.builder_config = 'default'  # TFDS builders: 'default', 'tiny' for tests
+  config.dataset.data_dir = ''  # TFDS builders: '' = TFDS's default (~/tensorflow_datasets)
+  # The paper's four: the extracted original files; '' = <data_dir>/downloads/manual.
+  config.dataset.manual_dir = ''
+  config.dataset.path = ''  # folder: the folder holding train.csv; features: the .npz file
   # Pixel normalization: (x / 255 - mean) / std. ImageNet's for photos; the digits are grayscale.
   config.dataset.mean = (0.5,)
   config.dataset.std = (0.5,)
+  # TFDS builders and folder: True holds the decoded images in memory (the embedded datasets);
+  # False streams the encoded ones with tf.data (input_pipeline.ImageSplit).
+  config.dataset.in_memory = True
+  # Streamed images: random horizontal flips, the encoded images held by the shuffle buffer, and
+  # the parallel decodes (-1 = tf.data.AUTOTUNE).
+  config.dataset.augment_flip = True
+  config.dataset.shuffle_buffer = 10000
+  config.dataset.parallel_calls = -1
+  # Streamed images and predict: 'pil' (Cole et al.'s exact preprocessing) or 'tensorflow'
+  # (hml_jax/decoders.py DECODERS).
+  config.dataset.decoder = 'pil'
+  # Images from files (streamed, folder, predict): a header that declares more pixels is refused
+  # before decoding; PIL's default Image.MAX_IMAGE_PIXELS, ~256 MiB of RGB.
+  config.dataset.max_image_pixels = 89_478_485
+  # folder: skip images that do not decode (and count them); let CSV names leave the folder;
+  # without test.csv, this share of train.csv (seeded) is the test split.
+  config.dataset.skip_corrupt = False
+  config.dataset.allow_outside_paths = False
+  config.dataset.test_fraction = 0.2
+  config.dataset.test_seed = 0
+  # features: 'none', 'standardize' (each dimension by the training rows' mean and std) or 'l2'
+  # (input_pipeline.FEATURE_STANDARDIZATIONS).
+  config.dataset.standardize = 'none'
 
   config.model = 'resnet_small'
+  # The backbone's initial weights (hml_jax/pretrained.py): '' = random, 'embedded:NAME' (shipped
+  # in hml_jax/weights/), 'torchvision:resnet50' (ImageNet), 'torchvision:/path/file.pth',
+  # 'workdir:DIR' (another run's best checkpoint).
+  config.init_from = ''
   config.image_size = 48
   config.half_precision = False
   # How convolutions are computed (hml_jax/layers.py); the parameters are the same, so it
@@ -63,8 +96,10 @@ def get_config():
   config.gamma_pos = 0.0  # asl: idem
   config.clip = 0.05  # asl: idem
   # ll_r / ll_ct / ll_cp: percent per epoch by which the clean rate falls (Kim et al., CVPR
-  # 2022); < 0 takes each variant's default, 0.5 / 0.2 / 0.1.
+  # 2022); >= 0 applies to every variant, < 0 takes each variant's value of delta_rel_by_method
+  # (Kim et al.'s defaults here; the paper configs set their per-dataset values).
   config.delta_rel = -1.0
+  config.delta_rel_by_method = {'ll_r': 0.5, 'll_ct': 0.2, 'll_cp': 0.1}
   config.role_lr_mult = 10.0  # role: the label estimator's learning rate multiplier (Cole et al.)
 
   # How each method is trained (hml_jax/recipes.py, docs/methods.md). 'shared': every method in

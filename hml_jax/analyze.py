@@ -297,7 +297,7 @@ def analyze(workdir: str,
   outputs, true_labels, observed = training_outputs(state, config, data.train, max_images, mesh)
   groups = false_negatives.entry_groups(true_labels, observed)
   gradients = false_negatives.gradient_magnitudes(method, outputs, observed, scale, margin,
-                                                  config.get('margin_on', 'both'))
+                                                  config.margin_on)
   report['densities'] = densities(outputs, groups, gradients)
   report['densities']['num_images'] = int(len(outputs))
   xlabel = 'cos(x, w_j)' if method.has_scale_and_margin else 'logit'

@@ -151,8 +151,8 @@ def input_pipeline_rate(config, num_images, batch_size):
   with tempfile.TemporaryDirectory() as root:
     write_photos(root, num_images)
     split = input_pipeline.load(
-        photo_folder_config(root, num_images, config.image_size, config.dataset.get('decoder'),
-                            config.dataset.get('parallel_calls', -1))).train
+        photo_folder_config(root, num_images, config.image_size, config.dataset.decoder,
+                            config.dataset.parallel_calls)).train
     batch_size = min(batch_size, len(split))
     epoch_images_per_sec(split, batch_size, [1])  # warm-up: tf.data graph, file cache
     return epoch_images_per_sec(split, batch_size, [2])

@@ -95,7 +95,7 @@ def summarize(runs, config, chosen_points=None):
         'test_map_std': float(test.std(ddof=1)) if len(test) > 1 else 0.0,
         'last_test_map_mean': float(np.mean([r['last_test_map'] for r in chosen])),
     }
-  scenario = labels_lib.scenario_name(config.label_scenario, config.get('positive_fraction'))
+  scenario = labels_lib.scenario_name(config.label_scenario, config.positive_fraction)
   dataset = f'{config.dataset.name} ({scenario})'
   lines = [
       f'| method | {dataset} | lr | batch | seeds | val mAP | last-epoch test mAP |',

@@ -46,8 +46,8 @@ class ImageTooLargeError(errors.InvalidInputError):
 
 
 def max_image_pixels(dataset_config) -> int:
-  """config.dataset.max_image_pixels, checked (a config without the key: the default)."""
-  value = dataset_config.get('max_image_pixels', DEFAULT_MAX_IMAGE_PIXELS)
+  """config.dataset.max_image_pixels, checked."""
+  value = dataset_config.max_image_pixels
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise errors.InvalidInputError(
         f'{MAX_PIXELS_KEY}={value!r} must be a positive whole number of pixels (default '
@@ -114,7 +114,7 @@ def check_decoder(decoder: str) -> str:
 def image_decoder(dataset_config) -> str:
   """config.dataset.decoder, checked; a config without the key (saved before it existed) means
   the decoder that runs had then."""
-  return check_decoder(dataset_config.get('decoder', 'pil'))
+  return check_decoder(dataset_config.decoder)
 
 
 def decode_and_resize_with_pil(encoded: bytes,

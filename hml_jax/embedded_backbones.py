@@ -203,7 +203,7 @@ def export_workdir(workdir: str, output: str) -> Dict[str, str]:
   model = models.create_model(config.model,
                               'linear',
                               len(info['label_names']),
-                              convolutions=config.get('convolutions', 'auto'))
+                              convolutions=config.convolutions)
   image_shape = tuple(info['example_shape'])
   variables = train_state.backbone_of_workdir(workdir, model, image_shape)
   metadata = {
@@ -216,7 +216,7 @@ def export_workdir(workdir: str, output: str) -> Dict[str, str]:
       'source_val_map':
           f"{results['val_map']:.4f}",
       'source_dataset':
-          f'{config.dataset.name}/{config.dataset.get("builder_config", "")}',
+          f'{config.dataset.name}/{config.dataset.builder_config}',
       'source_config':
           json.dumps(checkpoints.without_later_defaults(config.to_dict()), sort_keys=True),
   }

@@ -67,7 +67,7 @@ def official_splits(source, config):
   common = dict(image_size=config.image_size,
                 flip=False,
                 shuffle_buffer=1,
-                parallel_calls=config.dataset.get('parallel_calls', splits.AUTOTUNE),
+                parallel_calls=config.dataset.parallel_calls,
                 decoder=decoders.image_decoder(config.dataset))
   return tuple(
       splits.ImageSplit(records, np.arange(len(labels)), labels, labels, **common)
@@ -144,7 +144,7 @@ def extract_initial_to_file(config, output, batch_size=64):
   model = models.create_model(config.model,
                               method.head,
                               len(source.label_names),
-                              convolutions=config.get('convolutions', 'auto'))
+                              convolutions=config.convolutions)
   train, _ = official_splits(source, config)
   # The head and the label state are never used: only the backbone runs.
   config = config.copy_and_resolve_references()

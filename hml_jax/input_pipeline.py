@@ -72,7 +72,7 @@ def protocol_indices(train_labels: np.ndarray, config):
   observed = labels_lib.observe(train_labels,
                                 config.label_scenario,
                                 seed=config.label_seed,
-                                fraction=config.get('positive_fraction'))
+                                fraction=config.positive_fraction)
   train_rows, validation_rows = labels_lib.validation_split(len(train_labels),
                                                             seed=config.validation_seed,
                                                             fraction=config.validation_fraction)
@@ -99,7 +99,7 @@ def apply_protocol(source: sources.Source, config) -> Data:
     observed = labels_lib.observe(train_labels,
                                   config.label_scenario,
                                   seed=config.label_seed,
-                                  fraction=config.get('positive_fraction'))
+                                  fraction=config.positive_fraction)
     train_rows = np.arange(len(train_labels))
     validation_rows = None
   else:
@@ -108,7 +108,7 @@ def apply_protocol(source: sources.Source, config) -> Data:
   feature_statistics = None
   if source.train_examples is not None and source.train_examples.dtype == np.float32:
     source, feature_statistics = standardize_features(source, train_rows,
-                                                      config.dataset.get('standardize', 'none'))
+                                                      config.dataset.standardize)
   if source.train_examples is not None:
     if validation_rows is None:
       validation = splits.ArraySplit(source.validation_examples, source.validation_labels,
@@ -122,8 +122,8 @@ def apply_protocol(source: sources.Source, config) -> Data:
   else:
     dataset = config.dataset
     common = dict(image_size=config.image_size,
-                  shuffle_buffer=dataset.get('shuffle_buffer', 10000),
-                  parallel_calls=dataset.get('parallel_calls', splits.AUTOTUNE),
+                  shuffle_buffer=dataset.shuffle_buffer,
+                  parallel_calls=dataset.parallel_calls,
                   exact_shuffle=source.exact_shuffle,
                   decoder=decoders.image_decoder(dataset))
     num_official = len(train_labels)
@@ -131,7 +131,7 @@ def apply_protocol(source: sources.Source, config) -> Data:
                               _rows_of_index(num_official, train_rows),
                               train_labels[train_rows],
                               observed[train_rows],
-                              flip=dataset.get('augment_flip', True),
+                              flip=dataset.augment_flip,
                               **common)
     validation = splits.ImageSplit(source.train_records,
                                    _rows_of_index(num_official, validation_rows),

@@ -180,21 +180,16 @@ def large_loss_permanent_correction(logits, observed_labels, num_modified):
   return large_loss(logits, observed_labels, num_modified, correct=True)
 
 
-# Kim et al.'s default Δrel (percent per epoch) for LL-R, LL-Ct, LL-Cp.
-LARGE_LOSS_DEFAULT_DELTA_REL = {'ll_r': 0.5, 'll_ct': 0.2, 'll_cp': 0.1}
-
-
 def large_loss_schedule(name: str):
   """schedule(epoch, entries_per_batch, config) -> {'num_modified': ...} for config.loss = name;
-  config.delta_rel >= 0 applies to every variant; else config.delta_rel_by_method[name] when the
-  config has it (the per-dataset values of configs/voc.py etc.), else Kim et al.'s default."""
+  config.delta_rel >= 0 applies to every variant; else config.delta_rel_by_method[name] (Kim et
+  al.'s defaults in configs/default.py, the per-dataset values in configs/voc.py etc.)."""
   permanent = name == 'll_cp'
 
   def schedule(epoch, entries_per_batch, config):
     delta_rel = config.delta_rel
     if delta_rel < 0:
-      by_method = config.get('delta_rel_by_method') or LARGE_LOSS_DEFAULT_DELTA_REL
-      delta_rel = by_method[name]
+      delta_rel = config.delta_rel_by_method[name]
     return {'num_modified': large_loss_num_modified(epoch, entries_per_batch, delta_rel, permanent)}
 
   return schedule

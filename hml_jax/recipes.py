@@ -90,7 +90,7 @@ FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 def resolve(config) -> Recipe:
   """The recipe config.loss trains with: config.recipe's, with every field whose config key is set
   (>= 0) taken from the config."""
-  name = config.get('recipe', 'shared')
+  name = config.recipe
   if name not in RECIPES:
     raise errors.InvalidInputError(
         f"Unknown config.recipe={name!r}; choose one of {list(RECIPES)} "

@@ -123,7 +123,7 @@ class ArraySplit(Split):
     rng = np.random.RandomState([seed, epoch])
     permutation = rng.permutation(len(self))
     is_image = self.examples.ndim == 4
-    max_shift = config.get('augment_max_shift', 0) if is_image else 0
+    max_shift = config.augment_max_shift if is_image else 0
     for step in range(num_train_steps_per_epoch(self, batch_size)):
       indices = np.sort(permutation[step * batch_size:(step + 1) * batch_size])
       if step < start_step:  # draw the skipped batch's shifts: the same random stream after it

@@ -93,7 +93,7 @@ def scores_from_outputs(method, outputs, params, config):
   """
   if method.has_scale_and_margin:
     scale, margin = train_state.scale_and_margin(params, config, method)
-    if config.get('margin_on', 'both') != 'both':
+    if config.margin_on != 'both':
       margin = 0.0
     return heads.margin_logits(outputs, scale, margin)
   return outputs
@@ -266,7 +266,7 @@ def make_step_functions(method, config, mesh, hyperparameters=None, state_shardi
                  in_shardings=(state_shardings, data_sharding, replicated),
                  out_shardings=replicated)
   prepare = None
-  if (layers.resolve_convolutions(config.get('convolutions', 'auto')) == 'matmul' and
+  if (layers.resolve_convolutions(config.convolutions) == 'matmul' and
       train_state.parameter_layout(config)[0] == 'replicated'):
     # (With fsdp the parameters are split over the devices; replicated matrices would undo that.)
     prepare = jax.jit(lambda params: layers.forward_matrices(params['model']),

@@ -41,7 +41,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise errors.InvalidInputError(
         f'Unknown label scenario {config.label_scenario!r} (config.label_scenario); '
         f'choose one of {list(labels_lib.SCENARIOS)}.')
-  labels_lib.check_fraction(config.label_scenario, config.get('positive_fraction'))
+  labels_lib.check_fraction(config.label_scenario, config.positive_fraction)
   if config.optimizer != 'adam':
     raise errors.InvalidInputError(
         f"Unknown optimizer {config.optimizer!r} (config.optimizer); only 'adam' "
@@ -66,19 +66,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.margin={config.margin}: beyond |m| = '
         f'{heads.MONOTONIC_MARGIN_LIMIT:.4f} rad the margin sigmoid is no longer '
         'increasing in the cosine (heads.cos_with_margin); the paper uses 0-0.4.')
-  if config.get('adaptive_optimizer', 'log') not in train_state.ADAPTIVE_OPTIMIZERS:
+  if config.adaptive_optimizer not in train_state.ADAPTIVE_OPTIMIZERS:
     raise errors.InvalidInputError(
         f'Unknown config.adaptive_optimizer={config.adaptive_optimizer!r}; choose '
         f'one of {list(train_state.ADAPTIVE_OPTIMIZERS)}.')
-  if config.get('adaptive_scale', 'spread') not in losses.ADAPTIVE_SCALES:
+  if config.adaptive_scale not in losses.ADAPTIVE_SCALES:
     raise errors.InvalidInputError(
         f'Unknown config.adaptive_scale={config.adaptive_scale!r}; choose '
         f'one of {list(losses.ADAPTIVE_SCALES)}.')
-  if not config.get('logit_spread', 1.1) > 0:
+  if not config.logit_spread > 0:
     raise errors.InvalidInputError(
         f'config.logit_spread={config.logit_spread} must be positive: it is the standard '
         'deviation of the margin logits that s* is set to give (1.1 by default).')
-  if config.get('init_from'):
+  if config.init_from:
     pretrained.check_spec(config.init_from, config.model)
   recipes.resolve(config)
   registry.check_inputs(config.dataset)
@@ -123,7 +123,7 @@ def write_results(workdir, config, recipe, history, label_names):
       'train_images_per_sec': history['train_images'] / max(history['train_seconds'], 1e-9),
       'wall_seconds': history['wall_seconds'],
       # Where the backbone started: a pretrained spec (config.init_from) or random weights.
-      'backbone_from': config.get('init_from') or 'random initialization',
+      'backbone_from': config.init_from or 'random initialization',
       'recipe': dataclasses.asdict(recipe),
       'stopped_early': len(history['epochs']) < config.num_epochs,
       'linear_init': history.get('linear_init'),
@@ -140,11 +140,11 @@ def write_results(workdir, config, recipe, history, label_names):
 def announce_initialization(config) -> None:
   """Before any other work of a new run: the pretrained weights are found (or downloaded; an
   error names where to put them), or a warning says that a torchvision ResNet starts random."""
-  if config.get('init_from') and pretrained.workdir_of(config.init_from) is not None:
+  if config.init_from and pretrained.workdir_of(config.init_from) is not None:
     train_state.check_backbone_workdir(pretrained.workdir_of(config.init_from), config)
-  elif config.get('init_from') and embedded_backbones.name_of(config.init_from) is not None:
+  elif config.init_from and embedded_backbones.name_of(config.init_from) is not None:
     embedded_backbones.load_named(config.init_from)  # present and unchanged
-  elif config.get('init_from'):
+  elif config.init_from:
     pretrained.weights_file(config.init_from)
   elif config.model in pretrained.IMAGENET_WEIGHTS:
     logging.warning(
@@ -413,7 +413,7 @@ class EpochLoop:
     linear = scale is None  # a linear head: its outputs are the logits
     return false_negatives.summary(self.method, outputs, split.labels[rows], split.observed[rows],
                                    1.0 if linear else scale, 0.0 if linear else margin,
-                                   config.get('margin_on', 'both'))
+                                   config.margin_on)
 
   def train(self, epoch, state, partial=None, save_partial=None):
     """Runs one epoch of train steps; returns (state, summary of the epoch's mean metrics, plus

@@ -71,7 +71,7 @@ def create_optimizer(config) -> optax.GradientTransformation:
   elementwise, so this is one Adam over all). ROLE's label estimator gets config.role_lr_mult times the learning rate
   (Cole et al.), and the classifier head the recipe's head_learning_rate_multiplier times it
   (Kim et al.'s 10x for LL-R/Ct/Cp; hml_jax/recipes.py)."""
-  adaptive_optimizer = config.get('adaptive_optimizer', 'log')
+  adaptive_optimizer = config.adaptive_optimizer
   if adaptive_optimizer == 'shared':
     scale_margin_learning_rate = config.learning_rate
   else:
@@ -191,7 +191,7 @@ def create_train_state(config, model, method, rng, image_shape, observed_labels=
   """observed_labels: the training split's observed labels, needed by methods that update or
   estimate them."""
   variables = initial_variables(model, rng, image_shape)
-  if config.get('init_from'):
+  if config.init_from:
     variables = with_pretrained_backbone(variables, model, config.init_from, image_shape)
   params = {'model': variables['params']}
   if method.learns_scale_and_margin:
@@ -265,7 +265,7 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   model = models.create_model(config.model,
                               method.head,
                               num_labels,
-                              convolutions=config.get('convolutions', 'auto'))
+                              convolutions=config.convolutions)
   # The template only gives shapes and layout: the checkpoint replaces every value, so
   # pretrained weights (which may have moved since) are not read.
   mesh = mesh or sharding.create_mesh()

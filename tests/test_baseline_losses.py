@@ -2,7 +2,8 @@
 gradients), on random inputs with a row without observed positives, an all-unknown column and
 probabilities saturated at 0 and 1."""
 import jax
-import ml_collections
+
+from configs import default
 import numpy as np
 import pytest
 
@@ -228,7 +229,7 @@ def test_large_loss_matches_kim_et_al(correct, num_modified):
 
 
 def test_large_loss_schedule():
-  config = ml_collections.ConfigDict({'delta_rel': -1.0})
+  config = default.get_config()  # Kim et al.'s default delta_rel_by_method
   schedule = losses.large_loss_schedule('ll_r')
   assert schedule(1, 320, config) == {'num_modified': 0}  # epoch 1: plain AN
   assert schedule(2, 320, config) == {'num_modified': 2}  # ceil(320 * 0.005)

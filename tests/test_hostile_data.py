@@ -20,6 +20,7 @@ import zlib
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -438,7 +439,7 @@ def test_the_limit_is_the_key_and_beyond_pils_own(tmp_path):
     assert opened.size == (20000, 10000)
   for value in (0, -5, 1.5, True):
     with pytest.raises(errors.InvalidInputError, match='config.dataset.max_image_pixels='):
-      decoders.max_image_pixels({'max_image_pixels': value})
+      decoders.max_image_pixels(ml_collections.ConfigDict({'max_image_pixels': value}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,7 +463,7 @@ def test_a_value_float32_cannot_hold_is_refused_after_the_cast(tmp_path):
     assert np.isfinite(big).all() and np.isinf(big.astype(np.float32)[5, 2])
   np.savez(path, **dict(arrays, train_features=big))
   with pytest.raises(errors.InvalidInputError) as error:
-    features.load_source({'path': str(path)})
+    features.load_source(ml_collections.ConfigDict({'path': str(path)}))
   assert str(error.value).startswith(
       f"{path}: 'train_features' has a non-finite value in row 5, column 2: 1e+300, which "
       'float32')
@@ -490,7 +491,7 @@ def test_a_damaged_npz_names_the_file(tmp_path, damage):
     np.savez(path, **arrays)
     expected.append("key 'label_names' cannot be read: it is an object array")
   with pytest.raises(errors.InvalidInputError) as error:
-    features.load_source({'path': str(path)})
+    features.load_source(ml_collections.ConfigDict({'path': str(path)}))
   for text in expected:
     assert text in str(error.value)
   assert not (tmp_path / 'marker').exists()

@@ -3,6 +3,7 @@ both through the streamed pipeline, the folder checks, prediction and resuming."
 import io
 import os
 
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -113,11 +114,15 @@ def test_an_image_that_breaks_after_loading_stops_the_pipeline_with_its_row(tmp_
     list(data.test.eval_batches(4))
 
 
-def test_a_config_without_the_key_decodes_with_pil():
+def test_a_workdir_config_without_the_key_decodes_with_pil():
+  """A workdir written before dataset.decoder existed reads as the decoder it ran with."""
+  from hml_jax import checkpoints  # pylint: disable=g-import-not-at-top
   config = tiny_image_config('/nonexistent')
-  assert decoders.image_decoder(config.dataset) == 'pil'  # configs/paper.py
-  del config.dataset['decoder']
-  assert decoders.image_decoder(config.dataset) == 'pil'
+  assert decoders.image_decoder(config.dataset) == 'pil'  # configs/default.py
+  older = config.to_dict()
+  del older['dataset']['decoder']
+  read = ml_collections.ConfigDict(checkpoints.with_later_keys(older))
+  assert decoders.image_decoder(read.dataset) == 'pil'
 
 
 def load_folder(tmp_path, decoder):

@@ -104,7 +104,7 @@ def not_prepared_message(name: str, spec: CatalogSpec, data_dir: str) -> str:
 
 def _builder(name: str, spec: CatalogSpec, dataset_config):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(spec.builder_name, data_dir=dataset_config.get('data_dir') or None)
+  builder = tfds.builder(spec.builder_name, data_dir=dataset_config.data_dir or None)
   if not builder.is_prepared():
     raise errors.MissingInputError(not_prepared_message(name, spec, builder.data_dir))
   return builder

@@ -58,7 +58,7 @@ def _read_npz(path: str) -> dict:
 
 def load_source(dataset_config):
   """The sources.Source of an .npz of features (held in memory)."""
-  path = dataset_config.get('path') or ''
+  path = dataset_config.path
   if not path:
     raise errors.InvalidInputError("config.dataset.path is empty: features mode needs an .npz file "
                                    "(--config.dataset.path=FILE.npz).")

@@ -234,15 +234,15 @@ def label_matrix(label_lists, label_names) -> np.ndarray:
 
 def read_folder(dataset_config):
   """{'train'/'test': (paths, label lists)}, label names, and the number of skipped images."""
-  root = dataset_config.get('path') or ''
+  root = dataset_config.path
   if not root:
     raise errors.InvalidInputError(
         'config.dataset.path is empty: a folder dataset needs the folder holding train.csv '
         '(--config.dataset.path=DIR).')
   if not os.path.isdir(root):
     raise errors.MissingInputError(f'Dataset folder {root} (config.dataset.path) does not exist.')
-  skip_corrupt = dataset_config.get('skip_corrupt', False)
-  allow_outside = dataset_config.get('allow_outside_paths', False)
+  skip_corrupt = dataset_config.skip_corrupt
+  allow_outside = dataset_config.allow_outside_paths
   decoder = decoders.image_decoder(dataset_config)
   max_pixels = decoders.max_image_pixels(dataset_config)
   splits = {}
@@ -266,9 +266,8 @@ def read_folder(dataset_config):
     _check_disjoint(train_csv, csv_rows['train'], real['train'], test_csv, csv_rows['test'],
                     real['test'])
   else:
-    fraction = dataset_config.get('test_fraction', 0.2)
-    permutation = np.random.RandomState(dataset_config.get('test_seed',
-                                                           0)).permutation(len(filenames))
+    fraction = dataset_config.test_fraction
+    permutation = np.random.RandomState(dataset_config.test_seed).permutation(len(filenames))
     num_test = int(np.round(fraction * len(filenames)))
     if not 0 < num_test < len(filenames):
       raise errors.InvalidInputError(

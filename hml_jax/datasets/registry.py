@@ -32,7 +32,7 @@ def check_inputs(dataset_config) -> None:
   file is a zip archive), so that a mistyped path is reported in a second, before any weights are
   downloaded or any dataset prepared. The loaders check the contents in full later."""
   name = dataset_config.name
-  path = dataset_config.get('path') or ''
+  path = dataset_config.path or ''
   if name in ('folder', 'features') and not path:
     what = 'the folder holding train.csv' if name == 'folder' else 'an .npz file of features'
     raise errors.InvalidInputError(
@@ -57,7 +57,7 @@ def check_inputs(dataset_config) -> None:
           f'{path} (config.dataset.path) is not an .npz file (a zip archive), or it is truncated: '
           'write it again with numpy.savez (docs/datasets.md, features mode).')
   elif name in OUR_BUILDERS:
-    manual_dir = dataset_config.get('manual_dir') or ''
+    manual_dir = dataset_config.manual_dir or ''
     if (manual_dir and '://' not in manual_dir and not os.path.isdir(manual_dir) and
         not _tfds_builder(dataset_config).is_prepared()):
       raise errors.MissingInputError(
@@ -70,14 +70,14 @@ def _tfds_builder(dataset_config):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   register_all()
   name = dataset_config.name
-  if dataset_config.get('builder_config'):
+  if dataset_config.builder_config:
     name = f'{name}/{dataset_config.builder_config}'
   if dataset_config.name not in OUR_BUILDERS:
     # Anything else would be a TFDS catalog name, which download_and_prepare would download.
     raise errors.InvalidInputError(
         f'Unknown dataset {dataset_config.name!r} (config.dataset.name); choose one of '
         f"{sorted(OUR_BUILDERS) + ['folder', 'features', 'voc/2012', 'coco/2014']}.")
-  return tfds.builder(name, data_dir=dataset_config.get('data_dir') or None)
+  return tfds.builder(name, data_dir=dataset_config.data_dir or None)
 
 
 def load_tfds_builder(dataset_config):
@@ -85,7 +85,7 @@ def load_tfds_builder(dataset_config):
   from the original files in config.dataset.manual_dir for the paper's datasets."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = _tfds_builder(dataset_config)
-  manual_dir = dataset_config.get('manual_dir') or None
+  manual_dir = dataset_config.manual_dir or None
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   # TFDS prints its "Downloading and preparing dataset Unknown size ..." lines to stdout, though
   # nothing is downloaded here: one log line says what happens instead. Errors still raise.
@@ -217,4 +217,4 @@ def load_source(config) -> sources.Source:
   if name in ('voc/2012', 'coco/2014'):  # TFDS's catalog, already prepared by the user
     from hml_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
     return catalog.load_source(config.dataset)
-  return tfds_source(config.dataset, in_memory=config.dataset.get('in_memory', True))
+  return tfds_source(config.dataset, in_memory=config.dataset.in_memory)

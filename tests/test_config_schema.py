@@ -1,0 +1,83 @@
+"""The closed config schema: configs/default.py declares every key the package reads, no code
+reads a config with a defaulted .get(, and a workdir written before a key existed is read as it
+ran (checkpoints.KEYS_ADDED_LATER)."""
+import ast
+import json
+import os
+
+import pytest
+
+from configs import default
+from hml_jax import checkpoints, evaluate, train
+
+from helpers import tiny_config
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'hml_jax')
+CONFIG_NAMES = ('config', 'dataset_config', 'dataset', 'source_config', 'template_config')
+
+
+def _reads_config(node) -> bool:
+  """config / dataset_config / x.config / x.dataset / config.dataset: a ConfigDict by name."""
+  if isinstance(node, ast.Name):
+    return node.id in CONFIG_NAMES
+  return isinstance(node, ast.Attribute) and node.attr in ('config', 'dataset')
+
+
+def test_no_config_is_read_with_a_default():
+  found = []
+  for directory, _, names in os.walk(PACKAGE):
+    for name in names:
+      if not name.endswith('.py'):
+        continue
+      path = os.path.join(directory, name)
+      with open(path) as f:
+        tree = ast.parse(f.read())
+      for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and
+            node.func.attr == 'get' and _reads_config(node.func.value)):
+          found.append(f'{os.path.relpath(path, PACKAGE)}:{node.lineno}')
+  assert not found, f'defaulted reads of a config (declare the key in configs/default.py): {found}'
+
+
+def test_keys_added_later_are_declared_with_their_absent_meaning():
+  """Each listed key exists in configs/default.py; its absent meaning is the declared default,
+  except where older runs did otherwise (then a resume is refused, naming the key)."""
+  declared = checkpoints.flatten(default.get_config().to_dict())
+  for key in checkpoints.KEYS_ADDED_LATER:
+    assert key in declared, key
+  differing = {key for key, value in checkpoints.KEYS_ADDED_LATER.items() if declared[key] != value}
+  assert differing == {'adaptive_scale'}
+
+
+def test_a_current_config_round_trips_the_added_keys():
+  config = default.get_config().to_dict()
+  assert checkpoints.with_later_keys(checkpoints.without_later_defaults(config)) == json.loads(
+      json.dumps(checkpoints.unflatten(checkpoints.flatten(config))))
+
+
+@pytest.mark.slow
+def test_a_workdir_from_before_the_added_keys_resumes_and_evaluates(tfds_dir, tmp_path):
+  """config.json without every key added later: the run resumes (bitwise the uninterrupted run)
+  and evaluates; without adaptive_scale too, it ran as 'balance', so resuming it under 'spread' is
+  refused with the key named."""
+  uninterrupted = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2),
+                                           str(tmp_path / 'whole'))
+  workdir = tmp_path / 'older'
+  train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=1), str(workdir))
+  path = workdir / 'config.json'
+  saved = json.loads(path.read_text())
+  flat = checkpoints.flatten(saved)
+  older = {
+      k: v
+      for k, v in flat.items()
+      if k not in checkpoints.KEYS_ADDED_LATER or k == 'adaptive_scale'
+  }
+  path.write_text(json.dumps(checkpoints.unflatten(older)))
+  resumed = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2), str(workdir))
+  assert resumed['epochs'][-1]['test_map'] == uninterrupted['epochs'][-1]['test_map']
+  assert evaluate.evaluate_workdir(str(workdir))['map'] > 0
+
+  del older['adaptive_scale']
+  path.write_text(json.dumps(checkpoints.unflatten(older)))
+  with pytest.raises(Exception, match=r"adaptive_scale: 'balance' in the workdir, 'spread' now"):
+    train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
