@@ -9,12 +9,16 @@ from hml_jax import errors
 
 class _QuietLibraries:
   """Drops orbax's and TFDS's INFO lines (dozens per checkpoint), clu's progress notes (the epoch
-  line has them) and JAX's note that it found no TPU (on every plain CPU run); warnings still
-  pass."""
+  line has them), JAX's note that it found no TPU (on every plain CPU run) and matplotlib's note
+  that it built its font cache; warnings still pass, but for TFDS's about a dataset folder
+  without dataset_info.json, which it prints while it prepares every new dataset."""
 
   def filter(self, record):
-    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/',
-                                                     '/clu/platform/', '/jax/_src/xla_bridge.py'))
+    noisy = any(part in record.pathname
+                for part in ('/orbax/', '/tensorflow_datasets/', '/clu/platform/',
+                             '/jax/_src/xla_bridge.py', '/matplotlib/'))
+    if noisy and 'has no dataset_info.json' in str(record.msg):
+      return False
     return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
 
 

@@ -21,3 +21,21 @@ def test_compilation_cache_follows_jax_then_the_environment_then_the_default(mon
     assert host.use_compilation_cache() == str(tmp_path / 'xdg' / 'hml_jax' / 'xla')
   finally:
     jax.config.update('jax_compilation_cache_dir', before)
+
+
+def test_library_notes_are_dropped_and_warnings_kept():
+  import logging  # pylint: disable=g-import-not-at-top
+
+  def record(path, level, message):
+    return logging.LogRecord('x', level, path, 1, message, None, None)
+
+  quiet = host._QuietLibraries()  # pylint: disable=protected-access
+  tfds = '/site-packages/tensorflow_datasets/core/utils/file_utils.py'
+  assert not quiet.filter(record(tfds, logging.INFO, 'Load dataset info from %s'))
+  assert not quiet.filter(
+      record(tfds, logging.WARNING, 'Variant folder /d/x/1.0.0 has no dataset_info.json'))
+  assert quiet.filter(record(tfds, logging.WARNING, 'Something else is wrong'))
+  assert not quiet.filter(
+      record('/site-packages/matplotlib/font_manager.py', logging.INFO,
+             'generated new fontManager'))
+  assert quiet.filter(record('/work/hml_jax/train.py', logging.INFO, 'Epoch 1/10: ...'))
