@@ -1,10 +1,20 @@
-"""Evaluate a trained checkpoint: `python -m hml_jax.main --mode=eval --workdir=DIR --split=test`.
+"""Evaluate a trained checkpoint:
+
+  python -m hml_jax.evaluate --workdir=DIR [--split=test] [--checkpoint=best] [--threshold=0.5]
+
+(the same as `python -m hml_jax.main --mode=eval --workdir=DIR ...`).
 
 mAP and per-class AP (the paper's metric), CP/CR/CF1 and OP/OR/OF1 at a probability threshold,
 precision@k and recall@k. Written to DIR/eval_<split>.json and printed as tables.
 """
 from typing import Dict, Sequence
 
+if __name__ == '__main__':
+  # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
+  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.restart_with_fast_allocator()
+
+from absl import flags  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
@@ -86,8 +96,28 @@ def format_results(results: Dict) -> str:
   return '\n'.join(lines)
 
 
+def define_flags():
+  """Defined only when this module runs as a program (no clash with other tools' flags)."""
+  flags.DEFINE_string('workdir', None, 'A training workdir.')
+  flags.DEFINE_enum('split', 'test', list(SPLITS), 'The split, scored with its full labels.')
+  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint.')
+  flags.DEFINE_float('threshold', 0.5, 'Probability threshold of CP/CR/CF1/OP/OR/OF1.')
+  flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise errors.InvalidInputError(f'Unexpected arguments {argv[1:]}; evaluate takes flags only.')
+  host.setup()
+  flag_values = flags.FLAGS
+  print(
+      format_results(
+          evaluate_workdir(flag_values.workdir, flag_values.split, flag_values.checkpoint,
+                           flag_values.threshold)))
+
+
 if __name__ == '__main__':
-  # A library module; evaluation from the command line is the trainer's mode (one entry point).
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.exit('hml_jax.evaluate is a library module. Evaluate a run with: python -m hml_jax.main '
-           '--mode=eval --workdir=DIR [--split=test]')
+  from hml_jax import cli  # pylint: disable=g-import-not-at-top
+  define_flags()
+  cli.run(main, installed_configs=False)
