@@ -15,6 +15,11 @@ def duration(seconds: float) -> str:
   return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
 
 
+def eta_seconds(epoch: int, elapsed: float, remaining_epochs: int) -> float:
+  """The time left if the remaining epochs take as long as the mean epoch so far."""
+  return elapsed / max(epoch, 1) * remaining_epochs
+
+
 def epoch_line(epoch: int, num_epochs: int, loss: float, val_map: float, test_map: float,
                scale: Optional[float], margin: Optional[float], images_per_second: float,
                elapsed: float, remaining_epochs: int) -> str:
@@ -26,7 +31,7 @@ def epoch_line(epoch: int, num_epochs: int, loss: float, val_map: float, test_ma
     parts += [f's* {scale:.2f}', f'm* {margin:.4f}']
   parts += [f'{images_per_second:.0f} img/s', f'{duration(elapsed)} elapsed']
   if remaining_epochs > 0:
-    parts.append(f'ETA {duration(elapsed / max(epoch, 1) * remaining_epochs)}')
+    parts.append(f'ETA {duration(eta_seconds(epoch, elapsed, remaining_epochs))}')
   return f'Epoch {epoch}/{num_epochs}: ' + ', '.join(parts)
 
 

@@ -28,6 +28,7 @@ from hml_jax import recipes
 from hml_jax import sharding
 from hml_jax import splits
 from hml_jax import steps
+from hml_jax import summaries
 from hml_jax import train_state
 from hml_jax.datasets import registry
 
@@ -378,17 +379,11 @@ class EpochLoop:
     }
     if config.false_negative_images:
       record.update(self.false_negatives(state, scale, margin))
-    self.writer.write_scalars(
-        record['step'], {
-            'val_map': record['val_map'],
-            'test_map': record['test_map'],
-            'epoch': epoch,
-            'train_loss_epoch': record['train_loss'],
-            **{
-                key: record[key] for key in record if key.startswith('false_negative')
-            }
-        })
     elapsed = history['wall_seconds'] + time.time() - self.started
+    self.writer.write_scalars(
+        record['step'],
+        summaries.epoch_scalars(record,
+                                console.eta_seconds(epoch, elapsed, config.num_epochs - epoch)))
     logging.info(
         '%s',
         console.epoch_line(epoch, config.num_epochs, record['train_loss'], record['val_map'],
@@ -469,7 +464,8 @@ class EpochLoop:
       self.report_progress(step, time.time())
       bar.update(index + 1, config.batch_size)
       if step % config.log_every_steps == 0:
-        self.writer.write_scalars(step, fetch()[-1][1])  # also bounds the queued steps
+        # Also bounds the queued steps.
+        self.writer.write_scalars(step, summaries.step_scalars(fetch()[-1][1]))
       if self.guard is not None and self.guard.should_stop(step):
         fetch()
         save_partial(state, done, step)

@@ -405,3 +405,28 @@ def test_false_negatives_are_measured_per_epoch_without_changing_training(tfds_d
                                      data.train.observed[rows], scale, margin)
   for key, value in expected.items():
     assert results['epochs'][-1][key] == pytest.approx(value, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_tensorboard_tags_are_grouped(tfds_dir, tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  results = train.train_and_evaluate(
+      tiny_config(tfds_dir, num_epochs=2, log_every_steps=1, false_negative_images=32),
+      str(tmp_path))
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={'tensors': 0})
+  events.Reload()
+  tags = set(events.Tags()['tensors']) | set(events.Tags()['scalars'])
+  for tag in ('train/loss', 'train/bce', 'train/grad_norm', 'adaptive/scale', 'adaptive/margin',
+              'adaptive/gradient_balance', 'adaptive/positive_gradient', 'val/map', 'test/map',
+              'train/eta_seconds', 'train/loss_epoch', 'train/false_negative_gradient_share'):
+    assert tag in tags, (tag, sorted(tags))
+  assert not [tag for tag in tags if '/' not in tag and tag not in ('steps_per_sec', 'uptime')]
+
+  def values(tag):
+    return [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)
+           ] if tag in events.Tags()['tensors'] else [e.value for e in events.Scalars(tag)]
+
+  assert values('test/map') == pytest.approx([e['test_map'] for e in results['epochs']])
+  eta = values('train/eta_seconds')
+  assert eta[-1] == 0 and eta[0] > 0
