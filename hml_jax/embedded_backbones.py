@@ -25,7 +25,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from hml_jax import checkpoints
 from hml_jax import errors
+from hml_jax import files
+from hml_jax import train_state
 
 PREFIX = 'embedded:'
 DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
@@ -195,17 +198,11 @@ def load_named(spec: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
 
 def export_workdir(workdir: str, output: str) -> Dict[str, str]:
   """Writes the backbone of workdir's best checkpoint to output; returns the metadata."""
-  from hml_jax import checkpoints, files, train_state  # pylint: disable=g-import-not-at-top
   config = checkpoints.read_config(workdir)
   info = checkpoints.read_dataset_info(workdir)
   results = files.read_json(files.join(workdir, 'results.json'))
-  from hml_jax import models  # pylint: disable=g-import-not-at-top
-  model = models.create_model(config.model,
-                              'linear',
-                              len(info['label_names']),
-                              convolutions=config.convolutions)
   image_shape = tuple(info['example_shape'])
-  variables = train_state.backbone_of_workdir(workdir, model, image_shape)
+  variables = train_state.backbone_of_workdir(workdir)
   metadata = {
       'model':
           config.model,

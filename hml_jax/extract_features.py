@@ -31,6 +31,7 @@ from hml_jax import cli
 from hml_jax import decoders
 from hml_jax import errors
 from hml_jax import host
+from hml_jax import init_from
 from hml_jax import methods
 from hml_jax import models
 from hml_jax import sharding
@@ -150,8 +151,13 @@ def extract_initial_to_file(config, output, batch_size=64):
   config = config.copy_and_resolve_references()
   config.unlock()
   config.loss = 'an'
-  state = train_state.create_train_state(config, model, methods.get_method('an'), jax.random.key(0),
-                                         train.example_shape)
+  state = train_state.create_train_state(config,
+                                         model,
+                                         methods.get_method('an'),
+                                         jax.random.key(0),
+                                         train.example_shape,
+                                         backbone=init_from.initial_backbone(
+                                             config, model, train.example_shape))
   state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   return _write(state, config, mesh, output, batch_size, source)
 

@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 
 from hml_jax import errors
+from hml_jax import extract_features
 from hml_jax import files
 from hml_jax import input_pipeline
+from hml_jax import loop
 from hml_jax import sharding
 from hml_jax import splits
 from hml_jax import train_state
@@ -47,7 +49,6 @@ def head_config(config, recipe) -> ml_collections.ConfigDict:
 
 
 def _extract(config, state, data, mesh) -> Dict[str, np.ndarray]:
-  from hml_jax import extract_features  # pylint: disable=g-import-not-at-top  (it imports train)
   return {
       name:
           extract_features.extract(state, config, getattr(data, name), config.eval_batch_size, mesh)
@@ -82,7 +83,6 @@ def features_data(config, state, data, mesh, path) -> input_pipeline.Data:
 
 def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[str, Any]]:
   """(state with the head phase's best head, {'best_epoch', 'val_map', 'test_map'} of it)."""
-  from hml_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
   if jax.process_count() > 1:
     raise errors.InvalidInputError(
         'config.linear_init_epochs > 0 (Cole et al.\'s linear init, the published recipe of '
@@ -95,7 +95,7 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
       'Linear init (Cole et al.): the head alone for %d epochs on the frozen '
       "backbone's features, in %s.", recipe.linear_init_epochs, subdirectory)
   head_data = features_data(config, state, data, mesh, files.join(subdirectory, 'features.npz'))
-  results = train.train_and_evaluate(head_config(config, recipe), subdirectory, data=head_data)
+  results = loop.train_and_evaluate(head_config(config, recipe), subdirectory, data=head_data)
   _, _, head_state = train_state.load_trained_state(subdirectory, 'best', mesh)
   params = dict(state.params)
   params['model'] = {**state.params['model'], 'head': head_state.params['model']['head']}

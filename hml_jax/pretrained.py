@@ -296,37 +296,14 @@ def named_weights(spec: str) -> Optional[str]:
   return rest if rest in IMAGENET_WEIGHTS else None
 
 
-WORKDIR_PREFIX = 'workdir:'
-EMBEDDED_PREFIX = 'embedded:'  # hml_jax/embedded_backbones.py
-
-
-def workdir_of(spec: str) -> Optional[str]:
-  """'workdir:DIR' -> DIR (the backbone of that hml_jax run's best checkpoint); else None."""
-  return spec[len(WORKDIR_PREFIX):] if spec.startswith(WORKDIR_PREFIX) else None
-
-
 def check_spec(spec: str, model_name: Optional[str] = None) -> None:
-  """Rejects a malformed config.init_from, or ImageNet weights of another architecture than
-  config.model, before any work is done (nothing is read or downloaded)."""
-  if spec.startswith(EMBEDDED_PREFIX):
-    from hml_jax import embedded_backbones  # pylint: disable=g-import-not-at-top
-    embedded_backbones.check_spec(spec, model_name)
-    return
-  if spec.startswith(WORKDIR_PREFIX):
-    if not workdir_of(spec):
-      raise errors.InvalidInputError(f'No directory in config.init_from={spec!r}: expected '
-                                     f"'{WORKDIR_PREFIX}/path/to/a/run'.")
-    return
+  """Rejects a malformed 'torchvision:...' spec, or ImageNet weights of another architecture
+  than config.model, before any work is done (nothing is read or downloaded). Every other form
+  of config.init_from is init_from.check's."""
   if not spec.startswith(PREFIX):
     raise errors.InvalidInputError(
-        f'Unsupported pretrained-weights spec {spec!r} (config.init_from): expected '
-        f"'{PREFIX}resnet50' (torchvision's ImageNet weights; also "
-        f"{', '.join(n for n in IMAGENET_WEIGHTS if n != 'resnet50')}), "
-        f"'{PREFIX}/path/to/weights.safetensors' (or .pth, .npz), "
-        f"'{WORKDIR_PREFIX}/path/to/a/run' (the backbone of an hml_jax run), "
-        f"'{EMBEDDED_PREFIX}glyph_resnet_small' (a backbone shipped with hml_jax), "
-        "or '' "
-        'to train from scratch.')
+        f"config.init_from={spec!r} is not a torchvision spec: expected '{PREFIX}resnet50' or "
+        f"'{PREFIX}/path/to/weights.safetensors' (hml_jax/init_from.py lists every source).")
   rest = spec[len(PREFIX):]
   if not rest:
     raise errors.InvalidInputError(f'No file or name in the pretrained-weights spec {spec!r}.')
@@ -362,9 +339,6 @@ def weights_file(spec: str, progress: bool = True) -> str:
   the cache or torchvision's, downloaded if neither has it (downloads.DownloadError, naming the
   URL, the path to put the file at and its digest, if that fails); else the path itself."""
   check_spec(spec)
-  if workdir_of(spec) is not None:
-    raise errors.InvalidInputError(f'{spec!r} names a run, not a weights file '
-                                   '(train_state.backbone_of_workdir).')
   name = named_weights(spec)
   if name is None:
     path = spec[len(PREFIX):]

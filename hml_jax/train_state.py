@@ -1,9 +1,8 @@
 """The train state: its parameters and optimizer (create_optimizer, create_train_state), its
-layout over the devices (train_state_shardings), where its backbone comes from (config.init_from:
-pretrained weights or another run's backbone), and the trained state of a workdir
-(load_trained_state), which predict, evaluate, analyze, extract_features and benchmark read."""
+layout over the devices (train_state_shardings), and the trained state of a workdir
+(load_trained_state), which predict, evaluate, analyze, extract_features, benchmark and the
+'workdir:' source of init_from.py read. A pretrained backbone comes in loaded (init_from.py)."""
 import functools
-import logging
 from typing import Any
 
 import flax
@@ -15,13 +14,11 @@ import numpy as np
 import optax
 
 from hml_jax import checkpoints
-from hml_jax import embedded_backbones
 from hml_jax import errors
 from hml_jax import files
 from hml_jax import losses
 from hml_jax import methods
 from hml_jax import models
-from hml_jax import pretrained
 from hml_jax import recipes
 from hml_jax import sharding
 
@@ -98,52 +95,14 @@ def create_optimizer(config) -> optax.GradientTransformation:
   return optax.multi_transform(transforms, group_of)
 
 
-def check_backbone_workdir(directory: str, config) -> None:
-  """config.init_from='workdir:DIR': DIR must hold a finished epoch of an hml_jax run of the same
-  model and input channels; errors name what differs."""
-  spec = f'{pretrained.WORKDIR_PREFIX}{directory}'
-  if not files.exists(checkpoints.config_path(directory)):
-    raise errors.MissingInputError(
-        f'config.init_from={spec!r}: {directory} holds no hml_jax run (no '
-        'config.json). Train the source run there first.')
-  source = checkpoints.read_config(directory)
-  if source.model != config.model:
-    raise errors.InvalidInputError(
-        f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
-        f'config.model is {config.model!r}.')
-  if not files.exists(files.join(directory, 'results.json')):
-    raise errors.MissingInputError(
-        f'config.init_from={spec!r}: the run in {directory} has not finished '
-        '(no results.json): its best checkpoint may still change. Finish '
-        'that run first (the same command resumes it).')
-
-
-def check_backbone_fits(loaded, model, image_shape, spec: str) -> None:
-  """Raises a ValueError naming spec if loaded {'params', 'batch_stats'} is not shaped as model's
-  backbone for inputs of image_shape (H, W, C)."""
-  expected = pretrained.expected_variables(model.backbone, (1,) + tuple(image_shape))
-  got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), loaded)
-  wanted = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
-  if got != wanted:
-    raise errors.InvalidInputError(
-        f'config.init_from={spec}: its backbone does not fit this model for inputs '
-        f'{tuple(image_shape)} (another number of channels or layers): '
-        f'{jax.tree_util.tree_leaves(got)[:3]}... against '
-        f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
-
-
-def backbone_of_workdir(directory: str, model, image_shape):
-  """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint, checked against model's
-  backbone for inputs of image_shape (H, W, C)."""
-  check_backbone_workdir(
-      directory, ml_collections.ConfigDict({'model': checkpoints.read_config(directory).model}))
+def backbone_of_workdir(directory: str):
+  """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint (init_from.load checks that
+  the run is finished and that they fit)."""
   _, _, state = load_trained_state(directory, 'best')
-  loaded = {
+  return {
       'params': jax.device_get(state.params['model'].get('backbone', {})),
       'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))
   }
-  check_backbone_fits(loaded, model, image_shape, f'workdir:{directory}')
-  return loaded
 
 
 def _replace_backbone(variables, loaded):
@@ -151,31 +110,6 @@ def _replace_backbone(variables, loaded):
   variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
   variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['batch_stats'])
   return variables
-
-
-def with_pretrained_backbone(variables, model, init_from: str, image_shape):
-  """variables with the backbone's parameters and BatchNorm statistics replaced by the weights
-  named by config.init_from ('torchvision:resnet50', 'torchvision:/path/file.pth',
-  'workdir:DIR', 'embedded:NAME'; hml_jax/pretrained.py, hml_jax/embedded_backbones.py). The head
-  keeps its fresh initialization (a torchvision file's 1000-class fc layer and a source run's
-  head are dropped)."""
-  directory = pretrained.workdir_of(init_from)
-  if directory is not None:
-    variables = _replace_backbone(variables, backbone_of_workdir(directory, model, image_shape))
-    logging.info('Backbone initialized from the best checkpoint (epoch %d) of %s.',
-                 files.read_json(files.join(directory, 'results.json'))['best_epoch'], directory)
-    return variables
-  if embedded_backbones.name_of(init_from) is not None:
-    loaded, metadata = embedded_backbones.load_named(init_from)
-    check_backbone_fits(loaded, model, image_shape, init_from)
-    logging.info('Backbone initialized from %s (%s: best epoch %s, source validation mAP %s).',
-                 init_from, embedded_backbones.path_of(embedded_backbones.name_of(init_from)),
-                 metadata.get('best_epoch'), metadata.get('source_val_map'))
-    return _replace_backbone(variables, loaded)
-  loaded = pretrained.init_variables_from(init_from, model.backbone, (1,) + tuple(image_shape))
-  logging.info('Backbone initialized from %s (%s).', init_from,
-               pretrained.weights_file(init_from, progress=False))  # verified once per process
-  return _replace_backbone(variables, loaded)
 
 
 def initial_variables(model, rng, image_shape):
@@ -187,12 +121,19 @@ def initial_variables(model, rng, image_shape):
                                                                        jnp.float32))
 
 
-def create_train_state(config, model, method, rng, image_shape, observed_labels=None) -> TrainState:
+def create_train_state(config,
+                       model,
+                       method,
+                       rng,
+                       image_shape,
+                       observed_labels=None,
+                       backbone=None) -> TrainState:
   """observed_labels: the training split's observed labels, needed by methods that update or
-  estimate them."""
+  estimate them. backbone: {'params', 'batch_stats'} that replace the backbone's fresh ones
+  (init_from.load); the head keeps its fresh initialization."""
   variables = initial_variables(model, rng, image_shape)
-  if config.init_from:
-    variables = with_pretrained_backbone(variables, model, config.init_from, image_shape)
+  if backbone is not None:
+    variables = _replace_backbone(variables, backbone)
   params = {'model': variables['params']}
   if method.learns_scale_and_margin:
     params['scale_margin'] = {

@@ -340,18 +340,19 @@ def test_torchvision_cache_is_used_without_download(fake_imagenet_weights, cache
 
 
 def test_spec_checks(cache):
-  pretrained.check_spec('torchvision:resnet50', 'resnet50')
-  pretrained.check_spec('torchvision:/x/weights.safetensors', 'resnet50')
+  from hml_jax import init_from  # pylint: disable=g-import-not-at-top
+  init_from.check('torchvision:resnet50', 'resnet50')
+  init_from.check('torchvision:/x/weights.safetensors', 'resnet50')
   with pytest.raises(ValueError,
                      match=r"weights of resnet50, but config\.model is 'resnet18'.*"
                      r'init_from=torchvision:resnet18'):
-    pretrained.check_spec('torchvision:resnet50', 'resnet18')
+    init_from.check('torchvision:resnet50', 'resnet18')
   with pytest.raises(ValueError, match=r"'resnet_tiny'.*no ImageNet weights.*init_from=''"):
-    pretrained.check_spec('torchvision:resnet50', 'resnet_tiny')
+    init_from.check('torchvision:resnet50', 'resnet_tiny')
   with pytest.raises(ValueError, match="'resnet152' is neither"):
-    pretrained.check_spec('torchvision:resnet152')
+    init_from.check('torchvision:resnet152')
   with pytest.raises(ValueError, match="expected 'torchvision:resnet50'"):
-    pretrained.check_spec('imagenet:resnet50')
+    init_from.check('imagenet:resnet50')
   assert _leftovers(cache) == []  # checking reads and downloads nothing
 
 
@@ -394,11 +395,11 @@ def test_a_missing_weights_path_fails_before_any_other_work(tmp_path):
 
 
 def test_from_scratch_warns_once(caplog):
-  from hml_jax import train  # pylint: disable=g-import-not-at-top
+  from hml_jax import init_from  # pylint: disable=g-import-not-at-top
   from configs import voc  # pylint: disable=g-import-not-at-top
   config = voc.get_config()
   config.init_from = ''
-  train.announce_initialization(config)
+  init_from.fetch(config)
   warnings = [r for r in caplog.records if 'starts from random weights' in r.getMessage()]
   assert len(warnings) == 1 and warnings[0].levelname == 'WARNING'
   assert 'torchvision:resnet50' in warnings[0].getMessage()

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hml_jax import checkpoints, errors, methods, train, train_state
+from hml_jax import checkpoints, errors, methods, models, train, train_state
 from tests.helpers import read_results, tiny_config
 
 # Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
@@ -205,7 +205,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tfds_dir, tmp_path, monkeypa
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['epochs'][0]['skipped_steps'] == STEPS_PER_EPOCH
   _, _, state = train_state.load_trained_state(str(tmp_path / 'run'), 'latest')
-  model = train.models.create_model(config.model, 'linear', 10)
+  model = models.create_model(config.model, 'linear', 10)
   initial = train_state.create_train_state(config, model, methods.get_method('an'),
                                            jax.random.key(config.seed), (32, 32, 1))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params),

@@ -1,5 +1,5 @@
 """The paper's regime offline: the glyph pretraining source, the VOC-like target, and
-init_from='workdir:DIR' (hml_jax/datasets/glyphs.py, train_state.with_pretrained_backbone)."""
+init_from='workdir:DIR' (hml_jax/datasets/glyphs.py, init_from.load)."""
 import hashlib
 import json
 import os
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import checkpoints, embedded_backbones, methods, models, pretrained, train, train_state
+from hml_jax import checkpoints, embedded_backbones, init_from, methods, models, train, train_state
 from hml_jax.datasets import glyphs
 
 from helpers import tiny_config
@@ -171,7 +171,12 @@ def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdi
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{pretrained_workdir}')
   method = methods.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
-  state = train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+  state = train_state.create_train_state(config,
+                                         model,
+                                         method,
+                                         jax.random.key(1), (32, 32, 1),
+                                         backbone=init_from.load(config.init_from, model,
+                                                                 (32, 32, 1)))
   _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')
   for new, old in zip(jax.tree_util.tree_leaves(state.params['model']['backbone']),
                       jax.tree_util.tree_leaves(source.params['model']['backbone'])):
@@ -220,7 +225,12 @@ def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_wor
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from='embedded:tiny_backbone')
   method = methods.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
-  state = train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+  state = train_state.create_train_state(config,
+                                         model,
+                                         method,
+                                         jax.random.key(1), (32, 32, 1),
+                                         backbone=init_from.load(config.init_from, model,
+                                                                 (32, 32, 1)))
   _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')
   for new, old in ((state.params['model']['backbone'], source.params['model']['backbone']),
                    (state.batch_stats['backbone'], source.batch_stats['backbone'])):
@@ -234,18 +244,18 @@ def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_wor
   with pytest.raises(ValueError,
                      match=r'tiny_backbone.safetensors has SHA-256 .* rebuild it '
                      r'with: the test'):
-    train_state.create_train_state(config, model, method, jax.random.key(1), (32, 32, 1))
+    init_from.load(config.init_from, model, (32, 32, 1))
 
 
 def test_embedded_backbone_errors():
   with pytest.raises(ValueError,
                      match=r"no embedded backbone 'nope'; hml_jax ships "
                      r'embedded:glyph_resnet_small'):
-    pretrained.check_spec('embedded:nope', 'resnet_small')
+    init_from.check('embedded:nope', 'resnet_small')
   with pytest.raises(ValueError,
                      match=r"is a resnet_small backbone, but config.model is "
                      r"'resnet50': set --config.model=resnet_small"):
-    pretrained.check_spec('embedded:glyph_resnet_small', 'resnet50')
+    init_from.check('embedded:glyph_resnet_small', 'resnet50')
 
 
 @pytest.mark.parametrize('name', sorted(embedded_backbones.BACKBONES))
@@ -271,8 +281,7 @@ def test_committed_glyph_backbone_is_what_its_command_makes(name):
   assert config.model == backbone.model
   assert glyph_digits.get_config().init_from == 'embedded:glyph_resnet_small'
   model = models.create_model(config.model, 'cosine', 20)
-  train_state.check_backbone_fits(variables, model, (config.image_size,) * 2 + (1,),
-                                  f'embedded:{name}')
+  init_from.check_fits(variables, model, (config.image_size,) * 2 + (1,), f'embedded:{name}')
 
 
 def test_saved_backbone_files_are_the_same_bytes_whatever_the_metadata_order(tmp_path):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import models, pretrained
+from hml_jax import init_from, models, pretrained
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'torchvision_resnet_small.npz')
 
@@ -149,8 +149,13 @@ def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   config = paper.get_config('hml_voc2012')
   config.init_from = f'torchvision:{path}'
   model = models.MultiLabelClassifier(backbone=backbone, head=heads.get_head('cosine', 5))
-  state = train_state.create_train_state(config, model, methods.get_method('hml'),
-                                         jax.random.key(0), images.shape[1:])
+  state = train_state.create_train_state(config,
+                                         model,
+                                         methods.get_method('hml'),
+                                         jax.random.key(0),
+                                         images.shape[1:],
+                                         backbone=init_from.initial_backbone(
+                                             config, model, images.shape[1:]))
   features = backbone.apply(
       {
           'params': state.params['model']['backbone'],
@@ -160,7 +165,5 @@ def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
       train=False)
   np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
   assert state.params['model']['head']['label_embeddings'].shape == (256, 5)
-  config.init_from = 'imagenet:/somewhere'
   with pytest.raises(ValueError, match='torchvision:'):
-    train_state.create_train_state(config, model, methods.get_method('hml'), jax.random.key(0),
-                                   images.shape[1:])
+    init_from.load('imagenet:/somewhere', model, images.shape[1:])
