@@ -23,7 +23,7 @@ def get_config():
   config.dataset.mean = (0.5,)
   config.dataset.std = (0.5,)
   # TFDS builders and folder: True holds the decoded images in memory (the embedded datasets);
-  # False streams the encoded ones with tf.data (input_pipeline.ImageSplit).
+  # False streams the encoded ones with tf.data (splits.ImageSplit).
   config.dataset.in_memory = True
   # Streamed images: random horizontal flips, the encoded images held by the shuffle buffer, and
   # the parallel decodes (-1 = tf.data.AUTOTUNE).

@@ -16,7 +16,7 @@ def get_config(dataset_name: str):
   # The extracted original files (each builder's MANUAL_DOWNLOAD_INSTRUCTIONS says which go
   # where); '' = TFDS's default, <data_dir>/downloads/manual.
   config.dataset.manual_dir = ''
-  config.dataset.in_memory = False  # stream JPEGs with tf.data (input_pipeline.ImageSplit)
+  config.dataset.in_memory = False  # stream JPEGs with tf.data (splits.ImageSplit)
   config.dataset.augment_flip = True  # Cole et al.: RandomHorizontalFlip(0.5) for training
   # Encoded images held by the shuffle buffer (files are also read in a seeded order): 10,000
   # COCO JPEGs are about 1.6 GB of host memory.
@@ -24,7 +24,7 @@ def get_config(dataset_name: str):
   config.dataset.parallel_calls = -1  # decode + resize in parallel; -1 = tf.data.AUTOTUNE
   # 'pil': Cole et al.'s exact preprocessing (PIL decode + torchvision's Resize) and the faster
   # per core; 'tensorflow' (TF's C++ ops, no GIL) for a host with many cores per process.
-  # hml_jax/input_pipeline.py DECODERS; docs/datasets.md "The input pipeline".
+  # hml_jax/decoders.py DECODERS; docs/datasets.md "The input pipeline".
   config.dataset.decoder = 'pil'
   # Images whose header declares more pixels are refused before they are decoded (a few KB of
   # PNG can declare 130 million): PIL's default Image.MAX_IMAGE_PIXELS, ~256 MiB of RGB.
