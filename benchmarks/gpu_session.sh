@@ -13,12 +13,12 @@
 #    an API that changed), this stops here within a minute instead of spending the lease.
 # 3. The input pipeline on all the host's cores (224x224 batch 64 and 448x448 batch 16; it was
 #    never measured on a GPU host, so it goes first): the 'pil' decoder's stage on 1..all threads
-#    (scripts/benchmark_decode.py, PIL and NumPy only, at most 120 s) to OUT_DIR/decode.md, and
+#    (benchmarks/benchmark_decode.py, PIL and NumPy only, at most 120 s) to OUT_DIR/decode.md, and
 #    where TensorFlow can be imported the whole tf.data pipeline with both decoders (at most
 #    200 s) to OUT_DIR/input_pipeline.md.
 # 4. benchmarks/side_by_side.py --device=gpu, every run stopped at SECONDS (default 540) from the
 #    start; the results so far are written after every run.
-# 5. ('profile' only) scripts/profile_train_step.py on the bf16 ResNet-50 step at 448x448 batch
+# 5. ('profile' only) benchmarks/profile_train_step.py on the bf16 ResNet-50 step at 448x448 batch
 #    16 (at most 240 s): a jax.profiler trace to OUT_DIR/profile/ (open it in ui.perfetto.dev)
 #    and the time per operation joined with the optimized HLO to OUT_DIR/profile.txt. The join
 #    was written on CPU traces; on a GPU it may find fewer names, and the trace is kept anyway.
@@ -53,15 +53,15 @@ if [[ $parts != input ]] && ! python3 -m hml_jax.benchmark --config=configs/voc.
 fi
 [[ $parts != input ]] && cat "$out/smoke.json"
 if [[ $parts == profile ]]; then
-  timeout 240 python3 scripts/profile_train_step.py --config=configs/voc.py \
+  timeout 240 python3 benchmarks/profile_train_step.py --config=configs/voc.py \
     --config.image_size=448 --config.batch_size=16 --config.half_precision=True --top=40 \
     --trace_dir="$out/profile" 2>>"$out/session.log" | tee "$out/profile.txt"
   exit 0
 fi
-timeout 120 python3 scripts/benchmark_decode.py --image_size=224,448 --batch_size=64,16 \
+timeout 120 python3 benchmarks/benchmark_decode.py --image_size=224,448 --batch_size=64,16 \
   --num_images=1024 2>>"$out/session.log" | tee "$out/decode.md"
 if python3 -c 'import tensorflow' 2>/dev/null; then
-  timeout 200 python3 scripts/benchmark_input_pipeline.py --image_size=224,448 \
+  timeout 200 python3 benchmarks/benchmark_input_pipeline.py --image_size=224,448 \
     --batch_size=64,16 --num_images=1024 --epochs=4 --parallel_calls=-1 \
     --decoder=pil,tensorflow \
     2>>"$out/session.log" | tee "$out/input_pipeline.md"

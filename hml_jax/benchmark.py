@@ -182,7 +182,7 @@ def network_flops(lowered, compiled, num_devices: int) -> float:
 def synthetic_train_step(config, num_labels=20):
   """The config's real jitted train and eval steps, an initial state and one synthetic batch of
   the config's shape on every device: (train_fn, eval_fn, state, batch, schedule, mesh). Also
-  used by scripts/profile_train_step.py."""
+  used by benchmarks/profile_train_step.py."""
   method = methods.get_method(config.loss)
   mesh = sharding.create_mesh()
   dtype = jax.numpy.bfloat16 if config.half_precision else jax.numpy.float32

@@ -21,7 +21,7 @@ from hml_jax import errors
 #     Resize((size, size)) compute, and 1.6-2.5x faster per core than 'tensorflow'
 #     (docs/performance_notes.md, "Input pipeline"). Runs as Python in tf.data's threads: PIL
 #     releases the GIL while it decodes and resizes, and holds it for 0.07-0.13 ms per image
-#     (uncontended; scripts/benchmark_decode.py).
+#     (uncontended; benchmarks/benchmark_decode.py).
 #   'tensorflow': tf.io.decode_image + tf.image.resize(antialias=True), in TensorFlow's C++
 #     threads (no GIL): slower per core, but free of the GIL's bound on a host with many cores
 #     per process. Its resize is within 1 grey level of PIL's; its JPEG decoder rounds

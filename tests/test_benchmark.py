@@ -151,12 +151,12 @@ def test_benchmark_runs_without_tensorflow_and_clu(tmp_path):
 
 
 def test_decode_benchmark_runs_without_tensorflow(tmp_path):
-  """scripts/benchmark_decode.py times the 'pil' decoder's stage on a host without TensorFlow
+  """benchmarks/benchmark_decode.py times the 'pil' decoder's stage on a host without TensorFlow
   (the GPU machine): one row per thread count and the GIL bound, for each size."""
   for name in ('tensorflow', 'tensorflow_datasets', 'clu'):
     (tmp_path / f'{name}.py').write_text(f"raise ImportError('{name} is blocked by the test')\n")
   completed = subprocess.run([
-      sys.executable, 'scripts/benchmark_decode.py', '--num_images=12', '--image_size=24,40',
+      sys.executable, 'benchmarks/benchmark_decode.py', '--num_images=12', '--image_size=24,40',
       '--batch_size=4,2', '--threads=1,3', '--epochs=1'
   ],
                              cwd=ROOT,
@@ -176,8 +176,8 @@ def test_decode_benchmark_runs_without_tensorflow(tmp_path):
 
 def test_input_pipeline_benchmark_prints_a_row_per_decoder():
   completed = subprocess.run([
-      sys.executable, 'scripts/benchmark_input_pipeline.py', '--num_images=12', '--image_size=24',
-      '--batch_size=4', '--parallel_calls=1'
+      sys.executable, 'benchmarks/benchmark_input_pipeline.py', '--num_images=12',
+      '--image_size=24', '--batch_size=4', '--parallel_calls=1'
   ],
                              cwd=ROOT,
                              env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),

@@ -1,4 +1,4 @@
-"""torchvision weights: the committed fixture (scripts/make_torchvision_fixture.py) holds a small
+"""torchvision weights: the committed fixture (tests/fixtures/make_torchvision_fixture.py) holds a small
 torchvision Bottleneck ResNet's state dict, an input and torchvision's pooled features."""
 import os
 import sys

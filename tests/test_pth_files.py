@@ -11,7 +11,7 @@ import pytest
 from hml_jax import pretrained, pth_files
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
-PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')  # scripts/make_pth_fixture.py
+PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')  # tests/fixtures/make_pth_fixture.py
 NPZ = os.path.join(FIXTURES, 'torchvision_resnet_small.npz')
 
 

@@ -4,7 +4,7 @@ naming the file, having run nothing, or returns arrays that hold only the elemen
 archive's storages, in total at most MAX_VIEW_FACTOR times their bytes, within bounded memory.
 
 The builders here make archives as torch.save does without torch: a pickler that resolves
-torch's names to stand-in modules installed only while it pickles. scripts/fuzz_pth.py (the
+torch's names to stand-in modules installed only while it pickles. tests/fuzz_pth.py (the
 coverage-guided campaign) seeds its corpus from valid_archives() and hostile_archives() and
 mutates with mutate().
 
@@ -47,7 +47,7 @@ if __name__ == '__main__':
 from hml_jax import pretrained, pth_files  # pylint: disable=g-import-not-at-top
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
-PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')  # scripts/make_pth_fixture.py
+PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')  # tests/fixtures/make_pth_fixture.py
 
 _DTYPES = {
     'DoubleStorage': np.float64,

@@ -16,7 +16,7 @@ first filled with the small valid archives and the hand-made hostile ones of tha
 Needs atheris (pip install atheris; not a requirement of the project). From the repository root,
 on one core:
 
-  taskset -c 1 python scripts/fuzz_pth.py -max_total_time=1500 -rss_limit_mb=2048 \\
+  taskset -c 1 python tests/fuzz_pth.py -max_total_time=1500 -rss_limit_mb=2048 \\
       -max_len=65536 -print_final_stats=1 /tmp/pth_corpus
 
 libFuzzer's options apply (-atheris_runs=N for a number of inputs, -runs=N, -jobs, ...); the

@@ -1,6 +1,6 @@
 """What the checkpoint manifest costs at ResNet-50 size (docs/reliability.md).
 
-  PYTHONPATH=. python scripts/benchmark_checkpoint_manifest.py [--repeats=3] [--dir=/tmp/x]
+  PYTHONPATH=. python benchmarks/benchmark_checkpoint_manifest.py [--repeats=3] [--dir=/tmp/x]
 
 Builds the train state of configs/coco.py (ResNet-50, 80 labels, HML, Adam: its parameters,
 batch statistics and both moments, 71 M values and 284 MB in 596 arrays), then times, in one

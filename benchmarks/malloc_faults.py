@@ -1,7 +1,7 @@
 """Minor page faults, kernel time and images/s per train step of ResNet-50 (configs/voc.py).
 
-  GLIBC_TUNABLES=... python scripts/malloc_faults.py IMAGE_SIZE BATCH_SIZE STEPS
-  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python scripts/malloc_faults.py ...
+  GLIBC_TUNABLES=... python benchmarks/malloc_faults.py IMAGE_SIZE BATCH_SIZE STEPS
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/malloc_faults.py ...
 
 One JSON line: the allocator settings it ran with, and per timed step (after 3 warm-up steps) the
 process's minor page faults, its kernel (sys) seconds and the images per second. Compiled programs

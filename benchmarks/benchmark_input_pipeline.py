@@ -1,6 +1,6 @@
 """Throughput of the image input pipeline on this host, in images per second.
 
-  python scripts/benchmark_input_pipeline.py [--num_images=512] [--image_size=448[,224...]]
+  python benchmarks/benchmark_input_pipeline.py [--num_images=512] [--image_size=448[,224...]]
       [--batch_size=16[,64...]] [--epochs=1] [--parallel_calls=1,2,-1]
       [--decoder=pil,tensorflow]
 

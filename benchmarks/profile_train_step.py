@@ -1,6 +1,6 @@
 """Where the time of one train step goes, per XLA operation (docs/performance_notes.md).
 
-  PYTHONPATH=. python scripts/profile_train_step.py --config=configs/paper.py \
+  PYTHONPATH=. python benchmarks/profile_train_step.py --config=configs/paper.py \
       --config.image_size=224 --config.batch_size=16 [--config.convolutions=native] [--top=25] \
       [--step=eval --config.eval_batch_size=16]
 

@@ -1,6 +1,6 @@
 """Images/s of the 'pil' decoder's stage alone, on 1..N threads of this host; no TensorFlow.
 
-  python scripts/benchmark_decode.py [--image_size=224,448] [--batch_size=64,16]
+  python benchmarks/benchmark_decode.py [--image_size=224,448] [--batch_size=64,16]
       [--num_images=1024] [--threads=1,2,4,8,16] [--epochs=2]
 
 The streamed pipeline's costly stage is decoding and resizing (docs/datasets.md "The input pipeline"):
