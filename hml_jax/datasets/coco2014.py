@@ -20,7 +20,6 @@ from typing import List, Tuple
 
 from absl import logging
 import numpy as np
-import tensorflow_datasets as tfds
 
 from hml_jax.datasets import common
 from hml_jax import errors
@@ -85,35 +84,25 @@ def read_split(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
   return filenames, labels, [name for _, name in categories]
 
 
-class Coco2014(tfds.core.GeneratorBasedBuilder):
+class Coco2014(common.PaperDatasetBuilder):
   """MS-COCO 2014 multi-label classification in Cole et al.'s format, from the manual_dir."""
 
   name = 'hml_coco2014'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  NUM_LABELS = NUM_LABELS
+  HOMEPAGE = 'https://cocodataset.org/'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=common.features(NUM_LABELS),
-        supervised_keys=None,
-        homepage='https://cocodataset.org/',
-        # The category names come from the annotation files: filled in when prepared.
-        metadata=tfds.core.MetadataDict(label_names=[]),
-    )
-
-  def _split_generators(self, dl_manager):
-    root = os.fspath(dl_manager.manual_dir)
+  def read_splits(self, root):
+    """The category names come from the annotation files, which must agree."""
     splits = {split: read_instances(root, split) for split in ('train', 'test')}
     if splits['train'][2] != splits['test'][2]:
       raise errors.InvalidInputError(
           f'{Coco2014.name}: instances_train2014.json and instances_val2014.json in {root} '
           f'list different categories: {splits["train"][2]} vs {splits["test"][2]}')
-    self.info.metadata['label_names'] = [name for _, name in splits['train'][2]]
     return {
-        split: self._generate_examples(filenames, labels, root)
-        for split, (filenames, labels, _) in splits.items()
+        split: (filenames, labels, [name for _, name in categories])
+        for split, (filenames, labels, categories) in splits.items()
     }
 
-  def _generate_examples(self, filenames, labels, root):
-    return common.generate_examples(filenames, labels, lambda f: os.path.join(root, f))
+  def image_path(self, root, filename):
+    return os.path.join(root, filename)

@@ -1,5 +1,5 @@
-"""Helpers shared by the paper-dataset builders (voc2012, coco2014, cub, nus_wide): the feature
-spec, image reading and error messages."""
+"""What the paper-dataset builders (voc2012, coco2014, cub, nus_wide) share: their base class
+(PaperDatasetBuilder), the feature spec, image reading and error messages."""
 import io
 import os
 from typing import Callable, Iterator, Sequence, Tuple
@@ -79,3 +79,45 @@ def generate_examples(filenames: Sequence[str], labels: np.ndarray,
         'index': index,
         'filename': filename
     }
+
+
+class PaperDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """One of the paper's datasets in Cole et al.'s format, built from the original files in the
+  manual_dir. A subclass names it (name, NUM_LABELS, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS, and
+  LABEL_NAMES when they are fixed; else read_splits gives them), reads its label files
+  (read_splits) and says where an image is (image_path)."""
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  NUM_LABELS: int = 0
+  HOMEPAGE: str = ''
+  LABEL_NAMES: Sequence[str] = ()  # () when the label names come from the files
+
+  def read_splits(self, root: str) -> dict:
+    """{'train', 'test'} -> (filenames, labels (N, NUM_LABELS), label_names), every label file
+    parsed before any image is read (so label errors come first)."""
+    raise NotImplementedError
+
+  def image_path(self, root: str, filename: str) -> str:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=features(self.NUM_LABELS),
+        supervised_keys=None,
+        homepage=self.HOMEPAGE,
+        # Names that come from the files are filled in when the dataset is prepared.
+        metadata=tfds.core.MetadataDict(label_names=list(self.LABEL_NAMES)),
+    )
+
+  def _split_generators(self, dl_manager):
+    root = os.fspath(dl_manager.manual_dir)
+    splits = self.read_splits(root)
+    if not self.LABEL_NAMES:
+      self.info.metadata['label_names'] = list(splits['train'][2])
+    return {
+        split: self._generate_examples(root, filenames, labels)
+        for split, (filenames, labels, _) in splits.items()
+    }
+
+  def _generate_examples(self, root, filenames, labels):
+    return generate_examples(filenames, labels, lambda f: self.image_path(root, f))

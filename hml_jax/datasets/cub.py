@@ -19,7 +19,6 @@ import os
 from typing import Dict, List, Tuple
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from hml_jax.datasets import common
 from hml_jax import errors
@@ -153,32 +152,17 @@ def read_split(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
   return read_splits(root)[split]
 
 
-class Cub(tfds.core.GeneratorBasedBuilder):
-  """CUB-200-2011 image attributes in Cole et al.'s format, from the manual_dir."""
+class Cub(common.PaperDatasetBuilder):
+  """CUB-200-2011 image attributes in Cole et al.'s format, from the manual_dir (the attribute
+  names from attributes.txt)."""
 
   name = 'hml_cub'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  NUM_LABELS = NUM_LABELS
+  HOMEPAGE = 'https://www.vision.caltech.edu/datasets/cub_200_2011/'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=common.features(NUM_LABELS),
-        supervised_keys=None,
-        homepage='https://www.vision.caltech.edu/datasets/cub_200_2011/',
-        # The attribute names come from attributes.txt: filled in when prepared.
-        metadata=tfds.core.MetadataDict(label_names=[]),
-    )
+  def read_splits(self, root):
+    return read_splits(root)
 
-  def _split_generators(self, dl_manager):
-    root = os.fspath(dl_manager.manual_dir)
-    splits = read_splits(root)
-    self.info.metadata['label_names'] = splits['train'][2]
-    image_dir = os.path.join(root, 'CUB_200_2011', 'images')
-    return {
-        split: self._generate_examples(filenames, labels, image_dir)
-        for split, (filenames, labels, _) in splits.items()
-    }
-
-  def _generate_examples(self, filenames, labels, image_dir):
-    return common.generate_examples(filenames, labels, lambda f: os.path.join(image_dir, f))
+  def image_path(self, root, filename):
+    return os.path.join(root, 'CUB_200_2011', 'images', filename)

@@ -28,7 +28,6 @@ from typing import List, Tuple
 
 from absl import logging
 import numpy as np
-import tensorflow_datasets as tfds
 
 from hml_jax import errors
 from hml_jax.datasets import common
@@ -368,32 +367,18 @@ def resolve_image(root, filename: str) -> str:
       f'at {candidates[1]}')
 
 
-class NusWide(tfds.core.GeneratorBasedBuilder):
-  """NUS-WIDE (81 concepts) in Cole et al.'s format, from the manual_dir."""
+class NusWide(common.PaperDatasetBuilder):
+  """NUS-WIDE (81 concepts) in Cole et al.'s format, from the manual_dir (the concept names from
+  Concepts81.txt)."""
 
   name = 'hml_nus_wide'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  NUM_LABELS = NUM_LABELS
+  HOMEPAGE = ('https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/'
+              'NUS-WIDE.html')
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=common.features(NUM_LABELS),
-        supervised_keys=None,
-        homepage=('https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/'
-                  'NUS-WIDE.html'),
-        # The concept names come from Concepts81.txt: filled in when prepared.
-        metadata=tfds.core.MetadataDict(label_names=[]),
-    )
+  def read_splits(self, root):
+    return {split: read_split(root, split) for split in ('train', 'test')}
 
-  def _split_generators(self, dl_manager):
-    root = os.fspath(dl_manager.manual_dir)
-    splits = {split: read_split(root, split) for split in ('train', 'test')}
-    self.info.metadata['label_names'] = splits['train'][2]
-    return {
-        split: self._generate_examples(filenames, labels, root)
-        for split, (filenames, labels, _) in splits.items()
-    }
-
-  def _generate_examples(self, filenames, labels, root):
-    return common.generate_examples(filenames, labels, lambda f: resolve_image(root, f))
+  def image_path(self, root, filename):
+    return resolve_image(root, filename)

@@ -12,7 +12,6 @@ import os
 from typing import List, Tuple
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from hml_jax.datasets import common
 
@@ -60,31 +59,16 @@ def read_split(root, split: str) -> Tuple[List[str], np.ndarray, List[str]]:
   return filenames, labels, list(LABEL_NAMES)
 
 
-class Voc2012(tfds.core.GeneratorBasedBuilder):
+class Voc2012(common.PaperDatasetBuilder):
   """PASCAL VOC 2012 classification labels in Cole et al.'s format, from the manual_dir."""
 
   name = 'hml_voc2012'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  NUM_LABELS, LABEL_NAMES = NUM_LABELS, tuple(LABEL_NAMES)
+  HOMEPAGE = 'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/'
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=common.features(NUM_LABELS),
-        supervised_keys=None,
-        homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/',
-        metadata=tfds.core.MetadataDict(label_names=list(LABEL_NAMES)),
-    )
+  def read_splits(self, root):
+    return {split: read_split(root, split) for split in ('train', 'test')}
 
-  def _split_generators(self, dl_manager):
-    root = os.fspath(dl_manager.manual_dir)
-    # Parse every label file before any image is read, so label errors come first.
-    splits = {split: read_split(root, split) for split in ('train', 'test')}
-    image_dir = os.path.join(root, 'VOCdevkit', 'VOC2012', 'JPEGImages')
-    return {
-        split: self._generate_examples(filenames, labels, image_dir)
-        for split, (filenames, labels, _) in splits.items()
-    }
-
-  def _generate_examples(self, filenames, labels, image_dir):
-    return common.generate_examples(filenames, labels, lambda f: os.path.join(image_dir, f))
+  def image_path(self, root, filename):
+    return os.path.join(root, 'VOCdevkit', 'VOC2012', 'JPEGImages', filename)
