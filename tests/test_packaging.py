@@ -1,5 +1,6 @@
 """pyproject.toml: installable with pip (`pip install .`, `pip install git+URL`), with the
 dependencies of requirements.txt."""
+import json
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ def test_every_python_package_is_listed():
       os.path.relpath(directory, ROOT).replace(os.sep, '.')
       for directory, _, names in os.walk(ROOT)
       if '__init__.py' in names and not any(
-          part.startswith('.') or part == 'tests'
+          part.startswith('.') or part in ('tests', 'build', 'dist') or part.endswith('.egg-info')
           for part in os.path.relpath(directory, ROOT).split(os.sep))
   }
   assert found == packages
@@ -88,3 +89,33 @@ def test_pip_installed_package_trains_from_another_directory(tmp_path, tfds_dir)
                           check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (elsewhere / 'run' / 'results.json').exists()
+  # The console commands, from the scripts pip wrote: hml-eval on that run, hml-train --help.
+  results = json.loads((elsewhere / 'run' / 'results.json').read_text())
+  evaluated = subprocess.run([str(target / 'bin' / 'hml-eval'), '--workdir=run'],
+                             cwd=elsewhere,
+                             env=environment,
+                             capture_output=True,
+                             text=True,
+                             check=False)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert f"mAP {results['test_map']:.2f}" in evaluated.stdout
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    commands = tomllib.load(f)['project']['scripts']
+  for command in commands:
+    assert (target / 'bin' / command).exists(), command
+
+
+def test_console_commands_name_tools_that_exist():
+  """Each [project.scripts] entry is a function of console_scripts that runs a module with a
+  command-line entry (`if __name__ == '__main__':`)."""
+  from hml_jax import console_scripts  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    commands = tomllib.load(f)['project']['scripts']
+  for command, target in commands.items():
+    module, function = target.split(':')
+    assert module == 'hml_jax.console_scripts', command
+    source = inspect.getsource(getattr(console_scripts, function))
+    tool = re.search(r"_as_main\('([\w.]+)'\)", source).group(1)
+    with open(os.path.join(ROOT, *tool.split('.')) + '.py') as f:
+      assert "if __name__ == '__main__':" in f.read(), (command, tool)
