@@ -6,7 +6,7 @@
 One JSON line: the allocator settings it ran with, and per timed step (after 3 warm-up steps) the
 process's minor page faults, its kernel (sys) seconds and the images per second. Compiled programs
 are cached in /tmp/malloc_faults_cache, so that the settings compared one after another compile
-once. docs/performance_notes.md, "glibc's malloc keeping freed memory", has what it measured.
+once. docs/history.md, "glibc's malloc keeping freed memory", has what it measured.
 """
 import os, resource, sys, time, json
 

@@ -1,4 +1,4 @@
-"""Where the time of one train step goes, per XLA operation (docs/performance_notes.md).
+"""Where the time of one train step goes, per XLA operation (docs/history.md).
 
   PYTHONPATH=. python benchmarks/profile_train_step.py --config=configs/paper.py \
       --config.image_size=224 --config.batch_size=16 [--config.convolutions=native] [--top=25] \

@@ -55,7 +55,7 @@ def get_config():
   config.half_precision = False
   # How convolutions are computed (hml_jax/layers.py); the parameters are the same, so it
   # may change between runs and on resume. 'auto': as matmuls where that is faster on CPU
-  # (docs/performance_notes.md), XLA's native convolutions on GPU and TPU.
+  # (docs/history.md), XLA's native convolutions on GPU and TPU.
   config.convolutions = 'auto'
 
   # 'hml' (adaptive s*, m*), 'hml_fixed' (config.scale, config.margin), 'normalized_sigmoid'

@@ -2,7 +2,7 @@
 
 XLA on CPU allocates a train step's temporaries afresh at every step. glibc's malloc hands large
 freed blocks back to the kernel, so every step page-faults them in again: ResNet-50 at 224x224,
-batch 16, 720k faults and 1.3 s of kernel time per step (docs/performance_notes.md, "glibc's
+batch 16, 720k faults and 1.3 s of kernel time per step (docs/history.md, "glibc's
 malloc keeping freed memory"). tcmalloc and TBB's scalable malloc keep freed blocks for the next
 step. A malloc replacement must be in place before the process allocates anything, that is in
 LD_PRELOAD when the process starts; so the command-line tools (`python -m hml_jax.main`, ...) call
@@ -33,7 +33,7 @@ RESTARTED_ENVIRONMENT_VARIABLE = 'HML_JAX_MALLOC_RESTARTED'
 # TBB's malloc caches a freed large block only if it counts as "huge" (by default only above
 # 64 MB); smaller large blocks go back to the kernel as glibc's do. At 1 MiB every block of a
 # step's temporaries is kept: 2.8 faults per step instead of 129k at 64x64 batch 32, 27.2 img/s
-# against tcmalloc's 26.4-27.0 and glibc's 24.0 (docs/performance_notes.md, measured 2026-12-03).
+# against tcmalloc's 26.4-27.0 and glibc's 24.0 (docs/history.md, measured 2026-12-03).
 TBB_HUGE_SIZE_THRESHOLD_BYTES = 2**20
 TBB_LIBRARIES = ('libtbbmalloc.so.2', 'libtbbmalloc_proxy.so.2')  # the malloc, then its proxy
 

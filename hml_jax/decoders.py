@@ -19,7 +19,7 @@ from hml_jax import errors
 # How encoded images become (image_size, image_size, 3) uint8 arrays (config.dataset.decoder):
 #   'pil': PIL's decode and resize, exactly what Cole et al.'s loader and torchvision's
 #     Resize((size, size)) compute, and 1.6-2.5x faster per core than 'tensorflow'
-#     (docs/performance_notes.md, "Input pipeline"). Runs as Python in tf.data's threads: PIL
+#     (docs/history.md, "Input pipeline"). Runs as Python in tf.data's threads: PIL
 #     releases the GIL while it decodes and resizes, and holds it for 0.07-0.13 ms per image
 #     (uncontended; benchmarks/benchmark_decode.py).
 #   'tensorflow': tf.io.decode_image + tf.image.resize(antialias=True), in TensorFlow's C++

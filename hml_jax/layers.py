@@ -8,7 +8,7 @@ choice also fixes the layout of the activations between layers (`channel_axis`):
 - 'native': lax.conv_general_dilated everywhere (what nn.Conv does), on channel-last (N, H, W, C)
   activations. Best on GPU and TPU, whose convolution libraries are well tuned.
 - 'matmul': what profiling the ResNet-50 train step on CPU showed to be faster (every number and
-  every attempt is in docs/performance_notes.md), on channel-major (C, N, H, W) activations:
+  every attempt is in docs/history.md), on channel-major (C, N, H, W) activations:
   * 1x1 convolutions (two thirds of ResNet-50's) are a matmul over the channel axis,
     `channel_matmul`, with a hand-written backward pass. Channel-major, all three of its matmuls
     (forward, input gradient, kernel gradient) have a row-major left operand, the form XLA hands
@@ -27,7 +27,7 @@ choice also fixes the layout of the activations between layers (`channel_axis`):
 `BatchNorm` is flax.linen.BatchNorm as the ResNets use it (the same parameters, statistics and
 outputs), over the channel axis of either layout, with its training-mode backward pass written
 by hand: two passes over the activations (one reduction, one elementwise) where automatic
-differentiation of the statistics left XLA with more; docs/performance_notes.md has the
+differentiation of the statistics left XLA with more; docs/history.md has the
 measurement.
 """
 import functools
@@ -46,7 +46,7 @@ CONVOLUTIONS = ('auto', 'native', 'matmul')
 # The flax variable collection of the matrices that 'matmul' convolutions multiply by in their
 # forward pass: each kernel (kh, kw, in, out) as (out, kh * kw * in), its transpose. A forward
 # pass given them (the eval step, steps.EvalFunction) skips transposing every kernel on every
-# call, about a tenth of ResNet-50's evaluation at 64x64 on CPU (docs/performance_notes.md, 16).
+# call, about a tenth of ResNet-50's evaluation at 64x64 on CPU (docs/history.md, 16).
 FORWARD_MATRICES = 'forward_matrices'
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
@@ -107,7 +107,7 @@ def _contract_channels(x, matrix):
   the input gradient matrix (in, out) @ dy (out, pixels), and the kernel gradient x (in, pixels)
   @ dy^T. Channel-last, the kernel gradient x^T @ dy contracts the left operand's rows, which
   YNNPACK does not take, and XLA ran it in Eigen at about two thirds of the speed
-  (docs/performance_notes.md, attempt 15). The barrier keeps XLA from folding the small
+  (docs/history.md, attempt 15). The barrier keeps XLA from folding the small
   transpose of the matrix back into the matmul, which would give the same untaken form.
   """
   return _contract_rows(lax.optimization_barrier(matrix.T), x)
@@ -241,7 +241,7 @@ def convolve_forward(x, matrix, kernel_size: Tuple[int, int], strides: Tuple[int
 
 # The most input channels for which convolve_forward computes a stride-1 kxk convolution as
 # shifted_products rather than im2col: measured on ResNet-50's evaluation on CPU
-# (docs/performance_notes.md, "Evaluation without the patch matrix"). Up to 128 channels (the
+# (docs/history.md, "Evaluation without the patch matrix"). Up to 128 channels (the
 # first two stages) it made the forward pass 7% faster at 224x224; taking the third stage's 256
 # too added 1.5%; the fourth's 512 nothing but noise.
 SHIFTED_PRODUCTS_MAX_CHANNELS = 256

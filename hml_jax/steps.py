@@ -180,7 +180,7 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, config
   finite_gradients = jnp.isfinite(squared_norms)
   is_finite = jnp.isfinite(loss) & jnp.all(finite_gradients)
   # A branch, not a select of new and old values: the select kept both states alive and made
-  # ResNet-50's Adam update 2.3x slower on CPU (33.8 vs 14.7 ms; docs/performance_notes.md).
+  # ResNet-50's Adam update 2.3x slower on CPU (33.8 vs 14.7 ms; docs/history.md).
   state = jax.lax.cond(is_finite, apply_step, lambda state: state, state)
   step_metrics = {
       'loss': loss,
