@@ -202,17 +202,21 @@ def write_dataset_info(workdir: str,
                        label_names,
                        example_shape,
                        num_train: int,
-                       fingerprint: str = '') -> None:
+                       fingerprint: str = '',
+                       digests=None) -> None:
   """workdir/dataset.json: what a trained model needs without the data (label names for
-  predictions, the input shape and the training split's size for restoring the state), and a
-  fingerprint of the labels that resuming checks."""
-  files.write_json(
-      dataset_info_path(workdir), {
-          'label_names': list(label_names),
-          'example_shape': list(example_shape),
-          'num_train': int(num_train),
-          'fingerprint': fingerprint
-      })
+  predictions, the input shape and the training split's size for restoring the state), a
+  fingerprint of the labels that resuming checks, and for a generated dataset the digests of its
+  splits' pixels and labels (datasets/digests.py)."""
+  info = {
+      'label_names': list(label_names),
+      'example_shape': list(example_shape),
+      'num_train': int(num_train),
+      'fingerprint': fingerprint
+  }
+  if digests:
+    info['pixel_digests'] = dict(digests)
+  files.write_json(dataset_info_path(workdir), info)
 
 
 def check_dataset(workdir: str, fingerprint: str) -> None:

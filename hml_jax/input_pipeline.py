@@ -34,6 +34,8 @@ class Data:
   # Features mode with config.dataset.standardize='standardize': the training rows' per-dimension
   # {'mean', 'std'} (D,) that every split was standardized with (saved with the run).
   feature_statistics: Optional[Dict[str, np.ndarray]] = None
+  # A generated dataset's {split: digest of its pixels and labels} (datasets/digests.py).
+  digests: Optional[Dict[str, str]] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +151,8 @@ def apply_protocol(source: sources.Source, config) -> Data:
               validation=validation,
               test=test,
               label_names=[str(name) for name in source.label_names],
-              feature_statistics=feature_statistics)
+              feature_statistics=feature_statistics,
+              digests=source.digests)
   logging.info(
       'Data %s: train %d (%.2f observed / %.2f true positives per image), validation %d, '
       'test %d, %d labels.', source.name, len(data.train),

@@ -209,8 +209,12 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
     state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
   if restored is None and jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
-    checkpoints.write_dataset_info(workdir, data.label_names, data.train.example_shape,
-                                   len(data.train), data_fingerprint)
+    checkpoints.write_dataset_info(workdir,
+                                   data.label_names,
+                                   data.train.example_shape,
+                                   len(data.train),
+                                   data_fingerprint,
+                                   digests=data.digests)
     if data.feature_statistics is not None:
       # What config.dataset.standardize did, for whoever applies the head to other features.
       files.write_json(files.join(workdir, 'feature_statistics.json'), {

@@ -3,7 +3,7 @@ train and test label matrices and the examples in memory or a record reader per 
 loader (hml_jax/datasets/) returns one; hml_jax/datasets/registry.py picks the loader by name.
 """
 import dataclasses
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -25,3 +25,5 @@ class Source:
   exact_shuffle: bool = False
   validation_labels: Optional[np.ndarray] = None  # features .npz with its own val_* split
   validation_examples: Optional[np.ndarray] = None
+  # A generated dataset's {split: digest of its pixels and labels} (datasets/digests.py).
+  digests: Optional[Dict[str, str]] = None

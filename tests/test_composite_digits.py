@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from hml_jax.datasets import composite_digits
@@ -56,3 +57,29 @@ def test_planted_partner_pairs_co_occur_most():
   assert lift[partners].min() > 2.0
   assert lift[off_diagonal & ~partners].max() < 1.2
   assert 2.0 < labels.sum(1).mean() < 3.5
+
+
+def test_generated_tiny_datasets_have_the_pinned_pixels(tfds_dir):
+  """A drift of the rendering (another Pillow or FreeType) is seen: each generated dataset's tiny
+  configuration, prepared fresh by the suite, has the pinned digests (checked where the rendering
+  versions are those the digests were pinned with; elsewhere the warning is what a user sees)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hml_jax.datasets import digests, registry  # pylint: disable=g-import-not-at-top
+  if digests.rendering_versions() != digests.PINNED_WITH:
+    pytest.skip(f'rendering with {digests.rendering_versions()}, pinned with '
+                f'{digests.PINNED_WITH}')
+  for name in digests.GENERATED:
+    config = default.get_config()
+    config.dataset.name, config.dataset.builder_config = name, 'tiny'
+    config.dataset.data_dir = str(tfds_dir)
+    source = registry.tfds_source(config.dataset, in_memory=True)
+    assert source.digests == digests.PINNED[source.name], source.name
+
+
+def test_a_differing_dataset_is_warned_about_with_the_versions(caplog):
+  from hml_jax.datasets import digests  # pylint: disable=g-import-not-at-top
+  name = 'glyph_digits/tiny/2.0.0'
+  assert digests.check(name, digests.PINNED[name])
+  assert not digests.check(name, {**digests.PINNED[name], 'test': '0' * 64})
+  assert 'the test split(s) prepared here differ' in caplog.text
+  assert digests.rendering_versions() in caplog.text and digests.PINNED_WITH in caplog.text

@@ -19,6 +19,7 @@ import numpy as np
 
 from hml_jax import errors
 from hml_jax import sources
+from hml_jax.datasets import digests
 from hml_jax import splits
 from hml_jax.datasets import register_all
 
@@ -190,12 +191,17 @@ def tfds_source(dataset_config, in_memory: bool) -> sources.Source:
       # TFDS stores examples in hashed-key order; restore the official order.
       order = np.argsort(data['index'], kind='stable')
       arrays[split] = data['image'][order], data['labels'][order].astype(np.int32)
+    split_digests = None
+    if builder.name in digests.GENERATED:
+      split_digests = {split: digests.split_digest(*arrays[split]) for split in arrays}
+      digests.check(builder.info.full_name, split_digests)
     return sources.Source(builder.info.full_name,
                           arrays['train'][1],
                           arrays['test'][1],
                           list(label_names or range(arrays['train'][1].shape[1])),
                           train_examples=arrays['train'][0],
-                          test_examples=arrays['test'][0])
+                          test_examples=arrays['test'][0],
+                          digests=split_digests)
   train_labels, train_storage = _tfds_label_matrix(builder, 'train')
   test_labels, test_storage = _tfds_label_matrix(builder, 'test')
   return sources.Source(builder.info.full_name,
