@@ -1,5 +1,8 @@
 """Process setup shared by the command-line tools."""
+import contextlib
 import os
+import sys
+import tempfile
 
 from absl import logging
 
@@ -17,9 +20,39 @@ class _QuietLibraries:
     noisy = any(part in record.pathname
                 for part in ('/orbax/', '/tensorflow_datasets/', '/clu/platform/',
                              '/jax/_src/xla_bridge.py', '/matplotlib/'))
-    if noisy and 'has no dataset_info.json' in str(record.msg):
+    if noisy and 'has no dataset_info.json' in record.getMessage():
       return False
     return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
+
+
+# What TensorFlow's C++ runtime prints at its import, on every run, before absl's logging starts
+# (so TF_CPP_MIN_LOG_LEVEL does not reach it): the oneDNN notice and absl's preamble.
+IMPORT_BANNERS = ('oneDNN custom operations are on',
+                  'All log messages before absl::InitializeLog() is called')
+
+
+@contextlib.contextmanager
+def banners_dropped(banners=IMPORT_BANNERS):
+  """Within: the process's stderr (file descriptor 2, where C++ libraries write) is collected;
+  after, every line of it but those containing one of banners is written back, in order."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as collected:
+    os.dup2(collected.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      collected.seek(0)
+      kept = [
+          line for line in collected.read().decode(errors='replace').splitlines(keepends=True)
+          if not any(banner in line for banner in banners)
+      ]
+      if kept:
+        sys.stderr.write(''.join(kept))
+        sys.stderr.flush()
 
 
 # HML_JAX_COMPILATION_CACHE=DIR (or 'off'): where compiled programs are kept between runs.
@@ -69,9 +102,10 @@ def setup(compilation_cache: bool = True):
     if advice:
       logging.warning(advice)
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with banners_dropped():
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError:
     # A machine that only runs the steps (hml_jax.benchmark on a GPU box without TensorFlow):
     # whatever reads data imports them itself and fails there with the missing module's name.

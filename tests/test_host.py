@@ -34,8 +34,20 @@ def test_library_notes_are_dropped_and_warnings_kept():
   assert not quiet.filter(record(tfds, logging.INFO, 'Load dataset info from %s'))
   assert not quiet.filter(
       record(tfds, logging.WARNING, 'Variant folder /d/x/1.0.0 has no dataset_info.json'))
+  formatted = logging.LogRecord('x', logging.WARNING, tfds, 1, 'Variant folder %s has no %s',
+                                ('/d/x/1.0.0', 'dataset_info.json'), None)
+  assert not quiet.filter(formatted)  # as TFDS logs it: the name is an argument
   assert quiet.filter(record(tfds, logging.WARNING, 'Something else is wrong'))
   assert not quiet.filter(
       record('/site-packages/matplotlib/font_manager.py', logging.INFO,
              'generated new fontManager'))
   assert quiet.filter(record('/work/hml_jax/train.py', logging.INFO, 'Epoch 1/10: ...'))
+
+
+def test_import_banners_are_dropped_and_other_lines_kept(capfd):
+  import os  # pylint: disable=g-import-not-at-top
+  with host.banners_dropped(('a banner',)):
+    os.write(2, b'first line\nthis is a banner line\n')
+    os.write(2, b'last line\n')
+  captured = capfd.readouterr()
+  assert captured.err == 'first line\nlast line\n'

@@ -269,6 +269,9 @@ def test_cli_output_is_one_line_per_epoch(tfds_dir, tmp_path):
   assert len(epochs) == 2 and 'Epoch 2/2: loss ' in epochs[1] and 'img/s' in epochs[1]
   assert 'ETA' in epochs[0]
   assert "Unable to initialize backend 'tpu'" not in output
+  # Only hml_jax's own lines: no TensorFlow banner, no TFDS note (absl's lines start I/W/E + date).
+  assert 'oneDNN' not in output and 'absl::InitializeLog' not in output, output
+  assert 'dataset_info.json' not in output, output
   assert 'positive_gradient' not in output  # a per-step metric
   assert len(output.splitlines()) <= 20, output
   assert list((tmp_path / 'quiet').glob('events.out.tfevents.*'))
