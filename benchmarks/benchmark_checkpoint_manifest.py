@@ -26,7 +26,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from configs import paper
+from hml_jax.configs import paper
 from hml_jax import checkpoints
 from hml_jax import methods
 from hml_jax import models

@@ -1,6 +1,6 @@
 """MS-COCO 2014 (80 labels) with the paper's protocol: train2014 -> train + validation,
 val2014 -> test (hml_jax/datasets/coco2014.py). Paper Table 1: 82,081 / 40,137 images."""
-from configs import paper
+from hml_jax.configs import paper
 
 
 def get_config():

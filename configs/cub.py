@@ -1,6 +1,6 @@
 """CUB-200-2011, 312 binary attributes, official train/test split (hml_jax/datasets/cub.py).
 Paper Table 1: 5,994 / 5,794 images, 31.47 positives per image."""
-from configs import paper
+from hml_jax.configs import paper
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Features mode (Cole et al.'s linear_fixed_features): train only the head on precomputed
 features, --config.dataset.path=FILE.npz (hml_jax/datasets/features.py). A few thousand examples
 train in seconds on a CPU."""
-from configs import default
+from hml_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Your own images: --config.dataset.path=DIR with DIR/train.csv (and optionally test.csv), each
 `filename,labels` (hml_jax/datasets/folder.py). Otherwise the paper's setting (configs/paper.py)."""
-from configs import paper
+from hml_jax.configs import paper
 
 
 def get_config():

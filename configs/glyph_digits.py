@@ -13,7 +13,7 @@ cores) and start from it:
 
 docs/results.md, "The paper's regime", has every claim measured here and the command per table.
 """
-from configs import default
+from hml_jax.configs import default
 
 
 def get_config():

@@ -2,7 +2,7 @@
 the source task glyph_pretraining (hml_jax/datasets/glyphs.py), as ImageNet is to VOC, with full
 labels and plain BCE. Its best checkpoint's backbone starts every configs/glyph_digits.py run
 (config.init_from='workdir:runs/glyph_pretraining')."""
-from configs import default
+from hml_jax.configs import default
 
 
 def get_config():

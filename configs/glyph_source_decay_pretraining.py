@@ -9,7 +9,7 @@ about half an hour on 2 cores with the dataset's generation:
   python -m hml_jax.embedded_backbones --workdir=runs/regime/source_decay_pretraining \\
       --output=hml_jax/weights/glyph_source_decay_resnet_small.safetensors
 """
-from configs import glyph_source_pretraining
+from hml_jax.configs import glyph_source_pretraining
 
 
 def get_config():

@@ -9,7 +9,7 @@ embedded:glyph_source_resnet_small; about an hour on 2 cores with the dataset's 
   python -m hml_jax.main --config=configs/glyph_digits.py --workdir=runs/glyph_digits_strong \\
       --config.init_from=workdir:runs/glyph_source_pretraining
 """
-from configs import glyph_pretraining
+from hml_jax.configs import glyph_pretraining
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """NUS-WIDE, 81 concepts, Cole et al.'s re-crawled subset (hml_jax/datasets/nus_wide.py).
 Paper Table 1: 150,000 / 60,260 images."""
-from configs import paper
+from hml_jax.configs import paper
 
 
 def get_config():

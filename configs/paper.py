@@ -6,7 +6,7 @@ to 448x448, random horizontal flips, ImageNet mean/std, ResNet-50, Adam, 10 epoc
 epoch by validation mAP. Learning rate and batch size come from the grid {1e-2, 1e-3, 1e-4, 1e-5}
 x {8, 16} (hml_jax.compare --learning_rates --batch_sizes); the paper does not state its picks.
 """
-from configs import default
+from hml_jax.configs import default
 
 
 def get_config(dataset_name: str):

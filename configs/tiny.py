@@ -1,5 +1,5 @@
 """A seconds-long run for tests and smoke checks: 32x32 composites, a tiny ResNet, 2 epochs."""
-from configs import default
+from hml_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """PASCAL VOC 2012 (20 labels) with the paper's protocol: official train -> train + validation,
 official val -> test (hml_jax/datasets/voc2012.py). Paper Table 1: 5,717 / 5,823 images."""
-from configs import paper
+from hml_jax.configs import paper
 
 
 def get_config():

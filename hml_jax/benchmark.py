@@ -111,7 +111,7 @@ MIN_PHOTOS = 3
 def photo_folder_config(root, num_images, image_size, decoder=None, parallel_calls=-1):
   """configs/folder.py over write_photos(root, num_images)'s photos at image_size, one of its
   training photos held out for validation; decoder None: the folder config's default."""
-  from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import folder as folder_config  # pylint: disable=g-import-not-at-top
   config = folder_config.get_config()
   config.dataset.path = root
   # write_photos puts num_images - 1 photos in train.csv: this fraction of them is one photo.

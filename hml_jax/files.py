@@ -156,10 +156,10 @@ def tree_files(directory) -> Dict[str, str]:
 
 def installed_config_argv(argv):
   """argv with a --config=configs/NAME.py[:...] that does not exist here pointed at the configs
-  package that pip installed with hml_jax, so that the documented commands work from any
-  directory after `pip install hml_jax` (a path that exists is left alone)."""
-  import configs  # pylint: disable=g-import-not-at-top
-  package = os.path.dirname(os.path.abspath(configs.__file__))
+  that pip installed with hml_jax (hml_jax.configs), so that the documented commands work from
+  any directory after `pip install hml_jax` (a path that exists is left alone)."""
+  from hml_jax import configs  # pylint: disable=g-import-not-at-top
+  package = list(configs.__path__)[0]  # a checkout's configs/, or the installed copy
   result = []
   for argument in argv:
     if argument.startswith('--config=') and not argument.startswith('--config.'):

@@ -51,7 +51,7 @@ def main():
   args = parser.parse_args()
   from hml_jax import host  # pylint: disable=g-import-not-at-top
   host.setup()
-  from configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   raw = os.path.join(args.out, 'features.npz')
   if not os.path.exists(raw):
     from hml_jax import extract_features  # pylint: disable=g-import-not-at-top

@@ -63,13 +63,13 @@ def base_config(mode, out, backbone=''):
   """configs/features.py on the backbone's features of glyph_digits (extracted once into
   OUT/features.npz), or configs/glyph_digits.py (fine-tuning from that backbone). backbone: an
   init_from spec ('' for glyph_digits's own, the shipped glyph backbone)."""
-  from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   target = glyph_digits.get_config()
   if backbone:
     target.init_from = backbone
   if mode == 'finetune':
     return target
-  from configs import features  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import features  # pylint: disable=g-import-not-at-top
   config = features.get_config()
   config.dataset.path = os.path.join(out, 'features.npz')
   if not os.path.exists(config.dataset.path):
@@ -81,7 +81,7 @@ def base_config(mode, out, backbone=''):
 def pretraining(out):
   """The source run of the embedded backbone (configs/glyph_pretraining.py), its epochs, and
   whether its backbone is the committed file bit for bit."""
-  from configs import glyph_pretraining  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import glyph_pretraining  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(out, 'pretraining')
   results = compare.train_or_reuse(glyph_pretraining.get_config(), workdir)
   print('| epoch | source val mAP | source test mAP |')

@@ -59,7 +59,7 @@ def base_config(mode, data, out, backbone=''):
   """configs/features.py on the glyph backbone's features of DATA (extracted once into OUT), or
   configs/glyph_digits.py (fine-tuning from that backbone). backbone: an init_from spec for
   glyph_digits ('' for its own, the shipped glyph backbone)."""
-  from configs import default, features, glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import default, features, glyph_digits  # pylint: disable=g-import-not-at-top
   target = glyph_digits.get_config()
   if backbone:
     if data != 'glyph':

@@ -76,7 +76,7 @@ METHODS = {'a_strong_backbone': ('hml', 'an', 'wan')}
 
 
 def condition_config(name, method):
-  from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   config = glyph_digits.get_config()
   overrides = dict(CONDITIONS[name])
   hml_overrides = overrides.pop('hml', PAPER_READING)
@@ -193,7 +193,7 @@ def per_epoch(out, only):
 def criterion(out, backbone=STRONG):
   """The probe and fine-tuning runs of the criterion from backbone; the first candidate's under
   'strong_*' names, another's under its own name."""
-  from configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   prefix = 'strong' if backbone == STRONG else backbone.split(':')[-1]
   source = glyph_digits.get_config()
   source.init_from = backbone

@@ -2,7 +2,7 @@
 import json
 import os
 
-from configs import tiny
+from hml_jax.configs import tiny
 
 TIMING_KEYS = ('train_images_per_sec', 'wall_seconds')
 

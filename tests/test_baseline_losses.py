@@ -3,7 +3,7 @@ gradients), on random inputs with a row without observed positives, an all-unkno
 probabilities saturated at 0 and 1."""
 import jax
 
-from configs import default
+from hml_jax.configs import default
 import numpy as np
 import pytest
 

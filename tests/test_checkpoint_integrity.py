@@ -192,7 +192,7 @@ def test_a_workdir_from_before_the_input_guards_resumes(tmp_path):
   """config.json of a run made before dataset.max_image_pixels and dataset.allow_outside_paths
   existed: resuming with the current folder config is allowed (they only admit or refuse files),
   while a key that changes what is computed still refuses."""
-  from configs import folder  # pylint: disable=import-outside-toplevel
+  from hml_jax.configs import folder  # pylint: disable=import-outside-toplevel
   config = folder.get_config()
   config.dataset.path = str(tmp_path / 'data')
   old = json.loads(config.to_json())

@@ -63,7 +63,7 @@ def test_generated_tiny_datasets_have_the_pinned_pixels(tfds_dir):
   """A drift of the rendering (another Pillow or FreeType) is seen: each generated dataset's tiny
   configuration, prepared fresh by the suite, has the pinned digests (checked where the rendering
   versions are those the digests were pinned with; elsewhere the warning is what a user sees)."""
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import default  # pylint: disable=g-import-not-at-top
   from hml_jax.datasets import digests, registry  # pylint: disable=g-import-not-at-top
   if digests.rendering_versions() != digests.PINNED_WITH:
     pytest.skip(f'rendering with {digests.rendering_versions()}, pinned with '

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from configs import default
+from hml_jax.configs import default
 from hml_jax import checkpoints, evaluate, train
 
 from helpers import tiny_config

@@ -360,7 +360,7 @@ def test_paper_config_offline_fails_at_once_before_any_other_work(server, cache,
                                                                   monkeypatch):
   """configs/voc.py as shipped names ImageNet weights; with an empty cache and no network the run
   stops with the download error before reading any data (the manual_dir does not even exist)."""
-  from configs import voc  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import voc  # pylint: disable=g-import-not-at-top
   from hml_jax import train  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(
       pretrained.IMAGENET_WEIGHTS, 'resnet50',
@@ -382,7 +382,7 @@ def test_paper_config_offline_fails_at_once_before_any_other_work(server, cache,
 
 
 def test_a_missing_weights_path_fails_before_any_other_work(tmp_path):
-  from configs import voc  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import voc  # pylint: disable=g-import-not-at-top
   from hml_jax import train  # pylint: disable=g-import-not-at-top
   config = voc.get_config()
   config.init_from = f'torchvision:{tmp_path}/resnet50.safetensors'
@@ -396,7 +396,7 @@ def test_a_missing_weights_path_fails_before_any_other_work(tmp_path):
 
 def test_from_scratch_warns_once(caplog):
   from hml_jax import init_from  # pylint: disable=g-import-not-at-top
-  from configs import voc  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import voc  # pylint: disable=g-import-not-at-top
   config = voc.get_config()
   config.init_from = ''
   init_from.fetch(config)

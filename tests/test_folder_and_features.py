@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import features as features_config
-from configs import folder as folder_config
+from hml_jax.configs import features as features_config
+from hml_jax.configs import folder as folder_config
 from hml_jax import extract_features
 from hml_jax import input_pipeline
 from hml_jax import labels as labels_lib

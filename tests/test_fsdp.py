@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from configs import tiny
+from hml_jax.configs import tiny
 from hml_jax import checkpoints, methods, models, sharding, train, train_state
 from tests.test_multihost import command, environment, results, TINY_MIN_SIZE
 
@@ -135,7 +135,7 @@ def run_on_8_devices(script, *arguments):
 STEPS = """
 import json, sys, jax, numpy as np
 from hml_jax import losses, methods, models, sharding, steps, train_state
-from configs import tiny
+from hml_jax.configs import tiny
 config = tiny.get_config()
 config.learning_rate = 1e-2
 config.loss = sys.argv[1]

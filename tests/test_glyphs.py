@@ -265,7 +265,7 @@ def test_committed_glyph_backbone_is_what_its_command_makes(name):
   regeneration itself (15 minutes to an hour) runs with HML_JAX_REGENERATE_BACKBONE=1:
   test_regenerating_the_glyph_backbone_is_bitwise."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   backbone = embedded_backbones.BACKBONES[name]
   path = embedded_backbones.path_of(name)
   assert backbone.sha256 and embedded_backbones.sha256_of(path) == backbone.sha256
@@ -345,7 +345,7 @@ def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path, name):
 def test_features_of_the_embedded_backbone(tfds_dir, tmp_path):
   """extract_features from a config (no training): the embedded backbone's outputs on the
   target's official splits, in official order, without flips."""
-  from configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   from hml_jax import extract_features  # pylint: disable=g-import-not-at-top
   from hml_jax.datasets import registry  # pylint: disable=g-import-not-at-top
   config = glyph_digits.get_config()

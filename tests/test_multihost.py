@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from configs import tiny
+from hml_jax.configs import tiny
 from hml_jax import datasets
 from hml_jax import input_pipeline
 from hml_jax import train_state
@@ -119,7 +119,7 @@ def test_one_eight_devices_and_two_processes_agree(tfds_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3)
 
 
-STREAMED_CONFIG = """from configs import tiny
+STREAMED_CONFIG = """from hml_jax.configs import tiny
 
 
 def get_config():

@@ -31,7 +31,11 @@ def test_pyproject_dependencies_equal_requirements():
 
 def test_every_python_package_is_listed():
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
-    packages = set(tomllib.load(f)['tool']['setuptools']['packages'])
+    setuptools = tomllib.load(f)['tool']['setuptools']
+  packages = set(setuptools['packages'])
+  # A package installed from another folder (hml_jax.configs from configs/, which a checkout
+  # reaches through hml_jax/configs/__init__.py) counts by that folder too.
+  packages |= set(setuptools.get('package-dir', {}).values())
   found = {
       os.path.relpath(directory, ROOT).replace(os.sep, '.')
       for directory, _, names in os.walk(ROOT)
@@ -75,6 +79,9 @@ def test_pip_installed_package_trains_from_another_directory(tmp_path, tfds_dir)
   ],
                  check=True,
                  cwd=tmp_path)
+  # The configs install inside the package: no top-level `configs` to collide with a user's.
+  assert not (target / 'configs').exists()
+  assert (target / 'hml_jax' / 'configs' / 'default.py').exists()
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
   environment = {**os.environ, 'PYTHONPATH': str(target)}

@@ -141,7 +141,7 @@ def test_pth_with_torch(fixture, tmp_path):
 def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   """config.init_from puts the converted weights into the model's backbone; the head is fresh and
   the classifier's features equal torchvision's."""
-  from configs import paper  # pylint: disable=g-import-not-at-top
+  from hml_jax.configs import paper  # pylint: disable=g-import-not-at-top
   from hml_jax import heads, methods, train_state  # pylint: disable=g-import-not-at-top
   state_dict, backbone, images, expected = fixture
   path = tmp_path / 'weights.npz'

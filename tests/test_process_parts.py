@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import tiny
+from hml_jax.configs import tiny
 from hml_jax import datasets
 from hml_jax import input_pipeline
 from hml_jax import splits

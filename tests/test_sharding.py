@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = """
 import json, sys, jax, numpy as np
 from hml_jax import losses, methods, models, sharding, steps, train, train_state
-from configs import tiny
+from hml_jax.configs import tiny
 results = {}
 for loss in sys.argv[1].split(','):
   config = tiny.get_config()
