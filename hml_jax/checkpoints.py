@@ -86,8 +86,17 @@ def unflatten(flat: dict) -> dict:
 
 def with_later_keys(config_dict: dict) -> dict:
   """config_dict (a workdir's config as a dict) with each absent KEYS_ADDED_LATER key at its
-  absent meaning."""
-  return unflatten({**KEYS_ADDED_LATER, **flatten(config_dict)})
+  absent meaning (not under a parent that the config holds as a value, say None, not a dict)."""
+  flat = flatten(config_dict)
+  added = {
+      key: value
+      for key, value in KEYS_ADDED_LATER.items()
+      if key not in flat and not any(parent in flat
+                                     for parent in ('.'.join(key.split('.')[:i])
+                                                    for i in range(1,
+                                                                   key.count('.') + 1)))
+  }
+  return unflatten({**added, **flat})
 
 
 def without_later_defaults(config_dict: dict) -> dict:

@@ -36,7 +36,11 @@ def banners_dropped(banners=IMPORT_BANNERS):
   """Within: the process's stderr (file descriptor 2, where C++ libraries write) is collected;
   after, every line of it but those containing one of banners is written back, in order."""
   sys.stderr.flush()
-  saved = os.dup(2)
+  try:
+    saved = os.dup(2)
+  except OSError:  # no stderr to filter (a daemon that closed it)
+    yield
+    return
   with tempfile.TemporaryFile() as collected:
     os.dup2(collected.fileno(), 2)
     try:

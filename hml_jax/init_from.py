@@ -112,14 +112,18 @@ def check_fits(loaded, model, image_shape: Sequence[int], spec: str) -> None:
         f'{jax.tree_util.tree_leaves(wanted)[:3]}...')
 
 
-def load(spec: str, model, image_shape: Sequence[int]) -> Dict[str, Any]:
+def load(spec: str,
+         model,
+         image_shape: Sequence[int],
+         model_name: Optional[str] = None) -> Dict[str, Any]:
   """The backbone's {'params', 'batch_stats'} that spec names, checked to fit model's backbone
-  for inputs of image_shape (H, W, C). The head is never loaded (a torchvision file's 1000-class
-  fc layer and a source run's head are dropped)."""
-  check(spec)
+  for inputs of image_shape (H, W, C); with model_name (config.model), also checked by name. The
+  head is never loaded (a torchvision file's 1000-class fc layer and a source run's head are
+  dropped)."""
+  check(spec, model_name)
   directory = workdir_of(spec)
   if directory is not None:
-    check_workdir(directory, checkpoints.read_config(directory).model)
+    check_workdir(directory, model_name or checkpoints.read_config(directory).model)
     loaded = train_state.backbone_of_workdir(directory)
     check_fits(loaded, model, image_shape, spec)
     logging.info('Backbone initialized from the best checkpoint (epoch %d) of %s.',
@@ -140,4 +144,4 @@ def load(spec: str, model, image_shape: Sequence[int]) -> Dict[str, Any]:
 
 def initial_backbone(config, model, image_shape: Sequence[int]) -> Optional[Dict[str, Any]]:
   """load(config.init_from, ...), or None for a random start."""
-  return load(config.init_from, model, image_shape) if config.init_from else None
+  return load(config.init_from, model, image_shape, config.model) if config.init_from else None

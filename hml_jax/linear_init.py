@@ -45,6 +45,8 @@ def head_config(config, recipe) -> ml_collections.ConfigDict:
   result.recipe = 'shared'
   result.linear_init_epochs, result.head_learning_rate_multiplier = 0, 1.0
   result.early_stopping_patience, result.early_stopping_drop = 0, 0.0
+  # The run's schedule and measurements are the end-to-end phase's, not the head's.
+  result.learning_rate_decay_epochs, result.false_negative_images = (), 0
   return result
 
 

@@ -81,3 +81,25 @@ def test_a_workdir_from_before_the_added_keys_resumes_and_evaluates(tfds_dir, tm
   path.write_text(json.dumps(checkpoints.unflatten(older)))
   with pytest.raises(Exception, match=r"adaptive_scale: 'balance' in the workdir, 'spread' now"):
     train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
+
+
+def test_an_added_key_under_a_value_is_not_filled_in():
+  """A workdir that held delta_rel_by_method as a value (None) keeps it; an absent parent is
+  filled in whole."""
+  assert checkpoints.with_later_keys({'delta_rel_by_method': None})['delta_rel_by_method'] is None
+  assert checkpoints.with_later_keys({})['delta_rel_by_method'] == {
+      'll_r': 0.5,
+      'll_ct': 0.2,
+      'll_cp': 0.1
+  }
+
+
+def test_the_head_phase_has_no_schedule_or_measurement_of_the_run():
+  from hml_jax import linear_init, recipes  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.learning_rate_decay_epochs, config.false_negative_images = (3,), 100
+  head = linear_init.head_config(
+      config,
+      recipes.Recipe(linear_init_epochs=5, linear_init_learning_rate=1e-3,
+                     linear_init_batch_size=8))
+  assert tuple(head.learning_rate_decay_epochs) == () and head.false_negative_images == 0
