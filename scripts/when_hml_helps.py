@@ -176,10 +176,8 @@ def per_epoch(out, only):
   print('|---|---|---|')
   for name in [n for n in PER_EPOCH_CONDITIONS if not only or n in only]:
     for method in ('hml', 'an'):
-      if method == 'an' and name.startswith('f_'):
-        continue  # AN reads no adaptive key: base's AN run
-      if method == 'an' and name.startswith('a_and_f'):
-        continue  # idem: a_strong_backbone's
+      if method == 'an' and 'hml' in CONDITIONS[name]:
+        continue  # AN reads no adaptive key: the condition without (f) has its run
       config = condition_config(name, method)
       config.false_negative_images = PER_EPOCH_IMAGES
       results = compare.seed_results(config, os.path.join(out, 'finetune', 'when_per_epoch', name),

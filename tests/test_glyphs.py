@@ -166,9 +166,8 @@ def pretrained_workdir(tfds_dir, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow
-def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdir):
-  config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{pretrained_workdir}')
+def _state_from_init_from(config):
+  """(model, HML train state) for glyph_digits with the backbone config.init_from names."""
   method = methods.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
   state = train_state.create_train_state(config,
@@ -177,13 +176,24 @@ def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdi
                                          jax.random.key(1), (32, 32, 1),
                                          backbone=init_from.load(config.init_from, model,
                                                                  (32, 32, 1)))
-  _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')
-  for new, old in zip(jax.tree_util.tree_leaves(state.params['model']['backbone']),
-                      jax.tree_util.tree_leaves(source.params['model']['backbone'])):
-    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
-  for new, old in zip(jax.tree_util.tree_leaves(state.batch_stats['backbone']),
-                      jax.tree_util.tree_leaves(source.batch_stats['backbone'])):
-    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  return model, state
+
+
+def _assert_same_backbone(state, workdir):
+  """state's backbone parameters and statistics are those of workdir's best checkpoint."""
+  _, _, source = train_state.load_trained_state(workdir, 'best')
+  for new, old in ((state.params['model']['backbone'], source.params['model']['backbone']),
+                   (state.batch_stats['backbone'], source.batch_stats['backbone'])):
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(old)
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_init_from_workdir_takes_the_source_backbone(tfds_dir, pretrained_workdir):
+  config = _glyph_config(tfds_dir, 'glyph_digits', init_from=f'workdir:{pretrained_workdir}')
+  model, state = _state_from_init_from(config)
+  _assert_same_backbone(state, pretrained_workdir)
   assert state.params['model']['head']['label_embeddings'].shape[1] == 20  # a fresh head
   results = train.train_and_evaluate(config, os.path.join(pretrained_workdir, '..', 'target'))
   assert len(results['per_class_ap']) == 20 and list(results['per_class_ap'])[10] == 'α'
@@ -223,20 +233,8 @@ def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_wor
                                           'glyph_pretraining',
                                           embedded_backbones.sha256_of(str(path)), 'the test'))
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from='embedded:tiny_backbone')
-  method = methods.get_method('hml')
-  model = models.create_model(config.model, method.head, 20)
-  state = train_state.create_train_state(config,
-                                         model,
-                                         method,
-                                         jax.random.key(1), (32, 32, 1),
-                                         backbone=init_from.load(config.init_from, model,
-                                                                 (32, 32, 1)))
-  _, _, source = train_state.load_trained_state(pretrained_workdir, 'best')
-  for new, old in ((state.params['model']['backbone'], source.params['model']['backbone']),
-                   (state.batch_stats['backbone'], source.batch_stats['backbone'])):
-    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(old)
-    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  model, state = _state_from_init_from(config)
+  _assert_same_backbone(state, pretrained_workdir)
   # A changed file is refused, naming the file and the command that rebuilds it.
   with open(path, 'r+b') as f:
     f.seek(-4, os.SEEK_END)

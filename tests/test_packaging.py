@@ -116,13 +116,11 @@ def test_console_commands_name_tools_that_exist():
   """Each [project.scripts] entry is a function of console_scripts that runs a module with a
   command-line entry (`if __name__ == '__main__':`)."""
   from hml_jax import console_scripts  # pylint: disable=g-import-not-at-top
-  import inspect  # pylint: disable=g-import-not-at-top
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     commands = tomllib.load(f)['project']['scripts']
   for command, target in commands.items():
     module, function = target.split(':')
     assert module == 'hml_jax.console_scripts', command
-    source = inspect.getsource(getattr(console_scripts, function))
-    tool = re.search(r"_as_main\('([\w.]+)'\)", source).group(1)
+    tool = getattr(console_scripts, function).args[0]  # functools.partial(_as_main, module)
     with open(os.path.join(ROOT, *tool.split('.')) + '.py') as f:
       assert "if __name__ == '__main__':" in f.read(), (command, tool)

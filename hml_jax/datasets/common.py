@@ -1,5 +1,6 @@
 """What the paper-dataset builders (voc2012, coco2014, cub, nus_wide) share: their base class
 (PaperDatasetBuilder), the feature spec, image reading and error messages."""
+import abc
 import io
 import os
 from typing import Callable, Iterator, Sequence, Tuple
@@ -92,13 +93,14 @@ class PaperDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   HOMEPAGE: str = ''
   LABEL_NAMES: Sequence[str] = ()  # () when the label names come from the files
 
+  @abc.abstractmethod
   def read_splits(self, root: str) -> dict:
     """{'train', 'test'} -> (filenames, labels (N, NUM_LABELS), label_names), every label file
     parsed before any image is read (so label errors come first)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def image_path(self, root: str, filename: str) -> str:
-    raise NotImplementedError
+    """The file of a stored filename."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
