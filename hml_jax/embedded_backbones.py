@@ -102,6 +102,16 @@ def check_spec(spec: str, model_name: Optional[str] = None) -> None:
         f"{BACKBONES[name].model} or another init_from.")
 
 
+def with_backbone(config, spec: str):
+  """config starting from spec (an init_from), its model the embedded backbone's architecture
+  where spec names one; returns config."""
+  config.init_from = spec
+  name = name_of(spec)
+  if name in BACKBONES:
+    config.model = BACKBONES[name].model
+  return config
+
+
 def path_of(name: str) -> str:
   return os.path.join(DIRECTORY, BACKBONES[name].filename)
 

@@ -66,7 +66,7 @@ def base_config(mode, out, backbone=''):
   from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   target = glyph_digits.get_config()
   if backbone:
-    target.init_from = backbone
+    embedded_backbones.with_backbone(target, backbone)
   if mode == 'finetune':
     return target
   from hml_jax.configs import features  # pylint: disable=g-import-not-at-top

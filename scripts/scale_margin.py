@@ -26,7 +26,7 @@ if __name__ == '__main__':
 
 import numpy as np
 
-from hml_jax import compare, extract_features, files
+from hml_jax import compare, embedded_backbones, extract_features, files
 
 SCALES = (5.0, 10.0, 20.0, 30.0, 40.0, 64.0)  # the paper's Fig. 5 axes
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -64,7 +64,7 @@ def base_config(mode, data, out, backbone=''):
   if backbone:
     if data != 'glyph':
       sys.exit('--backbone applies to glyph_digits only (--data=glyph).')
-    target.init_from = backbone
+    embedded_backbones.with_backbone(target, backbone)
   if mode == 'finetune':
     if data != 'glyph':
       sys.exit('Fine-tuning runs on glyph_digits only (--data=glyph).')

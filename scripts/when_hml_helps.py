@@ -27,7 +27,7 @@ if __name__ == '__main__':
 
 import numpy as np
 
-from hml_jax import compare, extract_features, files
+from hml_jax import compare, embedded_backbones, extract_features, files
 
 SEEDS = 3
 STRONG = 'embedded:glyph_source_resnet_small'
@@ -194,7 +194,7 @@ def criterion(out, backbone=STRONG):
   from hml_jax.configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   prefix = 'strong' if backbone == STRONG else backbone.split(':')[-1]
   source = glyph_digits.get_config()
-  source.init_from = backbone
+  embedded_backbones.with_backbone(source, backbone)
   path = os.path.join(out, f'{prefix}_features.npz')
   if not os.path.exists(path):
     files.makedirs(out)
@@ -207,7 +207,7 @@ def criterion(out, backbone=STRONG):
   table = files.read_json(os.path.join(probe_dir, 'table.json'))
   print(f'Linear probe (features mode, BCE, full labels): {table}')
   fine = glyph_digits.get_config()
-  fine.init_from, fine.label_scenario = backbone, 'full'
+  embedded_backbones.with_backbone(fine, backbone).label_scenario = 'full'
   tuned = test_maps(fine, os.path.join(out, 'finetune', f'{prefix}_criterion'), 'bce')
   print(f'Fine-tuning (BCE, full labels, lr 1e-3): {mean_std(tuned)}')
 
