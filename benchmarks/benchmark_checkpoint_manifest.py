@@ -26,11 +26,11 @@ from absl import flags
 import jax
 import numpy as np
 
-from hml_jax.configs import paper
-from hml_jax import checkpoints
 from hml_jax import methods
 from hml_jax import models
-from hml_jax import train_state
+from hml_jax.configs import paper
+from hml_jax.state import checkpoints
+from hml_jax.state import train_state
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('repeats', 3, 'Timed calls of each kind (the median is printed).')

@@ -28,9 +28,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from hml_jax import decoders
-from hml_jax.benchmark import image_and_batch_sizes
-from hml_jax.benchmark import write_photos
+from hml_jax.data import decoders
+from hml_jax.tools.benchmark import image_and_batch_sizes
+from hml_jax.tools.benchmark import write_photos
 
 
 def decode_rate(batches, image_size, num_threads, epochs):

@@ -20,13 +20,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from hml_jax import decoders  # pylint: disable=g-import-not-at-top
-from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from hml_jax.benchmark import epoch_images_per_sec
-from hml_jax.benchmark import image_and_batch_sizes
-from hml_jax.benchmark import MIN_PHOTOS
-from hml_jax.benchmark import photo_folder_config
-from hml_jax.benchmark import write_photos
+from hml_jax.data import decoders  # pylint: disable=g-import-not-at-top
+from hml_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+from hml_jax.tools.benchmark import epoch_images_per_sec
+from hml_jax.tools.benchmark import image_and_batch_sizes
+from hml_jax.tools.benchmark import MIN_PHOTOS
+from hml_jax.tools.benchmark import photo_folder_config
+from hml_jax.tools.benchmark import write_photos
 
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)

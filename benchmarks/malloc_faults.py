@@ -17,7 +17,7 @@ jax.config.update('jax_compilation_cache_dir', '/tmp/malloc_faults_cache')
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hml_jax.configs import voc
-from hml_jax import benchmark
+from hml_jax.tools import benchmark
 
 size, batch, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = voc.get_config()

@@ -23,7 +23,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 if __name__ == '__main__':
   # First thing, before JAX allocates: the malloc users get (allocator.py), so that the profile
   # is of the step they run and not of page faults.
-  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   allocator.restart_with_fast_allocator()
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -33,8 +33,8 @@ from ml_collections import config_flags
 
 import numpy as np
 
-from hml_jax import benchmark
-from hml_jax import host
+from hml_jax.runtime import host
+from hml_jax.tools import benchmark
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)

@@ -11,7 +11,7 @@ Adam), each run in its own process, so one framework's memory does not slow the 
   the same under torch.compile (its best configuration is the one to beat). 9 minutes on an
   H200; benchmarks/gpu_session.sh runs it with a smoke run first and a deadline.
 - cpu: hml_jax as installed (its command restarts itself with TBB's malloc from the `tbb` wheel,
-  hml_jax/allocator.py), both frameworks with the system malloc, and both with tcmalloc preloaded
+  hml_jax/runtime/allocator.py), both frameworks with the system malloc, and both with tcmalloc preloaded
   (when installed): the allocator matters on CPU (docs/performance.md "Speed on CPU").
 Each command runs --repeats times, interleaved, and its fastest run counts (all are kept).
 Prints a table and writes every JSON line, a log and the table to --out: images/s, the ratio to
@@ -210,7 +210,7 @@ def main():
       tuple(int(n) for n in pair.split('x')) for pair in (args.sizes or preset['sizes']).split(',')
   ]
   sys.path.insert(0, ROOT)
-  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   tcmalloc = allocator.installed_tcmalloc() if args.device == 'cpu' else ''
 
   def size_commands(image_size, batch_size):

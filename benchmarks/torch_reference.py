@@ -40,7 +40,7 @@ class CosineClassifier(nn.Module):
 
 
 def memory_allocator():
-  """'tcmalloc', 'jemalloc', 'tbbmalloc' or 'system' (as hml_jax.allocator.memory_allocator,
+  """'tcmalloc', 'jemalloc', 'tbbmalloc' or 'system' (as hml_jax.runtime.allocator.memory_allocator,
   without importing hml_jax): compare both frameworks with the same one."""
   try:
     with open('/proc/self/maps') as f:

@@ -31,7 +31,7 @@ def get_config():
   config.dataset.shuffle_buffer = 10000
   config.dataset.parallel_calls = -1
   # Streamed images and predict: 'pil' (Cole et al.'s exact preprocessing) or 'tensorflow'
-  # (hml_jax/decoders.py DECODERS).
+  # (hml_jax/data/decoders.py DECODERS).
   config.dataset.decoder = 'pil'
   # Images from files (streamed, folder, predict): a header that declares more pixels is refused
   # before decoding; PIL's default Image.MAX_IMAGE_PIXELS, ~256 MiB of RGB.
@@ -47,13 +47,13 @@ def get_config():
   config.dataset.standardize = 'none'
 
   config.model = 'resnet_small'
-  # The backbone's initial weights (hml_jax/pretrained.py): '' = random, 'embedded:NAME' (shipped
+  # The backbone's initial weights (hml_jax/init_from/torchvision.py): '' = random, 'embedded:NAME' (shipped
   # in hml_jax/weights/), 'torchvision:resnet50' (ImageNet), 'torchvision:/path/file.pth',
   # 'workdir:DIR' (another run's best checkpoint).
   config.init_from = ''
   config.image_size = 48
   config.half_precision = False
-  # How convolutions are computed (hml_jax/layers.py); the parameters are the same, so it
+  # How convolutions are computed (hml_jax/models/layers.py); the parameters are the same, so it
   # may change between runs and on resume. 'auto': as matmuls where that is faster on CPU
   # (docs/history.md), XLA's native convolutions on GPU and TPU.
   config.convolutions = 'auto'
@@ -102,7 +102,7 @@ def get_config():
   config.delta_rel_by_method = {'ll_r': 0.5, 'll_ct': 0.2, 'll_cp': 0.1}
   config.role_lr_mult = 10.0  # role: the label estimator's learning rate multiplier (Cole et al.)
 
-  # How each method is trained (hml_jax/recipes.py, docs/methods.md). 'shared': every method in
+  # How each method is trained (hml_jax/methods/recipes.py, docs/methods.md). 'shared': every method in
   # the same loop (here: the fairer comparison on the embedded data, where no one published a
   # recipe); 'published': as its authors trained it (the paper configs): Cole et al.'s linear
   # init for ROLE and AN-LS, Kim et al.'s 10x head learning rate and 3-point early stop for LL-*,
@@ -149,7 +149,7 @@ def get_config():
   config.nonfinite = 'stop'
 
   # How the train state (parameters, BatchNorm statistics, optimizer state, label state) is laid
-  # out over the devices (hml_jax/sharding.py): 'replicated' (every device holds all of it) or
+  # out over the devices (hml_jax/state/sharding.py): 'replicated' (every device holds all of it) or
   # 'fsdp' (each array of at least fsdp_min_size elements is split over the devices along its
   # largest dimension they divide, e.g. a 2048 x 5000 label-embedding matrix and ResNet-50's big
   # convolution kernels: per-device memory for them and their Adam moments falls by the device

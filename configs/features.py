@@ -10,7 +10,7 @@ def get_config():
   config.dataset.path = ''  # the .npz; required
   config.dataset.builder_config = ''
   # 'none', 'standardize' (per dimension, the training rows' mean and std, saved with the run as
-  # feature_statistics.json) or 'l2' (rows to unit norm): hml_jax.input_pipeline.
+  # feature_statistics.json) or 'l2' (rows to unit norm): hml_jax.training.input_pipeline.
   config.dataset.standardize = 'none'
   config.model = 'identity'  # no backbone: the head sees the features
   config.augment_max_shift = 0

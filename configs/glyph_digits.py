@@ -24,7 +24,7 @@ def get_config():
   config.image_size = 32  # the generated images' size (hml_jax/datasets/glyphs.py)
   # The pretrained backbone, as the paper starts from ImageNet weights: the best checkpoint of
   # configs/glyph_pretraining.py, shipped as hml_jax/weights/glyph_resnet_small.safetensors
-  # (hml_jax/embedded_backbones.py). A run of one's own: 'workdir:runs/glyph_pretraining'.
+  # (hml_jax/init_from/embedded.py). A run of one's own: 'workdir:runs/glyph_pretraining'.
   config.init_from = 'embedded:glyph_resnet_small'
   config.num_epochs = 10  # paper Sec. 4.1
   # The paper's grid picks the learning rate per method ({1e-2, 1e-3, 1e-4, 1e-5}); 1e-3 here

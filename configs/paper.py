@@ -24,7 +24,7 @@ def get_config(dataset_name: str):
   config.dataset.parallel_calls = -1  # decode + resize in parallel; -1 = tf.data.AUTOTUNE
   # 'pil': Cole et al.'s exact preprocessing (PIL decode + torchvision's Resize) and the faster
   # per core; 'tensorflow' (TF's C++ ops, no GIL) for a host with many cores per process.
-  # hml_jax/decoders.py DECODERS; docs/datasets.md "The input pipeline".
+  # hml_jax/data/decoders.py DECODERS; docs/datasets.md "The input pipeline".
   config.dataset.decoder = 'pil'
   # Images whose header declares more pixels are refused before they are decoded (a few KB of
   # PNG can declare 130 million): PIL's default Image.MAX_IMAGE_PIXELS, ~256 MiB of RGB.
@@ -36,7 +36,7 @@ def get_config(dataset_name: str):
   config.model = 'resnet50'  # the paper's backbone (Sec. 4.1)
   # ImageNet weights, as the paper and every baseline start from (Sec. 4.1; Cole et al. load
   # torchvision's resnet50(pretrained=True)): torchvision's ResNet50_Weights.IMAGENET1K_V1, from
-  # the cache or downloaded once (hml_jax/pretrained.py). A model of another depth takes
+  # the cache or downloaded once (hml_jax/init_from/torchvision.py). A model of another depth takes
   # 'torchvision:resnet18' / 34 / 101; 'torchvision:/path/file.pth' (or .safetensors) reads one's
   # own; '' trains from scratch (far below the paper's numbers).
   config.init_from = 'torchvision:resnet50'
@@ -46,7 +46,7 @@ def get_config(dataset_name: str):
   config.batch_size = 8  # from the grid {8, 16}
   config.eval_batch_size = 64
   config.num_epochs = 10  # paper Sec. 4.1
-  # Each baseline trained as its authors did (hml_jax/recipes.py); HML itself in the shared loop
+  # Each baseline trained as its authors did (hml_jax/methods/recipes.py); HML itself in the shared loop
   # the paper describes (Sec. 4.1).
   config.recipe = 'published'
   config.log_every_steps = 100

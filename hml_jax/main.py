@@ -4,7 +4,7 @@ Flags and config only; the work is in train.py. Override any config key on the c
 e.g. --config.loss=an --config.label_scenario=full.
 
   --mode=eval --workdir=DIR [--split=test] [--checkpoint=best]: every metric of a trained run
-  (hml_jax/evaluate.py), printed and written to DIR/eval_<split>.json; the config comes from DIR.
+  (hml_jax/tools/evaluate.py), printed and written to DIR/eval_<split>.json; the config comes from DIR.
 """
 import os
 import sys
@@ -12,7 +12,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS imports TensorFlow; keep its log quiet
 if __name__ == '__main__':
   # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
-  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   allocator.restart_with_fast_allocator()
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -21,11 +21,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from hml_jax import cli
-from hml_jax import evaluate
-from hml_jax import host
-from hml_jax import preemption
-from hml_jax import train
+from hml_jax.runtime import host
+from hml_jax.tools import cli
+from hml_jax.tools import evaluate
+from hml_jax.training import preemption
+from hml_jax.training import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

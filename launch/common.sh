@@ -21,7 +21,7 @@ die() {
 # find_tcmalloc: prints the path of an installed tcmalloc (or nothing). XLA on CPU allocates each
 # train step's temporaries afresh, and with glibc's malloc every step page-faults them in again;
 # tcmalloc keeps them (about 1.4x faster on CPU; docs/performance.md "Speed on CPU"). HML_TCMALLOC=PATH
-# chooses one, HML_TCMALLOC=none turns this off. The list matches hml_jax/host.py.
+# chooses one, HML_TCMALLOC=none turns this off. The list matches hml_jax/runtime/host.py.
 find_tcmalloc() {
   if [[ -n "${HML_TCMALLOC+set}" ]]; then
     [[ "${HML_TCMALLOC}" == none ]] || echo "${HML_TCMALLOC}"

@@ -17,7 +17,8 @@ import os
 
 import numpy as np
 
-from hml_jax import compare, files
+from hml_jax.runtime import files
+from hml_jax.tools import compare
 
 METHODS = ('an', 'an_ls', 'wan', 'epr', 'role', 'em', 'hml')
 GRID = (1e-2, 1e-3, 1e-4, 1e-5)  # the paper's grid (Sec. 4.1)
@@ -49,12 +50,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='runs/regime')
   args = parser.parse_args()
-  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import host  # pylint: disable=g-import-not-at-top
   host.setup()
   from hml_jax.configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   raw = os.path.join(args.out, 'features.npz')
   if not os.path.exists(raw):
-    from hml_jax import extract_features  # pylint: disable=g-import-not-at-top
+    from hml_jax.training import extract_features  # pylint: disable=g-import-not-at-top
     extract_features.extract_initial_to_file(glyph_digits.get_config(), raw)
   scaled, norm, factor = scaled_file(raw)
   print(f'Raw features: mean training row norm {norm:.2f}; scaled by {factor:.1f} to '

@@ -18,14 +18,18 @@ import sys
 
 if __name__ == '__main__':
   # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
-  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   allocator.restart_with_fast_allocator()
 
 import numpy as np
 
-from hml_jax import analyze, compare, embedded_backbones, extract_features, files, heads
-from hml_jax import train_state
 from hml_jax.datasets import glyphs
+from hml_jax.init_from import embedded
+from hml_jax.models import heads
+from hml_jax.runtime import files
+from hml_jax.state import train_state
+from hml_jax.tools import analyze, compare
+from hml_jax.training import extract_features
 
 SEEDS = 3
 # A method whose C1 test mAP is within NEAR_IN_STDS times the larger of the two stds of HML's
@@ -66,7 +70,7 @@ def base_config(mode, out, backbone=''):
   from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   target = glyph_digits.get_config()
   if backbone:
-    embedded_backbones.with_backbone(target, backbone)
+    embedded.with_backbone(target, backbone)
   if mode == 'finetune':
     return target
   from hml_jax.configs import features  # pylint: disable=g-import-not-at-top
@@ -89,13 +93,13 @@ def pretraining(out):
   for epoch in results['epochs']:
     print(f"| {epoch['epoch']} | {epoch['val_map']:.2f} | {epoch['test_map']:.2f} |")
   exported = os.path.join(out, 'glyph_resnet_small.safetensors')
-  embedded_backbones.export_workdir(workdir, exported)
-  committed = embedded_backbones.path_of('glyph_resnet_small')
+  embedded.export_workdir(workdir, exported)
+  committed = embedded.path_of('glyph_resnet_small')
   same = (os.path.exists(committed) and
-          embedded_backbones.sha256_of(exported) == embedded_backbones.sha256_of(committed))
+          embedded.sha256_of(exported) == embedded.sha256_of(committed))
   print(f"Best epoch {results['best_epoch']}: source val mAP {results['val_map']:.2f}, test mAP "
         f"{results['test_map']:.2f}, {results['wall_seconds']:.0f} s. Its backbone, {exported} "
-        f"(SHA-256 {embedded_backbones.sha256_of(exported)}), is "
+        f"(SHA-256 {embedded.sha256_of(exported)}), is "
         f"{'bitwise the same as' if same else 'NOT the same as'} {committed}.")
 
 
@@ -294,7 +298,7 @@ def main():
                       help='c1 only: a comma-separated subset, run in '
                       'that order (default: every method of the mode)')
   args = parser.parse_args()
-  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import host  # pylint: disable=g-import-not-at-top
   host.setup()
   if args.table == 'pretraining':
     pretraining(args.out)

@@ -21,12 +21,15 @@ import sys
 
 if __name__ == '__main__':
   # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
-  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   allocator.restart_with_fast_allocator()
 
 import numpy as np
 
-from hml_jax import compare, embedded_backbones, extract_features, files
+from hml_jax.init_from import embedded
+from hml_jax.runtime import files
+from hml_jax.tools import compare
+from hml_jax.training import extract_features
 
 SCALES = (5.0, 10.0, 20.0, 30.0, 40.0, 64.0)  # the paper's Fig. 5 axes
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -64,7 +67,7 @@ def base_config(mode, data, out, backbone=''):
   if backbone:
     if data != 'glyph':
       sys.exit('--backbone applies to glyph_digits only (--data=glyph).')
-    embedded_backbones.with_backbone(target, backbone)
+    embedded.with_backbone(target, backbone)
   if mode == 'finetune':
     if data != 'glyph':
       sys.exit('Fine-tuning runs on glyph_digits only (--data=glyph).')
@@ -284,7 +287,7 @@ def main():
                       help="init_from of glyph_digits's backbone; the rates are then those of "
                       "paper_regime.py c1 --backbone=... in the same --out")
   args = parser.parse_args()
-  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import host  # pylint: disable=g-import-not-at-top
   host.setup()
   out = os.path.abspath(args.out)
   if args.backbone:

@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from hml_jax import labels
 from hml_jax import methods
+from hml_jax.data import labels
 
 
 def stat(runs, key):

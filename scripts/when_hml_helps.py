@@ -22,12 +22,15 @@ import sys
 
 if __name__ == '__main__':
   # First thing, before JAX or TensorFlow allocate: restart with a fast malloc (allocator.py).
-  from hml_jax import allocator  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   allocator.restart_with_fast_allocator()
 
 import numpy as np
 
-from hml_jax import compare, embedded_backbones, extract_features, files
+from hml_jax.init_from import embedded
+from hml_jax.runtime import files
+from hml_jax.tools import compare
+from hml_jax.training import extract_features
 
 SEEDS = 3
 STRONG = 'embedded:glyph_source_resnet_small'
@@ -54,7 +57,7 @@ CONDITIONS = {
         'learning_rate': 1e-4,
         'head_learning_rate_multiplier': 10.0
     },
-    # ROLE's published head phase (hml_jax/recipes.py, Cole et al.).
+    # ROLE's published head phase (hml_jax/methods/recipes.py, Cole et al.).
     'd2_linear_init': {
         'linear_init_epochs': 25,
         'linear_init_learning_rate': 1e-3,
@@ -135,7 +138,7 @@ def false_negative_share(workdir):
   """The paper's Fig. 2 quantity at the best checkpoint (hml_jax.analyze, training images): the
   false negatives' share of the negative-side gradient |dL/d output| (false + true negatives)
   and their mean output (logit for AN, cosine for HML)."""
-  from hml_jax import analyze  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import analyze  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'analysis', 'analysis.json')
   report = files.read_json(path) if os.path.exists(path) else analyze.analyze(workdir)
   groups = report['densities']['groups']
@@ -194,7 +197,7 @@ def criterion(out, backbone=STRONG):
   from hml_jax.configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   prefix = 'strong' if backbone == STRONG else backbone.split(':')[-1]
   source = glyph_digits.get_config()
-  embedded_backbones.with_backbone(source, backbone)
+  embedded.with_backbone(source, backbone)
   path = os.path.join(out, f'{prefix}_features.npz')
   if not os.path.exists(path):
     files.makedirs(out)
@@ -207,7 +210,7 @@ def criterion(out, backbone=STRONG):
   table = files.read_json(os.path.join(probe_dir, 'table.json'))
   print(f'Linear probe (features mode, BCE, full labels): {table}')
   fine = glyph_digits.get_config()
-  embedded_backbones.with_backbone(fine, backbone).label_scenario = 'full'
+  embedded.with_backbone(fine, backbone).label_scenario = 'full'
   tuned = test_maps(fine, os.path.join(out, 'finetune', f'{prefix}_criterion'), 'bce')
   print(f'Fine-tuning (BCE, full labels, lr 1e-3): {mean_std(tuned)}')
 
@@ -219,7 +222,7 @@ def main():
   parser.add_argument('--backbone', default=STRONG, help='criterion only: the candidate backbone')
   parser.add_argument('--out', default=os.path.abspath('runs/regime'))
   args = parser.parse_args()
-  from hml_jax import host  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import host  # pylint: disable=g-import-not-at-top
   host.setup()
   out = os.path.abspath(args.out)
   if args.table == 'criterion':

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of hml_jax/pth_files.py with atheris (libFuzzer for Python).
+"""Coverage-guided fuzzing of hml_jax/init_from/pth_files.py with atheris (libFuzzer for Python).
 
 Each input is a file's bytes, read by pth_files.read_state_dict. Anything but a PthFileError
 crashes the run (atheris then writes the input to crash-<hash>, in /tmp/fuzz_pth_crashes unless
@@ -37,11 +37,11 @@ sys.path[:0] = [
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'),
 ]
-import hml_jax.errors  # noqa: F401,E402  # pylint: disable=g-import-not-at-top,wrong-import-position
+import hml_jax.runtime.errors  # noqa: F401,E402  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-with atheris.instrument_imports(include=['hml_jax.pth_files', 'zipfile', 'pickletools']):
+with atheris.instrument_imports(include=['hml_jax.init_from.pth_files', 'zipfile', 'pickletools']):
   import pickletools  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
-  from hml_jax import pth_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+  from hml_jax.init_from import pth_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import test_pth_fuzz  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -1,4 +1,4 @@
-"""hml_jax.allocator: which malloc a process runs with, and the restart to a fast one."""
+"""hml_jax.runtime.allocator: which malloc a process runs with, and the restart to a fast one."""
 import importlib.metadata
 import os
 import shutil
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from hml_jax import allocator
+from hml_jax.runtime import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TBB = ('/venv/lib/libtbbmalloc.so.2', '/venv/lib/libtbbmalloc_proxy.so.2')
@@ -116,9 +116,9 @@ def _clean_environment(**environment):
 
 
 def run_allocator_module(cwd=ROOT, **environment):
-  """What `python -m hml_jax.allocator` (a command-line tool's restart) ends up with, run in
+  """What `python -m hml_jax.runtime.allocator` (a command-line tool's restart) ends up with, run in
   cwd: the malloc's name and its file ('system', '' for the system's)."""
-  completed = subprocess.run([sys.executable, '-m', 'hml_jax.allocator'],
+  completed = subprocess.run([sys.executable, '-m', 'hml_jax.runtime.allocator'],
                              cwd=cwd,
                              env=_clean_environment(**environment),
                              capture_output=True,

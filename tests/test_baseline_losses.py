@@ -7,8 +7,8 @@ from hml_jax.configs import default
 import numpy as np
 import pytest
 
-from hml_jax import losses
 from hml_jax import methods
+from hml_jax.methods import losses
 
 
 def log_p(x):

@@ -40,7 +40,7 @@ def test_benchmark_counts_the_flops_of_the_step():
   """XLA's count for a known function: a (4, 8) @ (8, 16) matmul is 2 * 4 * 8 * 16 FLOPs."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from hml_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
   compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 16))).compile()
   assert benchmark.xla_flops(compiled) == 2 * 4 * 8 * 16
   # A convolution is counted on the lowered program (the GPU backend's compiled count misses the
@@ -198,8 +198,8 @@ def test_photo_folder_holds_out_one_validation_photo(tmp_path):
   rest timed; the config's decoder and parallel_calls reach the split. Too few photos is an
   error naming the count."""
   import pytest  # pylint: disable=g-import-not-at-top
-  from hml_jax import benchmark  # pylint: disable=g-import-not-at-top
-  from hml_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+  from hml_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
   benchmark.write_photos(str(tmp_path), 6)
   config = benchmark.photo_folder_config(str(tmp_path),
                                          6,

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from hml_jax import splits
+from hml_jax.data import splits
 from hml_jax.datasets import catalog
 from hml_jax.datasets import registry
 from hml_jax.datasets import voc2012

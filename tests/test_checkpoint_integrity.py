@@ -9,7 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hml_jax import checkpoints, errors
+from hml_jax.runtime import errors
+from hml_jax.state import checkpoints
 
 MANIFEST = checkpoints.MANIFEST
 

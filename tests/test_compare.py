@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from hml_jax import compare
+from hml_jax.tools import compare
 
 from helpers import tiny_config
 

@@ -8,7 +8,9 @@ import os
 import pytest
 
 from hml_jax.configs import default
-from hml_jax import checkpoints, evaluate, train
+from hml_jax.state import checkpoints
+from hml_jax.tools import evaluate
+from hml_jax.training import train
 
 from helpers import tiny_config
 
@@ -95,7 +97,8 @@ def test_an_added_key_under_a_value_is_not_filled_in():
 
 
 def test_the_head_phase_has_no_schedule_or_measurement_of_the_run():
-  from hml_jax import linear_init, recipes  # pylint: disable=g-import-not-at-top
+  from hml_jax.training import linear_init  # pylint: disable=g-import-not-at-top
+  from hml_jax.methods import recipes
   config = default.get_config()
   config.learning_rate_decay_epochs, config.false_negative_images = (3,), 100
   head = linear_init.head_config(

@@ -1,7 +1,7 @@
 """The console output of a run: one line per epoch, a progress bar on a terminal only."""
 import io
 
-from hml_jax import console
+from hml_jax.runtime import console
 
 
 def test_duration():

@@ -1,4 +1,4 @@
-"""Weights downloads (hml_jax/downloads.py, pretrained.weights_file) against an HTTP server that
+"""Weights downloads (hml_jax/runtime/downloads.py, pretrained.weights_file) against an HTTP server that
 the test starts on 127.0.0.1; no test touches the internet."""
 import hashlib
 import http.server
@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from hml_jax import downloads, errors, models, pretrained
+from hml_jax import models
+from hml_jax.init_from import torchvision
+from hml_jax.runtime import downloads, errors
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')
@@ -272,7 +274,7 @@ def test_a_trickling_server_is_stopped_at_the_deadline(server, cache, name):
 
 def test_the_default_deadline(monkeypatch):
   monkeypatch.delenv(downloads.DEADLINE_ENVIRONMENT_VARIABLE, raising=False)
-  resnet50 = pretrained.IMAGENET_WEIGHTS['resnet50'].max_bytes
+  resnet50 = torchvision.IMAGENET_WEIGHTS['resnet50'].max_bytes
   # 108 MiB at 100 kB/s: 19 minutes; a small file still gets the minimum.
   assert downloads.default_deadline(resnet50) == pytest.approx(108 * 2**20 / 1e5)
   assert downloads.default_deadline(1000) == downloads.MINIMUM_DEADLINE_SECONDS
@@ -286,27 +288,27 @@ def test_the_default_deadline(monkeypatch):
 
 
 def test_every_named_weights_file_has_a_size_bound():
-  for weights in pretrained.IMAGENET_WEIGHTS.values():
+  for weights in torchvision.IMAGENET_WEIGHTS.values():
     # torchvision's documented sizes are 44.7-170.5 MB; each bound is about 1.1 times that.
     assert 40 * 2**20 < weights.max_bytes < 200 * 2**20
 
 
 def test_named_weights_are_downloaded_within_their_bound(server, cache, monkeypatch):
   monkeypatch.setitem(
-      pretrained.IMAGENET_WEIGHTS, 'resnet50',
-      pretrained.WeightsFile(f'{server}/endless.pth', DIGEST, max_bytes=len(CONTENT)))
+      torchvision.IMAGENET_WEIGHTS, 'resnet50',
+      torchvision.WeightsFile(f'{server}/endless.pth', DIGEST, max_bytes=len(CONTENT)))
   with pytest.raises(downloads.DownloadError,
                      match=f'sent more than the {len(CONTENT)} bytes.*' +
-                     re.escape(pretrained.DOWNLOAD_ADVICE)):
-    pretrained.weights_file('torchvision:resnet50', progress=False)
+                     re.escape(torchvision.DOWNLOAD_ADVICE)):
+    torchvision.weights_file('torchvision:resnet50', progress=False)
   assert _leftovers(cache) == []
 
 
 @pytest.fixture
 def fake_imagenet_weights(server, monkeypatch):
   """'torchvision:resnet50' served by the local server: the fixture under torchvision's name."""
-  monkeypatch.setitem(pretrained.IMAGENET_WEIGHTS, 'resnet50',
-                      pretrained.WeightsFile(f'{server}/resnet50-0676ba61.pth', DIGEST))
+  monkeypatch.setitem(torchvision.IMAGENET_WEIGHTS, 'resnet50',
+                      torchvision.WeightsFile(f'{server}/resnet50-0676ba61.pth', DIGEST))
 
 
 def _small_backbone_and_features():
@@ -322,11 +324,11 @@ def _small_backbone_and_features():
 def test_named_weights_download_load_and_give_torchvision_features(fake_imagenet_weights, cache):
   del fake_imagenet_weights
   backbone, images, expected = _small_backbone_and_features()
-  variables = pretrained.init_variables_from('torchvision:resnet50', backbone, images.shape)
+  variables = torchvision.init_variables_from('torchvision:resnet50', backbone, images.shape)
   features = np.asarray(backbone.apply(variables, images, train=False))
   np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
   assert os.path.isfile(cache / 'resnet50-0676ba61.pth')
-  pretrained.init_variables_from('torchvision:resnet50', backbone, images.shape)
+  torchvision.init_variables_from('torchvision:resnet50', backbone, images.shape)
   assert len(_Handler.requests) == 1
 
 
@@ -335,7 +337,7 @@ def test_torchvision_cache_is_used_without_download(fake_imagenet_weights, cache
   hub = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
   os.makedirs(hub)
   (hub / 'resnet50-0676ba61.pth').write_bytes(CONTENT)
-  assert pretrained.weights_file('torchvision:resnet50') == str(hub / 'resnet50-0676ba61.pth')
+  assert torchvision.weights_file('torchvision:resnet50') == str(hub / 'resnet50-0676ba61.pth')
   assert _Handler.requests == [] and _leftovers(cache) == []
 
 
@@ -361,11 +363,11 @@ def test_paper_config_offline_fails_at_once_before_any_other_work(server, cache,
   """configs/voc.py as shipped names ImageNet weights; with an empty cache and no network the run
   stops with the download error before reading any data (the manual_dir does not even exist)."""
   from hml_jax.configs import voc  # pylint: disable=g-import-not-at-top
-  from hml_jax import train  # pylint: disable=g-import-not-at-top
+  from hml_jax.training import train  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(
-      pretrained.IMAGENET_WEIGHTS, 'resnet50',
-      pretrained.WeightsFile(f'{server}/gone/resnet50-0676ba61.pth',
-                             pretrained.IMAGENET_WEIGHTS['resnet50'].sha256))
+      torchvision.IMAGENET_WEIGHTS, 'resnet50',
+      torchvision.WeightsFile(f'{server}/gone/resnet50-0676ba61.pth',
+                              torchvision.IMAGENET_WEIGHTS['resnet50'].sha256))
   config = voc.get_config()
   assert config.init_from == 'torchvision:resnet50'
   config.dataset.manual_dir = str(tmp_path / 'manual')  # present (checked first) and empty
@@ -376,14 +378,14 @@ def test_paper_config_offline_fails_at_once_before_any_other_work(server, cache,
   message = str(error.value)
   assert message.startswith(f'Could not download {server}/gone/resnet50-0676ba61.pth (HTTP 404 ')
   assert str(cache / 'resnet50-0676ba61.pth') in message and message.endswith(
-      pretrained.DOWNLOAD_ADVICE)
+      torchvision.DOWNLOAD_ADVICE)
   assert '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a' in message
   assert not os.path.exists(tmp_path / 'tfds') and _leftovers(cache) == []
 
 
 def test_a_missing_weights_path_fails_before_any_other_work(tmp_path):
   from hml_jax.configs import voc  # pylint: disable=g-import-not-at-top
-  from hml_jax import train  # pylint: disable=g-import-not-at-top
+  from hml_jax.training import train  # pylint: disable=g-import-not-at-top
   config = voc.get_config()
   config.init_from = f'torchvision:{tmp_path}/resnet50.safetensors'
   config.dataset.manual_dir = str(tmp_path / 'manual')

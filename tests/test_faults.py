@@ -17,7 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hml_jax import checkpoints, errors, methods, models, train, train_state
+from hml_jax import methods, models
+from hml_jax.runtime import errors
+from hml_jax.state import checkpoints, train_state
+from hml_jax.training import train
 from tests.helpers import read_results, tiny_config
 
 # Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hml_jax import errors, files
+from hml_jax.runtime import errors, files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +99,7 @@ def test_a_damaged_json_file_is_named(tmp_path, content):
 # Rewrites the file between two versions as fast as it can, until killed.
 REWRITER = r'''
 import sys
-from hml_jax import files
+from hml_jax.runtime import files
 versions = [{'version': v, 'rows': [v] * 200000} for v in (1, 2)]
 files.write_json(sys.argv[1], versions[0])
 print('ready', flush=True)

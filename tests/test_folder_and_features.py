@@ -10,14 +10,14 @@ import pytest
 
 from hml_jax.configs import features as features_config
 from hml_jax.configs import folder as folder_config
-from hml_jax import extract_features
-from hml_jax import input_pipeline
-from hml_jax import labels as labels_lib
-from hml_jax import train
-from hml_jax import train_state
+from hml_jax.data import labels as labels_lib
 from hml_jax.datasets import folder
 from hml_jax.datasets import registry
-from hml_jax.datasets import stats
+from hml_jax.tools import dataset_stats as stats
+from hml_jax.state import train_state
+from hml_jax.training import extract_features
+from hml_jax.training import input_pipeline
+from hml_jax.training import train
 from tests.helpers import read_results
 
 NAMES = ('cat', 'dog', 'car', 'tree')

@@ -10,8 +10,10 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from hml_jax import methods, models
 from hml_jax.configs import tiny
-from hml_jax import checkpoints, methods, models, sharding, train, train_state
+from hml_jax.state import checkpoints, sharding, train_state
+from hml_jax.training import train
 from tests.test_multihost import command, environment, results, TINY_MIN_SIZE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +136,10 @@ def run_on_8_devices(script, *arguments):
 # The same 3 train steps and an eval step, from the same initial values, in both layouts.
 STEPS = """
 import json, sys, jax, numpy as np
-from hml_jax import losses, methods, models, sharding, steps, train_state
+from hml_jax import methods, models
 from hml_jax.configs import tiny
+from hml_jax.methods import losses
+from hml_jax.state import sharding, steps, train_state
 config = tiny.get_config()
 config.learning_rate = 1e-2
 config.loss = sys.argv[1]
@@ -236,7 +240,8 @@ def replicated_run(tfds_dir, tmp_path_factory):
 # replicated) restored into each layout.
 RESUME = """
 import json, sys, jax, numpy as np
-from hml_jax import checkpoints, sharding, train, train_state
+from hml_jax.state import checkpoints, sharding, train_state
+from hml_jax.training import train
 from tests.helpers import tiny_config
 data_dir, workdir, reference, min_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 def config(epochs, mode):

@@ -9,8 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import checkpoints, embedded_backbones, init_from, methods, models, train, train_state
+from hml_jax import init_from, methods, models
 from hml_jax.datasets import glyphs
+from hml_jax.init_from import embedded
+from hml_jax.state import checkpoints, train_state
+from hml_jax.training import train
 
 from helpers import tiny_config
 
@@ -224,14 +227,13 @@ def test_exported_backbone_round_trips_and_starts_a_run(tfds_dir, pretrained_wor
   """embedded_backbones.export_workdir writes the best checkpoint's backbone; init_from=
   'embedded:NAME' gives exactly those arrays, after checking the file's SHA-256."""
   path = tmp_path / 'weights' / 'tiny_backbone.safetensors'
-  metadata = embedded_backbones.export_workdir(pretrained_workdir, str(path))
+  metadata = embedded.export_workdir(pretrained_workdir, str(path))
   assert metadata['model'] == 'resnet_tiny' and json.loads(metadata['image_shape']) == [32, 32, 1]
-  monkeypatch.setattr(embedded_backbones, 'DIRECTORY', str(tmp_path / 'weights'))
+  monkeypatch.setattr(embedded, 'DIRECTORY', str(tmp_path / 'weights'))
   monkeypatch.setitem(
-      embedded_backbones.BACKBONES, 'tiny_backbone',
-      embedded_backbones.EmbeddedBackbone('tiny_backbone.safetensors', 'resnet_tiny',
-                                          'glyph_pretraining',
-                                          embedded_backbones.sha256_of(str(path)), 'the test'))
+      embedded.BACKBONES, 'tiny_backbone',
+      embedded.EmbeddedBackbone('tiny_backbone.safetensors', 'resnet_tiny', 'glyph_pretraining',
+                                embedded.sha256_of(str(path)), 'the test'))
   config = _glyph_config(tfds_dir, 'glyph_digits', init_from='embedded:tiny_backbone')
   model, state = _state_from_init_from(config)
   _assert_same_backbone(state, pretrained_workdir)
@@ -256,18 +258,18 @@ def test_embedded_backbone_errors():
     init_from.check('embedded:glyph_resnet_small', 'resnet50')
 
 
-@pytest.mark.parametrize('name', sorted(embedded_backbones.BACKBONES))
+@pytest.mark.parametrize('name', sorted(embedded.BACKBONES))
 def test_committed_glyph_backbone_is_what_its_command_makes(name):
-  """The shipped files: pinned by their SHA-256, shaped for glyph_digits' resnet_small, and made
+  """The shipped files: pinned by their SHA-256, shaped for glyph_digits with their own network, and made
   by their source config as it is now (a changed config would not regenerate them). The bitwise
   regeneration itself (15 minutes to an hour) runs with HML_JAX_REGENERATE_BACKBONE=1:
   test_regenerating_the_glyph_backbone_is_bitwise."""
   import importlib  # pylint: disable=g-import-not-at-top
   from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
-  backbone = embedded_backbones.BACKBONES[name]
-  path = embedded_backbones.path_of(name)
-  assert backbone.sha256 and embedded_backbones.sha256_of(path) == backbone.sha256
-  variables, metadata = embedded_backbones.load(path)
+  backbone = embedded.BACKBONES[name]
+  path = embedded.path_of(name)
+  assert backbone.sha256 and embedded.sha256_of(path) == backbone.sha256
+  variables, metadata = embedded.load(path)
   source = json.loads(metadata['source_config'])
   source.pop('hml_jax_workdir_format', None)
   source_config = importlib.import_module(f'configs.{backbone.source_config}').get_config()
@@ -275,9 +277,10 @@ def test_committed_glyph_backbone_is_what_its_command_makes(name):
       json.dumps(checkpoints.without_later_defaults(source_config.to_dict())))
   assert metadata['regenerate'] == backbone.regenerate
   assert metadata['source_dataset'] == f'{source_config.dataset.name}/default'
-  config = glyph_digits.get_config()
-  assert config.model == backbone.model
+  assert metadata['model'] == backbone.model
   assert glyph_digits.get_config().init_from == 'embedded:glyph_resnet_small'
+  config = embedded.with_backbone(glyph_digits.get_config(), f'embedded:{name}')
+  assert config.model == backbone.model
   model = models.create_model(config.model, 'cosine', 20)
   init_from.check_fits(variables, model, (config.image_size,) * 2 + (1,), f'embedded:{name}')
 
@@ -298,13 +301,12 @@ def test_saved_backbone_files_are_the_same_bytes_whatever_the_metadata_order(tmp
       }
   }
   metadata = {f'key{index}': str(index) for index in range(12)}
-  embedded_backbones.save(variables, str(tmp_path / 'a.safetensors'), metadata)
-  embedded_backbones.save(variables, str(tmp_path / 'b.safetensors'),
-                          dict(reversed(list(metadata.items()))))
+  embedded.save(variables, str(tmp_path / 'a.safetensors'), metadata)
+  embedded.save(variables, str(tmp_path / 'b.safetensors'), dict(reversed(list(metadata.items()))))
   assert (tmp_path / 'a.safetensors').read_bytes() == (tmp_path / 'b.safetensors').read_bytes()
   header_length = int.from_bytes((tmp_path / 'a.safetensors').read_bytes()[:8], 'little')
   assert header_length % 8 == 0
-  loaded, loaded_metadata = embedded_backbones.load(str(tmp_path / 'a.safetensors'))
+  loaded, loaded_metadata = embedded.load(str(tmp_path / 'a.safetensors'))
   assert loaded_metadata == metadata
   np.testing.assert_array_equal(loaded['params']['conv']['kernel'],
                                 variables['params']['conv']['kernel'])
@@ -314,10 +316,10 @@ def test_saved_backbone_files_are_the_same_bytes_whatever_the_metadata_order(tmp
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get('HML_JAX_REGENERATE_BACKBONE') != '1',
                     reason='15 minutes to an hour on 2 cores: set HML_JAX_REGENERATE_BACKBONE=1')
-@pytest.mark.parametrize('name', sorted(embedded_backbones.BACKBONES))
+@pytest.mark.parametrize('name', sorted(embedded.BACKBONES))
 def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path, name):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  backbone = embedded_backbones.BACKBONES[name]
+  backbone = embedded.BACKBONES[name]
   # The committed file's name, so that the export writes the same metadata (its 'regenerate').
   regenerated = tmp_path / 'export' / backbone.filename
   command = backbone.regenerate.replace('runs/regime', str(tmp_path)).replace(
@@ -336,7 +338,7 @@ def test_regenerating_the_glyph_backbone_is_bitwise(tmp_path, name):
                      'XLA_FLAGS': xla_flags,
                      'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')
                  })
-  assert embedded_backbones.sha256_of(str(regenerated)) == backbone.sha256
+  assert embedded.sha256_of(str(regenerated)) == backbone.sha256
 
 
 @pytest.mark.slow
@@ -344,7 +346,7 @@ def test_features_of_the_embedded_backbone(tfds_dir, tmp_path):
   """extract_features from a config (no training): the embedded backbone's outputs on the
   target's official splits, in official order, without flips."""
   from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
-  from hml_jax import extract_features  # pylint: disable=g-import-not-at-top
+  from hml_jax.training import extract_features  # pylint: disable=g-import-not-at-top
   from hml_jax.datasets import registry  # pylint: disable=g-import-not-at-top
   config = glyph_digits.get_config()
   config.dataset.builder_config = 'tiny'
@@ -353,7 +355,7 @@ def test_features_of_the_embedded_backbone(tfds_dir, tmp_path):
   source = registry.load_source(config)
   assert arrays['train_features'].shape == (200, 256) and arrays['test_features'].shape[0] == 80
   np.testing.assert_array_equal(arrays['test_labels'], source.test_labels)
-  variables, _ = embedded_backbones.load_named(config.init_from)
+  variables, _ = embedded.load_named(config.init_from)
   model = models.create_model(config.model, 'cosine', 20)
   images = (source.test_examples[:16].astype(np.float32) / 255.0 - 0.5) / 0.5
   expected = model.backbone.apply(variables, images, train=False)
@@ -361,3 +363,14 @@ def test_features_of_the_embedded_backbone(tfds_dir, tmp_path):
                              np.asarray(expected),
                              rtol=1e-4,
                              atol=1e-4)
+
+
+def test_with_backbone_takes_the_embedded_backbones_network():
+  from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
+  config = embedded.with_backbone(glyph_digits.get_config(), 'embedded:glyph_resnet_small')
+  assert (config.init_from, config.model) == ('embedded:glyph_resnet_small', 'resnet_small')
+  for name, backbone in embedded.BACKBONES.items():
+    assert embedded.with_backbone(glyph_digits.get_config(),
+                                  f'embedded:{name}').model == (backbone.model)
+  config = embedded.with_backbone(glyph_digits.get_config(), 'torchvision:resnet18')
+  assert (config.init_from, config.model) == ('torchvision:resnet18', 'resnet_small')

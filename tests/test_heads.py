@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hml_jax import heads
+from hml_jax.models import heads
 
 BOUNDARY_COSINES = np.array([-1.0, -1.0 + 1e-7, 0.0, 1.0 - 1e-7, 1.0], np.float32)
 

@@ -1,6 +1,6 @@
-"""hml_jax.host: the compilation cache and process setup of the command-line tools."""
+"""hml_jax.runtime.host: the compilation cache and process setup of the command-line tools."""
 
-from hml_jax import host
+from hml_jax.runtime import host
 
 
 def test_compilation_cache_follows_jax_then_the_environment_then_the_default(monkeypatch, tmp_path):
@@ -41,7 +41,7 @@ def test_library_notes_are_dropped_and_warnings_kept():
   assert not quiet.filter(
       record('/site-packages/matplotlib/font_manager.py', logging.INFO,
              'generated new fontManager'))
-  assert quiet.filter(record('/work/hml_jax/train.py', logging.INFO, 'Epoch 1/10: ...'))
+  assert quiet.filter(record('/work/hml_jax/training/train.py', logging.INFO, 'Epoch 1/10: ...'))
 
 
 def test_import_banners_are_dropped_and_other_lines_kept(capfd):

@@ -25,13 +25,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from hml_jax import decoders
-from hml_jax import errors
-from hml_jax import input_pipeline
-from hml_jax import predict
+from hml_jax.data import decoders
 from hml_jax.datasets import features
 from hml_jax.datasets import folder
 from hml_jax.datasets import nus_wide
+from hml_jax.runtime import errors
+from hml_jax.tools import predict
+from hml_jax.training import input_pipeline
 from tests import dataset_fixtures
 from tests import test_folder_and_features as folder_tests
 

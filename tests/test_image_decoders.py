@@ -9,11 +9,11 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from hml_jax import decoders
-from hml_jax import input_pipeline
-from hml_jax import predict
-from hml_jax import splits
+from hml_jax.data import decoders
+from hml_jax.data import splits
 from hml_jax.datasets import folder
+from hml_jax.tools import predict
+from hml_jax.training import input_pipeline
 from tests.test_folder_and_features import tiny_image_config
 from tests.test_folder_and_features import write_folder
 
@@ -116,7 +116,7 @@ def test_an_image_that_breaks_after_loading_stops_the_pipeline_with_its_row(tmp_
 
 def test_a_workdir_config_without_the_key_decodes_with_pil():
   """A workdir written before dataset.decoder existed reads as the decoder it ran with."""
-  from hml_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from hml_jax.state import checkpoints  # pylint: disable=g-import-not-at-top
   config = tiny_image_config('/nonexistent')
   assert decoders.image_decoder(config.dataset) == 'pil'  # configs/default.py
   older = config.to_dict()

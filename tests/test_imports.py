@@ -24,7 +24,9 @@ def import_graph():
         if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('hml_jax'):
           for alias in node.names:
             candidate = f'{node.module}.{alias.name}'
-            is_module = os.path.exists(os.path.join(root, *candidate.split('.')) + '.py')
+            path = os.path.join(root, *candidate.split('.'))
+            is_module = os.path.exists(path + '.py') or os.path.exists(
+                os.path.join(path, '__init__.py'))
             imported.add(candidate if is_module else node.module)
         elif isinstance(node, ast.Import):
           imported.update(a.name for a in node.names if a.name.startswith('hml_jax.'))
@@ -71,12 +73,67 @@ def test_the_circle_finder_finds_a_circle():
   assert find_circle({'a': {'b'}, 'b': set()}) is None
 
 
+# The layers, bottom first: a module imports only from its own layer and those before it
+# (docs/development.md, "Code tour"). The package's face (hml_jax/__init__.py, aliases.py), the
+# tools' old names (hml_jax/predict.py, ...) and main.py stand above all.
+LAYERS = ('runtime', 'models', 'data', 'methods', 'evaluation', 'datasets', 'state', 'init_from',
+          'training', 'tools')
+TOP = ('hml_jax', 'hml_jax.aliases', 'hml_jax.main', 'hml_jax.console_scripts', 'hml_jax.predict',
+       'hml_jax.evaluate', 'hml_jax.analyze', 'hml_jax.compare', 'hml_jax.benchmark',
+       'hml_jax.extract_features', 'hml_jax.embedded_backbones', 'hml_jax.datasets.stats')
+
+
+def layer_of(module):
+  """The index in LAYERS of a module's subpackage; len(LAYERS) for the top; None for configs."""
+  if module in TOP:
+    return len(LAYERS)
+  package = module.split('.')[1]
+  if package == 'configs':
+    return None
+  assert package in LAYERS, f'{module} is in no layer: add its subpackage to LAYERS'
+  return LAYERS.index(package)
+
+
+def upward_imports(graph):
+  return sorted((module, other)
+                for module, imported in graph.items()
+                for other in imported
+                if layer_of(module) is not None and layer_of(other) is not None and
+                layer_of(other) > layer_of(module))
+
+
+def test_every_import_runs_down_the_layers():
+  assert upward_imports(import_graph()) == []
+
+
+def test_an_upward_import_is_found():
+  assert upward_imports({'hml_jax.models.heads': {'hml_jax.state.steps'}
+                        }) == [('hml_jax.models.heads', 'hml_jax.state.steps')]
+
+
+def test_the_top_level_holds_only_the_face_the_tools_old_names_and_main():
+  top = {name[:-3] for name in os.listdir(PACKAGE) if name.endswith('.py')}
+  assert {f'hml_jax.{name}' for name in top
+         } == set(TOP) - {'hml_jax', 'hml_jax.datasets.stats'} | {'hml_jax.__init__'}
+
+
+def test_the_old_names_are_the_same_modules():
+  """`from hml_jax import heads` (the flat layout's names) gives the module itself."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from hml_jax import aliases  # pylint: disable=g-import-not-at-top
+  for old, new in aliases.LIBRARY.items():
+    assert importlib.import_module(f'hml_jax.{old}') is importlib.import_module(f'hml_jax.{new}')
+  from hml_jax import embedded_backbones, extract_features, predict  # pylint: disable=g-import-not-at-top
+  from hml_jax.init_from import embedded  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import predict as predict_tool  # pylint: disable=g-import-not-at-top
+  from hml_jax.training import extract_features as features_library  # pylint: disable=g-import-not-at-top
+  assert embedded_backbones is embedded and predict is predict_tool
+  assert extract_features is features_library
+
+
 def test_the_step_and_the_state_import_no_weights_code():
   """The jitted step and the train state sit below every init_from source."""
   graph = import_graph()
-  weights = {
-      'hml_jax.init_from', 'hml_jax.pretrained', 'hml_jax.embedded_backbones', 'hml_jax.downloads',
-      'hml_jax.pth_files'
-  }
-  for module in ('hml_jax.steps', 'hml_jax.train_state'):
+  weights = {m for m in graph if m.startswith('hml_jax.init_from')} | {'hml_jax.runtime.downloads'}
+  for module in ('hml_jax.state.steps', 'hml_jax.state.train_state'):
     assert not graph[module] & weights, (module, graph[module] & weights)

@@ -1,10 +1,11 @@
-"""hml_jax.initializers: bitwise jax.nn.initializers' values, drawn flat."""
+"""hml_jax.models.initializers: bitwise jax.nn.initializers' values, drawn flat."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hml_jax import initializers, losses
+from hml_jax.methods import losses
+from hml_jax.models import initializers
 
 SHAPES = [(3, 3, 2, 2), (5, 2)]  # shaped draws compile slowly (the reason for the module)
 
@@ -55,7 +56,8 @@ def test_bad_arguments_are_named():
 def test_compiled_model_init_is_the_eager_one_bitwise(model_name, head):
   """create_train_state's compiled init gives the parameters an eager model.init gives (the
   values every run before the compiled init started from)."""
-  from hml_jax import models, train_state  # pylint: disable=g-import-not-at-top
+  from hml_jax import models  # pylint: disable=g-import-not-at-top
+  from hml_jax.state import train_state
   model = models.create_model(model_name, head, 20)
   compiled = train_state.initial_variables(model, jax.random.key(4), (32, 32, 3))
   eager = model.init(jax.random.key(4), jnp.zeros((1, 32, 32, 3)), train=False)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hml_jax import labels as labels_lib
+from hml_jax.data import labels as labels_lib
 
 
 def cole_et_al_single_positive(label_matrix, seed):

@@ -1,4 +1,4 @@
-"""hml_jax.layers: the matmul forms (on channel-major activations) equal XLA's native
+"""hml_jax.models.layers: the matmul forms (on channel-major activations) equal XLA's native
 convolution (channel-last), values and gradients; BatchNorm equals flax's on either channel axis."""
 import flax.linen as nn
 import jax
@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hml_jax import initializers
-from hml_jax import layers
 from hml_jax import models
+from hml_jax.models import initializers
+from hml_jax.models import layers
 
 
 def random_normal(key, shape):
   """jax.random.normal(key, shape), drawn flat: the same numbers, compiled in a fraction of the
-  time (hml_jax/initializers.py)."""
+  time (hml_jax/models/initializers.py)."""
   return initializers.flat_draw(jax.random.normal, key, shape)
 
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from hml_jax import checkpoints, errors
+from hml_jax.runtime import errors
+from hml_jax.state import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
@@ -20,7 +21,7 @@ DEAD_PID = 999999999  # above any pid_max: no such process
 # whether it got it, and lets it go when told.
 WORKER = r'''
 import sys, time
-from hml_jax import checkpoints
+from hml_jax.state import checkpoints
 lock = None
 print('ready', flush=True)
 for line in sys.stdin:

@@ -3,7 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hml_jax import heads, losses, methods
+from hml_jax import methods
+from hml_jax.methods import losses
+from hml_jax.models import heads
 
 
 def numpy_bce(logits, labels):

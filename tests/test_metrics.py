@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from hml_jax import metrics
+from hml_jax.evaluation import metrics
 
 
 @pytest.mark.parametrize('seed', range(5))

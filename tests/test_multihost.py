@@ -21,10 +21,10 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hml_jax.configs import tiny
 from hml_jax import datasets
-from hml_jax import input_pipeline
-from hml_jax import train_state
+from hml_jax.configs import tiny
+from hml_jax.state import train_state
+from hml_jax.training import input_pipeline
 
 # Subprocesses, fault injection, several processes or notebooks: the fast tier skips them.
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""A user's .npz read without pickles and in memory bounded by the file (hml_jax/npz_files.py):
+"""A user's .npz read without pickles and in memory bounded by the file (hml_jax/data/npz_files.py):
 honest files read as np.load reads them, hostile ones are refused before any array is made."""
 import io
 import pickle
@@ -8,7 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from hml_jax import errors, npz_files, pretrained
+from hml_jax.data import npz_files
+from hml_jax.init_from import torchvision
+from hml_jax.runtime import errors
 
 
 def npy_bytes(array, shape=None):
@@ -157,9 +159,9 @@ def test_weights_files_other_than_pth_are_checked_too(tmp_path):
   """pretrained.load_state_dict's .npz and .safetensors: hostile or damaged is one user error."""
   path = npz_of(tmp_path / 'w.npz', {'fc.weight.npy': npy_bytes(np.ones(1), shape=(10**9,))})
   with pytest.raises(errors.InvalidInputError, match=r"w\.npz: key 'fc\.weight' declares"):
-    pretrained.load_state_dict(path)
+    torchvision.load_state_dict(path)
   path = tmp_path / 'w.safetensors'
   path.write_bytes(b'\xff' * 8 + b'{}')  # a header length far beyond the file
   with pytest.raises(errors.InvalidInputError,
                      match=r'w\.safetensors is not a readable \.safetensors file'):
-    pretrained.load_state_dict(str(path))
+    torchvision.load_state_dict(str(path))

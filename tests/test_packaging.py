@@ -47,7 +47,7 @@ def test_every_python_package_is_listed():
 
 
 def test_installed_configs_are_found_from_any_directory(tmp_path, monkeypatch):
-  from hml_jax import files  # pylint: disable=g-import-not-at-top
+  from hml_jax.runtime import files  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   argv = files.installed_config_argv([
       'main', '--config=configs/tiny.py:x', '--workdir=w', '--config.loss=an',

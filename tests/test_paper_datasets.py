@@ -16,17 +16,17 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from hml_jax import input_pipeline
 from hml_jax import methods
 from hml_jax import models
-from hml_jax import pretrained
-from hml_jax import train
-from hml_jax import train_state
 from hml_jax.datasets import coco2014
 from hml_jax.datasets import common
 from hml_jax.datasets import cub
 from hml_jax.datasets import nus_wide
 from hml_jax.datasets import voc2012
+from hml_jax.init_from import torchvision
+from hml_jax.state import train_state
+from hml_jax.training import input_pipeline
+from hml_jax.training import train
 
 from tests import dataset_fixtures
 
@@ -441,23 +441,23 @@ def test_voc_config_as_shipped_starts_from_imagenet_weights_in_the_cache(
   os.makedirs(cache)
   monkeypatch.setenv('HML_JAX_CACHE', str(cache))
   monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-  shapes = pretrained.expected_variables(models.get_backbone('resnet50'), (1, 64, 64, 3))
+  shapes = torchvision.expected_variables(models.get_backbone('resnet50'), (1, 64, 64, 3))
   rng = np.random.RandomState(0)
   state_dict = {}
-  for path, shape in pretrained._flatten(shapes).items():  # pylint: disable=protected-access
+  for path, shape in torchvision._flatten(shapes).items():  # pylint: disable=protected-access
     value = rng.normal(0, 0.05, shape.shape).astype(np.float32)
     if path[-1] == 'kernel':
       value = value.transpose(3, 2, 0, 1)  # HWIO -> torchvision's OIHW
     elif path[-1] in ('scale', 'var'):
       value = np.abs(value) + 0.5
-    name = pretrained._torchvision_name(path)  # pylint: disable=protected-access
+    name = torchvision._torchvision_name(path)  # pylint: disable=protected-access
     state_dict[name] = torch.from_numpy(np.ascontiguousarray(value))
-  weights = pretrained.IMAGENET_WEIGHTS['resnet50']
+  weights = torchvision.IMAGENET_WEIGHTS['resnet50']
   torch.save(state_dict, cache / weights.filename)
   digest = hashlib.sha256((cache / weights.filename).read_bytes()).hexdigest()
   monkeypatch.setitem(
-      pretrained.IMAGENET_WEIGHTS, 'resnet50',
-      pretrained.WeightsFile('http://127.0.0.1:9/unreachable/' + weights.filename, digest))
+      torchvision.IMAGENET_WEIGHTS, 'resnet50',
+      torchvision.WeightsFile('http://127.0.0.1:9/unreachable/' + weights.filename, digest))
 
   dataset_fixtures.write_voc2012(tmp_path / 'manual')
   config = importlib.import_module('configs.voc').get_config()

@@ -8,11 +8,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from hml_jax import evaluate
-from hml_jax import input_pipeline
-from hml_jax import predict
-from hml_jax import sharding
-from hml_jax import steps, train, train_state
+from hml_jax.state import sharding
+from hml_jax.state import steps, train_state
+from hml_jax.tools import evaluate
+from hml_jax.tools import predict
+from hml_jax.training import input_pipeline
+from hml_jax.training import train
 from tests.helpers import tiny_config
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,8 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
 
 @pytest.mark.slow
 def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
-  from hml_jax import analyze, heads  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import analyze  # pylint: disable=g-import-not-at-top
+  from hml_jax.models import heads
   workdir, _, results = trained
   report = analyze.analyze(workdir, str(tmp_path / 'figures'), max_images=100)
   for name in ('label_correlation.png', 'cosine_densities.png', 'training.png'):
@@ -136,7 +138,7 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
 
 
 def test_pairs_are_printed_by_their_labels_names():
-  from hml_jax import analyze  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import analyze  # pylint: disable=g-import-not-at-top
   assert analyze.pair_label('3-13', [str(d) for d in range(10)] + list('αβγδεζθλπω')) == '3-δ'
 
 
@@ -154,7 +156,8 @@ def test_evaluate_as_a_command_refuses_a_missing_workdir_in_one_line(tmp_path):
 
 
 def test_gradient_magnitudes_match_the_analytic_derivative():
-  from hml_jax import false_negatives, methods  # pylint: disable=g-import-not-at-top
+  from hml_jax.evaluation import false_negatives  # pylint: disable=g-import-not-at-top
+  from hml_jax import methods
   rng = np.random.RandomState(0)
   cos = rng.uniform(-0.9, 0.9, size=(6, 4)).astype(np.float32)
   observed = (rng.uniform(size=(6, 4)) < 0.3).astype(np.float32)

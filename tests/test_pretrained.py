@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import init_from, models, pretrained
+from hml_jax import init_from, models
+from hml_jax.init_from import torchvision
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'torchvision_resnet_small.npz')
 
@@ -30,7 +31,7 @@ def fixture():
 
 def test_converted_weights_give_torchvision_features(fixture):
   state_dict, backbone, images, expected = fixture
-  variables = pretrained.from_torchvision(state_dict, backbone, image_shape=images.shape)
+  variables = torchvision.from_torchvision(state_dict, backbone, image_shape=images.shape)
   assert set(variables) == {'params', 'batch_stats'}
   assert variables['params']['conv1']['kernel'].shape == (7, 7, 3, 8)  # HWIO
   assert set(variables['batch_stats']['layer2_0']['downsample_bn']) == {'mean', 'var'}
@@ -42,8 +43,8 @@ def test_converted_weights_give_torchvision_features(fixture):
 
 def test_conversion_without_backbone_and_default_image_shape(fixture):
   state_dict, backbone, _, _ = fixture
-  unchecked = pretrained.from_torchvision(state_dict)
-  checked = pretrained.from_torchvision(state_dict, backbone)
+  unchecked = torchvision.from_torchvision(state_dict)
+  checked = torchvision.from_torchvision(state_dict, backbone)
   assert jax.tree_util.tree_structure(unchecked) == jax.tree_util.tree_structure(checked)
   np.testing.assert_array_equal(unchecked['params']['layer1_0']['conv2']['kernel'],
                                 state_dict['layer1.0.conv2.weight'].transpose(2, 3, 1, 0))
@@ -57,20 +58,20 @@ def test_missing_key_is_named(fixture):
   with pytest.raises(ValueError,
                      match=r"1 missing: batch_stats/layer3_0/downsample_bn/mean "
                      r"\(torchvision 'layer3\.0\.downsample\.1\.running_mean'\) of shape \(128,\)"):
-    pretrained.from_torchvision(state_dict, backbone)
+    torchvision.from_torchvision(state_dict, backbone)
 
 
 def test_extra_key_is_named(fixture):
   state_dict, backbone, _, _ = fixture
   extra = {**state_dict, 'layer4.1.conv1.weight': np.zeros((64, 256, 1, 1), np.float32)}
   with pytest.raises(ValueError, match=r"unexpected.*'layer4\.1\.conv1\.weight'"):
-    pretrained.from_torchvision(extra, backbone)
+    torchvision.from_torchvision(extra, backbone)
   unknown = {
       **state_dict, 'module.conv1.weight': state_dict['conv1.weight'],
       'layer1.0.conv1.bias': np.zeros(8, np.float32)
   }
   with pytest.raises(ValueError, match=r"\['layer1\.0\.conv1\.bias', 'module\.conv1\.weight'\]"):
-    pretrained.from_torchvision(unknown)
+    torchvision.from_torchvision(unknown)
 
 
 def test_wrong_shape_is_named(fixture):
@@ -80,31 +81,31 @@ def test_wrong_shape_is_named(fixture):
                      match=r"'layer2\.0\.conv2\.weight' of shape \(16, 16, 1, 3\) "
                      r'gives params/layer2_0/conv2/kernel of shape \(1, 3, 16, 16\), the '
                      r'backbone expects \(3, 3, 16, 16\)'):
-    pretrained.from_torchvision(wrong, backbone)
+    torchvision.from_torchvision(wrong, backbone)
 
 
 def test_imagenet_resnet50_names_fit_our_resnet50():
   """Every variable of our resnet50 has a torchvision name that maps back to it."""
-  expected = pretrained.expected_variables(models.get_backbone('resnet50'), (1, 224, 224, 3))
-  paths = pretrained._flatten(expected)  # pylint: disable=protected-access
+  expected = torchvision.expected_variables(models.get_backbone('resnet50'), (1, 224, 224, 3))
+  paths = torchvision._flatten(expected)  # pylint: disable=protected-access
   assert len(paths) == 53 * 2 + 53 * 2 + 53  # 53 convolutions and BatchNorms
   for path in paths:
-    name = pretrained._torchvision_name(path)  # pylint: disable=protected-access
-    assert pretrained._flax_path(name) == path, name  # pylint: disable=protected-access
+    name = torchvision._torchvision_name(path)  # pylint: disable=protected-access
+    assert torchvision._flax_path(name) == path, name  # pylint: disable=protected-access
 
 
 def test_load_npz_and_safetensors(fixture, tmp_path):
   state_dict = fixture[0]
   path = tmp_path / 'weights.npz'
   np.savez(path, **state_dict)
-  loaded = pretrained.load_state_dict(str(path))
+  loaded = torchvision.load_state_dict(str(path))
   assert sorted(loaded) == sorted(state_dict)
   np.testing.assert_array_equal(loaded['conv1.weight'], state_dict['conv1.weight'])
 
   safetensors_numpy = pytest.importorskip('safetensors.numpy')
   path = tmp_path / 'weights.safetensors'
   safetensors_numpy.save_file(state_dict, str(path))
-  variables = pretrained.init_variables_from(f'torchvision:{path}', fixture[1], fixture[2].shape)
+  variables = torchvision.init_variables_from(f'torchvision:{path}', fixture[1], fixture[2].shape)
   np.testing.assert_array_equal(variables['params']['bn1']['scale'], state_dict['bn1.weight'])
 
 
@@ -112,17 +113,17 @@ def test_load_errors(tmp_path):
   unknown = tmp_path / 'weights.h5'
   unknown.write_bytes(b'')
   with pytest.raises(ValueError, match=r"weights\.h5.*\.safetensors, \.npz, \.pth, \.pt"):
-    pretrained.load_state_dict(str(unknown))
+    torchvision.load_state_dict(str(unknown))
   with pytest.raises(FileNotFoundError, match='absent.safetensors'):
-    pretrained.load_state_dict(str(tmp_path / 'absent.safetensors'))
+    torchvision.load_state_dict(str(tmp_path / 'absent.safetensors'))
   with pytest.raises(ValueError, match="'imagenet:.*torchvision:"):
-    pretrained.init_variables_from('imagenet:/x.pth', models.get_backbone('resnet50'),
-                                   (1, 224, 224, 3))
+    torchvision.init_variables_from('imagenet:/x.pth', models.get_backbone('resnet50'),
+                                    (1, 224, 224, 3))
 
 
 def test_pth_is_read_without_torch(fixture, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` would now raise ImportError
-  loaded = pretrained.load_state_dict(
+  loaded = torchvision.load_state_dict(
       os.path.join(os.path.dirname(FIXTURE), 'torchvision_resnet_small.pth'))
   np.testing.assert_array_equal(loaded['layer4.0.conv3.weight'],
                                 fixture[0]['layer4.0.conv3.weight'])
@@ -132,7 +133,7 @@ def test_pth_with_torch(fixture, tmp_path):
   torch = pytest.importorskip('torch')
   path = tmp_path / 'weights.pth'
   torch.save({name: torch.from_numpy(value) for name, value in fixture[0].items()}, path)
-  loaded = pretrained.load_state_dict(str(path))
+  loaded = torchvision.load_state_dict(str(path))
   np.testing.assert_array_equal(loaded['layer4.0.conv3.weight'],
                                 fixture[0]['layer4.0.conv3.weight'])
 
@@ -142,7 +143,9 @@ def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   """config.init_from puts the converted weights into the model's backbone; the head is fresh and
   the classifier's features equal torchvision's."""
   from hml_jax.configs import paper  # pylint: disable=g-import-not-at-top
-  from hml_jax import heads, methods, train_state  # pylint: disable=g-import-not-at-top
+  from hml_jax.models import heads  # pylint: disable=g-import-not-at-top
+  from hml_jax import methods
+  from hml_jax.state import train_state
   state_dict, backbone, images, expected = fixture
   path = tmp_path / 'weights.npz'
   np.savez(path, **state_dict)

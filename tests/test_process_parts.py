@@ -12,11 +12,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from hml_jax.configs import tiny
 from hml_jax import datasets
-from hml_jax import input_pipeline
-from hml_jax import splits
+from hml_jax.configs import tiny
+from hml_jax.data import splits
 from hml_jax.datasets import folder
+from hml_jax.training import input_pipeline
 
 NUM_SHARDS = 4
 BUILDER = 'composite_digits/tiny'  # 240 train and 80 test images

@@ -1,4 +1,4 @@
-"""PyTorch .pth files read without torch (hml_jax/pth_files.py): tensors come out as torch wrote
+"""PyTorch .pth files read without torch (hml_jax/init_from/pth_files.py): tensors come out as torch wrote
 them, and a pickle that names any other code is refused without running it."""
 import io
 import os
@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from hml_jax import pretrained, pth_files
+from hml_jax.init_from import torchvision, pth_files
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')  # tests/fixtures/make_pth_fixture.py
@@ -66,7 +66,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
   assert not marker.exists()
   # The same through the loader that config.init_from uses.
   with pytest.raises(pth_files.UnsafePickleError, match='only hold tensors'):
-    pretrained.load_state_dict(path)
+    torchvision.load_state_dict(path)
   assert not marker.exists()
 
   path = _archive(tmp_path / 'evil2.pth', pickle.dumps(_Evaluates(), protocol=4))
@@ -164,9 +164,9 @@ def test_real_torchvision_weights_when_present():
   torch = pytest.importorskip('torch')
   candidates = [
       os.path.join(place, weights.filename)
-      for weights in pretrained.IMAGENET_WEIGHTS.values()
+      for weights in torchvision.IMAGENET_WEIGHTS.values()
       for place in (os.environ.get('HML_JAX_CACHE', os.path.expanduser('~/.cache/hml_jax')),
-                    pretrained.torch_hub_checkpoints())
+                    torchvision.torch_hub_checkpoints())
   ]
   present = [path for path in candidates if os.path.isfile(path)]
   if not present:

@@ -1,4 +1,4 @@
-"""Hostile .pth files against hml_jax/pth_files.py: hand-made attacks (fast tier) and a seeded
+"""Hostile .pth files against hml_jax/init_from/pth_files.py: hand-made attacks (fast tier) and a seeded
 mutation fuzzer (slow tier). Whatever a file holds, read_state_dict either raises PthFileError
 naming the file, having run nothing, or returns arrays that hold only the elements of the
 archive's storages, in total at most MAX_VIEW_FACTOR times their bytes, within bounded memory.
@@ -44,7 +44,7 @@ import pytest
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hml_jax import pretrained, pth_files  # pylint: disable=g-import-not-at-top
+from hml_jax.init_from import torchvision, pth_files  # pylint: disable=g-import-not-at-top
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 PTH = os.path.join(FIXTURES, 'torchvision_resnet_small.pth')  # tests/fixtures/make_pth_fixture.py
@@ -748,7 +748,7 @@ def test_a_deflate_bomb_is_refused_before_decompressing(tmp_path, deflate_bomb):
   assert 'deflate bomb' in str(raised) and peak < 4 * 2**20, peak
   # The same through the loader of config.init_from.
   with pytest.raises(pth_files.PthFileError, match=r'bomb\.pth: .*deflate bomb'):
-    pretrained.load_state_dict(path)
+    torchvision.load_state_dict(path)
 
 
 def test_a_deflate_stream_longer_than_its_entry_is_refused_after_its_declared_bytes(tmp_path):
@@ -800,7 +800,7 @@ def test_tensor_as_storage_through_the_pretrained_loader(tmp_path):
   data, match = _CASES['tensor_as_storage']
   path = _write(tmp_path, 'views_a_tensor', data)
   with pytest.raises(pth_files.UnsafePickleError, match=rf'views_a_tensor\.pth: .*{match}'):
-    pretrained.load_state_dict(path)
+    torchvision.load_state_dict(path)
 
 
 def test_nesting_far_beyond_the_recursion_limit_is_refused_in_bounded_memory(tmp_path):

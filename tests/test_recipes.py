@@ -1,4 +1,4 @@
-"""Each baseline's published training recipe (hml_jax/recipes.py, hml_jax/linear_init.py)."""
+"""Each baseline's published training recipe (hml_jax/methods/recipes.py, hml_jax/training/linear_init.py)."""
 import importlib
 import json
 import os
@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import input_pipeline, linear_init, methods, models, recipes, sharding, steps, train, train_state
+from hml_jax import methods, models
+from hml_jax.methods import recipes
+from hml_jax.state import sharding, steps, train_state
+from hml_jax.training import input_pipeline, linear_init, train
 
 from helpers import tiny_config
 

@@ -11,8 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
 import json, sys, jax, numpy as np
-from hml_jax import losses, methods, models, sharding, steps, train, train_state
+from hml_jax import methods, models
 from hml_jax.configs import tiny
+from hml_jax.methods import losses
+from hml_jax.state import sharding, steps, train_state
+from hml_jax.training import train
 results = {}
 for loss in sys.argv[1].split(','):
   config = tiny.get_config()

@@ -6,7 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from hml_jax import checkpoints, losses, methods, models, steps, train, train_state
+from hml_jax import methods, models
+from hml_jax.methods import losses
+from hml_jax.state import checkpoints, steps, train_state
+from hml_jax.training import train
 
 from helpers import read_results, tiny_config
 
@@ -390,7 +393,9 @@ def test_false_negatives_are_measured_per_epoch_without_changing_training(tfds_d
   """config.false_negative_images: paper Fig. 2's two numbers in every epoch's record, measured
   only (the run is bitwise the one without them), and the last epoch's equal to
   false_negatives.summary of the final state recomputed here."""
-  from hml_jax import false_negatives, input_pipeline, sharding  # pylint: disable=g-import-not-at-top
+  from hml_jax.evaluation import false_negatives  # pylint: disable=g-import-not-at-top
+  from hml_jax.state import sharding
+  from hml_jax.training import input_pipeline
   plain, measured = tmp_path / 'plain', tmp_path / 'measured'
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2), str(plain))
   results = train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2, false_negative_images=64),

@@ -31,9 +31,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from hml_jax import errors
-from hml_jax import sources
-from hml_jax import splits
+from hml_jax.data import sources
+from hml_jax.data import splits
+from hml_jax.runtime import errors
 
 CATALOG_NAMES = ('voc/2012', 'coco/2014')
 

@@ -22,7 +22,7 @@ from absl import logging
 import numpy as np
 
 from hml_jax.datasets import common
-from hml_jax import errors
+from hml_jax.runtime import errors
 
 NUM_LABELS = 80
 OFFICIAL_SPLITS = {'train': 'train', 'test': 'val'}

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from hml_jax import errors
+from hml_jax.runtime import errors
 
 
 def features(num_labels: int) -> tfds.features.FeaturesDict:

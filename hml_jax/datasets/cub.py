@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from hml_jax.datasets import common
-from hml_jax import errors
+from hml_jax.runtime import errors
 
 NUM_LABELS = 312
 

@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 
-from hml_jax import errors
-from hml_jax import npz_files
-from hml_jax import sources
+from hml_jax.data import npz_files
+from hml_jax.data import sources
+from hml_jax.runtime import errors
 
 REQUIRED_KEYS = ('train_features', 'train_labels', 'test_features', 'test_labels')
 
@@ -51,7 +51,7 @@ def _matrix(arrays, key, path, dtype):
 
 def _read_npz(path: str) -> dict:
   """Every array of the .npz at path, without pickles, in memory bounded by the file
-  (hml_jax.npz_files); errors naming the file (and the key)."""
+  (hml_jax.data.npz_files); errors naming the file (and the key)."""
   return npz_files.read_arrays(path, ' (config.dataset.path)',
                                'write it again with numpy.savez (docs/datasets.md, features mode)')
 

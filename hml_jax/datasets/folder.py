@@ -29,10 +29,10 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from hml_jax import decoders
-from hml_jax import errors
-from hml_jax import sources
-from hml_jax import splits
+from hml_jax.data import decoders
+from hml_jax.data import sources
+from hml_jax.data import splits
+from hml_jax.runtime import errors
 
 TENSORFLOW_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')  # what tf.io.decode_image reads
 # Characters that mean the labels field holds something else than label names (a Python list,

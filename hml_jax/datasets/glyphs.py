@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from hml_jax.datasets import composite_digits
-from hml_jax import errors
+from hml_jax.runtime import errors
 
 PRETRAINING_CLASSES = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') + ('&', '@', '#', '%', '?', '$')
 GREEK_LETTERS = ('α', 'β', 'γ', 'δ', 'ε', 'ζ', 'θ', 'λ', 'π', 'ω')

@@ -29,8 +29,8 @@ from typing import List, Tuple
 from absl import logging
 import numpy as np
 
-from hml_jax import errors
 from hml_jax.datasets import common
+from hml_jax.runtime import errors
 
 NUM_LABELS = 81
 FORMATTED_SPLITS = {'train': 'train', 'test': 'val'}

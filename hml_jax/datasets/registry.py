@@ -17,11 +17,11 @@ from typing import Tuple
 
 import numpy as np
 
-from hml_jax import errors
-from hml_jax import sources
+from hml_jax.data import sources
+from hml_jax.data import splits
 from hml_jax.datasets import digests
-from hml_jax import splits
 from hml_jax.datasets import register_all
+from hml_jax.runtime import errors
 
 # The TFDS builders of hml_jax/datasets: prepared offline (generated or from manual_dir files).
 OUR_BUILDERS = ('composite_digits', 'glyph_digits', 'glyph_pretraining', 'glyph_source',

@@ -1,0 +1,1 @@
+"""Measurements of a trained model: mAP and the other metrics, the false negatives of Fig. 2."""

@@ -1,0 +1,746 @@
+"""PyTorch .pth state dicts read without torch and without running pickled code.
+
+torch.save writes a zip archive (the format of every torchvision weights file since PyTorch 1.6):
+
+  <archive>/data.pkl     a pickle of the state dict, in which every tensor is the call
+                         torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
+                         and every storage a persistent id ('storage', torch.FloatStorage,
+                         key, location, numel)
+  <archive>/data/<key>   each storage's raw bytes
+  <archive>/byteorder    'little' or 'big' (absent in older files: little)
+
+A weights file may come from anywhere, so every step is bounded by what the file declares and
+checked before it is done:
+
+  the zip directory  one entry per name, unencrypted, stored or deflated; the compressed sizes fit
+                     in the file, the uncompressed ones total at most MAX_EXPANSION times the file
+                     (and MAX_BYTES); every entry is read with a bounded read of exactly the size
+                     the directory gives (a longer or shorter entry, or a bad CRC, is an error).
+  the pickle         at most MAX_PICKLE_BYTES, scanned opcode by opcode before it is unpickled
+                     (pickletools.genops parses without executing): only the opcodes a state dict
+                     needs, only the names below, nesting at most MAX_NESTING deep, at most
+                     MAX_OBJECTS containers and MAX_STACK stack items, memo indices in order, and
+                     no object changed after it was put into another (so the depths are exact).
+  the names          find_class answers only collections.OrderedDict, torch._utils'
+                     _rebuild_tensor_v2 and _rebuild_parameter, and torch.<Type>Storage, each
+                     with an immutable stand-in defined here (torch is never imported); any other
+                     name is UnsafePickleError and nothing runs.
+  the storages       a storage is only a _Storage that persistent_load made for an entry of this
+                     archive: 1-D, of the declared type and element count, which must equal the
+                     entry's size in the directory before it is read.
+  the tensors        a tensor is only rebuilt from such a storage (never from an array or another
+                     tensor), by indexing its 1-D elements (slicing, or np.take with indices that
+                     are checked to lie in the storage); the arrays of one file total at most
+                     MAX_VIEW_FACTOR times its storages' bytes, and MAX_BYTES.
+
+Every failure, of whatever kind, is a PthFileError naming the file and the reason (a
+UserError: the command line prints it as one line).
+"""
+import collections
+import copy
+import io
+import math
+import os
+import pickle
+import pickletools
+import re
+import reprlib
+import zipfile
+import zlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from hml_jax.runtime import errors
+
+
+class PthFileError(errors.UserError, ValueError):
+  """A .pth file that cannot be read as a state dict: damaged, not torch.save's, or hostile."""
+
+
+class UnsafePickleError(PthFileError, pickle.UnpicklingError):
+  """The pickle names a callable or class other than those of a tensor state dict, or uses them
+  otherwise than torch.save does."""
+
+
+# Bounds on what one file may make this process do. Module constants, so a user with a genuine
+# file beyond them can raise them (hml_jax.init_from.pth_files.MAX_BYTES = ...).
+#
+# The arrays a file gives, in total, and its archive's uncompressed entries, in total.
+MAX_BYTES = 2**34
+# The arrays' bytes over the storages' bytes. torch.save writes each storage once, and a state
+# dict's tensors cover their storages at most once, except for names that share a tensor (tied
+# weights: 2x for an embedding shared with the output layer). 4 leaves room for that twice over;
+# anything beyond is views that repeat elements (zero strides, overlapping views), which only a
+# hostile file has, and which would otherwise turn a few bytes of file into any amount of memory.
+MAX_VIEW_FACTOR = 4
+# The archive's uncompressed bytes over its file size (plus 1 MiB). torch.save stores entries
+# uncompressed (ratio 1); a file repacked with deflate compresses weights about 1.1x. Deflate
+# itself reaches 1000x, so this is what bounds a deflate bomb's memory by the file's size.
+MAX_EXPANSION = 32
+_EXPANSION_SLACK = 2**20
+# data.pkl: torch writes about 100 bytes per tensor (10 KB for a ResNet-18).
+MAX_PICKLE_BYTES = 2**24
+# A state dict is 4 deep (OrderedDict -> _metadata -> module -> version).
+MAX_NESTING = 100
+# Containers and results the pickle makes (about 10 per tensor) and items on its stack at once
+# (Python's pickler batches dict items by 1000).
+MAX_OBJECTS = 2**21
+MAX_STACK = 2**16
+MAX_DIMS = 32
+# Bytes per read of an entry, and elements per step of a strided copy.
+_CHUNK = 2**20
+
+# torch.<Name>Storage -> the element type of its bytes.
+_STORAGE_DTYPES = {
+    'DoubleStorage': np.float64,
+    'FloatStorage': np.float32,
+    'HalfStorage': np.float16,
+    'BFloat16Storage': ml_dtypes.bfloat16,
+    'LongStorage': np.int64,
+    'IntStorage': np.int32,
+    'ShortStorage': np.int16,
+    'CharStorage': np.int8,
+    'ByteStorage': np.uint8,
+    'BoolStorage': np.bool_,
+}
+
+_ORDERED_DICT = ('collections', 'OrderedDict')
+_REBUILD_TENSOR = ('torch._utils', '_rebuild_tensor_v2')
+_REBUILD_PARAMETER = ('torch._utils', '_rebuild_parameter')
+_CALLABLES = (_ORDERED_DICT, _REBUILD_TENSOR, _REBUILD_PARAMETER)
+_NAMES = frozenset(_CALLABLES + tuple(('torch', name) for name in _STORAGE_DTYPES))
+
+# A storage key (torch writes '0', '1', ...): one entry name under data/, never a path.
+_KEY = re.compile(r'[0-9A-Za-z_]{1,64}')
+_ENCRYPTED = 0x1 | 0x40 | 0x2000  # zip flags: encrypted, strong encryption, masked header
+
+
+def _repr(value) -> str:
+  return reprlib.repr(value)
+
+
+def _damaged(path: str, reason: str) -> PthFileError:
+  return PthFileError(f'{path}: {reason}. The file is damaged or was not written by torch.save: '
+                      'download or save it again.')
+
+
+def _refused_name(path: str, module: str, name: str) -> UnsafePickleError:
+  return UnsafePickleError(
+      f'{path}: refused to load {module}.{name}: a weights file may only hold tensors '
+      "(torch's tensor rebuilds, storages and OrderedDict); this one names other code, which "
+      'was not run. Use a state dict saved by torch.save(model.state_dict(), ...) from a '
+      'source you trust.')
+
+
+def _unsafe(path: str, reason: str) -> UnsafePickleError:
+  return UnsafePickleError(
+      f'{path}: {reason}, which no state dict of torch.save does; nothing in it was run. Use a '
+      'state dict saved by torch.save(model.state_dict(), ...) from a source you trust.')
+
+
+def _is_count(value) -> bool:
+  """A non-negative Python int of a plausible size (bools are not counts)."""
+  return type(value) is int and 0 <= value <= 2**62  # pylint: disable=unidiomatic-typecheck
+
+
+# The zip archive.
+
+
+def _checked_directory(archive: zipfile.ZipFile, file_size: int,
+                       path: str) -> Dict[str, zipfile.ZipInfo]:
+  """{name: ZipInfo} of an archive whose entries can all be read within the bounds."""
+  infos: Dict[str, zipfile.ZipInfo] = {}
+  compressed = uncompressed = 0
+  for info in archive.infolist():
+    name = info.filename
+    if name in infos:
+      raise _damaged(path, f'two entries are named {name!r}')
+    if info.flag_bits & _ENCRYPTED:
+      raise PthFileError(f'{path}: entry {name!r} is encrypted; torch.save never encrypts, and '
+                         'an encrypted weights file is not read. Decrypt it first.')
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+      raise PthFileError(
+          f'{path}: entry {name!r} is compressed with zip method {info.compress_type}; only '
+          'stored entries (what torch.save writes) and deflated ones are read. Save the state '
+          'dict again with torch.save.')
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+      raise _damaged(
+          path, f'stored entry {name!r} has {info.compress_size} bytes in the file '
+          f'but {info.file_size} uncompressed')
+    if info.header_offset + info.compress_size > file_size:
+      raise _damaged(path, f'entry {name!r} reaches past the end of the file')
+    compressed += info.compress_size
+    uncompressed += info.file_size
+    infos[name] = info
+  if compressed > file_size:
+    raise _damaged(
+        path, f'its entries hold {compressed} compressed bytes in a file of '
+        f'{file_size} (entries that overlap)')
+  limit = min(MAX_EXPANSION * file_size + _EXPANSION_SLACK, MAX_BYTES)
+  if uncompressed > limit:
+    raise PthFileError(
+        f'{path}: its entries would take {uncompressed} bytes uncompressed, more than {limit} '
+        f'({MAX_EXPANSION}x the file, plus 1 MiB, at most MAX_BYTES={MAX_BYTES}; '
+        'hml_jax.init_from.pth_files): a deflate bomb, or a file compressed far beyond what weights '
+        'allow. torch.save writes entries uncompressed; save the state dict again with it.')
+  return infos
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytearray:
+  """The entry's bytes: exactly info.file_size (which the caller has bounded), read in chunks,
+  so that no entry, whatever its compressed bytes hold, makes more than that in memory."""
+  size = info.file_size
+  buffer = bytearray(size)
+  view = memoryview(buffer)
+  done = 0
+  # zipfile stops at file_size: one byte more, so that a deflate stream longer than its entry
+  # gives that byte (and the end of a stream of the right length is reached, its CRC checked).
+  beyond = copy.copy(info)
+  beyond.file_size = size + 1
+  try:
+    with archive.open(beyond) as entry:
+      while done < size:
+        chunk = entry.read(min(_CHUNK, size - done))
+        if not chunk:
+          break
+        view[done:done + len(chunk)] = chunk
+        done += len(chunk)
+      longer = done == size and entry.read(1)
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
+          NotImplementedError) as e:
+    raise _damaged(
+        path, f'entry {info.filename!r} cannot be read ({type(e).__name__}: '
+        f'{str(e)[:200]})') from e
+  if done != size or longer:
+    raise _damaged(
+        path, f'entry {info.filename!r} holds {"more" if longer else done} bytes, not '
+        f'the {size} of the zip directory')
+  return buffer
+
+
+def _archive_prefix(infos: Dict[str, zipfile.ZipInfo], path: str) -> str:
+  pickles = [name for name in infos if name.endswith('/data.pkl') and name.count('/') == 1]
+  if len(pickles) != 1:
+    raise PthFileError(f'{path}: not a torch.save archive (expected one <archive>/data.pkl, '
+                       f'found {pickles[:5]}).')
+  return pickles[0][:-len('/data.pkl')]
+
+
+def _byteorder(archive: zipfile.ZipFile, infos: Dict[str, zipfile.ZipInfo], prefix: str,
+               path: str) -> str:
+  info = infos.get(f'{prefix}/byteorder')
+  if info is None:
+    return 'little'
+  if info.file_size > 16:
+    raise _damaged(path, f'its byteorder entry has {info.file_size} bytes')
+  value = bytes(_read_entry(archive, info, path)).decode('ascii', errors='replace').strip()
+  if value not in ('little', 'big'):
+    raise _damaged(path, f'unknown byte order {value!r}')
+  return value
+
+
+# The pickle, scanned before it is unpickled.
+
+
+class _Node:
+  """What the scan knows of an object the pickle makes: its nesting depth, and whether it is
+  already inside another object (after which it may not change)."""
+  __slots__ = ('kind', 'depth', 'inside', 'name')
+
+  def __init__(self, kind: str, depth: int, name: Optional[Tuple[str, str]] = None):
+    self.kind, self.depth, self.inside, self.name = kind, depth, False, name
+
+
+_SCALAR = None  # on the scan's stack for None, a bool, a number or bytes
+
+_SCALARS = frozenset([
+    'NONE', 'NEWTRUE', 'NEWFALSE', 'BININT', 'BININT1', 'BININT2', 'LONG1', 'BINFLOAT',
+    'SHORT_BINBYTES', 'BINBYTES', 'BINBYTES8'
+])
+_STRINGS = frozenset(['SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8'])
+_PUTS = frozenset(['BINPUT', 'LONG_BINPUT', 'MEMOIZE'])
+_GETS = frozenset(['BINGET', 'LONG_BINGET'])
+_TUPLES = {'TUPLE1': 1, 'TUPLE2': 2, 'TUPLE3': 3}
+# Every opcode of Python's pickler for dicts, lists, tuples, str, bytes, numbers, None, bools,
+# globals, REDUCE, BUILD and persistent ids, protocols 2 to 5. Not: the text opcodes of
+# protocols 0 and 1, instances (INST, OBJ, NEWOBJ), extension codes, sets, bytearrays,
+# out-of-band buffers, LONG4 (an int of over 255 bytes), POP and DUP (never written for a
+# state dict).
+_OPCODES = (_SCALARS | _STRINGS | _PUTS | _GETS | frozenset(_TUPLES) | frozenset([
+    'PROTO', 'FRAME', 'STOP', 'MARK', 'GLOBAL', 'STACK_GLOBAL', 'REDUCE', 'BUILD', 'BINPERSID',
+    'EMPTY_TUPLE', 'TUPLE', 'EMPTY_LIST', 'APPEND', 'APPENDS', 'EMPTY_DICT', 'SETITEM', 'SETITEMS'
+]))
+
+
+class _Scan:
+  """Follows the unpickler's stack and memo through the opcodes, without making any object."""
+
+  def __init__(self, path: str, size: int):
+    self.path, self.size = path, size
+    self.stack: List[Any] = []  # _Node, or the str of a string opcode
+    self.marks: List[List[Any]] = []
+    self.memo: List[Any] = []  # a list: 8 bytes an entry (MEMOIZE is one byte of pickle)
+    self.objects = self.height = 0
+
+  def refuse(self, reason: str):
+    raise _unsafe(self.path, f'its pickle {reason}')
+
+  def push(self, item):
+    self.height += 1
+    if self.height > MAX_STACK:
+      self.refuse(f'holds more than {MAX_STACK} items on its stack at once (MAX_STACK)')
+    self.stack.append(item)
+
+  def pop(self):
+    if not self.stack:
+      self.refuse('takes an item its stack does not have')
+    self.height -= 1
+    return self.stack.pop()
+
+  def top(self, kinds, what: str) -> _Node:
+    """The object an opcode changes: one of `kinds`, not yet inside another object."""
+    if not self.stack:
+      self.refuse(f'applies {what} to nothing')
+    item = self.stack[-1]
+    if not isinstance(item, _Node) or item.kind not in kinds:
+      self.refuse(f'applies {what} to {_describe(item)}')
+    if item.inside:
+      self.refuse(f'changes an object ({what}) after putting it into another')
+    return item
+
+  def pop_mark(self) -> List[Any]:
+    if not self.marks:
+      self.refuse('takes items up to a MARK that it has not set')
+    items, self.stack = self.stack, self.marks.pop()
+    self.height -= len(items) + 1
+    return items
+
+  def make(self, kind: str, children, name=None) -> _Node:
+    """A new object holding `children` (which may not change from now on)."""
+    depth = 0
+    for child in children:
+      if isinstance(child, _Node):
+        child.inside = True
+        depth = max(depth, child.depth)
+    self.objects += 1
+    if self.objects > MAX_OBJECTS:
+      self.refuse(f'makes more than {MAX_OBJECTS} objects (MAX_OBJECTS)')
+    return self.deepen(_Node(kind, 1, name), depth + 1)
+
+  def deepen(self, node: _Node, depth: int) -> _Node:
+    node.depth = max(node.depth, depth)
+    if node.depth > MAX_NESTING:
+      self.refuse(f'nests objects more than {MAX_NESTING} deep (MAX_NESTING)')
+    return node
+
+  def add(self, node: _Node, children):
+    for child in children:
+      if isinstance(child, _Node):
+        child.inside = True
+        self.deepen(node, child.depth + 1)
+
+  def check_name(self, module, name):
+    if (module, name) not in _NAMES:
+      raise _refused_name(self.path, module, name)
+
+  def step(self, op: str, arg, pos: int):  # pylint: disable=too-many-branches
+    if op not in _OPCODES:
+      self.refuse(f'has opcode {op} (at byte {pos})')
+    if op in _SCALARS:
+      self.push(_SCALAR)
+    elif op in _STRINGS:
+      self.push(arg)
+    elif op in _PUTS:
+      if not self.stack:
+        self.refuse('memoizes an item its stack does not have')
+      index = len(self.memo) if op == 'MEMOIZE' else arg
+      if index > len(self.memo):  # Python's pickler numbers them 0, 1, 2, ...
+        self.refuse(f'memoizes at index {index} after {len(self.memo)} items')
+      if index == len(self.memo):
+        self.memo.append(self.stack[-1])
+      else:
+        self.memo[index] = self.stack[-1]
+    elif op in _GETS:
+      if arg >= len(self.memo):
+        self.refuse(f'reads memo index {arg}, which it has not set')
+      self.push(self.memo[arg])
+    elif op in _TUPLES:
+      items = [self.pop() for _ in range(_TUPLES[op])]
+      self.push(self.make('tuple', items))
+    elif op == 'MARK':
+      self.height += 1
+      if self.height > MAX_STACK:
+        self.refuse(f'holds more than {MAX_STACK} items on its stack at once (MAX_STACK)')
+      self.marks.append(self.stack)
+      self.stack = []
+    elif op == 'TUPLE':
+      self.push(self.make('tuple', self.pop_mark()))
+    elif op == 'EMPTY_TUPLE':
+      self.push(self.make('tuple', ()))
+    elif op == 'EMPTY_LIST':
+      self.push(self.make('list', ()))
+    elif op == 'EMPTY_DICT':
+      self.push(self.make('dict', ()))
+    elif op == 'APPEND':
+      value = self.pop()
+      self.add(self.top(('list',), 'APPEND'), [value])
+    elif op == 'APPENDS':
+      items = self.pop_mark()
+      self.add(self.top(('list',), 'APPENDS'), items)
+    elif op in ('SETITEM', 'SETITEMS'):
+      items = self.pop_mark() if op == 'SETITEMS' else [self.pop(), self.pop()]
+      if len(items) % 2:
+        self.refuse('has a SETITEMS with a key but no value')
+      self.add(self.top(('dict', 'ordered_dict'), op), items)
+    elif op == 'GLOBAL':
+      module, _, name = arg.partition(' ')
+      self.check_name(module, name)
+      self.push(self.make('global', (), (module, name)))
+    elif op == 'STACK_GLOBAL':
+      name, module = self.pop(), self.pop()
+      if not isinstance(module, str) or not isinstance(name, str):
+        self.refuse('names a global by something other than two strings')
+      self.check_name(module, name)
+      self.push(self.make('global', (), (module, name)))
+    elif op == 'REDUCE':
+      args, function = self.pop(), self.pop()
+      if not isinstance(function, _Node) or function.name not in _CALLABLES:
+        self.refuse(f'calls {_describe(function)}')
+      if not isinstance(args, _Node) or args.kind != 'tuple':
+        self.refuse(f'calls {".".join(function.name)} with {_describe(args)} as its arguments')
+      kind = 'ordered_dict' if function.name == _ORDERED_DICT else 'tensor'
+      self.push(self.make(kind, [args]))
+    elif op == 'BUILD':
+      state = self.pop()
+      target = self.top(('ordered_dict',), 'BUILD (setting attributes)')
+      if not isinstance(state, _Node) or state.kind != 'dict':
+        self.refuse(f'sets the attributes of an OrderedDict from {_describe(state)}')
+      self.add(target, [state])
+    elif op == 'BINPERSID':
+      self.push(self.make('storage', [self.pop()]))
+    elif op == 'PROTO':
+      if pos != 0 or arg not in (2, 3, 4, 5):
+        self.refuse(f'declares protocol {arg} at byte {pos}')
+    elif op == 'FRAME':
+      if pos + 9 + arg > self.size:
+        self.refuse(f'has a frame of {arg} bytes past its end')
+    elif op == 'STOP':
+      if self.marks or len(self.stack) != 1:
+        self.refuse(f'ends with {len(self.stack)} items on its stack and {len(self.marks)} marks')
+      if pos != self.size - 1:
+        self.refuse(f'has {self.size - 1 - pos} bytes after its end')
+
+
+def _describe(item) -> str:
+  if isinstance(item, str):
+    return f'the string {item[:40]!r}'
+  if not isinstance(item, _Node):
+    return 'a number, bool, None or bytes'
+  if item.kind == 'global':
+    return '.'.join(item.name)
+  return 'an OrderedDict' if item.kind == 'ordered_dict' else f'a {item.kind}'
+
+
+def _check_pickle(data: bytes, path: str) -> None:
+  """Raises UnsafePickleError for a pickle outside the bounds above, before anything in it is
+  made: pickletools.genops only parses (it reads each opcode's argument, each string within the
+  pickle's bytes), and _Scan follows the stack."""
+  scan = _Scan(path, len(data))
+  stopped = False
+  try:
+    for opcode, arg, pos in pickletools.genops(data):
+      scan.step(opcode.name, arg, pos)
+      stopped = opcode.name == 'STOP'
+  except ValueError as e:  # genops: an unknown opcode, or an argument past the end
+    if isinstance(e, PthFileError):
+      raise
+    raise _damaged(path, f'its pickle is malformed ({str(e)[:200]})') from e
+  if not stopped:
+    raise _damaged(path, 'its pickle does not end')
+
+
+# The stand-ins that the pickle's names are answered with.
+
+
+class _Frozen:
+  """No attribute of a stand-in can be set, by a pickle's BUILD or otherwise."""
+  __slots__ = ()
+
+  def __setattr__(self, key, value):
+    raise UnsafePickleError(f'a pickle tried to set {key!r} of {type(self).__name__}')
+
+  def _set(self, **values):
+    for key, value in values.items():
+      object.__setattr__(self, key, value)
+
+
+class _StorageType(_Frozen):
+  """Stand-in for a torch.<Name>Storage class: only its element type is used."""
+  __slots__ = ('name', 'dtype')
+
+  def __init__(self, name: str):
+    self._set(name=name, dtype=np.dtype(_STORAGE_DTYPES[name]))
+
+  def __setattr__(self, key, value):
+    raise UnsafePickleError(f'a pickle tried to set {key!r} of torch.{self.name}')
+
+
+class _Storage(_Frozen):
+  """A storage of one archive: a read-only 1-D array of its declared type and element count."""
+  __slots__ = ('entry', 'type_name', 'numel', 'array', 'owner')
+
+  def __init__(self, entry: str, type_name: str, array: np.ndarray, owner: object):
+    self._set(entry=entry, type_name=type_name, numel=array.size, array=array, owner=owner)
+
+
+class _Tensor(_Frozen):
+  """A rebuilt tensor (its own array); unwrapped only when the whole pickle is read."""
+  __slots__ = ('array',)
+
+  def __init__(self, array: np.ndarray):
+    self._set(array=array)
+
+
+class _Callable(_Frozen):
+  """Stand-in for one of the callables a pickle may name."""
+  __slots__ = ('name', 'function')
+
+  def __init__(self, name: str, function):
+    self._set(name=name, function=function)
+
+  def __call__(self, *args):
+    return self.function(*args)
+
+
+def _storage_array(data: bytearray, type_name: str, byteorder: str) -> np.ndarray:
+  """The elements of a storage's bytes: read as unsigned integers in the file's byte order and
+  viewed as the element type (so every type, bfloat16 included, swaps alike); bools as 0/1."""
+  dtype = np.dtype(_STORAGE_DTYPES[type_name])
+  order = '<' if byteorder == 'little' else '>'
+  words = np.frombuffer(data, np.dtype(f'{order}u{dtype.itemsize}'))
+  words = words.astype(f'=u{dtype.itemsize}', copy=False)
+  array = (words != 0) if dtype == np.bool_ else words.view(dtype)
+  array.flags.writeable = False
+  return array
+
+
+def _is_contiguous(size: Tuple[int, ...], stride: Tuple[int, ...]) -> bool:
+  expected = 1
+  for n, s in zip(reversed(size), reversed(stride)):
+    if n != 1 and s != expected:
+      return False
+    expected *= n
+  return True
+
+
+def _strided_copy(flat: np.ndarray, offset: int, size: Tuple[int, ...],
+                  stride: Tuple[int, ...]) -> np.ndarray:
+  """torch's strided view of a 1-D storage, as a new array: element (i0, i1, ...) is
+  flat[offset + i0 * stride0 + i1 * stride1 + ...]. The caller has checked that the largest such
+  index is within flat; np.take checks each index again (mode='raise')."""
+  numel = math.prod(size)
+  if _is_contiguous(size, stride):
+    part = flat[offset:offset + numel]
+    if part.size != numel:
+      raise AssertionError('a contiguous tensor past its storage')  # excluded by the caller
+    return part.reshape(size).copy()
+  out = np.empty(numel, flat.dtype)
+  for start in range(0, numel, _CHUNK):
+    positions = np.arange(start, min(start + _CHUNK, numel), dtype=np.int64)
+    index = np.full(positions.shape, offset, np.int64)
+    for n, s in zip(reversed(size), reversed(stride)):
+      index += (positions % n) * s
+      positions //= n
+    out[start:start + index.size] = np.take(flat, index, mode='raise')
+  return out.reshape(size)
+
+
+class _Loader:
+  """The storages and tensors of one archive, with the bytes they take."""
+
+  def __init__(self, archive: zipfile.ZipFile, infos: Dict[str, zipfile.ZipInfo], prefix: str,
+               byteorder: str, path: str):
+    self.archive, self.infos, self.prefix = archive, infos, prefix
+    self.byteorder, self.path = byteorder, path
+    self.storages: Dict[str, _Storage] = {}
+    self.storage_bytes = self.tensor_bytes = 0
+    self.owner = object()  # marks this archive's storages
+
+  def names(self) -> Dict[Tuple[str, str], Any]:
+    """The names a state dict's pickle may hold, answered by stand-ins made for this load."""
+    return {
+        _ORDERED_DICT: _Callable('OrderedDict', self.ordered_dict),
+        _REBUILD_TENSOR: _Callable('_rebuild_tensor_v2', self.rebuild_tensor),
+        _REBUILD_PARAMETER: _Callable('_rebuild_parameter', self.rebuild_parameter),
+        **{
+            ('torch', name): _StorageType(name) for name in _STORAGE_DTYPES
+        },
+    }
+
+  def ordered_dict(self, *args):
+    if args:
+      raise _unsafe(self.path, f'its pickle calls OrderedDict with {len(args)} arguments')
+    return collections.OrderedDict()
+
+  def storage(self, persistent_id) -> _Storage:
+    """The storage of a persistent id ('storage', torch.<Type>Storage, key, location, numel),
+    read from the archive the first time (after its size is checked against the directory)."""
+    if (type(persistent_id) is not tuple or len(persistent_id) != 5 or  # pylint: disable=unidiomatic-typecheck
+        type(persistent_id[0]) is not str or persistent_id[0] != 'storage'
+        or not isinstance(persistent_id[1], _StorageType) or type(persistent_id[2]) is not str
+        or not _KEY.fullmatch(persistent_id[2]) or type(persistent_id[3]) is not str
+        or not _is_count(persistent_id[4])):
+      raise _unsafe(self.path, f'its pickle has an unexpected persistent id {_repr(persistent_id)}')
+    _, storage_type, key, _, numel = persistent_id
+    entry = f'{self.prefix}/data/{key}'
+    storage = self.storages.get(entry)
+    if storage is not None:
+      if (storage.type_name, storage.numel) != (storage_type.name, numel):
+        raise _damaged(
+            self.path, f'storage {entry!r} is declared as {storage.numel} elements of '
+            f'{storage.type_name} and as {numel} of {storage_type.name}')
+      return storage
+    info = self.infos.get(entry)
+    if info is None:
+      raise _damaged(self.path, f'no storage {entry!r} in the archive')
+    nbytes = numel * storage_type.dtype.itemsize
+    if info.file_size != nbytes:
+      raise _damaged(
+          self.path, f'storage {entry!r} holds {info.file_size} bytes, not {numel} elements '
+          f'of {storage_type.name} ({nbytes} bytes)')
+    array = _storage_array(_read_entry(self.archive, info, self.path), storage_type.name,
+                           self.byteorder)
+    self.storage_bytes += nbytes
+    storage = _Storage(entry, storage_type.name, array, self.owner)
+    self.storages[entry] = storage
+    return storage
+
+  def rebuild_tensor(self, *args) -> _Tensor:
+    """Stand-in for torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride,
+    requires_grad, backward_hooks[, metadata]): the strided view of a storage, copied."""
+    if not 4 <= len(args) <= 7:
+      raise _unsafe(self.path, f'its pickle calls _rebuild_tensor_v2 with {len(args)} arguments')
+    storage, offset, size, stride = args[:4]  # a state dict's tensors need nothing else
+    if not isinstance(storage, _Storage) or storage.owner is not self.owner:
+      raise _unsafe(
+          self.path, f'its pickle rebuilds a tensor from a {type(storage).__name__}, '
+          'not from a storage of the archive')
+    shape_ok = (
+        type(size) is tuple and type(stride) is tuple and  # pylint: disable=unidiomatic-typecheck
+        len(size) == len(stride) <= MAX_DIMS and all(map(_is_count, size + stride)))
+    if not shape_ok or not _is_count(offset):
+      raise _damaged(
+          self.path, f'a tensor of size {_repr(size)} and stride {_repr(stride)} at offset '
+          f'{_repr(offset)} (expected tuples of at most {MAX_DIMS} non-negative ints)')
+    where = (f'a tensor of size {size}, stride {stride} at offset {offset} into storage '
+             f'{storage.entry!r} of {storage.numel} elements')
+    numel = math.prod(size)
+    itemsize = storage.array.itemsize
+    if math.prod(max(n, 1) for n in size) * itemsize > MAX_BYTES:
+      raise _damaged(self.path, f'{where}: more than MAX_BYTES={MAX_BYTES} bytes')
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if (numel and last >= storage.numel) or offset > storage.numel:
+      raise _damaged(self.path, f'{where} reaches element {last} of a storage of {storage.numel}')
+    self.tensor_bytes += numel * itemsize
+    bound = min(MAX_VIEW_FACTOR * self.storage_bytes, MAX_BYTES)
+    if self.tensor_bytes > bound:
+      raise PthFileError(
+          f'{self.path}: its tensors would take {self.tensor_bytes} bytes (with {where}), more '
+          f'than {MAX_VIEW_FACTOR}x the {self.storage_bytes} bytes of the storages they view '
+          f'(hml_jax.init_from.pth_files.MAX_VIEW_FACTOR, and MAX_BYTES={MAX_BYTES}): a state dict '
+          "repeats its storages' elements only where names share weights; a file made to take "
+          'memory does. If the file is genuine, raise MAX_VIEW_FACTOR.')
+    if not numel:
+      return _Tensor(np.zeros(size, storage.array.dtype))
+    return _Tensor(_strided_copy(storage.array, offset, size, stride))
+
+  def rebuild_parameter(self, *args) -> _Tensor:
+    """Stand-in for torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)."""
+    if not 1 <= len(args) <= 3 or not isinstance(args[0], _Tensor):
+      raise _unsafe(self.path, 'its pickle calls _rebuild_parameter with other than a tensor')
+    return args[0]
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+  """Admits only the stand-ins' names; reads each storage from the archive when referenced."""
+
+  def __init__(self, file, loader: _Loader):
+    super().__init__(file)
+    self.loader = loader
+    self.allowed = loader.names()
+
+  def find_class(self, module, name):
+    if (module, name) in self.allowed:
+      return self.allowed[(module, name)]
+    raise _refused_name(self.loader.path, module, name)
+
+  def persistent_load(self, pid):
+    return self.loader.storage(pid)
+
+
+def _state_dict(loaded, path: str) -> Dict[str, np.ndarray]:
+  if not isinstance(loaded, dict):
+    what = 'tensor' if isinstance(loaded, _Tensor) else type(loaded).__name__
+    raise PthFileError(f'{path} holds a {what}, not a state dict.')
+  not_names = [name for name in loaded if not isinstance(name, str)]
+  if not_names:
+    raise PthFileError(f'{path} is not a state dict: its keys {_repr(not_names)} are not names.')
+  not_tensors = sorted(name for name, value in loaded.items() if not isinstance(value, _Tensor))
+  if not_tensors:
+    raise PthFileError(f'{path} is not a flat state dict (name -> tensor): entries '
+                       f'{not_tensors[:10]} are not tensors (a training checkpoint? save its '
+                       "model's state_dict() instead).")
+  return {name: value.array for name, value in loaded.items()}
+
+
+def _read(path: str) -> Dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise PthFileError(f'{path}: no such file.')
+  if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as file:
+      if file.read(4) == b'PK\x03\x04':  # a zip's first entry, but no end of its directory
+        raise _damaged(path, 'its zip archive is cut short or damaged (no end of directory)')
+    raise PthFileError(
+        f'{path}: not a zip archive. PyTorch writes .pth files as zip archives since 1.6; an '
+        'older file (or one made with _use_new_zipfile_serialization=False) is read only by '
+        'torch: convert it once where torch is installed (hml_jax/init_from/torchvision.py says how).'
+    )
+  with open(path, 'rb') as file, zipfile.ZipFile(file) as archive:
+    infos = _checked_directory(archive, os.fstat(file.fileno()).st_size, path)
+    prefix = _archive_prefix(infos, path)
+    byteorder = _byteorder(archive, infos, prefix, path)
+    info = infos[f'{prefix}/data.pkl']
+    if info.file_size > MAX_PICKLE_BYTES:
+      raise PthFileError(f'{path}: its pickle has {info.file_size} bytes, more than '
+                         f'MAX_PICKLE_BYTES={MAX_PICKLE_BYTES} (hml_jax.init_from.pth_files).')
+    pickled = bytes(_read_entry(archive, info, path))
+    _check_pickle(pickled, path)
+    loader = _Loader(archive, infos, prefix, byteorder, path)
+    loaded = _StateDictUnpickler(io.BytesIO(pickled), loader).load()
+    return _state_dict(loaded, path)
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """{name: NumPy array} of the state dict that torch.save wrote to path (zip format), in
+  PyTorch's layouts and dtypes (bfloat16 as ml_dtypes.bfloat16).
+
+  Raises PthFileError (a UserError and ValueError) for any file it cannot read, naming the file
+  and the reason: UnsafePickleError where the pickle names anything but tensors or uses them
+  otherwise than torch.save does. Nothing else escapes, whatever the file holds (an interrupt
+  does)."""
+  path = os.fspath(path)
+  try:
+    return _read(path)
+  except PthFileError:
+    raise
+  except MemoryError:
+    raise PthFileError(
+        f'{path}: ran out of memory while reading it (the limits of '
+        'hml_jax.init_from.pth_files keep a file within a few times its size, so the '
+        'machine has less memory than the weights need).') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise PthFileError(f'{path}: cannot be read as a state dict of torch.save '
+                       f'({type(e).__name__}: {str(e)[:300]}). The file is damaged or was not '
+                       'written by torch.save: download or save it again.') from e

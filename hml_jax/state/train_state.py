@@ -1,0 +1,226 @@
+"""The train state: its parameters and optimizer (create_optimizer, create_train_state), its
+layout over the devices (train_state_shardings), and the trained state of a workdir
+(load_trained_state), which predict, evaluate, analyze, extract_features, benchmark and the
+'workdir:' source of init_from.py read. A pretrained backbone comes in loaded (init_from.py)."""
+import functools
+from typing import Any
+
+import flax
+from flax.training import train_state as flax_train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hml_jax import methods
+from hml_jax import models
+from hml_jax.methods import losses
+from hml_jax.methods import recipes
+from hml_jax.runtime import errors
+from hml_jax.runtime import files
+from hml_jax.state import checkpoints
+from hml_jax.state import sharding
+
+
+class TrainState(flax_train_state.TrainState):
+  batch_stats: Any = None
+  # (num_train_images, num_labels) float32, only for methods that change the observed labels
+  # (LL-Cp, EM + APL): they live here so that they are checkpointed with the model.
+  observed_labels: Any = None
+
+
+def parameter_layout(config):
+  """(config.parameter_sharding, config.fsdp_min_size): how the state is laid out."""
+  return config.parameter_sharding, config.fsdp_min_size
+
+
+ADAPTIVE_OPTIMIZERS = ('log', 'separate', 'shared')
+
+
+def log_scale_adam(learning_rate: float) -> optax.GradientTransformation:
+  """Adam on the 'scale_margin' group {'scale': s, 'margin': m} with s stepped in log space: Adam
+  sees the gradient in log s, s * dL/ds, and its step u applies as s <- s * exp(u). So s moves by
+  about a factor exp(learning_rate) per step whatever its size (a start 8x off is corrected in
+  about 200 steps at 1e-2) and stays positive; m is plain Adam."""
+  adam = optax.adam(learning_rate)
+
+  def with_scale(tree, function):
+    # Inside multi_transform the tree is the whole params, the other groups masked.
+    group = tree['scale_margin']
+    return {**tree, 'scale_margin': {**group, 'scale': function(group['scale'])}}
+
+  def update(updates, state, params):
+    if 'scale_margin' not in params:  # a method without s*, m*: the group is empty
+      return adam.update(updates, state, params)
+    scale = params['scale_margin']['scale']
+    steps, state = adam.update(with_scale(updates, lambda g: g * scale), state, params)
+    return with_scale(steps, lambda u: scale * jnp.expm1(u)), state
+
+  return optax.GradientTransformation(adam.init, update)
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """Adam over everything. s* and m* (adaptive HML) get their own Adam at
+  config.adaptive_learning_rate with s* in log space (config.adaptive_optimizer='log', the
+  default; log_scale_adam), their own plain Adam ('separate'), or the network's Adam and learning
+  rate ('shared', the paper's literal reading: learnable parameters like the rest; Adam is
+  elementwise, so this is one Adam over all). ROLE's label estimator gets config.role_lr_mult times the learning rate
+  (Cole et al.), and the classifier head the recipe's head_learning_rate_multiplier times it
+  (Kim et al.'s 10x for LL-R/Ct/Cp; hml_jax/methods/recipes.py)."""
+  adaptive_optimizer = config.adaptive_optimizer
+  if adaptive_optimizer == 'shared':
+    scale_margin_learning_rate = config.learning_rate
+  else:
+    scale_margin_learning_rate = config.adaptive_learning_rate
+  if adaptive_optimizer == 'log':
+    scale_margin = log_scale_adam(scale_margin_learning_rate)
+  else:
+    scale_margin = optax.adam(scale_margin_learning_rate)
+  transforms = {
+      'model': optax.adam(config.learning_rate),
+      'scale_margin': scale_margin,
+      'estimator': optax.adam(config.learning_rate * config.role_lr_mult)
+  }
+  head_multiplier = recipes.resolve(config).head_learning_rate_multiplier
+  if head_multiplier != 1:
+    transforms['head'] = optax.adam(config.learning_rate * head_multiplier)
+
+  def group_of(params):
+    groups = {key: key for key in params}
+    if 'head' in transforms:  # the backbone's parameters stay in 'model'
+      groups['model'] = {name: 'head' if name == 'head' else 'model' for name in params['model']}
+    return groups
+
+  return optax.multi_transform(transforms, group_of)
+
+
+def backbone_of_workdir(directory: str):
+  """{'params', 'batch_stats'} of the backbone of DIR's best checkpoint (init_from.load checks that
+  the run is finished and that they fit)."""
+  _, _, state = load_trained_state(directory, 'best')
+  return {
+      'params': jax.device_get(state.params['model'].get('backbone', {})),
+      'batch_stats': jax.device_get(state.batch_stats.get('backbone', {}))
+  }
+
+
+def _replace_backbone(variables, loaded):
+  variables = flax.core.unfreeze(variables)
+  variables['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['params'])
+  variables['batch_stats']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded['batch_stats'])
+  return variables
+
+
+def initial_variables(model, rng, image_shape):
+  """model.init on one zero image of image_shape, compiled as one program: run eagerly, every
+  operation of the forward pass compiles on its own (resnet_small at 32x32: 12.6 s against
+  3.4 s on 2 cores). The values are bitwise the eager ones (hml_jax/models/initializers.py)."""
+  return jax.jit(functools.partial(model.init, train=False))(rng,
+                                                             jnp.zeros((1,) + tuple(image_shape),
+                                                                       jnp.float32))
+
+
+def create_train_state(config,
+                       model,
+                       method,
+                       rng,
+                       image_shape,
+                       observed_labels=None,
+                       backbone=None) -> TrainState:
+  """observed_labels: the training split's observed labels, needed by methods that update or
+  estimate them. backbone: {'params', 'batch_stats'} that replace the backbone's fresh ones
+  (init_from.load); the head keeps its fresh initialization."""
+  variables = initial_variables(model, rng, image_shape)
+  if backbone is not None:
+    variables = _replace_backbone(variables, backbone)
+  params = {'model': variables['params']}
+  if method.learns_scale_and_margin:
+    params['scale_margin'] = {
+        'scale': jnp.float32(config.scale),
+        'margin': jnp.float32(config.margin)
+    }
+  if method.label_estimator:
+    if observed_labels is None:
+      raise ValueError(f'config.loss={config.loss!r} estimates labels: pass the observed labels.')
+    params['estimator'] = losses.role_estimator_init(observed_labels, jax.random.fold_in(rng, 1))
+  label_state = None
+  if method.labels_in_state:
+    if observed_labels is None:
+      raise ValueError(f'config.loss={config.loss!r} updates the observed labels: pass them.')
+    label_state = jnp.asarray(observed_labels, jnp.float32)
+  return TrainState.create(apply_fn=model.apply,
+                           params=params,
+                           tx=create_optimizer(config),
+                           batch_stats=variables.get('batch_stats', {}),
+                           observed_labels=label_state)
+
+
+def train_state_shapes(config, model, method, image_shape, observed_labels=None):
+  """jax.eval_shape of create_train_state: the state's structure with a jax.ShapeDtypeStruct
+  for every array, computed without creating any of them (and without reading pretrained
+  weights: they only replace values of the same shapes)."""
+  template_config = ml_collections.ConfigDict(config.to_dict())
+  template_config.init_from = ''
+  return jax.eval_shape(lambda: create_train_state(template_config,
+                                                   model,
+                                                   method,
+                                                   jax.random.key(0),
+                                                   image_shape,
+                                                   observed_labels=observed_labels))
+
+
+def train_state_shardings(config, state_or_shapes, mesh):
+  """The NamedSharding of every array of a train state (or of its train_state_shapes) under
+  config.parameter_sharding and config.fsdp_min_size (hml_jax/state/sharding.py)."""
+  mode, min_size = parameter_layout(config)
+  return sharding.state_shardings(state_or_shapes, mesh, mode, min_size)
+
+
+def scale_and_margin(params, config, method=None):
+  """(s, m) of the margin sigmoid: the learned s*, m* for adaptive HML, else the config's fixed
+  pair (or the method's own fixed margin, 0 for the normalized sigmoid)."""
+  if 'scale_margin' in params:
+    return params['scale_margin']['scale'], params['scale_margin']['margin']
+  margin = config.margin
+  if method is not None and method.fixed_margin is not None:
+    margin = method.fixed_margin
+  return jnp.float32(config.scale), jnp.float32(margin)
+
+
+def load_trained_state(workdir: str, which: str = 'best', mesh=None):
+  """(config, method, state) of a finished or running workdir; which = 'best' or 'latest'.
+
+  The state is restored straight onto mesh (default: every device) in the layout of the run's
+  config.parameter_sharding, ready for make_step_functions(..., train_state_shardings(config,
+  state, mesh)) and model_outputs.
+  """
+  if not files.exists(checkpoints.config_path(workdir)):
+    raise errors.MissingInputError(
+        f'{workdir} holds no hml_jax run (no config.json): give the --workdir of a run trained by '
+        '`python -m hml_jax.main --config=... --workdir=...`.')
+  config = checkpoints.read_config(workdir)
+  method = methods.get_method(config.loss)
+  info = checkpoints.read_dataset_info(workdir)
+  num_labels = len(info['label_names'])
+  model = models.create_model(config.model,
+                              method.head,
+                              num_labels,
+                              convolutions=config.convolutions)
+  # The template only gives shapes and layout: the checkpoint replaces every value, so
+  # pretrained weights (which may have moved since) are not read.
+  mesh = mesh or sharding.create_mesh()
+  shapes = train_state_shapes(config,
+                              model,
+                              method,
+                              tuple(info['example_shape']),
+                              observed_labels=np.zeros((info['num_train'], num_labels), np.float32))
+  template = sharding.abstract_arrays(shapes, train_state_shardings(config, shapes, mesh))
+  manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
+  restored = (manager.restore_best(template)
+              if which == 'best' else manager.restore_latest(template))
+  if restored is None:
+    raise errors.MissingInputError(
+        f'No {which} checkpoint in {workdir}: the run has not finished an epoch yet'
+        f"{'' if which == 'latest' else ' (--checkpoint=latest reads the newest one)'}.")
+  return config, method, restored[0]

@@ -1,0 +1,118 @@
+"""How every command-line tool starts and how it ends on a user's mistake.
+
+`run(main)` is absl's `app.run(main)` with one difference: a mistake of the user's (an unknown
+or malformed flag, a config file that does not load, a mistyped `--config.KEY`, and any
+`errors.UserError` raised while the tool works) ends as one line on stderr,
+
+  error: <what is wrong, naming the key, value, file or line, and what to do>
+
+and exit status 2, without a traceback. Everything else is a bug and keeps its traceback;
+`--verbosity=1` shows the traceback of a user error too.
+"""
+import re
+import sys
+from typing import Callable, List, NoReturn, Optional, Sequence
+
+from absl import app
+from absl import flags
+
+from hml_jax.runtime import errors
+from hml_jax.runtime import files
+
+EXIT_USER_ERROR = 2  # as argparse and absl use for a command line they cannot parse
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: message` on stderr and exits with status 2."""
+  sys.stdout.flush()
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _verbose(argv: Sequence[str] = ()) -> bool:
+  """--verbosity >= 1 (read from argv where the flags did not parse)."""
+  try:
+    if flags.FLAGS.is_parsed():
+      return flags.FLAGS['verbosity'].value >= 1
+  except (KeyError, flags.Error):
+    pass
+  for argument in argv:
+    match = re.fullmatch(r'--(?:verbosity|v)=(-?\d+)', argument)
+    if match:
+      return int(match.group(1)) >= 1
+  return False
+
+
+def _override_argument(argv: Sequence[str], key: str) -> str:
+  """The `--config.a.b=...` argument of argv that names key, else `--config...` by key."""
+  for argument in argv:
+    name = argument.split('=', 1)[0]
+    if name.startswith('--') and '.' in name and name.rsplit('.', 1)[-1] == key:
+      return argument
+  return key
+
+
+def config_error_message(error: BaseException, argv: Sequence[str]) -> str:
+  """One line for an exception raised while a config file loads or its overrides apply."""
+  if isinstance(error, (AttributeError, KeyError)):
+    # ml_collections: AttributeError(KeyError('\'lerning_rate\'\nDid you mean "learning_rate"...'))
+    while error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    key = (text.splitlines() or [''])[0].strip('\'" ')
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    hint = (f' Did you mean {suggestion.group(1)!r}?'
+            if suggestion else ' `--helpfull` lists the flags; configs/default.py every key.')
+    return f'{_override_argument(argv, key)}: the config has no key {key!r}.{hint}'
+  if isinstance(error, OSError) and 'Failed loading config file' in str(error):
+    tried = [line.strip() for line in str(error).splitlines()[2:] if line.strip()]
+    path = tried[0] if tried else '?'
+    return (f'--config={path}: no such config file. Give a path to a Python file with '
+            'get_config(), e.g. --config=configs/default.py.')
+  first_line = (str(error).strip().splitlines() or [''])[0]
+  return f'the config could not be loaded: {type(error).__name__}: {first_line}'
+
+
+def _parse_flags(argv: Sequence[str]) -> List[str]:
+  """absl's flag parsing, with its errors and the config files' errors as one line each."""
+  try:
+    remaining = flags.FLAGS(argv)
+    # config_flags loads a config file, and may apply its overrides, when the flag is first read.
+    # A file that failed to load is an object that raises on its first attribute.
+    for name in list(flags.FLAGS):
+      getattr(getattr(flags.FLAGS, name), 'to_dict', None)
+  except flags.Error as error:
+    fail(f"{str(error).rstrip('.')}. `--helpfull` lists the flags.")
+  except Exception as error:  # pylint: disable=broad-except; the user's config file or override
+    if _verbose(argv):
+      raise
+    fail(config_error_message(error, argv))
+  return remaining
+
+
+def _with_user_errors(main: Callable[[List[str]], Optional[int]]):
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (errors.UserError, app.UsageError) as error:
+      if _verbose():
+        raise
+      message = str(error)
+      if isinstance(error, app.UsageError):
+        message = message.rstrip('.') + '. `--help` lists the flags.'
+      fail(message)
+
+  return wrapped
+
+
+def run(main: Callable[[List[str]], Optional[int]],
+        argv: Optional[Sequence[str]] = None,
+        installed_configs: bool = True) -> None:
+  """app.run(main) with user errors as one line and exit status 2 (the module docstring).
+  installed_configs: find --config=configs/NAME.py in the installed package when it is not here
+  (files.installed_config_argv)."""
+  argv = list(sys.argv if argv is None else argv)
+  if installed_configs:
+    argv = files.installed_config_argv(argv)
+  app.run(_with_user_errors(main), argv=argv, flags_parser=_parse_flags)
