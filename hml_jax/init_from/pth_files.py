@@ -42,27 +42,20 @@ import io
 import math
 import os
 import pickle
-import pickletools
 import re
 import reprlib
 import zipfile
 import zlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import ml_dtypes
 import numpy as np
 
-from hml_jax.runtime import errors
-
-
-class PthFileError(errors.UserError, ValueError):
-  """A .pth file that cannot be read as a state dict: damaged, not torch.save's, or hostile."""
-
-
-class UnsafePickleError(PthFileError, pickle.UnpicklingError):
-  """The pickle names a callable or class other than those of a tensor state dict, or uses them
-  otherwise than torch.save does."""
-
+from hml_jax.init_from import pth_pickle
+# The reader's errors (pth_files.PthFileError, UnsafePickleError) and their messages.
+from hml_jax.init_from.pth_pickle import damaged, refused_name, unsafe
+from hml_jax.init_from.pth_pickle import ORDERED_DICT, REBUILD_PARAMETER, REBUILD_TENSOR
+from hml_jax.init_from.pth_pickle import PthFileError, UnsafePickleError  # noqa: F401
 
 # Bounds on what one file may make this process do. Module constants, so a user with a genuine
 # file beyond them can raise them (hml_jax.init_from.pth_files.MAX_BYTES = ...).
@@ -106,11 +99,7 @@ _STORAGE_DTYPES = {
     'BoolStorage': np.bool_,
 }
 
-_ORDERED_DICT = ('collections', 'OrderedDict')
-_REBUILD_TENSOR = ('torch._utils', '_rebuild_tensor_v2')
-_REBUILD_PARAMETER = ('torch._utils', '_rebuild_parameter')
-_CALLABLES = (_ORDERED_DICT, _REBUILD_TENSOR, _REBUILD_PARAMETER)
-_NAMES = frozenset(_CALLABLES + tuple(('torch', name) for name in _STORAGE_DTYPES))
+_NAMES = frozenset(pth_pickle.CALLABLES + tuple(('torch', name) for name in _STORAGE_DTYPES))
 
 # A storage key (torch writes '0', '1', ...): one entry name under data/, never a path.
 _KEY = re.compile(r'[0-9A-Za-z_]{1,64}')
@@ -119,25 +108,6 @@ _ENCRYPTED = 0x1 | 0x40 | 0x2000  # zip flags: encrypted, strong encryption, mas
 
 def _repr(value) -> str:
   return reprlib.repr(value)
-
-
-def _damaged(path: str, reason: str) -> PthFileError:
-  return PthFileError(f'{path}: {reason}. The file is damaged or was not written by torch.save: '
-                      'download or save it again.')
-
-
-def _refused_name(path: str, module: str, name: str) -> UnsafePickleError:
-  return UnsafePickleError(
-      f'{path}: refused to load {module}.{name}: a weights file may only hold tensors '
-      "(torch's tensor rebuilds, storages and OrderedDict); this one names other code, which "
-      'was not run. Use a state dict saved by torch.save(model.state_dict(), ...) from a '
-      'source you trust.')
-
-
-def _unsafe(path: str, reason: str) -> UnsafePickleError:
-  return UnsafePickleError(
-      f'{path}: {reason}, which no state dict of torch.save does; nothing in it was run. Use a '
-      'state dict saved by torch.save(model.state_dict(), ...) from a source you trust.')
 
 
 def _is_count(value) -> bool:
@@ -156,7 +126,7 @@ def _checked_directory(archive: zipfile.ZipFile, file_size: int,
   for info in archive.infolist():
     name = info.filename
     if name in infos:
-      raise _damaged(path, f'two entries are named {name!r}')
+      raise damaged(path, f'two entries are named {name!r}')
     if info.flag_bits & _ENCRYPTED:
       raise PthFileError(f'{path}: entry {name!r} is encrypted; torch.save never encrypts, and '
                          'an encrypted weights file is not read. Decrypt it first.')
@@ -166,16 +136,16 @@ def _checked_directory(archive: zipfile.ZipFile, file_size: int,
           'stored entries (what torch.save writes) and deflated ones are read. Save the state '
           'dict again with torch.save.')
     if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-      raise _damaged(
+      raise damaged(
           path, f'stored entry {name!r} has {info.compress_size} bytes in the file '
           f'but {info.file_size} uncompressed')
     if info.header_offset + info.compress_size > file_size:
-      raise _damaged(path, f'entry {name!r} reaches past the end of the file')
+      raise damaged(path, f'entry {name!r} reaches past the end of the file')
     compressed += info.compress_size
     uncompressed += info.file_size
     infos[name] = info
   if compressed > file_size:
-    raise _damaged(
+    raise damaged(
         path, f'its entries hold {compressed} compressed bytes in a file of '
         f'{file_size} (entries that overlap)')
   limit = min(MAX_EXPANSION * file_size + _EXPANSION_SLACK, MAX_BYTES)
@@ -210,11 +180,11 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> b
       longer = done == size and entry.read(1)
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
           NotImplementedError) as e:
-    raise _damaged(
+    raise damaged(
         path, f'entry {info.filename!r} cannot be read ({type(e).__name__}: '
         f'{str(e)[:200]})') from e
   if done != size or longer:
-    raise _damaged(
+    raise damaged(
         path, f'entry {info.filename!r} holds {"more" if longer else done} bytes, not '
         f'the {size} of the zip directory')
   return buffer
@@ -234,232 +204,14 @@ def _byteorder(archive: zipfile.ZipFile, infos: Dict[str, zipfile.ZipInfo], pref
   if info is None:
     return 'little'
   if info.file_size > 16:
-    raise _damaged(path, f'its byteorder entry has {info.file_size} bytes')
+    raise damaged(path, f'its byteorder entry has {info.file_size} bytes')
   value = bytes(_read_entry(archive, info, path)).decode('ascii', errors='replace').strip()
   if value not in ('little', 'big'):
-    raise _damaged(path, f'unknown byte order {value!r}')
+    raise damaged(path, f'unknown byte order {value!r}')
   return value
 
 
 # The pickle, scanned before it is unpickled.
-
-
-class _Node:
-  """What the scan knows of an object the pickle makes: its nesting depth, and whether it is
-  already inside another object (after which it may not change)."""
-  __slots__ = ('kind', 'depth', 'inside', 'name')
-
-  def __init__(self, kind: str, depth: int, name: Optional[Tuple[str, str]] = None):
-    self.kind, self.depth, self.inside, self.name = kind, depth, False, name
-
-
-_SCALAR = None  # on the scan's stack for None, a bool, a number or bytes
-
-_SCALARS = frozenset([
-    'NONE', 'NEWTRUE', 'NEWFALSE', 'BININT', 'BININT1', 'BININT2', 'LONG1', 'BINFLOAT',
-    'SHORT_BINBYTES', 'BINBYTES', 'BINBYTES8'
-])
-_STRINGS = frozenset(['SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8'])
-_PUTS = frozenset(['BINPUT', 'LONG_BINPUT', 'MEMOIZE'])
-_GETS = frozenset(['BINGET', 'LONG_BINGET'])
-_TUPLES = {'TUPLE1': 1, 'TUPLE2': 2, 'TUPLE3': 3}
-# Every opcode of Python's pickler for dicts, lists, tuples, str, bytes, numbers, None, bools,
-# globals, REDUCE, BUILD and persistent ids, protocols 2 to 5. Not: the text opcodes of
-# protocols 0 and 1, instances (INST, OBJ, NEWOBJ), extension codes, sets, bytearrays,
-# out-of-band buffers, LONG4 (an int of over 255 bytes), POP and DUP (never written for a
-# state dict).
-_OPCODES = (_SCALARS | _STRINGS | _PUTS | _GETS | frozenset(_TUPLES) | frozenset([
-    'PROTO', 'FRAME', 'STOP', 'MARK', 'GLOBAL', 'STACK_GLOBAL', 'REDUCE', 'BUILD', 'BINPERSID',
-    'EMPTY_TUPLE', 'TUPLE', 'EMPTY_LIST', 'APPEND', 'APPENDS', 'EMPTY_DICT', 'SETITEM', 'SETITEMS'
-]))
-
-
-class _Scan:
-  """Follows the unpickler's stack and memo through the opcodes, without making any object."""
-
-  def __init__(self, path: str, size: int):
-    self.path, self.size = path, size
-    self.stack: List[Any] = []  # _Node, or the str of a string opcode
-    self.marks: List[List[Any]] = []
-    self.memo: List[Any] = []  # a list: 8 bytes an entry (MEMOIZE is one byte of pickle)
-    self.objects = self.height = 0
-
-  def refuse(self, reason: str):
-    raise _unsafe(self.path, f'its pickle {reason}')
-
-  def push(self, item):
-    self.height += 1
-    if self.height > MAX_STACK:
-      self.refuse(f'holds more than {MAX_STACK} items on its stack at once (MAX_STACK)')
-    self.stack.append(item)
-
-  def pop(self):
-    if not self.stack:
-      self.refuse('takes an item its stack does not have')
-    self.height -= 1
-    return self.stack.pop()
-
-  def top(self, kinds, what: str) -> _Node:
-    """The object an opcode changes: one of `kinds`, not yet inside another object."""
-    if not self.stack:
-      self.refuse(f'applies {what} to nothing')
-    item = self.stack[-1]
-    if not isinstance(item, _Node) or item.kind not in kinds:
-      self.refuse(f'applies {what} to {_describe(item)}')
-    if item.inside:
-      self.refuse(f'changes an object ({what}) after putting it into another')
-    return item
-
-  def pop_mark(self) -> List[Any]:
-    if not self.marks:
-      self.refuse('takes items up to a MARK that it has not set')
-    items, self.stack = self.stack, self.marks.pop()
-    self.height -= len(items) + 1
-    return items
-
-  def make(self, kind: str, children, name=None) -> _Node:
-    """A new object holding `children` (which may not change from now on)."""
-    depth = 0
-    for child in children:
-      if isinstance(child, _Node):
-        child.inside = True
-        depth = max(depth, child.depth)
-    self.objects += 1
-    if self.objects > MAX_OBJECTS:
-      self.refuse(f'makes more than {MAX_OBJECTS} objects (MAX_OBJECTS)')
-    return self.deepen(_Node(kind, 1, name), depth + 1)
-
-  def deepen(self, node: _Node, depth: int) -> _Node:
-    node.depth = max(node.depth, depth)
-    if node.depth > MAX_NESTING:
-      self.refuse(f'nests objects more than {MAX_NESTING} deep (MAX_NESTING)')
-    return node
-
-  def add(self, node: _Node, children):
-    for child in children:
-      if isinstance(child, _Node):
-        child.inside = True
-        self.deepen(node, child.depth + 1)
-
-  def check_name(self, module, name):
-    if (module, name) not in _NAMES:
-      raise _refused_name(self.path, module, name)
-
-  def step(self, op: str, arg, pos: int):  # pylint: disable=too-many-branches
-    if op not in _OPCODES:
-      self.refuse(f'has opcode {op} (at byte {pos})')
-    if op in _SCALARS:
-      self.push(_SCALAR)
-    elif op in _STRINGS:
-      self.push(arg)
-    elif op in _PUTS:
-      if not self.stack:
-        self.refuse('memoizes an item its stack does not have')
-      index = len(self.memo) if op == 'MEMOIZE' else arg
-      if index > len(self.memo):  # Python's pickler numbers them 0, 1, 2, ...
-        self.refuse(f'memoizes at index {index} after {len(self.memo)} items')
-      if index == len(self.memo):
-        self.memo.append(self.stack[-1])
-      else:
-        self.memo[index] = self.stack[-1]
-    elif op in _GETS:
-      if arg >= len(self.memo):
-        self.refuse(f'reads memo index {arg}, which it has not set')
-      self.push(self.memo[arg])
-    elif op in _TUPLES:
-      items = [self.pop() for _ in range(_TUPLES[op])]
-      self.push(self.make('tuple', items))
-    elif op == 'MARK':
-      self.height += 1
-      if self.height > MAX_STACK:
-        self.refuse(f'holds more than {MAX_STACK} items on its stack at once (MAX_STACK)')
-      self.marks.append(self.stack)
-      self.stack = []
-    elif op == 'TUPLE':
-      self.push(self.make('tuple', self.pop_mark()))
-    elif op == 'EMPTY_TUPLE':
-      self.push(self.make('tuple', ()))
-    elif op == 'EMPTY_LIST':
-      self.push(self.make('list', ()))
-    elif op == 'EMPTY_DICT':
-      self.push(self.make('dict', ()))
-    elif op == 'APPEND':
-      value = self.pop()
-      self.add(self.top(('list',), 'APPEND'), [value])
-    elif op == 'APPENDS':
-      items = self.pop_mark()
-      self.add(self.top(('list',), 'APPENDS'), items)
-    elif op in ('SETITEM', 'SETITEMS'):
-      items = self.pop_mark() if op == 'SETITEMS' else [self.pop(), self.pop()]
-      if len(items) % 2:
-        self.refuse('has a SETITEMS with a key but no value')
-      self.add(self.top(('dict', 'ordered_dict'), op), items)
-    elif op == 'GLOBAL':
-      module, _, name = arg.partition(' ')
-      self.check_name(module, name)
-      self.push(self.make('global', (), (module, name)))
-    elif op == 'STACK_GLOBAL':
-      name, module = self.pop(), self.pop()
-      if not isinstance(module, str) or not isinstance(name, str):
-        self.refuse('names a global by something other than two strings')
-      self.check_name(module, name)
-      self.push(self.make('global', (), (module, name)))
-    elif op == 'REDUCE':
-      args, function = self.pop(), self.pop()
-      if not isinstance(function, _Node) or function.name not in _CALLABLES:
-        self.refuse(f'calls {_describe(function)}')
-      if not isinstance(args, _Node) or args.kind != 'tuple':
-        self.refuse(f'calls {".".join(function.name)} with {_describe(args)} as its arguments')
-      kind = 'ordered_dict' if function.name == _ORDERED_DICT else 'tensor'
-      self.push(self.make(kind, [args]))
-    elif op == 'BUILD':
-      state = self.pop()
-      target = self.top(('ordered_dict',), 'BUILD (setting attributes)')
-      if not isinstance(state, _Node) or state.kind != 'dict':
-        self.refuse(f'sets the attributes of an OrderedDict from {_describe(state)}')
-      self.add(target, [state])
-    elif op == 'BINPERSID':
-      self.push(self.make('storage', [self.pop()]))
-    elif op == 'PROTO':
-      if pos != 0 or arg not in (2, 3, 4, 5):
-        self.refuse(f'declares protocol {arg} at byte {pos}')
-    elif op == 'FRAME':
-      if pos + 9 + arg > self.size:
-        self.refuse(f'has a frame of {arg} bytes past its end')
-    elif op == 'STOP':
-      if self.marks or len(self.stack) != 1:
-        self.refuse(f'ends with {len(self.stack)} items on its stack and {len(self.marks)} marks')
-      if pos != self.size - 1:
-        self.refuse(f'has {self.size - 1 - pos} bytes after its end')
-
-
-def _describe(item) -> str:
-  if isinstance(item, str):
-    return f'the string {item[:40]!r}'
-  if not isinstance(item, _Node):
-    return 'a number, bool, None or bytes'
-  if item.kind == 'global':
-    return '.'.join(item.name)
-  return 'an OrderedDict' if item.kind == 'ordered_dict' else f'a {item.kind}'
-
-
-def _check_pickle(data: bytes, path: str) -> None:
-  """Raises UnsafePickleError for a pickle outside the bounds above, before anything in it is
-  made: pickletools.genops only parses (it reads each opcode's argument, each string within the
-  pickle's bytes), and _Scan follows the stack."""
-  scan = _Scan(path, len(data))
-  stopped = False
-  try:
-    for opcode, arg, pos in pickletools.genops(data):
-      scan.step(opcode.name, arg, pos)
-      stopped = opcode.name == 'STOP'
-  except ValueError as e:  # genops: an unknown opcode, or an argument past the end
-    if isinstance(e, PthFileError):
-      raise
-    raise _damaged(path, f'its pickle is malformed ({str(e)[:200]})') from e
-  if not stopped:
-    raise _damaged(path, 'its pickle does not end')
-
 
 # The stand-ins that the pickle's names are answered with.
 
@@ -571,9 +323,9 @@ class _Loader:
   def names(self) -> Dict[Tuple[str, str], Any]:
     """The names a state dict's pickle may hold, answered by stand-ins made for this load."""
     return {
-        _ORDERED_DICT: _Callable('OrderedDict', self.ordered_dict),
-        _REBUILD_TENSOR: _Callable('_rebuild_tensor_v2', self.rebuild_tensor),
-        _REBUILD_PARAMETER: _Callable('_rebuild_parameter', self.rebuild_parameter),
+        ORDERED_DICT: _Callable('OrderedDict', self.ordered_dict),
+        REBUILD_TENSOR: _Callable('_rebuild_tensor_v2', self.rebuild_tensor),
+        REBUILD_PARAMETER: _Callable('_rebuild_parameter', self.rebuild_parameter),
         **{
             ('torch', name): _StorageType(name) for name in _STORAGE_DTYPES
         },
@@ -581,7 +333,7 @@ class _Loader:
 
   def ordered_dict(self, *args):
     if args:
-      raise _unsafe(self.path, f'its pickle calls OrderedDict with {len(args)} arguments')
+      raise unsafe(self.path, f'its pickle calls OrderedDict with {len(args)} arguments')
     return collections.OrderedDict()
 
   def storage(self, persistent_id) -> _Storage:
@@ -592,22 +344,22 @@ class _Loader:
         or not isinstance(persistent_id[1], _StorageType) or type(persistent_id[2]) is not str
         or not _KEY.fullmatch(persistent_id[2]) or type(persistent_id[3]) is not str
         or not _is_count(persistent_id[4])):
-      raise _unsafe(self.path, f'its pickle has an unexpected persistent id {_repr(persistent_id)}')
+      raise unsafe(self.path, f'its pickle has an unexpected persistent id {_repr(persistent_id)}')
     _, storage_type, key, _, numel = persistent_id
     entry = f'{self.prefix}/data/{key}'
     storage = self.storages.get(entry)
     if storage is not None:
       if (storage.type_name, storage.numel) != (storage_type.name, numel):
-        raise _damaged(
+        raise damaged(
             self.path, f'storage {entry!r} is declared as {storage.numel} elements of '
             f'{storage.type_name} and as {numel} of {storage_type.name}')
       return storage
     info = self.infos.get(entry)
     if info is None:
-      raise _damaged(self.path, f'no storage {entry!r} in the archive')
+      raise damaged(self.path, f'no storage {entry!r} in the archive')
     nbytes = numel * storage_type.dtype.itemsize
     if info.file_size != nbytes:
-      raise _damaged(
+      raise damaged(
           self.path, f'storage {entry!r} holds {info.file_size} bytes, not {numel} elements '
           f'of {storage_type.name} ({nbytes} bytes)')
     array = _storage_array(_read_entry(self.archive, info, self.path), storage_type.name,
@@ -621,17 +373,17 @@ class _Loader:
     """Stand-in for torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride,
     requires_grad, backward_hooks[, metadata]): the strided view of a storage, copied."""
     if not 4 <= len(args) <= 7:
-      raise _unsafe(self.path, f'its pickle calls _rebuild_tensor_v2 with {len(args)} arguments')
+      raise unsafe(self.path, f'its pickle calls _rebuild_tensor_v2 with {len(args)} arguments')
     storage, offset, size, stride = args[:4]  # a state dict's tensors need nothing else
     if not isinstance(storage, _Storage) or storage.owner is not self.owner:
-      raise _unsafe(
+      raise unsafe(
           self.path, f'its pickle rebuilds a tensor from a {type(storage).__name__}, '
           'not from a storage of the archive')
     shape_ok = (
         type(size) is tuple and type(stride) is tuple and  # pylint: disable=unidiomatic-typecheck
         len(size) == len(stride) <= MAX_DIMS and all(map(_is_count, size + stride)))
     if not shape_ok or not _is_count(offset):
-      raise _damaged(
+      raise damaged(
           self.path, f'a tensor of size {_repr(size)} and stride {_repr(stride)} at offset '
           f'{_repr(offset)} (expected tuples of at most {MAX_DIMS} non-negative ints)')
     where = (f'a tensor of size {size}, stride {stride} at offset {offset} into storage '
@@ -639,10 +391,10 @@ class _Loader:
     numel = math.prod(size)
     itemsize = storage.array.itemsize
     if math.prod(max(n, 1) for n in size) * itemsize > MAX_BYTES:
-      raise _damaged(self.path, f'{where}: more than MAX_BYTES={MAX_BYTES} bytes')
+      raise damaged(self.path, f'{where}: more than MAX_BYTES={MAX_BYTES} bytes')
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if (numel and last >= storage.numel) or offset > storage.numel:
-      raise _damaged(self.path, f'{where} reaches element {last} of a storage of {storage.numel}')
+      raise damaged(self.path, f'{where} reaches element {last} of a storage of {storage.numel}')
     self.tensor_bytes += numel * itemsize
     bound = min(MAX_VIEW_FACTOR * self.storage_bytes, MAX_BYTES)
     if self.tensor_bytes > bound:
@@ -659,7 +411,7 @@ class _Loader:
   def rebuild_parameter(self, *args) -> _Tensor:
     """Stand-in for torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)."""
     if not 1 <= len(args) <= 3 or not isinstance(args[0], _Tensor):
-      raise _unsafe(self.path, 'its pickle calls _rebuild_parameter with other than a tensor')
+      raise unsafe(self.path, 'its pickle calls _rebuild_parameter with other than a tensor')
     return args[0]
 
 
@@ -674,7 +426,7 @@ class _StateDictUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) in self.allowed:
       return self.allowed[(module, name)]
-    raise _refused_name(self.loader.path, module, name)
+    raise refused_name(self.loader.path, module, name)
 
   def persistent_load(self, pid):
     return self.loader.storage(pid)
@@ -701,7 +453,7 @@ def _read(path: str) -> Dict[str, np.ndarray]:
   if not zipfile.is_zipfile(path):
     with open(path, 'rb') as file:
       if file.read(4) == b'PK\x03\x04':  # a zip's first entry, but no end of its directory
-        raise _damaged(path, 'its zip archive is cut short or damaged (no end of directory)')
+        raise damaged(path, 'its zip archive is cut short or damaged (no end of directory)')
     raise PthFileError(
         f'{path}: not a zip archive. PyTorch writes .pth files as zip archives since 1.6; an '
         'older file (or one made with _use_new_zipfile_serialization=False) is read only by '
@@ -716,7 +468,8 @@ def _read(path: str) -> Dict[str, np.ndarray]:
       raise PthFileError(f'{path}: its pickle has {info.file_size} bytes, more than '
                          f'MAX_PICKLE_BYTES={MAX_PICKLE_BYTES} (hml_jax.init_from.pth_files).')
     pickled = bytes(_read_entry(archive, info, path))
-    _check_pickle(pickled, path)
+    pth_pickle.check_pickle(pickled, path, pth_pickle.Bounds(MAX_NESTING, MAX_OBJECTS, MAX_STACK),
+                            _NAMES)
     loader = _Loader(archive, infos, prefix, byteorder, path)
     loaded = _StateDictUnpickler(io.BytesIO(pickled), loader).load()
     return _state_dict(loaded, path)
