@@ -119,42 +119,30 @@ def test_compare_table_names_the_scenario_and_its_fraction():
   assert table['an']['test_map_mean'] == 79.5 and table['an']['seeds'] == 2
 
 
-def test_summarize_runs_groups_by_scenario_and_fraction(tmp_path, capsys):
-  """scripts/summarize_runs.py over several folders: one row per (scenario with its fraction,
-  loss, learning rate, epochs), the mean and sample std over the seeds."""
-  import json  # pylint: disable=g-import-not-at-top
-  import runpy  # pylint: disable=g-import-not-at-top
-  folders = []
-  for fraction, maps in ((0.1, (50.0, 54.0)), (0.3, (70.0,))):
-    folder = tmp_path / f'partial_positive_{fraction}'
-    for seed, test_map in enumerate(maps):
-      run = folder / f'an_partial_positive_seed{seed}'
-      run.mkdir(parents=True)
-      (run / 'results.json').write_text(
-          json.dumps({
-              'config': {
-                  'label_scenario': 'partial_positive',
-                  'positive_fraction': fraction,
-                  'loss': 'an',
-                  'learning_rate': 1e-3,
-                  'num_epochs': 10
-              },
-              'val_map': test_map,
-              'test_map': test_map,
-              'last_test_map': test_map,
-              'best_epoch': 10,
-              'final_scale': None,
-              'final_margin': None,
-              'train_images_per_sec': 600.0,
-              'wall_seconds': 160.0
-          }))
-    folders.append(str(folder))
-  script = runpy.run_path(os.path.join(ROOT, 'scripts', 'summarize_runs.py'))
-  script['main'](folders)
-  rows = [line for line in capsys.readouterr().out.splitlines() if 'partial_positive' in line]
-  assert len(rows) == 2
-  assert rows[0].startswith('| partial_positive 0.1 | an | 0.001 | 10 | 2 |')
-  assert '| 52.00 ± 2.83 |' in rows[0] and '| 70.00 ± 0.00 |' in rows[1]
+def test_the_table_has_best_epochs_learned_scale_and_margin_and_speed():
+  """The columns of the embedded results table: best epochs, s* and m* (mean ± sample std;
+  '—' for a method without them), train images/s and wall seconds (means)."""
+  runs = [{
+      'method': method,
+      'learning_rate': 1e-3,
+      'batch_size': 32,
+      'seed': seed,
+      'val_map': 70.0 + seed,
+      'test_map': 60.0 + 2 * seed,
+      'last_test_map': 59.0,
+      'best_epoch': 9 + seed,
+      'final_scale': 6.0 + seed if method == 'hml' else None,
+      'final_margin': 0.25 if method == 'hml' else None,
+      'train_images_per_sec': 600.0 + 10 * seed,
+      'wall_seconds': 160.0 - seed,
+  } for method in ('an', 'hml') for seed in (0, 1)]
+  table, markdown = compare.summarize(runs, tiny_config('unused'))
+  assert table['hml']['final_scale'] == (6.5, np.std([6.0, 7.0], ddof=1))
+  assert table['an']['final_scale'] is None and table['an']['best_epochs'] == [9, 10]
+  rows = {line.split(' | ')[0][2:]: line for line in markdown.splitlines()[2:]}
+  assert rows['hml'].endswith('| 61.00 ± 1.41 | 0.001 | 32 | 2 | 70.50 | 59.00 | 9, 10 | '
+                              '6.50 ± 0.71 | 0.25 ± 0.00 | 605 | 160 |'[len('| 61.00 ± 1.41 '):])
+  assert '| 9, 10 | — | — | 605 | 160 |' in rows['an']
 
 
 def test_grid_seeds_choose_on_the_first_seeds_then_complete_the_chosen_point(tmp_path, monkeypatch):

@@ -73,6 +73,27 @@ def best_points(runs):
   return best
 
 
+def _mean(runs, key):
+  values = [r.get(key) for r in runs]
+  return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _mean_std(runs, key, method):
+  """(mean, sample std) of a learned s* or m* over runs; None for a method without them."""
+  values = [r.get(key) for r in runs]
+  if not method.has_scale_and_margin or any(v is None for v in values):
+    return None
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _format(value, spec='.2f'):
+  if value is None:
+    return '—'
+  if isinstance(value, tuple):
+    return f'{value[0]:{spec}} ± {value[1]:{spec}}'
+  return f'{value:{spec}}'
+
+
 def summarize(runs, config, chosen_points=None):
   """Per method: the sweep point with the best mean validation mAP (or chosen_points[method])
   and its test mAP over the seeds run there."""
@@ -87,6 +108,11 @@ def summarize(runs, config, chosen_points=None):
     ]
     test = np.array([r['test_map'] for r in chosen])
     table[method] = {
+        'best_epochs': [r.get('best_epoch') for r in chosen],  # runs of older table.json lack it
+        'final_scale': _mean_std(chosen, 'final_scale', methods.get_method(method)),
+        'final_margin': _mean_std(chosen, 'final_margin', methods.get_method(method)),
+        'train_images_per_sec': _mean(chosen, 'train_images_per_sec'),
+        'wall_seconds': _mean(chosen, 'wall_seconds'),
         'learning_rate': learning_rate,
         'batch_size': batch_size,
         'seeds': len(chosen),
@@ -98,13 +124,18 @@ def summarize(runs, config, chosen_points=None):
   scenario = labels_lib.scenario_name(config.label_scenario, config.positive_fraction)
   dataset = f'{config.dataset.name} ({scenario})'
   lines = [
-      f'| method | {dataset} | lr | batch | seeds | val mAP | last-epoch test mAP |',
-      '|---|---|---|---|---|---|---|'
+      f'| method | {dataset} | lr | batch | seeds | val mAP | last-epoch test mAP | best epochs | '
+      'final s* | final m* | train img/s | wall s |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|'
   ]
   for method, row in table.items():
     lines.append(f"| {method} | {row['test_map_mean']:.2f} ± {row['test_map_std']:.2f} | "
                  f"{row['learning_rate']:g} | {row['batch_size']} | {row['seeds']} | "
-                 f"{row['val_map']:.2f} | {row['last_test_map_mean']:.2f} |")
+                 f"{row['val_map']:.2f} | {row['last_test_map_mean']:.2f} | "
+                 f"{', '.join(str(e) for e in row['best_epochs'])} | "
+                 f"{_format(row['final_scale'])} | {_format(row['final_margin'])} | "
+                 f"{_format(row['train_images_per_sec'], '.0f')} | "
+                 f"{_format(row['wall_seconds'], '.0f')} |")
   return table, '\n'.join(lines) + '\n'
 
 
@@ -142,7 +173,12 @@ def compare(config,
         'run': name,
         **{
             key: results[key] for key in ('val_map', 'test_map', 'last_test_map', 'best_epoch')
-        }
+        },
+        # s*, m* (None for a method without them) and the speed, as the run's results.json has
+        # them (an older results.json may lack one: then None).
+        **{
+            key: results.get(key) for key in ('final_scale', 'final_margin', 'train_images_per_sec', 'wall_seconds')
+        },
     }
 
   runs = [
