@@ -51,7 +51,7 @@ def cos_with_margin(cos: Array, margin: Scalar) -> Array:
   end value -1 (+1) while cos(m) + |m|*sin|m| >= 1, i.e. for |m| <= 2.3311 rad (133.6 degrees):
   there the map is strictly increasing in c. Beyond that the line starts inside (-1, 1) and the
   map is not monotonic near the switch (tests/test_heads.py shows both); the paper's margins are
-  0-0.4, and train.validate_config rejects an initial margin (config.margin) beyond the limit.
+  0-0.4, and training/config_checks.validate_config rejects an initial margin (config.margin) beyond the limit.
   Both branches are finite everywhere, so jnp.where does not leak NaN gradients.
   """
   cos = jnp.clip(jnp.asarray(cos, jnp.float32), -1.0, 1.0)

@@ -6,12 +6,13 @@ from typing import Any, Dict, Optional
 
 import ml_collections
 
+from hml_jax.training import config_checks
 from hml_jax.training import input_pipeline
 from hml_jax.training import linear_init
 from hml_jax.training import loop
 
 # The single run's checks, for callers that validate a config before training it.
-validate_config = loop.validate_config
+validate_config = config_checks.validate_config
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
