@@ -47,9 +47,9 @@ def test_every_python_package_is_listed():
 
 
 def test_installed_configs_are_found_from_any_directory(tmp_path, monkeypatch):
-  from hml_jax.runtime import files  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import cli  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
-  argv = files.installed_config_argv([
+  argv = cli.installed_config_argv([
       'main', '--config=configs/tiny.py:x', '--workdir=w', '--config.loss=an',
       '--config=configs/absent.py'
   ])
@@ -57,9 +57,9 @@ def test_installed_configs_are_found_from_any_directory(tmp_path, monkeypatch):
   assert argv[2:] == ['--workdir=w', '--config.loss=an', '--config=configs/absent.py']
   (tmp_path / 'configs').mkdir()
   (tmp_path / 'configs' / 'tiny.py').write_text('# a user\'s own')
-  assert files.installed_config_argv(['main', '--config=configs/tiny.py'
-                                     ])[1] == ('--config=configs/tiny.py'
-                                              )  # a file that exists here is the user's
+  assert cli.installed_config_argv(['main', '--config=configs/tiny.py'
+                                   ])[1] == ('--config=configs/tiny.py'
+                                            )  # a file that exists here is the user's
 
 
 @pytest.mark.slow

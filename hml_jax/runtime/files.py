@@ -152,20 +152,3 @@ def tree_files(directory) -> Dict[str, str]:
   else:
     found = {str(p.relative_to(root)): str(p) for p in root.rglob('*') if p.is_file()}
   return dict(sorted(found.items()))
-
-
-def installed_config_argv(argv):
-  """argv with a --config=configs/NAME.py[:...] that does not exist here pointed at the configs
-  that pip installed with hml_jax (hml_jax.configs), so that the documented commands work from
-  any directory after `pip install hml_jax` (a path that exists is left alone)."""
-  from hml_jax import configs  # pylint: disable=g-import-not-at-top
-  package = list(configs.__path__)[0]  # a checkout's configs/, or the installed copy
-  result = []
-  for argument in argv:
-    if argument.startswith('--config=') and not argument.startswith('--config.'):
-      path, colon, rest = argument[len('--config='):].partition(':')
-      if not os.path.exists(path) and os.path.dirname(path) in ('configs', '') and \
-          os.path.exists(os.path.join(package, os.path.basename(path))):
-        argument = f'--config={os.path.join(package, os.path.basename(path))}{colon}{rest}'
-    result.append(argument)
-  return result

@@ -9,6 +9,7 @@ or malformed flag, a config file that does not load, a mistyped `--config.KEY`, 
 and exit status 2, without a traceback. Everything else is a bug and keeps its traceback;
 `--verbosity=1` shows the traceback of a user error too.
 """
+import os
 import re
 import sys
 from typing import Callable, List, NoReturn, Optional, Sequence
@@ -17,7 +18,6 @@ from absl import app
 from absl import flags
 
 from hml_jax.runtime import errors
-from hml_jax.runtime import files
 
 EXIT_USER_ERROR = 2  # as argparse and absl use for a command line they cannot parse
 
@@ -111,8 +111,25 @@ def run(main: Callable[[List[str]], Optional[int]],
         installed_configs: bool = True) -> None:
   """app.run(main) with user errors as one line and exit status 2 (the module docstring).
   installed_configs: find --config=configs/NAME.py in the installed package when it is not here
-  (files.installed_config_argv)."""
+  (installed_config_argv)."""
   argv = list(sys.argv if argv is None else argv)
   if installed_configs:
-    argv = files.installed_config_argv(argv)
+    argv = installed_config_argv(argv)
   app.run(_with_user_errors(main), argv=argv, flags_parser=_parse_flags)
+
+
+def installed_config_argv(argv):
+  """argv with a --config=configs/NAME.py[:...] that does not exist here pointed at the configs
+  that pip installed with hml_jax (hml_jax.configs), so that the documented commands work from
+  any directory after `pip install hml_jax` (a path that exists is left alone)."""
+  from hml_jax import configs  # pylint: disable=g-import-not-at-top
+  package = list(configs.__path__)[0]  # a checkout's configs/, or the installed copy
+  result = []
+  for argument in argv:
+    if argument.startswith('--config=') and not argument.startswith('--config.'):
+      path, colon, rest = argument[len('--config='):].partition(':')
+      if not os.path.exists(path) and os.path.dirname(path) in ('configs', '') and \
+          os.path.exists(os.path.join(package, os.path.basename(path))):
+        argument = f'--config={os.path.join(package, os.path.basename(path))}{colon}{rest}'
+    result.append(argument)
+  return result
