@@ -170,7 +170,7 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
         'params': state.params['model'],
         'batch_stats': state.batch_stats
     },
-                           steps.normalize_images(images, config),
+                           steps.normalize_images(images, config.dataset),
                            train=False,
                            method=lambda module, x, train: module.backbone(x, train=train))
     np.testing.assert_allclose(features['validation'][:8], expected, rtol=1e-5, atol=1e-5)

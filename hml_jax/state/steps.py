@@ -28,13 +28,13 @@ def loss_hyperparameters(method, config, train_labels) -> Dict[str, Any]:
   return values
 
 
-def normalize_images(images, config):
-  """uint8 images -> (x / 255 - mean) / std with config.dataset.mean/std; float inputs (features
-  mode) are used as they are."""
+def normalize_images(images, dataset_config):
+  """uint8 images -> (x / 255 - mean) / std with config.dataset's mean and std; float inputs
+  (features mode) are used as they are."""
   if images.dtype != jnp.uint8:
     return images.astype(jnp.float32)
-  mean = jnp.asarray(config.dataset.mean, jnp.float32)
-  std = jnp.asarray(config.dataset.std, jnp.float32)
+  mean = jnp.asarray(dataset_config.mean, jnp.float32)
+  std = jnp.asarray(dataset_config.std, jnp.float32)
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
@@ -122,7 +122,7 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, config
   learning rate (learning_rate_factor)."""
   schedule = dict(schedule)
   rate_factor = schedule.pop(LEARNING_RATE_FACTOR, None)
-  images = normalize_images(batch['images'], config)
+  images = normalize_images(batch['images'], config.dataset)
   if method.labels_in_state:
     labels = state.observed_labels[batch['indices']]
   else:
@@ -201,7 +201,7 @@ def eval_step(state: train_state.TrainState, batch, forward_matrices, *, method,
   """{'scores' (batch, labels), 'indices', 'mask'}: the scores of a global batch, returned with
   the rows and padding mask they belong to (every process then sees the whole batch).
   forward_matrices: layers.forward_matrices of the model's parameters, or {} (see EvalFunction)."""
-  images = normalize_images(batch['images'], config)
+  images = normalize_images(batch['images'], config.dataset)
   variables = {'params': state.params['model'], 'batch_stats': state.batch_stats}
   if forward_matrices:
     variables[layers.FORWARD_MATRICES] = forward_matrices
@@ -300,7 +300,7 @@ def model_outputs(state, config, split, mesh, batch_size, method=None, max_image
   must be laid out as config.parameter_sharding says (as load_trained_state returns it)."""
 
   def forward(state, batch):
-    images = normalize_images(batch['images'], config)
+    images = normalize_images(batch['images'], config.dataset)
     return state.apply_fn({
         'params': state.params['model'],
         'batch_stats': state.batch_stats
