@@ -61,9 +61,9 @@ HEATMAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def base_config(mode, data, out, backbone=''):
   """configs/features.py on the glyph backbone's features of DATA (extracted once into OUT), or
   configs/glyph_digits.py (fine-tuning from that backbone). backbone: an init_from spec for
-  glyph_digits ('' for its own, the shipped glyph backbone)."""
+  glyph_digits ('': the version 2.0.0 tables' contrast, embedded:glyph_resnet_small)."""
   from hml_jax.configs import default, features, glyph_digits  # pylint: disable=g-import-not-at-top
-  target = glyph_digits.get_config()
+  target = glyph_digits.get_config('glyph_resnet_small')
   if backbone:
     if data != 'glyph':
       sys.exit('--backbone applies to glyph_digits only (--data=glyph).')

@@ -92,6 +92,8 @@ MAIN_CASES = [
     ('missing_config_file', lambda t: ['--config=configs/nope.py'], 'no such config file'),
     ('config_file_with_syntax_error', lambda t: [f'--config={_syntax_error_config(t)}'],
      'SyntaxError'),
+    ('config_argument_unknown', lambda t: ['--config=configs/glyph_digits.py:glyph_resnet'],
+     'glyph_resnet: not a shipped backbone; use one of'),
     ('unknown_flag', lambda t: [TINY, '--epochs=3'], "Unknown command line flag 'epochs'"),
     ('extra_argument', lambda t: [TINY, 'configs/tiny.py'], 'Unexpected arguments'),
     ('batch_size_zero', lambda t: [TINY, '--config.batch_size=0'], 'config.batch_size=0'),

@@ -2,9 +2,9 @@
 
 The paper fine-tunes an ImageNet-pretrained ResNet-50; offline, the pretraining stage of the
 paper's regime (configs/glyph_pretraining.py, docs/results.md) takes longer than the quickstart's
-budget, so its result is committed as a small .safetensors file under hml_jax/weights/ and the
-quickstart (configs/glyph_digits.py) starts from it, as a user of the paper starts from
-torchvision's file. Each file is
+budget, so the results of the source runs are committed as .safetensors files under
+hml_jax/weights/ and the quickstart (configs/glyph_digits.py) starts from one, as a user of the
+paper starts from torchvision's file. Each file is
 
   - the backbone's variables of a finished hml_jax run's best checkpoint, flattened to
     'params/<module>/.../<name>' and 'batch_stats/<module>/.../<name>' float32 tensors;

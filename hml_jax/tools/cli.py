@@ -73,6 +73,17 @@ def config_error_message(error: BaseException, argv: Sequence[str]) -> str:
   return f'the config could not be loaded: {type(error).__name__}: {first_line}'
 
 
+def flag_error_message(error: BaseException) -> str:
+  """One line for absl's flag error. config_flags wraps an exception that the config file's own
+  get_config raises (a bad `--config=FILE:ARGUMENT`) with its traceback: keep its last line."""
+  text = str(error)
+  if 'Traceback (most recent call last)' in text:
+    flag = text.split(': Error whilst parsing config file', 1)[0]
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    return f'{flag}: {last}'
+  return f"{text.rstrip('.')}. `--helpfull` lists the flags."
+
+
 def _parse_flags(argv: Sequence[str]) -> List[str]:
   """absl's flag parsing, with its errors and the config files' errors as one line each."""
   try:
@@ -82,7 +93,7 @@ def _parse_flags(argv: Sequence[str]) -> List[str]:
     for name in list(flags.FLAGS):
       getattr(getattr(flags.FLAGS, name), 'to_dict', None)
   except flags.Error as error:
-    fail(f"{str(error).rstrip('.')}. `--helpfull` lists the flags.")
+    fail(flag_error_message(error))
   except Exception as error:  # pylint: disable=broad-except; the user's config file or override
     if _verbose(argv):
       raise
