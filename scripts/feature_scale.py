@@ -56,7 +56,8 @@ def main():
   raw = os.path.join(args.out, 'features.npz')
   if not os.path.exists(raw):
     from hml_jax.training import extract_features  # pylint: disable=g-import-not-at-top
-    extract_features.extract_initial_to_file(glyph_digits.get_config('glyph_resnet_small'), raw)
+    extract_features.extract_initial_to_file(
+        glyph_digits.get_config(glyph_digits.CONTRAST_BACKBONE), raw)
   scaled, norm, factor = scaled_file(raw)
   print(f'Raw features: mean training row norm {norm:.2f}; scaled by {factor:.1f} to '
         f'{TARGET_ROW_NORM:.0f}.\n')

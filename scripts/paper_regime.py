@@ -23,6 +23,7 @@ if __name__ == '__main__':
 
 import numpy as np
 
+from hml_jax.configs import glyph_digits
 from hml_jax.datasets import glyphs
 from hml_jax.init_from import embedded
 from hml_jax.models import heads
@@ -41,7 +42,7 @@ MORE_SEEDS, NEAR_IN_STDS = 5, 2.0
 GRID_SEEDS = {'finetune': 1, 'features': SEEDS}
 # The version 2.0.0 tables' backbone, the weaker contrast (configs/glyph_digits.py's default is
 # the strong backbone of "When HML helps", run with --backbone=embedded:NAME and its own --out).
-CONTRAST = 'embedded:glyph_resnet_small'
+CONTRAST = f'embedded:{glyph_digits.CONTRAST_BACKBONE}'
 GRID = (1e-2, 1e-3, 1e-4, 1e-5)  # the paper's learning-rate grid (Sec. 4.1)
 FEATURE_METHODS = ('an', 'an_ls', 'wan', 'epr', 'role', 'em', 'em_apl', 'll_r', 'll_ct', 'll_cp',
                    'asl', 'hml')
@@ -70,7 +71,6 @@ def base_config(mode, out, backbone=CONTRAST):
   """configs/features.py on the backbone's features of glyph_digits (extracted once into
   OUT/features.npz), or configs/glyph_digits.py (fine-tuning from that backbone). backbone: an
   init_from spec."""
-  from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   target = embedded.with_backbone(glyph_digits.get_config(), backbone)
   if mode == 'finetune':
     return target

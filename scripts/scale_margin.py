@@ -63,7 +63,7 @@ def base_config(mode, data, out, backbone=''):
   configs/glyph_digits.py (fine-tuning from that backbone). backbone: an init_from spec for
   glyph_digits ('': the version 2.0.0 tables' contrast, embedded:glyph_resnet_small)."""
   from hml_jax.configs import default, features, glyph_digits  # pylint: disable=g-import-not-at-top
-  target = glyph_digits.get_config('glyph_resnet_small')
+  target = glyph_digits.get_config(glyph_digits.CONTRAST_BACKBONE)
   if backbone:
     if data != 'glyph':
       sys.exit('--backbone applies to glyph_digits only (--data=glyph).')

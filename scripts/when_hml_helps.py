@@ -80,7 +80,7 @@ METHODS = {'a_strong_backbone': ('hml', 'an', 'wan')}
 
 def condition_config(name, method):
   from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
-  config = glyph_digits.get_config('glyph_resnet_small')
+  config = glyph_digits.get_config(glyph_digits.CONTRAST_BACKBONE)
   overrides = dict(CONDITIONS[name])
   hml_overrides = overrides.pop('hml', PAPER_READING)
   if method == 'hml':
@@ -196,7 +196,7 @@ def criterion(out, backbone=STRONG):
   'strong_*' names, another's under its own name."""
   from hml_jax.configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   prefix = 'strong' if backbone == STRONG else backbone.split(':')[-1]
-  source = glyph_digits.get_config('glyph_resnet_small')
+  source = glyph_digits.get_config(glyph_digits.CONTRAST_BACKBONE)
   embedded.with_backbone(source, backbone)
   path = os.path.join(out, f'{prefix}_features.npz')
   if not os.path.exists(path):
@@ -209,7 +209,7 @@ def criterion(out, backbone=STRONG):
   compare.compare(probe, probe_dir, ['bce'], SEEDS, (1e-2, 1e-3, 1e-4))
   table = files.read_json(os.path.join(probe_dir, 'table.json'))
   print(f'Linear probe (features mode, BCE, full labels): {table}')
-  fine = glyph_digits.get_config('glyph_resnet_small')
+  fine = glyph_digits.get_config(glyph_digits.CONTRAST_BACKBONE)
   embedded.with_backbone(fine, backbone).label_scenario = 'full'
   tuned = test_maps(fine, os.path.join(out, 'finetune', f'{prefix}_criterion'), 'bce')
   print(f'Fine-tuning (BCE, full labels, lr 1e-3): {mean_std(tuned)}')

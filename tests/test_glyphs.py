@@ -372,6 +372,7 @@ def test_glyph_digits_names_every_shipped_backbone_and_starts_from_the_strong_on
   the backbone that meets docs/results.md's criterion; an unknown name says which exist."""
   from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
   assert set(glyph_digits.BACKBONE_MODELS) == set(embedded.BACKBONES)
+  assert glyph_digits.CONTRAST_BACKBONE in glyph_digits.BACKBONE_MODELS
   config = glyph_digits.get_config()
   assert (config.init_from, config.model) == ('embedded:glyph_source_decay_resnet_small_wide',
                                               'resnet_small_wide')
