@@ -43,7 +43,8 @@ def resnet50_state():
   config.init_from = ''
   model = models.create_model(config.model,
                               methods.get_method(config.loss).head, 80)  # COCO's labels
-  shapes = train_state.train_state_shapes(config, model, methods.get_method(config.loss),
+  shapes = train_state.train_state_shapes(train_state.StateSettings.from_config(config), model,
+                                          methods.get_method(config.loss),
                                           (config.image_size, config.image_size, 3))
   rng = np.random.default_rng(0)
   return jax.tree_util.tree_map(

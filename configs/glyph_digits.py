@@ -40,6 +40,16 @@ DEFAULT_BACKBONE = 'glyph_source_decay_resnet_small_wide'
 CONTRAST_BACKBONE = 'glyph_resnet_small'
 
 
+def with_backbone(config, spec: str):
+  """config starting from spec (an init_from); where spec names a shipped backbone
+  ('embedded:NAME'), config.model becomes its network. Returns config."""
+  config.init_from = spec
+  name = spec[len('embedded:'):] if spec.startswith('embedded:') else None
+  if name in BACKBONE_MODELS:
+    config.model = BACKBONE_MODELS[name]
+  return config
+
+
 def get_config(backbone: str = DEFAULT_BACKBONE):
   """backbone: the name of a shipped backbone (BACKBONE_MODELS); config.model is its network."""
   if backbone not in BACKBONE_MODELS:

@@ -17,7 +17,7 @@ def get_config():
   # The BCE run reads none of adaptive HML's keys; they stay as the shipped backbone's recorded
   # source config has them (tests/test_glyphs.py compares the two), so that the record names
   # the config that makes the file bit for bit: adaptive_scale and logit_spread at the value
-  # that their absence means (checkpoints.KEYS_ADDED_LATER), which exports leave out.
+  # that their absence means (workdir_files.KEYS_ADDED_LATER), which exports leave out.
   config.adaptive_optimizer, config.adaptive_learning_rate = 'separate', 1e-3
   config.adaptive_scale, config.logit_spread = 'balance', 1.1
   return config

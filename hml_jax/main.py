@@ -19,7 +19,6 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 from hml_jax.runtime import host
 from hml_jax.tools import cli
@@ -31,10 +30,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, TensorBoard logs and '
     'results.json. Running again with the same workdir resumes the run.')
-config_flags.DEFINE_config_file('config',
-                                None,
-                                'Training configuration file (train mode).',
-                                lock_config=True)
+cli.define_config_flag('Training configuration file (train mode).')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (or resume) a run, or evaluate '
                   'the checkpoint of a finished one.')
 flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval mode: the split.')

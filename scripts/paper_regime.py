@@ -71,7 +71,7 @@ def base_config(mode, out, backbone=CONTRAST):
   """configs/features.py on the backbone's features of glyph_digits (extracted once into
   OUT/features.npz), or configs/glyph_digits.py (fine-tuning from that backbone). backbone: an
   init_from spec."""
-  target = embedded.with_backbone(glyph_digits.get_config(), backbone)
+  target = glyph_digits.with_backbone(glyph_digits.get_config(), backbone)
   if mode == 'finetune':
     return target
   from hml_jax.configs import features  # pylint: disable=g-import-not-at-top
@@ -258,7 +258,8 @@ def c5(config, out, mode):
 
 def planted_ranks(workdir):
   config, method, state = train_state.load_trained_state(workdir, 'best')
-  scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
+  scale, margin = (float(x) for x in train_state.scale_and_margin(
+      state.params, train_state.StateSettings.from_config(config), method))
   correlation = np.asarray(
       heads.label_correlation(analyze.label_embeddings(state.params, method), scale, margin))
   return sorted(analyze.pair_ranks(correlation, glyphs.PARTNER_PAIRS).values())

@@ -26,7 +26,6 @@ if __name__ == '__main__':
 
 import numpy as np
 
-from hml_jax.init_from import embedded
 from hml_jax.runtime import files
 from hml_jax.tools import compare
 from hml_jax.training import extract_features
@@ -67,7 +66,7 @@ def base_config(mode, data, out, backbone=''):
   if backbone:
     if data != 'glyph':
       sys.exit('--backbone applies to glyph_digits only (--data=glyph).')
-    embedded.with_backbone(target, backbone)
+    glyph_digits.with_backbone(target, backbone)
   if mode == 'finetune':
     if data != 'glyph':
       sys.exit('Fine-tuning runs on glyph_digits only (--data=glyph).')

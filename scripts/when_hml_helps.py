@@ -27,7 +27,6 @@ if __name__ == '__main__':
 
 import numpy as np
 
-from hml_jax.init_from import embedded
 from hml_jax.runtime import files
 from hml_jax.tools import compare
 from hml_jax.training import extract_features
@@ -197,7 +196,7 @@ def criterion(out, backbone=STRONG):
   from hml_jax.configs import features, glyph_digits  # pylint: disable=g-import-not-at-top
   prefix = 'strong' if backbone == STRONG else backbone.split(':')[-1]
   source = glyph_digits.get_config(glyph_digits.CONTRAST_BACKBONE)
-  embedded.with_backbone(source, backbone)
+  glyph_digits.with_backbone(source, backbone)
   path = os.path.join(out, f'{prefix}_features.npz')
   if not os.path.exists(path):
     files.makedirs(out)
@@ -210,7 +209,7 @@ def criterion(out, backbone=STRONG):
   table = files.read_json(os.path.join(probe_dir, 'table.json'))
   print(f'Linear probe (features mode, BCE, full labels): {table}')
   fine = glyph_digits.get_config(glyph_digits.CONTRAST_BACKBONE)
-  embedded.with_backbone(fine, backbone).label_scenario = 'full'
+  glyph_digits.with_backbone(fine, backbone).label_scenario = 'full'
   tuned = test_maps(fine, os.path.join(out, 'finetune', f'{prefix}_criterion'), 'bce')
   print(f'Fine-tuning (BCE, full labels, lr 1e-3): {mean_std(tuned)}')
 

@@ -9,6 +9,8 @@ import pytest
 
 from hml_jax import methods
 from hml_jax.methods import losses
+from hml_jax.state import steps
+from hml_jax.training import loss_arguments
 
 
 def log_p(x):
@@ -230,21 +232,29 @@ def test_large_loss_matches_kim_et_al(correct, num_modified):
 
 def test_large_loss_schedule():
   config = default.get_config()  # Kim et al.'s default delta_rel_by_method
-  schedule = losses.large_loss_schedule('ll_r')
-  assert schedule(1, 320, config) == {'num_modified': 0}  # epoch 1: plain AN
-  assert schedule(2, 320, config) == {'num_modified': 2}  # ceil(320 * 0.005)
-  assert schedule(4, 320, config) == {'num_modified': 5}  # ceil(320 * 0.015)
+  config.loss = 'll_r'
+  method = methods.get_method('ll_r')
+
+  def schedule(epoch, entries):
+    return loss_arguments.epoch_schedule(method, config, epoch, entries)
+
+  assert schedule(1, 320) == {'num_modified': 0}  # epoch 1: plain AN
+  assert schedule(2, 320) == {'num_modified': 2}  # ceil(320 * 0.005)
+  assert schedule(4, 320) == {'num_modified': 5}  # ceil(320 * 0.015)
   permanent = losses.large_loss_schedule('ll_cp')
-  assert permanent(2, 320, config) == permanent(9, 320, config) == {'num_modified': 1}
+  ll_cp = config.delta_rel_by_method['ll_cp']
+  assert permanent(2, 320, ll_cp) == permanent(9, 320, ll_cp) == {'num_modified': 1}
   config.delta_rel = 2.0
   # 1 - 0.02 - 0.02 leaves 0.04000000000000004 in float64: ceil(4.000000000000004) = 5, as in
   # their code, which accumulates the clean rate the same way.
-  assert schedule(3, 100, config) == {'num_modified': 5}
+  assert schedule(3, 100) == {'num_modified': 5}
   # Per-dataset values (configs/voc.py: Kim et al.'s reply) apply when delta_rel < 0.
   config.delta_rel = -1.0
   config.delta_rel_by_method = {'ll_r': 25.0, 'll_ct': 0.2, 'll_cp': 0.1}  # 25: exact in binary
-  assert schedule(2, 100, config) == {'num_modified': 25}
-  assert schedule(3, 100, config) == {'num_modified': 50}
+  assert schedule(2, 100) == {'num_modified': 25}
+  assert schedule(3, 100) == {'num_modified': 50}
+  config.learning_rate_decay_epochs = (2,)  # the step schedule joins the loss's
+  assert schedule(3, 100) == {'num_modified': 50, steps.LEARNING_RATE_FACTOR: 0.1}
 
 
 def ref_role_parts(x, y, estimator, k):

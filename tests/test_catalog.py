@@ -199,7 +199,7 @@ def test_voc(data_dir, monkeypatch):
   use_test_builder(monkeypatch, 'voc/2012', HmlTestCatalogVoc.name)
   config = ml_collections.ConfigDict({'name': 'voc/2012', 'data_dir': data_dir})
   # Through the pipeline's dispatch on config.dataset.name.
-  source = registry.load_source(ml_collections.ConfigDict({'dataset': config}))
+  source = registry.load_source(config)
   assert source.label_names == list(voc2012.LABEL_NAMES)
   splits = {'train': 'train', 'test': 'validation'}
   check_source(source, VOC_DATA, splits, 20, str)

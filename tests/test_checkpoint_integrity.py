@@ -11,6 +11,7 @@ import pytest
 
 from hml_jax.runtime import errors
 from hml_jax.state import checkpoints
+from hml_jax.state import workdir_files
 
 MANIFEST = checkpoints.MANIFEST
 
@@ -186,7 +187,7 @@ def test_damaged_workdir_json_names_the_file(tmp_path):
   with pytest.raises(errors.InvalidInputError,
                      match=f'{tmp_path / "config.json"} is not valid JSON .truncated.*'
                      'another --workdir'):
-    checkpoints.read_config(str(tmp_path))
+    workdir_files.read_config(str(tmp_path))
 
 
 def test_a_workdir_from_before_the_input_guards_resumes(tmp_path):
@@ -201,10 +202,10 @@ def test_a_workdir_from_before_the_input_guards_resumes(tmp_path):
     old['dataset'].pop(key, None)
   (tmp_path / 'config.json').write_text(
       json.dumps({
-          checkpoints.FORMAT_KEY: checkpoints.FORMAT_VERSION,
+          workdir_files.FORMAT_KEY: workdir_files.FORMAT_VERSION,
           **old
       }))
-  checkpoints.check_config(str(tmp_path), config)
+  workdir_files.check_config(str(tmp_path), config)
   config.learning_rate = config.learning_rate * 2
   with pytest.raises(errors.InvalidInputError, match='learning_rate: '):
-    checkpoints.check_config(str(tmp_path), config)
+    workdir_files.check_config(str(tmp_path), config)

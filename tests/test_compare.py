@@ -58,7 +58,7 @@ def fake_training(monkeypatch):
     return results
 
   monkeypatch.setattr(compare.train, 'train_and_evaluate', train_and_evaluate)
-  monkeypatch.setattr(compare.checkpoints, 'check_config', lambda workdir, config: None)
+  monkeypatch.setattr(compare.workdir_files, 'check_config', lambda workdir, config: None)
   return trained
 
 

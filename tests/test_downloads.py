@@ -401,7 +401,7 @@ def test_from_scratch_warns_once(caplog):
   from hml_jax.configs import voc  # pylint: disable=g-import-not-at-top
   config = voc.get_config()
   config.init_from = ''
-  init_from.fetch(config)
+  init_from.fetch(config.init_from, config.model)
   warnings = [r for r in caplog.records if 'starts from random weights' in r.getMessage()]
   assert len(warnings) == 1 and warnings[0].levelname == 'WARNING'
   assert 'torchvision:resnet50' in warnings[0].getMessage()

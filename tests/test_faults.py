@@ -19,7 +19,7 @@ import pytest
 
 from hml_jax import methods, models
 from hml_jax.runtime import errors
-from hml_jax.state import checkpoints, train_state
+from hml_jax.state import checkpoints, train_state, workdir_files
 from hml_jax.training import train
 from tests.helpers import read_results, tiny_config
 
@@ -132,9 +132,9 @@ def test_a_finished_run_extended_by_more_epochs_is_the_longer_run(tfds_dir, tmp_
   and its config.json then records 3 (what an exported backbone names as its source config)."""
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=2), str(workdir))
-  assert checkpoints.read_config(str(workdir)).num_epochs == 2
+  assert workdir_files.read_config(str(workdir)).num_epochs == 2
   train.train_and_evaluate(tiny_config(tfds_dir, num_epochs=3), str(workdir))
-  assert checkpoints.read_config(str(workdir)).num_epochs == 3
+  assert workdir_files.read_config(str(workdir)).num_epochs == 3
   assert_equal_runs(workdir, reference)
 
 
@@ -209,8 +209,9 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tfds_dir, tmp_path, monkeypa
   assert results['epochs'][0]['skipped_steps'] == STEPS_PER_EPOCH
   _, _, state = train_state.load_trained_state(str(tmp_path / 'run'), 'latest')
   model = models.create_model(config.model, 'linear', 10)
-  initial = train_state.create_train_state(config, model, methods.get_method('an'),
-                                           jax.random.key(config.seed), (32, 32, 1))
+  initial = train_state.create_train_state(train_state.StateSettings.from_config(config), model,
+                                           methods.get_method('an'), jax.random.key(config.seed),
+                                           (32, 32, 1))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params),
                          jax.device_get(initial.params))  # no step was applied
 

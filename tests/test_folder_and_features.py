@@ -84,17 +84,17 @@ def test_folder_labels_and_protocol_match_numpy(tmp_path):
 
   # The streamed epoch: every training image at most once, observed labels attached to the
   # right row, deterministic for (seed, epoch), a new order for the next epoch.
-  batches = list(data.train.train_batches(4, seed=0, epoch=1, config=config))
+  batches = list(data.train.train_batches(4, seed=0, epoch=1))
   assert len(batches) == len(data.train) // 4
   rows = np.concatenate([b['indices'] for b in batches])
   assert len(set(rows)) == len(rows)
   for batch in batches:
     assert batch['images'].shape == (4, 32, 32, 3) and batch['images'].dtype == np.uint8
     np.testing.assert_array_equal(batch['labels'], data.train.observed[batch['indices']])
-  again = list(data.train.train_batches(4, seed=0, epoch=1, config=config))
+  again = list(data.train.train_batches(4, seed=0, epoch=1))
   for first, second in zip(batches, again):
     np.testing.assert_array_equal(first['images'], second['images'])
-  other = np.concatenate([b['indices'] for b in data.train.train_batches(4, 0, 2, config)])
+  other = np.concatenate([b['indices'] for b in data.train.train_batches(4, 0, 2)])
   assert not np.array_equal(rows, other)
 
   # Evaluation: every image once, padded, the image of row r is image r of the split.
@@ -168,7 +168,7 @@ def test_folder_trains_one_epoch_and_saves_label_names(tmp_path):
 def test_stats_prints_the_table_1_row(tmp_path):
   written = write_folder(tmp_path)
   config = tiny_image_config(tmp_path)
-  row = stats.table_row(registry.load_source(config), config)
+  row = stats.table_row(registry.load_source(config.dataset), config)
   assert (row['labels'], row['train'], row['test']) == (4, 24, 8)
   assert row['positives_train'] == pytest.approx(
       np.mean([len(labels) for _, labels in written['train']]))
@@ -431,7 +431,7 @@ def test_folder_reads_every_colour_mode_as_rgb(tmp_path):
   (tmp_path / 'train.csv').write_text('\n'.join(rows) + '\n')
   config = tiny_image_config(tmp_path)
   data = input_pipeline.load(config)
-  batches = list(data.train.train_batches(4, seed=0, epoch=1, config=config))
+  batches = list(data.train.train_batches(4, seed=0, epoch=1))
   assert batches and all(b['images'].shape == (4, 32, 32, 3) for b in batches)
   evaluated = list(data.validation.eval_batches(8))
   assert sum(b['mask'].sum() for b in evaluated) == len(data.validation)

@@ -12,7 +12,7 @@ import pytest
 
 from hml_jax import methods, models
 from hml_jax.configs import tiny
-from hml_jax.state import checkpoints, sharding, train_state
+from hml_jax.state import sharding, train_state, workdir_files
 from hml_jax.training import train
 from tests.test_multihost import command, environment, results, TINY_MIN_SIZE
 
@@ -49,7 +49,7 @@ def tiny_state_shapes(loss, num_train=40):
   config.loss = loss
   method = methods.get_method(loss)
   model = models.create_model(config.model, method.head, num_labels=10)
-  return train_state.train_state_shapes(config,
+  return train_state.train_state_shapes(train_state.StateSettings.from_config(config),
                                         model,
                                         method, (32, 32, 1),
                                         observed_labels=np.zeros((num_train, 10), np.int32))
@@ -108,17 +108,17 @@ def test_the_layout_is_resumable_and_older_workdirs_are_refused(tmp_path):
   """parameter_sharding may change on resume; a config.json of an older workdir format (without
   the version key) is refused, naming what to do, and left as it was."""
   config = tiny.get_config()
-  checkpoints.write_config(str(tmp_path), config)
+  workdir_files.write_config(str(tmp_path), config)
   for mode in ('replicated', 'fsdp'):
     config.parameter_sharding = mode
-    checkpoints.check_config(str(tmp_path), config)
+    workdir_files.check_config(str(tmp_path), config)
   older = config.to_dict()
   del older['parameter_sharding'], older['fsdp_min_size']
   (tmp_path / 'config.json').write_text(json.dumps(older))
   with pytest.raises(ValueError,
                      match=r'made by an older version of hml_jax \(workdir format 1;'
                      r' this version reads format 2.*another --workdir; nothing was changed'):
-    checkpoints.check_config(str(tmp_path), config)
+    workdir_files.check_config(str(tmp_path), config)
   assert (tmp_path / 'config.json').read_text() == json.dumps(older)
 
 
@@ -140,6 +140,7 @@ from hml_jax import methods, models
 from hml_jax.configs import tiny
 from hml_jax.methods import losses
 from hml_jax.state import sharding, steps, train_state
+from hml_jax.training import loss_arguments
 config = tiny.get_config()
 config.learning_rate = 1e-2
 config.loss = sys.argv[1]
@@ -149,7 +150,7 @@ model = models.create_model(config.model, method.head, num_labels=10)
 mesh = sharding.create_mesh()
 rng = np.random.RandomState(0)
 observed = (rng.uniform(size=(40, 10)) < 0.3).astype(np.int32)
-initial = jax.device_get(train_state.create_train_state(config, model, method, jax.random.key(0),
+initial = jax.device_get(train_state.create_train_state(train_state.StateSettings.from_config(config), model, method, jax.random.key(0),
                                                   (32, 32, 1), observed_labels=observed))
 indices = np.sort(rng.permutation(40)[:16]).astype(np.int32)
 batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
@@ -157,7 +158,7 @@ batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
 eval_batch = {'images': batch['images'], 'indices': np.arange(16, dtype=np.int32),
               'mask': np.ones(16, bool)}
 schedule = {k: np.asarray(v) for k, v in
-            (method.schedule(2, 160, config) if method.schedule else {}).items()}
+            loss_arguments.epoch_schedule(method, config, 2, 160).items()}
 runs = {}
 # 'perturbed': replicated, from parameters scaled by 1 + 1e-7 (about one float32 rounding), to
 # measure how far rounding alone moves these 3 steps.
@@ -165,10 +166,11 @@ for mode in ('replicated', 'fsdp', 'perturbed'):
   config.parameter_sharding = 'fsdp' if mode == 'fsdp' else 'replicated'
   start = initial if mode != 'perturbed' else initial.replace(params=jax.tree.map(
       lambda x: x * (1 + 1e-7) if x.dtype == np.float32 else x, initial.params))
-  shardings = train_state.train_state_shardings(config, start, mesh)
+  shardings = train_state.train_state_shardings(train_state.StateSettings.from_config(config), start, mesh)
   state = sharding.place(start, shardings)
   train_fn, eval_fn = steps.make_step_functions(
-      method, config, mesh, steps.loss_hyperparameters(method, config, observed), shardings)
+      method, steps.StepSettings.from_config(config), mesh,
+      loss_arguments.loss_hyperparameters(method, config, observed), shardings)
   step_losses = []
   for _ in range(3):
     state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), schedule)
@@ -240,7 +242,7 @@ def replicated_run(tfds_dir, tmp_path_factory):
 # replicated) restored into each layout.
 RESUME = """
 import json, sys, jax, numpy as np
-from hml_jax.state import checkpoints, sharding, train_state
+from hml_jax.state import checkpoints, sharding, train_state, workdir_files
 from hml_jax.training import train
 from tests.helpers import tiny_config
 data_dir, workdir, reference, min_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -257,7 +259,7 @@ shapes = jax.eval_shape(lambda: final)
 manager = checkpoints.Checkpointer(workdir, keep=2)
 for mode in ('replicated', 'fsdp'):
   target = sharding.abstract_arrays(
-      shapes, train_state.train_state_shardings(config(2, mode), shapes, mesh))
+      shapes, train_state.train_state_shardings(train_state.StateSettings.from_config(config(2, mode)), shapes, mesh))
   for step in (1, 2):
     state, _ = manager._restore(manager.latest, step, target)
     restored[f'{step} into {mode}'] = {

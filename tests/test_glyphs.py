@@ -12,7 +12,7 @@ import pytest
 from hml_jax import init_from, methods, models
 from hml_jax.datasets import glyphs
 from hml_jax.init_from import embedded
-from hml_jax.state import checkpoints, train_state
+from hml_jax.state import train_state, workdir_files
 from hml_jax.training import train
 
 from helpers import tiny_config
@@ -173,7 +173,7 @@ def _state_from_init_from(config):
   """(model, HML train state) for glyph_digits with the backbone config.init_from names."""
   method = methods.get_method('hml')
   model = models.create_model(config.model, method.head, 20)
-  state = train_state.create_train_state(config,
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config),
                                          model,
                                          method,
                                          jax.random.key(1), (32, 32, 1),
@@ -274,13 +274,13 @@ def test_committed_glyph_backbone_is_what_its_command_makes(name):
   source.pop('hml_jax_workdir_format', None)
   source_config = importlib.import_module(f'configs.{backbone.source_config}').get_config()
   assert source == json.loads(
-      json.dumps(checkpoints.without_later_defaults(source_config.to_dict())))
+      json.dumps(workdir_files.without_later_defaults(source_config.to_dict())))
   assert metadata['regenerate'] == backbone.regenerate
   assert metadata['source_dataset'] == f'{source_config.dataset.name}/default'
   assert metadata['model'] == backbone.model
   assert glyph_digits.BACKBONE_MODELS[name] == backbone.model
   assert glyph_digits.get_config(name).init_from == f'embedded:{name}'
-  config = embedded.with_backbone(glyph_digits.get_config(), f'embedded:{name}')
+  config = glyph_digits.with_backbone(glyph_digits.get_config(), f'embedded:{name}')
   assert config.model == backbone.model
   model = models.create_model(config.model, 'cosine', 20)
   init_from.check_fits(variables, model, (config.image_size,) * 2 + (1,), f'embedded:{name}')
@@ -353,7 +353,7 @@ def test_features_of_the_embedded_backbone(tfds_dir, tmp_path):
   config.dataset.builder_config = 'tiny'
   config.dataset.data_dir = str(tfds_dir)
   arrays = extract_features.extract_initial_to_file(config, str(tmp_path / 'f.npz'))
-  source = registry.load_source(config)
+  source = registry.load_source(config.dataset)
   # The default backbone's 512 features (resnet_small_wide).
   assert arrays['train_features'].shape == (200, 512) and arrays['test_features'].shape[0] == 80
   np.testing.assert_array_equal(arrays['test_labels'], source.test_labels)
@@ -382,11 +382,11 @@ def test_glyph_digits_names_every_shipped_backbone_and_starts_from_the_strong_on
 
 def test_with_backbone_takes_the_embedded_backbones_network():
   from hml_jax.configs import glyph_digits  # pylint: disable=g-import-not-at-top
-  config = embedded.with_backbone(glyph_digits.get_config(), 'embedded:glyph_resnet_small')
+  config = glyph_digits.with_backbone(glyph_digits.get_config(), 'embedded:glyph_resnet_small')
   assert (config.init_from, config.model) == ('embedded:glyph_resnet_small', 'resnet_small')
   for name, backbone in embedded.BACKBONES.items():
-    assert embedded.with_backbone(glyph_digits.get_config(),
-                                  f'embedded:{name}').model == (backbone.model)
-  config = embedded.with_backbone(glyph_digits.get_config('glyph_resnet_small'),
-                                  'torchvision:resnet18')
+    assert glyph_digits.with_backbone(glyph_digits.get_config(),
+                                      f'embedded:{name}').model == (backbone.model)
+  config = glyph_digits.with_backbone(glyph_digits.get_config('glyph_resnet_small'),
+                                      'torchvision:resnet18')
   assert (config.init_from, config.model) == ('torchvision:resnet18', 'resnet_small')

@@ -116,12 +116,12 @@ def test_an_image_that_breaks_after_loading_stops_the_pipeline_with_its_row(tmp_
 
 def test_a_workdir_config_without_the_key_decodes_with_pil():
   """A workdir written before dataset.decoder existed reads as the decoder it ran with."""
-  from hml_jax.state import checkpoints  # pylint: disable=g-import-not-at-top
+  from hml_jax.state import workdir_files  # pylint: disable=g-import-not-at-top
   config = tiny_image_config('/nonexistent')
   assert decoders.image_decoder(config.dataset) == 'pil'  # configs/default.py
   older = config.to_dict()
   del older['dataset']['decoder']
-  read = ml_collections.ConfigDict(checkpoints.with_later_keys(older))
+  read = ml_collections.ConfigDict(workdir_files.with_later_keys(older))
   assert decoders.image_decoder(read.dataset) == 'pil'
 
 
@@ -174,7 +174,7 @@ def test_training_batches_are_the_decoders_images_mirrored_by_the_seeded_rule(tm
       paths[row] = os.path.join(tmp_path, written['train'][index][0])
   shuffle_seed = splits.epoch_seed(0, 3)
   mirrored = 0
-  for batch in data.train.train_batches(4, seed=0, epoch=3, config=config):
+  for batch in data.train.train_batches(4, seed=0, epoch=3):
     for image, row in zip(batch['images'], batch['indices']):
       expected = expected_image(paths[row], decoder)
       if bool(decoders.mirror_decision(tf.constant([shuffle_seed, row], tf.int64))):
@@ -190,9 +190,8 @@ def test_both_decoders_give_the_same_batches_of_the_same_images(tmp_path):
   other = input_pipeline.load(config)
   for split, other_split in ((data.train, other.train), (data.test, other.test)):
     if split is data.train:
-      batches = list(split.train_batches(4, seed=0, epoch=2, config=config, start_step=1))
-      other_batches = list(
-          other_split.train_batches(4, seed=0, epoch=2, config=config, start_step=1))
+      batches = list(split.train_batches(4, seed=0, epoch=2, start_step=1))
+      other_batches = list(other_split.train_batches(4, seed=0, epoch=2, start_step=1))
     else:
       batches, other_batches = list(split.eval_batches(3)), list(other_split.eval_batches(3))
     assert len(batches) == len(other_batches) > 1

@@ -49,17 +49,25 @@ def test_every_python_package_is_listed():
 def test_installed_configs_are_found_from_any_directory(tmp_path, monkeypatch):
   from hml_jax.tools import cli  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
-  argv = cli.installed_config_argv([
-      'main', '--config=configs/tiny.py:x', '--workdir=w', '--config.loss=an',
-      '--config=configs/absent.py'
-  ])
-  assert argv[1] == f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}:x"
-  assert argv[2:] == ['--workdir=w', '--config.loss=an', '--config=configs/absent.py']
+  assert cli.config_file('configs/tiny.py:x') == f"{os.path.join(ROOT, 'configs', 'tiny.py')}:x"
+  assert cli.config_file('configs/absent.py') == 'configs/absent.py'
   (tmp_path / 'configs').mkdir()
   (tmp_path / 'configs' / 'tiny.py').write_text('# a user\'s own')
-  assert cli.installed_config_argv(['main', '--config=configs/tiny.py'
-                                   ])[1] == ('--config=configs/tiny.py'
-                                            )  # a file that exists here is the user's
+  assert cli.config_file('configs/tiny.py') == 'configs/tiny.py'  # a file here is the user's
+
+
+def test_the_config_flag_loads_a_shipped_config_from_another_directory(tmp_path, monkeypatch):
+  """The flag itself finds it (argv is not rewritten), and --config.KEY overrides apply."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from hml_jax.tools import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  flag_values = flags.FlagValues()
+  argv = ['main', '--config=configs/tiny.py', '--config.loss=an']
+  monkeypatch.setattr(sys, 'argv', argv)
+  holder = cli.define_config_flag('a config', flag_values=flag_values)
+  flag_values(argv)
+  assert holder.value.loss == 'an'
+  assert holder.value.dataset.name == 'composite_digits'
 
 
 @pytest.mark.slow

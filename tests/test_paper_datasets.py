@@ -469,16 +469,16 @@ def test_voc_config_as_shipped_starts_from_imagenet_weights_in_the_cache(
   # What train_and_evaluate does before its first step (training a ResNet-50 here would add a
   # minute of compile time and test nothing more about the weights).
   from hml_jax import init_from  # pylint: disable=g-import-not-at-top
-  init_from.fetch(config)
+  init_from.fetch(config.init_from, config.model)
   method = methods.get_method(config.loss)
   model = models.create_model(config.model, method.head, 20)
-  state = train_state.create_train_state(config,
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config),
                                          model,
                                          method,
                                          jax.random.key(0), (64, 64, 3),
                                          np.zeros((4, 20), np.float32),
                                          backbone=init_from.initial_backbone(
-                                             config, model, (64, 64, 3)))
+                                             config.init_from, config.model, model, (64, 64, 3)))
   initialized = f'Backbone initialized from torchvision:resnet50 ({cache / weights.filename})'
   assert initialized in caplog.text
   assert 'starts from random weights' not in caplog.text

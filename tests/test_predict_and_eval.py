@@ -80,8 +80,8 @@ def test_predict_matches_evaluation_and_skips_unreadable_files(trained, tmp_path
   # The same probabilities as the evaluation step on the same pixels.
   _, method, state = train_state.load_trained_state(workdir)
   mesh = sharding.create_mesh()
-  _, eval_fn = steps.make_step_functions(method, config, mesh)
-  scores = steps.predict(eval_fn, state, data.test, config, mesh)[:4]
+  _, eval_fn = steps.make_step_functions(method, steps.StepSettings.from_config(config), mesh)
+  scores = steps.predict(eval_fn, state, data.test, config.eval_batch_size, mesh)[:4]
   expected = 1 / (1 + np.exp(-scores[[0, 2, 1, 3]].astype(np.float64)))
   for row, prediction in zip(expected, result['predictions']):
     top = [p['label'] for p in prediction['top_k']]
@@ -120,7 +120,9 @@ def test_analyze_writes_figures_and_the_numbers_behind_them(trained, tmp_path):
   with open(tmp_path / 'figures' / 'analysis.json') as f:
     saved = json.load(f)
   config, method, state = train_state.load_trained_state(workdir)
-  scale, margin = train_state.scale_and_margin(state.params, config, method)
+  scale, margin = train_state.scale_and_margin(state.params,
+                                               train_state.StateSettings.from_config(config),
+                                               method)
   embeddings = np.asarray(state.params['model']['head']['label_embeddings']).T
   np.testing.assert_allclose(saved['correlation'],
                              heads.label_correlation(embeddings, scale, margin),
@@ -194,7 +196,7 @@ def test_eval_function_transposes_the_kernels_once_per_parameters(trained):
   workdir, config, _ = trained
   _, method, state = train_state.load_trained_state(workdir)
   mesh = sharding.create_mesh()
-  _, eval_fn = steps.make_step_functions(method, config, mesh)
+  _, eval_fn = steps.make_step_functions(method, steps.StepSettings.from_config(config), mesh)
   assert eval_fn.prepare is not None
   every_call = steps.EvalFunction(eval_fn.step)  # no prepare: the kernels transposed per call
   batch = sharding.shard_batch(next(input_pipeline.load(config).test.eval_batches(16)), mesh)

@@ -152,13 +152,14 @@ def test_train_state_starts_from_the_pretrained_backbone(fixture, tmp_path):
   config = paper.get_config('hml_voc2012')
   config.init_from = f'torchvision:{path}'
   model = models.MultiLabelClassifier(backbone=backbone, head=heads.get_head('cosine', 5))
-  state = train_state.create_train_state(config,
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config),
                                          model,
                                          methods.get_method('hml'),
                                          jax.random.key(0),
                                          images.shape[1:],
                                          backbone=init_from.initial_backbone(
-                                             config, model, images.shape[1:]))
+                                             config.init_from, config.model, model,
+                                             images.shape[1:]))
   features = backbone.apply(
       {
           'params': state.params['model']['backbone'],

@@ -161,7 +161,7 @@ def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_di
   for p in range(count):
     start, stop = splits.part_bounds(len(data.train.records), p, count)
     part_rows = data.train.rows_of_index[data.train.records.storage_indices[start:stop]]
-    batches = list(data.train.train_batches(batch_size, config.seed, 1, config, process=(p, count)))
+    batches = list(data.train.train_batches(batch_size, config.seed, 1, process=(p, count)))
     assert len(batches) == steps[p]
     rows = np.concatenate([b['indices'] for b in batches])
     assert all(len(b['indices']) == 6 for b in batches)
@@ -171,12 +171,7 @@ def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_di
       np.testing.assert_array_equal(batch['labels'], data.train.observed[batch['indices']])
     # Resuming mid-epoch gives the rest of the same epoch.
     resumed = list(
-        data.train.train_batches(batch_size,
-                                 config.seed,
-                                 1,
-                                 config,
-                                 start_step=2,
-                                 process=(p, count)))
+        data.train.train_batches(batch_size, config.seed, 1, start_step=2, process=(p, count)))
     assert len(resumed) == len(batches) - 2
     for got, expected in zip(resumed, batches[2:]):
       for key in expected:
@@ -213,7 +208,7 @@ def test_a_process_needs_only_the_files_of_its_part(sharded_dir, tmp_path):
     os.remove(os.path.join(builder.data_dir, name))
   config = streamed_config(copy)
   data = input_pipeline.load(config)
-  batches = list(data.train.train_batches(16, config.seed, 1, config, process=(0, 2)))
+  batches = list(data.train.train_batches(16, config.seed, 1, process=(0, 2)))
   assert len(batches) == data.train.num_train_steps(16, (0, 2))
   assert sum(int(b['mask'].sum()) for b in data.test.eval_batches(8, process=(0, 2))) == 40
   with pytest.raises(tf.errors.NotFoundError):  # the other process's files are gone

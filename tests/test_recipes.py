@@ -48,7 +48,7 @@ from helpers import tiny_config
 def test_paper_configs_use_the_published_recipes(config_name, loss, expected):
   config = importlib.import_module(f'configs.{config_name}').get_config()
   config.loss = loss
-  assert recipes.resolve(config) == expected
+  assert recipes.from_config(config) == expected
 
 
 def test_recipe_keys_override_and_bad_values_are_named():
@@ -56,17 +56,17 @@ def test_recipe_keys_override_and_bad_values_are_named():
   config.loss = 'll_r'
   config.head_learning_rate_multiplier = 1.0
   config.early_stopping_patience = 2
-  assert recipes.resolve(config) == recipes.Recipe(early_stopping_patience=2,
-                                                   early_stopping_drop=3.0)
+  assert recipes.from_config(config) == recipes.Recipe(early_stopping_patience=2,
+                                                       early_stopping_drop=3.0)
   config.recipe = 'shared'
   config.linear_init_epochs = 5
   with pytest.raises(ValueError,
                      match=r'linear_init_epochs=5 needs a positive '
                      r'config.linear_init_learning_rate'):
-    recipes.resolve(config)
+    recipes.from_config(config)
   config.recipe = 'authors'
   with pytest.raises(ValueError, match=r"config.recipe='authors'.*'published', 'shared'"):
-    recipes.resolve(config)
+    recipes.from_config(config)
 
 
 @pytest.mark.parametrize(
@@ -93,14 +93,16 @@ def test_kim_head_learning_rate_is_ten_times_the_backbone_one():
   config = tiny_config('unused', loss='ll_r', recipe='published', learning_rate=1e-3)
   method = methods.get_method('ll_r')
   model = models.create_model('resnet_tiny', method.head, num_labels=10)
-  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config), model,
+                                         method, jax.random.key(0), (32, 32, 1))
   gradients = jax.tree_util.tree_map(np.ones_like, state.params)
   moved = jax.tree_util.tree_map(lambda new, old: np.abs(np.asarray(new) - np.asarray(old)),
                                  state.apply_gradients(grads=gradients).params, state.params)
   np.testing.assert_allclose(moved['model']['head']['classifier']['kernel'], 1e-2, rtol=1e-3)
   np.testing.assert_allclose(moved['model']['backbone']['conv1']['kernel'], 1e-3, rtol=1e-3)
   config.recipe = 'shared'
-  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1))
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config), model,
+                                         method, jax.random.key(0), (32, 32, 1))
   moved = jax.tree_util.tree_map(lambda new, old: np.abs(np.asarray(new) - np.asarray(old)),
                                  state.apply_gradients(grads=gradients).params, state.params)
   np.testing.assert_allclose(moved['model']['head']['classifier']['kernel'], 1e-3, rtol=1e-3)
@@ -138,18 +140,20 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
                        recipe='published',
                        linear_init_epochs=2,
                        linear_init_batch_size=32)
-  recipe = recipes.resolve(config)
+  recipe = recipes.from_config(config)
   method = methods.get_method('role')
   data = input_pipeline.load(config)
   mesh = sharding.create_mesh()
   model = models.create_model(config.model, method.head, len(data.label_names))
-  state = train_state.create_train_state(config,
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config),
                                          model,
                                          method,
                                          jax.random.key(0),
                                          data.train.example_shape,
                                          observed_labels=data.train.observed)
-  state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
+  state = sharding.place(
+      state,
+      train_state.train_state_shardings(train_state.StateSettings.from_config(config), state, mesh))
   backbone_before = jax.device_get(state.params['model']['backbone'])
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
@@ -170,7 +174,7 @@ def test_linear_init_trains_the_head_on_frozen_features_then_carries_it(tfds_dir
         'params': state.params['model'],
         'batch_stats': state.batch_stats
     },
-                           steps.normalize_images(images, config.dataset),
+                           steps.normalize_images(images, config.dataset.mean, config.dataset.std),
                            train=False,
                            method=lambda module, x, train: module.backbone(x, train=train))
     np.testing.assert_allclose(features['validation'][:8], expected, rtol=1e-5, atol=1e-5)

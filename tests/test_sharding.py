@@ -15,7 +15,7 @@ from hml_jax import methods, models
 from hml_jax.configs import tiny
 from hml_jax.methods import losses
 from hml_jax.state import sharding, steps, train_state
-from hml_jax.training import train
+from hml_jax.training import loss_arguments, train
 results = {}
 for loss in sys.argv[1].split(','):
   config = tiny.get_config()
@@ -27,15 +27,15 @@ for loss in sys.argv[1].split(','):
   mesh = sharding.create_mesh()
   rng = np.random.RandomState(0)
   observed = (rng.uniform(size=(40, 10)) < 0.3).astype(np.int32)
-  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32, 32, 1),
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config), model, method, jax.random.key(0), (32, 32, 1),
                                    observed_labels=observed)
   state = jax.device_put(state, sharding.replicated(mesh))
-  hyperparameters = steps.loss_hyperparameters(method, config, observed)
-  train_fn, eval_fn = steps.make_step_functions(method, config, mesh, hyperparameters)
+  hyperparameters = loss_arguments.loss_hyperparameters(method, config, observed)
+  train_fn, eval_fn = steps.make_step_functions(method, steps.StepSettings.from_config(config), mesh, hyperparameters)
   indices = np.sort(rng.permutation(40)[:16]).astype(np.int32)
   batch = {'images': rng.randint(0, 256, (16, 32, 32, 1)).astype(np.uint8),
            'labels': observed[indices], 'indices': indices}
-  schedule = method.schedule(2, 160, config) if method.schedule else {}
+  schedule = loss_arguments.epoch_schedule(method, config, 2, 160)
   losses_seen = []
   for _ in range(3):
     state, metrics = train_fn(state, sharding.shard_batch(batch, mesh),

@@ -9,7 +9,7 @@ import pytest
 from hml_jax import methods, models
 from hml_jax.methods import losses
 from hml_jax.state import checkpoints, steps, train_state
-from hml_jax.training import train
+from hml_jax.training import loss_arguments, train
 
 from helpers import read_results, tiny_config
 
@@ -38,17 +38,21 @@ def _train_steps(loss, model_name, inputs, num_steps=20):
   method = methods.get_method(loss)
   model = models.create_model(model_name, method.head, num_labels=10)
   batch = random_batch(inputs)
-  state = train_state.create_train_state(config,
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config),
                                          model,
                                          method,
                                          jax.random.key(0),
                                          batch['images'].shape[1:],
                                          observed_labels=batch['labels'])
-  hyperparameters = steps.loss_hyperparameters(method, config, batch['labels'])
+  hyperparameters = loss_arguments.loss_hyperparameters(method, config, batch['labels'])
   # Epoch 3, so that schedules that start at epoch 2 (Large Loss) act.
-  schedule = method.schedule(3, batch['labels'].size, config) if method.schedule else {}
-  step = jax.jit(lambda s, b: steps.train_step(
-      s, b, schedule, method=method, config=config, hyperparameters=hyperparameters))
+  schedule = loss_arguments.epoch_schedule(method, config, 3, batch['labels'].size)
+  step = jax.jit(lambda s, b: steps.train_step(s,
+                                               b,
+                                               schedule,
+                                               method=method,
+                                               settings=steps.StepSettings.from_config(config),
+                                               hyperparameters=hyperparameters))
   state, first = step(state, batch)
   for _ in range(num_steps):
     state, last = step(state, batch)
@@ -105,9 +109,13 @@ def _hml_steps(config, num_steps, margin_push=0.0):
   # seconds of compile time per call.
   model = models.create_model('identity', method.head, num_labels=10)
   batch = random_batch(features)
-  state = train_state.create_train_state(config, model, method, jax.random.key(0), (32,))
-  step = jax.jit(lambda s, b: steps.train_step(
-      s, b, {}, method=method, config=config, hyperparameters={'margin_on': 'both'}))
+  state = train_state.create_train_state(train_state.StateSettings.from_config(config), model,
+                                         method, jax.random.key(0), (32,))
+  step = jax.jit(lambda s, b: steps.train_step(s,
+                                               b, {},
+                                               method=method,
+                                               settings=steps.StepSettings.from_config(config),
+                                               hyperparameters={'margin_on': 'both'}))
   for _ in range(num_steps):
     state, metrics = step(state, batch)
   return state, metrics
@@ -361,10 +369,15 @@ def test_learning_rate_factor_steps_as_adam_at_that_rate():
 
   def run(learning_rate, schedule):
     config = tiny_config('unused', loss='hml', learning_rate=learning_rate)
-    state = train_state.create_train_state(config, model, method, jax.random.key(0), (32,))
-    hyperparameters = steps.loss_hyperparameters(method, config, batch['labels'])
-    step = jax.jit(lambda s, b: steps.train_step(
-        s, b, schedule, method=method, config=config, hyperparameters=hyperparameters))
+    state = train_state.create_train_state(train_state.StateSettings.from_config(config), model,
+                                           method, jax.random.key(0), (32,))
+    hyperparameters = loss_arguments.loss_hyperparameters(method, config, batch['labels'])
+    step = jax.jit(lambda s, b: steps.train_step(s,
+                                                 b,
+                                                 schedule,
+                                                 method=method,
+                                                 settings=steps.StepSettings.from_config(config),
+                                                 hyperparameters=hyperparameters))
     for _ in range(3):
       state, _ = step(state, batch)
     return state.params
@@ -380,8 +393,9 @@ def test_learning_rate_factor_steps_as_adam_at_that_rate():
       jax.tree_util.tree_leaves(faster['model'])[0])
   # The factor 0 freezes the network only: s* still moves at its own rate.
   frozen = run(1e-2, {steps.LEARNING_RATE_FACTOR: np.float32(0.0)})
-  initial = train_state.create_train_state(tiny_config('unused', loss='hml'), model, method,
-                                           jax.random.key(0), (32,)).params
+  initial = train_state.create_train_state(
+      train_state.StateSettings.from_config(tiny_config('unused', loss='hml')), model, method,
+      jax.random.key(0), (32,)).params
   for a, b in zip(jax.tree_util.tree_leaves(frozen['model']),
                   jax.tree_util.tree_leaves(initial['model'])):
     np.testing.assert_array_equal(a, b)
@@ -407,8 +421,14 @@ def test_false_negatives_are_measured_per_epoch_without_changing_training(tfds_d
   mesh = sharding.create_mesh()
   config, method, state = train_state.load_trained_state(str(measured), 'latest', mesh)
   data = input_pipeline.load(config)
-  outputs, rows = steps.model_outputs(state, config, data.train, mesh, 64, max_images=64)
-  scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
+  outputs, rows = steps.model_outputs(state,
+                                      steps.StepSettings.from_config(config),
+                                      data.train,
+                                      mesh,
+                                      64,
+                                      max_images=64)
+  scale, margin = (float(x) for x in train_state.scale_and_margin(
+      state.params, train_state.StateSettings.from_config(config), method))
   expected = false_negatives.summary(method, outputs, data.train.labels[rows],
                                      data.train.observed[rows], scale, margin)
   for key, value in expected.items():

@@ -48,7 +48,6 @@ class Split(abc.ABC):
                     batch_size: int,
                     seed: int,
                     epoch: int,
-                    config,
                     start_step: int = 0) -> Iterator[dict]:
     """num_train_steps(batch_size) batches, each this process's part of a global batch:
     {'images', 'labels' (observed), 'indices' (rows)}; from start_step on (the batches before it
@@ -112,18 +111,24 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.RandomState)
 
 
 class ArraySplit(Split):
-  """Examples in memory: images (N, H, W, C) uint8 or features (N, D) float32."""
+  """Examples in memory: images (N, H, W, C) uint8 or features (N, D) float32. max_shift: the
+  training batches' random translation of images, in pixels (config.augment_max_shift)."""
 
-  def __init__(self, examples: np.ndarray, labels: np.ndarray, observed: np.ndarray):
+  def __init__(self,
+               examples: np.ndarray,
+               labels: np.ndarray,
+               observed: np.ndarray,
+               max_shift: int = 0):
     self.examples, self.labels, self.observed = examples, labels, observed
     self.example_shape = tuple(examples.shape[1:])
+    self.max_shift = max_shift
 
-  def train_batches(self, batch_size, seed, epoch, config, start_step=0):
+  def train_batches(self, batch_size, seed, epoch, start_step=0):
     # The permutation and the augmentation depend only on (seed, epoch).
     rng = np.random.RandomState([seed, epoch])
     permutation = rng.permutation(len(self))
     is_image = self.examples.ndim == 4
-    max_shift = config.augment_max_shift if is_image else 0
+    max_shift = self.max_shift if is_image else 0
     for step in range(num_train_steps_per_epoch(self, batch_size)):
       indices = np.sort(permutation[step * batch_size:(step + 1) * batch_size])
       if step < start_step:  # draw the skipped batch's shifts: the same random stream after it
@@ -364,8 +369,7 @@ class ImageSplit(Split):
       batches = batches.take(num_batches)  # before decoding: none is decoded in vain
     return batches.map(decode_batch, **parallel)
 
-  def train_batches(self, batch_size, seed, epoch, config, start_step=0, process=None):
-    del config  # augmentation is fixed at construction (flip)
+  def train_batches(self, batch_size, seed, epoch, start_step=0, process=None):
     for batch in self.dataset(batch_size, seed, epoch, start_step, process).as_numpy_iterator():
       batch['labels'] = self.observed[batch['indices']]
       yield batch

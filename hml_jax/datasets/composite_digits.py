@@ -106,7 +106,7 @@ def _stroke(canvas, rng, size):
                                                     max(0, x):x + width], ink)
 
 
-def render(rng, digits_present, source_images, source_labels, config):
+def render(rng, digits_present, source_images, source_labels, config: GeneratorConfig):
   """One composite (image_size, image_size) uint8 image holding every digit in digits_present."""
   size = config.image_size
   canvas = np.zeros((size, size), np.float32)
@@ -141,7 +141,7 @@ def render(rng, digits_present, source_images, source_labels, config):
   return finish(canvas, rng, config)
 
 
-def finish(canvas, rng, config):
+def finish(canvas, rng, config: GeneratorConfig):
   """Distractor strokes (0..config.max_distractor_strokes), a random background ramp and
   Gaussian noise on a (size, size) float canvas in [0, 1] -> uint8 image."""
   size = canvas.shape[0]

@@ -212,15 +212,16 @@ def tfds_source(dataset_config, in_memory: bool) -> sources.Source:
                         test_records=_tfds_records(builder, 'test', test_storage))
 
 
-def load_source(config) -> sources.Source:
-  name = config.dataset.name
+def load_source(dataset) -> sources.Source:
+  """The source of a config's dataset sub-config (config.dataset), by its name."""
+  name = dataset.name
   if name == 'features':
     from hml_jax.datasets import features  # pylint: disable=g-import-not-at-top
-    return features.load_source(config.dataset)
+    return features.load_source(dataset)
   if name == 'folder':
     from hml_jax.datasets import folder  # pylint: disable=g-import-not-at-top
-    return folder.load_source(config.dataset)
+    return folder.load_source(dataset)
   if name in ('voc/2012', 'coco/2014'):  # TFDS's catalog, already prepared by the user
     from hml_jax.datasets import catalog  # pylint: disable=g-import-not-at-top
-    return catalog.load_source(config.dataset)
-  return tfds_source(config.dataset, in_memory=config.dataset.in_memory)
+    return catalog.load_source(dataset)
+  return tfds_source(dataset, in_memory=dataset.in_memory)

@@ -3,12 +3,12 @@
   ''                          random initialization (a warning for a torchvision architecture:
                               the paper and its baselines start from ImageNet)
   'torchvision:resnet50'      torchvision's ImageNet weights, also resnet18/34/101: from the cache
-                              or torchvision's, else downloaded and verified (pretrained.py)
+                              or torchvision's, else downloaded and verified (torchvision.py)
   'torchvision:/path/file'    a torchvision ResNet state dict (.pth, .pt, .safetensors, .npz)
-  'embedded:NAME'             a backbone shipped in hml_jax/weights/ (embedded_backbones.py)
+  'embedded:NAME'             a backbone shipped in hml_jax/weights/ (embedded.py)
   'workdir:DIR'               the backbone of another hml_jax run's best checkpoint
 
-check(spec, model) refuses a malformed spec before any work; fetch(config) finds (or downloads)
+check(spec, model) refuses a malformed spec before any work; fetch(spec, model) finds (or downloads)
 what it names before a new run starts; load(spec, model, image_shape) returns the backbone's
 {'params', 'batch_stats'}, checked to fit, which train_state.create_train_state puts in place.
 """
@@ -22,8 +22,8 @@ from hml_jax.init_from import embedded
 from hml_jax.init_from import torchvision
 from hml_jax.runtime import errors
 from hml_jax.runtime import files
-from hml_jax.state import checkpoints
 from hml_jax.state import train_state
+from hml_jax.state import workdir_files
 
 TORCHVISION = torchvision.PREFIX  # 'torchvision:'
 EMBEDDED = embedded.PREFIX  # 'embedded:'
@@ -63,11 +63,11 @@ def check_workdir(directory: str, model_name: str) -> None:
   """'workdir:DIR': DIR must hold a finished hml_jax run of the same model; errors name what
   differs."""
   spec = f'{WORKDIR}{directory}'
-  if not files.exists(checkpoints.config_path(directory)):
+  if not files.exists(workdir_files.config_path(directory)):
     raise errors.MissingInputError(
         f'config.init_from={spec!r}: {directory} holds no hml_jax run (no '
         'config.json). Train the source run there first.')
-  source = checkpoints.read_config(directory)
+  source = workdir_files.read_config(directory)
   if source.model != model_name:
     raise errors.InvalidInputError(
         f"config.init_from={spec!r}: that run's backbone is {source.model!r}, but "
@@ -79,19 +79,19 @@ def check_workdir(directory: str, model_name: str) -> None:
         'that run first (the same command resumes it).')
 
 
-def fetch(config) -> None:
-  """Before any other work of a new run: what config.init_from names is there (a run finished,
-  a shipped file unchanged, ImageNet weights found or downloaded; an error names where to put
-  them), or a warning says that a torchvision ResNet starts random."""
-  spec = config.init_from
+def fetch(spec: str, model_name: str) -> None:
+  """Before any other work of a new run: what spec (config.init_from) names is there (a run
+  finished, a shipped file unchanged, ImageNet weights found or downloaded; an error names where
+  to put them), or a warning says that a torchvision ResNet (model_name, config.model) starts
+  random."""
   if not spec:
-    if config.model in torchvision.IMAGENET_WEIGHTS:
+    if model_name in torchvision.IMAGENET_WEIGHTS:
       logging.warning(
           'The %s backbone starts from random weights (config.init_from=\'\'). The paper and its '
           'baselines start from ImageNet weights and their numbers assume them: '
-          '--config.init_from=torchvision:%s.', config.model, config.model)
+          '--config.init_from=torchvision:%s.', model_name, model_name)
   elif workdir_of(spec) is not None:
-    check_workdir(workdir_of(spec), config.model)
+    check_workdir(workdir_of(spec), model_name)
   elif spec.startswith(EMBEDDED):
     embedded.load_named(spec)  # present and unchanged
   else:
@@ -123,7 +123,7 @@ def load(spec: str,
   check(spec, model_name)
   directory = workdir_of(spec)
   if directory is not None:
-    check_workdir(directory, model_name or checkpoints.read_config(directory).model)
+    check_workdir(directory, model_name or workdir_files.read_config(directory).model)
     loaded = train_state.backbone_of_workdir(directory)
     check_fits(loaded, model, image_shape, spec)
     logging.info('Backbone initialized from the best checkpoint (epoch %d) of %s.',
@@ -142,6 +142,7 @@ def load(spec: str,
   return loaded
 
 
-def initial_backbone(config, model, image_shape: Sequence[int]) -> Optional[Dict[str, Any]]:
-  """load(config.init_from, ...), or None for a random start."""
-  return load(config.init_from, model, image_shape, config.model) if config.init_from else None
+def initial_backbone(spec: str, model_name: str, model,
+                     image_shape: Sequence[int]) -> Optional[Dict[str, Any]]:
+  """load(spec, ...) of a config's init_from and model, or None for a random start (spec '')."""
+  return load(spec, model, image_shape, model_name) if spec else None

@@ -28,8 +28,8 @@ import numpy as np
 
 from hml_jax.runtime import errors
 from hml_jax.runtime import files
-from hml_jax.state import checkpoints
 from hml_jax.state import train_state
+from hml_jax.state import workdir_files
 
 PREFIX = 'embedded:'
 # The package's weights/ folder (package data), beside this package.
@@ -114,16 +114,6 @@ def check_spec(spec: str, model_name: Optional[str] = None) -> None:
         f'config.init_from={spec!r} is a {BACKBONES[name].model} backbone, but '
         f'config.model is {model_name!r}: set --config.model='
         f"{BACKBONES[name].model} or another init_from.")
-
-
-def with_backbone(config, spec: str):
-  """config starting from spec (an init_from), its model the embedded backbone's architecture
-  where spec names one; returns config."""
-  config.init_from = spec
-  name = name_of(spec)
-  if name in BACKBONES:
-    config.model = BACKBONES[name].model
-  return config
 
 
 def path_of(name: str) -> str:
@@ -222,8 +212,8 @@ def load_named(spec: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
 
 def export_workdir(workdir: str, output: str) -> Dict[str, str]:
   """Writes the backbone of workdir's best checkpoint to output; returns the metadata."""
-  config = checkpoints.read_config(workdir)
-  info = checkpoints.read_dataset_info(workdir)
+  config = workdir_files.read_config(workdir)
+  info = workdir_files.read_dataset_info(workdir)
   results = files.read_json(files.join(workdir, 'results.json'))
   image_shape = tuple(info['example_shape'])
   variables = train_state.backbone_of_workdir(workdir)
@@ -239,7 +229,7 @@ def export_workdir(workdir: str, output: str) -> Dict[str, str]:
       'source_dataset':
           f'{config.dataset.name}/{config.dataset.builder_config}',
       'source_config':
-          json.dumps(checkpoints.without_later_defaults(config.to_dict()), sort_keys=True),
+          json.dumps(workdir_files.without_later_defaults(config.to_dict()), sort_keys=True),
   }
   for name, backbone in BACKBONES.items():
     if backbone.filename == os.path.basename(output):

@@ -37,7 +37,6 @@ Every failure, of whatever kind, is a PthFileError naming the file and the reaso
 UserError: the command line prints it as one line).
 """
 import collections
-import copy
 import io
 import math
 import os
@@ -45,12 +44,12 @@ import pickle
 import re
 import reprlib
 import zipfile
-import zlib
 from typing import Any, Dict, Tuple
 
 import ml_dtypes
 import numpy as np
 
+from hml_jax.init_from import pth_archive
 from hml_jax.init_from import pth_pickle
 # The reader's errors (pth_files.PthFileError, UnsafePickleError) and their messages.
 from hml_jax.init_from.pth_pickle import damaged, refused_name, unsafe
@@ -72,7 +71,6 @@ MAX_VIEW_FACTOR = 4
 # uncompressed (ratio 1); a file repacked with deflate compresses weights about 1.1x. Deflate
 # itself reaches 1000x, so this is what bounds a deflate bomb's memory by the file's size.
 MAX_EXPANSION = 32
-_EXPANSION_SLACK = 2**20
 # data.pkl: torch writes about 100 bytes per tensor (10 KB for a ResNet-18).
 MAX_PICKLE_BYTES = 2**24
 # A state dict is 4 deep (OrderedDict -> _metadata -> module -> version).
@@ -103,7 +101,6 @@ _NAMES = frozenset(pth_pickle.CALLABLES + tuple(('torch', name) for name in _STO
 
 # A storage key (torch writes '0', '1', ...): one entry name under data/, never a path.
 _KEY = re.compile(r'[0-9A-Za-z_]{1,64}')
-_ENCRYPTED = 0x1 | 0x40 | 0x2000  # zip flags: encrypted, strong encryption, masked header
 
 
 def _repr(value) -> str:
@@ -113,102 +110,6 @@ def _repr(value) -> str:
 def _is_count(value) -> bool:
   """A non-negative Python int of a plausible size (bools are not counts)."""
   return type(value) is int and 0 <= value <= 2**62  # pylint: disable=unidiomatic-typecheck
-
-
-# The zip archive.
-
-
-def _checked_directory(archive: zipfile.ZipFile, file_size: int,
-                       path: str) -> Dict[str, zipfile.ZipInfo]:
-  """{name: ZipInfo} of an archive whose entries can all be read within the bounds."""
-  infos: Dict[str, zipfile.ZipInfo] = {}
-  compressed = uncompressed = 0
-  for info in archive.infolist():
-    name = info.filename
-    if name in infos:
-      raise damaged(path, f'two entries are named {name!r}')
-    if info.flag_bits & _ENCRYPTED:
-      raise PthFileError(f'{path}: entry {name!r} is encrypted; torch.save never encrypts, and '
-                         'an encrypted weights file is not read. Decrypt it first.')
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-      raise PthFileError(
-          f'{path}: entry {name!r} is compressed with zip method {info.compress_type}; only '
-          'stored entries (what torch.save writes) and deflated ones are read. Save the state '
-          'dict again with torch.save.')
-    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-      raise damaged(
-          path, f'stored entry {name!r} has {info.compress_size} bytes in the file '
-          f'but {info.file_size} uncompressed')
-    if info.header_offset + info.compress_size > file_size:
-      raise damaged(path, f'entry {name!r} reaches past the end of the file')
-    compressed += info.compress_size
-    uncompressed += info.file_size
-    infos[name] = info
-  if compressed > file_size:
-    raise damaged(
-        path, f'its entries hold {compressed} compressed bytes in a file of '
-        f'{file_size} (entries that overlap)')
-  limit = min(MAX_EXPANSION * file_size + _EXPANSION_SLACK, MAX_BYTES)
-  if uncompressed > limit:
-    raise PthFileError(
-        f'{path}: its entries would take {uncompressed} bytes uncompressed, more than {limit} '
-        f'({MAX_EXPANSION}x the file, plus 1 MiB, at most MAX_BYTES={MAX_BYTES}; '
-        'hml_jax.init_from.pth_files): a deflate bomb, or a file compressed far beyond what weights '
-        'allow. torch.save writes entries uncompressed; save the state dict again with it.')
-  return infos
-
-
-def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytearray:
-  """The entry's bytes: exactly info.file_size (which the caller has bounded), read in chunks,
-  so that no entry, whatever its compressed bytes hold, makes more than that in memory."""
-  size = info.file_size
-  buffer = bytearray(size)
-  view = memoryview(buffer)
-  done = 0
-  # zipfile stops at file_size: one byte more, so that a deflate stream longer than its entry
-  # gives that byte (and the end of a stream of the right length is reached, its CRC checked).
-  beyond = copy.copy(info)
-  beyond.file_size = size + 1
-  try:
-    with archive.open(beyond) as entry:
-      while done < size:
-        chunk = entry.read(min(_CHUNK, size - done))
-        if not chunk:
-          break
-        view[done:done + len(chunk)] = chunk
-        done += len(chunk)
-      longer = done == size and entry.read(1)
-  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
-          NotImplementedError) as e:
-    raise damaged(
-        path, f'entry {info.filename!r} cannot be read ({type(e).__name__}: '
-        f'{str(e)[:200]})') from e
-  if done != size or longer:
-    raise damaged(
-        path, f'entry {info.filename!r} holds {"more" if longer else done} bytes, not '
-        f'the {size} of the zip directory')
-  return buffer
-
-
-def _archive_prefix(infos: Dict[str, zipfile.ZipInfo], path: str) -> str:
-  pickles = [name for name in infos if name.endswith('/data.pkl') and name.count('/') == 1]
-  if len(pickles) != 1:
-    raise PthFileError(f'{path}: not a torch.save archive (expected one <archive>/data.pkl, '
-                       f'found {pickles[:5]}).')
-  return pickles[0][:-len('/data.pkl')]
-
-
-def _byteorder(archive: zipfile.ZipFile, infos: Dict[str, zipfile.ZipInfo], prefix: str,
-               path: str) -> str:
-  info = infos.get(f'{prefix}/byteorder')
-  if info is None:
-    return 'little'
-  if info.file_size > 16:
-    raise damaged(path, f'its byteorder entry has {info.file_size} bytes')
-  value = bytes(_read_entry(archive, info, path)).decode('ascii', errors='replace').strip()
-  if value not in ('little', 'big'):
-    raise damaged(path, f'unknown byte order {value!r}')
-  return value
 
 
 # The pickle, scanned before it is unpickled.
@@ -362,7 +263,7 @@ class _Loader:
       raise damaged(
           self.path, f'storage {entry!r} holds {info.file_size} bytes, not {numel} elements '
           f'of {storage_type.name} ({nbytes} bytes)')
-    array = _storage_array(_read_entry(self.archive, info, self.path), storage_type.name,
+    array = _storage_array(pth_archive.read_entry(self.archive, info, self.path), storage_type.name,
                            self.byteorder)
     self.storage_bytes += nbytes
     storage = _Storage(entry, storage_type.name, array, self.owner)
@@ -460,14 +361,16 @@ def _read(path: str) -> Dict[str, np.ndarray]:
         'torch: convert it once where torch is installed (hml_jax/init_from/torchvision.py says how).'
     )
   with open(path, 'rb') as file, zipfile.ZipFile(file) as archive:
-    infos = _checked_directory(archive, os.fstat(file.fileno()).st_size, path)
-    prefix = _archive_prefix(infos, path)
-    byteorder = _byteorder(archive, infos, prefix, path)
+    infos = pth_archive.checked_directory(archive,
+                                          os.fstat(file.fileno()).st_size, path, MAX_EXPANSION,
+                                          MAX_BYTES)
+    prefix = pth_archive.archive_prefix(infos, path)
+    byteorder = pth_archive.byteorder(archive, infos, prefix, path)
     info = infos[f'{prefix}/data.pkl']
     if info.file_size > MAX_PICKLE_BYTES:
       raise PthFileError(f'{path}: its pickle has {info.file_size} bytes, more than '
                          f'MAX_PICKLE_BYTES={MAX_PICKLE_BYTES} (hml_jax.init_from.pth_files).')
-    pickled = bytes(_read_entry(archive, info, path))
+    pickled = bytes(pth_archive.read_entry(archive, info, path))
     pth_pickle.check_pickle(pickled, path, pth_pickle.Bounds(MAX_NESTING, MAX_OBJECTS, MAX_STACK),
                             _NAMES)
     loader = _Loader(archive, infos, prefix, byteorder, path)

@@ -28,8 +28,8 @@ class Method:
   learns_scale_and_margin: s* and m* are trainable parameters (adaptive HML) rather than the
     config's fixed config.scale and config.margin.
   fixed_margin: a margin that the method always uses instead of config.margin.
-  schedule: schedule(epoch, entries_per_batch, config) -> more keyword arguments of the loss that
-    change with the epoch (computed on the host, passed to the jitted step as arrays).
+  schedule: schedule(epoch, entries_per_batch, delta_rel) -> more keyword arguments of the loss
+    that change with the epoch (computed on the host, passed to the jitted step as arrays).
   updates_labels: the loss returns (loss, entries to make observed positives); the observed
     labels then live in the train state (checkpointed with it) instead of the input pipeline.
   pseudo_labels: the labels live in the train state too, and after each epoch from

@@ -181,15 +181,13 @@ def large_loss_permanent_correction(logits, observed_labels, num_modified):
 
 
 def large_loss_schedule(name: str):
-  """schedule(epoch, entries_per_batch, config) -> {'num_modified': ...} for config.loss = name;
-  config.delta_rel >= 0 applies to every variant; else config.delta_rel_by_method[name] (Kim et
-  al.'s defaults in configs/default.py, the per-dataset values in configs/voc.py etc.)."""
+  """schedule(epoch, entries_per_batch, delta_rel) -> {'num_modified': ...} for config.loss =
+  name. delta_rel: Kim et al.'s relative rate (config.delta_rel, or where that is negative
+  config.delta_rel_by_method[name]: their defaults in configs/default.py, the per-dataset values
+  in configs/voc.py etc.; training/loss_arguments.py resolves it)."""
   permanent = name == 'll_cp'
 
-  def schedule(epoch, entries_per_batch, config):
-    delta_rel = config.delta_rel
-    if delta_rel < 0:
-      delta_rel = config.delta_rel_by_method[name]
+  def schedule(epoch, entries_per_batch, delta_rel):
     return {'num_modified': large_loss_num_modified(epoch, entries_per_batch, delta_rel, permanent)}
 
   return schedule

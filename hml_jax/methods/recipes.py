@@ -87,7 +87,7 @@ LINEAR_INIT_BATCH_SIZE_BY_DATASET = {('an_ls', 'hml_nus_wide'): 16, ('role', 'hm
 FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 
 
-def resolve(config) -> Recipe:
+def from_config(config) -> Recipe:
   """The recipe config.loss trains with: config.recipe's, with every field whose config key is set
   (>= 0) taken from the config."""
   name = config.recipe

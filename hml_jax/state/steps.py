@@ -1,9 +1,9 @@
 """The jitted steps and what is computed from a model's outputs: the loss and its logged parts
 (compute_loss), scores for ranking (scores_from_outputs), the train and eval steps over the
 device mesh (make_step_functions), and the predictions and mAP of a split."""
+import dataclasses
 import functools
-import logging
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -17,24 +17,35 @@ from hml_jax.state import sharding
 from hml_jax.state import train_state
 
 
-def loss_hyperparameters(method, config, train_labels) -> Dict[str, Any]:
-  """The loss's keyword arguments from the config. expected_num_pos < 0 means: estimate it as the
-  mean number of (true) positives per training image, as Cole et al.'s per-dataset values are."""
-  values = {name: config[name] for name in method.hyperparameters}
-  if values.get('expected_num_pos', 0) < 0:
-    values['expected_num_pos'] = float(np.mean(np.sum(train_labels, axis=1)))
-  if values:
-    logging.info('Loss %s hyperparameters: %s', config.loss, values)
-  return values
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """The config's values that the steps compute with (from_config): the state's (s, m and the
+  layout), the images' normalization (config.dataset.mean, std), where the margin applies
+  (config.margin_on) and the convolutions' implementation (config.convolutions). Frozen and
+  hashable: the jitted steps close over it."""
+  state: train_state.StateSettings
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+  margin_on: str
+  convolutions: str
+
+  @classmethod
+  def from_config(cls, config) -> 'StepSettings':
+    """The settings of a run's config (the one place this module reads a ConfigDict)."""
+    return cls(state=train_state.StateSettings.from_config(config),
+               mean=tuple(config.dataset.mean),
+               std=tuple(config.dataset.std),
+               margin_on=config.margin_on,
+               convolutions=config.convolutions)
 
 
-def normalize_images(images, dataset_config):
-  """uint8 images -> (x / 255 - mean) / std with config.dataset's mean and std; float inputs
+def normalize_images(images, mean, std):
+  """uint8 images -> (x / 255 - mean) / std (config.dataset's mean and std); float inputs
   (features mode) are used as they are."""
   if images.dtype != jnp.uint8:
     return images.astype(jnp.float32)
-  mean = jnp.asarray(dataset_config.mean, jnp.float32)
-  std = jnp.asarray(dataset_config.std, jnp.float32)
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
@@ -50,7 +61,7 @@ def compute_loss(method,
                  outputs,
                  observed_labels,
                  params,
-                 config,
+                 settings: StepSettings,
                  hyperparameters,
                  original_labels=None):
   """(loss, parts): the method's loss, and for logging its BCE on the scores it ranks with, the
@@ -69,7 +80,7 @@ def compute_loss(method,
     parts['positive_gradient'], parts['negative_gradient'] = gradient_pulls(
         outputs, labels_as_observed)
     return loss, jax.lax.stop_gradient(parts)
-  scale, margin = train_state.scale_and_margin(params, config, method)
+  scale, margin = train_state.scale_and_margin(params, settings.state, method)
   loss = method.loss(outputs, observed_labels, scale=scale, margin=margin, **hyperparameters)
   scale, margin = jax.lax.stop_gradient((scale, margin))
   margin_on = hyperparameters.get('margin_on', 'both')
@@ -84,7 +95,7 @@ def compute_loss(method,
   return loss, jax.lax.stop_gradient(parts)
 
 
-def scores_from_outputs(method, outputs, params, config):
+def scores_from_outputs(method, outputs, params, settings: StepSettings):
   """Pre-sigmoid scores used for ranking metrics (logits avoid float32 ties at p = 1).
 
   A margin on only one group of labels cannot be applied at test time, where labels are unknown;
@@ -92,8 +103,8 @@ def scores_from_outputs(method, outputs, params, config):
   margin map is increasing in the cosine.
   """
   if method.has_scale_and_margin:
-    scale, margin = train_state.scale_and_margin(params, config, method)
-    if config.margin_on != 'both':
+    scale, margin = train_state.scale_and_margin(params, settings.state, method)
+    if settings.margin_on != 'both':
       margin = 0.0
     return heads.margin_logits(outputs, scale, margin)
   return outputs
@@ -115,14 +126,15 @@ def scale_step(old, new, factor):
   return jax.tree_util.tree_map(lambda a, b: a + factor * (b - a), old, new)
 
 
-def train_step(state: train_state.TrainState, batch, schedule, *, method, config, hyperparameters):
+def train_step(state: train_state.TrainState, batch, schedule, *, method, settings: StepSettings,
+               hyperparameters):
   """One optimizer step. batch: images, labels and indices (rows of the training split);
   schedule: the loss's per-epoch keyword arguments (method.schedule), as arrays, and with
   config.learning_rate_decay_epochs LEARNING_RATE_FACTOR, the epoch's factor on the network's
   learning rate (learning_rate_factor)."""
   schedule = dict(schedule)
   rate_factor = schedule.pop(LEARNING_RATE_FACTOR, None)
-  images = normalize_images(batch['images'], config.dataset)
+  images = normalize_images(batch['images'], settings.mean, settings.std)
   if method.labels_in_state:
     labels = state.observed_labels[batch['indices']]
   else:
@@ -143,7 +155,7 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, config
                                outputs,
                                labels,
                                params,
-                               config,
+                               settings,
                                arguments,
                                original_labels=batch['labels'])
     return loss, (updates, parts)
@@ -193,21 +205,22 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, config
   }
   if method.has_scale_and_margin:
     step_metrics['scale'], step_metrics['margin'] = train_state.scale_and_margin(
-        state.params, config, method)
+        state.params, settings.state, method)
   return state, step_metrics
 
 
-def eval_step(state: train_state.TrainState, batch, forward_matrices, *, method, config):
+def eval_step(state: train_state.TrainState, batch, forward_matrices, *, method,
+              settings: StepSettings):
   """{'scores' (batch, labels), 'indices', 'mask'}: the scores of a global batch, returned with
   the rows and padding mask they belong to (every process then sees the whole batch).
   forward_matrices: layers.forward_matrices of the model's parameters, or {} (see EvalFunction)."""
-  images = normalize_images(batch['images'], config.dataset)
+  images = normalize_images(batch['images'], settings.mean, settings.std)
   variables = {'params': state.params['model'], 'batch_stats': state.batch_stats}
   if forward_matrices:
     variables[layers.FORWARD_MATRICES] = forward_matrices
   outputs = state.apply_fn(variables, images, train=False)
   return {
-      'scores': scores_from_outputs(method, outputs, state.params, config),
+      'scores': scores_from_outputs(method, outputs, state.params, settings),
       'indices': batch['indices'],
       'mask': batch['mask']
   }
@@ -241,12 +254,17 @@ class EvalFunction:
     return self.step(state, batch, self.forward_matrices(state.params))
 
 
-def make_step_functions(method, config, mesh, hyperparameters=None, state_shardings=None):
+def make_step_functions(method,
+                        settings: StepSettings,
+                        mesh,
+                        hyperparameters=None,
+                        state_shardings=None):
   """(train_fn, eval_fn): the jitted steps, batch split over the mesh's data axis, metrics and
   scores replicated, the state donated to the train step (updated in place). eval_fn is an
   EvalFunction, called as eval_fn(state, batch).
 
-  state_shardings: the state's layout, train_state.train_state_shardings(config, state, mesh);
+  state_shardings: the state's layout, train_state.train_state_shardings(settings.state, state,
+  mesh);
   None means replicated. The state passed to the steps must already be laid out so (jit refuses others),
   and the train step returns it in the same layout.
   """
@@ -256,18 +274,18 @@ def make_step_functions(method, config, mesh, hyperparameters=None, state_shardi
   data_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(functools.partial(train_step,
                                        method=method,
-                                       config=config,
+                                       settings=settings,
                                        hyperparameters=hyperparameters or {}),
                      in_shardings=(state_shardings, data_sharding, replicated),
                      out_shardings=(state_shardings, replicated),
                      donate_argnums=(0,))
   # Scores come back replicated: small (batch x labels), and every process needs them all.
-  step = jax.jit(functools.partial(eval_step, method=method, config=config),
+  step = jax.jit(functools.partial(eval_step, method=method, settings=settings),
                  in_shardings=(state_shardings, data_sharding, replicated),
                  out_shardings=replicated)
   prepare = None
-  if (layers.resolve_convolutions(config.convolutions) == 'matmul' and
-      train_state.parameter_layout(config)[0] == 'replicated'):
+  if (layers.resolve_convolutions(settings.convolutions) == 'matmul' and
+      settings.state.parameter_sharding == 'replicated'):
     # (With fsdp the parameters are split over the devices; replicated matrices would undo that.)
     prepare = jax.jit(lambda params: layers.forward_matrices(params['model']),
                       in_shardings=replicated,
@@ -275,12 +293,13 @@ def make_step_functions(method, config, mesh, hyperparameters=None, state_shardi
   return train_fn, EvalFunction(step, prepare)
 
 
-def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
+def predict(eval_fn, state, split, batch_size: int, mesh) -> np.ndarray:
   """Scores (num_images, num_labels) of every image of a split, in the split's row order (a
-  streamed split may deliver its images in another order)."""
+  streamed split may deliver its images in another order), in batches of batch_size
+  (config.eval_batch_size)."""
   scores = np.zeros(split.labels.shape, np.float32)
   times_scored = np.zeros(len(split), np.int64)
-  for batch in split.eval_batches(config.eval_batch_size):
+  for batch in split.eval_batches(batch_size):
     result = jax.device_get(eval_fn(state, sharding.shard_batch(batch, mesh)))
     mask = np.asarray(result['mask'])
     rows = np.asarray(result['indices'])[mask]
@@ -293,14 +312,20 @@ def predict(eval_fn, state, split, config, mesh) -> np.ndarray:
   return scores
 
 
-def model_outputs(state, config, split, mesh, batch_size, method=None, max_images=None):
+def model_outputs(state,
+                  settings: StepSettings,
+                  split,
+                  mesh,
+                  batch_size,
+                  method=None,
+                  max_images=None):
   """(outputs, rows): the model's outputs (cosines or logits; with method, e.g. the backbone,
   that submodule's) for the images of split in delivery order, and their rows; at most
   max_images of them. Single process (the outputs stay sharded over this host's devices). state
-  must be laid out as config.parameter_sharding says (as load_trained_state returns it)."""
+  must be laid out as settings.state says (as load_trained_state returns it)."""
 
   def forward(state, batch):
-    images = normalize_images(batch['images'], config.dataset)
+    images = normalize_images(batch['images'], settings.mean, settings.std)
     return state.apply_fn({
         'params': state.params['model'],
         'batch_stats': state.batch_stats
@@ -310,7 +335,7 @@ def model_outputs(state, config, split, mesh, batch_size, method=None, max_image
                           method=method)
 
   step = jax.jit(forward,
-                 in_shardings=(train_state.train_state_shardings(config, state, mesh),
+                 in_shardings=(train_state.train_state_shardings(settings.state, state, mesh),
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
   outputs, rows, count = [], [], 0
@@ -326,7 +351,8 @@ def model_outputs(state, config, split, mesh, batch_size, method=None, max_image
   return np.concatenate(outputs)[:max_images], np.concatenate(rows)[:max_images]
 
 
-def evaluate(eval_fn, state, split, config, mesh) -> Dict[str, Any]:
-  scores, labels = predict(eval_fn, state, split, config, mesh), split.labels
+def evaluate(eval_fn, state, split, batch_size: int, mesh) -> Dict[str, Any]:
+  """{'map', 'per_class_ap'} of a split's scores (predict)."""
+  scores, labels = predict(eval_fn, state, split, batch_size, mesh), split.labels
   per_class = metrics_lib.average_precision_per_class(scores, labels)
   return {'map': float(np.nanmean(per_class)), 'per_class_ap': per_class}

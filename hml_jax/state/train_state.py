@@ -2,6 +2,7 @@
 layout over the devices (train_state_shardings), and the trained state of a workdir
 (load_trained_state), which predict, evaluate, analyze, extract_features, benchmark and the
 'workdir:' source of init_from.py read. A pretrained backbone comes in loaded (init_from.py)."""
+import dataclasses
 import functools
 from typing import Any
 
@@ -9,7 +10,6 @@ import flax
 from flax.training import train_state as flax_train_state
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -21,6 +21,7 @@ from hml_jax.runtime import errors
 from hml_jax.runtime import files
 from hml_jax.state import checkpoints
 from hml_jax.state import sharding
+from hml_jax.state import workdir_files
 
 
 class TrainState(flax_train_state.TrainState):
@@ -30,9 +31,35 @@ class TrainState(flax_train_state.TrainState):
   observed_labels: Any = None
 
 
-def parameter_layout(config):
-  """(config.parameter_sharding, config.fsdp_min_size): how the state is laid out."""
-  return config.parameter_sharding, config.fsdp_min_size
+@dataclasses.dataclass(frozen=True)
+class StateSettings:
+  """The config's values that a train state is made of (from_config): the optimizer's learning
+  rates (create_optimizer), the initial s*, m* of adaptive HML or the fixed s, m of the others
+  (Eq. 3; scale_and_margin), and the layout over the devices (hml_jax/state/sharding.py). Frozen
+  and hashable: the jitted steps close over it."""
+  learning_rate: float
+  adaptive_learning_rate: float
+  adaptive_optimizer: str  # one of ADAPTIVE_OPTIMIZERS
+  role_lr_mult: float
+  head_learning_rate_multiplier: float  # the recipe's (hml_jax/methods/recipes.py)
+  scale: float
+  margin: float
+  parameter_sharding: str  # 'replicated' or 'fsdp'
+  fsdp_min_size: int
+
+  @classmethod
+  def from_config(cls, config) -> 'StateSettings':
+    """The settings of a run's config (the one place this module reads a ConfigDict)."""
+    return cls(
+        learning_rate=config.learning_rate,
+        adaptive_learning_rate=config.adaptive_learning_rate,
+        adaptive_optimizer=config.adaptive_optimizer,
+        role_lr_mult=config.role_lr_mult,
+        head_learning_rate_multiplier=recipes.from_config(config).head_learning_rate_multiplier,
+        scale=config.scale,
+        margin=config.margin,
+        parameter_sharding=config.parameter_sharding,
+        fsdp_min_size=config.fsdp_min_size)
 
 
 ADAPTIVE_OPTIMIZERS = ('log', 'separate', 'shared')
@@ -60,31 +87,32 @@ def log_scale_adam(learning_rate: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(adam.init, update)
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
+def create_optimizer(settings: StateSettings) -> optax.GradientTransformation:
   """Adam over everything. s* and m* (adaptive HML) get their own Adam at
-  config.adaptive_learning_rate with s* in log space (config.adaptive_optimizer='log', the
+  settings.adaptive_learning_rate with s* in log space (adaptive_optimizer='log', the
   default; log_scale_adam), their own plain Adam ('separate'), or the network's Adam and learning
   rate ('shared', the paper's literal reading: learnable parameters like the rest; Adam is
-  elementwise, so this is one Adam over all). ROLE's label estimator gets config.role_lr_mult times the learning rate
+  elementwise, so this is one Adam over all). ROLE's label estimator gets role_lr_mult times the
+  learning rate
   (Cole et al.), and the classifier head the recipe's head_learning_rate_multiplier times it
   (Kim et al.'s 10x for LL-R/Ct/Cp; hml_jax/methods/recipes.py)."""
-  adaptive_optimizer = config.adaptive_optimizer
+  adaptive_optimizer = settings.adaptive_optimizer
   if adaptive_optimizer == 'shared':
-    scale_margin_learning_rate = config.learning_rate
+    scale_margin_learning_rate = settings.learning_rate
   else:
-    scale_margin_learning_rate = config.adaptive_learning_rate
+    scale_margin_learning_rate = settings.adaptive_learning_rate
   if adaptive_optimizer == 'log':
     scale_margin = log_scale_adam(scale_margin_learning_rate)
   else:
     scale_margin = optax.adam(scale_margin_learning_rate)
   transforms = {
-      'model': optax.adam(config.learning_rate),
+      'model': optax.adam(settings.learning_rate),
       'scale_margin': scale_margin,
-      'estimator': optax.adam(config.learning_rate * config.role_lr_mult)
+      'estimator': optax.adam(settings.learning_rate * settings.role_lr_mult)
   }
-  head_multiplier = recipes.resolve(config).head_learning_rate_multiplier
+  head_multiplier = settings.head_learning_rate_multiplier
   if head_multiplier != 1:
-    transforms['head'] = optax.adam(config.learning_rate * head_multiplier)
+    transforms['head'] = optax.adam(settings.learning_rate * head_multiplier)
 
   def group_of(params):
     groups = {key: key for key in params}
@@ -121,7 +149,7 @@ def initial_variables(model, rng, image_shape):
                                                                        jnp.float32))
 
 
-def create_train_state(config,
+def create_train_state(settings: StateSettings,
                        model,
                        method,
                        rng,
@@ -137,71 +165,65 @@ def create_train_state(config,
   params = {'model': variables['params']}
   if method.learns_scale_and_margin:
     params['scale_margin'] = {
-        'scale': jnp.float32(config.scale),
-        'margin': jnp.float32(config.margin)
+        'scale': jnp.float32(settings.scale),
+        'margin': jnp.float32(settings.margin)
     }
   if method.label_estimator:
     if observed_labels is None:
-      raise ValueError(f'config.loss={config.loss!r} estimates labels: pass the observed labels.')
+      raise ValueError('This method estimates labels (ROLE): pass the observed labels.')
     params['estimator'] = losses.role_estimator_init(observed_labels, jax.random.fold_in(rng, 1))
   label_state = None
   if method.labels_in_state:
     if observed_labels is None:
-      raise ValueError(f'config.loss={config.loss!r} updates the observed labels: pass them.')
+      raise ValueError('This method updates the observed labels: pass them.')
     label_state = jnp.asarray(observed_labels, jnp.float32)
   return TrainState.create(apply_fn=model.apply,
                            params=params,
-                           tx=create_optimizer(config),
+                           tx=create_optimizer(settings),
                            batch_stats=variables.get('batch_stats', {}),
                            observed_labels=label_state)
 
 
-def train_state_shapes(config, model, method, image_shape, observed_labels=None):
+def train_state_shapes(settings: StateSettings, model, method, image_shape, observed_labels=None):
   """jax.eval_shape of create_train_state: the state's structure with a jax.ShapeDtypeStruct
-  for every array, computed without creating any of them (and without reading pretrained
-  weights: they only replace values of the same shapes)."""
-  template_config = ml_collections.ConfigDict(config.to_dict())
-  template_config.init_from = ''
-  return jax.eval_shape(lambda: create_train_state(template_config,
-                                                   model,
-                                                   method,
-                                                   jax.random.key(0),
-                                                   image_shape,
-                                                   observed_labels=observed_labels))
+  for every array, computed without creating any of them (pretrained weights only replace
+  values of the same shapes)."""
+  return jax.eval_shape(lambda: create_train_state(
+      settings, model, method, jax.random.key(0), image_shape, observed_labels=observed_labels))
 
 
-def train_state_shardings(config, state_or_shapes, mesh):
+def train_state_shardings(settings: StateSettings, state_or_shapes, mesh):
   """The NamedSharding of every array of a train state (or of its train_state_shapes) under
-  config.parameter_sharding and config.fsdp_min_size (hml_jax/state/sharding.py)."""
-  mode, min_size = parameter_layout(config)
-  return sharding.state_shardings(state_or_shapes, mesh, mode, min_size)
+  settings.parameter_sharding and settings.fsdp_min_size (hml_jax/state/sharding.py)."""
+  return sharding.state_shardings(state_or_shapes, mesh, settings.parameter_sharding,
+                                  settings.fsdp_min_size)
 
 
-def scale_and_margin(params, config, method=None):
-  """(s, m) of the margin sigmoid: the learned s*, m* for adaptive HML, else the config's fixed
+def scale_and_margin(params, settings: StateSettings, method=None):
+  """(s, m) of the margin sigmoid: the learned s*, m* for adaptive HML, else the settings' fixed
   pair (or the method's own fixed margin, 0 for the normalized sigmoid)."""
   if 'scale_margin' in params:
     return params['scale_margin']['scale'], params['scale_margin']['margin']
-  margin = config.margin
+  margin = settings.margin
   if method is not None and method.fixed_margin is not None:
     margin = method.fixed_margin
-  return jnp.float32(config.scale), jnp.float32(margin)
+  return jnp.float32(settings.scale), jnp.float32(margin)
 
 
 def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   """(config, method, state) of a finished or running workdir; which = 'best' or 'latest'.
 
   The state is restored straight onto mesh (default: every device) in the layout of the run's
-  config.parameter_sharding, ready for make_step_functions(..., train_state_shardings(config,
-  state, mesh)) and model_outputs.
+  config.parameter_sharding, ready for make_step_functions(..., train_state_shardings(
+  StateSettings.from_config(config), state, mesh)) and model_outputs.
   """
-  if not files.exists(checkpoints.config_path(workdir)):
+  if not files.exists(workdir_files.config_path(workdir)):
     raise errors.MissingInputError(
         f'{workdir} holds no hml_jax run (no config.json): give the --workdir of a run trained by '
         '`python -m hml_jax.main --config=... --workdir=...`.')
-  config = checkpoints.read_config(workdir)
+  config = workdir_files.read_config(workdir)
   method = methods.get_method(config.loss)
-  info = checkpoints.read_dataset_info(workdir)
+  info = workdir_files.read_dataset_info(workdir)
   num_labels = len(info['label_names'])
   model = models.create_model(config.model,
                               method.head,
@@ -210,12 +232,13 @@ def load_trained_state(workdir: str, which: str = 'best', mesh=None):
   # The template only gives shapes and layout: the checkpoint replaces every value, so
   # pretrained weights (which may have moved since) are not read.
   mesh = mesh or sharding.create_mesh()
-  shapes = train_state_shapes(config,
+  settings = StateSettings.from_config(config)
+  shapes = train_state_shapes(settings,
                               model,
                               method,
                               tuple(info['example_shape']),
                               observed_labels=np.zeros((info['num_train'], num_labels), np.float32))
-  template = sharding.abstract_arrays(shapes, train_state_shardings(config, shapes, mesh))
+  template = sharding.abstract_arrays(shapes, train_state_shardings(settings, shapes, mesh))
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = (manager.restore_best(template)
               if which == 'best' else manager.restore_latest(template))

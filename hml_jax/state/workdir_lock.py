@@ -1,6 +1,6 @@
 """The workdir lock: one run per workdir at a time, by flock(2) on workdir/lock, the holder's host
 and process written in it so that a refusal names who holds it (WorkdirLock below;
-hml_jax/state/checkpoints.py, the workdir's format, re-exports it)."""
+hml_jax/state/checkpoints.py re-exports it)."""
 import errno
 import fcntl
 import os

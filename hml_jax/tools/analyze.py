@@ -250,7 +250,7 @@ def training_outputs(state, config, split, max_images, mesh):
   """Head outputs (cosines or logits), true and observed labels of up to max_images training
   images."""
   outputs, rows = steps.model_outputs(state,
-                                      config,
+                                      steps.StepSettings.from_config(config),
                                       split,
                                       mesh,
                                       config.eval_batch_size,
@@ -266,7 +266,8 @@ def analyze(workdir: str,
   files.makedirs(output)
   mesh = sharding.create_mesh()
   config, method, state = train_state.load_trained_state(workdir, which, mesh)
-  scale, margin = (float(x) for x in train_state.scale_and_margin(state.params, config, method))
+  scale, margin = (float(x) for x in train_state.scale_and_margin(
+      state.params, train_state.StateSettings.from_config(config), method))
   data = input_pipeline.load(config)
   names = data.label_names
   report = {
@@ -343,4 +344,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, installed_configs=False)
+  cli.run(main)

@@ -44,14 +44,14 @@ from hml_jax.state import steps
 from hml_jax.state import train_state
 from hml_jax.tools import cli
 from hml_jax.training import input_pipeline
+from hml_jax.training import loss_arguments
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """Defined only when this module runs as a program (no clash with other tools' flags)."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
+  cli.define_config_flag('A training configuration.')
   flags.DEFINE_integer(
       'steps', 20, 'Timed train steps (after 2 warm-up steps); 0: compile and '
       'report memory only.')
@@ -128,7 +128,7 @@ def epoch_images_per_sec(split, batch_size, epochs, transform=None) -> float:
   transform(images) is applied to each batch's images, inside the timing."""
   start, count = time.perf_counter(), 0
   for epoch in epochs:
-    for batch in split.train_batches(batch_size, seed=0, epoch=epoch, config=None):
+    for batch in split.train_batches(batch_size, seed=0, epoch=epoch):
       images = batch['images'] if transform is None else transform(batch['images'])
       count += len(images)
   return count / (time.perf_counter() - start)
@@ -196,25 +196,23 @@ def synthetic_train_step(config, num_labels=20):
   num_train = max(config.batch_size * 4, 64)
   observed = np.zeros((num_train, num_labels), np.int32)
   observed[np.arange(num_train), rng.randint(0, num_labels, num_train)] = 1
-  template_config = config.copy_and_resolve_references()
-  template_config.unlock()
-  template_config.init_from = ''
-  state = train_state.create_train_state(template_config,
+  settings = steps.StepSettings.from_config(config)
+  state = train_state.create_train_state(settings.state,
                                          model,
                                          method,
                                          jax.random.key(0),
                                          image_shape,
                                          observed_labels=observed)
   # config.parameter_sharding: 'replicated' or 'fsdp' (compare their step_memory_mb).
-  state_shardings = train_state.train_state_shardings(config, state, mesh)
+  state_shardings = train_state.train_state_shardings(settings.state, state, mesh)
   state = sharding.place(state, state_shardings)
-  hyperparameters = steps.loss_hyperparameters(method, config, observed)
-  train_fn, eval_fn = steps.make_step_functions(method, config, mesh, hyperparameters,
+  hyperparameters = loss_arguments.loss_hyperparameters(method, config, observed)
+  train_fn, eval_fn = steps.make_step_functions(method, settings, mesh, hyperparameters,
                                                 state_shardings)
   schedule = {
       key: np.asarray(value)
-      for key, value in (method.schedule(2, config.batch_size *
-                                         num_labels, config) if method.schedule else {}).items()
+      for key, value in loss_arguments.epoch_schedule(method, config, 2, config.batch_size *
+                                                      num_labels).items()
   }
   indices = np.arange(config.batch_size, dtype=np.int32)
   batch = sharding.shard_batch(
@@ -305,7 +303,7 @@ def benchmark(config, steps=20, num_labels=20, input_images=256):
           'half_precision': bool(config.half_precision),
           'convolutions': layers.resolve_convolutions(config.convolutions),
           'num_labels': num_labels,
-          'parameter_sharding': train_state.parameter_layout(config)[0]
+          'parameter_sharding': config.parameter_sharding
       },
   }
 

@@ -117,30 +117,42 @@ def _with_user_errors(main: Callable[[List[str]], Optional[int]]):
   return wrapped
 
 
-def run(main: Callable[[List[str]], Optional[int]],
-        argv: Optional[Sequence[str]] = None,
-        installed_configs: bool = True) -> None:
-  """app.run(main) with user errors as one line and exit status 2 (the module docstring).
-  installed_configs: find --config=configs/NAME.py in the installed package when it is not here
-  (installed_config_argv)."""
+def run(main: Callable[[List[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> None:
+  """app.run(main) with user errors as one line and exit status 2 (the module docstring)."""
   argv = list(sys.argv if argv is None else argv)
-  if installed_configs:
-    argv = installed_config_argv(argv)
   app.run(_with_user_errors(main), argv=argv, flags_parser=_parse_flags)
 
 
-def installed_config_argv(argv):
-  """argv with a --config=configs/NAME.py[:...] that does not exist here pointed at the configs
-  that pip installed with hml_jax (hml_jax.configs), so that the documented commands work from
-  any directory after `pip install hml_jax` (a path that exists is left alone)."""
-  from hml_jax import configs  # pylint: disable=g-import-not-at-top
-  package = list(configs.__path__)[0]  # a checkout's configs/, or the installed copy
-  result = []
-  for argument in argv:
-    if argument.startswith('--config=') and not argument.startswith('--config.'):
-      path, colon, rest = argument[len('--config='):].partition(':')
-      if not os.path.exists(path) and os.path.dirname(path) in ('configs', '') and \
-          os.path.exists(os.path.join(package, os.path.basename(path))):
-        argument = f'--config={os.path.join(package, os.path.basename(path))}{colon}{rest}'
-    result.append(argument)
-  return result
+def config_file(path: str) -> str:
+  """The config file that --config=PATH[:ARGUMENT] names: PATH itself where it exists (a user's
+  own configs/ included), else for configs/NAME.py the config that ships with hml_jax
+  (hml_jax.configs: a checkout's configs/, or the installed package's copy), so that the
+  documented commands work from any directory after `pip install hml_jax`."""
+  file, colon, argument = path.partition(':')
+  if not os.path.exists(file) and os.path.dirname(file) in ('configs', ''):
+    from hml_jax import configs  # pylint: disable=g-import-not-at-top
+    shipped = os.path.join(list(configs.__path__)[0], os.path.basename(file))
+    if os.path.exists(shipped):
+      file = shipped
+  return f'{file}{colon}{argument}'
+
+
+def define_config_flag(help_string: str, name: str = 'config', flag_values=flags.FLAGS):
+  """ml_collections' DEFINE_config_file (--config=FILE[:ARGUMENT] and --config.KEY=VALUE
+  overrides), its file found by config_file."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  # The parser class of DEFINE_config_file (a public name of its module, not re-exported).
+  from ml_collections.config_flags import config_flags as config_flags_module  # pylint: disable=g-import-not-at-top
+
+  class ShippedConfigParser(config_flags_module.ConfigFileFlagParser):
+
+    def parse(self, path):
+      return super().parse(config_file(path))
+
+  holder = config_flags.DEFINE_config_file(name,
+                                           None,
+                                           help_string,
+                                           flag_values=flag_values,
+                                           lock_config=True)
+  flag_values[name].parser = ShippedConfigParser(name=name, lock_config=True)
+  return holder

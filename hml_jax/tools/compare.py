@@ -26,10 +26,9 @@ from hml_jax import methods
 from hml_jax.data import labels as labels_lib
 from hml_jax.runtime import files
 from hml_jax.runtime import host
-from hml_jax.state import checkpoints
+from hml_jax.state import workdir_files
 from hml_jax.tools import cli
 from hml_jax.training import train
-from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Root directory of all runs and of table.md / table.json.')
@@ -40,7 +39,7 @@ flags.DEFINE_list('batch_sizes', [], 'Batch sizes to sweep (default: the config\
 flags.DEFINE_integer(
     'grid_seeds', None, 'Seeds per sweep point before the choice; the other '
     'seeds train at the chosen point only (default: all seeds everywhere).')
-config_flags.DEFINE_config_file('config', None, 'Base training configuration.', lock_config=True)
+cli.define_config_flag('Base training configuration.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -53,7 +52,7 @@ def train_or_reuse(config, workdir):
   another config (say another label scenario under the same --workdir) is refused, not reused."""
   path = files.join(workdir, 'results.json')
   if files.exists(path):
-    checkpoints.check_config(workdir, config)
+    workdir_files.check_config(workdir, config)
     results = files.read_json(path)
     if len(results['epochs']) == config.num_epochs or results.get('stopped_early'):
       logging.info('Reusing %s.', workdir)

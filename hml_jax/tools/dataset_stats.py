@@ -16,7 +16,6 @@ if __name__ == '__main__':
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import numpy as np
-from ml_collections import config_flags
 
 from hml_jax.datasets import registry
 from hml_jax.runtime import host
@@ -27,7 +26,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defined only when this module runs as a program (no clash with other tools' flags)."""
-  config_flags.DEFINE_config_file('config', None, 'A training configuration.', lock_config=True)
+  cli.define_config_flag('A training configuration.')
   flags.mark_flags_as_required(['config'])
 
 
@@ -60,9 +59,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   host.setup()
-  print(format_row(table_row(registry.load_source(FLAGS.config), FLAGS.config)))
+  print(format_row(table_row(registry.load_source(FLAGS.config.dataset), FLAGS.config)))
 
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, installed_configs=False)
+  cli.run(main)

@@ -41,13 +41,14 @@ def evaluate_workdir(workdir: str,
   mesh = sharding.create_mesh()
   config, method, state = train_state.load_trained_state(workdir, which, mesh)
   data = input_pipeline.load(config)
+  settings = steps.StepSettings.from_config(config)
   _, eval_fn = steps.make_step_functions(method,
-                                         config,
+                                         settings,
                                          mesh,
                                          state_shardings=train_state.train_state_shardings(
-                                             config, state, mesh))
+                                             settings.state, state, mesh))
   evaluated = getattr(data, split)
-  scores = steps.predict(eval_fn, state, evaluated, config, mesh)
+  scores = steps.predict(eval_fn, state, evaluated, config.eval_batch_size, mesh)
   labels = evaluated.labels
   probabilities = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
   per_class = metrics_lib.average_precision_per_class(scores, labels)
@@ -120,4 +121,4 @@ def main(argv):
 if __name__ == '__main__':
   from hml_jax.tools import cli  # pylint: disable=g-import-not-at-top
   define_flags()
-  cli.run(main, installed_configs=False)
+  cli.run(main)

@@ -33,4 +33,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, installed_configs=False)
+  cli.run(main)

@@ -34,11 +34,9 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Command-line flags, defined only when this module runs as a program (so that importing it
   next to another tool's flags does not clash)."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'Training workdir whose backbone extracts the features.')
-  config_flags.DEFINE_config_file(
-      'config', None, 'Instead of --workdir: the backbone a run of '
-      'this config starts from (config.init_from), on its dataset.')
+  cli.define_config_flag('Instead of --workdir: the backbone a run of this config starts from '
+                         '(config.init_from), on its dataset.')
   flags.DEFINE_string('output', None, 'Path of the .npz to write.')
   flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'Which checkpoint of the workdir.')
   flags.DEFINE_integer('batch_size', 64, 'Images per forward pass (a multiple of the devices).')

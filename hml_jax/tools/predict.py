@@ -26,10 +26,10 @@ from hml_jax.data import decoders
 from hml_jax.data import splits
 from hml_jax.runtime import errors
 from hml_jax.runtime import host
-from hml_jax.state import checkpoints
 from hml_jax.state import sharding
 from hml_jax.state import steps
 from hml_jax.state import train_state
+from hml_jax.state import workdir_files
 from hml_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -97,7 +97,7 @@ class Predictor:
     self.workdir = workdir
     self.mesh = sharding.create_mesh()
     self.config, self.method, self.state = train_state.load_trained_state(workdir, which, self.mesh)
-    info = checkpoints.read_dataset_info(workdir)
+    info = workdir_files.read_dataset_info(workdir)
     self.label_names = info['label_names']
     self.decoder = decoders.image_decoder(self.config.dataset)
     self.example_shape = tuple(info['example_shape'])
@@ -105,11 +105,12 @@ class Predictor:
       raise errors.InvalidInputError(
           f'{workdir} was trained on features (input shape {self.example_shape}), '
           'not images: there is nothing to predict from an image file.')
+    settings = steps.StepSettings.from_config(self.config)
     _, self.eval_fn = steps.make_step_functions(self.method,
-                                                self.config,
+                                                settings,
                                                 self.mesh,
                                                 state_shardings=train_state.train_state_shardings(
-                                                    self.config, self.state, self.mesh))
+                                                    settings.state, self.state, self.mesh))
 
   def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
     """images (N, H, W, C) uint8 -> (N, num_labels); batches are padded to one shape."""
@@ -198,4 +199,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, installed_configs=False)
+  cli.run(main)

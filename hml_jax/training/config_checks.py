@@ -65,6 +65,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         'deviation of the margin logits that s* is set to give (1.1 by default).')
   if config.init_from:
     init_from.check(config.init_from, config.model)
-  recipes.resolve(config)
+  recipes.from_config(config)
   registry.check_inputs(config.dataset)
-  sharding.check_parameter_sharding(*train_state.parameter_layout(config))
+  sharding.check_parameter_sharding(config.parameter_sharding, config.fsdp_min_size)

@@ -47,7 +47,7 @@ def official_splits(source, config):
 def extract(state, config, split, batch_size, mesh) -> np.ndarray:
   """Backbone outputs (num_images, dimensions) of every image of split, in its row order."""
   outputs, rows = steps.model_outputs(state,
-                                      config,
+                                      steps.StepSettings.from_config(config),
                                       split,
                                       mesh,
                                       batch_size,
@@ -84,7 +84,7 @@ def apply_dataset_overrides(config, dataset_overrides):
 def _write(state, config, mesh, output, batch_size, source=None):
   """source: config's, if already loaded (else it is loaded here)."""
   if source is None:
-    source = registry.load_source(config)
+    source = registry.load_source(config.dataset)
   arrays = {'label_names': np.array(source.label_names, dtype=str)}
   for name, split in zip(('train', 'test'), official_splits(source, config)):
     arrays[f'{name}_features'] = extract(state, config, split, batch_size, mesh)
@@ -109,7 +109,7 @@ def extract_initial_to_file(config, output, batch_size=64):
   embedded backbone or another run's), on config.dataset, before any training."""
   mesh = sharding.create_mesh()
   method = methods.get_method(config.loss)
-  source = registry.load_source(config)
+  source = registry.load_source(config.dataset)
   model = models.create_model(config.model,
                               method.head,
                               len(source.label_names),
@@ -119,12 +119,14 @@ def extract_initial_to_file(config, output, batch_size=64):
   config = config.copy_and_resolve_references()
   config.unlock()
   config.loss = 'an'
-  state = train_state.create_train_state(config,
+  settings = train_state.StateSettings.from_config(config)
+  state = train_state.create_train_state(settings,
                                          model,
                                          methods.get_method('an'),
                                          jax.random.key(0),
                                          train.example_shape,
                                          backbone=init_from.initial_backbone(
-                                             config, model, train.example_shape))
-  state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
+                                             config.init_from, config.model, model,
+                                             train.example_shape))
+  state = sharding.place(state, train_state.train_state_shardings(settings, state, mesh))
   return _write(state, config, mesh, output, batch_size, source)

@@ -118,8 +118,10 @@ def apply_protocol(source: sources.Source, config) -> Data:
     else:
       validation = splits.ArraySplit(source.train_examples[validation_rows],
                                      train_labels[validation_rows], train_labels[validation_rows])
-    train = splits.ArraySplit(source.train_examples[train_rows], train_labels[train_rows],
-                              observed[train_rows])
+    train = splits.ArraySplit(source.train_examples[train_rows],
+                              train_labels[train_rows],
+                              observed[train_rows],
+                              max_shift=config.augment_max_shift)
     test = splits.ArraySplit(source.test_examples, source.test_labels, source.test_labels)
   else:
     dataset = config.dataset
@@ -212,4 +214,4 @@ def fingerprint(data: Data) -> str:
 
 def load(config) -> Data:
   """The dataset of config.dataset, split and labelled by Cole et al.'s protocol."""
-  return apply_protocol(registry.load_source(config), config)
+  return apply_protocol(registry.load_source(config.dataset), config)

@@ -110,7 +110,9 @@ def train_head(config, recipe, workdir, data, state, mesh) -> Tuple[Any, Dict[st
   state = state.replace(params=params)
   if head_state.observed_labels is not None:
     state = state.replace(observed_labels=head_state.observed_labels)
-  state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
+  state = sharding.place(
+      state,
+      train_state.train_state_shardings(train_state.StateSettings.from_config(config), state, mesh))
   summary = {key: results[key] for key in ('best_epoch', 'val_map', 'test_map')}
   summary['wall_seconds'] = time.time() - start  # this call's, extraction included
   logging.info(

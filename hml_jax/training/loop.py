@@ -26,8 +26,10 @@ from hml_jax.state import checkpoints
 from hml_jax.state import sharding
 from hml_jax.state import steps
 from hml_jax.state import train_state
+from hml_jax.state import workdir_files
 from hml_jax.training import config_checks
 from hml_jax.training import input_pipeline
+from hml_jax.training import loss_arguments
 from hml_jax.training import preemption
 from hml_jax.training import summaries
 
@@ -36,8 +38,8 @@ def update_pseudo_labels(eval_fn, state, data, config, epoch, mesh):
   """EM + APL after an epoch: new pseudo-labels from the predictions on the training images."""
   if epoch < config.warmup_epoch or epoch >= config.num_epochs:
     return state
-  probabilities = np.asarray(jax.nn.sigmoid(steps.predict(eval_fn, state, data.train, config,
-                                                          mesh)))
+  probabilities = np.asarray(
+      jax.nn.sigmoid(steps.predict(eval_fn, state, data.train, config.eval_batch_size, mesh)))
   unknown_per_class = np.sum(data.train.observed == 0, axis=0)
   # The label state may be split over the devices (config.parameter_sharding='fsdp'): gathered
   # for the host computation, and put back in the same layout.
@@ -106,13 +108,13 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
   start_time = time.time()
   method = methods.get_method(config.loss)
   # APL's pseudo-label counts depend on num_epochs, so it cannot change when resuming.
-  checkpoints.check_config(
+  workdir_files.check_config(
       workdir, config,
-      checkpoints.RESUMABLE_KEYS - ({'num_epochs'} if method.pseudo_labels else set()))
-  starts_afresh = not checkpoints.has_checkpoint(workdir)
+      workdir_files.RESUMABLE_KEYS - ({'num_epochs'} if method.pseudo_labels else set()))
+  starts_afresh = not workdir_files.has_checkpoint(workdir)
   if starts_afresh:
-    init_from.fetch(config)
-  recipe = recipes.resolve(config)
+    init_from.fetch(config.init_from, config.model)
+  recipe = recipes.from_config(config)
   if recipe != recipes.Recipe():
     logging.info('Training recipe of %s (config.recipe=%s): %s.', config.loss, config.recipe,
                  recipe.describe())
@@ -128,7 +130,8 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
                               convolutions=config.convolutions)
   # The layout of the state (config.parameter_sharding) is known before the state exists: a
   # resumed run restores straight into it, without initializing (or gathering) anything first.
-  state_shapes = train_state.train_state_shapes(config,
+  settings = steps.StepSettings.from_config(config)
+  state_shapes = train_state.train_state_shapes(settings.state,
                                                 model,
                                                 method,
                                                 data.train.example_shape,
@@ -137,40 +140,41 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
   history = {'epochs': [], 'train_images': 0, 'train_seconds': 0.0, 'wall_seconds': 0.0}
   manager = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
   restored = manager.restore_latest(
-      sharding.abstract_arrays(state_shapes,
-                               train_state.train_state_shardings(config, state_shapes, mesh)))
+      sharding.abstract_arrays(
+          state_shapes, train_state.train_state_shardings(settings.state, state_shapes, mesh)))
   partial = None
   data_fingerprint = input_pipeline.fingerprint(data)
   if restored is None:
-    state = train_state.create_train_state(config,
+    state = train_state.create_train_state(settings.state,
                                            model,
                                            method,
                                            jax.random.key(config.seed),
                                            data.train.example_shape,
                                            observed_labels=data.train.observed,
                                            backbone=init_from.initial_backbone(
-                                               config, model, data.train.example_shape))
-    state = sharding.place(state, train_state.train_state_shardings(config, state, mesh))
+                                               config.init_from, config.model, model,
+                                               data.train.example_shape))
+    state = sharding.place(state, train_state.train_state_shardings(settings.state, state, mesh))
   if restored is None and jax.process_index() == 0:
-    checkpoints.write_config(workdir, config)
-    checkpoints.write_dataset_info(workdir,
-                                   data.label_names,
-                                   data.train.example_shape,
-                                   len(data.train),
-                                   data_fingerprint,
-                                   digests=data.digests)
+    workdir_files.write_config(workdir, config)
+    workdir_files.write_dataset_info(workdir,
+                                     data.label_names,
+                                     data.train.example_shape,
+                                     len(data.train),
+                                     data_fingerprint,
+                                     digests=data.digests)
     if data.feature_statistics is not None:
       # What config.dataset.standardize did, for whoever applies the head to other features.
       files.write_json(files.join(workdir, 'feature_statistics.json'), {
           key: value.tolist() for key, value in data.feature_statistics.items()
       })
   elif restored is not None:
-    checkpoints.check_dataset(workdir, data_fingerprint)
+    workdir_files.check_dataset(workdir, data_fingerprint)
     if jax.process_index() == 0:
       # A resumed run may be made longer (num_epochs is resumable): config.json then records the
       # run's length as it is now, so that an export of it names the config that makes it. The
       # other resumable keys (paths, layout) keep the first run's record.
-      checkpoints.record_num_epochs(workdir, config.num_epochs)
+      workdir_files.record_num_epochs(workdir, config.num_epochs)
     state, history = restored
     partial = history.pop('partial', None)
     logging.info(
@@ -190,11 +194,12 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
                  len(history['epochs']), workdir)
     return write_results(workdir, config, recipe, history, data.label_names)
 
-  hyperparameters = steps.loss_hyperparameters(method, config, data.train.labels)
+  hyperparameters = loss_arguments.loss_hyperparameters(method, config, data.train.labels)
   # From the state itself: a pytree of shardings must match the state's tree, whose static part
   # (the optimizer's functions) differs between two create_train_state calls.
   train_fn, eval_fn = steps.make_step_functions(
-      method, config, mesh, hyperparameters, train_state.train_state_shardings(config, state, mesh))
+      method, settings, mesh, hyperparameters,
+      train_state.train_state_shardings(settings.state, state, mesh))
 
   steps_per_epoch = splits.num_train_steps_per_epoch(data.train, config.batch_size)
   if steps_per_epoch == 0:
@@ -208,7 +213,7 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
   if restored is None and jax.process_index() == 0:
     writer.write_hparams({
         k: v
-        for k, v in checkpoints.flatten(config.to_dict()).items()
+        for k, v in workdir_files.flatten(config.to_dict()).items()
         if isinstance(v, (int, float, str, bool))
     })
   report_progress = periodic_actions.ReportProgress(num_train_steps=steps_per_epoch *
@@ -217,6 +222,7 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
 
   loop = EpochLoop(method=method,
                    config=config,
+                   settings=settings,
                    data=data,
                    mesh=mesh,
                    train_fn=train_fn,
@@ -264,6 +270,7 @@ class EpochLoop:
   checkpoints, the metric writer and progress report, and the preemption guard."""
   method: Any
   config: Any
+  settings: steps.StepSettings
   data: Any
   mesh: Any
   train_fn: Any
@@ -296,12 +303,13 @@ class EpochLoop:
     train_summary['images_per_second'] = images / max(seconds, 1e-9)
     if method.pseudo_labels:
       state = update_pseudo_labels(self.eval_fn, state, data, config, epoch, mesh)
-    validation = steps.evaluate(self.eval_fn, state, data.validation, config, mesh)
-    test = steps.evaluate(self.eval_fn, state, data.test, config, mesh)
+    validation = steps.evaluate(self.eval_fn, state, data.validation, config.eval_batch_size, mesh)
+    test = steps.evaluate(self.eval_fn, state, data.test, config.eval_batch_size, mesh)
     # s and m of the margin sigmoid (learned s*, m* for 'hml'); a linear head has none. Scalars,
     # so replicated and readable on every process (the other parameters may be split over
     # processes' devices, which jax.device_get of all of them would refuse).
-    scale, margin = ((float(x) for x in train_state.scale_and_margin(state.params, config, method))
+    scale, margin = ((
+        float(x) for x in train_state.scale_and_margin(state.params, self.settings.state, method))
                      if method.has_scale_and_margin else (None, None))
     steps_per_epoch = self.steps_per_epoch
     record = {
@@ -342,7 +350,7 @@ class EpochLoop:
     (in evaluation order, unaugmented): paper Fig. 2's quantities, per epoch."""
     config, split = self.config, self.data.train
     outputs, rows = steps.model_outputs(state,
-                                        config,
+                                        self.settings,
                                         split,
                                         self.mesh,
                                         config.eval_batch_size,
@@ -364,14 +372,10 @@ class EpochLoop:
     """
     method, config, split, mesh = self.method, self.config, self.data.train, self.mesh
     steps_per_epoch = splits.num_train_steps_per_epoch(split, config.batch_size)
-    schedule = {}
-    if method.schedule is not None:
-      schedule = method.schedule(epoch, config.batch_size * split.labels.shape[1], config)
-      logging.info('Epoch %d loss schedule: %s', epoch, schedule)
-    if config.learning_rate_decay_epochs:
-      schedule[steps.LEARNING_RATE_FACTOR] = steps.learning_rate_factor(
-          epoch, config.learning_rate_decay_epochs, config.learning_rate_decay_factor)
-      logging.info('Epoch %d learning rate x%g', epoch, schedule[steps.LEARNING_RATE_FACTOR])
+    schedule = loss_arguments.epoch_schedule(method, config, epoch,
+                                             config.batch_size * split.labels.shape[1])
+    if schedule:
+      logging.info('Epoch %d schedule: %s', epoch, schedule)
     schedule = {key: jnp.asarray(value) for key, value in schedule.items()}
     names = parameter_names(state.params)
     done = list(partial['step_metrics']) if partial else []
@@ -387,11 +391,7 @@ class EpochLoop:
       done.extend(metrics for _, metrics in fetched)
       return fetched
 
-    batches = split.train_batches(config.batch_size,
-                                  config.seed,
-                                  epoch,
-                                  config,
-                                  start_step=len(done))
+    batches = split.train_batches(config.batch_size, config.seed, epoch, start_step=len(done))
     bar = self.progress_bar or console.ProgressBar(enabled=False)
     bar.start(f'Epoch {epoch}/{config.num_epochs}', steps_per_epoch)
     for index, batch in enumerate(batches, start=len(done)):
