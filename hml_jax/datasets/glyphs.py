@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from hml_jax.datasets import composite_digits
+from hml_jax.datasets import generated
 from hml_jax.runtime import errors
 
 PRETRAINING_CLASSES = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ') + ('&', '@', '#', '%', '?', '$')
@@ -289,38 +290,14 @@ def _default_and_tiny(num_train: int, num_test: int):
   ]
 
 
-class _GlyphBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared TFDS plumbing: 'image', 'labels', 'index' features, train and test splits."""
-  VERSION = tfds.core.Version('2.0.0')
+class _GlyphBuilder(generated.GeneratedImageBuilder, skip_registration=True):
+  """The glyph datasets' version history."""
+  VERSION = tfds.core.Version('2.1.0')
   RELEASE_NOTES = {
       '1.0.0': 'First release: 48x48; glyph_digits 4,000 train / 2,000 test.',
-      '2.0.0': '32x32, glyphs 9-14 px; glyph_digits 2,000 train / 1,000 test.'
+      '2.0.0': '32x32, glyphs 9-14 px; glyph_digits 2,000 train / 1,000 test.',
+      '2.1.0': 'The same pixels, as PNG written by Pillow in array_record files.'
   }
-  LABEL_NAMES: Tuple[str, ...] = ()
-  PAIRS: Tuple[Tuple[int, int], ...] = ()
-  GENERATE = None  # generate(split, GlyphConfig) -> (index, image, labels), set by each builder
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.generator.image_size
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(size, size, 1)),
-            'labels': tfds.features.Tensor(shape=(len(self.LABEL_NAMES),), dtype=np.uint8),
-            'index': tfds.features.Scalar(dtype=np.int64),
-        }),
-        supervised_keys=None,
-        metadata=tfds.core.MetadataDict(label_names=list(self.LABEL_NAMES),
-                                        partner_pairs=[list(p) for p in self.PAIRS]),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download: the fonts and digits are installed.
-    return {'train': self._generate_examples('train'), 'test': self._generate_examples('test')}
-
-  def _generate_examples(self, split):
-    generate = type(self).GENERATE
-    for index, image, labels in generate(split, self.builder_config.generator):
-      yield index, {'image': image, 'labels': labels, 'index': index}
 
 
 class GlyphDigits(_GlyphBuilder):

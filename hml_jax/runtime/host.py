@@ -1,5 +1,7 @@
 """Process setup shared by the command-line tools."""
 import contextlib
+import importlib.abc
+import importlib.util
 import os
 import sys
 import tempfile
@@ -14,13 +16,15 @@ class _QuietLibraries:
   """Drops orbax's and TFDS's INFO lines (dozens per checkpoint), clu's progress notes (the epoch
   line has them), JAX's note that it found no TPU (on every plain CPU run) and matplotlib's note
   that it built its font cache; warnings still pass, but for TFDS's about a dataset folder
-  without dataset_info.json, which it prints while it prepares every new dataset."""
+  without dataset_info.json, which it prints while it prepares every new dataset, and about an
+  older version of a dataset beside the one asked for (a new version is prepared beside it)."""
 
   def filter(self, record):
     noisy = any(part in record.pathname
                 for part in ('/orbax/', '/tensorflow_datasets/', '/clu/platform/',
                              '/jax/_src/xla_bridge.py', '/matplotlib/'))
-    if noisy and 'has no dataset_info.json' in record.getMessage():
+    if noisy and any(note in record.getMessage()
+                     for note in ('has no dataset_info.json', 'Found a different version')):
       return False
     return record.levelno >= 30 or not noisy  # 30: Python's logging.WARNING
 
@@ -93,8 +97,8 @@ def use_compilation_cache() -> str:
 
 
 def setup(compilation_cache: bool = True):
-  """Process setup shared by the command-line tools: quiet library logs, TensorFlow off the
-  accelerator, the persistent compilation cache (use_compilation_cache; benchmarks that time
+  """Process setup shared by the command-line tools: quiet library logs, TensorFlow (when
+  something imports it) quiet and off the accelerator, the persistent compilation cache (use_compilation_cache; benchmarks that time
   the compiler pass False), advice on the allocator on CPU where the process runs with the
   system's malloc (allocator.py: the command-line tools restart themselves with a fast one)."""
   # ABSLHandler passes records straight to its python_handler, so the filter goes there.
@@ -105,17 +109,56 @@ def setup(compilation_cache: bool = True):
     advice = allocator.advice()
     if advice:
       logging.warning(advice)
+  configure_tensorflow_on_import()
   try:
-    with banners_dropped():
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      # TensorFlow is only used for TFDS on the host; it must not take the accelerator's memory.
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError:
-    # A machine that only runs the steps (hml_jax.benchmark on a GPU box without TensorFlow):
-    # whatever reads data imports them itself and fails there with the missing module's name.
+    # A machine that only runs the steps (hml_jax.benchmark on a GPU box without TFDS):
+    # whatever reads data imports it itself and fails there with the missing module's name.
     return
   tfds.disable_progress_bar()
-  tf.config.set_visible_devices([], 'GPU')
+
+
+class _TensorFlowOnImport(importlib.abc.MetaPathFinder):
+  """Finds `tensorflow` as usual and has its import, whenever something first imports it (TFDS
+  reading a dataset, the 'tensorflow' decoder), drop its banners and keep it off the
+  accelerators: TensorFlow is only used on the host, for data, and is not imported at all on
+  the paths that do not need it."""
+
+  finding = False
+
+  def find_spec(self, name, path=None, target=None):
+    del path, target
+    if name != 'tensorflow' or self.finding:
+      return None
+    # Not removed here: TFDS probes with importlib.util.find_spec before it imports.
+    self.finding = True
+    try:
+      spec = importlib.util.find_spec(name)
+    finally:
+      self.finding = False
+    if spec is None or spec.loader is None:
+      return spec
+    exec_module = spec.loader.exec_module
+    finder = self
+
+    def exec_and_configure(module):
+      if finder in sys.meta_path:
+        sys.meta_path.remove(finder)
+      with banners_dropped():
+        exec_module(module)
+      module.config.set_visible_devices([], 'GPU')
+
+    spec.loader.exec_module = exec_and_configure
+    return spec
+
+
+def configure_tensorflow_on_import() -> None:
+  """_TensorFlowOnImport, once per process (or, if TensorFlow is imported already, its effect)."""
+  if 'tensorflow' in sys.modules:
+    sys.modules['tensorflow'].config.set_visible_devices([], 'GPU')
+  elif not any(isinstance(finder, _TensorFlowOnImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _TensorFlowOnImport())
 
 
 def initialize_distributed(coordinator_address: str = '',

@@ -194,6 +194,13 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
                  len(history['epochs']), workdir)
     return write_results(workdir, config, recipe, history, data.label_names)
 
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if absl_logging.vlog_is_on(1) and jax.process_index() == 0:
+    # clu's table of every parameter's shape and size (its TensorBoard writers are not used:
+    # they import TensorFlow).
+    from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+    # Shapes only: the parameters may be split over other processes' devices.
+    parameter_overview.log_parameter_overview(state.params['model'], include_stats=False)
   hyperparameters = loss_arguments.loss_hyperparameters(method, config, data.train.labels)
   # From the state itself: a pytree of shardings must match the state's tree, whose static part
   # (the optimizer's functions) differs between two create_train_state calls.
@@ -205,20 +212,14 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
   if steps_per_epoch == 0:
     raise errors.InvalidInputError(f'The training split has {len(data.train)} images, fewer than '
                                    f'config.batch_size={config.batch_size}.')
-  # Imported here, not at the top: clu's writers import TensorFlow, which the step functions
-  # (benchmark, predict, a GPU machine without TensorFlow) do not need.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  writer = metric_writer(workdir, metric_writers)
+  writer = metric_writer(workdir)
   if restored is None and jax.process_index() == 0:
     writer.write_hparams({
         k: v
         for k, v in workdir_files.flatten(config.to_dict()).items()
         if isinstance(v, (int, float, str, bool))
     })
-  report_progress = periodic_actions.ReportProgress(num_train_steps=steps_per_epoch *
-                                                    config.num_epochs,
-                                                    writer=writer)
+  report_progress = summaries.ProgressReport(steps_per_epoch * config.num_epochs, writer)
 
   loop = EpochLoop(method=method,
                    config=config,
@@ -232,32 +233,31 @@ def _train_and_evaluate(config, workdir, data=None, head_phase=None):
                    report_progress=report_progress,
                    steps_per_epoch=steps_per_epoch,
                    progress_bar=console.ProgressBar(enabled=jax.process_index() == 0))
-  with preemption.Guard() as loop.guard:
-    for epoch in range(first_epoch, config.num_epochs + 1):
-      loop.started = start_time  # the wall time since then counts in this epoch's line
-      state, history = loop.run_epoch(epoch, state, history,
-                                      partial if epoch == first_epoch else None)
-      history['wall_seconds'] += time.time() - start_time
-      start_time = time.time()
-      if stops_early(recipe, history):
-        logging.info('Early stopping after epoch %d of %d (%s); the best epoch is kept.', epoch,
-                     config.num_epochs, recipe.describe())
-        break
-  writer.flush()
+  try:  # a preempted or failed run keeps the events written so far
+    with preemption.Guard() as loop.guard:
+      for epoch in range(first_epoch, config.num_epochs + 1):
+        loop.started = start_time  # the wall time since then counts in this epoch's line
+        state, history = loop.run_epoch(epoch, state, history,
+                                        partial if epoch == first_epoch else None)
+        history['wall_seconds'] += time.time() - start_time
+        start_time = time.time()
+        if stops_early(recipe, history):
+          logging.info('Early stopping after epoch %d of %d (%s); the best epoch is kept.', epoch,
+                       config.num_epochs, recipe.describe())
+          break
+  finally:
+    writer.close()
   manager.wait()
   return write_results(workdir, config, recipe, history, data.label_names)
 
 
-def metric_writer(workdir, metric_writers):
+def metric_writer(workdir):
   """TensorBoard event files in workdir (process 0); the per-step metrics reach the console too
   only with --verbosity=1 (absl), so that a run prints one line per epoch."""
-  writers = []
-  if jax.process_index() == 0:
-    writers.append(metric_writers.SummaryWriter(workdir))
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  if absl_logging.vlog_is_on(1):
-    writers.append(metric_writers.LoggingWriter())
-  return metric_writers.AsyncMultiWriter(writers)
+  return summaries.EventWriter(workdir,
+                               enabled=jax.process_index() == 0,
+                               log_scalars=absl_logging.vlog_is_on(1))
 
 
 def stops_early(recipe, history) -> bool:
