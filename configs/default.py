@@ -23,13 +23,16 @@ def get_config():
   config.dataset.mean = (0.5,)
   config.dataset.std = (0.5,)
   # TFDS builders and folder: True holds the decoded images in memory (the embedded datasets);
-  # False streams the encoded ones with tf.data (splits.ImageSplit).
+  # False streams the encoded ones: the generated datasets (array_record) with grain
+  # (hml_jax/data/grain_splits.py), the paper's datasets and folder with tf.data (splits.py).
   config.dataset.in_memory = True
-  # Streamed images: random horizontal flips, the encoded images held by the shuffle buffer, and
-  # the parallel decodes (-1 = tf.data.AUTOTUNE).
+  # Streamed images: random horizontal flips; tf.data: the encoded images held by the shuffle
+  # buffer and the parallel decodes (-1 = tf.data.AUTOTUNE); grain: the decoding worker
+  # processes (-1: the cores beyond two, at most 16; 0: a thread of the training process).
   config.dataset.augment_flip = True
   config.dataset.shuffle_buffer = 10000
   config.dataset.parallel_calls = -1
+  config.dataset.workers = -1
   # Streamed images and predict: 'pil' (Cole et al.'s exact preprocessing) or 'tensorflow'
   # (hml_jax/data/decoders.py DECODERS).
   config.dataset.decoder = 'pil'

@@ -192,6 +192,7 @@ def test_tfds_processes_run_equal_steps_and_evaluate_every_image_once(sharded_di
 
 
 def test_a_process_needs_only_the_files_of_its_part(sharded_dir, tmp_path):
+  input_pipeline.load(streamed_config(sharded_dir))  # caches the labels beside the records
   copy = tmp_path / 'tfds'
   shutil.copytree(sharded_dir, copy)  # with the cached labels: no pass over every record
   builder = tfds.builder(BUILDER, data_dir=str(copy))

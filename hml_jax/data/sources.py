@@ -3,7 +3,7 @@ train and test label matrices and the examples in memory or a record reader per 
 loader (hml_jax/datasets/) returns one; hml_jax/datasets/registry.py picks the loader by name.
 """
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -20,8 +20,9 @@ class Source:
   label_names: List[str]
   train_examples: Optional[np.ndarray] = None  # in memory: (N, ...) by official row
   test_examples: Optional[np.ndarray] = None
-  train_records: Optional[RecordReader] = None  # streamed
-  test_records: Optional[RecordReader] = None
+  # Streamed: a RecordReader (tf.data) or a grain_splits.IndexedRecords (array_record, grain).
+  train_records: Optional[Union[RecordReader, Any]] = None
+  test_records: Optional[Union[RecordReader, Any]] = None
   exact_shuffle: bool = False
   validation_labels: Optional[np.ndarray] = None  # features .npz with its own val_* split
   validation_examples: Optional[np.ndarray] = None

@@ -17,9 +17,11 @@ from typing import Tuple
 
 import numpy as np
 
+from hml_jax.data import grain_splits
 from hml_jax.data import sources
 from hml_jax.data import splits
 from hml_jax.datasets import digests
+from hml_jax.datasets import generated
 from hml_jax.datasets import register_all
 from hml_jax.runtime import errors
 
@@ -78,7 +80,14 @@ def _tfds_builder(dataset_config):
     raise errors.InvalidInputError(
         f'Unknown dataset {dataset_config.name!r} (config.dataset.name); choose one of '
         f"{sorted(OUR_BUILDERS) + ['folder', 'features', 'voc/2012', 'coco/2014']}.")
-  return tfds.builder(name, data_dir=dataset_config.data_dir or None)
+  builder = tfds.builder(name, data_dir=dataset_config.data_dir or None)
+  if dataset_config.name in digests.GENERATED and not builder.is_prepared():
+    # Prepared as array_record, read without TensorFlow; one prepared as tfrecord (by TFDS
+    # itself) is read as it is, through tf.data.
+    builder = tfds.builder(name,
+                           data_dir=dataset_config.data_dir or None,
+                           file_format=generated.FILE_FORMAT)
+  return builder
 
 
 def load_tfds_builder(dataset_config):
@@ -97,6 +106,37 @@ def load_tfds_builder(dataset_config):
   with contextlib.redirect_stdout(io.StringIO()):
     builder.download_and_prepare(download_config=download_config)
   return builder
+
+
+def _data_source(builder, split: str):
+  """The split's records by storage position, the image undecoded (array_record files)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def _array_record_labels(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(labels, index) of every record of an array_record split, in storage order."""
+  source = _data_source(builder, split)
+  labels = np.empty((len(source),) + tuple(builder.info.features['labels'].shape), np.uint8)
+  index = np.empty(len(source), np.int64)
+  for position in range(len(source)):
+    record = source[position]
+    labels[position], index[position] = record['labels'], record['index']
+  return labels, index
+
+
+def _array_record_examples(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(images (N, H, W, C) uint8, labels (N, L) int32) of a generated split in official order,
+  each PNG decoded by Pillow."""
+  source = _data_source(builder, split)
+  channels = builder.info.features['image'].shape[-1]
+  images = np.empty((len(source),) + tuple(builder.info.features['image'].shape), np.uint8)
+  labels = np.empty((len(source),) + tuple(builder.info.features['labels'].shape), np.int32)
+  for position in range(len(source)):
+    record = source[position]
+    images[record['index']] = generated.decode_png(record['image'], channels)
+    labels[record['index']] = record['labels']
+  return images, labels
 
 
 def _read_label_cache(path: str, shard_lengths: np.ndarray):
@@ -124,16 +164,19 @@ def _tfds_label_matrix(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
   if cached is not None:
     return cached
   start = time.time()
-  # One file after the other (no interleaving): the records then come in storage order, the
-  # positions a process's slice 'train[a:b]' (_tfds_records) selects.
-  dataset = builder.as_dataset(split=split,
-                               shuffle_files=False,
-                               read_config=tfds.ReadConfig(interleave_cycle_length=1),
-                               decoders={'image': tfds.decode.SkipDecoding()})
-  dataset = dataset.map(lambda x: {'labels': x['labels'], 'index': x['index']})
-  parts = list(tfds.as_numpy(dataset.batch(4096)))
-  index = np.concatenate([p['index'] for p in parts]).astype(np.int64)
-  labels = np.concatenate([p['labels'] for p in parts])
+  if str(builder.info.file_format.value) == generated.FILE_FORMAT:
+    labels, index = _array_record_labels(builder, split)
+  else:
+    # One file after the other (no interleaving): the records then come in storage order, the
+    # positions a process's slice 'train[a:b]' (_tfds_records) selects.
+    dataset = builder.as_dataset(split=split,
+                                 shuffle_files=False,
+                                 read_config=tfds.ReadConfig(interleave_cycle_length=1),
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+    dataset = dataset.map(lambda x: {'labels': x['labels'], 'index': x['index']})
+    parts = list(tfds.as_numpy(dataset.batch(4096)))
+    index = np.concatenate([p['index'] for p in parts]).astype(np.int64)
+    labels = np.concatenate([p['labels'] for p in parts])
   if not np.array_equal(np.sort(index), np.arange(len(index))):
     raise errors.InvalidInputError(
         f'{builder.info.full_name} split {split!r}: the "index" feature is not a '
@@ -183,10 +226,14 @@ def _tfds_records(builder, split: str, storage_index: np.ndarray) -> splits.Reco
 def tfds_source(dataset_config, in_memory: bool) -> sources.Source:
   builder = load_tfds_builder(dataset_config)
   label_names = builder.info.metadata.get('label_names') if builder.info.metadata else None
+  array_record = str(builder.info.file_format.value) == generated.FILE_FORMAT
   if in_memory:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     arrays = {}
     for split in ('train', 'test'):
+      if array_record:
+        arrays[split] = _array_record_examples(builder, split)
+        continue
       data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
       # TFDS stores examples in hashed-key order; restore the official order.
       order = np.argsort(data['index'], kind='stable')
@@ -204,12 +251,24 @@ def tfds_source(dataset_config, in_memory: bool) -> sources.Source:
                           digests=split_digests)
   train_labels, train_storage = _tfds_label_matrix(builder, 'train')
   test_labels, test_storage = _tfds_label_matrix(builder, 'test')
+  if array_record:  # streamed by grain (hml_jax/data/grain_splits.py)
+    records = {
+        split:
+            grain_splits.IndexedRecords(f'{builder.info.full_name} {split}',
+                                        _data_source(builder, split), storage)
+        for split, storage in (('train', train_storage), ('test', test_storage))
+    }
+  else:
+    records = {
+        'train': _tfds_records(builder, 'train', train_storage),
+        'test': _tfds_records(builder, 'test', test_storage)
+    }
   return sources.Source(builder.info.full_name,
                         train_labels,
                         test_labels,
                         list(label_names or range(train_labels.shape[1])),
-                        train_records=_tfds_records(builder, 'train', train_storage),
-                        test_records=_tfds_records(builder, 'test', test_storage))
+                        train_records=records['train'],
+                        test_records=records['test'])
 
 
 def load_source(dataset) -> sources.Source:

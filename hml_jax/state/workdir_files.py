@@ -17,9 +17,9 @@ from hml_jax.runtime import files
 # false_negative_images only measures.
 RESUMABLE_KEYS = frozenset({
     'num_epochs', 'log_every_steps', 'checkpoints_to_keep', 'eval_batch_size', 'dataset.data_dir',
-    'dataset.manual_dir', 'dataset.parallel_calls', 'convolutions', 'parameter_sharding',
-    'fsdp_min_size', 'dataset.max_image_pixels', 'dataset.allow_outside_paths',
-    'false_negative_images'
+    'dataset.manual_dir', 'dataset.parallel_calls', 'dataset.workers', 'convolutions',
+    'parameter_sharding', 'fsdp_min_size', 'dataset.max_image_pixels',
+    'dataset.allow_outside_paths', 'false_negative_images'
 })
 
 # The policy for keys added to configs/default.py within one workdir format: each is listed here
@@ -53,6 +53,7 @@ KEYS_ADDED_LATER = {
     'dataset.test_fraction': 0.2,
     'dataset.test_seed': 0,
     'dataset.standardize': 'none',
+    'dataset.workers': -1,  # grain's decoding processes (streamed array_record datasets)
 }
 
 
