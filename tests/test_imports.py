@@ -137,3 +137,12 @@ def test_the_step_and_the_state_import_no_weights_code():
   weights = {m for m in graph if m.startswith('hml_jax.init_from')} | {'hml_jax.runtime.downloads'}
   for module in ('hml_jax.state.steps', 'hml_jax.state.train_state'):
     assert not graph[module] & weights, (module, graph[module] & weights)
+
+
+def test_the_step_imports_no_state_creation():
+  """state/steps.py needs the state's type and settings (state/settings.py), not how a state is
+  made or restored (state/train_state.py, checkpoints)."""
+  graph = import_graph()
+  creation = {'hml_jax.state.train_state', 'hml_jax.state.checkpoints', 'hml_jax.models'}
+  assert not graph['hml_jax.state.steps'] & creation, graph['hml_jax.state.steps'] & creation
+  assert not graph['hml_jax.state.settings'] & creation

@@ -21,7 +21,6 @@ from hml_jax.data import grain_splits
 from hml_jax.data import sources
 from hml_jax.data import splits
 from hml_jax.datasets import digests
-from hml_jax.datasets import generated
 from hml_jax.datasets import register_all
 from hml_jax.runtime import errors
 
@@ -70,6 +69,7 @@ def check_inputs(dataset_config) -> None:
 
 def _tfds_builder(dataset_config):
   """The TFDS builder of one of OUR_BUILDERS (not prepared yet)."""
+  from hml_jax.datasets import generated  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   register_all()
   name = dataset_config.name
@@ -128,6 +128,7 @@ def _array_record_labels(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
 def _array_record_examples(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
   """(images (N, H, W, C) uint8, labels (N, L) int32) of a generated split in official order,
   each PNG decoded by Pillow."""
+  from hml_jax.datasets import generated  # pylint: disable=g-import-not-at-top
   source = _data_source(builder, split)
   channels = builder.info.features['image'].shape[-1]
   images = np.empty((len(source),) + tuple(builder.info.features['image'].shape), np.uint8)
@@ -157,6 +158,7 @@ def _tfds_label_matrix(builder, split: str) -> Tuple[np.ndarray, np.ndarray]:
   in storage order) of a TFDS split, without decoding an image. Cached next to the prepared data
   (with the split's file lengths, which a re-prepared split changes): for COCO this pass reads
   every record once."""
+  from hml_jax.datasets import generated  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   cache = os.path.join(builder.data_dir, f'hml_labels_v2_{split}.npz')
   shard_lengths = np.asarray(builder.info.splits[split].shard_lengths, np.int64)
@@ -224,6 +226,7 @@ def _tfds_records(builder, split: str, storage_index: np.ndarray) -> splits.Reco
 
 
 def tfds_source(dataset_config, in_memory: bool) -> sources.Source:
+  from hml_jax.datasets import generated  # pylint: disable=g-import-not-at-top
   builder = load_tfds_builder(dataset_config)
   label_names = builder.info.metadata.get('label_names') if builder.info.metadata else None
   array_record = str(builder.info.file_format.value) == generated.FILE_FORMAT

@@ -14,7 +14,7 @@ from hml_jax.methods import losses
 from hml_jax.models import heads
 from hml_jax.models import layers
 from hml_jax.state import sharding
-from hml_jax.state import train_state
+from hml_jax.state import settings as settings_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class StepSettings:
   layout), the images' normalization (config.dataset.mean, std), where the margin applies
   (config.margin_on) and the convolutions' implementation (config.convolutions). Frozen and
   hashable: the jitted steps close over it."""
-  state: train_state.StateSettings
+  state: settings_lib.StateSettings
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
   margin_on: str
@@ -32,7 +32,7 @@ class StepSettings:
   @classmethod
   def from_config(cls, config) -> 'StepSettings':
     """The settings of a run's config (the one place this module reads a ConfigDict)."""
-    return cls(state=train_state.StateSettings.from_config(config),
+    return cls(state=settings_lib.StateSettings.from_config(config),
                mean=tuple(config.dataset.mean),
                std=tuple(config.dataset.std),
                margin_on=config.margin_on,
@@ -80,7 +80,7 @@ def compute_loss(method,
     parts['positive_gradient'], parts['negative_gradient'] = gradient_pulls(
         outputs, labels_as_observed)
     return loss, jax.lax.stop_gradient(parts)
-  scale, margin = train_state.scale_and_margin(params, settings.state, method)
+  scale, margin = settings_lib.scale_and_margin(params, settings.state, method)
   loss = method.loss(outputs, observed_labels, scale=scale, margin=margin, **hyperparameters)
   scale, margin = jax.lax.stop_gradient((scale, margin))
   margin_on = hyperparameters.get('margin_on', 'both')
@@ -103,7 +103,7 @@ def scores_from_outputs(method, outputs, params, settings: StepSettings):
   margin map is increasing in the cosine.
   """
   if method.has_scale_and_margin:
-    scale, margin = train_state.scale_and_margin(params, settings.state, method)
+    scale, margin = settings_lib.scale_and_margin(params, settings.state, method)
     if settings.margin_on != 'both':
       margin = 0.0
     return heads.margin_logits(outputs, scale, margin)
@@ -126,7 +126,7 @@ def scale_step(old, new, factor):
   return jax.tree_util.tree_map(lambda a, b: a + factor * (b - a), old, new)
 
 
-def train_step(state: train_state.TrainState, batch, schedule, *, method, settings: StepSettings,
+def train_step(state: settings_lib.TrainState, batch, schedule, *, method, settings: StepSettings,
                hyperparameters):
   """One optimizer step. batch: images, labels and indices (rows of the training split);
   schedule: the loss's per-epoch keyword arguments (method.schedule), as arrays, and with
@@ -204,12 +204,12 @@ def train_step(state: train_state.TrainState, batch, schedule, *, method, settin
       'first_nonfinite_gradient': jnp.where(jnp.isfinite(loss), jnp.argmin(finite_gradients), -1)
   }
   if method.has_scale_and_margin:
-    step_metrics['scale'], step_metrics['margin'] = train_state.scale_and_margin(
+    step_metrics['scale'], step_metrics['margin'] = settings_lib.scale_and_margin(
         state.params, settings.state, method)
   return state, step_metrics
 
 
-def eval_step(state: train_state.TrainState, batch, forward_matrices, *, method,
+def eval_step(state: settings_lib.TrainState, batch, forward_matrices, *, method,
               settings: StepSettings):
   """{'scores' (batch, labels), 'indices', 'mask'}: the scores of a global batch, returned with
   the rows and padding mask they belong to (every process then sees the whole batch).
@@ -263,7 +263,7 @@ def make_step_functions(method,
   scores replicated, the state donated to the train step (updated in place). eval_fn is an
   EvalFunction, called as eval_fn(state, batch).
 
-  state_shardings: the state's layout, train_state.train_state_shardings(settings.state, state,
+  state_shardings: the state's layout, settings_lib.train_state_shardings(settings.state, state,
   mesh);
   None means replicated. The state passed to the steps must already be laid out so (jit refuses others),
   and the train step returns it in the same layout.
@@ -335,7 +335,7 @@ def model_outputs(state,
                           method=method)
 
   step = jax.jit(forward,
-                 in_shardings=(train_state.train_state_shardings(settings.state, state, mesh),
+                 in_shardings=(settings_lib.train_state_shardings(settings.state, state, mesh),
                                sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
   outputs, rows, count = [], [], 0

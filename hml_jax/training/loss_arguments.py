@@ -16,7 +16,7 @@ def loss_hyperparameters(method, config, train_labels) -> Dict[str, Any]:
   if values.get('expected_num_pos', 0) < 0:
     values['expected_num_pos'] = float(np.mean(np.sum(train_labels, axis=1)))
   if values:
-    logging.info('Loss %s hyperparameters: %s', config.loss, values)
+    logging.debug('Loss %s hyperparameters: %s', config.loss, values)  # also in config.json
   return values
 
 
