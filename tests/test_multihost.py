@@ -132,7 +132,11 @@ def get_config():
 
 def test_two_processes_stream_their_own_parts(tfds_dir, tmp_path):
   """Two processes train an epoch on images streamed from TFDS, each reading its own half."""
-  # Prepared here, once: two processes preparing the same data_dir at once would race.
+  # Prepared here, once: two processes preparing the same data_dir at once would race. As
+  # tfrecord files (TFDS's own default), which tf.data streams by parts (splits.ImageSplit); the
+  # array_record files that hml_jax prepares stream by grain (tests/test_grain_splits.py).
+  del tfds_dir
+  tfds_dir = tmp_path / 'tfrecord'
   datasets.register_all()
   builder = tfds.builder('composite_digits/tiny', data_dir=str(tfds_dir))
   builder.download_and_prepare()
