@@ -124,35 +124,36 @@ def apply_protocol(source: sources.Source, config) -> Data:
                               observed[train_rows],
                               max_shift=config.augment_max_shift)
     test = splits.ArraySplit(source.test_examples, source.test_labels, source.test_labels)
-  elif isinstance(source.train_records, grain_splits.IndexedRecords):
-    train, validation, test = _grain_splits(source, config, train_labels, observed, train_rows,
-                                            validation_rows)
   else:
     dataset = config.dataset
-    common = dict(image_size=config.image_size,
-                  shuffle_buffer=dataset.shuffle_buffer,
-                  parallel_calls=dataset.parallel_calls,
-                  exact_shuffle=source.exact_shuffle,
-                  decoder=decoders.image_decoder(dataset))
+    common = dict(image_size=config.image_size, decoder=decoders.image_decoder(dataset))
+    if isinstance(source.train_records, grain_splits.IndexedRecords):  # array_record: grain
+      split_class = grain_splits.GrainImageSplit
+      common.update(workers=dataset.workers, max_pixels=decoders.max_image_pixels(dataset))
+    else:  # tfrecord files or a folder: tf.data
+      split_class = splits.ImageSplit
+      common.update(shuffle_buffer=dataset.shuffle_buffer,
+                    parallel_calls=dataset.parallel_calls,
+                    exact_shuffle=source.exact_shuffle)
     num_official = len(train_labels)
-    train = splits.ImageSplit(source.train_records,
-                              _rows_of_index(num_official, train_rows),
-                              train_labels[train_rows],
-                              observed[train_rows],
-                              flip=dataset.augment_flip,
-                              **common)
-    validation = splits.ImageSplit(source.train_records,
-                                   _rows_of_index(num_official, validation_rows),
-                                   train_labels[validation_rows],
-                                   train_labels[validation_rows],
-                                   flip=False,
-                                   **common)
-    test = splits.ImageSplit(source.test_records,
-                             np.arange(len(source.test_labels)),
-                             source.test_labels,
-                             source.test_labels,
+    train = split_class(source.train_records,
+                        _rows_of_index(num_official, train_rows),
+                        train_labels[train_rows],
+                        observed[train_rows],
+                        flip=dataset.augment_flip,
+                        **common)
+    validation = split_class(source.train_records,
+                             _rows_of_index(num_official, validation_rows),
+                             train_labels[validation_rows],
+                             train_labels[validation_rows],
                              flip=False,
                              **common)
+    test = split_class(source.test_records,
+                       np.arange(len(source.test_labels)),
+                       source.test_labels,
+                       source.test_labels,
+                       flip=False,
+                       **common)
   data = Data(train=train,
               validation=validation,
               test=test,
@@ -165,35 +166,6 @@ def apply_protocol(source: sources.Source, config) -> Data:
       data.train.observed.sum(1).mean(),
       data.train.labels.sum(1).mean(), len(data.validation), len(data.test), len(data.label_names))
   return data
-
-
-def _grain_splits(source, config, train_labels, observed, train_rows, validation_rows):
-  """(train, validation, test) GrainImageSplits of a source of array_record records."""
-  dataset = config.dataset
-  common = dict(image_size=config.image_size,
-                decoder=decoders.image_decoder(dataset),
-                workers=dataset.workers,
-                max_pixels=decoders.max_image_pixels(dataset))
-  num_official = len(train_labels)
-  train = grain_splits.GrainImageSplit(source.train_records,
-                                       _rows_of_index(num_official, train_rows),
-                                       train_labels[train_rows],
-                                       observed[train_rows],
-                                       flip=dataset.augment_flip,
-                                       **common)
-  validation = grain_splits.GrainImageSplit(source.train_records,
-                                            _rows_of_index(num_official, validation_rows),
-                                            train_labels[validation_rows],
-                                            train_labels[validation_rows],
-                                            flip=False,
-                                            **common)
-  test = grain_splits.GrainImageSplit(source.test_records,
-                                      np.arange(len(source.test_labels)),
-                                      source.test_labels,
-                                      source.test_labels,
-                                      flip=False,
-                                      **common)
-  return train, validation, test
 
 
 FEATURE_STANDARDIZATIONS = ('none', 'standardize', 'l2')
